@@ -1,0 +1,258 @@
+"""Thin typer CLI: parse options, call one core function, render with rich. Heavy imports (torch) stay inside the
+commands so that `--help` is instant."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import CatdogError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Cache frozen VGG16 fc7 activations once in HDF5; train the Linear(4096, 2) head in seconds.")
+out = Console()
+err = Console(stderr=True)
+
+CACHE = typer.Option(Path("cache/features.h5"), "--cache", help="HDF5 feature cache.")
+HEAD = typer.Option(Path("cache/head.pt"), "--head", help="Trained head file.")
+DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda")
+WORKERS = typer.Option(-1, "--workers", help="Decode workers (-1: sized to the cores).")
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """User mistakes become one clear line and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CatdogError as e:
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+class Bar:
+    """Progress callback (stage, done, total) rendered as rich bars with images/s and ETA."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.progress = Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(),
+                                 TaskProgressColumn(), TextColumn("[cyan]{task.fields[rate]}"),
+                                 TimeRemainingColumn(), console=err, disable=quiet, transient=False)
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> Bar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks or self.progress.tasks[self.tasks[stage]].total != total:
+            self.tasks[stage] = self.progress.add_task(stage, total=total, rate="")
+        task = self.tasks[stage]
+        self.progress.update(task, completed=done, total=total)
+        speed = self.progress.tasks[task].speed
+        self.progress.update(task, rate=f"{speed:.1f} img/s" if speed else "")
+
+
+def _print_skips(title: str, items: list[tuple[str, str]], limit: int = 10) -> None:
+    if not items:
+        return
+    err.print(f"[yellow]{len(items)} {title}[/]")
+    for rel, reason in items[:limit]:
+        err.print(f"  [yellow]skip[/] {escape(repr(rel) if not rel.isprintable() else rel)}: {escape(reason)}",
+                  highlight=False)
+    if len(items) > limit:
+        err.print(f"  … and {len(items) - limit} more (see `catdog-cache info`)")
+
+
+@app.command()
+@guarded
+def extract(
+    data_dir: Path = typer.Argument(..., help="Image folder: cat/ + dog/ sub-folders, cat.N.jpg files, or unlabeled."),
+    cache: Path = CACHE,
+    weights: str = typer.Option("imagenet", "--weights", help="imagenet | random | path to a VGG16 state dict."),
+    seed: int = typer.Option(0, "--seed", help="Seed for --weights random."),
+    device: str = DEVICE,
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+    workers: int = WORKERS,
+    dtype: str = typer.Option("float32", "--dtype", help="Storage dtype: float32 | float16 (half the file)."),
+    precision: str = typer.Option("fp32", "--precision", help="Backbone compute: fp32 | bf16 | fp16."),
+    views: str = typer.Option("center", "--views", help="Comma-separated views per image: center, flip."),
+    prune: bool = typer.Option(False, "--prune", help="Remove rows of files no longer in the folder."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on any file that cannot be used."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    arch: str = typer.Option("vgg16", "--arch", hidden=True, help="Test-only backbones."),
+) -> None:
+    """Run the frozen VGG16 (up to fc7) over every image once and store the 4096-d features."""
+    from .backbone import parse_weights
+    from .extract import ExtractConfig
+    from .extract import extract as run
+
+    cfg = ExtractConfig(weights=parse_weights(weights, seed), arch=arch, device=device, batch_size=batch_size,
+                        workers=workers, dtype=dtype, precision=precision,
+                        views=tuple(v.strip() for v in views.split(",") if v.strip()))
+    for w in _discover_warnings(data_dir):
+        err.print(f"[yellow]warning:[/] {escape(w)}")
+    with Bar(quiet) as bar:
+        r = run(data_dir, cache, cfg, progress=bar, prune=prune, strict=strict)
+    _print_skips("files skipped while scanning", r.skipped)
+    _print_skips("files could not be decoded", r.failed)
+    if r.removed:
+        verb = "removed from the cache" if r.pruned else "are cached but gone from the folder (--prune removes them)"
+        err.print(f"[yellow]{len(r.removed)} files {verb}[/]")
+    rate = f" ({r.extracted / r.seconds:.1f} img/s)" if r.extracted else ""
+    out.print(f"[green]extracted[/] {r.extracted} new, reused {r.reused}, failed {len(r.failed)} -> "
+              f"{r.rows} rows in {escape(str(cache))} in {r.seconds:.1f}s{rate}", highlight=False)
+
+
+def _discover_warnings(data_dir: Path) -> list[str]:
+    from .discover import discover
+
+    try:
+        return discover(data_dir).warnings
+    except CatdogError:
+        return []  # extract reports it with the proper message
+
+
+@app.command()
+@guarded
+def fit(
+    cache: Path = CACHE,
+    head: Path = HEAD,
+    epochs: int = typer.Option(20, "--epochs"),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    dropout: float = typer.Option(0.5, "--dropout"),
+    val_fraction: float = typer.Option(0.2, "--val-fraction"),
+    seed: int = typer.Option(0, "--seed"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Train Dropout -> Linear(4096, 2) on the cached features (CrossEntropy, Adam)."""
+    from .fit import FitConfig
+    from .fit import fit as run
+
+    table = Table("epoch", "train loss", "train acc", "val loss", "val acc", "s", title="fit")
+
+    def on_epoch(s: Any) -> None:
+        table.add_row(str(s.epoch), f"{s.train_loss:.4f}", f"{s.train_acc:.3f}", f"{s.val_loss:.4f}",
+                      f"{s.val_acc:.3f}", f"{s.seconds:.2f}")
+
+    r = run(cache, head, FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed), on_epoch)
+    if not quiet:
+        out.print(table)
+        (tc, td), (fc, fd) = r.confusion if r.confusion else ((0, 0), (0, 0))
+        out.print(f"validation: {r.n_val} images, accuracy {r.val_acc:.4f}, log loss {r.val_log_loss:.4f}; "
+                  f"confusion (rows true cat/dog, cols predicted): [[{tc}, {td}], [{fc}, {fd}]]")
+    out.print(f"[green]fit[/] {r.n_train} train rows, {len(r.history)} epochs in {r.seconds:.2f}s "
+              f"(load {r.load_seconds:.2f}s) -> {escape(str(head))}", highlight=False)
+
+
+@app.command()
+@guarded
+def predict(
+    data_dir: Path = typer.Argument(..., help="Folder of images to label."),
+    head: Path = HEAD,
+    out_csv: Path = typer.Option(Path("cache/predictions.csv"), "--out", help="CSV: path, p_cat, p_dog, label."),
+    submission: Path | None = typer.Option(None, "--submission", help="Also write Kaggle Redux `id,label`."),
+    weights: str | None = typer.Option(None, "--weights", help="The weights file, if the head was trained on one."),
+    device: str = DEVICE,
+    batch_size: int = typer.Option(32, "--batch-size"),
+    workers: int = WORKERS,
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Label a folder with the head, rebuilding exactly the backbone and preprocessing it was trained on."""
+    from .predict import predict as run
+
+    with Bar(quiet) as bar:
+        r = run(data_dir, head, out_csv, submission, weights, device, batch_size, workers, progress=bar)
+    _print_skips("files skipped while scanning", r.skipped)
+    _print_skips("files could not be decoded", r.failed)
+    acc = f", accuracy {r.accuracy:.4f} on the folder's labels" if r.accuracy is not None else ""
+    sub = f" and {escape(str(r.submission))}" if r.submission else ""
+    out.print(f"[green]predicted[/] {len(r.rows)} images in {r.seconds:.1f}s{acc} -> {escape(str(r.out))}{sub}",
+              highlight=False)
+
+
+@app.command()
+@guarded
+def info(cache: Path = CACHE, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Rows, classes and counts, provenance, failures and size on disk of a cache."""
+    from .store import read_index
+
+    idx = read_index(cache)
+    labels = idx.labels.tolist()
+    summary = {
+        "cache": str(cache), "rows": idx.shape[0], "views": idx.shape[1] if len(idx.shape) > 1 else 1,
+        "dtype": idx.dtype, "cat": labels.count(0), "dog": labels.count(1), "unlabeled": labels.count(-1),
+        "failed": len(idx.failed), "size_bytes": cache.stat().st_size, "sources": idx.sources,
+        "provenance": json.loads(idx.provenance.to_json()),
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    t = Table(show_header=False, title=str(cache))
+    for k in ("rows", "cat", "dog", "unlabeled", "failed", "views", "dtype"):
+        t.add_row(k, str(summary[k]))
+    t.add_row("size", f"{summary['size_bytes'] / 2**20:.1f} MiB")
+    for k, v in summary["provenance"].items():
+        t.add_row(k, escape(str(v)))
+    t.add_row("sources", escape("\n".join(idx.sources)))
+    out.print(t)
+    _print_skips("files could not be decoded", [(p.decode(errors="replace"), r) for _, p, _, r in idx.failed])
+
+
+@app.command()
+@guarded
+def demo(
+    folder: Path = typer.Option(Path("cache/demo"), "--folder", help="Where the demo writes (replaced each run)."),
+    weights: str | None = typer.Option(None, "--weights", help="Default: imagenet if cached locally, else random."),
+    epochs: int = typer.Option(20, "--epochs"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    arch: str = typer.Option("vgg16", "--arch", hidden=True),
+) -> None:
+    """Draw a small cat/dog sample set and run extract -> fit -> predict on it, offline."""
+    from .demo import run_demo
+
+    with Bar(quiet) as bar:
+        r = run_demo(folder, weights, arch, epochs, progress=bar)
+    if r.weights == "random":
+        out.print("[yellow]note:[/] ImageNet weights are not cached here, so the demo used seeded random weights: "
+                  "the pipeline is real, the accuracy means nothing. `catdog-cache extract DIR` downloads them.")
+    t = Table("stage", "seconds", "what happened", title=f"demo in {r.folder} (weights: {r.weights})")
+    t.add_row("draw images", f"{r.stages['draw images']:.2f}", "48 training images in cat/ and dog/, 8 test images")
+    t.add_row("extract", f"{r.stages['extract']:.2f}", f"{r.extract.extracted} images -> {r.extract.rows} rows of 4096")
+    t.add_row("fit", f"{r.stages['fit']:.2f}",
+              f"{len(r.fit.history)} epochs, val accuracy {r.fit.val_acc:.3f}, log loss {r.fit.val_log_loss:.3f}")
+    t.add_row("predict", f"{r.stages['predict']:.2f}", f"{len(r.predict.rows)} images -> {r.predict.out}")
+    out.print(t)
+
+
+@app.command()
+def bench() -> None:
+    """Benchmarks (not implemented yet: the performance issue adds them)."""
+    out.print("bench: not implemented yet; the performance issue adds GEMM, extract and fit measurements")
+
+
+def main() -> None:
+    app(prog_name="catdog-cache")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

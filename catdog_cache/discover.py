@@ -1,0 +1,133 @@
+"""Folder -> sorted list of samples (relative path, label). ImageFolder, Kaggle-flat and unlabeled layouts."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError
+
+CLASSES: tuple[str, ...] = ("cat", "dog")  # class id = index: cat=0, dog=1, whatever else the folder holds
+UNLABELED = -1
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "__macosx", "@eadir"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    rel: str  # POSIX relative path; may hold any character the file system allows (surrogate-escaped bytes)
+    label: int  # 0 cat, 1 dog, -1 unlabeled
+
+
+@dataclass
+class Discovery:
+    root: Path
+    layout: str  # "imagefolder" | "kaggle" | "unlabeled"
+    samples: list[Sample]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (rel, reason)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _is_junk(name: str) -> bool:
+    return name.startswith(".") or name.lower() in JUNK_NAMES
+
+
+def _walk(root: Path, skipped: list[tuple[str, str]]) -> list[str]:
+    """All regular files under root (relative POSIX paths), skipping junk; symlinks to files are followed once,
+    symlinked folders are not entered (no loops, no double counting)."""
+    found: list[str] = []
+    seen_dirs: set[tuple[int, int]] = set()
+
+    def visit(folder: Path, rel: str) -> None:
+        try:
+            st = folder.stat()
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            skipped.append((rel or ".", f"unreadable folder: {e.strerror or e}"))
+            return
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            return
+        seen_dirs.add((st.st_dev, st.st_ino))
+        for entry in entries:
+            name = entry.name
+            sub = f"{rel}/{name}" if rel else name
+            if _is_junk(name):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    visit(Path(entry.path), sub)
+                    continue
+                if entry.is_symlink() and Path(entry.path).is_dir():
+                    skipped.append((sub, "symlinked folder not followed"))
+                    continue
+                mode = os.stat(entry.path).st_mode  # follows a file symlink; a dangling one raises
+            except OSError as e:
+                skipped.append((sub, f"unreadable: {e.strerror or e}"))
+                continue
+            if not stat.S_ISREG(mode):
+                skipped.append((sub, "not a regular file"))  # FIFOs, sockets, devices: never opened
+                continue
+            found.append(sub)
+
+    visit(root, "")
+    return found
+
+
+def _has_image_suffix(rel: str) -> bool:
+    return os.path.splitext(rel)[1].lower() in IMAGE_SUFFIXES
+
+
+def discover(root: str | os.PathLike[str]) -> Discovery:
+    """Sorted samples of a folder. Labels come from class sub-folders (cat/, dog/, any case) or from the exact
+    Kaggle prefix (`cat.123.jpg`); a folder with neither is unlabeled. Content is sniffed later, at decode time."""
+    root = Path(root)
+    if not root.exists():
+        raise InputError(f"folder not found: {root}")
+    if not root.is_dir():
+        raise InputError(f"not a folder: {root}")
+    skipped: list[tuple[str, str]] = []
+    warnings: list[str] = []
+    files = _walk(root, skipped)
+
+    top_dirs = {f.split("/", 1)[0] for f in files if "/" in f}
+    class_dirs = {d for d in top_dirs if d.lower() in CLASSES}
+    samples: list[Sample] = []
+    if class_dirs:
+        layout = "imagefolder"
+        for extra in sorted(top_dirs - class_dirs):
+            warnings.append(f"folder '{extra}' is not a known class ({', '.join(CLASSES)}): its files are ignored")
+        for f in files:
+            top = f.split("/", 1)[0]
+            if "/" not in f:
+                skipped.append((f, "file beside the class folders: no class"))
+            elif top in class_dirs:
+                samples.append(Sample(f, CLASSES.index(top.lower())))
+        for cls in CLASSES:
+            if not any(s.label == CLASSES.index(cls) for s in samples):
+                warnings.append(f"class '{cls}' has no images")
+    else:
+        flat = [f for f in files if "/" not in f]
+        labels = [_kaggle_label(f) for f in flat]
+        if any(lab != UNLABELED for lab in labels):
+            layout = "kaggle"
+            for f, lab in zip(flat, labels, strict=True):
+                if lab == UNLABELED:
+                    if _has_image_suffix(f):
+                        skipped.append((f, "no 'cat.' or 'dog.' prefix in a Kaggle-style folder"))
+                else:
+                    samples.append(Sample(f, lab))
+        else:
+            layout = "unlabeled"
+            samples = [Sample(f, UNLABELED) for f in flat]
+    samples.sort(key=lambda s: s.rel)
+    return Discovery(root, layout, samples, skipped, warnings)
+
+
+def _kaggle_label(name: str) -> int:
+    """Label from the exact prefix before the first dot: `cat.1.jpg` -> 0; `hotdog.2.jpg`, `cat_11.jpg` -> -1."""
+    prefix, dot, _ = name.partition(".")
+    if dot and prefix.lower() in CLASSES:
+        return CLASSES.index(prefix.lower())
+    return UNLABELED

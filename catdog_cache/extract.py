@@ -1,0 +1,263 @@
+"""Runner: discover -> decode/preprocess (loader workers) -> frozen backbone -> parts -> one assembled cache.
+
+Per-file problems become failure records (path + reason), never a crashed run. Work is saved in parts every
+`PART_ROWS` rows or `PART_SECONDS` seconds, so a kill loses at most one part and the next run resumes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .backbone import FEATURE_DIM, LAYER, WeightsSpec, build, resolve_device
+from .discover import Sample, discover
+from .errors import InputError, Interrupted
+from .preprocess import VIEWS, DecodeError, decode_rgb, eval_transform, transform_spec, views_of
+from .store import Provenance, Rows, assemble, encode_path, list_parts, locked, read_index, require_same, write_part
+
+PART_ROWS = 1024
+PART_SECONDS = 120.0
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    weights: WeightsSpec
+    arch: str = "vgg16"
+    device: str = "auto"
+    batch_size: int = 32
+    workers: int = -1  # -1: sized to the cores
+    dtype: str = "float32"
+    precision: str = "fp32"
+    views: tuple[str, ...] = ("center",)
+
+    def provenance(self) -> Provenance:
+        return Provenance(arch=self.arch, layer=LAYER, weights=self.weights.identity, transform=transform_spec(),
+                          views=",".join(self.views), dtype=self.dtype, precision=self.precision)
+
+    def check(self) -> None:
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.dtype not in ("float32", "float16"):
+            raise InputError(f"--dtype: expected float32 or float16, got {self.dtype!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise InputError(f"--precision: expected fp32, bf16 or fp16, got {self.precision!r}")
+        bad = [v for v in self.views if v not in VIEWS]
+        if bad or not self.views:
+            raise InputError(f"--views: expected a comma-separated subset of {', '.join(VIEWS)}, got {bad}")
+
+
+def versions() -> dict[str, str]:
+    import h5py
+    import torchvision
+
+    return {"catdog_cache": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "h5py": h5py.__version__}
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Index -> (index, [V, 3, 224, 224] or None, sha256 of the bytes decoded, failure reason)."""
+
+    def __init__(self, root: Path, rels: list[str], views: tuple[str, ...]) -> None:
+        self.root, self.rels, self.views = root, rels, views
+        self.transform = eval_transform()
+
+    def __len__(self) -> int:
+        return len(self.rels)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str, str]:
+        try:
+            with open(self.root / self.rels[i], "rb") as f:
+                data = f.read()
+        except OSError as e:
+            return i, None, "", f"unreadable: {e.strerror or e}"
+        sha = hashlib.sha256(data).hexdigest()
+        try:
+            return i, views_of(decode_rgb(data), self.views, self.transform), sha, ""
+        except DecodeError as e:
+            return i, None, sha, str(e)
+        except Exception as e:  # a decoder bug on one file must not end a multi-hour run
+            return i, None, sha, f"decode failed: {type(e).__name__}: {e}"
+
+
+def _collate(batch: list[tuple[int, torch.Tensor | None, str, str]]):
+    good = [b for b in batch if b[1] is not None]
+    x = torch.stack([b[1] for b in good]) if good else None  # [B, V, 3, 224, 224]
+    return x, [b[0] for b in good], [b[2] for b in good], [(b[0], b[2], b[3]) for b in batch if b[1] is None]
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # the main process owns the cores for the forward pass
+
+
+def default_workers(n_items: int) -> int:
+    return 0 if n_items < 64 else min(4, os.cpu_count() or 1)
+
+
+def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.nn.Module | None = None,
+                 progress: Progress | None = None
+                 ) -> Iterator[tuple[list[int], np.ndarray, list[str], list[tuple[int, str, str]]]]:
+    """Yield per batch: (item indices, features [B, V, 4096] float32, sha256s, failures (index, sha, reason))."""
+    cfg.check()
+    device = resolve_device(cfg.device)
+    model = model if model is not None else build(cfg.weights, cfg.arch)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    model = model.to(device, memory_format=torch.channels_last)
+    workers = cfg.workers if cfg.workers >= 0 else default_workers(len(rels))
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(root, rels, cfg.views), batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
+        collate_fn=_collate, pin_memory=cuda, worker_init_fn=_worker_init if workers else None,
+        persistent_workers=False, prefetch_factor=4 if workers else None,
+    )
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    done = 0
+    for x, idx, shas, failures in loader:
+        feats = np.zeros((0, len(cfg.views), FEATURE_DIM), np.float32)
+        if x is not None:
+            b, v = x.shape[:2]
+            x = x.flatten(0, 1).to(device, non_blocking=True, memory_format=torch.channels_last)  # [B*V, 3, 224, 224]
+            with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
+                                                        enabled=autocast_dtype is not None):
+                y = model(x)  # [B*V, 4096]
+            feats = y.float().reshape(b, v, -1).cpu().numpy()  # [B, V, 4096]
+        done += len(idx) + len(failures)
+        if progress:
+            progress("extract", done, len(rels))
+        yield idx, feats, shas, failures
+
+
+@dataclass
+class ExtractReport:
+    cache: Path
+    found: int
+    extracted: int = 0
+    reused: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (rel, reason) this run
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # discovery skips
+    removed: list[str] = field(default_factory=list)  # in the cache, no longer in the folder
+    pruned: bool = False
+    rows: int = 0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    layout: str = ""
+
+
+def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg: ExtractConfig,
+            progress: Progress | None = None, prune: bool = False, strict: bool = False) -> ExtractReport:
+    """Cache features for every image of a folder that the cache does not already hold with the same content."""
+    t0 = time.perf_counter()
+    cfg.check()
+    cache = Path(cache)
+    disc = discover(data_dir)
+    if not disc.samples:
+        raise InputError(f"no images found in {data_dir}" + (f" ({len(disc.skipped)} files skipped)"
+                                                              if disc.skipped else ""))
+    if strict and disc.skipped:
+        rel, reason = disc.skipped[0]
+        raise InputError(f"--strict: {len(disc.skipped)} files skipped, first {rel!r}: {reason}")
+    prov = cfg.provenance()
+    source = str(disc.root.resolve())
+    report = ExtractReport(cache=cache, found=len(disc.samples), skipped=disc.skipped, warnings=disc.warnings,
+                           layout=disc.layout)
+    with locked(cache):
+        known: dict[bytes, str] = {}  # relative path -> sha256 already extracted (or failed) for this source
+        had_cache = cache.exists()
+        old_paths: set[bytes] = set()
+        for path in ([cache] if had_cache else []) + list_parts(cache):
+            idx = read_index(path)
+            require_same(idx.provenance, prov, f"cache {path}", "this extract")
+            for key, sha in zip(idx.keys(), idx.sha256, strict=True):
+                if key[0] == source:
+                    known[key[1]] = sha
+                    if path == cache:
+                        old_paths.add(key[1])
+            for s, p, sha, _ in idx.failed:
+                if idx.sources[s] == source and sha:
+                    known[p] = sha
+        todo: list[Sample] = []
+        for i, s in enumerate(disc.samples):
+            raw = encode_path(s.rel)
+            if progress and known and (i % 256 == 0 or i == len(disc.samples) - 1):
+                progress("hash", i + 1, len(disc.samples))
+            if raw in known:
+                try:
+                    same = sha256_file(disc.root / s.rel) == known[raw]
+                except OSError:
+                    same = False
+                if same:
+                    continue
+            todo.append(s)
+        report.reused = len(disc.samples) - len(todo)
+        present = {encode_path(s.rel) for s in disc.samples}
+        report.removed = sorted(os.fsdecode(p) for p in old_paths - present)
+        report.pruned = prune and bool(report.removed)
+        drop = {(source, encode_path(r)) for r in report.removed} if prune else set()
+        if todo:
+            _extract_parts(disc.root, source, todo, cache, cfg, prov, report, progress)
+        if strict and report.failed:
+            for part in list_parts(cache):
+                part.unlink()
+            rel, reason = report.failed[0]
+            raise InputError(f"--strict: {len(report.failed)} files could not be decoded, first {rel!r}: {reason}")
+        if todo or drop or list_parts(cache):
+            index = assemble(cache, prov, versions(), drop)
+            if index.shape[0] == 0 and not had_cache:
+                cache.unlink()
+                raise InputError(f"no image in {data_dir} could be decoded; first failure: "
+                                 f"{report.failed[0][0]!r}: {report.failed[0][1]}")
+            report.rows = index.shape[0]
+        else:
+            report.rows = read_index(cache).shape[0]
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg: ExtractConfig,
+                   prov: Provenance, report: ExtractReport, progress: Progress | None) -> None:
+    rels = [s.rel for s in todo]
+    run_id = f"{time.time_ns():020d}-{os.getpid()}"
+    rows, n_parts, last = Rows(), 0, time.monotonic()
+
+    def flush() -> None:
+        nonlocal rows, n_parts, last
+        if len(rows):
+            write_part(cache, f"part-{run_id}-{n_parts:06d}", prov, source, rows, versions(),
+                       (len(cfg.views), FEATURE_DIM))
+            n_parts += 1
+        rows, last = Rows(), time.monotonic()
+
+    try:
+        for idx, feats, shas, failures in run_features(root, rels, cfg, progress=progress):
+            for j, i in enumerate(idx):
+                rows.features.append(feats[j])
+                rows.paths.append(encode_path(rels[i]))
+                rows.labels.append(todo[i].label)
+                rows.sha256.append(shas[j])
+            for i, sha, reason in failures:
+                rows.failed_paths.append(encode_path(rels[i]))
+                rows.failed_sha256.append(sha)
+                rows.failed_reasons.append(reason)
+                report.failed.append((rels[i], reason))
+            report.extracted += len(idx)
+            if len(rows) >= PART_ROWS or time.monotonic() - last > PART_SECONDS:
+                flush()
+        flush()
+    except KeyboardInterrupt:
+        flush()
+        assemble(cache, prov, versions())
+        raise Interrupted(f"interrupted: {report.extracted} images saved to {cache}; run extract again to resume") \
+            from None

@@ -1,0 +1,103 @@
+"""The one eval transform (shared by extract, verify and predict) and safe, per-file image decoding."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    import torch
+
+# Documented limits, checked from the header before any pixel is decoded (Pillow's globals stay untouched).
+MAX_PIXELS = 64_000_000  # 64 MP: an 8000x8000 photo passes; a decompression bomb does not
+MAX_ASPECT = 50.0  # longer side / shorter side; beyond this the 256-px resize would make a huge strip
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+
+RESIZE, CROP = 256, 224
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+VIEWS = ("center", "flip")  # deterministic views per image; "flip" is the mirrored center crop
+
+
+class DecodeError(Exception):
+    """One file could not be turned into an RGB image; the message is the per-file reason."""
+
+
+def transform_spec() -> str:
+    """The transform as recorded in cache and head provenance: the exact eval preset of VGG16_Weights."""
+    return json.dumps(
+        {"resize": RESIZE, "crop": CROP, "interpolation": "bilinear", "antialias": True, "mean": MEAN, "std": STD},
+        sort_keys=True,
+    )
+
+
+def eval_transform():
+    """torchvision's own eval preset for the VGG16 ImageNet weights: Resize 256, CenterCrop 224, ImageNet mean/std."""
+    from torchvision.models import VGG16_Weights
+
+    return VGG16_Weights.IMAGENET1K_V1.transforms()  # the values transform_spec() records
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Bytes -> RGB PIL image, or DecodeError with a reason. Sniffs content (the extension is ignored)."""
+    if not data:
+        raise DecodeError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w < 1 or h < 1:
+                raise DecodeError(f"invalid size {w}x{h}")
+            if w * h > MAX_PIXELS:
+                raise DecodeError(f"{w}x{h} exceeds the {MAX_PIXELS // 1_000_000} MP limit")
+            if max(w, h) / min(w, h) > MAX_ASPECT:
+                raise DecodeError(f"{w}x{h} aspect ratio exceeds {MAX_ASPECT:g}:1")
+            im.seek(0)  # multi-frame (GIF, TIFF): the first frame
+            im.load()  # truncated data raises here (LOAD_TRUNCATED_IMAGES stays False: no grey padding)
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
+    except DecodeError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise DecodeError("not an image (unrecognised content)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DecodeError(f"decompression bomb: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
+        raise DecodeError(f"corrupt or truncated image: {e}") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        scale = 257.0 if a.max(initial=0) > 255 else 1.0  # 16-bit range -> 8-bit
+        im = Image.fromarray(np.clip(a / scale, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, BACKGROUND)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV...
+
+
+def views_of(image: Image.Image, views: tuple[str, ...], transform) -> torch.Tensor:
+    """RGB image -> [V, 3, 224, 224] normalised tensor, one slice per deterministic view."""
+    import torch
+
+    x = transform(image)  # [3, 224, 224]
+    out = []
+    for v in views:
+        if v == "center":
+            out.append(x)
+        elif v == "flip":
+            out.append(torch.flip(x, dims=[2]))
+        else:
+            raise ValueError(f"unknown view {v!r}")
+    return torch.stack(out)  # [V, 3, 224, 224]
