@@ -234,7 +234,8 @@ def demo(
         r = run_demo(folder, weights, arch, epochs, progress=bar)
     if r.weights == "random":
         out.print("[yellow]note:[/] ImageNet weights are not cached here, so the demo used seeded random weights: "
-                  "the pipeline is real, the accuracy means nothing. `catdog-cache extract DIR` downloads them.")
+                  "the pipeline is real, the accuracy means nothing. `catdog-cache extract DIR` downloads them.",
+                  soft_wrap=True)
     t = Table("stage", "seconds", "what happened", title=f"demo in {r.folder} (weights: {r.weights})")
     t.add_row("draw images", f"{r.stages['draw images']:.2f}", "48 training images in cat/ and dog/, 8 test images")
     t.add_row("extract", f"{r.stages['extract']:.2f}", f"{r.extract.extracted} images -> {r.extract.rows} rows of 4096")
@@ -242,6 +243,59 @@ def demo(
               f"{len(r.fit.history)} epochs, val accuracy {r.fit.val_acc:.3f}, log loss {r.fit.val_log_loss:.3f}")
     t.add_row("predict", f"{r.stages['predict']:.2f}", f"{len(r.predict.rows)} images -> {r.predict.out}")
     out.print(t)
+
+
+@app.command()
+@guarded
+def verify(
+    data_dir: Path = typer.Argument(..., help="Labeled image folder."),
+    epochs: int = typer.Option(3, "--epochs"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    dropout: float = typer.Option(0.5, "--dropout"),
+    val_fraction: float = typer.Option(0.2, "--val-fraction"),
+    seed: int = typer.Option(0, "--seed"),
+    weights: str = typer.Option("imagenet", "--weights", help="imagenet | random | path to a VGG16 state dict."),
+    limit: int | None = typer.Option(None, "--limit", help="Use this many images (half cats, half dogs)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Cache dtype: float16 reports the deviation."),
+    precision: str = typer.Option("fp32", "--precision", help="Extraction precision: fp32 | bf16 | fp16."),
+    device: str = DEVICE,
+    tolerance: float = typer.Option(1e-5, "--tolerance", help="Max |difference| of probabilities."),
+    arch: str = typer.Option("vgg16", "--arch", hidden=True),
+    e2e_seed: int | None = typer.Option(None, "--e2e-seed", hidden=True, help="Test knob: break the agreement."),
+) -> None:
+    """Train the head end-to-end through the frozen network and on the cache; show they agree."""
+    from .backbone import parse_weights
+    from .extract import ExtractConfig
+    from .fit import FitConfig
+    from .verify import verify as run
+
+    ecfg = ExtractConfig(weights=parse_weights(weights, seed), arch=arch, device=device, dtype=dtype,
+                         precision=precision, workers=0)
+    r = run(data_dir, ecfg, FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed), limit, tolerance,
+            e2e_seed)
+    t = Table("", "end-to-end", "cached", "max |difference|", title=f"verify: {r.n_images} images "
+              f"({r.n_val} validation), {r.epochs} epochs")
+    t.add_row("head weight", "", "", f"{r.max_weight_diff:.3g}")
+    t.add_row("head bias", "", "", f"{r.max_bias_diff:.3g}")
+    t.add_row("val probabilities", "", "", f"{r.max_prob_diff:.3g}")
+    t.add_row("val predicted labels", "", "", f"{r.differing_labels} differ")
+    t.add_row("val loss", f"{r.e2e_loss:.6f}", f"{r.cached_loss:.6f}", f"{abs(r.e2e_loss - r.cached_loss):.3g}")
+    t.add_row("val accuracy", f"{r.e2e_acc:.4f}", f"{r.cached_acc:.4f}", "")
+    t.add_row("wall time", f"{r.e2e_seconds:.2f}s",
+              f"{r.extract_seconds + r.fit_seconds:.2f}s (extract {r.extract_seconds:.2f}s + fit {r.fit_seconds:.2f}s)",
+              f"speedup {r.speedup:.1f}x")
+    out.print(t)
+    if not r.identity_expected:
+        out.print(f"[yellow]{dtype} cache / {precision} extraction:[/] measured deviation {r.max_prob_diff:.3g} "
+                  "in probabilities; identity is only claimed for a float32 cache with fp32 extraction")
+        return
+    if r.agree:
+        out.print(f"[green]agree[/] within {r.tolerance:g}: training on the cache is training the network's head")
+        return
+    err.print(f"[bold red]disagree:[/] max probability difference {r.max_prob_diff:.3g} > {r.tolerance:g} "
+              f"or {r.differing_labels} labels differ")
+    raise typer.Exit(1)
 
 
 @app.command()

@@ -157,12 +157,16 @@ class ExtractReport:
 
 
 def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg: ExtractConfig,
-            progress: Progress | None = None, prune: bool = False, strict: bool = False) -> ExtractReport:
-    """Cache features for every image of a folder that the cache does not already hold with the same content."""
+            progress: Progress | None = None, prune: bool = False, strict: bool = False,
+            only: set[str] | None = None, model: torch.nn.Module | None = None) -> ExtractReport:
+    """Cache features for every image of a folder that the cache does not already hold with the same content.
+    `only` restricts the run to these relative paths; `model` reuses an already built backbone."""
     t0 = time.perf_counter()
     cfg.check()
     cache = Path(cache)
     disc = discover(data_dir)
+    if only is not None:
+        disc.samples = [s for s in disc.samples if s.rel in only]
     if not disc.samples:
         raise InputError(f"no images found in {data_dir}" + (f" ({len(disc.skipped)} files skipped)"
                                                               if disc.skipped else ""))
@@ -207,7 +211,7 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
         report.pruned = prune and bool(report.removed)
         drop = {(source, encode_path(r)) for r in report.removed} if prune else set()
         if todo:
-            _extract_parts(disc.root, source, todo, cache, cfg, prov, report, progress)
+            _extract_parts(disc.root, source, todo, cache, cfg, prov, report, progress, model)
         if strict and report.failed:
             for part in list_parts(cache):
                 part.unlink()
@@ -227,7 +231,8 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
 
 
 def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg: ExtractConfig,
-                   prov: Provenance, report: ExtractReport, progress: Progress | None) -> None:
+                   prov: Provenance, report: ExtractReport, progress: Progress | None,
+                   model: torch.nn.Module | None = None) -> None:
     rels = [s.rel for s in todo]
     run_id = f"{time.time_ns():020d}-{os.getpid()}"
     rows, n_parts, last = Rows(), 0, time.monotonic()
@@ -241,7 +246,7 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
         rows, last = Rows(), time.monotonic()
 
     try:
-        for idx, feats, shas, failures in run_features(root, rels, cfg, progress=progress):
+        for idx, feats, shas, failures in run_features(root, rels, cfg, model, progress):
             for j, i in enumerate(idx):
                 rows.features.append(feats[j])
                 rows.paths.append(encode_path(rels[i]))

@@ -1,0 +1,115 @@
+"""Prove the promise: training the head on cached features equals training it through the frozen network.
+
+Both paths call `fit.train` (one loop) with the same config; only `features_of` differs: a row lookup in the cache
+versus a full forward pass of the frozen backbone on the decoded images, every epoch, as the article intended."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbone import build
+from .discover import discover
+from .errors import InputError
+from .extract import ExtractConfig, ImageFiles, extract
+from .fit import FitConfig, evaluate, fit, labeled_rows, split, train
+from .head import load_head
+from .store import read_features, read_index
+
+
+@dataclass
+class VerifyReport:
+    n_images: int
+    n_val: int
+    epochs: int
+    max_weight_diff: float
+    max_bias_diff: float
+    max_prob_diff: float
+    differing_labels: int
+    cached_loss: float
+    e2e_loss: float
+    cached_acc: float
+    e2e_acc: float
+    extract_seconds: float
+    fit_seconds: float
+    e2e_seconds: float
+    identity_expected: bool  # float32 cache and fp32 extraction: exact agreement is the claim
+    tolerance: float
+
+    @property
+    def agree(self) -> bool:
+        return self.max_prob_diff <= self.tolerance and self.differing_labels == 0
+
+    @property
+    def speedup(self) -> float:
+        return self.e2e_seconds / max(self.extract_seconds + self.fit_seconds, 1e-9)
+
+
+def balanced_subset(data_dir: Path, limit: int | None) -> list[str]:
+    """The first limit/2 images of each class in sorted order (sorted Kaggle names would be all cats)."""
+    samples = [s for s in discover(data_dir).samples if s.label >= 0]
+    if limit is None:
+        return [s.rel for s in samples]
+    per_class = [[s.rel for s in samples if s.label == c] for c in (0, 1)]
+    take = [per_class[0][: limit - limit // 2], per_class[1][: limit // 2]]
+    if len(take[0]) < limit - limit // 2:
+        take = [per_class[0][: limit - len(take[1])], take[1]]
+    return sorted(take[0] + take[1])
+
+
+def verify(data_dir: str | os.PathLike[str], ecfg: ExtractConfig, fcfg: FitConfig, limit: int | None = None,
+           tolerance: float = 1e-5, e2e_seed: int | None = None) -> VerifyReport:
+    data_dir = Path(data_dir)
+    if limit is not None and limit < 4:
+        raise InputError(f"--limit must be at least 4, got {limit}")
+    rels = balanced_subset(data_dir, limit)
+    model = build(ecfg.weights, ecfg.arch)  # built once, shared: the comparison times training, not loading
+    with tempfile.TemporaryDirectory(prefix="catdog-verify-") as tmp:
+        cache, head_path = Path(tmp) / "features.h5", Path(tmp) / "head.pt"
+        # Path 1, cached: extract once, then the real `fit` on the cache.
+        t0 = time.perf_counter()
+        extract(data_dir, cache, ecfg, only=set(rels), model=model)
+        t1 = time.perf_counter()
+        fit(cache, head_path, fcfg)
+        t2 = time.perf_counter()
+        cached_head, _ = load_head(head_path)
+        index = read_index(cache)
+        x_cached = torch.from_numpy(read_features(cache))  # [N, 4096]
+    labeled_rows(index, cache)
+    labels = torch.from_numpy(index.labels.astype(np.int64))  # [N]
+    tr, va = (torch.from_numpy(a) for a in split(index.paths, index.labels, fcfg.val_fraction, fcfg.seed))
+
+    # Path 2, end-to-end: decode + preprocess + frozen VGG16 for every batch of every epoch.
+    files = ImageFiles(data_dir, [os.fsdecode(p) for p in index.paths], ecfg.views)
+
+    device = next(model.parameters()).device
+
+    def through_network(rows: torch.Tensor) -> torch.Tensor:
+        x = torch.stack([files[int(i)][1][0] for i in rows])  # [B, 3, 224, 224], first view
+        with torch.no_grad():
+            y = model(x.to(device, memory_format=torch.channels_last))  # [B, 4096]
+        return y.float().cpu()
+
+    t3 = time.perf_counter()
+    e2e_cfg = fcfg if e2e_seed is None else replace(fcfg, seed=e2e_seed)
+    e2e_head, e2e_hist = train(through_network, labels, tr, va, e2e_cfg)
+    t4 = time.perf_counter()
+
+    c_loss, c_acc, c_prob = evaluate(cached_head, lambda r: x_cached[r], labels, va)
+    e_loss, e_acc, e_prob = evaluate(e2e_head, through_network, labels, va)
+    return VerifyReport(
+        n_images=len(index.paths), n_val=len(va), epochs=fcfg.epochs,
+        max_weight_diff=(cached_head.linear.weight - e2e_head.linear.weight).abs().max().item(),
+        max_bias_diff=(cached_head.linear.bias - e2e_head.linear.bias).abs().max().item(),
+        max_prob_diff=(c_prob - e_prob).abs().max().item() if len(va) else 0.0,
+        differing_labels=int((c_prob.argmax(1) != e_prob.argmax(1)).sum()),
+        cached_loss=c_loss, e2e_loss=e_loss, cached_acc=c_acc, e2e_acc=e_acc,
+        extract_seconds=t1 - t0, fit_seconds=t2 - t1, e2e_seconds=t4 - t3,
+        identity_expected=ecfg.dtype == "float32" and ecfg.precision == "fp32", tolerance=tolerance,
+    )

@@ -1,0 +1,69 @@
+"""Shared fixtures: every test works in its own temp folder, on images it draws itself, offline."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from catdog_cache.cli import app
+from catdog_cache.demo import draw_animal
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dogs-vs-cats"
+TINY = ["--arch", "tiny", "--weights", "random"]  # the fast 4096-d stand-in backbone
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # default cache/ paths land in the test's folder
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # never the user's weights cache
+
+
+def draw(path: Path, kind: str, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draw_animal(kind, random.Random(seed), size=96).save(path, quality=90)
+    return path
+
+
+@pytest.fixture
+def kaggle_dir(tmp_path: Path) -> Path:
+    """Kaggle-flat: cat.N.jpg / dog.N.jpg, 6 of each."""
+    root = tmp_path / "kaggle"
+    for i in range(6):
+        draw(root / f"cat.{i}.jpg", "cat", i)
+        draw(root / f"dog.{i}.jpg", "dog", 100 + i)
+    return root
+
+
+@pytest.fixture
+def folder_dir(tmp_path: Path) -> Path:
+    """ImageFolder: Cat/ and dog/ (mixed case on purpose), 5 of each."""
+    root = tmp_path / "folder"
+    for i in range(5):
+        draw(root / "Cat" / f"{i}.jpg", "cat", 200 + i)
+        draw(root / "dog" / f"{i}.png", "dog", 300 + i)
+    return root
+
+
+@pytest.fixture
+def test_dir(tmp_path: Path) -> Path:
+    """Unlabeled, numeric names like Kaggle's test1."""
+    root = tmp_path / "test1"
+    for i in range(1, 5):
+        draw(root / f"{i}.jpg", "cat" if i % 2 else "dog", 400 + i)
+    return root
+
+
+@pytest.fixture
+def cli():
+    runner = CliRunner()
+
+    def invoke(*args: str, ok: bool = True):
+        result = runner.invoke(app, [str(a) for a in args])
+        if ok and result.exit_code != 0:
+            raise AssertionError(f"exit {result.exit_code}: {result.output}\n{result.exception!r}")
+        return result
+
+    return invoke

@@ -1,0 +1,70 @@
+import os
+
+import pytest
+
+from catdog_cache.discover import discover
+from catdog_cache.errors import InputError
+from tests.conftest import draw
+
+
+def test_kaggle_layout_labels_from_exact_prefix(tmp_path):
+    for name in ["cat.1.jpg", "DOG.2.jpg", "dog.10.jpg", "hotdog.2.jpg", "concatenate.1.jpg", "cat_11.jpg"]:
+        draw(tmp_path / "d" / name, "cat", 1)
+    d = discover(tmp_path / "d")
+    assert d.layout == "kaggle"
+    assert [(s.rel, s.label) for s in d.samples] == [("DOG.2.jpg", 1), ("cat.1.jpg", 0), ("dog.10.jpg", 1)]
+    assert {r for r, _ in d.skipped} == {"hotdog.2.jpg", "concatenate.1.jpg", "cat_11.jpg"}
+
+
+def test_imagefolder_layout_case_insensitive_sorted(folder_dir):
+    d = discover(folder_dir)
+    assert d.layout == "imagefolder"
+    assert [s.rel for s in d.samples] == sorted(s.rel for s in d.samples)
+    assert {s.label for s in d.samples if s.rel.startswith("Cat/")} == {0}
+    assert {s.label for s in d.samples if s.rel.startswith("dog/")} == {1}
+    assert len(d.samples) == 10
+
+
+def test_same_name_in_both_class_folders_kept(tmp_path):
+    draw(tmp_path / "d" / "cat" / "1.jpg", "cat", 1)
+    draw(tmp_path / "d" / "dog" / "1.jpg", "dog", 2)
+    assert [(s.rel, s.label) for s in discover(tmp_path / "d").samples] == [("cat/1.jpg", 0), ("dog/1.jpg", 1)]
+
+
+def test_unknown_class_folder_warns_and_ids_stay(tmp_path):
+    draw(tmp_path / "d" / "dog" / "1.jpg", "dog", 1)
+    draw(tmp_path / "d" / "bird" / "1.jpg", "cat", 1)
+    d = discover(tmp_path / "d")
+    assert [(s.rel, s.label) for s in d.samples] == [("dog/1.jpg", 1)]
+    assert any("bird" in w for w in d.warnings) and any("'cat' has no images" in w for w in d.warnings)
+
+
+def test_unlabeled_and_junk(tmp_path):
+    root = tmp_path / "d"
+    draw(root / "1.jpg", "cat", 1)
+    (root / ".DS_Store").write_bytes(b"junk")
+    (root / "._1.jpg").write_bytes(b"junk")
+    (root / "__MACOSX").mkdir()
+    draw(root / "__MACOSX" / "2.jpg", "cat", 1)
+    d = discover(root)
+    assert d.layout == "unlabeled" and [s.rel for s in d.samples] == ["1.jpg"]
+
+
+def test_symlink_loop_and_fifo_do_not_hang(tmp_path):
+    root = tmp_path / "d"
+    draw(root / "cat" / "1.jpg", "cat", 1)
+    os.symlink(root, root / "cat" / "loop")
+    os.mkfifo(root / "cat" / "pipe.jpg")
+    d = discover(root)
+    assert [s.rel for s in d.samples] == ["cat/1.jpg"]
+    reasons = dict(d.skipped)
+    assert "not a regular file" in reasons["cat/pipe.jpg"]
+
+
+@pytest.mark.parametrize("make", ["missing", "file"])
+def test_missing_folder_is_input_error(tmp_path, make):
+    target = tmp_path / "nope"
+    if make == "file":
+        target.write_text("x")
+    with pytest.raises(InputError, match="nope"):
+        discover(target)

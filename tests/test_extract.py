@@ -1,0 +1,163 @@
+import numpy as np
+import pytest
+
+from catdog_cache import extract as extract_mod
+from catdog_cache.backbone import WeightsSpec
+from catdog_cache.errors import ProvenanceMismatch
+from catdog_cache.extract import ExtractConfig, extract
+from catdog_cache.store import read_features, read_index
+from tests.conftest import TINY, draw
+
+CFG = ExtractConfig(weights=WeightsSpec("random", seed=0), arch="tiny", workers=0, batch_size=4)
+
+
+@pytest.fixture
+def forward_count(monkeypatch):
+    """Count images that go through the backbone."""
+    seen = []
+    real = extract_mod.run_features
+
+    def counting(root, rels, cfg, model=None, progress=None):
+        seen.extend(rels)
+        yield from real(root, rels, cfg, model, progress)
+
+    monkeypatch.setattr(extract_mod, "run_features", counting)
+    return seen
+
+
+def test_extract_cli_kaggle(cli, kaggle_dir):
+    r = cli("extract", kaggle_dir, *TINY)
+    assert "extracted 12 new" in r.output
+    idx = read_index("cache/features.h5")
+    assert [p.decode() for p in idx.paths] == sorted(f"{k}.{i}.jpg" for k in ("cat", "dog") for i in range(6))
+    assert idx.labels.tolist() == [0] * 6 + [1] * 6
+    assert idx.shape == (12, 1, 4096)
+    assert all(len(s) == 64 for s in idx.sha256)
+    prov = idx.provenance
+    assert (prov.arch, prov.weights, prov.layer, prov.dtype) == ("tiny", "random:seed=0", "classifier.5", "float32")
+
+
+def test_rows_match_a_direct_forward_pass(tmp_path, folder_dir):
+    """Row i is the backbone output of file i: no shuffling, no misalignment."""
+    from catdog_cache.backbone import build
+    from catdog_cache.preprocess import decode_rgb, eval_transform
+
+    extract(folder_dir, tmp_path / "c.h5", CFG)
+    idx = read_index(tmp_path / "c.h5")
+    feats = read_features(tmp_path / "c.h5")
+    model, t = build(CFG.weights, "tiny"), eval_transform()
+    for i in (0, 3, 9):
+        x = t(decode_rgb((folder_dir / idx.paths[i].decode()).read_bytes()))[None]
+        np.testing.assert_allclose(model(x)[0].numpy(), feats[i], atol=1e-6)
+
+
+def test_rerun_does_no_work_and_adds_only_new(tmp_path, kaggle_dir, forward_count):
+    cache = tmp_path / "c.h5"
+    extract(kaggle_dir, cache, CFG)
+    assert len(forward_count) == 12
+    r = extract(kaggle_dir, cache, CFG)
+    assert len(forward_count) == 12 and r.extracted == 0 and r.reused == 12
+    draw(kaggle_dir / "cat.99.jpg", "cat", 99)
+    draw(kaggle_dir / "dog.0.jpg", "cat", 12345)  # changed content, same name
+    extract(kaggle_dir, cache, CFG)
+    assert forward_count[12:] == ["cat.99.jpg", "dog.0.jpg"]
+    assert read_index(cache).shape[0] == 13
+
+
+def test_deleted_files_reported_then_pruned(tmp_path, kaggle_dir):
+    cache = tmp_path / "c.h5"
+    extract(kaggle_dir, cache, CFG)
+    (kaggle_dir / "cat.1.jpg").unlink()
+    r = extract(kaggle_dir, cache, CFG)
+    assert r.removed == ["cat.1.jpg"] and read_index(cache).shape[0] == 12
+    r = extract(kaggle_dir, cache, CFG, prune=True)
+    assert read_index(cache).shape[0] == 11 and b"cat.1.jpg" not in read_index(cache).paths
+
+
+def test_bad_files_recorded_and_run_continues(cli, kaggle_dir):
+    (kaggle_dir / "cat.50.jpg").write_bytes(b"not an image at all")
+    (kaggle_dir / "dog.51.jpg").write_bytes((kaggle_dir / "dog.1.jpg").read_bytes()[:200])
+    r = cli("extract", kaggle_dir, *TINY)
+    assert r.exit_code == 0 and "2 files could not be decoded" in r.output
+    idx = read_index("cache/features.h5")
+    assert idx.shape[0] == 12
+    assert {p.decode(): reason for _, p, _, reason in idx.failed}.keys() == {"cat.50.jpg", "dog.51.jpg"}
+    r = cli("extract", kaggle_dir, *TINY, "--strict", "--cache", "strict.h5", ok=False)
+    assert r.exit_code == 1 and "--strict" in r.output
+
+
+def test_nothing_decodable_leaves_no_cache(cli, tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "cat.1.jpg").write_bytes(b"nope")
+    r = cli("extract", tmp_path / "bad", *TINY, ok=False)
+    assert r.exit_code == 1 and "could be decoded" in r.output
+    assert not (tmp_path / "cache" / "features.h5").exists()
+
+
+def test_append_second_folder_and_refuse_other_provenance(cli, kaggle_dir, folder_dir):
+    cli("extract", kaggle_dir, *TINY)
+    cli("extract", folder_dir, *TINY)
+    idx = read_index("cache/features.h5")
+    assert idx.shape[0] == 22 and len(idx.sources) == 2
+    r = cli("extract", folder_dir, "--arch", "tiny", "--weights", "random", "--seed", "1", ok=False)
+    assert r.exit_code == 1 and "random:seed=0" in r.output and "random:seed=1" in r.output
+    with pytest.raises(ProvenanceMismatch):
+        extract(folder_dir, "cache/features.h5", ExtractConfig(weights=WeightsSpec("random"), arch="tiny",
+                                                              dtype="float16"))
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--dtype", "int8"], "--dtype"),
+    (["--weights", "nope.pth"], "nope.pth"),
+    (["--device", "tpu"], "--device"),
+    (["--views", "zoom"], "--views"),
+])
+def test_bad_options_one_line(cli, kaggle_dir, args, msg):
+    r = cli("extract", kaggle_dir, "--arch", "tiny", *(["--weights", "random"] if "--weights" not in args else []),
+            *args, ok=False)
+    assert r.exit_code != 0 and msg in r.output and "Traceback" not in r.output
+
+
+def test_empty_and_missing_folder(cli, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for target, msg in [(tmp_path / "empty", "no images found"), (tmp_path / "missing", "folder not found")]:
+        r = cli("extract", target, *TINY, ok=False)
+        assert r.exit_code == 1 and msg in r.output
+    assert not (tmp_path / "cache" / "features.h5").exists()
+
+
+def test_float16_and_views(tmp_path, kaggle_dir):
+    cfg = ExtractConfig(weights=WeightsSpec("random"), arch="tiny", workers=0, dtype="float16",
+                        views=("center", "flip"))
+    extract(kaggle_dir, tmp_path / "c.h5", cfg)
+    idx = read_index(tmp_path / "c.h5")
+    assert idx.shape == (12, 2, 4096) and idx.dtype == "float16"
+    both = read_features(tmp_path / "c.h5", view=None)
+    assert not np.allclose(both[:, 0], both[:, 1])
+
+
+def test_workers_give_same_rows(tmp_path, kaggle_dir):
+    extract(kaggle_dir, tmp_path / "a.h5", CFG)
+    extract(kaggle_dir, tmp_path / "b.h5", ExtractConfig(weights=WeightsSpec("random"), arch="tiny", workers=2))
+    np.testing.assert_array_equal(read_features(tmp_path / "a.h5"), read_features(tmp_path / "b.h5"))
+
+
+def test_real_vgg16_structure_end_to_end(tmp_path, kaggle_dir):
+    """The real frozen VGG16 (random weights): fc7 after ReLU, 4096-d, equal to torchvision's own classifier[:6]."""
+    import torch
+    from torchvision.models import vgg16
+
+    from catdog_cache.backbone import build
+
+    model = build(WeightsSpec("random", seed=3))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        ref = vgg16().eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        want = ref.classifier[:6](torch.flatten(ref.avgpool(ref.features(x)), 1))
+        got = model(x)
+    assert got.shape == (2, 4096) and (got >= 0).all()
+    torch.testing.assert_close(got, want)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training

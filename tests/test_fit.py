@@ -1,0 +1,114 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from catdog_cache.errors import CacheError, InputError
+from catdog_cache.fit import FitConfig, fit, split, streams
+from catdog_cache.head import load_head
+from catdog_cache.store import Provenance, Rows, assemble, write_part
+from tests.conftest import TINY
+
+PROV = Provenance("tiny", "classifier.5", "random:seed=0", "{}", "center", "float32", "fp32")
+
+
+def synthetic_cache(path, n=400, seed=0, dim_signal=64, labels=None):
+    """Separable features: the first dims carry the class, the rest is noise (non-negative like fc7)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n) if labels is None else np.asarray(labels)
+    x = np.abs(rng.normal(0, 1, (n, 4096))).astype(np.float32)
+    x[:, :dim_signal] += 3 * y[:, None]
+    rows = Rows(features=[r[None] for r in x], paths=[f"{i:05d}.jpg".encode() for i in range(n)],
+                labels=y.tolist(), sha256=[f"{i:064x}" for i in range(n)])
+    write_part(path, "p", PROV, "/synthetic", rows, {}, (1, 4096))
+    assemble(path, PROV, {})
+    return y
+
+
+def test_split_is_stable_when_images_are_added():
+    paths = [f"{i}.jpg".encode() for i in range(1000)]
+    labels = np.array([i % 2 for i in range(1000)])
+    tr, va = split(paths, labels, 0.2, seed=0)
+    assert 150 < len(va) < 250 and len(set(tr) & set(va)) == 0 and len(tr) + len(va) == 1000
+    for c in (0, 1):  # stratified: each class near the fraction
+        assert 0.14 < np.isin(np.flatnonzero(labels == c), va).mean() < 0.26
+    more = paths + [f"new{i}.jpg".encode() for i in range(500)]
+    _, va2 = split(more, np.concatenate([labels, np.zeros(500, int)]), 0.2, seed=0)
+    assert set(va2[va2 < 1000]) == set(va)  # no existing row changed side
+    _, va3 = split(paths, labels, 0.2, seed=1)
+    assert set(va3) != set(va)
+
+
+def test_split_tiny_set_still_validates_each_class():
+    tr, va = split([b"a", b"b", b"c", b"d"], np.array([0, 0, 1, 1]), 0.2, seed=0)
+    assert sorted(np.array([0, 0, 1, 1])[va].tolist()) == [0, 1]
+
+
+def test_streams_are_distinct_and_deterministic():
+    assert streams(0) == streams(0) and len(set(streams(0).values())) == 3 and streams(0) != streams(1)
+
+
+def test_fit_learns_and_saves_provenance(tmp_path):
+    synthetic_cache(tmp_path / "c.h5")
+    r = fit(tmp_path / "c.h5", tmp_path / "head.pt", FitConfig(epochs=20))
+    assert r.val_acc > 0.95 and r.val_log_loss < 0.3
+    assert sum(map(sum, r.confusion)) == r.n_val and r.n_train + r.n_val == 400
+    head, meta = load_head(tmp_path / "head.pt")
+    assert Provenance.from_json(meta["provenance"]) == PROV and meta["config"]["epochs"] == 20
+    assert head.linear.weight.shape == (2, 4096)
+
+
+def test_two_fits_identical(tmp_path):
+    synthetic_cache(tmp_path / "c.h5")
+    for name in ("a", "b"):
+        fit(tmp_path / "c.h5", tmp_path / f"{name}.pt", FitConfig(epochs=3, seed=7))
+    a, b = load_head(tmp_path / "a.pt")[0], load_head(tmp_path / "b.pt")[0]
+    assert torch.equal(a.linear.weight, b.linear.weight) and torch.equal(a.linear.bias, b.linear.bias)
+    fit(tmp_path / "c.h5", tmp_path / "c.pt", FitConfig(epochs=3, seed=8))
+    assert not torch.equal(a.linear.weight, load_head(tmp_path / "c.pt")[0].linear.weight)
+
+
+def test_fit_cli_table_and_errors(cli, tmp_path):
+    r = cli("fit", ok=False)
+    assert r.exit_code == 1 and "no cache at cache/features.h5" in r.output
+    synthetic_cache(tmp_path / "cache" / "features.h5")
+    r = cli("fit", "--epochs", "3")
+    assert "val acc" in r.output and "log loss" in r.output and "cache/head.pt" in r.output
+    assert (tmp_path / "cache" / "head.pt").is_file()
+    for args, msg in [(["--epochs", "0"], "--epochs"), (["--dropout", "1.5"], "--dropout"),
+                      (["--val-fraction", "1"], "--val-fraction")]:
+        r = cli("fit", *args, ok=False)
+        assert r.exit_code == 1 and msg in r.output
+
+
+def test_fit_needs_both_classes(tmp_path):
+    synthetic_cache(tmp_path / "c.h5", n=10, labels=[1] * 10)
+    with pytest.raises(InputError, match="holds dog"):
+        fit(tmp_path / "c.h5", tmp_path / "h.pt", FitConfig(epochs=1))
+
+
+def test_fit_on_unlabeled_cache_refused(cli, test_dir):
+    cli("extract", test_dir, *TINY)
+    r = cli("fit", ok=False)
+    assert r.exit_code == 1 and "labeled cats and dogs" in r.output
+
+
+def test_head_write_is_atomic(tmp_path, monkeypatch):
+    synthetic_cache(tmp_path / "c.h5", n=50)
+    fit(tmp_path / "c.h5", tmp_path / "h.pt", FitConfig(epochs=1))
+    before = (tmp_path / "h.pt").read_bytes()
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "c.h5", tmp_path / "h.pt", FitConfig(epochs=2))
+    assert (tmp_path / "h.pt").read_bytes() == before
+
+
+def test_bad_head_file(tmp_path):
+    (tmp_path / "h.pt").write_bytes(b"garbage")
+    with pytest.raises(CacheError, match="not a catdog-cache head"):
+        load_head(tmp_path / "h.pt")

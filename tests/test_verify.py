@@ -1,0 +1,58 @@
+import pytest
+
+from catdog_cache.backbone import WeightsSpec
+from catdog_cache.extract import ExtractConfig
+from catdog_cache.fit import FitConfig
+from catdog_cache.verify import balanced_subset, verify
+from tests.conftest import SHARED_DATA, TINY
+
+ECFG = ExtractConfig(weights=WeightsSpec("random"), arch="tiny", workers=0)
+
+
+def test_cached_and_end_to_end_agree(kaggle_dir):
+    r = verify(kaggle_dir, ECFG, FitConfig(epochs=2, batch_size=4))
+    assert r.identity_expected and r.agree
+    assert r.max_prob_diff <= 1e-5 and r.max_weight_diff <= 1e-5 and r.differing_labels == 0
+    assert r.n_images == 12 and r.n_val >= 2
+
+
+def test_different_setting_is_reported_as_disagreement(cli, kaggle_dir):
+    r = cli("verify", kaggle_dir, *TINY, "--epochs", "2", "--batch-size", "4", "--e2e-seed", "5", ok=False)
+    assert r.exit_code == 1 and "disagree" in r.output
+
+
+def test_verify_cli_agrees(cli, kaggle_dir):
+    r = cli("verify", kaggle_dir, *TINY, "--epochs", "2", "--batch-size", "4")
+    assert "agree within" in r.output and "speedup" in r.output
+
+
+def test_float16_reports_deviation_not_identity(cli, kaggle_dir):
+    r = cli("verify", kaggle_dir, *TINY, "--epochs", "2", "--dtype", "float16")
+    assert r.exit_code == 0 and "measured deviation" in r.output and "agree within" not in r.output
+
+
+def test_balanced_subset(kaggle_dir):
+    rels = balanced_subset(kaggle_dir, 6)
+    assert len(rels) == 6 and sum(r.startswith("cat") for r in rels) == 3
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(not (SHARED_DATA / "train").is_dir(), reason="../shared/data/dogs-vs-cats is not present")
+def test_real_photos_verify_and_pipeline(cli, tmp_path):
+    """Real JPEGs from the shared sample: verify agrees, and extract -> fit -> predict runs on them."""
+    r = cli("verify", SHARED_DATA / "train", *TINY, "--limit", "24", "--epochs", "2")
+    assert "agree within" in r.output
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    for name in sorted(p.name for p in (SHARED_DATA / "test1").iterdir())[:6]:
+        (sub / name).symlink_to(SHARED_DATA / "test1" / name)
+    from catdog_cache.verify import balanced_subset as pick
+
+    train = tmp_path / "train"
+    train.mkdir()
+    for rel in pick(SHARED_DATA / "train", 16):
+        (train / rel).symlink_to(SHARED_DATA / "train" / rel)
+    cli("extract", train, *TINY)
+    cli("fit", "--epochs", "2")
+    r = cli("predict", sub, "--submission", "sub.csv")
+    assert "predicted 6 images" in r.output
