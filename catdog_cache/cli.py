@@ -99,6 +99,7 @@ def extract(
     strict: bool = typer.Option(False, "--strict", help="Fail on any file that cannot be used."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     arch: str = typer.Option("vgg16", "--arch", hidden=True, help="Test-only backbones."),
+    part_rows: int = typer.Option(1024, "--part-rows", hidden=True, help="Rows per crash-safe part."),
 ) -> None:
     """Run the frozen VGG16 (up to fc7) over every image once and store the 4096-d features."""
     from .backbone import parse_weights
@@ -107,7 +108,7 @@ def extract(
 
     cfg = ExtractConfig(weights=parse_weights(weights, seed), arch=arch, device=device, batch_size=batch_size,
                         workers=workers, dtype=dtype, precision=precision,
-                        views=tuple(v.strip() for v in views.split(",") if v.strip()))
+                        views=tuple(v.strip() for v in views.split(",") if v.strip()), part_rows=part_rows)
     for w in _discover_warnings(data_dir):
         err.print(f"[yellow]warning:[/] {escape(w)}")
     with Bar(quiet) as bar:

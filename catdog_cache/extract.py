@@ -37,6 +37,7 @@ class ExtractConfig:
     dtype: str = "float32"
     precision: str = "fp32"
     views: tuple[str, ...] = ("center",)
+    part_rows: int = PART_ROWS  # rows per crash-safe part; not part of provenance
 
     def provenance(self) -> Provenance:
         return Provenance(arch=self.arch, layer=LAYER, weights=self.weights.identity, transform=transform_spec(),
@@ -236,6 +237,7 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
     rels = [s.rel for s in todo]
     run_id = f"{time.time_ns():020d}-{os.getpid()}"
     rows, n_parts, last = Rows(), 0, time.monotonic()
+    delay = float(os.environ.get("CATDOG_BATCH_DELAY", "0"))  # test hook: slow a run down to kill it midway
 
     def flush() -> None:
         nonlocal rows, n_parts, last
@@ -258,7 +260,9 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
                 rows.failed_reasons.append(reason)
                 report.failed.append((rels[i], reason))
             report.extracted += len(idx)
-            if len(rows) >= PART_ROWS or time.monotonic() - last > PART_SECONDS:
+            if delay:
+                time.sleep(delay)
+            if len(rows) >= cfg.part_rows or time.monotonic() - last > PART_SECONDS:
                 flush()
         flush()
     except KeyboardInterrupt:
