@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -300,9 +301,27 @@ def verify(
 
 
 @app.command()
-def bench() -> None:
-    """Benchmarks (not implemented yet: the performance issue adds them)."""
-    out.print("bench: not implemented yet; the performance issue adds GEMM, extract and fit measurements")
+@guarded
+def bench(
+    data: Path = typer.Option(Path("../shared/data/dogs-vs-cats/train"), "--data", help="JPEG folder for extract."),
+    limit: int = typer.Option(64, "--limit", help="Images for the end-to-end extract measurement."),
+    rows: int = typer.Option(25_000, "--rows", help="Rows of the synthetic cache for fit."),
+    markdown: bool = typer.Option(False, "--markdown", help="Also print a README-ready table."),
+) -> None:
+    """Measure GEMM and copy rates, VGG16 forward, extract end to end, fit, start-up; with ratios to the limits."""
+    import platform
+    from datetime import date
+
+    import torch
+
+    from .bench import run
+
+    out.print(f"bench on {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {date.today()}")
+    table = run(data, limit, rows, lambda r: out.print(f"  {r[0]:<38} {r[1]:>14}  {r[2]}", highlight=False))
+    if markdown:
+        print("| measurement | value | note |\n|---|---|---|")
+        for what, value, note in table:
+            print(f"| {what} | {value} | {note} |")
 
 
 def main() -> None:

@@ -25,9 +25,21 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.training and self.dropout > 0:
-            keep = torch.rand(x.shape, generator=generator, device=x.device) >= self.dropout  # [B, D] bool
-            x = x * keep / (1.0 - self.dropout)  # [B, D], inverted dropout as nn.Dropout does
+            keep, p = keep_mask(x.shape, self.dropout, generator, x.device)  # [B, D] bool
+            x = torch.where(keep, x * (1.0 / (1.0 - p)), 0.0)  # [B, D], inverted dropout as nn.Dropout does
         return self.linear(x)  # [B, 2] logits
+
+
+def keep_mask(shape: torch.Size, p: float, generator: torch.Generator | None,
+              device: torch.device) -> tuple[torch.Tensor, float]:
+    """Bernoulli(1 - p) keep mask from 16-bit uniforms, four per random int64: 4x fewer generator calls than
+    torch.rand, which dominated fit time. p is used at 1/65536 resolution; the exact p used is returned."""
+    b, d = shape
+    words = torch.randint(-(2**63), 2**63 - 1, (b, (d + 3) // 4), dtype=torch.int64, generator=generator,
+                          device=device)  # [B, ceil(D/4)]
+    u = words.view(torch.int16)[:, :d]  # [B, D] uniform over [-32768, 32767]
+    drop = round(p * 65536)
+    return u >= drop - 32768, drop / 65536
 
 
 def new_head(dropout: float, seed: int) -> Head:

@@ -1,0 +1,141 @@
+"""`catdog-cache bench`: the machine's reference rates, then extract and fit measured against them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+VGG16_GFLOP = 30.9  # forward FLOPs per 224x224 image (15.5 GMAC)
+Row = tuple[str, str, str]  # (what, value, note)
+
+
+def _best(fn: Callable[[], None], repeat: int = 3) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def gemm_gflops(n: int = 2048) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / _best(lambda: torch.mm(a, b)) / 1e9
+
+
+def copy_gbs(mib: int = 256) -> float:
+    src = torch.empty(mib * 2**18, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / _best(lambda: dst.copy_(src)) / 1e9  # read + write
+
+
+def model_images_per_s(batch: int, device: str = "cpu") -> float:
+    from .backbone import WeightsSpec, build
+
+    model = build(WeightsSpec("random")).to(device, memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+
+    def step() -> None:
+        with torch.inference_mode():
+            model(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return batch / _best(step, repeat=2)
+
+
+def extract_images_per_s(data_dir: Path, limit: int, batch: int) -> tuple[float, int]:
+    from .backbone import WeightsSpec
+    from .extract import ExtractConfig, extract
+    from .verify import balanced_subset
+
+    rels = set(balanced_subset(data_dir, limit))
+    with tempfile.TemporaryDirectory() as tmp:
+        r = extract(data_dir, Path(tmp) / "f.h5", ExtractConfig(WeightsSpec("random"), batch_size=batch),
+                    only=rels)
+    return r.extracted / r.seconds, r.extracted
+
+
+def synthetic_cache(path: Path, rows: int, dtype: str = "float32") -> None:
+    from .store import Provenance, Rows, assemble, write_part
+
+    prov = Provenance("synthetic", "classifier.5", "random:seed=0", "{}", "center", dtype, "fp32")
+    rng = np.random.default_rng(0)
+    step = 8192
+    for s in range(0, rows, step):
+        n = min(step, rows - s)
+        y = rng.integers(0, 2, n)
+        x = np.abs(rng.normal(0, 1, (n, 1, 4096))).astype(np.float32)
+        x[:, 0, :64] += y[:, None]
+        write_part(path, f"p{s:09d}", prov, "/bench", Rows(features=list(x), paths=[f"{s + i:09d}".encode()
+                   for i in range(n)], labels=y.tolist(), sha256=["0" * 64] * n), {}, (1, 4096))
+    assemble(path, prov, {})
+
+
+FIT_CHILD = """
+import resource, sys, time
+from catdog_cache.fit import FitConfig, fit
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+r = fit(sys.argv[1], sys.argv[2], FitConfig(epochs=int(sys.argv[3])))
+print(time.perf_counter() - t, r.load_seconds, base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def fit_run(cache: Path, epochs: int) -> tuple[float, float, float]:
+    """(wall seconds incl. HDF5 read, load seconds, peak extra RSS in bytes) in a fresh process."""
+    head = cache.with_suffix(".pt")
+    out = subprocess.run([sys.executable, "-c", FIT_CHILD, str(cache), str(head), str(epochs)], check=True,
+                         capture_output=True, text=True).stdout.split()
+    wall, load, base, peak = map(float, out)
+    return wall, load, (peak - base) * 1024
+
+
+def help_seconds() -> float:
+    exe = [sys.executable, "-m", "catdog_cache", "--help"]
+    return _best(lambda: subprocess.run(exe, check=True, capture_output=True), repeat=3)
+
+
+def run(data_dir: Path | None, limit: int, rows: int, log: Callable[[Row], None]) -> list[Row]:
+    table: list[Row] = []
+
+    def add(what: str, value: str, note: str = "") -> None:
+        table.append((what, value, note))
+        log((what, value, note))
+
+    gemm, bw = gemm_gflops(), copy_gbs()
+    add("fp32 GEMM 2048^3", f"{gemm:.1f} GFLOP/s", f"{torch.get_num_threads()} threads")
+    add("memory copy 256 MiB", f"{bw:.1f} GB/s", "read + write")
+    limit_ips = gemm / VGG16_GFLOP
+    add("VGG16 limit from GEMM", f"{limit_ips:.2f} img/s", f"{VGG16_GFLOP} GFLOP per image")
+    for b in (8, 32):
+        ips = model_images_per_s(b)
+        add(f"VGG16 fc7 forward, batch {b}", f"{ips:.2f} img/s", f"{ips / limit_ips:.2f} of limit")
+    if data_dir is not None and data_dir.is_dir():
+        ips, n = extract_images_per_s(data_dir, limit, 32)
+        add(f"extract end to end, {n} JPEGs", f"{ips:.2f} img/s", f"{ips / limit_ips:.2f} of limit")
+    else:
+        add("extract end to end", "skipped", f"no data folder at {data_dir}")
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "synthetic.h5"
+        t = time.perf_counter()
+        synthetic_cache(cache, rows)
+        add(f"write synthetic cache {rows} x 4096", f"{time.perf_counter() - t:.2f} s",
+            f"{os.path.getsize(cache) / 2**20:.0f} MiB")
+        wall, load, peak = fit_run(cache, 20)
+        matrix = rows * 4096 * 4
+        floor = 21 * matrix / (bw * 1e9)  # read once + 20 epochs of row gathers, each touching the matrix
+        add(f"fit 20 epochs, {rows} rows", f"{wall:.2f} s", f"load {load:.2f} s; floor {floor:.2f} s "
+            f"({floor / wall:.2f} of it)")
+        add("fit peak memory", f"{peak / 2**20:.0f} MiB", f"{peak / matrix:.2f}x the feature matrix")
+    add("catdog-cache --help", f"{help_seconds():.2f} s", "python -m catdog_cache --help")
+    return table
