@@ -12,7 +12,10 @@ from .errors import InputError
 CLASSES: tuple[str, ...] = ("cat", "dog")  # class id = index: cat=0, dog=1, whatever else the folder holds
 UNLABELED = -1
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
-JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "__macosx", "@eadir"}
+JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "__macosx", "@eadir", "$recycle.bin"}
+# Suffixes that are certainly not photos; anything else (including no suffix) is sniffed by the decoder.
+NOT_IMAGE_SUFFIXES = {".txt", ".csv", ".json", ".md", ".py", ".xml", ".html", ".htm", ".pdf", ".zip", ".gz", ".tar",
+                      ".mp4", ".mov", ".avi", ".mp3", ".wav", ".h5", ".pt", ".pth", ".npy", ".db", ".ini", ".log"}
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ def _is_junk(name: str) -> bool:
 def _walk(root: Path, skipped: list[tuple[str, str]]) -> list[str]:
     """All regular files under root (relative POSIX paths), skipping junk; symlinks to files are followed once,
     symlinked folders are not entered (no loops, no double counting)."""
-    found: list[str] = []
+    found: dict[tuple[int, int], tuple[str, bool]] = {}  # (dev, inode) -> (rel, via symlink): each file once
     seen_dirs: set[tuple[int, int]] = set()
 
     def visit(folder: Path, rel: str) -> None:
@@ -62,17 +65,28 @@ def _walk(root: Path, skipped: list[tuple[str, str]]) -> list[str]:
                 if entry.is_symlink() and Path(entry.path).is_dir():
                     skipped.append((sub, "symlinked folder not followed"))
                     continue
-                mode = os.stat(entry.path).st_mode  # follows a file symlink; a dangling one raises
+                st = os.stat(entry.path)  # follows a file symlink; a dangling one raises
+                link = entry.is_symlink()
             except OSError as e:
                 skipped.append((sub, f"unreadable: {e.strerror or e}"))
                 continue
-            if not stat.S_ISREG(mode):
+            if not stat.S_ISREG(st.st_mode):
                 skipped.append((sub, "not a regular file"))  # FIFOs, sockets, devices: never opened
                 continue
-            found.append(sub)
+            if os.path.splitext(name)[1].lower() in NOT_IMAGE_SUFFIXES:
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in found:
+                kept, kept_link = found[key]
+                if kept_link and not link:  # prefer the real file over a symlink to it
+                    found[key] = (sub, link)
+                    sub, kept = kept, sub
+                skipped.append((sub, f"same file as {kept}"))
+                continue
+            found[key] = (sub, link)
 
     visit(root, "")
-    return found
+    return sorted(rel for rel, _ in found.values())
 
 
 def _has_image_suffix(rel: str) -> bool:

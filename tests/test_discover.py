@@ -68,3 +68,30 @@ def test_missing_folder_is_input_error(tmp_path, make):
         target.write_text("x")
     with pytest.raises(InputError, match="nope"):
         discover(target)
+
+
+def test_symlink_to_file_and_hard_link_counted_once(tmp_path):
+    root = tmp_path / "d"
+    real = draw(root / "cat" / "b.jpg", "cat", 1)
+    os.symlink(real, root / "cat" / "a.jpg")
+    os.link(real, root / "cat" / "c.jpg")
+    d = discover(root)
+    assert [s.rel for s in d.samples] == ["cat/b.jpg"]
+    assert {r for r, _ in d.skipped} == {"cat/a.jpg", "cat/c.jpg"}
+
+
+def test_non_image_suffixes_ignored_and_unknown_sniffed_later(tmp_path):
+    root = tmp_path / "d"
+    draw(root / "cat" / "1.jpg", "cat", 1)
+    (root / "cat" / "notes.txt").write_text("hello")
+    (root / "cat" / "labels.csv").write_text("a,b")
+    (root / "cat" / "noext").write_bytes((root / "cat" / "1.jpg").read_bytes())
+    assert [s.rel for s in discover(root).samples] == ["cat/1.jpg", "cat/noext"]
+
+
+def test_dangling_symlink_reported(tmp_path):
+    root = tmp_path / "d"
+    draw(root / "1.jpg", "cat", 1)
+    os.symlink(tmp_path / "gone.jpg", root / "2.jpg")
+    d = discover(root)
+    assert [s.rel for s in d.samples] == ["1.jpg"] and "unreadable" in dict(d.skipped)["2.jpg"]

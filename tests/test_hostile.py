@@ -1,0 +1,61 @@
+"""A hostile folder, generated here: every class of bad input at once, through the CLI."""
+
+import io
+import os
+
+import numpy as np
+from PIL import Image
+
+from catdog_cache.store import read_index
+from tests.conftest import TINY, draw
+
+
+def png(im):
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_hostile_folder(cli, tmp_path):
+    root = tmp_path / "hostile"
+    good = [draw(root / "cat" / f"{i}.jpg", "cat", i) for i in range(3)] + \
+        [draw(root / "dog" / f"{i}.jpg", "dog", 10 + i) for i in range(3)]
+    cat, dog = root / "cat", root / "dog"
+    (cat / "zero.jpg").write_bytes(b"")
+    (cat / "text.jpg").write_text("I am not a JPEG")
+    (cat / "trunc.jpg").write_bytes(good[0].read_bytes()[:400])
+    (dog / "png-named.jpg").write_bytes(png(Image.new("RGB", (50, 40), (1, 2, 3))))
+    Image.new("RGB", (40, 40), (0, 128, 255)).convert("CMYK").save(dog / "cmyk.jpg")
+    (dog / "rgba.png").write_bytes(png(Image.new("RGBA", (30, 30), (255, 0, 0, 128))))
+    (dog / "sixteen.png").write_bytes(png(Image.fromarray(np.full((20, 20), 40000, np.uint16))))
+    (cat / "strip.png").write_bytes(png(Image.new("L", (6000, 20))))
+    (cat / ".hidden.jpg").write_bytes(good[0].read_bytes())
+    (cat / "Thumbs.db").write_bytes(b"junk")
+    os.mkfifo(cat / "fifo.jpg")
+    os.symlink(root, cat / "loop")
+    (root / "bird").mkdir()
+    draw(root / "bird" / "1.jpg", "cat", 99)
+    (root / "weird \n ünï" ).mkdir()
+
+    r = cli("extract", root, *TINY)
+    assert r.exit_code == 0
+    idx = read_index("cache/features.h5")
+    rows = {p.decode(): lab for p, lab in zip(idx.paths, idx.labels.tolist(), strict=True)}
+    assert rows == {**{f"cat/{i}.jpg": 0 for i in range(3)}, **{f"dog/{i}.jpg": 1 for i in range(3)},
+                    "dog/png-named.jpg": 1, "dog/cmyk.jpg": 1, "dog/rgba.png": 1, "dog/sixteen.png": 1}
+    failed = {p.decode(): reason for _, p, _, reason in idx.failed}
+    assert set(failed) == {"cat/zero.jpg", "cat/text.jpg", "cat/trunc.jpg", "cat/strip.png"}
+    assert "empty" in failed["cat/zero.jpg"] and "aspect" in failed["cat/strip.png"]
+    out = r.output
+    assert "bird" in out and "not a regular file" in out and "4 files could not be decoded" in out
+    # one console line per bad file at most, never a traceback
+    assert "Traceback" not in out and out.count("trunc.jpg") == 1
+
+
+def test_garbage_cache_is_one_line(cli, kaggle_dir, tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "features.h5").write_bytes(b"garbage" * 100)
+    for args in (["extract", kaggle_dir, *TINY], ["fit"], ["info"]):
+        r = cli(*args, ok=False)
+        assert r.exit_code == 1 and "not a readable HDF5 cache" in r.output and "Traceback" not in r.output
+    assert (tmp_path / "cache" / "features.h5").read_bytes() == b"garbage" * 100  # never overwritten silently
