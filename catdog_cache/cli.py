@@ -144,6 +144,8 @@ def fit(
     dropout: float = typer.Option(0.5, "--dropout"),
     val_fraction: float = typer.Option(0.2, "--val-fraction"),
     seed: int = typer.Option(0, "--seed"),
+    max_memory: str | None = typer.Option(None, "--max-memory", help="Feature memory budget, e.g. 2G; larger "
+                                          "caches are streamed from disk (default: half the available memory)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train Dropout -> Linear(4096, 2) on the cached features (CrossEntropy, Adam)."""
@@ -156,13 +158,14 @@ def fit(
         table.add_row(str(s.epoch), f"{s.train_loss:.4f}", f"{s.train_acc:.3f}", f"{s.val_loss:.4f}",
                       f"{s.val_acc:.3f}", f"{s.seconds:.2f}")
 
-    r = run(cache, head, FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed), on_epoch)
+    r = run(cache, head, FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed), on_epoch, max_memory)
     if not quiet:
         out.print(table)
         (tc, td), (fc, fd) = r.confusion if r.confusion else ((0, 0), (0, 0))
         out.print(f"validation: {r.n_val} images, accuracy {r.val_acc:.4f}, log loss {r.val_log_loss:.4f}; "
                   f"confusion (rows true cat/dog, cols predicted): [[{tc}, {td}], [{fc}, {fd}]]")
-    out.print(f"[green]fit[/] {r.n_train} train rows, {len(r.history)} epochs in {r.seconds:.2f}s "
+    mode = " (streamed from disk)" if r.streamed else ""
+    out.print(f"[green]fit[/] {r.n_train} train rows{mode}, {len(r.history)} epochs in {r.seconds:.2f}s "
               f"(load {r.load_seconds:.2f}s) -> {escape(str(head))}", highlight=False)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .head import Head, new_head, save_head
-from .store import Index, read_features, read_index
+from .head import Head, MaskStream, new_head, save_head
+from .store import BlockReader, Index, read_features, read_index
 
 Features = Callable[[torch.Tensor], torch.Tensor]  # row indices [B] -> features [B, 4096]
+Batches = Callable[[torch.Tensor, int, torch.Generator], Iterable[torch.Tensor]]  # (train rows, B, gen) -> batches
 
 
 @dataclass(frozen=True)
@@ -92,34 +93,41 @@ def evaluate(head: Head, features_of: Features, labels: torch.Tensor, rows: torc
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item(), logits.softmax(1)
 
 
+def shuffled_batches(train_rows: torch.Tensor, batch_size: int, g: torch.Generator) -> Iterator[torch.Tensor]:
+    """In-memory order: one random permutation of all training rows per epoch."""
+    order = train_rows[torch.randperm(len(train_rows), generator=g)]  # [n_train]
+    for s in range(0, len(order), batch_size):
+        yield order[s : s + batch_size]  # [B]
+
+
 def train(features_of: Features, labels: torch.Tensor, train_rows: torch.Tensor, val_rows: torch.Tensor,
-          cfg: FitConfig, on_epoch: Callable[[EpochStats], None] | None = None) -> tuple[Head, list[EpochStats]]:
+          cfg: FitConfig, on_epoch: Callable[[EpochStats], None] | None = None,
+          batches: Batches = shuffled_batches) -> tuple[Head, list[EpochStats]]:
     """Adam on CrossEntropy over Dropout -> Linear(4096, 2). Only the head has parameters; features are constants."""
     cfg.check()
     seeds = streams(cfg.seed)
     head = new_head(cfg.dropout, seeds["init"])
     g_order = torch.Generator().manual_seed(seeds["order"])
-    g_drop = torch.Generator().manual_seed(seeds["dropout"])
+    masks = MaskStream(seeds["dropout"])
     opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
     history: list[EpochStats] = []
     head.train()
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        order = train_rows[torch.randperm(len(train_rows), generator=g_order)]  # [n_train]
-        loss_sum, correct = 0.0, 0
-        for s in range(0, len(order), cfg.batch_size):
-            rows = order[s : s + cfg.batch_size]  # [B]
+        loss_sum, correct, n = torch.zeros(()), torch.zeros((), dtype=torch.long), 0
+        for rows in batches(train_rows, cfg.batch_size, g_order):
             x, y = features_of(rows), labels[rows]  # [B, 4096], [B]
-            logits = head(x, g_drop)  # [B, 2]
+            logits = head(x, masks)  # [B, 2]
             loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += loss.item() * len(rows)
-            correct += (logits.argmax(1) == y).sum().item()
+            loss_sum += loss.detach() * len(rows)  # tensors: no per-step .item()
+            correct += (logits.argmax(1) == y).sum()
+            n += len(rows)
         val_loss, val_acc, _ = evaluate(head, features_of, labels, val_rows)
-        n = max(len(order), 1)
-        stats = EpochStats(epoch, loss_sum / n, correct / n, val_loss, val_acc, time.perf_counter() - t0)
+        n = max(n, 1)
+        stats = EpochStats(epoch, loss_sum.item() / n, correct.item() / n, val_loss, val_acc, time.perf_counter() - t0)
         history.append(stats)
         if on_epoch:
             on_epoch(stats)
@@ -144,6 +152,7 @@ class FitReport:
     val_log_loss: float = float("nan")
     val_acc: float = float("nan")
     confusion: list[list[int]] = field(default_factory=list)  # rows: true cat/dog, cols: predicted cat/dog
+    streamed: bool = False
 
 
 def labeled_rows(index: Index, cache: Path) -> np.ndarray:
@@ -156,26 +165,91 @@ def labeled_rows(index: Index, cache: Path) -> np.ndarray:
     return rows
 
 
+class Streamed:
+    """Caches larger than memory: blocks of HDF5 chunks in a shuffled order each epoch, rows shuffled within a
+    block. Unlike the in-memory permutation, a batch never mixes rows of two blocks; with blocks of thousands of
+    rows in random order this is the usual shuffle-buffer trade-off (as in tf.data / WebDataset)."""
+
+    def __init__(self, cache: Path, budget: int) -> None:
+        # Two block-sized buffers may coexist (block + its gathered batch copies): stay under half the budget each.
+        block_rows = max(64, budget // 2 // (4096 * 4))
+        self.reader = BlockReader(cache, block_rows)
+
+    def batches(self, train_rows: torch.Tensor, batch_size: int, g: torch.Generator) -> Iterator[torch.Tensor]:
+        br = self.reader.block_rows
+        is_train = torch.zeros(self.reader.rows, dtype=torch.bool)
+        is_train[train_rows] = True
+        for b in torch.randperm(self.reader.blocks, generator=g).tolist():
+            rows = torch.nonzero(is_train[b * br : (b + 1) * br]).flatten() + b * br  # [rows of block b]
+            rows = rows[torch.randperm(len(rows), generator=g)]
+            for s in range(0, len(rows), batch_size):
+                yield rows[s : s + batch_size]  # [B], all in block b
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        br = self.reader.block_rows
+        out = torch.empty(len(rows), 4096)  # [B, 4096]
+        blocks = rows // br
+        for b in torch.unique(blocks).tolist():  # sorted: sequential reads
+            sel = torch.nonzero(blocks == b).flatten()
+            out[sel] = torch.from_numpy(self.reader.block(b))[rows[sel] - b * br]
+        return out
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1.5GB', '1000000' -> bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale > 1 else t) * scale
+    except ValueError:
+        raise InputError(f"--max-memory: expected a size like 512M or 4G, got {text!r}") from None
+    if value < 2**20:
+        raise InputError(f"--max-memory: {text} is too small; give at least 1M")
+    return int(value)
+
+
+def available_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 * 2**30
+
+
 def fit(cache: str | os.PathLike[str], head_path: str | os.PathLike[str], cfg: FitConfig,
-        on_epoch: Callable[[EpochStats], None] | None = None) -> FitReport:
+        on_epoch: Callable[[EpochStats], None] | None = None, max_memory: str | None = None) -> FitReport:
+    """Train on the cache: in memory when the feature matrix fits the budget (default: half the available memory),
+    streamed from HDF5 otherwise."""
     cfg.check()
     cache = Path(cache)
+    budget = parse_size(max_memory) if max_memory else available_memory() // 2
     t0 = time.perf_counter()
     index = read_index(cache)
     labeled_rows(index, cache)
-    x = torch.from_numpy(read_features(cache))  # [N, 4096] float32
     labels = torch.from_numpy(index.labels.astype(np.int64))  # [N]
+    streamed = None
+    if index.shape[0] * 4096 * 4 <= budget:
+        x = torch.from_numpy(read_features(cache))  # [N, 4096] float32
+        features_of: Features = lambda r: x.index_select(0, r)  # noqa: E731
+        batches: Batches = shuffled_batches
+    else:
+        streamed = Streamed(cache, budget)
+        features_of, batches = streamed, streamed.batches
     load_seconds = time.perf_counter() - t0
     train_np, val_np = split(index.paths, index.labels, cfg.val_fraction, cfg.seed)
     train_rows, val_rows = torch.from_numpy(train_np), torch.from_numpy(val_np)
-    head, history = train(lambda r: x[r], labels, train_rows, val_rows, cfg, on_epoch)
-    _, _, probs = evaluate(head, lambda r: x[r], labels, val_rows)
+    try:
+        head, history = train(features_of, labels, train_rows, val_rows, cfg, on_epoch, batches)
+        _, _, probs = evaluate(head, features_of, labels, val_rows)
+    finally:
+        if streamed:
+            streamed.reader.close()
     y_val = labels[val_rows].numpy()
     pred = probs.argmax(1).numpy()
     confusion = [[int(((y_val == t) & (pred == p)).sum()) for p in (0, 1)] for t in (0, 1)]
     seconds = time.perf_counter() - t0
     report = FitReport(Path(head_path), history, len(train_rows), len(val_rows), seconds, load_seconds,
-                       log_loss(probs[:, 1].numpy(), y_val), history[-1].val_acc, confusion)
+                       log_loss(probs[:, 1].numpy(), y_val), history[-1].val_acc, confusion,
+                       streamed=streamed is not None)
     save_head(head_path, head, {
         "provenance": index.provenance.to_json(),
         "config": asdict(cfg),

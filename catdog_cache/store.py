@@ -181,6 +181,33 @@ def read_features(path: str | os.PathLike[str], view: int | None = 0) -> np.ndar
         return out
 
 
+class BlockReader:
+    """Features in blocks of whole HDF5 chunks, one block in memory at a time: for caches larger than memory."""
+
+    def __init__(self, path: str | os.PathLike[str], block_rows: int, view: int = 0) -> None:
+        path = Path(path)
+        with open_h5(path) as f:
+            _check_schema(f, path)
+        self._file = h5py.File(path, "r")
+        self._ds = self._file["features"]
+        self.rows = self._ds.shape[0]
+        self.block_rows = max(CHUNK_ROWS, block_rows // CHUNK_ROWS * CHUNK_ROWS)  # whole chunks only
+        self.blocks = -(-self.rows // self.block_rows)
+        self.view = view
+        self._current: tuple[int, np.ndarray] | None = None
+
+    def block(self, b: int) -> np.ndarray:
+        """[rows in block, D] float32; the previous block is released."""
+        if self._current is None or self._current[0] != b:
+            self._current = None  # free before reading the next one
+            lo = b * self.block_rows
+            self._current = (b, self._ds[lo : lo + self.block_rows, self.view, :].astype(np.float32, copy=False))
+        return self._current[1]
+
+    def close(self) -> None:
+        self._file.close()
+
+
 # ---------------------------------------------------------------- writing
 
 def _write(f: h5py.File, prov: Provenance, sources: list[str], features: np.ndarray | tuple[int, ...],

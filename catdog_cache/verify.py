@@ -101,7 +101,7 @@ def verify(data_dir: str | os.PathLike[str], ecfg: ExtractConfig, fcfg: FitConfi
     e2e_head, e2e_hist = train(through_network, labels, tr, va, e2e_cfg)
     t4 = time.perf_counter()
 
-    c_loss, c_acc, c_prob = evaluate(cached_head, lambda r: x_cached[r], labels, va)
+    c_loss, c_acc, c_prob = evaluate(cached_head, lambda r: x_cached.index_select(0, r), labels, va)
     e_loss, e_acc, e_prob = evaluate(e2e_head, through_network, labels, va)
     return VerifyReport(
         n_images=len(index.paths), n_val=len(va), epochs=fcfg.epochs,

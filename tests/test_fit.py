@@ -112,3 +112,31 @@ def test_bad_head_file(tmp_path):
     (tmp_path / "h.pt").write_bytes(b"garbage")
     with pytest.raises(CacheError, match="not a catdog-cache head"):
         load_head(tmp_path / "h.pt")
+
+
+def test_streaming_fit_learns_within_budget(tmp_path, cli):
+    from catdog_cache.fit import Streamed
+
+    synthetic_cache(tmp_path / "c.h5", n=700)
+    r = fit(tmp_path / "c.h5", tmp_path / "s.pt", FitConfig(epochs=20), max_memory="1M")
+    assert r.streamed and r.val_acc > 0.95
+    s = Streamed(tmp_path / "c.h5", 2**20)
+    assert s.reader.block_rows == 64 and s.reader.blocks == 11  # one 64-row block (1 MiB) in memory at a time
+    seen = torch.cat(list(s.batches(torch.arange(700), 16, torch.Generator().manual_seed(0))))
+    assert sorted(seen.tolist()) == list(range(700))  # every training row exactly once per epoch
+    blocks_in_order = [int(b) for b in (seen // 64).unique_consecutive()]
+    assert sorted(blocks_in_order) == list(range(11)) and blocks_in_order != list(range(11))  # shuffled blocks
+    rows = torch.tensor([5, 690, 64, 3])
+    torch.testing.assert_close(s(rows), torch.from_numpy(read_features_np(tmp_path / "c.h5")[rows.numpy()]))
+    s.reader.close()
+    r2 = fit(tmp_path / "c.h5", tmp_path / "s2.pt", FitConfig(epochs=20), max_memory="1M")
+    assert torch.equal(load_head(tmp_path / "s.pt")[0].linear.weight, load_head(tmp_path / "s2.pt")[0].linear.weight)
+    assert r2.streamed
+    r = cli("fit", "--cache", tmp_path / "c.h5", "--max-memory", "lots", ok=False)
+    assert r.exit_code == 1 and "--max-memory" in r.output
+
+
+def read_features_np(path):
+    from catdog_cache.store import read_features
+
+    return read_features(path)
