@@ -110,6 +110,9 @@ def extract(
     cfg = ExtractConfig(weights=parse_weights(weights, seed), arch=arch, device=device, batch_size=batch_size,
                         workers=workers, dtype=dtype, precision=precision,
                         views=tuple(v.strip() for v in views.split(",") if v.strip()), part_rows=part_rows)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
+        run(data_dir, cache, cfg, prune=prune, strict=strict)
+        return
     for w in _discover_warnings(data_dir):
         err.print(f"[yellow]warning:[/] {escape(w)}")
     with Bar(quiet) as bar:

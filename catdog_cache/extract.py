@@ -5,6 +5,7 @@ Per-file problems become failure records (path + reason), never a crashed run. W
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -17,8 +18,9 @@ import torch
 
 from . import __version__
 from .backbone import FEATURE_DIM, LAYER, WeightsSpec, build, resolve_device
-from .discover import Sample, discover
-from .errors import InputError, Interrupted
+from .discover import Discovery, Sample, discover
+from .distributed import Dist, from_env
+from .errors import CacheBusy, CatdogError, InputError, Interrupted
 from .preprocess import VIEWS, DecodeError, decode_rgb, eval_transform, transform_spec, views_of
 from .store import Provenance, Rows, assemble, encode_path, list_parts, locked, read_index, require_same, write_part
 
@@ -113,6 +115,8 @@ def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.n
     """Yield per batch: (item indices, features [B, V, 4096] float32, sha256s, failures (index, sha, reason))."""
     cfg.check()
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())  # one GPU per rank
     model = model if model is not None else build(cfg.weights, cfg.arch)
     cuda = device.type == "cuda"
     if cuda:
@@ -178,64 +182,115 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
     source = str(disc.root.resolve())
     report = ExtractReport(cache=cache, found=len(disc.samples), skipped=disc.skipped, warnings=disc.warnings,
                            layout=disc.layout)
-    with locked(cache):
-        known: dict[bytes, str] = {}  # relative path -> sha256 already extracted (or failed) for this source
+    dist = from_env(cfg.device)
+    with _lock_once(cache, dist):
         had_cache = cache.exists()
-        old_paths: set[bytes] = set()
-        for path in ([cache] if had_cache else []) + list_parts(cache):
-            idx = read_index(path)
-            require_same(idx.provenance, prov, f"cache {path}", "this extract")
-            for key, sha in zip(idx.keys(), idx.sha256, strict=True):
-                if key[0] == source:
-                    known[key[1]] = sha
-                    if path == cache:
-                        old_paths.add(key[1])
-            for s, p, sha, _ in idx.failed:
-                if idx.sources[s] == source and sha:
-                    known[p] = sha
-        todo: list[Sample] = []
-        for i, s in enumerate(disc.samples):
-            raw = encode_path(s.rel)
-            if progress and known and (i % 256 == 0 or i == len(disc.samples) - 1):
-                progress("hash", i + 1, len(disc.samples))
-            if raw in known:
-                try:
-                    same = sha256_file(disc.root / s.rel) == known[raw]
-                except OSError:
-                    same = False
-                if same:
-                    continue
-            todo.append(s)
-        report.reused = len(disc.samples) - len(todo)
-        present = {encode_path(s.rel) for s in disc.samples}
-        report.removed = sorted(os.fsdecode(p) for p in old_paths - present)
-        report.pruned = prune and bool(report.removed)
-        drop = {(source, encode_path(r)) for r in report.removed} if prune else set()
-        if todo:
-            _extract_parts(disc.root, source, todo, cache, cfg, prov, report, progress, model)
-        if strict and report.failed:
-            for part in list_parts(cache):
-                part.unlink()
-            rel, reason = report.failed[0]
-            raise InputError(f"--strict: {len(report.failed)} files could not be decoded, first {rel!r}: {reason}")
-        if todo or drop or list_parts(cache):
-            index = assemble(cache, prov, versions(), drop)
-            if index.shape[0] == 0 and not had_cache:
-                cache.unlink()
-                raise InputError(f"no image in {data_dir} could be decoded; first failure: "
-                                 f"{report.failed[0][0]!r}: {report.failed[0][1]}")
-            report.rows = index.shape[0]
-        else:
-            report.rows = read_index(cache).shape[0]
+        todo, drop = _plan(disc, source, cache, prov, report, prune, progress)
+        if dist:
+            dist.barrier()  # all ranks have planned (and cleared stale temp parts) before any writes a part
+        mine = dist.shard(todo) if dist else todo  # each rank a contiguous slice; parts are its resume units
+        if mine:
+            _extract_parts(disc.root, source, mine, cache, cfg, prov, report, progress, model,
+                           tag=f"-r{dist.rank:04d}" if dist else "")
+        if dist:  # every rank's parts are on disk before one rank assembles them
+            gathered = dist.gather((report.extracted, report.failed))
+            if dist.main:
+                report.extracted = sum(g[0] for g in gathered)
+                report.failed = [f for g in gathered for f in g[1]]
+        error: CatdogError | None = None
+        if dist is None or dist.main:
+            try:
+                report.rows = _finish(cache, prov, report, todo, drop, strict, had_cache, data_dir)
+            except CatdogError as e:
+                error = e
+        if dist:  # the outcome reaches every rank: the assembled cache exists, or all fail with one message
+            message = dist.gather(str(error) if error else "")[0]
+            if message and error is None:
+                error = InputError(message)
+        if error:
+            raise error
     report.seconds = time.perf_counter() - t0
     return report
 
 
+def _finish(cache: Path, prov: Provenance, report: ExtractReport, todo: list[Sample], drop: set[tuple[str, bytes]],
+            strict: bool, had_cache: bool, data_dir: str | os.PathLike[str]) -> int:
+    """Assemble the parts into the cache (or refuse under --strict); returns the cache's row count."""
+    if strict and report.failed:
+        for part in list_parts(cache):
+            part.unlink()
+        rel, reason = report.failed[0]
+        raise InputError(f"--strict: {len(report.failed)} files could not be decoded, first {rel!r}: {reason}")
+    if not (todo or drop or list_parts(cache)):
+        return read_index(cache).shape[0]
+    index = assemble(cache, prov, versions(), drop)
+    if index.shape[0] == 0 and not had_cache:
+        cache.unlink()
+        raise InputError(f"no image in {data_dir} could be decoded; first failure: "
+                         f"{report.failed[0][0]!r}: {report.failed[0][1]}")
+    return index.shape[0]
+
+
+@contextlib.contextmanager
+def _lock_once(cache: Path, dist: Dist | None) -> Iterator[None]:
+    """One lock per run: held by rank 0 under torchrun. A refusal reaches every rank, so none waits forever."""
+    if dist is None:
+        with locked(cache):
+            yield
+        return
+    error: CatdogError | None = None
+    with contextlib.ExitStack() as stack:
+        if dist.main:
+            try:
+                stack.enter_context(locked(cache))
+            except CatdogError as e:
+                error = e
+        messages = dist.gather(str(error) if error else "")
+        if messages[0]:
+            raise error if error else CacheBusy(messages[0])
+        yield
+
+
+def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: ExtractReport, prune: bool,
+          progress: Progress | None) -> tuple[list[Sample], set[tuple[str, bytes]]]:
+    """What this run must extract (new or changed files) and drop (deleted files, with --prune)."""
+    known: dict[bytes, str] = {}  # relative path -> sha256 already extracted (or failed) for this source
+    old_paths: set[bytes] = set()
+    for path in ([cache] if cache.exists() else []) + list_parts(cache):
+        idx = read_index(path)
+        require_same(idx.provenance, prov, f"cache {path}", "this extract")
+        for key, sha in zip(idx.keys(), idx.sha256, strict=True):
+            if key[0] == source:
+                known[key[1]] = sha
+                if path == cache:
+                    old_paths.add(key[1])
+        for s, p, sha, _ in idx.failed:
+            if idx.sources[s] == source and sha:
+                known[p] = sha
+    todo: list[Sample] = []
+    for i, s in enumerate(disc.samples):
+        raw = encode_path(s.rel)
+        if progress and known and (i % 256 == 0 or i == len(disc.samples) - 1):
+            progress("hash", i + 1, len(disc.samples))
+        if raw in known:
+            try:
+                if sha256_file(disc.root / s.rel) == known[raw]:
+                    continue
+            except OSError:
+                pass
+        todo.append(s)
+    report.reused = len(disc.samples) - len(todo)
+    present = {encode_path(s.rel) for s in disc.samples}
+    report.removed = sorted(os.fsdecode(p) for p in old_paths - present)
+    report.pruned = prune and bool(report.removed)
+    return todo, ({(source, encode_path(r)) for r in report.removed} if prune else set())
+
+
 def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg: ExtractConfig,
                    prov: Provenance, report: ExtractReport, progress: Progress | None,
-                   model: torch.nn.Module | None = None) -> None:
+                   model: torch.nn.Module | None = None, tag: str = "") -> None:
     rels = [s.rel for s in todo]
-    run_id = f"{time.time_ns():020d}-{os.getpid()}"
+    run_id = f"{time.time_ns():020d}-{os.getpid()}{tag}"
     rows, n_parts, last = Rows(), 0, time.monotonic()
     delay = float(os.environ.get("CATDOG_BATCH_DELAY", "0"))  # test hook: slow a run down to kill it midway
 
@@ -267,6 +322,7 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
         flush()
     except KeyboardInterrupt:
         flush()
-        assemble(cache, prov, versions())
+        if not tag:  # under torchrun the next run assembles; ranks must not merge concurrently
+            assemble(cache, prov, versions())
         raise Interrupted(f"interrupted: {report.extracted} images saved to {cache}; run extract again to resume") \
             from None

@@ -1,0 +1,52 @@
+"""torchrun support: one process per GPU (NCCL) or per CPU share (Gloo), each extracting a shard of the work.
+
+Without torchrun (no WORLD_SIZE > 1 in the environment) nothing here runs and extraction is single-process."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: list[T]) -> list[T]:
+        """A contiguous, balanced slice of the sorted list: sizes differ by at most one."""
+        base, extra = divmod(len(items), self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return items[start : start + base + (self.rank < extra)]
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+    def gather(self, obj: T) -> list[T]:
+        out: list[T | None] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out  # type: ignore[return-value]
+
+
+def from_env(device: str = "auto") -> Dist | None:
+    """Join the process group torchrun describes, once; NCCL when this rank has a GPU, Gloo otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch.distributed.is_initialized():
+        use_cuda = device != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local_rank)

@@ -1,0 +1,98 @@
+"""torchrun on the CPU (Gloo): two ranks give the same cache as one process; a killed rank's work resumes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from catdog_cache.distributed import Dist
+from catdog_cache.store import parts_dir, read_features, read_index
+from tests.conftest import draw
+
+ARGS = ["--arch", "tiny", "--weights", "random", "--quiet", "--part-rows", "4", "--batch-size", "2", "--workers", "0"]
+
+
+def torchrun(data, cache, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "catdog_cache", "extract", str(data), "--cache", str(cache), *ARGS]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+
+
+def single(data, cache):
+    return subprocess.run([sys.executable, "-m", "catdog_cache", "extract", str(data), "--cache", str(cache), *ARGS],
+                          capture_output=True, text=True, check=True)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist") / "data"
+    for i in range(13):
+        draw(root / "cat" / f"{i}.jpg", "cat", i)
+        draw(root / "dog" / f"{i}.jpg", "dog", 500 + i)
+    (root / "dog" / "broken.jpg").write_bytes(b"no")
+    return root
+
+
+def assert_same(a: Path, b: Path):
+    ia, ib = read_index(a), read_index(b)
+    assert ia.paths == ib.paths and ia.labels.tolist() == ib.labels.tolist() and ia.sources == ib.sources
+    assert ia.provenance == ib.provenance and [f[1:] for f in ia.failed] == [f[1:] for f in ib.failed]
+    np.testing.assert_allclose(read_features(a), read_features(b), atol=1e-5)
+
+
+def test_shards_are_balanced_and_cover_everything():
+    items = list(range(11))
+    shards = [Dist(r, 3, r).shard(items) for r in range(3)]
+    assert sum(shards, []) == items and sorted(map(len, shards)) == [3, 4, 4]
+
+
+def test_two_ranks_equal_one_process(data, tmp_path):
+    proc = torchrun(data, tmp_path / "two.h5")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert out.decode().count("extracted") == 1  # rank 0 speaks for all
+    single(data, tmp_path / "one.h5")
+    assert_same(tmp_path / "one.h5", tmp_path / "two.h5")
+    assert not parts_dir(tmp_path / "two.h5").exists()
+
+
+def rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of the worker torchrun started for `rank`."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and f"RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+def test_killed_rank_leaves_parts_and_rerun_completes(data, tmp_path):
+    cache = tmp_path / "c.h5"
+    proc = torchrun(data, cache, {"CATDOG_BATCH_DELAY": "0.3"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(parts_dir(cache).glob("*-r0001-*.h5")):
+        time.sleep(0.05)
+    pid = rank_pid(proc.pid, 1)
+    assert pid, "rank 1 not found"
+    os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    finished = list(parts_dir(cache).glob("*.h5"))
+    assert finished  # the work done before the kill is kept
+    rerun = torchrun(data, cache)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err.decode()[-2000:]
+    assert "reused 0" not in out.decode()
+    single(data, tmp_path / "ref.h5")
+    assert_same(tmp_path / "ref.h5", cache)
