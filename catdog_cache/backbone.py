@@ -139,19 +139,27 @@ def build(spec: WeightsSpec, arch: str = "vgg16") -> nn.Module:
 
     from torchvision.models import vgg16
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)  # "random" weights: identical for a given seed and torch version
-        vgg = vgg16(weights=None)
+    if spec.kind == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)  # "random" weights: identical for a given seed and torch version
+            vgg = vgg16(weights=None)
+        return _freeze(Fc7(vgg))
+    with torch.device("meta"):
+        vgg = vgg16(weights=None)  # no 2-second random init of weights about to be replaced
     if spec.kind == "imagenet":
-        vgg.load_state_dict(_imagenet_state_dict())
-    elif spec.kind == "file":
+        vgg.load_state_dict(_imagenet_state_dict(), assign=True)
+    else:
         try:
             state = torch.load(spec.path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise InputError(f"--weights {spec.path}: not a loadable PyTorch state dict ({e})") from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
-        missing, unexpected = vgg.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = vgg.load_state_dict(state, strict=False, assign=True)
+        except (RuntimeError, TypeError, AttributeError) as e:  # wrong shapes, not a mapping of tensors
+            raise InputError(f"--weights {spec.path}: not a torchvision VGG16 state dict "
+                             f"({str(e).splitlines()[-1].strip()})") from None
         needed = [k for k in missing if not k.startswith("classifier.6.")]  # fc8 is not used
         if needed or unexpected:
             raise InputError(
