@@ -91,7 +91,7 @@ def extract(
     weights: str = typer.Option("imagenet", "--weights", help="imagenet | random | path to a VGG16 state dict."),
     seed: int = typer.Option(0, "--seed", help="Seed for --weights random."),
     device: str = DEVICE,
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per forward pass."),
+    batch_size: int = typer.Option(0, "--batch-size", help="Images per forward pass (0: 16 on CPU, 128 on GPU)."),
     workers: int = WORKERS,
     dtype: str = typer.Option("float32", "--dtype", help="Storage dtype: float32 | float16 (half the file)."),
     precision: str = typer.Option("fp32", "--precision", help="Backbone compute: fp32 | bf16 | fp16."),
@@ -149,7 +149,10 @@ def fit(
     seed: int = typer.Option(0, "--seed"),
     max_memory: str | None = typer.Option(None, "--max-memory", help="Feature memory budget, e.g. 2G; larger "
                                           "caches are streamed from disk (default: half the available memory)."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Fit temperature and a P(dog) clip on validation."),
+    augment: bool = typer.Option(False, "--augment", help="Train on every cached view (extract --views center,flip)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary instead of tables."),
 ) -> None:
     """Train Dropout -> Linear(4096, 2) on the cached features (CrossEntropy, Adam)."""
     from .fit import FitConfig
@@ -161,12 +164,30 @@ def fit(
         table.add_row(str(s.epoch), f"{s.train_loss:.4f}", f"{s.train_acc:.3f}", f"{s.val_loss:.4f}",
                       f"{s.val_acc:.3f}", f"{s.seconds:.2f}")
 
-    r = run(cache, head, FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed), on_epoch, max_memory)
+    r = run(cache, head, FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed, augment), on_epoch,
+            max_memory, calibrate)
+    if as_json:
+        print(json.dumps({"head": str(head), "seconds": r.seconds, "n_train": r.n_train, "n_val": r.n_val,
+                          "val_acc": r.val_acc, "val_log_loss": r.val_log_loss, "confusion": r.confusion,
+                          "per_class_acc": dict(zip(("cat", "dog"), r.per_class_acc, strict=True)),
+                          "calibration": r.calibration, "curve": str(r.curve) if r.curve else None,
+                          "history": [vars(h) for h in r.history]}))
+        return
     if not quiet:
         out.print(table)
         (tc, td), (fc, fd) = r.confusion if r.confusion else ((0, 0), (0, 0))
-        out.print(f"validation: {r.n_val} images, accuracy {r.val_acc:.4f}, log loss {r.val_log_loss:.4f}; "
-                  f"confusion (rows true cat/dog, cols predicted): [[{tc}, {td}], [{fc}, {fd}]]")
+        cm = Table("true \\ predicted", "cat", "dog", "class accuracy", title=f"validation: {r.n_val} images")
+        cm.add_row("cat", str(tc), str(td), f"{r.per_class_acc[0]:.3f}")
+        cm.add_row("dog", str(fc), str(fd), f"{r.per_class_acc[1]:.3f}")
+        out.print(cm)
+        out.print(f"validation accuracy {r.val_acc:.4f}, log loss {r.val_log_loss:.4f} (the Kaggle Redux metric)")
+        if r.calibration:
+            c = r.calibration
+            out.print(f"calibrated on validation: temperature {c['temperature']:.3f}, clip {c['clip']:g}; log loss "
+                      f"{c['log_loss_before']:.4f} -> {c['log_loss_temperature']:.4f} (temperature) -> "
+                      f"{c['log_loss_after']:.4f} (clip); fitted on the same split, so optimistic")
+        if r.curve:
+            out.print(f"training curve: {escape(str(r.curve))}", highlight=False)
     mode = " (streamed from disk)" if r.streamed else ""
     out.print(f"[green]fit[/] {r.n_train} train rows{mode}, {len(r.history)} epochs in {r.seconds:.2f}s "
               f"(load {r.load_seconds:.2f}s) -> {escape(str(head))}", highlight=False)
@@ -181,15 +202,24 @@ def predict(
     submission: Path | None = typer.Option(None, "--submission", help="Also write Kaggle Redux `id,label`."),
     weights: str | None = typer.Option(None, "--weights", help="The weights file, if the head was trained on one."),
     device: str = DEVICE,
-    batch_size: int = typer.Option(32, "--batch-size"),
+    batch_size: int = typer.Option(0, "--batch-size", help="Images per forward pass (0: auto)."),
     workers: int = WORKERS,
+    tta: bool = typer.Option(False, "--tta", help="Average the probabilities of every cached view."),
+    model: Path | None = typer.Option(None, "--model", help="A file from `catdog-cache export` (no head needed)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary."),
 ) -> None:
     """Label a folder with the head, rebuilding exactly the backbone and preprocessing it was trained on."""
     from .predict import predict as run
 
-    with Bar(quiet) as bar:
-        r = run(data_dir, head, out_csv, submission, weights, device, batch_size, workers, progress=bar)
+    with Bar(quiet or as_json) as bar:
+        r = run(data_dir, head, out_csv, submission, weights, device, batch_size, workers, progress=bar, tta=tta,
+                model_path=model)
+    if as_json:
+        print(json.dumps({"out": str(r.out), "rows": len(r.rows), "accuracy": r.accuracy, "views": r.views,
+                          "submission": str(r.submission) if r.submission else None, "seconds": r.seconds,
+                          "failed": r.failed, "skipped": r.skipped}))
+        return
     _print_skips("files skipped while scanning", r.skipped)
     _print_skips("files could not be decoded", r.failed)
     acc = f", accuracy {r.accuracy:.4f} on the folder's labels" if r.accuracy is not None else ""
@@ -304,6 +334,40 @@ def verify(
     err.print(f"[bold red]disagree:[/] max probability difference {r.max_prob_diff:.3g} > {r.tolerance:g} "
               f"or {r.differing_labels} labels differ")
     raise typer.Exit(1)
+
+
+@app.command()
+@guarded
+def preview(
+    data_dir: Path = typer.Argument(..., help="Image folder to look at."),
+    head: Path = HEAD,
+    out_png: Path = typer.Option(Path("cache/preview.png"), "--out", help="PNG grid to write."),
+    n: int = typer.Option(16, "--n", help="How many images (spread over the folder)."),
+    weights: str | None = typer.Option(None, "--weights", help="The weights file, if the head was trained on one."),
+    device: str = DEVICE,
+) -> None:
+    """A picture grid of images with their predicted label and probability; wrong ones framed red."""
+    from .predict import preview as run
+
+    r = run(data_dir, head, out_png, n, weights, device)
+    wrong = f", {r.wrong} wrong" if r.wrong is not None else ""
+    out.print(f"[green]preview[/] {r.shown} images{wrong} -> {escape(str(r.out))}", highlight=False)
+
+
+@app.command()
+@guarded
+def export(
+    head: Path = HEAD,
+    out_model: Path = typer.Option(Path("cache/model.pt2"), "--out", help="Self-contained torch.export archive."),
+    weights: str | None = typer.Option(None, "--weights", help="The weights file, if the head was trained on one."),
+) -> None:
+    """Save frozen VGG16 (up to fc7) + head + calibration as one torch.export file, runnable without the cache."""
+    from .predict import export as run
+
+    path = run(head, out_model, weights)
+    out.print(f"[green]exported[/] {escape(str(path))} ({path.stat().st_size / 2**20:.1f} MiB): "
+              "torch.export.load(path).module()(x) -> [B, 2] probabilities (cat, dog), x after the recorded transform",
+              highlight=False)
 
 
 @app.command()

@@ -34,7 +34,7 @@ class ExtractConfig:
     weights: WeightsSpec
     arch: str = "vgg16"
     device: str = "auto"
-    batch_size: int = 32
+    batch_size: int = 0  # 0: auto, 16 on CPU (fastest measured on 2 cores), 128 on a GPU
     workers: int = -1  # -1: sized to the cores
     dtype: str = "float32"
     precision: str = "fp32"
@@ -46,8 +46,8 @@ class ExtractConfig:
                           views=",".join(self.views), dtype=self.dtype, precision=self.precision)
 
     def check(self) -> None:
-        if self.batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.batch_size < 0:
+            raise InputError(f"--batch-size must be at least 1 (or 0 for auto), got {self.batch_size}")
         if self.dtype not in ("float32", "float16"):
             raise InputError(f"--dtype: expected float32 or float16, got {self.dtype!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -124,7 +124,8 @@ def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.n
     model = model.to(device, memory_format=torch.channels_last)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(len(rels))
     loader = torch.utils.data.DataLoader(
-        ImageFiles(root, rels, cfg.views), batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
+        ImageFiles(root, rels, cfg.views), batch_size=cfg.batch_size or (128 if cuda else 16), shuffle=False,
+        num_workers=workers,
         collate_fn=_collate, pin_memory=cuda, worker_init_fn=_worker_init if workers else None,
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )

@@ -4,6 +4,7 @@ on features computed end-to-end, and the two agree because everything random com
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -30,6 +31,15 @@ class FitConfig:
     dropout: float = 0.5
     val_fraction: float = 0.2
     seed: int = 0
+    augment: bool = False  # train on every cached view of each training image
+
+    @staticmethod
+    def views_of(index: Index) -> int:
+        """The cache's views per image; --augment on a one-view cache would silently do nothing, so it is refused."""
+        if index.shape[1] < 2:
+            raise InputError(f"--augment: the cache holds one view per image ({index.provenance.views}); extract "
+                             "into a new cache with --views center,flip to train on augmented views")
+        return index.shape[1]
 
     def check(self) -> None:
         if self.epochs < 1:
@@ -81,7 +91,7 @@ def split(paths: list[bytes], labels: np.ndarray, val_fraction: float, seed: int
 
 def evaluate(head: Head, features_of: Features, labels: torch.Tensor, rows: torch.Tensor,
              batch_size: int = 4096) -> tuple[float, float, torch.Tensor]:
-    """(mean cross-entropy, accuracy, probabilities [N, 2]) with dropout off."""
+    """(mean cross-entropy, accuracy, logits [N, 2]) with dropout off."""
     if len(rows) == 0:
         return float("nan"), float("nan"), torch.zeros(0, 2)
     was = head.training
@@ -90,7 +100,7 @@ def evaluate(head: Head, features_of: Features, labels: torch.Tensor, rows: torc
         logits = torch.cat([head(features_of(rows[s : s + batch_size])) for s in range(0, len(rows), batch_size)])
     head.train(was)
     y = labels[rows]
-    return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item(), logits.softmax(1)
+    return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item(), logits
 
 
 def shuffled_batches(train_rows: torch.Tensor, batch_size: int, g: torch.Generator) -> Iterator[torch.Tensor]:
@@ -137,7 +147,7 @@ def train(features_of: Features, labels: torch.Tensor, train_rows: torch.Tensor,
 
 def log_loss(p_dog: np.ndarray, y: np.ndarray, eps: float = 1e-15) -> float:
     """The Kaggle Redux metric: binary log loss of P(dog), clipped as the leaderboard does."""
-    p = np.clip(p_dog, eps, 1 - eps)
+    p = np.clip(np.asarray(p_dog, dtype=np.float64), eps, 1 - eps)  # float64: 1 - 1e-15 is 1.0 in float32
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))) if len(y) else float("nan")
 
 
@@ -153,6 +163,39 @@ class FitReport:
     val_acc: float = float("nan")
     confusion: list[list[int]] = field(default_factory=list)  # rows: true cat/dog, cols: predicted cat/dog
     streamed: bool = False
+    calibration: dict[str, float] = field(default_factory=dict)
+    curve: Path | None = None
+
+    @property
+    def per_class_acc(self) -> list[float]:
+        return [row[i] / max(sum(row), 1) for i, row in enumerate(self.confusion)]
+
+
+CLIP_CANDIDATES = (0.0, 1e-4, 1e-3, 0.005, 0.01, 0.02, 0.03, 0.05)
+
+
+def calibrate(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Temperature scaling (one scalar T, fitted by LBFGS on validation NLL) and the P(dog) clip that minimises
+    validation log loss. Both are fitted on the validation split, so the 'after' numbers are optimistic there."""
+    log_t = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+    bounds = (math.log(0.05), math.log(20.0))  # a separable validation set would drive T to 0: keep it sane
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.clamp(*bounds).exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t = float(log_t.detach().clamp(*bounds).exp())
+    yn = y.numpy()
+    before = log_loss(logits.softmax(1)[:, 1].numpy(), yn)
+    p_dog = (logits / t).softmax(1)[:, 1].numpy()
+    scaled = log_loss(p_dog, yn)
+    clip = min(CLIP_CANDIDATES, key=lambda c: log_loss(np.clip(p_dog, c, 1 - c), yn))
+    return {"temperature": t, "clip": clip, "log_loss_before": before, "log_loss_temperature": scaled,
+            "log_loss_after": log_loss(np.clip(p_dog, clip, 1 - clip), yn)}
 
 
 def labeled_rows(index: Index, cache: Path) -> np.ndarray:
@@ -216,7 +259,8 @@ def available_memory() -> int:
 
 
 def fit(cache: str | os.PathLike[str], head_path: str | os.PathLike[str], cfg: FitConfig,
-        on_epoch: Callable[[EpochStats], None] | None = None, max_memory: str | None = None) -> FitReport:
+        on_epoch: Callable[[EpochStats], None] | None = None, max_memory: str | None = None,
+        calibrate_head: bool = False, curve: bool = True) -> FitReport:
     """Train on the cache: in memory when the feature matrix fits the budget (default: half the available memory),
     streamed from HDF5 otherwise."""
     cfg.check()
@@ -226,30 +270,42 @@ def fit(cache: str | os.PathLike[str], head_path: str | os.PathLike[str], cfg: F
     index = read_index(cache)
     labeled_rows(index, cache)
     labels = torch.from_numpy(index.labels.astype(np.int64))  # [N]
+    n, v = index.shape[0], (cfg.views_of(index) if cfg.augment else 1)
     streamed = None
-    if index.shape[0] * 4096 * 4 <= budget:
-        x = torch.from_numpy(read_features(cache))  # [N, 4096] float32
+    if n * v * 4096 * 4 <= budget:
+        x = torch.from_numpy(read_features(cache, view=None if cfg.augment else 0)).reshape(n * v, -1)  # [N*V, D]
         features_of: Features = lambda r: x.index_select(0, r)  # noqa: E731
         batches: Batches = shuffled_batches
+    elif cfg.augment:
+        raise InputError("--augment needs every view in memory; raise --max-memory or fit without --augment")
     else:
         streamed = Streamed(cache, budget)
         features_of, batches = streamed, streamed.batches
     load_seconds = time.perf_counter() - t0
     train_np, val_np = split(index.paths, index.labels, cfg.val_fraction, cfg.seed)
-    train_rows, val_rows = torch.from_numpy(train_np), torch.from_numpy(val_np)
+    # Row r's view j is feature row r * V + j: every view of a training image trains, validation sees the center.
+    train_rows = torch.from_numpy((train_np[:, None] * v + np.arange(v)).ravel())  # [n_train * V]
+    val_rows = torch.from_numpy(val_np * v)  # [n_val]
+    labels = labels.repeat_interleave(v)  # [N * V]
     try:
         head, history = train(features_of, labels, train_rows, val_rows, cfg, on_epoch, batches)
-        _, _, probs = evaluate(head, features_of, labels, val_rows)
+        _, _, logits = evaluate(head, features_of, labels, val_rows)
     finally:
         if streamed:
             streamed.reader.close()
+    probs = logits.softmax(1)
     y_val = labels[val_rows].numpy()
     pred = probs.argmax(1).numpy()
+    calibration = {"temperature": 1.0, "clip": 0.0}
+    if calibrate_head:
+        if len(val_rows) < 2:
+            raise InputError("--calibrate needs a validation split: raise --val-fraction")
+        calibration = calibrate(logits, labels[val_rows])
     confusion = [[int(((y_val == t) & (pred == p)).sum()) for p in (0, 1)] for t in (0, 1)]
     seconds = time.perf_counter() - t0
-    report = FitReport(Path(head_path), history, len(train_rows), len(val_rows), seconds, load_seconds,
+    report = FitReport(Path(head_path), history, len(train_np), len(val_rows), seconds, load_seconds,
                        log_loss(probs[:, 1].numpy(), y_val), history[-1].val_acc, confusion,
-                       streamed=streamed is not None)
+                       streamed=streamed is not None, calibration=calibration if calibrate_head else {})
     save_head(head_path, head, {
         "provenance": index.provenance.to_json(),
         "config": asdict(cfg),
@@ -257,5 +313,11 @@ def fit(cache: str | os.PathLike[str], head_path: str | os.PathLike[str], cfg: F
         "history": [asdict(h) for h in history],
         "metrics": {"val_log_loss": report.val_log_loss, "val_acc": report.val_acc, "confusion": confusion,
                     "n_train": report.n_train, "n_val": report.n_val},
+        "temperature": calibration["temperature"],
+        "clip": calibration["clip"],
     })
+    if curve:
+        from .plots import training_curve
+
+        report.curve = training_curve(history, Path(head_path).with_suffix(".png"))
     return report

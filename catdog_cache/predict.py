@@ -1,22 +1,102 @@
-"""New folder -> the head's own backbone and preprocessing -> features -> head -> CSV rows (and a Kaggle submission)."""
+"""New folder -> the head's own backbone and preprocessing -> probabilities -> CSV rows (and a Kaggle submission).
+
+The scorer (frozen backbone + storage-dtype rounding + head + temperature) is one module: `predict` runs it, and
+`export` saves it as a self-contained TorchScript file that `predict --model` and plain PyTorch can run."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from .backbone import spec_from_identity
+from .backbone import build, spec_from_identity
 from .discover import discover
-from .errors import InputError
+from .errors import CacheError, InputError
 from .extract import ExtractConfig, Progress, run_features
-from .head import load_head
+from .head import Head, load_head
 from .store import Provenance, require_same
+
+
+class Scorer(nn.Module):
+    """[B, 3, 224, 224] normalised images -> [B, 2] calibrated probabilities (cat, dog)."""
+
+    def __init__(self, backbone: nn.Module, head: Head, dtype: str, temperature: float) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self.half = dtype == "float16"
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.backbone(x).float()  # [B, 4096]
+        if self.half:
+            f = f.half().float()  # the head must see exactly what the cache stored
+        return (self.head.linear(f) / self.temperature).softmax(1)  # [B, 2]
+
+
+@dataclass
+class Loaded:
+    scorer: nn.Module
+    provenance: Provenance
+    clip: float
+    meta: dict[str, Any]
+
+
+def load_scorer(head_path: str | os.PathLike[str], weights_file: str | None = None) -> Loaded:
+    head, meta = load_head(head_path)
+    prov = Provenance.from_json(meta["provenance"])
+    spec = spec_from_identity(prov.weights, weights_file)
+    cfg = ExtractConfig(weights=spec, arch=prov.arch, dtype=prov.dtype, precision=prov.precision,
+                        views=tuple(prov.views.split(",")))
+    require_same(prov, cfg.provenance(), f"head {head_path}", "this catdog-cache")  # e.g. a changed transform
+    scorer = Scorer(build(spec, prov.arch), head, prov.dtype, float(meta.get("temperature", 1.0))).eval()
+    return Loaded(scorer, prov, float(meta.get("clip", 0.0)), meta)
+
+
+EXPORT_FORMAT = 1
+
+
+def export(head_path: str | os.PathLike[str], out: str | os.PathLike[str], weights_file: str | None = None) -> Path:
+    """One file: the scorer as a torch.export program, with its provenance, temperature and clip as an extra file.
+    Plain PyTorch runs it: `torch.export.load(path).module()(x)`, x: [B, 3, 224, 224] after the recorded transform,
+    output [B, 2] probabilities (cat, dog)."""
+    loaded = load_scorer(head_path, weights_file)
+    example = (torch.zeros(2, 3, 224, 224),)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with torch.no_grad():
+        program = torch.export.export(loaded.scorer, example, dynamic_shapes={"x": {0: batch}})
+    extra = {"catdog_cache.json": json.dumps({"format": EXPORT_FORMAT, "provenance": json.loads(
+        loaded.provenance.to_json()), "clip": loaded.clip, "temperature": loaded.scorer.temperature,
+        "classes": ["cat", "dog"]})}
+    out = Path(out)
+    if out.suffix != ".pt2":
+        raise InputError(f"--out {out}: torch.export archives are named *.pt2")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".tmp.pt2")
+    torch.export.save(program, tmp, extra_files=extra)
+    os.replace(tmp, out)
+    return out
+
+
+def load_exported(path: str | os.PathLike[str]) -> Loaded:
+    if not Path(path).is_file():
+        raise InputError(f"--model {path}: no such file (make one with `catdog-cache export`)")
+    if Path(path).suffix != ".pt2":
+        raise InputError(f"--model {path}: expected a *.pt2 file from `catdog-cache export`")
+    extra = {"catdog_cache.json": ""}
+    try:
+        module = torch.export.load(path, extra_files=extra).module()
+        info = json.loads(extra["catdog_cache.json"])
+    except Exception as e:
+        raise CacheError(f"{path} is not a model exported by `catdog-cache export` ({type(e).__name__})") from None
+    return Loaded(module, Provenance(**info["provenance"]), float(info["clip"]), info)
 
 
 @dataclass
@@ -28,6 +108,7 @@ class PredictReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     submission: Path | None = None
     seconds: float = 0.0
+    views: tuple[str, ...] = ("center",)
 
     @property
     def accuracy(self) -> float | None:
@@ -46,30 +127,32 @@ def write_csv_atomic(path: Path, header: list[str], rows: list[tuple]) -> None:
     os.replace(tmp, path)
 
 
-def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str], out: str | os.PathLike[str],
+def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] | None, out: str | os.PathLike[str],
             submission: str | os.PathLike[str] | None = None, weights_file: str | None = None,
-            device: str = "auto", batch_size: int = 32, workers: int = -1,
-            progress: Progress | None = None) -> PredictReport:
+            device: str = "auto", batch_size: int = 0, workers: int = -1, progress: Progress | None = None,
+            tta: bool = False, model_path: str | os.PathLike[str] | None = None) -> PredictReport:
     t0 = time.perf_counter()
-    head, meta = load_head(head_path)
-    prov = Provenance.from_json(meta["provenance"])
-    cfg = ExtractConfig(weights=spec_from_identity(prov.weights, weights_file), arch=prov.arch, device=device,
-                        batch_size=batch_size, workers=workers, dtype=prov.dtype, precision=prov.precision,
-                        views=tuple(prov.views.split(",")))
-    require_same(prov, cfg.provenance(), f"head {head_path}", "this catdog-cache")  # e.g. a changed transform
+    loaded = load_exported(model_path) if model_path else load_scorer(head_path or "cache/head.pt", weights_file)
+    prov = loaded.provenance
+    head_views = tuple(prov.views.split(","))
+    if tta and len(head_views) < 2:
+        raise InputError(f"--tta: the head's features have one view ({prov.views}); extract with "
+                         "--views center,flip and fit again to use test-time augmentation")
+    views = head_views if tta else ("center",)
+    cfg = ExtractConfig(weights=spec_from_identity(prov.weights, weights_file) if not model_path else
+                        replace_spec(prov), arch=prov.arch, device=device, batch_size=batch_size, workers=workers,
+                        dtype=prov.dtype, precision=prov.precision, views=views)
+    require_same(prov, replace(cfg.provenance(), views=prov.views), "the model", "this catdog-cache")
     disc = discover(data_dir)
     if not disc.samples:
         raise InputError(f"no images found in {data_dir}")
     rels = [s.rel for s in disc.samples]
     probs: dict[int, np.ndarray] = {}
     failed: list[tuple[str, str]] = []
-    for idx, feats, _, failures in run_features(disc.root, rels, cfg, progress=progress):
-        # Round through the cache's storage dtype: the head must see exactly what it was trained on.
-        x = torch.from_numpy(feats.astype(prov.dtype).astype(np.float32))  # [B, V, 4096]
-        with torch.no_grad():
-            p = head(x.flatten(0, 1)).softmax(1).reshape(x.shape[0], x.shape[1], 2)[:, 0]  # [B, 2], first view
+    for idx, p, _, failures in run_features(disc.root, rels, cfg, model=loaded.scorer, progress=progress):
+        mean = p.mean(axis=1)  # [B, 2]: the average over views (one view without --tta)
         for j, i in enumerate(idx):
-            probs[i] = p[j].numpy()
+            probs[i] = mean[j]
         failed += [(rels[i], reason) for i, _, reason in failures]
     rows = [(rels[i], float(probs[i][0]), float(probs[i][1]), "dog" if probs[i][1] > probs[i][0] else "cat")
             for i in sorted(probs)]
@@ -77,17 +160,80 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
     out = Path(out)
     if submission:
         submission = Path(submission)
-        write_submission(submission, rows)
+        write_submission(submission, rows, loaded.clip)
     write_csv_atomic(out, ["path", "p_cat", "p_dog", "label"], rows)
-    return PredictReport(out, rows, labels, failed, disc.skipped, submission, time.perf_counter() - t0)
+    return PredictReport(out, rows, labels, failed, disc.skipped, submission, time.perf_counter() - t0, views)
 
 
-def write_submission(path: Path, rows: list[tuple[str, float, float, str]]) -> None:
-    """Kaggle Redux format: `id,label` with label = P(dog), id from the numeric file name, sorted by id."""
+def replace_spec(prov: Provenance):
+    """An exported model carries its weights: only the identity is needed to check provenance."""
+    from .backbone import WeightsSpec
+
+    kind, _, rest = prov.weights.partition(":")
+    if kind == "random":
+        return WeightsSpec("random", seed=int(rest.split("=", 1)[1]))
+    if kind == "file":
+        return WeightsSpec("file", sha256=rest.split("=", 1)[1])
+    return WeightsSpec("imagenet")
+
+
+def write_submission(path: Path, rows: list[tuple[str, float, float, str]], clip: float = 0.0) -> None:
+    """Kaggle Redux format: `id,label` with label = P(dog) clipped to [clip, 1 - clip] (chosen on validation by
+    `fit --calibrate`), id from the numeric file name, sorted by id."""
     ids = []
     for rel, _, p_dog, _ in rows:
         stem = Path(rel).name.split(".")[0]
         if not stem.isdigit():
             raise InputError(f"--submission needs numeric file names like 123.jpg; {rel!r} is not")
-        ids.append((int(stem), p_dog))
+        ids.append((int(stem), min(max(p_dog, clip), 1 - clip)))
     write_csv_atomic(path, ["id", "label"], [(i, f"{p:.6f}") for i, p in sorted(ids)])
+
+
+@dataclass
+class PreviewReport:
+    out: Path
+    shown: int
+    wrong: int | None  # None when the folder has no labels
+
+
+def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str], out: str | os.PathLike[str],
+            n: int = 16, weights_file: str | None = None, device: str = "auto") -> PreviewReport:
+    """A grid of n images spread over the folder, with the predicted label and probability; wrong ones in red.
+    Images are shown as the model saw them (resize 256, center crop 224), without the normalisation."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from .plots import prediction_grid
+    from .preprocess import CROP, RESIZE, DecodeError, decode_rgb
+
+    if n < 1:
+        raise InputError(f"--n must be at least 1, got {n}")
+    loaded = load_scorer(head_path, weights_file)
+    disc = discover(data_dir)
+    if not disc.samples:
+        raise InputError(f"no images found in {data_dir}")
+    picks = sorted({int(i) for i in np.linspace(0, len(disc.samples) - 1, min(n, len(disc.samples)))})
+    samples = [disc.samples[i] for i in picks]
+    cfg = ExtractConfig(weights=spec_from_identity(loaded.provenance.weights, weights_file),
+                        arch=loaded.provenance.arch, device=device, precision=loaded.provenance.precision)
+    rels = [s.rel for s in samples]
+    probs: dict[int, np.ndarray] = {}
+    for idx, p, _, _ in run_features(disc.root, rels, cfg, model=loaded.scorer):
+        for j, i in enumerate(idx):
+            probs[i] = p[j, 0]
+    images, captions, wrong = [], [], []
+    for i in sorted(probs):
+        try:
+            img = decode_rgb((disc.root / rels[i]).read_bytes())
+        except (OSError, DecodeError):
+            continue
+        images.append(TF.pil_to_tensor(TF.center_crop(TF.resize(img, RESIZE), CROP)))  # [3, 224, 224] uint8
+        pred = int(probs[i][1] > probs[i][0])
+        truth = samples[i].label
+        wrong.append(None if truth < 0 else pred != truth)
+        mark = "" if truth < 0 else (" WRONG" if pred != truth else " ok")
+        captions.append(f"{('cat', 'dog')[pred]} {probs[i][pred]:.2f}{mark}  {Path(rels[i]).name[:18]}")
+    if not images:
+        raise InputError(f"none of the images picked from {data_dir} could be decoded")
+    path = prediction_grid(images, captions, wrong, out)
+    known = [w for w in wrong if w is not None]
+    return PreviewReport(path, len(images), sum(known) if known else None)

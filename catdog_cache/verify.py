@@ -76,7 +76,7 @@ def verify(data_dir: str | os.PathLike[str], ecfg: ExtractConfig, fcfg: FitConfi
         t0 = time.perf_counter()
         extract(data_dir, cache, ecfg, only=set(rels), model=model)
         t1 = time.perf_counter()
-        fit(cache, head_path, fcfg)
+        fit(cache, head_path, fcfg, curve=False)
         t2 = time.perf_counter()
         cached_head, _ = load_head(head_path)
         index = read_index(cache)
@@ -101,8 +101,9 @@ def verify(data_dir: str | os.PathLike[str], ecfg: ExtractConfig, fcfg: FitConfi
     e2e_head, e2e_hist = train(through_network, labels, tr, va, e2e_cfg)
     t4 = time.perf_counter()
 
-    c_loss, c_acc, c_prob = evaluate(cached_head, lambda r: x_cached.index_select(0, r), labels, va)
-    e_loss, e_acc, e_prob = evaluate(e2e_head, through_network, labels, va)
+    c_loss, c_acc, c_logits = evaluate(cached_head, lambda r: x_cached.index_select(0, r), labels, va)
+    e_loss, e_acc, e_logits = evaluate(e2e_head, through_network, labels, va)
+    c_prob, e_prob = c_logits.softmax(1), e_logits.softmax(1)
     return VerifyReport(
         n_images=len(index.paths), n_val=len(va), epochs=fcfg.epochs,
         max_weight_diff=(cached_head.linear.weight - e2e_head.linear.weight).abs().max().item(),

@@ -1,13 +1,15 @@
+import importlib
+
 import numpy as np
 import pytest
 
-from catdog_cache import extract as extract_mod
 from catdog_cache.backbone import WeightsSpec
 from catdog_cache.errors import ProvenanceMismatch
 from catdog_cache.extract import ExtractConfig, extract
 from catdog_cache.store import read_features, read_index
 from tests.conftest import TINY, draw
 
+extract_mod = importlib.import_module("catdog_cache.extract")  # the module; `catdog_cache.extract` is the function
 CFG = ExtractConfig(weights=WeightsSpec("random", seed=0), arch="tiny", workers=0, batch_size=4)
 
 
@@ -107,7 +109,7 @@ def test_append_second_folder_and_refuse_other_provenance(cli, kaggle_dir, folde
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "-1"], "--batch-size"),
     (["--dtype", "int8"], "--dtype"),
     (["--weights", "nope.pth"], "nope.pth"),
     (["--device", "tpu"], "--device"),
