@@ -117,7 +117,69 @@ def help_seconds() -> float:
     return _best(lambda: subprocess.run(exe, check=True, capture_output=True), repeat=3)
 
 
-def run(data_dir: Path | None, limit: int, rows: int, log: Callable[[Row], None]) -> list[Row]:
+def cache_vs_end_to_end(data_dir: Path, limit: int, log: Callable[[Row], None]) -> list[Row]:
+    """Extract + fit for E epochs versus training through the frozen network for E epochs (1 measured,
+    5 and 20 extrapolated from it), on the same images, same model, same training loop."""
+    from .backbone import WeightsSpec, build
+    from .extract import ExtractConfig, extract
+    from .fit import FitConfig, fit, split, train
+    from .store import read_index
+    from .verify import balanced_subset, network_features
+
+    model = build(WeightsSpec("random"))
+    rels = set(balanced_subset(data_dir, limit))
+    out: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "f.h5"
+        t = time.perf_counter()
+        extract(data_dir, cache, ExtractConfig(WeightsSpec("random")), only=rels, model=model)
+        t_extract = time.perf_counter() - t
+        fit_s = {}
+        for e in (1, 5, 20):
+            t = time.perf_counter()
+            fit(cache, Path(tmp) / "h.pt", FitConfig(epochs=e), curve=False)
+            fit_s[e] = time.perf_counter() - t
+        index = read_index(cache)
+    labels = torch.from_numpy(index.labels.astype(np.int64))
+    tr, va = (torch.from_numpy(a) for a in split(index.paths, index.labels, 0.2, 0))
+    t = time.perf_counter()
+    train(network_features(data_dir, index.paths, model), labels, tr, va, FitConfig(epochs=1))
+    t_e2e = time.perf_counter() - t
+    n = len(index.paths)
+    for e in (1, 5, 20):
+        note = "measured" if e == 1 else f"{e} x the measured epoch"
+        row = (f"E={e}, {n} images: end-to-end vs extract + fit",
+               f"{e * t_e2e:.1f} s vs {t_extract + fit_s[e]:.1f} s",
+               f"speedup {e * t_e2e / (t_extract + fit_s[e]):.1f}x; end-to-end {note}; extract {t_extract:.1f} s "
+               f"+ fit {fit_s[e]:.2f} s")
+        out.append(row)
+        log(row)
+    return out
+
+
+def streaming_epochs(sizes: list[int], log: Callable[[Row], None], budget: str = "64M") -> list[Row]:
+    """Seconds per epoch of a streamed fit (a 64 MiB budget, so every size streams) at several cache sizes:
+    the growth should be linear."""
+    from .fit import FitConfig, fit
+
+    out: list[Row] = []
+    base = None
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = Path(tmp) / "s.h5"
+            synthetic_cache(cache, n)
+            r = fit(cache, Path(tmp) / "h.pt", FitConfig(epochs=2), max_memory=budget, curve=False)
+            per_epoch = sum(h.seconds for h in r.history) / len(r.history)
+        base = base or per_epoch / n
+        row = (f"streamed fit, {n} rows, budget {budget}", f"{per_epoch:.2f} s/epoch",
+               f"{per_epoch / n * 1e6:.1f} us/row ({per_epoch / n / base:.2f}x the first size)")
+        out.append(row)
+        log(row)
+    return out
+
+
+def run(data_dir: Path | None, limit: int, rows: int, log: Callable[[Row], None],
+        stream_sizes: list[int] | None = None) -> list[Row]:
     table: list[Row] = []
 
     def add(what: str, value: str, note: str = "") -> None:
@@ -129,12 +191,14 @@ def run(data_dir: Path | None, limit: int, rows: int, log: Callable[[Row], None]
     add("memory copy 256 MiB", f"{bw:.1f} GB/s", "read + write")
     limit_ips = gemm / VGG16_GFLOP
     add("VGG16 limit from GEMM", f"{limit_ips:.2f} img/s", f"{VGG16_GFLOP} GFLOP per image")
-    for b in (8, 32):
+    for b in (8, 16, 32):
         ips = model_images_per_s(b)
         add(f"VGG16 fc7 forward, batch {b}", f"{ips:.2f} img/s", f"{ips / limit_ips:.2f} of limit")
     if data_dir is not None and data_dir.is_dir():
-        ips, n = extract_images_per_s(data_dir, limit, 32)
-        add(f"extract end to end, {n} JPEGs", f"{ips:.2f} img/s", f"{ips / limit_ips:.2f} of limit")
+        ips, n = extract_images_per_s(data_dir, limit, 0)
+        add(f"extract end to end, {n} JPEGs", f"{ips:.2f} img/s", f"{ips / limit_ips:.2f} of limit; decode, "
+            "forward, HDF5 write, model build included")
+        table += cache_vs_end_to_end(data_dir, limit, log)
     else:
         add("extract end to end", "skipped", f"no data folder at {data_dir}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,5 +214,7 @@ def run(data_dir: Path | None, limit: int, rows: int, log: Callable[[Row], None]
             f"({floor / wall:.2f} of it)")
         add("torch.optim first use (once per process)", f"{first_use:.2f} s", "imports torch._dynamo; not in fit")
         add("fit peak memory", f"{peak / 2**20:.0f} MiB", f"{peak / matrix:.2f}x the feature matrix")
+    if stream_sizes:
+        table += streaming_epochs(stream_sizes, log)
     add("catdog-cache --help", f"{help_seconds():.2f} s", "python -m catdog_cache --help")
     return table

@@ -376,6 +376,7 @@ def bench(
     data: Path = typer.Option(Path("../shared/data/dogs-vs-cats/train"), "--data", help="JPEG folder for extract."),
     limit: int = typer.Option(64, "--limit", help="Images for the end-to-end extract measurement."),
     rows: int = typer.Option(25_000, "--rows", help="Rows of the synthetic cache for fit."),
+    stream: str = typer.Option("25000,100000", "--stream", help="Cache sizes for streamed fit ('' to skip)."),
     markdown: bool = typer.Option(False, "--markdown", help="Also print a README-ready table."),
 ) -> None:
     """Measure GEMM and copy rates, VGG16 forward, extract end to end, fit, start-up; with ratios to the limits."""
@@ -387,7 +388,12 @@ def bench(
     from .bench import run
 
     out.print(f"bench on {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {date.today()}")
-    table = run(data, limit, rows, lambda r: out.print(f"  {r[0]:<38} {r[1]:>14}  {r[2]}", highlight=False))
+    try:
+        sizes = [int(x) for x in stream.split(",") if x.strip()]
+    except ValueError:
+        raise CatdogError(f"--stream: expected comma-separated row counts, got {stream!r}") from None
+    table = run(data, limit, rows, lambda r: out.print(f"  {r[0]:<44} {r[1]:>18}  {r[2]}", highlight=False,
+                                                         soft_wrap=True), sizes)
     if markdown:
         print("| measurement | value | note |\n|---|---|---|")
         for what, value, note in table:

@@ -321,6 +321,11 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
             if len(rows) >= cfg.part_rows or time.monotonic() - last > PART_SECONDS:
                 flush()
         flush()
+    except RuntimeError as e:  # a loader worker killed (e.g. by the OOM killer or a crashing decoder)
+        flush()
+        raise CatdogError(f"extraction stopped after {report.extracted} images ({str(e).splitlines()[0]}); the work "
+                          "so far is saved: run extract again to resume, with --workers 0 to isolate a bad file") \
+            from None
     except KeyboardInterrupt:
         flush()
         if not tag:  # under torchrun the next run assembles; ranks must not merge concurrently

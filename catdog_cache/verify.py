@@ -18,7 +18,7 @@ from .backbone import build
 from .discover import discover
 from .errors import InputError
 from .extract import ExtractConfig, ImageFiles, extract
-from .fit import FitConfig, evaluate, fit, labeled_rows, split, train
+from .fit import Features, FitConfig, evaluate, fit, labeled_rows, split, train
 from .head import load_head
 from .store import read_features, read_index
 
@@ -63,6 +63,20 @@ def balanced_subset(data_dir: Path, limit: int | None) -> list[str]:
     return sorted(take[0] + take[1])
 
 
+def network_features(data_dir: Path, paths: list[bytes], model: torch.nn.Module) -> Features:
+    """Row indices -> features computed now, from the image files, through the frozen network (no cache)."""
+    files = ImageFiles(data_dir, [os.fsdecode(p) for p in paths], ("center",))
+    device = next(model.parameters()).device
+
+    def through_network(rows: torch.Tensor) -> torch.Tensor:
+        x = torch.stack([files[int(i)][1][0] for i in rows])  # [B, 3, 224, 224]
+        with torch.no_grad():
+            y = model(x.to(device, memory_format=torch.channels_last))  # [B, 4096]
+        return y.float().cpu()
+
+    return through_network
+
+
 def verify(data_dir: str | os.PathLike[str], ecfg: ExtractConfig, fcfg: FitConfig, limit: int | None = None,
            tolerance: float = 1e-5, e2e_seed: int | None = None) -> VerifyReport:
     data_dir = Path(data_dir)
@@ -86,16 +100,7 @@ def verify(data_dir: str | os.PathLike[str], ecfg: ExtractConfig, fcfg: FitConfi
     tr, va = (torch.from_numpy(a) for a in split(index.paths, index.labels, fcfg.val_fraction, fcfg.seed))
 
     # Path 2, end-to-end: decode + preprocess + frozen VGG16 for every batch of every epoch.
-    files = ImageFiles(data_dir, [os.fsdecode(p) for p in index.paths], ecfg.views)
-
-    device = next(model.parameters()).device
-
-    def through_network(rows: torch.Tensor) -> torch.Tensor:
-        x = torch.stack([files[int(i)][1][0] for i in rows])  # [B, 3, 224, 224], first view
-        with torch.no_grad():
-            y = model(x.to(device, memory_format=torch.channels_last))  # [B, 4096]
-        return y.float().cpu()
-
+    through_network = network_features(data_dir, index.paths, model)
     t3 = time.perf_counter()
     e2e_cfg = fcfg if e2e_seed is None else replace(fcfg, seed=e2e_seed)
     e2e_head, e2e_hist = train(through_network, labels, tr, va, e2e_cfg)
