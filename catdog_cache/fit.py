@@ -208,6 +208,21 @@ def labeled_rows(index: Index, cache: Path) -> np.ndarray:
     return rows
 
 
+class Gather:
+    """Row lookups into the in-memory feature matrix, written into reused buffers: a fresh 2 MB tensor per step
+    costs more in page faults than the copy itself. A result is valid until the next call with as many rows."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x  # [N, D]
+        self._out: dict[int, torch.Tensor] = {}
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        out = self._out.get(len(rows))
+        if out is None:
+            out = self._out[len(rows)] = torch.empty(len(rows), self.x.shape[1])
+        return torch.index_select(self.x, 0, rows, out=out)  # [B, D]
+
+
 class Streamed:
     """Caches larger than memory: blocks of HDF5 chunks in a shuffled order each epoch, rows shuffled within a
     block. Unlike the in-memory permutation, a batch never mixes rows of two blocks; with blocks of thousands of
@@ -274,7 +289,7 @@ def fit(cache: str | os.PathLike[str], head_path: str | os.PathLike[str], cfg: F
     streamed = None
     if n * v * 4096 * 4 <= budget:
         x = torch.from_numpy(read_features(cache, view=None if cfg.augment else 0)).reshape(n * v, -1)  # [N*V, D]
-        features_of: Features = lambda r: x.index_select(0, r)  # noqa: E731
+        features_of: Features = Gather(x)
         batches: Batches = shuffled_batches
     elif cfg.augment:
         raise InputError("--augment needs every view in memory; raise --max-memory or fit without --augment")

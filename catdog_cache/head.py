@@ -27,7 +27,7 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor, masks: MaskStream | None = None) -> torch.Tensor:
         if self.training and self.dropout > 0:
             masks = masks if masks is not None else MaskStream(int(torch.randint(2**62, ())))
-            x = x * masks.scale(x.shape, self.dropout)  # [B, D], inverted dropout as nn.Dropout
+            x = masks.scale(x.shape, self.dropout).mul_(x)  # [B, D] in the mask's buffer, inverted dropout
         return self.linear(x)  # [B, 2] logits
 
 
@@ -41,16 +41,20 @@ class MaskStream:
 
     def __init__(self, seed: int) -> None:
         self.bits = np.random.PCG64(seed)
+        self._buf: dict[tuple[int, int], torch.Tensor] = {}  # reused: fresh 2 MB buffers cost page faults per step
 
     def scale(self, shape: torch.Size, p: float) -> torch.Tensor:
-        """[B, D] float: 0 with probability p, else 1 / (1 - p)."""
+        """[B, D] float: 0 with probability p, else 1 / (1 - p). Valid until the next call with the same shape."""
         b, d = shape
         levels = 256 if (p * 256).is_integer() else 65536
         per_word = 8 if levels == 256 else 4
         words = self.bits.random_raw(b * -(-d // per_word))  # uint64, every bit uniform
         u = torch.from_numpy(words.view(np.uint8 if levels == 256 else np.uint16).reshape(b, -1)[:, :d])  # [B, D]
         cut = round(p * levels)
-        mask = u.to(torch.float32).ge_(cut)  # [B, D] 1.0 = keep, probability 1 - cut / levels
+        mask = self._buf.get((b, d))
+        if mask is None:
+            mask = self._buf[(b, d)] = torch.empty(b, d)
+        mask.copy_(u).ge_(cut)  # [B, D] 1.0 = keep, probability 1 - cut / levels
         return mask.mul_(levels / (levels - cut))
 
 
