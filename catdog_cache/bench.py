@@ -157,6 +157,27 @@ def cache_vs_end_to_end(data_dir: Path, limit: int, log: Callable[[Row], None]) 
     return out
 
 
+def layouts(cache: Path, log: Callable[[Row], None]) -> list[Row]:
+    """The cache layout, justified: full-read time and size for the default and the alternatives."""
+    from .store import rewrite_features, time_full_read
+
+    out: list[Row] = []
+    for name, dtype, comp, chunk in [("float32, 64-row chunks, uncompressed (default)", "float32", None, 64),
+                                     ("float32, 64-row chunks, gzip level 4", "float32", "gzip", 64),
+                                     ("float32, 64-row chunks, lzf", "float32", "lzf", 64),
+                                     ("float32, 1-row chunks", "float32", None, 1),
+                                     ("float16, 64-row chunks (--dtype float16)", "float16", None, 64)]:
+        path = cache.with_name(f"layout-{dtype}-{comp}-{chunk}.h5")
+        rewrite_features(cache, path, dtype, comp, chunk)
+        time_full_read(path)  # warm the page cache: compare decoding, not the disk
+        row = (f"layout {name}", f"{min(time_full_read(path) for _ in range(2)):.2f} s read",
+               f"{os.path.getsize(path) / 2**20:.0f} MiB")
+        out.append(row)
+        log(row)
+        path.unlink()
+    return out
+
+
 def streaming_epochs(sizes: list[int], log: Callable[[Row], None], budget: str = "64M") -> list[Row]:
     """Seconds per epoch of a streamed fit (a 64 MiB budget, so every size streams) at several cache sizes:
     the growth should be linear."""
@@ -207,6 +228,7 @@ def run(data_dir: Path | None, limit: int, rows: int, log: Callable[[Row], None]
         synthetic_cache(cache, rows)
         add(f"write synthetic cache {rows} x 4096", f"{time.perf_counter() - t:.2f} s",
             f"{os.path.getsize(cache) / 2**20:.0f} MiB")
+        table += layouts(cache, log)
         wall, load, peak, first_use = fit_run(cache, 20)
         matrix = rows * 4096 * 4
         floor = 21 * matrix / (bw * 1e9)  # read once + 20 epochs of row gathers, each touching the matrix
