@@ -27,9 +27,10 @@ def _best(fn: Callable[[], None], repeat: int = 3) -> float:
     return min(times)
 
 
-def gemm_gflops(n: int = 2048) -> float:
+def gemm_gflops(n: int = 3072) -> float:
+    """Best of 5: the machine's peak, the reference that extraction is measured against (a shared VM is noisy)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / _best(lambda: torch.mm(a, b)) / 1e9
+    return 2 * n**3 / _best(lambda: torch.mm(a, b), repeat=5) / 1e9
 
 
 def copy_gbs(mib: int = 256) -> float:
@@ -208,17 +209,19 @@ def run(data_dir: Path | None, limit: int, rows: int, log: Callable[[Row], None]
         log((what, value, note))
 
     gemm, bw = gemm_gflops(), copy_gbs()
-    add("fp32 GEMM 2048^3", f"{gemm:.1f} GFLOP/s", f"{torch.get_num_threads()} threads")
+    add("fp32 GEMM 3072^3, best of 5", f"{gemm:.1f} GFLOP/s", f"{torch.get_num_threads()} threads")
     add("memory copy 256 MiB", f"{bw:.1f} GB/s", "read + write")
     limit_ips = gemm / VGG16_GFLOP
     add("VGG16 limit from GEMM", f"{limit_ips:.2f} img/s", f"{VGG16_GFLOP} GFLOP per image")
+    best_model = 0.0
     for b in (8, 16, 32):
         ips = model_images_per_s(b)
+        best_model = max(best_model, ips)
         add(f"VGG16 fc7 forward, batch {b}", f"{ips:.2f} img/s", f"{ips / limit_ips:.2f} of limit")
     if data_dir is not None and data_dir.is_dir():
         ips, n = extract_images_per_s(data_dir, limit, 0)
-        add(f"extract end to end, {n} JPEGs", f"{ips:.2f} img/s", f"{ips / limit_ips:.2f} of limit; decode, "
-            "forward, HDF5 write, model build included")
+        add(f"extract end to end, {n} JPEGs", f"{ips:.2f} img/s", f"{ips / limit_ips:.2f} of limit, "
+            f"{ips / best_model:.2f} of the model-only forward; decode, HDF5 write, model build included")
         table += cache_vs_end_to_end(data_dir, limit, log)
     else:
         add("extract end to end", "skipped", f"no data folder at {data_dir}")

@@ -28,6 +28,11 @@ CACHE = typer.Option(Path("cache/features.h5"), "--cache", help="HDF5 feature ca
 HEAD = typer.Option(Path("cache/head.pt"), "--head", help="Trained head file.")
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda")
 WORKERS = typer.Option(-1, "--workers", help="Decode workers (-1: sized to the cores).")
+# Training options shared by fit and verify (verify must be able to train exactly as fit does).
+LR = typer.Option(1e-3, "--lr", help="Adam learning rate.")
+DROPOUT = typer.Option(0.5, "--dropout", help="Dropout probability before the Linear(4096, 2).")
+VAL_FRACTION = typer.Option(0.2, "--val-fraction", help="Share of each class held out (hash of the path).")
+SEED = typer.Option(0, "--seed", help="Seed for init, batch order, dropout masks and the split.")
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -99,6 +104,7 @@ def extract(
     prune: bool = typer.Option(False, "--prune", help="Remove rows of files no longer in the folder."),
     strict: bool = typer.Option(False, "--strict", help="Fail on any file that cannot be used."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary."),
     arch: str = typer.Option("vgg16", "--arch", hidden=True, help="Test-only backbones."),
     part_rows: int = typer.Option(1024, "--part-rows", hidden=True, help="Rows per crash-safe part."),
 ) -> None:
@@ -113,10 +119,15 @@ def extract(
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
         run(data_dir, cache, cfg, prune=prune, strict=strict)
         return
-    for w in _discover_warnings(data_dir):
+    for w in [] if as_json else _discover_warnings(data_dir):
         err.print(f"[yellow]warning:[/] {escape(w)}")
-    with Bar(quiet) as bar:
+    with Bar(quiet or as_json) as bar:
         r = run(data_dir, cache, cfg, progress=bar, prune=prune, strict=strict)
+    if as_json:
+        print(json.dumps({"cache": str(cache), "rows": r.rows, "extracted": r.extracted, "reused": r.reused,
+                          "failed": r.failed, "skipped": r.skipped, "removed": r.removed, "pruned": r.pruned,
+                          "seconds": r.seconds, "layout": r.layout, "warnings": r.warnings}))
+        return
     _print_skips("files skipped while scanning", r.skipped)
     _print_skips("files could not be decoded", r.failed)
     if r.removed:
@@ -143,10 +154,10 @@ def fit(
     head: Path = HEAD,
     epochs: int = typer.Option(20, "--epochs"),
     batch_size: int = typer.Option(128, "--batch-size"),
-    lr: float = typer.Option(1e-3, "--lr"),
-    dropout: float = typer.Option(0.5, "--dropout"),
-    val_fraction: float = typer.Option(0.2, "--val-fraction"),
-    seed: int = typer.Option(0, "--seed"),
+    lr: float = LR,
+    dropout: float = DROPOUT,
+    val_fraction: float = VAL_FRACTION,
+    seed: int = SEED,
     max_memory: str | None = typer.Option(None, "--max-memory", help="Feature memory budget, e.g. 2G; larger "
                                           "caches are streamed from disk (default: half the available memory)."),
     calibrate: bool = typer.Option(False, "--calibrate", help="Fit temperature and a P(dog) clip on validation."),
@@ -289,10 +300,10 @@ def verify(
     data_dir: Path = typer.Argument(..., help="Labeled image folder."),
     epochs: int = typer.Option(3, "--epochs"),
     batch_size: int = typer.Option(16, "--batch-size"),
-    lr: float = typer.Option(1e-3, "--lr"),
-    dropout: float = typer.Option(0.5, "--dropout"),
-    val_fraction: float = typer.Option(0.2, "--val-fraction"),
-    seed: int = typer.Option(0, "--seed"),
+    lr: float = LR,
+    dropout: float = DROPOUT,
+    val_fraction: float = VAL_FRACTION,
+    seed: int = SEED,
     weights: str = typer.Option("imagenet", "--weights", help="imagenet | random | path to a VGG16 state dict."),
     limit: int | None = typer.Option(None, "--limit", help="Use this many images (half cats, half dogs)."),
     dtype: str = typer.Option("float32", "--dtype", help="Cache dtype: float16 reports the deviation."),

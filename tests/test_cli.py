@@ -50,3 +50,15 @@ def test_imagenet_offline_error_says_what_to_do(cli, kaggle_dir, monkeypatch):
     r = cli("extract", kaggle_dir, ok=False)
     assert r.exit_code == 1
     assert "vgg16-397923af.pth" in r.output and "--weights FILE" in r.output and "Traceback" not in r.output
+
+
+def test_extract_json_and_busy_cache(cli, kaggle_dir, tmp_path):
+    from pathlib import Path
+
+    from catdog_cache.store import locked
+
+    data = json.loads(cli("extract", kaggle_dir, *TINY, "--json").output)
+    assert data["rows"] == 12 and data["extracted"] == 12 and data["layout"] == "kaggle"
+    with locked(Path("cache/features.h5")):
+        r = cli("extract", kaggle_dir, *TINY, ok=False)
+    assert r.exit_code == 1 and "in use" in r.output

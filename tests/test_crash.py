@@ -32,10 +32,10 @@ def reference(big_dir, tmp_path_factory):
     return read_index(cache), read_features(cache)
 
 
-def start(data, cache):
+def start(data, cache, *extra):
     env = {**os.environ, "CATDOG_BATCH_DELAY": "0.05"}
-    return subprocess.Popen([sys.executable, "-m", "catdog_cache", "extract", str(data), "--cache", str(cache), *ARGS],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    return subprocess.Popen([sys.executable, "-m", "catdog_cache", "extract", str(data), "--cache", str(cache), *ARGS,
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
 
 
 def run(data, cache):
@@ -93,11 +93,13 @@ def test_sigkill_during_assembly_is_recovered(big_dir, tmp_path, reference, monk
     assert_same_as_reference(cache, reference)
 
 
-def test_sigint_saves_work_and_exits_130(big_dir, tmp_path, reference):
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_sigint_saves_work_and_exits_130(big_dir, tmp_path, reference, workers):
+    """Ctrl-C in a terminal signals the whole process group, loader workers included."""
     cache = tmp_path / "c.h5"
-    proc = start(big_dir, cache)
+    proc = start(big_dir, cache, "--workers", workers)
     wait_for_parts(cache, 2)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert b"run extract again to resume" in err

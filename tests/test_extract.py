@@ -163,3 +163,18 @@ def test_real_vgg16_structure_end_to_end(tmp_path, kaggle_dir):
     assert got.shape == (2, 4096) and (got >= 0).all()
     torch.testing.assert_close(got, want)
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_bf16_precision_on_cpu_is_recorded_and_close(tmp_path, kaggle_dir, cli):
+    """Reduced precision runs on the CPU too (autocast), is recorded in provenance, and verify reports its
+    deviation instead of claiming identity."""
+    extract(kaggle_dir, tmp_path / "fp32.h5", CFG)
+    bf16 = ExtractConfig(weights=WeightsSpec("random"), arch="tiny", workers=0, precision="bf16")
+    extract(kaggle_dir, tmp_path / "bf16.h5", bf16)
+    assert read_index(tmp_path / "bf16.h5").provenance.precision == "bf16"
+    a, b = read_features(tmp_path / "fp32.h5"), read_features(tmp_path / "bf16.h5")
+    assert not np.array_equal(a, b) and np.abs(a - b).max() < 0.05 * np.abs(a).max()
+    r = cli("verify", kaggle_dir, *TINY, "--epochs", "1", "--precision", "bf16")
+    assert r.exit_code == 0 and "measured deviation" in r.output
+    r = cli("extract", kaggle_dir, *TINY, "--precision", "int4", ok=False)
+    assert r.exit_code == 1 and "--precision" in r.output
