@@ -48,6 +48,11 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             err.print("[bold red]interrupted[/]")
             raise typer.Exit(130) from None
+        except OSError as e:  # disk full, read-only or missing location: the OS's words and the file
+            where = f": {e.filename}" if e.filename else ""
+            err.print(f"[bold red]error:[/] {escape(e.strerror or str(e))}{escape(str(where))}", highlight=False,
+                      soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 

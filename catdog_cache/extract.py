@@ -21,7 +21,7 @@ from .backbone import FEATURE_DIM, LAYER, WeightsSpec, build, resolve_device
 from .discover import Discovery, Sample, discover
 from .distributed import Dist, from_env
 from .errors import CacheBusy, CatdogError, InputError, Interrupted
-from .preprocess import VIEWS, DecodeError, decode_rgb, eval_transform, transform_spec, views_of
+from .preprocess import MAX_FILE_BYTES, VIEWS, DecodeError, decode_rgb, eval_transform, transform_spec, views_of
 from .store import Provenance, Rows, assemble, encode_path, list_parts, locked, read_index, require_same, write_part
 
 PART_ROWS = 1024
@@ -83,6 +83,9 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str, str]:
         try:
             with open(self.root / self.rels[i], "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > MAX_FILE_BYTES:
+                    return i, None, "", f"{size / 2**20:.0f} MiB exceeds the {MAX_FILE_BYTES // 2**20} MiB file limit"
                 data = f.read()
         except OSError as e:
             return i, None, "", f"unreadable: {e.strerror or e}"

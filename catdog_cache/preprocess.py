@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 # Documented limits, checked from the header before any pixel is decoded (Pillow's globals stay untouched).
 MAX_PIXELS = 64_000_000  # 64 MP: an 8000x8000 photo passes; a decompression bomb does not
+MAX_FILE_BYTES = 256 * 2**20  # larger files are refused before they are read: memory stays bounded
 MAX_ASPECT = 50.0  # longer side / shorter side; beyond this the 256-px resize would make a huge strip
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 

@@ -59,3 +59,19 @@ def test_garbage_cache_is_one_line(cli, kaggle_dir, tmp_path):
         r = cli(*args, ok=False)
         assert r.exit_code == 1 and "not a readable HDF5 cache" in r.output and "Traceback" not in r.output
     assert (tmp_path / "cache" / "features.h5").read_bytes() == b"garbage" * 100  # never overwritten silently
+
+
+def test_oversized_file_refused_before_reading(cli, kaggle_dir, monkeypatch):
+    import importlib
+
+    extract_mod = importlib.import_module("catdog_cache.extract")
+    monkeypatch.setattr(extract_mod, "MAX_FILE_BYTES", 1000)  # every drawn JPEG is larger than this
+    (kaggle_dir / "cat.90.jpg").write_bytes(b"\xff" * 500)  # small enough to be read (and rejected as not an image)
+    r = cli("extract", kaggle_dir, *TINY, ok=False)
+    assert r.exit_code == 1 and "file limit" in r.output  # nothing usable: a clear refusal, no cache
+
+
+def test_unwritable_cache_location_is_one_line(cli, kaggle_dir, tmp_path):
+    (tmp_path / "blocker").write_text("a file where a folder is expected")
+    r = cli("extract", kaggle_dir, *TINY, "--cache", tmp_path / "blocker" / "c.h5", ok=False)
+    assert r.exit_code == 1 and "blocker" in r.output and "Traceback" not in r.output
