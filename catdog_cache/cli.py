@@ -82,6 +82,21 @@ class Bar:
         self.progress.update(task, rate=f"{speed:.1f} img/s" if speed else "")
 
 
+def _json(obj: Any) -> str:
+    """Strict JSON for scripts: NaN (e.g. no validation images of a class) becomes null."""
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and x != x:
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), allow_nan=False)
+
+
 def _print_skips(title: str, items: list[tuple[str, str]], limit: int = 10) -> None:
     if not items:
         return
@@ -129,7 +144,7 @@ def extract(
     with Bar(quiet or as_json) as bar:
         r = run(data_dir, cache, cfg, progress=bar, prune=prune, strict=strict)
     if as_json:
-        print(json.dumps({"cache": str(cache), "rows": r.rows, "extracted": r.extracted, "reused": r.reused,
+        print(_json({"cache": str(cache), "rows": r.rows, "extracted": r.extracted, "reused": r.reused,
                           "failed": r.failed, "skipped": r.skipped, "removed": r.removed, "pruned": r.pruned,
                           "seconds": r.seconds, "layout": r.layout, "warnings": r.warnings}))
         return
@@ -183,7 +198,7 @@ def fit(
     r = run(cache, head, FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed, augment), on_epoch,
             max_memory, calibrate)
     if as_json:
-        print(json.dumps({"head": str(head), "seconds": r.seconds, "n_train": r.n_train, "n_val": r.n_val,
+        print(_json({"head": str(head), "seconds": r.seconds, "n_train": r.n_train, "n_val": r.n_val,
                           "val_acc": r.val_acc, "val_log_loss": r.val_log_loss, "confusion": r.confusion,
                           "per_class_acc": dict(zip(("cat", "dog"), r.per_class_acc, strict=True)),
                           "calibration": r.calibration, "curve": str(r.curve) if r.curve else None,
@@ -193,8 +208,9 @@ def fit(
         out.print(table)
         (tc, td), (fc, fd) = r.confusion if r.confusion else ((0, 0), (0, 0))
         cm = Table("true \\ predicted", "cat", "dog", "class accuracy", title=f"validation: {r.n_val} images")
-        cm.add_row("cat", str(tc), str(td), f"{r.per_class_acc[0]:.3f}")
-        cm.add_row("dog", str(fc), str(fd), f"{r.per_class_acc[1]:.3f}")
+        acc = [f"{a:.3f}" if a == a else "no images" for a in r.per_class_acc]  # nan: class absent from validation
+        cm.add_row("cat", str(tc), str(td), acc[0])
+        cm.add_row("dog", str(fc), str(fd), acc[1])
         out.print(cm)
         out.print(f"validation accuracy {r.val_acc:.4f}, log loss {r.val_log_loss:.4f} (the Kaggle Redux metric)")
         if r.calibration:
@@ -232,7 +248,7 @@ def predict(
         r = run(data_dir, head, out_csv, submission, weights, device, batch_size, workers, progress=bar, tta=tta,
                 model_path=model)
     if as_json:
-        print(json.dumps({"out": str(r.out), "rows": len(r.rows), "accuracy": r.accuracy, "views": r.views,
+        print(_json({"out": str(r.out), "rows": len(r.rows), "accuracy": r.accuracy, "views": r.views,
                           "submission": str(r.submission) if r.submission else None, "seconds": r.seconds,
                           "failed": r.failed, "skipped": r.skipped}))
         return
@@ -259,11 +275,13 @@ def info(cache: Path = CACHE, as_json: bool = typer.Option(False, "--json", help
         "provenance": json.loads(idx.provenance.to_json()),
     }
     if as_json:
-        print(json.dumps(summary, indent=2))
+        print(_json(summary))
         return
     t = Table(show_header=False, title=str(cache))
-    for k in ("rows", "cat", "dog", "unlabeled", "failed", "views", "dtype"):
-        t.add_row(k, str(summary[k]))
+    t.add_row("rows", str(summary["rows"]))
+    for k in ("cat", "dog", "unlabeled", "failed"):
+        share = f" ({summary[k] / summary['rows']:.0%})" if summary["rows"] and k != "failed" else ""
+        t.add_row(k, f"{summary[k]}{share}")
     t.add_row("size", f"{summary['size_bytes'] / 2**20:.1f} MiB")
     for k, v in summary["provenance"].items():
         t.add_row(k, escape(str(v)))

@@ -168,7 +168,7 @@ class FitReport:
 
     @property
     def per_class_acc(self) -> list[float]:
-        return [row[i] / max(sum(row), 1) for i, row in enumerate(self.confusion)]
+        return [row[i] / sum(row) if sum(row) else float("nan") for i, row in enumerate(self.confusion)]
 
 
 CLIP_CANDIDATES = (0.0, 1e-4, 1e-3, 0.005, 0.01, 0.02, 0.03, 0.05)
