@@ -78,8 +78,8 @@ class Bar:
             self.tasks[stage] = self.progress.add_task(stage, total=total, rate="")
         task = self.tasks[stage]
         self.progress.update(task, completed=done, total=total)
-        speed = self.progress.tasks[task].speed
-        self.progress.update(task, rate=f"{speed:.1f} img/s" if speed else "")
+        speed, unit = self.progress.tasks[task].speed, {"extract": "img/s", "hash": "files/s"}.get(stage)
+        self.progress.update(task, rate=f"{speed:.1f} {unit}" if speed and unit else "")
 
 
 def _json(obj: Any) -> str:
@@ -344,8 +344,9 @@ def verify(
 
     ecfg = ExtractConfig(weights=parse_weights(weights, seed), arch=arch, device=device, dtype=dtype,
                          precision=precision, workers=0)
-    r = run(data_dir, ecfg, FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed), limit, tolerance,
-            e2e_seed)
+    with Bar() as bar:
+        r = run(data_dir, ecfg, FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed), limit, tolerance,
+                e2e_seed, bar)
     t = Table("", "end-to-end", "cached", "max |difference|", title=f"verify: {r.n_images} images "
               f"({r.n_val} validation), {r.epochs} epochs")
     t.add_row("head weight", "", "", f"{r.max_weight_diff:.3g}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -78,7 +79,8 @@ def network_features(data_dir: Path, paths: list[bytes], model: torch.nn.Module)
 
 
 def verify(data_dir: str | os.PathLike[str], ecfg: ExtractConfig, fcfg: FitConfig, limit: int | None = None,
-           tolerance: float = 1e-5, e2e_seed: int | None = None) -> VerifyReport:
+           tolerance: float = 1e-5, e2e_seed: int | None = None,
+           progress: Callable[[str, int, int], None] | None = None) -> VerifyReport:
     data_dir = Path(data_dir)
     if limit is not None and limit < 4:
         raise InputError(f"--limit must be at least 4, got {limit}")
@@ -88,7 +90,7 @@ def verify(data_dir: str | os.PathLike[str], ecfg: ExtractConfig, fcfg: FitConfi
         cache, head_path = Path(tmp) / "features.h5", Path(tmp) / "head.pt"
         # Path 1, cached: extract once, then the real `fit` on the cache.
         t0 = time.perf_counter()
-        extract(data_dir, cache, ecfg, only=set(rels), model=model)
+        extract(data_dir, cache, ecfg, only=set(rels), model=model, progress=progress)
         t1 = time.perf_counter()
         fit(cache, head_path, fcfg, curve=False)
         t2 = time.perf_counter()
@@ -103,7 +105,8 @@ def verify(data_dir: str | os.PathLike[str], ecfg: ExtractConfig, fcfg: FitConfi
     through_network = network_features(data_dir, index.paths, model)
     t3 = time.perf_counter()
     e2e_cfg = fcfg if e2e_seed is None else replace(fcfg, seed=e2e_seed)
-    e2e_head, e2e_hist = train(through_network, labels, tr, va, e2e_cfg)
+    on_epoch = (lambda s: progress("end-to-end epochs", s.epoch, fcfg.epochs)) if progress else None
+    e2e_head, e2e_hist = train(through_network, labels, tr, va, e2e_cfg, on_epoch)
     t4 = time.perf_counter()
 
     c_loss, c_acc, c_logits = evaluate(cached_head, lambda r: x_cached.index_select(0, r), labels, va)
