@@ -121,6 +121,8 @@ def extract(
     dtype: str = typer.Option("float32", "--dtype", help="Storage dtype: float32 | float16 (half the file)."),
     precision: str = typer.Option("fp32", "--precision", help="Backbone compute: fp32 | bf16 | fp16."),
     views: str = typer.Option("center", "--views", help="Comma-separated views per image: center, flip."),
+    decoder: str = typer.Option("pil", "--decoder", help="pil (CPU workers) | torchvision (JPEGs decoded in "
+                                "batches on the extraction device: nvJPEG on a GPU)."),
     prune: bool = typer.Option(False, "--prune", help="Remove rows of files no longer in the folder."),
     strict: bool = typer.Option(False, "--strict", help="Fail on any file that cannot be used."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -135,7 +137,8 @@ def extract(
 
     cfg = ExtractConfig(weights=parse_weights(weights, seed), arch=arch, device=device, batch_size=batch_size,
                         workers=workers, dtype=dtype, precision=precision,
-                        views=tuple(v.strip() for v in views.split(",") if v.strip()), part_rows=part_rows)
+                        views=tuple(v.strip() for v in views.split(",") if v.strip()), decoder=decoder,
+                        part_rows=part_rows)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
         run(data_dir, cache, cfg, prune=prune, strict=strict)
         return

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,18 @@ from .backbone import FEATURE_DIM, LAYER, WeightsSpec, build, resolve_device
 from .discover import Discovery, Sample, discover
 from .distributed import Dist, from_env
 from .errors import CacheBusy, CatdogError, InputError, Interrupted
-from .preprocess import MAX_FILE_BYTES, VIEWS, DecodeError, decode_rgb, eval_transform, transform_spec, views_of
+from .preprocess import (
+    DECODERS,
+    MAX_FILE_BYTES,
+    VIEWS,
+    DecodeError,
+    decode_rgb,
+    eval_transform,
+    plain_jpeg,
+    tensor_views,
+    transform_spec,
+    views_of,
+)
 from .store import Provenance, Rows, assemble, encode_path, list_parts, locked, read_index, require_same, write_part
 
 PART_ROWS = 1024
@@ -39,10 +51,12 @@ class ExtractConfig:
     dtype: str = "float32"
     precision: str = "fp32"
     views: tuple[str, ...] = ("center",)
+    decoder: str = "pil"
     part_rows: int = PART_ROWS  # rows per crash-safe part; not part of provenance
 
     def provenance(self) -> Provenance:
-        return Provenance(arch=self.arch, layer=LAYER, weights=self.weights.identity, transform=transform_spec(),
+        return Provenance(arch=self.arch, layer=LAYER, weights=self.weights.identity,
+                          transform=transform_spec(self.decoder),
                           views=",".join(self.views), dtype=self.dtype, precision=self.precision)
 
     def check(self) -> None:
@@ -52,6 +66,8 @@ class ExtractConfig:
             raise InputError(f"--dtype: expected float32 or float16, got {self.dtype!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise InputError(f"--precision: expected fp32, bf16 or fp16, got {self.precision!r}")
+        if self.decoder not in DECODERS:
+            raise InputError(f"--decoder: expected {' or '.join(DECODERS)}, got {self.decoder!r}")
         bad = [v for v in self.views if v not in VIEWS]
         if bad or not self.views:
             raise InputError(f"--views: expected a comma-separated subset of {', '.join(VIEWS)}, got {bad}")
@@ -71,10 +87,13 @@ def sha256_file(path: Path) -> str:
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Index -> (index, [V, 3, 224, 224] or None, sha256 of the bytes decoded, failure reason)."""
+    """Index -> (index, [V, 3, 224, 224] or None, sha256 of the bytes decoded, failure reason).
 
-    def __init__(self, root: Path, rels: list[str], views: tuple[str, ...]) -> None:
-        self.root, self.rels, self.views = root, rels, views
+    With decoder="torchvision" the item is instead ("jpeg", raw bytes) for plain JPEGs, to be decoded in a batch on
+    the extraction device, or ("rgb", [3, H, W] uint8) decoded by Pillow; `device_batch` finishes both."""
+
+    def __init__(self, root: Path, rels: list[str], views: tuple[str, ...], decoder: str = "pil") -> None:
+        self.root, self.rels, self.views, self.decoder = root, rels, views, decoder
         self.transform = eval_transform()
 
     def __len__(self) -> int:
@@ -91,6 +110,10 @@ class ImageFiles(torch.utils.data.Dataset):
             return i, None, "", f"unreadable: {e.strerror or e}"
         sha = hashlib.sha256(data).hexdigest()
         try:
+            if self.decoder == "torchvision":
+                if plain_jpeg(data):
+                    return i, ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)), sha, ""
+                return i, ("rgb", torch.from_numpy(np.asarray(decode_rgb(data)).copy()).permute(2, 0, 1)), sha, ""
             return i, views_of(decode_rgb(data), self.views, self.transform), sha, ""
         except DecodeError as e:
             return i, None, sha, str(e)
@@ -98,10 +121,40 @@ class ImageFiles(torch.utils.data.Dataset):
             return i, None, sha, f"decode failed: {type(e).__name__}: {e}"
 
 
-def _collate(batch: list[tuple[int, torch.Tensor | None, str, str]]):
+def _collate(batch: list[tuple[int, Any, str, str]]):
     good = [b for b in batch if b[1] is not None]
-    x = torch.stack([b[1] for b in good]) if good else None  # [B, V, 3, 224, 224]
+    if good and isinstance(good[0][1], tuple):  # decoder="torchvision": decoded later, on the device
+        x: Any = [b[1] for b in good]
+    else:
+        x = torch.stack([b[1] for b in good]) if good else None  # [B, V, 3, 224, 224]
     return x, [b[0] for b in good], [b[2] for b in good], [(b[0], b[2], b[3]) for b in batch if b[1] is None]
+
+
+def device_batch(items: list[tuple[str, torch.Tensor]], idx: list[int], shas: list[str],
+                 views: tuple[str, ...], device: torch.device
+                 ) -> tuple[torch.Tensor | None, list[int], list[str], list[tuple[int, str, str]]]:
+    """decoder="torchvision": decode the batch's JPEGs together on the device (nvJPEG on a GPU), then resize, crop
+    and normalise there. A batch that fails to decode is retried image by image, so one bad file is one failure."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def decode(data: list[torch.Tensor]) -> list[torch.Tensor]:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+
+    jpegs = [k for k, (kind, _) in enumerate(items) if kind == "jpeg"]
+    images: list[torch.Tensor | None] = [t if kind == "rgb" else None for kind, t in items]
+    failed: list[tuple[int, str, str]] = []
+    try:
+        for k, img in zip(jpegs, decode([items[k][1] for k in jpegs]) if jpegs else [], strict=True):
+            images[k] = img
+    except RuntimeError:
+        for k in jpegs:
+            try:
+                images[k] = decode([items[k][1]])[0]
+            except RuntimeError as e:
+                failed.append((idx[k], shas[k], f"corrupt or truncated JPEG: {str(e).splitlines()[0]}"))
+    keep = [k for k, img in enumerate(images) if img is not None]
+    x = tensor_views([images[k] for k in keep], views, device) if keep else None  # [B, V, 3, 224, 224]
+    return x, [idx[k] for k in keep], [shas[k] for k in keep], failed
 
 
 def _worker_init(_: int) -> None:
@@ -127,14 +180,17 @@ def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.n
     model = model.to(device, memory_format=torch.channels_last)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(len(rels))
     loader = torch.utils.data.DataLoader(
-        ImageFiles(root, rels, cfg.views), batch_size=cfg.batch_size or (128 if cuda else 16), shuffle=False,
-        num_workers=workers,
+        ImageFiles(root, rels, cfg.views, cfg.decoder), batch_size=cfg.batch_size or (128 if cuda else 16),
+        shuffle=False, num_workers=workers,
         collate_fn=_collate, pin_memory=cuda, worker_init_fn=_worker_init if workers else None,
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     done = 0
     for x, idx, shas, failures in loader:
+        if isinstance(x, list):
+            x, idx, shas, late = device_batch(x, idx, shas, cfg.views, device)
+            failures = failures + late
         feats = np.zeros((0, len(cfg.views), FEATURE_DIM), np.float32)
         if x is not None:
             b, v = x.shape[:2]

@@ -22,6 +22,7 @@ from .discover import discover
 from .errors import CacheError, InputError
 from .extract import ExtractConfig, Progress, run_features
 from .head import Head, load_head
+from .preprocess import decoder_of
 from .store import Provenance, require_same
 
 
@@ -54,7 +55,7 @@ def load_scorer(head_path: str | os.PathLike[str], weights_file: str | None = No
     prov = Provenance.from_json(meta["provenance"])
     spec = spec_from_identity(prov.weights, weights_file)
     cfg = ExtractConfig(weights=spec, arch=prov.arch, dtype=prov.dtype, precision=prov.precision,
-                        views=tuple(prov.views.split(",")))
+                        views=tuple(prov.views.split(",")), decoder=decoder_of(prov.transform))
     require_same(prov, cfg.provenance(), f"head {head_path}", "this catdog-cache")  # e.g. a changed transform
     scorer = Scorer(build(spec, prov.arch), head, prov.dtype, float(meta.get("temperature", 1.0))).eval()
     return Loaded(scorer, prov, float(meta.get("clip", 0.0)), meta)
@@ -141,7 +142,7 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
     views = head_views if tta else ("center",)
     cfg = ExtractConfig(weights=spec_from_identity(prov.weights, weights_file) if not model_path else
                         replace_spec(prov), arch=prov.arch, device=device, batch_size=batch_size, workers=workers,
-                        dtype=prov.dtype, precision=prov.precision, views=views)
+                        dtype=prov.dtype, precision=prov.precision, views=views, decoder=decoder_of(prov.transform))
     require_same(prov, replace(cfg.provenance(), views=prov.views), "the model", "this catdog-cache")
     disc = discover(data_dir)
     if not disc.samples:
@@ -214,7 +215,8 @@ def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
     picks = sorted({int(i) for i in np.linspace(0, len(disc.samples) - 1, min(n, len(disc.samples)))})
     samples = [disc.samples[i] for i in picks]
     cfg = ExtractConfig(weights=spec_from_identity(loaded.provenance.weights, weights_file),
-                        arch=loaded.provenance.arch, device=device, precision=loaded.provenance.precision)
+                        arch=loaded.provenance.arch, device=device, precision=loaded.provenance.precision,
+                        decoder=decoder_of(loaded.provenance.transform))
     rels = [s.rel for s in samples]
     probs: dict[int, np.ndarray] = {}
     for idx, p, _, _ in run_features(disc.root, rels, cfg, model=loaded.scorer):

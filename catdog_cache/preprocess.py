@@ -23,18 +23,26 @@ RESIZE, CROP = 256, 224
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 VIEWS = ("center", "flip")  # deterministic views per image; "flip" is the mirrored center crop
+# "pil": Pillow decode + the preset on the CPU workers. "torchvision": JPEGs decoded by torchvision.io.decode_jpeg on
+# the extraction device (nvJPEG on a GPU, batched) and resized there; other formats via Pillow. The two differ by
+# resampling rounding, so the decoder is part of the recorded transform.
+DECODERS = ("pil", "torchvision")
 
 
 class DecodeError(Exception):
     """One file could not be turned into an RGB image; the message is the per-file reason."""
 
 
-def transform_spec() -> str:
+def transform_spec(decoder: str = "pil") -> str:
     """The transform as recorded in cache and head provenance: the exact eval preset of VGG16_Weights."""
-    return json.dumps(
-        {"resize": RESIZE, "crop": CROP, "interpolation": "bilinear", "antialias": True, "mean": MEAN, "std": STD},
-        sort_keys=True,
-    )
+    spec = {"resize": RESIZE, "crop": CROP, "interpolation": "bilinear", "antialias": True, "mean": MEAN, "std": STD}
+    if decoder != "pil":  # the default keeps the spec it always had
+        spec["decoder"] = decoder
+    return json.dumps(spec, sort_keys=True)
+
+
+def decoder_of(transform: str) -> str:
+    return json.loads(transform).get("decoder", "pil")
 
 
 def eval_transform():
@@ -42,6 +50,30 @@ def eval_transform():
     from torchvision.models import VGG16_Weights
 
     return VGG16_Weights.IMAGENET1K_V1.transforms()  # the values transform_spec() records
+
+
+def _check_size(w: int, h: int) -> None:
+    if w < 1 or h < 1:
+        raise DecodeError(f"invalid size {w}x{h}")
+    if w * h > MAX_PIXELS:
+        raise DecodeError(f"{w}x{h} exceeds the {MAX_PIXELS // 1_000_000} MP limit")
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise DecodeError(f"{w}x{h} aspect ratio exceeds {MAX_ASPECT:g}:1")
+
+
+def plain_jpeg(data: bytes) -> bool:
+    """Whether torchvision's JPEG decoder can take these bytes: an RGB or grayscale JPEG within the limits (from
+    the header only). CMYK and anything unusual go through Pillow, which converts them correctly."""
+    if not data.startswith(b"\xff\xd8\xff"):
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            _check_size(*im.size)
+            return im.format == "JPEG" and im.mode in ("RGB", "L")
+    except Exception:
+        return False  # let Pillow's decode give the per-file reason
 
 
 def decode_rgb(data: bytes) -> Image.Image:
@@ -52,13 +84,7 @@ def decode_rgb(data: bytes) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
-            w, h = im.size
-            if w < 1 or h < 1:
-                raise DecodeError(f"invalid size {w}x{h}")
-            if w * h > MAX_PIXELS:
-                raise DecodeError(f"{w}x{h} exceeds the {MAX_PIXELS // 1_000_000} MP limit")
-            if max(w, h) / min(w, h) > MAX_ASPECT:
-                raise DecodeError(f"{w}x{h} aspect ratio exceeds {MAX_ASPECT:g}:1")
+            _check_size(*im.size)
             im.seek(0)  # multi-frame (GIF, TIFF): the first frame
             im.load()  # truncated data raises here (LOAD_TRUNCATED_IMAGES stays False: no grey padding)
             im = ImageOps.exif_transpose(im)
@@ -102,3 +128,18 @@ def views_of(image: Image.Image, views: tuple[str, ...], transform) -> torch.Ten
         else:
             raise ValueError(f"unknown view {v!r}")
     return torch.stack(out)  # [V, 3, 224, 224]
+
+
+def tensor_views(images: list[torch.Tensor], views: tuple[str, ...], device: torch.device) -> torch.Tensor:
+    """[3, H, W] uint8 images (any sizes, on any device) -> [B, V, 3, 224, 224]: the same preset, on tensors."""
+    import torch
+    from torchvision.transforms.v2 import functional as TF
+
+    mean = torch.tensor(MEAN, device=device)[:, None, None]
+    std = torch.tensor(STD, device=device)[:, None, None]
+    out = []
+    for img in images:
+        x = TF.center_crop(TF.resize(img.to(device), [RESIZE], antialias=True), [CROP])  # [3, 224, 224] uint8
+        x = (x.float() / 255 - mean) / std
+        out.append(torch.stack([x if v == "center" else torch.flip(x, dims=[2]) for v in views]))  # [V, 3, ...]
+    return torch.stack(out)  # [B, V, 3, 224, 224]

@@ -1,4 +1,5 @@
 import importlib
+import json
 
 import numpy as np
 import pytest
@@ -178,3 +179,28 @@ def test_bf16_precision_on_cpu_is_recorded_and_close(tmp_path, kaggle_dir, cli):
     assert r.exit_code == 0 and "measured deviation" in r.output
     r = cli("extract", kaggle_dir, *TINY, "--precision", "int4", ok=False)
     assert r.exit_code == 1 and "--precision" in r.output
+
+
+def test_torchvision_decoder_matches_pil_closely_and_is_recorded(tmp_path, kaggle_dir, cli):
+    """The device-decode path (run here on the CPU): same preset on tensors, recorded as another transform,
+    per-file failures kept, non-JPEGs through Pillow."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (0, 128, 255)).convert("CMYK").save(kaggle_dir / "dog.70.jpg")  # via Pillow
+    Image.new("RGB", (50, 30), (9, 9, 9)).save(kaggle_dir / "dog.71.png")  # not a JPEG
+    (kaggle_dir / "cat.72.jpg").write_bytes((kaggle_dir / "cat.1.jpg").read_bytes()[:1500])  # truncated JPEG
+    extract(kaggle_dir, tmp_path / "pil.h5", CFG)
+    tv = ExtractConfig(weights=WeightsSpec("random"), arch="tiny", workers=0, batch_size=4, decoder="torchvision")
+    extract(kaggle_dir, tmp_path / "tv.h5", tv)
+    a_idx, b_idx = read_index(tmp_path / "pil.h5"), read_index(tmp_path / "tv.h5")
+    assert a_idx.paths == b_idx.paths and len(a_idx.paths) == 14
+    assert '"decoder": "torchvision"' in b_idx.provenance.transform and "decoder" not in a_idx.provenance.transform
+    assert [f[1] for f in b_idx.failed] == [b"cat.72.jpg"] and "JPEG" in b_idx.failed[0][3]
+    a, b = read_features(tmp_path / "pil.h5"), read_features(tmp_path / "tv.h5")
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() > 0.98  # resampling rounding differs; the images do not
+    r = cli("extract", kaggle_dir, *TINY, "--cache", tmp_path / "pil.h5", "--decoder", "torchvision", ok=False)
+    assert r.exit_code == 1 and "decoder" in r.output  # never mixed into a cache made with Pillow
+    cli("fit", "--cache", tmp_path / "tv.h5", "--head", tmp_path / "tv.pt", "--epochs", "1")
+    r = cli("predict", kaggle_dir, "--head", tmp_path / "tv.pt", "--out", tmp_path / "tv.csv", "--json")
+    assert json.loads(r.output)["rows"] == 14  # predict rebuilds the same decoder from the head
