@@ -47,14 +47,17 @@ def parse_weights(value: str, seed: int = 0) -> WeightsSpec:
     return WeightsSpec("file", path=str(path.resolve()), sha256=file_sha256(path))
 
 
-def spec_from_identity(identity: str, weights_file: str | None = None) -> WeightsSpec:
-    """Rebuild a WeightsSpec from recorded provenance (predict must use exactly the extractor the head saw)."""
+def spec_from_identity(identity: str, weights_file: str | None = None, need_file: bool = True) -> WeightsSpec:
+    """Rebuild a WeightsSpec from recorded provenance (predict must use exactly the extractor the head saw).
+    need_file=False: only the identity is wanted (an exported model carries its own weights)."""
     kind, _, rest = identity.partition(":")
     if kind == "imagenet":
         return WeightsSpec("imagenet")
     if kind == "random":
         return WeightsSpec("random", seed=int(rest.split("=", 1)[1]))
     want = rest.split("=", 1)[1]
+    if not need_file:
+        return WeightsSpec("file", sha256=want)
     if not weights_file:
         raise InputError(f"the head was trained on features from a weights file (sha256 {want[:12]}…): "
                          "pass the same file with --weights FILE")

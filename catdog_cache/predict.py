@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbone import build, spec_from_identity
+from .backbone import WeightsSpec, build, spec_from_identity
 from .discover import discover
 from .errors import CacheError, InputError
 from .extract import ExtractConfig, Progress, run_features
@@ -48,17 +48,25 @@ class Loaded:
     provenance: Provenance
     clip: float
     meta: dict[str, Any]
+    spec: WeightsSpec  # the weights identity the scorer was built from
+
+    def config(self, device: str = "auto", batch_size: int = 0, workers: int = -1,
+               views: tuple[str, ...] | None = None) -> ExtractConfig:
+        """The extraction settings the scorer expects (views: the head's, unless narrowed)."""
+        prov = self.provenance
+        return ExtractConfig(weights=self.spec, arch=prov.arch, device=device, batch_size=batch_size, workers=workers,
+                             dtype=prov.dtype, precision=prov.precision, views=views or tuple(prov.views.split(",")),
+                             decoder=decoder_of(prov.transform))
 
 
 def load_scorer(head_path: str | os.PathLike[str], weights_file: str | None = None) -> Loaded:
     head, meta = load_head(head_path)
     prov = Provenance.from_json(meta["provenance"])
     spec = spec_from_identity(prov.weights, weights_file)
-    cfg = ExtractConfig(weights=spec, arch=prov.arch, dtype=prov.dtype, precision=prov.precision,
-                        views=tuple(prov.views.split(",")), decoder=decoder_of(prov.transform))
-    require_same(prov, cfg.provenance(), f"head {head_path}", "this catdog-cache")  # e.g. a changed transform
     scorer = Scorer(build(spec, prov.arch), head, prov.dtype, float(meta.get("temperature", 1.0))).eval()
-    return Loaded(scorer, prov, float(meta.get("clip", 0.0)), meta)
+    loaded = Loaded(scorer, prov, float(meta.get("clip", 0.0)), meta, spec)
+    require_same(prov, loaded.config().provenance(), f"head {head_path}", "this catdog-cache")  # a changed transform
+    return loaded
 
 
 EXPORT_FORMAT = 1
@@ -97,7 +105,8 @@ def load_exported(path: str | os.PathLike[str]) -> Loaded:
         info = json.loads(extra["catdog_cache.json"])
     except Exception as e:
         raise CacheError(f"{path} is not a model exported by `catdog-cache export` ({type(e).__name__})") from None
-    return Loaded(module, Provenance(**info["provenance"]), float(info["clip"]), info)
+    prov = Provenance(**info["provenance"])
+    return Loaded(module, prov, float(info["clip"]), info, spec_from_identity(prov.weights, need_file=False))
 
 
 @dataclass
@@ -139,10 +148,7 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
     if tta and len(head_views) < 2:
         raise InputError(f"--tta: the head's features have one view ({prov.views}); extract with "
                          "--views center,flip and fit again to use test-time augmentation")
-    views = head_views if tta else ("center",)
-    cfg = ExtractConfig(weights=spec_from_identity(prov.weights, weights_file) if not model_path else
-                        replace_spec(prov), arch=prov.arch, device=device, batch_size=batch_size, workers=workers,
-                        dtype=prov.dtype, precision=prov.precision, views=views, decoder=decoder_of(prov.transform))
+    cfg = loaded.config(device, batch_size, workers, views=None if tta else ("center",))
     require_same(prov, replace(cfg.provenance(), views=prov.views), "the model", "this catdog-cache")
     disc = discover(data_dir)
     if not disc.samples:
@@ -163,19 +169,8 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
         submission = Path(submission)
         write_submission(submission, rows, loaded.clip)
     write_csv_atomic(out, ["path", "p_cat", "p_dog", "label"], rows)
-    return PredictReport(out, rows, labels, failed, disc.skipped, submission, time.perf_counter() - t0, views)
-
-
-def replace_spec(prov: Provenance):
-    """An exported model carries its weights: only the identity is needed to check provenance."""
-    from .backbone import WeightsSpec
-
-    kind, _, rest = prov.weights.partition(":")
-    if kind == "random":
-        return WeightsSpec("random", seed=int(rest.split("=", 1)[1]))
-    if kind == "file":
-        return WeightsSpec("file", sha256=rest.split("=", 1)[1])
-    return WeightsSpec("imagenet")
+    return PredictReport(out, rows, labels, failed, disc.skipped, submission, time.perf_counter() - t0,
+                         cfg.views)
 
 
 def write_submission(path: Path, rows: list[tuple[str, float, float, str]], clip: float = 0.0) -> None:
@@ -214,9 +209,7 @@ def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
         raise InputError(f"no images found in {data_dir}")
     picks = sorted({int(i) for i in np.linspace(0, len(disc.samples) - 1, min(n, len(disc.samples)))})
     samples = [disc.samples[i] for i in picks]
-    cfg = ExtractConfig(weights=spec_from_identity(loaded.provenance.weights, weights_file),
-                        arch=loaded.provenance.arch, device=device, precision=loaded.provenance.precision,
-                        decoder=decoder_of(loaded.provenance.transform))
+    cfg = loaded.config(device, views=("center",))
     rels = [s.rel for s in samples]
     probs: dict[int, np.ndarray] = {}
     for idx, p, _, _ in run_features(disc.root, rels, cfg, model=loaded.scorer):
