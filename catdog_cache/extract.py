@@ -245,7 +245,7 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
     dist = from_env(cfg.device)
     with _lock_once(cache, dist):
         had_cache = cache.exists()
-        todo, drop = _plan(disc, source, cache, prov, report, prune, progress)
+        todo, drop = _plan(disc, source, cache, prov, report, prune, progress, dist)
         if dist:
             dist.barrier()  # all ranks have planned (and cleared stale temp parts) before any writes a part
         mine = dist.shard(todo) if dist else todo  # each rank a contiguous slice; parts are its resume units
@@ -312,8 +312,9 @@ def _lock_once(cache: Path, dist: Dist | None) -> Iterator[None]:
 
 
 def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: ExtractReport, prune: bool,
-          progress: Progress | None) -> tuple[list[Sample], set[tuple[str, bytes]]]:
-    """What this run must extract (new or changed files) and drop (deleted files, with --prune)."""
+          progress: Progress | None, dist: Dist | None = None) -> tuple[list[Sample], set[tuple[str, bytes]]]:
+    """What this run must extract (new or changed files) and drop (deleted files, with --prune). Under torchrun
+    each rank hashes a slice of the already-known files and the ranks share the verdicts."""
     known: dict[bytes, str] = {}  # relative path -> sha256 already extracted (or failed) for this source
     old_paths: set[bytes] = set()
     for path in ([cache] if cache.exists() else []) + list_parts(cache):
@@ -327,18 +328,20 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
         for s, p, sha, _ in idx.failed:
             if idx.sources[s] == source and sha:
                 known[p] = sha
-    todo: list[Sample] = []
-    for i, s in enumerate(disc.samples):
-        raw = encode_path(s.rel)
-        if progress and known and (i % 256 == 0 or i == len(disc.samples) - 1):
-            progress("hash", i + 1, len(disc.samples))
-        if raw in known:
-            try:
-                if sha256_file(disc.root / s.rel) == known[raw]:
-                    continue
-            except OSError:
-                pass
-        todo.append(s)
+    candidates = [i for i, s in enumerate(disc.samples) if encode_path(s.rel) in known]
+    mine = dist.shard(candidates) if dist else candidates
+    unchanged: set[int] = set()
+    for n, i in enumerate(mine):
+        if progress and (n % 256 == 0 or n == len(mine) - 1):
+            progress("hash", n + 1, len(mine))
+        try:
+            if sha256_file(disc.root / disc.samples[i].rel) == known[encode_path(disc.samples[i].rel)]:
+                unchanged.add(i)
+        except OSError:
+            pass  # unreadable now: extract it again, which records the reason
+    if dist:
+        unchanged = set().union(*dist.gather(unchanged))
+    todo = [s for i, s in enumerate(disc.samples) if i not in unchanged]
     report.reused = len(disc.samples) - len(todo)
     present = {encode_path(s.rel) for s in disc.samples}
     report.removed = sorted(os.fsdecode(p) for p in old_paths - present)

@@ -59,6 +59,10 @@ def test_two_ranks_equal_one_process(data, tmp_path):
     single(data, tmp_path / "one.h5")
     assert_same(tmp_path / "one.h5", tmp_path / "two.h5")
     assert not parts_dir(tmp_path / "two.h5").exists()
+    again = torchrun(data, tmp_path / "two.h5")  # ranks split the hashing of known files, then share verdicts
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err.decode()[-2000:]
+    assert "extracted 0 new, reused 27" in out.decode().replace("\n", " ")
 
 
 def rank_pid(parent: int, rank: int) -> int | None:
