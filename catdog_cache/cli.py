@@ -317,7 +317,10 @@ def demo(
     t.add_row("fit", f"{r.stages['fit']:.2f}",
               f"{len(r.fit.history)} epochs, val accuracy {r.fit.val_acc:.3f}, log loss {r.fit.val_log_loss:.3f}")
     t.add_row("predict", f"{r.stages['predict']:.2f}", f"{len(r.predict.rows)} images -> {r.predict.out}")
+    t.add_row("preview", f"{r.stages['preview']:.2f}", f"{r.preview.shown} training images -> {r.preview.out}")
     out.print(t)
+    out.print(f"look at: {escape(str(r.fit.curve))} (training curve), {escape(str(r.preview.out))} (predictions)",
+              highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -81,6 +81,7 @@ class DemoReport:
     extract: object = None
     fit: object = None
     predict: object = None
+    preview: object = None
 
 
 def run_demo(
@@ -93,7 +94,7 @@ def run_demo(
     from .backbone import imagenet_weights_path, parse_weights
     from .extract import ExtractConfig, extract
     from .fit import FitConfig, fit
-    from .predict import predict
+    from .predict import predict, preview
 
     if weights is None:  # ImageNet only when it needs no download: the demo must run offline
         weights = "imagenet" if imagenet_weights_path().is_file() else "random"
@@ -115,4 +116,7 @@ def run_demo(
         test_dir, head, folder / "predictions.csv", submission=folder / "submission.csv", progress=progress
     )
     report.stages["predict"] = time.perf_counter() - t
+    t = time.perf_counter()
+    report.preview = preview(train_dir, head, folder / "preview.png", n=8)
+    report.stages["preview"] = time.perf_counter() - t
     return report

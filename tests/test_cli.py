@@ -37,7 +37,8 @@ def test_info(cli, kaggle_dir):
 def test_demo_runs_offline(cli, tmp_path):
     r = cli("demo", "--arch", "tiny", "--epochs", "3")
     assert "random weights" in r.output and "extract" in r.output and "predict" in r.output
-    assert (tmp_path / "cache" / "demo" / "submission.csv").is_file()
+    demo = tmp_path / "cache" / "demo"
+    assert all((demo / name).is_file() for name in ("submission.csv", "preview.png", "head.png"))
 
 
 def test_imagenet_offline_error_says_what_to_do(cli, kaggle_dir, monkeypatch):
