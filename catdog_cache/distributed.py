@@ -32,6 +32,13 @@ class Dist:
     def barrier(self) -> None:
         torch.distributed.barrier()
 
+    def close(self) -> None:
+        """Leave the group cleanly: a rank that exits while a peer still finishes the last collective makes Gloo
+        abort that peer (SIGABRT), so everyone meets once more, then the group is destroyed."""
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
     def gather(self, obj: T) -> list[T]:
         out: list[T | None] = [None] * self.world
         torch.distributed.all_gather_object(out, obj)

@@ -269,6 +269,8 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
                 error = InputError(message)
         if error:
             raise error
+    if dist:
+        dist.close()
     report.seconds = time.perf_counter() - t0
     return report
 
