@@ -142,8 +142,6 @@ def extract(
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
         run(data_dir, cache, cfg, prune=prune, strict=strict)
         return
-    for w in [] if as_json else _discover_warnings(data_dir):
-        err.print(f"[yellow]warning:[/] {escape(w)}")
     with Bar(quiet or as_json) as bar:
         r = run(data_dir, cache, cfg, progress=bar, prune=prune, strict=strict)
     if as_json:
@@ -151,6 +149,8 @@ def extract(
                           "failed": r.failed, "skipped": r.skipped, "removed": r.removed, "pruned": r.pruned,
                           "seconds": r.seconds, "layout": r.layout, "warnings": r.warnings}))
         return
+    for w in r.warnings:
+        err.print(f"[yellow]warning:[/] {escape(w)}")
     _print_skips("files skipped while scanning", r.skipped)
     _print_skips("files could not be decoded", r.failed)
     if r.removed:
@@ -159,15 +159,6 @@ def extract(
     rate = f" ({r.extracted / r.seconds:.1f} img/s)" if r.extracted else ""
     out.print(f"[green]extracted[/] {r.extracted} new, reused {r.reused}, failed {len(r.failed)} -> "
               f"{r.rows} rows in {escape(str(cache))} in {r.seconds:.1f}s{rate}", highlight=False)
-
-
-def _discover_warnings(data_dir: Path) -> list[str]:
-    from .discover import discover
-
-    try:
-        return discover(data_dir).warnings
-    except CatdogError:
-        return []  # extract reports it with the proper message
 
 
 @app.command()

@@ -116,18 +116,16 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 def views_of(image: Image.Image, views: tuple[str, ...], transform) -> torch.Tensor:
     """RGB image -> [V, 3, 224, 224] normalised tensor, one slice per deterministic view."""
+    return stack_views(transform(image), views)
+
+
+def stack_views(x: torch.Tensor, views: tuple[str, ...]) -> torch.Tensor:
+    """[3, 224, 224] -> [V, 3, 224, 224]: the center crop as is, "flip" mirrored left-right."""
     import torch
 
-    x = transform(image)  # [3, 224, 224]
-    out = []
-    for v in views:
-        if v == "center":
-            out.append(x)
-        elif v == "flip":
-            out.append(torch.flip(x, dims=[2]))
-        else:
-            raise ValueError(f"unknown view {v!r}")
-    return torch.stack(out)  # [V, 3, 224, 224]
+    if any(v not in VIEWS for v in views):
+        raise ValueError(f"unknown view in {views!r}")
+    return torch.stack([torch.flip(x, dims=[2]) if v == "flip" else x for v in views])
 
 
 def tensor_views(images: list[torch.Tensor], views: tuple[str, ...], device: torch.device) -> torch.Tensor:
@@ -140,6 +138,5 @@ def tensor_views(images: list[torch.Tensor], views: tuple[str, ...], device: tor
     out = []
     for img in images:
         x = TF.center_crop(TF.resize(img.to(device), [RESIZE], antialias=True), [CROP])  # [3, 224, 224] uint8
-        x = (x.float() / 255 - mean) / std
-        out.append(torch.stack([x if v == "center" else torch.flip(x, dims=[2]) for v in views]))  # [V, 3, ...]
+        out.append(stack_views((x.float() / 255 - mean) / std, views))  # [V, 3, 224, 224]
     return torch.stack(out)  # [B, V, 3, 224, 224]
