@@ -145,9 +145,9 @@ def extract(
     with Bar(quiet or as_json) as bar:
         r = run(data_dir, cache, cfg, progress=bar, prune=prune, strict=strict)
     if as_json:
-        print(_json({"cache": str(cache), "rows": r.rows, "extracted": r.extracted, "reused": r.reused,
-                          "failed": r.failed, "skipped": r.skipped, "removed": r.removed, "pruned": r.pruned,
-                          "seconds": r.seconds, "layout": r.layout, "warnings": r.warnings}))
+        print(_json({"cache": str(cache), "rows": r.rows, "found": r.found, "extracted": r.extracted,
+                          "reused": r.reused, "failed": r.failed, "skipped": r.skipped, "removed": r.removed,
+                          "pruned": r.pruned, "seconds": r.seconds, "layout": r.layout, "warnings": r.warnings}))
         return
     for w in r.warnings:
         err.print(f"[yellow]warning:[/] {escape(w)}")

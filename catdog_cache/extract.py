@@ -170,9 +170,7 @@ def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.n
                  ) -> Iterator[tuple[list[int], np.ndarray, list[str], list[tuple[int, str, str]]]]:
     """Yield per batch: (item indices, features [B, V, 4096] float32, sha256s, failures (index, sha, reason))."""
     cfg.check()
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())  # one GPU per rank
+    device = resolve_device(cfg.device)  # under torchrun, "cuda" is this rank's GPU (distributed.from_env)
     model = model if model is not None else build(cfg.weights, cfg.arch)
     cuda = device.type == "cuda"
     if cuda:

@@ -105,10 +105,6 @@ def encode_path(rel: str) -> bytes:
     return os.fsencode(rel)  # surrogate-escaped bytes come back exactly
 
 
-def decode_path(raw: bytes) -> str:
-    return os.fsdecode(raw)
-
-
 # ---------------------------------------------------------------- opening and reading
 
 @contextlib.contextmanager
@@ -387,6 +383,3 @@ def time_full_read(path: Path) -> float:
         f["features"][...].astype(np.float32, copy=False)
     return time.perf_counter() - t
 
-
-def size_on_disk(path: Path) -> int:
-    return path.stat().st_size if path.exists() else 0

@@ -59,7 +59,7 @@ def test_extract_json_and_busy_cache(cli, kaggle_dir, tmp_path):
     from catdog_cache.store import locked
 
     data = json.loads(cli("extract", kaggle_dir, *TINY, "--json").output)
-    assert data["rows"] == 12 and data["extracted"] == 12 and data["layout"] == "kaggle"
+    assert data["rows"] == data["found"] == data["extracted"] == 12 and data["layout"] == "kaggle"
     with locked(Path("cache/features.h5")):
         r = cli("extract", kaggle_dir, *TINY, ok=False)
     assert r.exit_code == 1 and "in use" in r.output
