@@ -1,89 +1,175 @@
-"""Pictures where looking beats reading: the training curve and the prediction grid (Pillow + torchvision)."""
+"""Pictures where looking beats reading: the training curve and the prediction grid, drawn with matplotlib.
+
+Both use the object-oriented API (``matplotlib.figure.Figure`` + ``FigureCanvasAgg``) rather than pyplot: no global
+figure registry, no GUI backend, safe to call from worker threads. matplotlib is imported inside the functions so
+that importing this module (the CLI does) stays cheap. Every PNG is written through ``_save_atomic``: an exclusive,
+randomly named temp file next to the target, fsynced, then renamed over it, so a reader never sees half a PNG and a
+planted symlink can't redirect the write.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO, Any
 
-from PIL import Image, ImageDraw, ImageFont
+import numpy as np
 
-TRAIN, VAL = (31, 119, 180), (255, 127, 14)  # the usual blue / orange
-WRONG, RIGHT = (214, 39, 40), (44, 160, 44)
+from .errors import InputError
+
+TRAIN, VAL, KEPT = "#1f77b4", "#ff7f0e", "0.35"  # the usual blue / orange; kept-epoch line in dark grey
+WRONG, RIGHT = "#d62728", "#2ca02c"
+DPI = 100
 
 
-def _save_atomic(im: Image.Image, path: Path) -> Path:
+def _target(path: str | os.PathLike[str]) -> Path:
+    """Check the output path before any drawing work; create its folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"--out {path} is a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
     return path
 
 
-def _panel(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
-           series: Sequence[tuple[str, tuple[int, int, int], Sequence[float]]]) -> None:
-    """One line chart in box (x0, y0, x1, y1): axes, min/max labels, a legend."""
-    font = ImageFont.load_default()
-    x0, y0, x1, y1 = box
-    d.text((x0, y0 - 18), title, fill=(0, 0, 0), font=font)
-    d.rectangle(box, outline=(0, 0, 0))
-    values = [v for _, _, s in series for v in s if math.isfinite(v)]
-    if not values:
-        return
-    lo, hi = min(values), max(values)
-    hi = hi if hi > lo else lo + 1e-6
-    n = max(len(s) for _, _, s in series)
-    for _, color, s in series:
-        pts = [(x0 + (x1 - x0) * (i / max(n - 1, 1)), y1 - (y1 - y0) * ((v - lo) / (hi - lo)))
-               for i, v in enumerate(s) if math.isfinite(v)]
-        if len(pts) > 1:
-            d.line(pts, fill=color, width=2)
-        for p in pts:
-            d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=color)
-    d.text((x0 - 48, y0), f"{hi:.3f}", fill=(0, 0, 0), font=font)
-    d.text((x0 - 48, y1 - 10), f"{lo:.3f}", fill=(0, 0, 0), font=font)
-    d.text((x0, y1 + 4), "epoch 1", fill=(0, 0, 0), font=font)
-    d.text((x1 - 50, y1 + 4), f"epoch {n}", fill=(0, 0, 0), font=font)
-    for k, (name, color, _) in enumerate(series):
-        d.line([(x1 - 90, y0 + 12 + 14 * k), (x1 - 70, y0 + 12 + 14 * k)], fill=color, width=3)
-        d.text((x1 - 65, y0 + 6 + 14 * k), name, fill=(0, 0, 0), font=font)
+def _umask() -> int:
+    """The process umask, read without os.umask() (which sets it, racing other threads); Linux has it in /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
-def training_curve(history: Sequence, path: str | os.PathLike[str], size: tuple[int, int] = (900, 360)) -> Path:
-    """Loss and accuracy per epoch, train vs validation, side by side."""
-    im = Image.new("RGB", size, (255, 255, 255))
-    d = ImageDraw.Draw(im)
-    w, h = size
-    half = w // 2
-    _panel(d, (60, 30, half - 20, h - 30), "cross-entropy loss",
-           [("train", TRAIN, [e.train_loss for e in history]), ("val", VAL, [e.val_loss for e in history])])
-    _panel(d, (half + 60, 30, w - 20, h - 30), "accuracy",
-           [("train", TRAIN, [e.train_acc for e in history]), ("val", VAL, [e.val_acc for e in history])])
-    return _save_atomic(im, Path(path))
+def _save_atomic(write: Callable[[IO[bytes]], None], path: str | os.PathLike[str]) -> Path:
+    """Call write(file) on a fresh temp file in path's folder, fsync it and rename it over path.
+
+    mkstemp opens with O_CREAT | O_EXCL under a random name, so a file or symlink planted at a guessable
+    "<name>.tmp" is never opened or followed; os.replace swaps the directory entry (a symlink at path itself is
+    replaced, not written through). On any error the temp file is removed and path is left as it was."""
+    path = _target(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the PNG the mode a plain open() would
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable; best effort (not every FS allows it)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    return path
 
 
-def prediction_grid(images: Sequence, captions: Sequence[str], wrong: Sequence[bool | None],
+def _save_figure(fig: Any, path: Path) -> Path:
+    """Render fig as PNG through Agg into path (atomically), then drop the figure's artists."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)  # attaches itself as fig.canvas
+    try:
+        return _save_atomic(lambda f: fig.savefig(f, format="png", dpi=DPI), path)
+    finally:
+        fig.clear()  # no pyplot registry holds it; clearing just frees the artists sooner
+
+
+def _finite(values: Sequence[float]) -> bool:
+    return any(math.isfinite(v) for v in values)
+
+
+def training_curve(history: Sequence[Any], path: str | os.PathLike[str], kept_epoch: int | None = None) -> Path:
+    """Log loss and accuracy per epoch, train vs validation, in two panels side by side; saved as PNG at path.
+
+    history: objects with epoch, train_loss, train_acc, val_loss, val_acc (fit.EpochStats). Validation values that
+    are all NaN (no validation split) are left out rather than drawn; scattered NaNs become gaps.
+    kept_epoch: when given, a dashed vertical line labelled "kept: epoch N" on both panels."""
+    path = _target(path)  # fail on a directory before importing or drawing anything
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [int(e.epoch) for e in history]
+    panels = [
+        ("log loss (cross-entropy)", [e.train_loss for e in history], [e.val_loss for e in history]),
+        ("accuracy", [e.train_acc for e in history], [e.val_acc for e in history]),
+    ]
+    fig = Figure(figsize=(10, 4.2), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, 2)
+    marker = "o" if len(epochs) <= 30 else None  # dots help with few epochs, clutter with many
+    for ax, (title, train, val) in zip(axes, panels, strict=True):
+        ax.plot(epochs, np.asarray(train, dtype=float), color=TRAIN, marker=marker, ms=3, lw=1.6, label="train")
+        if _finite(val):
+            ax.plot(epochs, np.asarray(val, dtype=float), color=VAL, marker=marker, ms=3, lw=1.6, label="validation")
+        if kept_epoch is not None:
+            ax.axvline(kept_epoch, color=KEPT, ls="--", lw=1.2, label=f"kept: epoch {kept_epoch}")
+            # the label sits at the top of the line, on whichever side has more room
+            right_half = bool(epochs) and kept_epoch > (min(epochs) + max(epochs)) / 2
+            ax.annotate(f"kept: epoch {kept_epoch}", xy=(kept_epoch, 1), xycoords=("data", "axes fraction"),
+                        xytext=(-4 if right_half else 4, -4), textcoords="offset points",
+                        ha="right" if right_half else "left", va="top", fontsize=9, color=KEPT,
+                        bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1})  # readable over the grid
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=8, steps=[1, 2, 2.5, 5, 10]))  # round steps: 0.1, not 0.08
+        ax.grid(True, alpha=0.3)
+    if not epochs:
+        axes[0].text(0.5, 0.5, "no epochs", transform=axes[0].transAxes, ha="center", va="center")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        # one legend for both panels, above them: it can never cover a curve
+        fig.legend(handles, labels, loc="outside upper center", ncols=len(handles), frameon=False)
+    return _save_figure(fig, path)
+
+
+def prediction_grid(images: Sequence[Any], captions: Sequence[str], wrong: Sequence[bool | None],
                     path: str | os.PathLike[str], cols: int = 4) -> Path:
-    """Images ([3, H, W] uint8 tensors) in a torchvision grid, each captioned; wrong ones framed red,
-    right ones green, unknown truth unframed."""
-    import torch
-    from torchvision.utils import make_grid
+    """Images ([3, H, W] uint8 tensors or arrays) in a grid, cols wide, each captioned above; wrong ones framed and
+    captioned red, right ones framed green, unknown truth (None) unframed. Captions may hold newlines."""
+    if not (len(images) == len(captions) == len(wrong)):
+        raise ValueError(f"{len(images)} images, {len(captions)} captions, {len(wrong)} wrong flags: need one each")
+    if not images:
+        raise ValueError("prediction_grid: no images to draw")
+    if cols < 1:
+        raise ValueError(f"cols must be at least 1, got {cols}")
+    path = _target(path)
+    from matplotlib.figure import Figure
 
-    framed = []
-    for img, bad in zip(images, wrong, strict=True):
-        color = None if bad is None else (WRONG if bad else RIGHT)
-        pad = torch.tensor(color or (255, 255, 255), dtype=torch.uint8)[:, None, None]
-        canvas = pad.expand(3, img.shape[1] + 12, img.shape[2] + 12).clone()  # [3, H+12, W+12] frame
-        canvas[:, 6:-6, 6:-6] = img
-        framed.append(canvas)
-    grid = make_grid(framed, nrow=cols, padding=28, pad_value=255)  # [3, rows*(H+40), cols*(W+40)]
-    im = Image.fromarray(grid.permute(1, 2, 0).numpy())
-    d = ImageDraw.Draw(im)
-    font = ImageFont.load_default()
-    cell_w, cell_h = framed[0].shape[2] + 28, framed[0].shape[1] + 28
-    for k, text in enumerate(captions):
+    pixels = [np.asarray(img.cpu() if hasattr(img, "cpu") else img).transpose(1, 2, 0) for img in images]  # [H,W,3]
+    cols = min(cols, len(pixels))
+    rows = math.ceil(len(pixels) / cols)
+    # fixed pixel layout (no layout engine: it is the slow part with many axes), each image shown at ~1:1
+    img_h = max(p.shape[0] for p in pixels)
+    img_w = max(p.shape[1] for p in pixels)
+    lines = max(c.count("\n") + 1 for c in captions)
+    pad, cap_h = 16, 13 * lines + 8
+    cell_w, cell_h = img_w + pad, img_h + cap_h + pad
+    fig_w, fig_h = cols * cell_w + pad, rows * cell_h + pad
+    fig = Figure(figsize=(fig_w / DPI, fig_h / DPI), dpi=DPI)
+    for k, (px, text, bad) in enumerate(zip(pixels, captions, wrong, strict=True)):
         r, c = divmod(k, cols)
-        color = WRONG if wrong[k] else (0, 0, 0)
-        d.text((28 + c * cell_w, 28 + r * cell_h + framed[0].shape[1] + 2), text, fill=color, font=font)
-    return _save_atomic(im, Path(path))
+        left = pad + c * cell_w
+        top = pad + r * cell_h + cap_h  # the image's top edge, in pixels from the figure's top
+        ax = fig.add_axes((left / fig_w, 1 - (top + img_h) / fig_h, img_w / fig_w, img_h / fig_h))
+        ax.imshow(px, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            if bad is None:
+                spine.set_visible(False)
+            else:
+                spine.set_color(WRONG if bad else RIGHT)
+                spine.set_linewidth(4)
+        ax.set_title(text, fontsize=8, color=WRONG if bad else "black", pad=4)
+    return _save_figure(fig, path)
