@@ -1,0 +1,176 @@
+"""Files from outside are hostile: bounded reads of regular files only, exclusive temp files renamed into place,
+outputs that cannot overwrite inputs, text made safe for terminals and spreadsheets."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import IO
+
+from .errors import CatdogError, InputError
+
+
+class DiskFull(CatdogError):
+    """No space (or quota) left where an output goes; nothing half-written was kept."""
+
+
+def read_regular(path: str | os.PathLike[str], limit: int) -> bytes:
+    """At most `limit` bytes of a regular file. Opened non-blocking (a FIFO swapped in after discovery cannot hang
+    the run) and checked on the open descriptor (a link to /dev/zero cannot exhaust memory); ValueError if larger."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        os.set_blocking(fd, True)
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise ValueError(f"larger than the {limit // 2**20} MiB file limit")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def sha256_regular(path: str | os.PathLike[str], limit: int) -> str:
+    """Content hash with the same guarantees as read_regular (used when re-hashing already cached files)."""
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        os.set_blocking(fd, True)
+        size = 0
+        while chunk := os.read(fd, 1 << 20):
+            size += len(chunk)
+            if size > limit:
+                raise OSError(errno.EFBIG, "file too large", os.fspath(path))
+            h.update(chunk)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def require_space(folder: Path, needed: int, what: Path) -> None:
+    """Refuse before writing rather than discover ENOSPC half-way (HDF5 does not survive a full disk gracefully)."""
+    free = free_bytes(folder)
+    if free < needed:
+        raise DiskFull(f"not enough space for {what}: {needed / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free "
+                       f"in {folder}; free some space and run again")
+
+
+def umask() -> int:
+    """The process umask, read without os.umask() (which sets it, racing other threads); Linux has it in /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # make a rename durable; some file systems cannot fsync a folder
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def temp_beside(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A fresh temp file created exclusively next to `path` (never a planted name or symlink). Yields its path;
+    on success the caller's content is fsynced and renamed over `path`, on any error it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the file the mode a plain open() would
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"disk full while writing {path}: free some space and run again") from None
+        raise
+    fsync_dir(path.parent)
+
+
+def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None] | bytes) -> Path:
+    """Write bytes (or let `write` fill a binary file) to a temp file, fsync, rename over `path`."""
+    path = Path(path)
+    with temp_beside(path) as tmp, open(tmp, "wb") as fh:
+        if isinstance(write, bytes):
+            fh.write(write)
+        else:
+            write(fh)
+    return path
+
+
+def same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_outputs(outputs: dict[str, Path | None], inputs: dict[str, Path | None]) -> None:
+    """Before any work: an output may not be a folder, an input, or another output (e.g. `fit --head` equal to the
+    cache, a head named x.png whose curve would overwrite it)."""
+    outs = [(k, p) for k, p in outputs.items() if p is not None]
+    for name, p in outs:
+        if p.is_dir():
+            raise InputError(f"{name} {p} is a folder; give a file name")
+        for in_name, q in inputs.items():
+            if q is not None and same_file(p, q):
+                raise InputError(f"{name} {p} is the same file as {in_name}: it would be overwritten")
+    for i, (name, p) in enumerate(outs):
+        for other, q in outs[i + 1:]:
+            if same_file(p, q):
+                raise InputError(f"{name} and {other} are the same file ({p}): one would overwrite the other")
+
+
+def printable(text: str) -> str:
+    """Control characters (ESC, newlines, OSC sequences...) from files shown escaped, never sent to the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str) -> str:
+    """Spreadsheet-safe cell (OWASP CSV injection): a leading quote stops =, +, -, @ from being run as a formula."""
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
+def stale_temps(path: Path) -> Iterable[Path]:
+    """Temp files that a killed run left next to `path` (regular files only, never a link's target)."""
+    for p in path.parent.glob(f".{path.name}.*.tmp"):
+        if p.is_file() and not p.is_symlink():
+            yield p
