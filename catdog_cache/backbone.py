@@ -1,21 +1,30 @@
-"""The frozen part: VGG16 features -> avgpool -> flatten -> classifier[0:6] (fc6, ReLU, Dropout, fc7, ReLU, Dropout),
-in eval mode so both Dropouts are identity. Weights: imagenet | random (seeded) | a local state-dict file."""
+"""The frozen part, for any backbone: a small `Backbone` description (name, layer, eval preset, how to build the
+frozen module from a weights spec, its identity in the provenance) and a registry filled from the Python
+entry-point group `catdog_cache.backbones`. The built-in backbones (VGG16, any torchvision classifier,
+EfficientNet-Lite, timm) are plugins of that group like any third-party package's: see `catdog_cache/backbones/`.
+
+A plugin is any object with `names() -> list[str]` (what `catdog-cache backbones` lists) and
+`find(name, layer) -> Backbone | None` (None: not mine)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from .errors import InputError, WeightsUnavailable
 
-FEATURE_DIM = 4096
-LAYER = "classifier.5"  # output of classifier[0:6]: fc7 after ReLU (and an eval-mode Dropout)
-ARCHS = ("vgg16", "tiny")  # "tiny": a 4096-d stand-in for fast tests only; never the default
+GROUP = "catdog_cache.backbones"
+DEFAULT_BACKBONE = "vgg16"
 
 
 @dataclass(frozen=True)
@@ -25,21 +34,14 @@ class WeightsSpec:
     path: str = ""
     sha256: str = ""
 
-    @property
-    def identity(self) -> str:
-        """What provenance records and compares: same identity, same features."""
-        if self.kind == "imagenet":
-            return "imagenet:IMAGENET1K_V1"
-        if self.kind == "random":
-            return f"random:seed={self.seed}"
-        return f"file:sha256={self.sha256}"
-
 
 def parse_weights(value: str, seed: int = 0) -> WeightsSpec:
-    """`imagenet`, `random` or a path to a torchvision-compatible VGG16 state dict."""
+    """`imagenet` (the backbone's default pretrained weights), `random` (seeded) or a path to a state dict."""
     if value == "imagenet":
         return WeightsSpec("imagenet")
     if value == "random":
+        if not 0 <= seed < 2**63:
+            raise InputError(f"--seed must be in [0, 2**63), got {seed}")
         return WeightsSpec("random", seed=seed)
     path = Path(value)
     if not path.is_file():
@@ -47,25 +49,32 @@ def parse_weights(value: str, seed: int = 0) -> WeightsSpec:
     return WeightsSpec("file", path=str(path.resolve()), sha256=file_sha256(path))
 
 
-def spec_from_identity(identity: str, weights_file: str | None = None, need_file: bool = True) -> WeightsSpec:
+def spec_from_identity(identity: str, weights_file: str | None = None, need_file: bool = True,
+                       recorded_path: str | None = None) -> WeightsSpec:
     """Rebuild a WeightsSpec from recorded provenance (predict must use exactly the extractor the head saw).
-    need_file=False: only the identity is wanted (an exported model carries its own weights)."""
+    need_file=False: only the identity is wanted (an exported model carries its own weights). A weights file is
+    looked for at `weights_file`, else where the head recorded it, and used only if its sha256 still matches."""
     kind, _, rest = identity.partition(":")
+    key, _, value = rest.partition("=")
     if kind == "imagenet":
         return WeightsSpec("imagenet")
-    if kind == "random":
-        return WeightsSpec("random", seed=int(rest.split("=", 1)[1]))
-    want = rest.split("=", 1)[1]
+    if kind == "random" and key == "seed" and value.isdigit() and int(value) < 2**63:
+        return WeightsSpec("random", seed=int(value))
+    if kind != "file" or key != "sha256" or len(value) != 64:
+        raise InputError(f"unknown weights identity {identity!r} in the provenance: damaged or from a newer version")
     if not need_file:
-        return WeightsSpec("file", sha256=want)
-    if not weights_file:
-        raise InputError(f"the head was trained on features from a weights file (sha256 {want[:12]}…): "
-                         "pass the same file with --weights FILE")
-    spec = parse_weights(weights_file)
-    if spec.sha256 != want:
-        raise InputError(f"--weights {weights_file}: sha256 {spec.sha256[:12]}… is not the file the head was "
-                         f"trained with ({want[:12]}…)")
-    return spec
+        return WeightsSpec("file", sha256=value)
+    for candidate in ([weights_file] if weights_file else []) + ([recorded_path] if recorded_path else []):
+        if Path(candidate).is_file():
+            spec = parse_weights(candidate)
+            if spec.sha256 == value:
+                return spec
+            if candidate == weights_file:
+                raise InputError(f"--weights {weights_file}: sha256 {spec.sha256[:12]}… is not the file the head was "
+                                 f"trained with ({value[:12]}…)")
+    where = f" (it was at {recorded_path}, which is gone or changed)" if recorded_path else ""
+    raise InputError(f"the head was trained on features from a weights file (sha256 {value[:12]}…){where}: "
+                     "pass the same file with --weights FILE")
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -76,114 +85,181 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-class Fc7(nn.Module):
-    """VGG16 up to fc7: [B, 3, 224, 224] -> [B, 4096]."""
+@dataclass(frozen=True)
+class Preset:
+    """The eval transform: resize the shorter side, center crop, scale to [0, 1], normalise. As torchvision's
+    `ImageClassification` preset, which computes it."""
 
-    def __init__(self, vgg: nn.Module) -> None:
-        super().__init__()
-        self.features = vgg.features
-        self.avgpool = vgg.avgpool
-        self.classifier = vgg.classifier[:6]  # keeps the names classifier.0 / classifier.3 of the state dict
+    resize: int
+    crop: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)  # [B, 512, 7, 7]
-        x = self.avgpool(x)  # [B, 512, 7, 7]
-        x = torch.flatten(x, 1)  # [B, 25088]
-        return self.classifier(x)  # [B, 4096]
+    def spec(self, decoder: str = "pil") -> str:
+        """The transform as recorded in cache and head provenance (VGG16's is the spec it always had)."""
+        spec: dict[str, Any] = {"resize": self.resize, "crop": self.crop, "interpolation": self.interpolation,
+                                "antialias": True, "mean": list(self.mean), "std": list(self.std)}
+        if decoder != "pil":
+            spec["decoder"] = decoder
+        return json.dumps(spec, sort_keys=True)
 
+    @classmethod
+    def from_spec(cls, text: str) -> Preset:
+        d = json.loads(text)
+        return cls(int(d["resize"]), int(d["crop"]), tuple(d["mean"]), tuple(d["std"]), d["interpolation"])
 
-class Tiny(nn.Module):
-    """Test stand-in with the same contract: [B, 3, 224, 224] -> [B, 4096], non-negative like fc7 after ReLU."""
+    def transform(self) -> Callable[[Any], torch.Tensor]:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms._presets import ImageClassification
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, kernel_size=8, stride=8)
-        self.pool = nn.AdaptiveAvgPool2d(4)
-        self.fc = nn.Linear(8 * 4 * 4, FEATURE_DIM)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv(x))  # [B, 8, 28, 28]
-        x = self.pool(x).flatten(1)  # [B, 128]
-        return torch.relu(self.fc(x))  # [B, 4096]
-
-
-def imagenet_weights_path() -> Path:
-    """Where torchvision's weights cache keeps the VGG16 ImageNet file."""
-    from torchvision.models import VGG16_Weights
-
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(VGG16_Weights.IMAGENET1K_V1.url)
+        return ImageClassification(crop_size=self.crop, resize_size=self.resize, mean=self.mean, std=self.std,
+                                   interpolation=InterpolationMode(self.interpolation), antialias=True)
 
 
-def _imagenet_state_dict() -> dict[str, torch.Tensor]:
-    from torchvision.models import VGG16_Weights
-
-    weights = VGG16_Weights.IMAGENET1K_V1
-    try:
-        return weights.get_state_dict(progress=True, check_hash=True)
-    except Exception as e:  # offline: URLError, socket errors, a partial download...
-        raise WeightsUnavailable(
-            f"VGG16 ImageNet weights are not cached and could not be downloaded ({type(e).__name__}): "
-            f"put {weights.url.rsplit('/', 1)[1]} in {imagenet_weights_path().parent}/ or pass --weights FILE "
-            "(or --weights random for an offline try-out)"
-        ) from None
+IMAGENET = Preset(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-def build(spec: WeightsSpec, arch: str = "vgg16") -> nn.Module:
-    """The frozen extractor on the CPU, eval mode, no gradients."""
-    if arch not in ARCHS:
-        raise InputError(f"--arch: unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
-    if arch == "tiny":
-        if spec.kind != "random":
-            raise InputError("--arch tiny only supports --weights random")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed)
-            model: nn.Module = Tiny()
-        return _freeze(model)
+class Backbone:
+    """One frozen feature extractor at one layer: [B, 3, crop, crop] -> [B, dim]."""
 
-    from torchvision.models import vgg16
+    def __init__(self, name: str, layer: str, preset: Preset, make: Callable[[WeightsSpec], nn.Module],
+                 imagenet_id: str, offline: Callable[[], bool] = lambda: False, note: str = "",
+                 make_meta: Callable[[], nn.Module] | None = None) -> None:
+        self.name, self.layer, self.preset, self.note = name, layer, preset, note
+        self._make, self._meta, self.imagenet_id, self.offline = make, make_meta, imagenet_id, offline
 
-    if spec.kind == "random":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed)  # "random" weights: identical for a given seed and torch version
-            vgg = vgg16(weights=None)
-        return _freeze(Fc7(vgg))
-    with torch.device("meta"):
-        vgg = vgg16(weights=None)  # no 2-second random init of weights about to be replaced
-    if spec.kind == "imagenet":
-        vgg.load_state_dict(_imagenet_state_dict(), assign=True)
-    else:
+    def build(self, spec: WeightsSpec) -> nn.Module:
+        """The frozen extractor on the CPU, eval mode, no gradients."""
+        return freeze(self._make(spec))
+
+    def identity(self, spec: WeightsSpec) -> str:
+        """What provenance records and compares: same identity, same features."""
+        if spec.kind == "imagenet":
+            return f"imagenet:{self.imagenet_id}"
+        if spec.kind == "random":
+            return f"random:seed={spec.seed}"
+        return f"file:sha256={spec.sha256}"
+
+    @functools.cached_property
+    def _shape(self) -> tuple[int, float]:
+        """(feature size, GFLOP per image), from one pass on the meta device: no weights, no compute."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with torch.device("meta"):
+            model = self._meta() if self._meta else self._make(WeightsSpec("random"))
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                y = model.eval()(torch.empty(1, 3, self.preset.crop, self.preset.crop))
+        return int(y.flatten(1).shape[1]), counter.get_total_flops() / 1e9
+
+    @property
+    def dim(self) -> int:
+        return self._shape[0]
+
+    @property
+    def gflops(self) -> float:
+        return self._shape[1]
+
+
+class Plugin(Protocol):
+    def names(self) -> list[str]: ...
+
+    def find(self, name: str, layer: str | None) -> Backbone | None: ...
+
+
+@functools.cache
+def plugins() -> list[tuple[str, Plugin]]:
+    """Every plugin of the entry-point group: catdog-cache's own first (they are its defaults), then others.
+    Running from a source tree without installed metadata, the built-ins are registered directly."""
+    from .backbones import BUILTIN
+
+    order = [name for name, _ in BUILTIN]  # named backbones before the catch-alls (torchvision names, timm:)
+    found = sorted(entry_points(group=GROUP), key=lambda ep: order.index(ep.name) if ep.value.startswith(
+        "catdog_cache.") and ep.name in order else len(order))
+    if not any(ep.value.startswith("catdog_cache.") for ep in found):
+        return [*BUILTIN, *[(ep.name, ep.load()) for ep in found]]
+    out = []
+    for ep in found:
         try:
-            state = torch.load(spec.path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise InputError(f"--weights {spec.path}: not a loadable PyTorch state dict ({e})") from None
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        try:
-            missing, unexpected = vgg.load_state_dict(state, strict=False, assign=True)
-        except (RuntimeError, TypeError, AttributeError) as e:  # wrong shapes, not a mapping of tensors
-            raise InputError(f"--weights {spec.path}: not a torchvision VGG16 state dict "
-                             f"({str(e).splitlines()[-1].strip()})") from None
-        needed = [k for k in missing if not k.startswith("classifier.6.")]  # fc8 is not used
-        if needed or unexpected:
-            raise InputError(
-                f"--weights {spec.path}: not a torchvision VGG16 state dict "
-                f"(missing {needed[:3]}, unexpected {list(unexpected)[:3]})"
-            )
-    return _freeze(Fc7(vgg))
+            out.append((ep.name, ep.load()))
+        except Exception as e:  # a broken third-party plugin must not break the tool
+            import warnings
+
+            warnings.warn(f"backbone plugin {ep.name} ({ep.value}) failed to load: {e}", stacklevel=2)
+    return out
 
 
-def _freeze(model: nn.Module) -> nn.Module:
+def get_backbone(name: str = DEFAULT_BACKBONE, layer: str | None = None) -> Backbone:
+    """Resolve a backbone name (and optional layer): the first plugin that knows it wins."""
+    for _, plugin in plugins():
+        backbone = plugin.find(name, layer or None)
+        if backbone is not None:
+            return backbone
+    raise InputError(f"--backbone {name!r}: unknown. `catdog-cache backbones` lists what is available; any "
+                     "torchvision classification model (resnet50, convnext_tiny...) or timm:NAME also works")
+
+
+def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
 
 
+def load_state_file(model: nn.Module, spec: WeightsSpec, what: str, ignore: tuple[str, ...] = ()) -> nn.Module:
+    """A weights file from anywhere: tensors only (weights_only=True, never a pickle fallback), keys and shapes
+    must match `model` except the `ignore` prefixes (e.g. the classifier that features stop before)."""
+    try:
+        state = torch.load(spec.path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise InputError(f"--weights {spec.path}: not a loadable PyTorch state dict ({type(e).__name__})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise InputError(f"--weights {spec.path}: not a state dict of tensors")
+    state = {k: v for k, v in state.items() if not k.startswith(ignore)}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except (RuntimeError, TypeError, AttributeError) as e:  # wrong shapes
+        raise InputError(f"--weights {spec.path}: not a {what} state dict ({str(e).splitlines()[-1].strip()})") \
+            from None
+    missing = [k for k in missing if not k.startswith(ignore)]
+    if missing or unexpected:
+        raise InputError(f"--weights {spec.path}: not a {what} state dict (missing {missing[:3]}, unexpected "
+                         f"{list(unexpected)[:3]})")
+    if any(t.is_meta for k, t in model.state_dict().items() if not k.startswith(ignore)):
+        raise InputError(f"--weights {spec.path}: not a complete {what} state dict")
+    return model
+
+
+def seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
+    """Build with a private, seeded RNG stream: "random" weights are identical for a given seed and torch."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available (use --device cpu or auto)")
     if device != "cpu" and not device.startswith("cuda"):
         raise InputError(f"--device: expected auto, cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available (use --device cpu or auto)")
     return torch.device(device)
+
+
+def check_device(device: str) -> None:
+    """Option check that needs no torch import (runs even when there is nothing to extract)."""
+    if device not in ("auto", "cpu") and not (device == "cuda" or device.startswith("cuda:")):
+        raise InputError(f"--device: expected auto, cpu or cuda, got {device!r}")
+
+
+def build(spec: WeightsSpec, backbone: str = DEFAULT_BACKBONE, layer: str | None = None) -> nn.Module:
+    return get_backbone(backbone, layer).build(spec)
+
+
+def missing_weights(name: str, what: str, where: Path) -> WeightsUnavailable:
+    return WeightsUnavailable(f"{name} ImageNet weights are not cached and could not be downloaded: put {what} in "
+                              f"{where}/ or pass --weights FILE (or --weights random for an offline try-out)")

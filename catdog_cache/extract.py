@@ -18,20 +18,20 @@ import numpy as np
 import torch
 
 from . import __version__
-from .backbone import FEATURE_DIM, LAYER, WeightsSpec, build, resolve_device
+from .backbone import DEFAULT_BACKBONE, Backbone, Preset, WeightsSpec, check_device, get_backbone, resolve_device
 from .discover import Discovery, Sample, discover
 from .distributed import Dist, from_env
-from .errors import CacheBusy, CatdogError, InputError, Interrupted
+from .errors import CacheBusy, CatdogError, InputError, Interrupted, ProvenanceMismatch
+from .files import read_regular, sha256_regular
 from .preprocess import (
     DECODERS,
     MAX_FILE_BYTES,
     VIEWS,
     DecodeError,
     decode_rgb,
-    eval_transform,
+    decoder_of,
     plain_jpeg,
     tensor_views,
-    transform_spec,
     views_of,
 )
 from .store import Provenance, Rows, assemble, encode_path, list_parts, locked, read_index, require_same, write_part
@@ -44,7 +44,8 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 @dataclass(frozen=True)
 class ExtractConfig:
     weights: WeightsSpec
-    arch: str = "vgg16"
+    backbone: str = DEFAULT_BACKBONE
+    layer: str = ""  # "": the backbone's default (VGG16: fc7)
     device: str = "auto"
     batch_size: int = 0  # 0: auto, 16 on CPU (fastest measured on 2 cores), 128 on a GPU
     workers: int = -1  # -1: sized to the cores
@@ -54,12 +55,20 @@ class ExtractConfig:
     decoder: str = "pil"
     part_rows: int = PART_ROWS  # rows per crash-safe part; not part of provenance
 
+    def resolve(self) -> Backbone:
+        return get_backbone(self.backbone, self.layer or None)
+
     def provenance(self) -> Provenance:
-        return Provenance(arch=self.arch, layer=LAYER, weights=self.weights.identity,
-                          transform=transform_spec(self.decoder),
+        bb = self.resolve()
+        return Provenance(arch=bb.name, layer=bb.layer, weights=bb.identity(self.weights),
+                          transform=bb.preset.spec(self.decoder),
                           views=",".join(self.views), dtype=self.dtype, precision=self.precision)
 
     def check(self) -> None:
+        """Every option value, checked before any work (also when there is nothing to extract)."""
+        check_device(self.device)
+        if self.workers < -1:
+            raise InputError(f"--workers must be -1 (auto), 0 (in process) or more, got {self.workers}")
         if self.batch_size < 0:
             raise InputError(f"--batch-size must be at least 1 (or 0 for auto), got {self.batch_size}")
         if self.dtype not in ("float32", "float16"):
@@ -82,8 +91,7 @@ def versions() -> dict[str, str]:
 
 
 def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return sha256_regular(path, MAX_FILE_BYTES)
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -92,20 +100,19 @@ class ImageFiles(torch.utils.data.Dataset):
     With decoder="torchvision" the item is instead ("jpeg", raw bytes) for plain JPEGs, to be decoded in a batch on
     the extraction device, or ("rgb", [3, H, W] uint8) decoded by Pillow; `device_batch` finishes both."""
 
-    def __init__(self, root: Path, rels: list[str], views: tuple[str, ...], decoder: str = "pil") -> None:
+    def __init__(self, root: Path, rels: list[str], views: tuple[str, ...], preset: Preset, decoder: str = "pil"
+                 ) -> None:
         self.root, self.rels, self.views, self.decoder = root, rels, views, decoder
-        self.transform = eval_transform()
+        self.transform = preset.transform()
 
     def __len__(self) -> int:
         return len(self.rels)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str, str]:
-        try:
-            with open(self.root / self.rels[i], "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size > MAX_FILE_BYTES:
-                    return i, None, "", f"{size / 2**20:.0f} MiB exceeds the {MAX_FILE_BYTES // 2**20} MiB file limit"
-                data = f.read()
+        try:  # a regular file, opened non-blocking, read up to the limit: the file may have changed since discovery
+            data = read_regular(self.root / self.rels[i], MAX_FILE_BYTES)
+        except ValueError as e:
+            return i, None, "", str(e)
         except OSError as e:
             return i, None, "", f"unreadable: {e.strerror or e}"
         sha = hashlib.sha256(data).hexdigest()
@@ -131,7 +138,7 @@ def _collate(batch: list[tuple[int, Any, str, str]]):
 
 
 def device_batch(items: list[tuple[str, torch.Tensor]], idx: list[int], shas: list[str],
-                 views: tuple[str, ...], device: torch.device
+                 views: tuple[str, ...], device: torch.device, preset: Preset
                  ) -> tuple[torch.Tensor | None, list[int], list[str], list[tuple[int, str, str]]]:
     """decoder="torchvision": decode the batch's JPEGs together on the device (nvJPEG on a GPU), then resize, crop
     and normalise there. A batch that fails to decode is retried image by image, so one bad file is one failure."""
@@ -153,7 +160,7 @@ def device_batch(items: list[tuple[str, torch.Tensor]], idx: list[int], shas: li
             except RuntimeError as e:
                 failed.append((idx[k], shas[k], f"corrupt or truncated JPEG: {str(e).splitlines()[0]}"))
     keep = [k for k, img in enumerate(images) if img is not None]
-    x = tensor_views([images[k] for k in keep], views, device) if keep else None  # [B, V, 3, 224, 224]
+    x = tensor_views([images[k] for k in keep], views, device, preset) if keep else None  # [B, V, 3, S, S]
     return x, [idx[k] for k in keep], [shas[k] for k in keep], failed
 
 
@@ -168,18 +175,19 @@ def default_workers(n_items: int) -> int:
 def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.nn.Module | None = None,
                  progress: Progress | None = None
                  ) -> Iterator[tuple[list[int], np.ndarray, list[str], list[tuple[int, str, str]]]]:
-    """Yield per batch: (item indices, features [B, V, 4096] float32, sha256s, failures (index, sha, reason))."""
+    """Yield per batch: (item indices, features [B, V, D] float32, sha256s, failures (index, sha, reason))."""
     cfg.check()
     device = resolve_device(cfg.device)  # under torchrun, "cuda" is this rank's GPU (distributed.from_env)
-    model = model if model is not None else build(cfg.weights, cfg.arch)
+    backbone = cfg.resolve()
+    model = model if model is not None else backbone.build(cfg.weights)
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
     model = model.to(device, memory_format=torch.channels_last)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(len(rels))
     loader = torch.utils.data.DataLoader(
-        ImageFiles(root, rels, cfg.views, cfg.decoder), batch_size=cfg.batch_size or (128 if cuda else 16),
-        shuffle=False, num_workers=workers,
+        ImageFiles(root, rels, cfg.views, backbone.preset, cfg.decoder),
+        batch_size=cfg.batch_size or (128 if cuda else 16), shuffle=False, num_workers=workers,
         collate_fn=_collate, pin_memory=cuda, worker_init_fn=_worker_init if workers else None,
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
@@ -187,16 +195,16 @@ def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.n
     done = 0
     for x, idx, shas, failures in loader:
         if isinstance(x, list):
-            x, idx, shas, late = device_batch(x, idx, shas, cfg.views, device)
+            x, idx, shas, late = device_batch(x, idx, shas, cfg.views, device, backbone.preset)
             failures = failures + late
-        feats = np.zeros((0, len(cfg.views), FEATURE_DIM), np.float32)
+        feats = np.zeros((0, len(cfg.views), 0), np.float32)
         if x is not None:
             b, v = x.shape[:2]
-            x = x.flatten(0, 1).to(device, non_blocking=True, memory_format=torch.channels_last)  # [B*V, 3, 224, 224]
+            x = x.flatten(0, 1).to(device, non_blocking=True, memory_format=torch.channels_last)  # [B*V, 3, S, S]
             with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
                                                         enabled=autocast_dtype is not None):
-                y = model(x)  # [B*V, 4096]
-            feats = y.float().reshape(b, v, -1).cpu().numpy()  # [B, V, 4096]
+                y = model(x)  # [B*V, D]
+            feats = y.float().reshape(b, v, -1).cpu().numpy()  # [B, V, D]
         done += len(idx) + len(failures)
         if progress:
             progress("extract", done, len(rels))
@@ -226,7 +234,8 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
     `only` restricts the run to these relative paths; `model` reuses an already built backbone."""
     t0 = time.perf_counter()
     cfg.check()
-    cache = Path(cache)
+    spelled = Path(cache)
+    cache = spelled.resolve()  # a symlinked cache is updated where it points; one lock however it is spelled
     disc = discover(data_dir)
     if only is not None:
         disc.samples = [s for s in disc.samples if s.rel in only]
@@ -238,7 +247,7 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
         raise InputError(f"--strict: {len(disc.skipped)} files skipped, first {rel!r}: {reason}")
     prov = cfg.provenance()
     source = str(disc.root.resolve())
-    report = ExtractReport(cache=cache, found=len(disc.samples), skipped=disc.skipped, warnings=disc.warnings,
+    report = ExtractReport(cache=spelled, found=len(disc.samples), skipped=disc.skipped, warnings=disc.warnings,
                            layout=disc.layout)
     dist = from_env(cfg.device)
     with _lock_once(cache, dist):
@@ -276,11 +285,14 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
 def _finish(cache: Path, prov: Provenance, report: ExtractReport, todo: list[Sample], drop: set[tuple[str, bytes]],
             strict: bool, had_cache: bool, data_dir: str | os.PathLike[str]) -> int:
     """Assemble the parts into the cache (or refuse under --strict); returns the cache's row count."""
-    if strict and report.failed:
-        for part in list_parts(cache):
-            part.unlink()
-        rel, reason = report.failed[0]
-        raise InputError(f"--strict: {len(report.failed)} files could not be decoded, first {rel!r}: {reason}")
+    if strict:  # refuse to assemble; parts stay (they may hold an earlier run's saved work)
+        failed = report.failed + [(os.fsdecode(p), reason) for part in list_parts(cache)
+                                  for _, p, _, reason in read_index(part).failed if (os.fsdecode(p), reason)
+                                  not in report.failed]
+        if failed:
+            rel, reason = failed[0]
+            raise InputError(f"--strict: {len(failed)} files could not be decoded, first {rel!r}: {reason}; "
+                             "nothing was added to the cache")
     if not (todo or drop or list_parts(cache)):
         return read_index(cache).shape[0]
     index = assemble(cache, prov, versions(), drop)
@@ -319,7 +331,11 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
     old_paths: set[bytes] = set()
     for path in ([cache] if cache.exists() else []) + list_parts(cache):
         idx = read_index(path)
-        require_same(idx.provenance, prov, f"cache {path}", "this extract")
+        try:
+            require_same(idx.provenance, prov, f"cache {path}", "this extract")
+        except ProvenanceMismatch as e:
+            raise ProvenanceMismatch(f"{e}. To add to this cache, run extract with {matching_flags(idx.provenance)}; "
+                                     "or give --cache a new file for these settings") from None
         for key, sha in zip(idx.keys(), idx.sha256, strict=True):
             if key[0] == source:
                 known[key[1]] = sha
@@ -349,10 +365,21 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
     return todo, ({(source, encode_path(r)) for r in report.removed} if prune else set())
 
 
+def matching_flags(prov: Provenance) -> str:
+    """The extract options that reproduce a cache's provenance (for the refusal message)."""
+    kind, _, rest = prov.weights.partition(":")
+    weights = {"imagenet": "--weights imagenet", "random": f"--weights random --seed {rest.partition('=')[2]}",
+               "file": f"--weights FILE (the file with sha256 {rest.partition('=')[2][:12]}…)"}.get(kind, prov.weights)
+    flags = [f"--backbone {prov.arch}", f"--layer {prov.layer}", weights, f"--views {prov.views}",
+             f"--dtype {prov.dtype}", f"--precision {prov.precision}", f"--decoder {decoder_of(prov.transform)}"]
+    return " ".join(flags)
+
+
 def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg: ExtractConfig,
                    prov: Provenance, report: ExtractReport, progress: Progress | None,
                    model: torch.nn.Module | None = None, tag: str = "") -> None:
     rels = [s.rel for s in todo]
+    dim = cfg.resolve().dim
     run_id = f"{time.time_ns():020d}-{os.getpid()}{tag}"
     rows, n_parts, last = Rows(), 0, time.monotonic()
     delay = float(os.environ.get("CATDOG_BATCH_DELAY", "0"))  # test hook: slow a run down to kill it midway
@@ -361,7 +388,7 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
         nonlocal rows, n_parts, last
         if len(rows):
             write_part(cache, f"part-{run_id}-{n_parts:06d}", prov, source, rows, versions(),
-                       (len(cfg.views), FEATURE_DIM))
+                       (len(cfg.views), dim))
             n_parts += 1
         rows, last = Rows(), time.monotonic()
 

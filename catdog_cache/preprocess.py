@@ -1,4 +1,4 @@
-"""The one eval transform (shared by extract, verify and predict) and safe, per-file image decoding."""
+"""Safe, per-file image decoding and the deterministic views; the eval transform itself is the backbone's Preset."""
 
 from __future__ import annotations
 
@@ -13,15 +13,14 @@ from PIL import Image, ImageOps
 if TYPE_CHECKING:
     import torch
 
+    from .backbone import Preset
+
 # Documented limits, checked from the header before any pixel is decoded (Pillow's globals stay untouched).
 MAX_PIXELS = 64_000_000  # 64 MP: an 8000x8000 photo passes; a decompression bomb does not
 MAX_FILE_BYTES = 256 * 2**20  # larger files are refused before they are read: memory stays bounded
 MAX_ASPECT = 50.0  # longer side / shorter side; beyond this the 256-px resize would make a huge strip
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 
-RESIZE, CROP = 256, 224
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 VIEWS = ("center", "flip")  # deterministic views per image; "flip" is the mirrored center crop
 # "pil": Pillow decode + the preset on the CPU workers. "torchvision": JPEGs decoded by torchvision.io.decode_jpeg on
 # the extraction device (nvJPEG on a GPU, batched) and resized there; other formats via Pillow. The two differ by
@@ -33,23 +32,8 @@ class DecodeError(Exception):
     """One file could not be turned into an RGB image; the message is the per-file reason."""
 
 
-def transform_spec(decoder: str = "pil") -> str:
-    """The transform as recorded in cache and head provenance: the exact eval preset of VGG16_Weights."""
-    spec = {"resize": RESIZE, "crop": CROP, "interpolation": "bilinear", "antialias": True, "mean": MEAN, "std": STD}
-    if decoder != "pil":  # the default keeps the spec it always had
-        spec["decoder"] = decoder
-    return json.dumps(spec, sort_keys=True)
-
-
 def decoder_of(transform: str) -> str:
     return json.loads(transform).get("decoder", "pil")
-
-
-def eval_transform():
-    """torchvision's own eval preset for the VGG16 ImageNet weights: Resize 256, CenterCrop 224, ImageNet mean/std."""
-    from torchvision.models import VGG16_Weights
-
-    return VGG16_Weights.IMAGENET1K_V1.transforms()  # the values transform_spec() records
 
 
 def _check_size(w: int, h: int) -> None:
@@ -128,15 +112,19 @@ def stack_views(x: torch.Tensor, views: tuple[str, ...]) -> torch.Tensor:
     return torch.stack([torch.flip(x, dims=[2]) if v == "flip" else x for v in views])
 
 
-def tensor_views(images: list[torch.Tensor], views: tuple[str, ...], device: torch.device) -> torch.Tensor:
-    """[3, H, W] uint8 images (any sizes, on any device) -> [B, V, 3, 224, 224]: the same preset, on tensors."""
+def tensor_views(images: list[torch.Tensor], views: tuple[str, ...], device: torch.device, preset: Preset
+                 ) -> torch.Tensor:
+    """[3, H, W] uint8 images (any sizes, on any device) -> [B, V, 3, S, S]: the same preset, on tensors."""
     import torch
+    from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
-    mean = torch.tensor(MEAN, device=device)[:, None, None]
-    std = torch.tensor(STD, device=device)[:, None, None]
+    mean = torch.tensor(preset.mean, device=device)[:, None, None]
+    std = torch.tensor(preset.std, device=device)[:, None, None]
+    mode = InterpolationMode(preset.interpolation)
     out = []
     for img in images:
-        x = TF.center_crop(TF.resize(img.to(device), [RESIZE], antialias=True), [CROP])  # [3, 224, 224] uint8
-        out.append(stack_views((x.float() / 255 - mean) / std, views))  # [V, 3, 224, 224]
-    return torch.stack(out)  # [B, V, 3, 224, 224]
+        x = TF.resize(img.to(device), [preset.resize], interpolation=mode, antialias=True)
+        x = TF.center_crop(x, [preset.crop])  # [3, S, S] uint8
+        out.append(stack_views((x.float() / 255 - mean) / std, views))  # [V, 3, S, S]
+    return torch.stack(out)  # [B, V, 3, S, S]
