@@ -1,4 +1,4 @@
-"""catdog-cache: cache frozen VGG16 fc7 activations once, train the Linear(4096, 2) head in seconds.
+"""catdog-cache: cache frozen ImageNet features (VGG16 fc7 by default) once, train the head in seconds.
 
 Python API (imported lazily, so `catdog-cache --help` stays instant):
 
@@ -19,8 +19,9 @@ _API = {
     "fit": ("fit", "fit"),
     "predict": ("predict", "predict"),
     "verify": ("verify", "verify"),
-    "export": ("predict", "export"),
-    "preview": ("predict", "preview"),
+    "export": ("scorer", "export"),
+    "preview": ("preview", "preview"),
+    "get_backbone": ("backbone", "get_backbone"),
     "ExtractConfig": ("extract", "ExtractConfig"),
     "FitConfig": ("fit", "FitConfig"),
     "parse_weights": ("backbone", "parse_weights"),

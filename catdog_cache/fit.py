@@ -7,6 +7,7 @@ import hashlib
 import math
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,12 +16,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from .errors import CatdogError, InputError
+from .files import check_outputs
 from .head import Head, MaskStream, new_head, save_head
-from .store import BlockReader, Index, read_features, read_index
+from .store import CHUNK_ROWS, BlockReader, Index, open_cache, read_features
 
-Features = Callable[[torch.Tensor], torch.Tensor]  # row indices [B] -> features [B, 4096]
-Batches = Callable[[torch.Tensor, int, torch.Generator], Iterable[torch.Tensor]]  # (train rows, B, gen) -> batches
+Features = Callable[[torch.Tensor], torch.Tensor]  # row indices [B] -> features [B, D]
+WINDOW_CHUNKS = 8  # batch order: 8 random 64-row chunks (512 rows) are shuffled together; see windowed_batches
+
+
+class Diverged(CatdogError):
+    """Training produced a non-finite loss or weights."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,8 @@ class FitConfig:
     val_fraction: float = 0.2
     seed: int = 0
     augment: bool = False  # train on every cached view of each training image
+    hidden: tuple[int, ...] = ()  # MLP head: Linear, ReLU, Dropout per hidden size, then Linear(., 2)
+    keep: str = "last"  # "best": the epoch with the lowest validation log loss
 
     @staticmethod
     def views_of(index: Index) -> int:
@@ -46,8 +54,14 @@ class FitConfig:
             raise InputError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise InputError(f"--lr must be positive, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise InputError(f"--lr must be a positive, finite number, got {self.lr}")
+        if not 0 <= self.seed < 2**63:
+            raise InputError(f"--seed must be in [0, 2**63), got {self.seed}")
+        if self.keep not in ("last", "best"):
+            raise InputError(f"--keep: expected last or best, got {self.keep!r}")
+        if any(not 0 < h <= 65536 for h in self.hidden) or len(self.hidden) > 8:
+            raise InputError(f"--hidden: expected up to 8 layer sizes in [1, 65536], got {self.hidden}")
         if not 0 <= self.dropout < 1:
             raise InputError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.val_fraction < 1:
@@ -62,6 +76,9 @@ class EpochStats:
     val_loss: float
     val_acc: float
     seconds: float
+
+    def row(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")}
 
 
 def streams(seed: int) -> dict[str, int]:
@@ -103,46 +120,112 @@ def evaluate(head: Head, features_of: Features, labels: torch.Tensor, rows: torc
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item(), logits
 
 
-def shuffled_batches(train_rows: torch.Tensor, batch_size: int, g: torch.Generator) -> Iterator[torch.Tensor]:
-    """In-memory order: one random permutation of all training rows per epoch."""
-    order = train_rows[torch.randperm(len(train_rows), generator=g)]  # [n_train]
+def windowed_batches(train_rows: torch.Tensor, batch_size: int, g: torch.Generator) -> Iterator[torch.Tensor]:
+    """The one batch order, defined by the seed and the cache alone (never by the memory budget): each epoch the
+    64-row chunks that hold training rows are put in random order, taken WINDOW_CHUNKS at a time, and the rows of
+    each window are shuffled together. In memory or streamed from disk, fit sees the same batches, and a streamed
+    epoch reads each 1 MiB chunk once. A window mixes 8 chunks from anywhere in the file, so batches mix classes
+    even when the rows are sorted (Kaggle names: all cats, then all dogs)."""
+    chunk = train_rows // CHUNK_ROWS  # [n_train]
+    ids = torch.unique(chunk)  # [C] sorted
+    rank = torch.empty(int(ids[-1]) + 1 if len(ids) else 0, dtype=torch.long)
+    rank[ids[torch.randperm(len(ids), generator=g)]] = torch.arange(len(ids))  # chunk id -> position this epoch
+    window = rank[chunk] // WINDOW_CHUNKS  # [n_train]
+    noise = torch.randperm(len(train_rows), generator=g)  # [n_train] uniform order within a window
+    order = train_rows[torch.argsort(window * len(train_rows) + noise)]  # [n_train]
     for s in range(0, len(order), batch_size):
         yield order[s : s + batch_size]  # [B]
 
 
+class Adam:
+    """Adam (Kingma & Ba, torch.optim.Adam's defaults and update), written out: importing torch.optim pulls in
+    torch._dynamo, about a second per process, longer than a whole 20-epoch fit of a linear head."""
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.params = list(params)
+        self.lr, self.betas, self.eps, self.t = lr, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1**self.t, 1 - b2**self.t
+        for p, m, v in zip(self.params, self.m, self.v, strict=True):
+            g = p.grad
+            m.lerp_(g, 1 - b1)  # m = b1 m + (1 - b1) g
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)  # v = b2 v + (1 - b2) g^2
+            denom = (v.sqrt() / math.sqrt(c2)).add_(self.eps)
+            p.addcdiv_(m, denom, value=-self.lr / c1)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def train_threads(hidden: tuple[int, ...]) -> int:
+    """Intra-op threads for the training loop. A linear head's steps are many tiny ops: with 2+ threads they spend
+    their time waiting for each other, and a busy neighbour on one core stalls every step (measured on 2 cores:
+    0.2 s/epoch with 1 thread vs 2-5 s with 2, bit-identical heads). An MLP head's hidden GEMMs are large enough
+    to use the cores. CATDOG_FIT_THREADS overrides (bench uses it to compare)."""
+    forced = os.environ.get("CATDOG_FIT_THREADS")
+    if forced:
+        return max(1, int(forced))
+    return 1 if not hidden or max(hidden) < 256 else torch.get_num_threads()
+
+
 def train(features_of: Features, labels: torch.Tensor, train_rows: torch.Tensor, val_rows: torch.Tensor,
-          cfg: FitConfig, on_epoch: Callable[[EpochStats], None] | None = None,
-          batches: Batches = shuffled_batches) -> tuple[Head, list[EpochStats]]:
-    """Adam on CrossEntropy over Dropout -> Linear(4096, 2). Only the head has parameters; features are constants."""
+          cfg: FitConfig, on_epoch: Callable[[EpochStats], None] | None = None, in_dim: int = 4096) -> tuple[
+              Head, list[EpochStats], int]:
+    """Adam on CrossEntropy over the head. Only the head has parameters; features are constants.
+    Returns the head, the history and the epoch whose weights the head holds (the last, or with keep="best" the
+    one with the lowest validation loss; without validation rows, the last)."""
     cfg.check()
     seeds = streams(cfg.seed)
-    head = new_head(cfg.dropout, seeds["init"])
+    head = new_head(cfg.dropout, seeds["init"], in_dim, cfg.hidden)
     g_order = torch.Generator().manual_seed(seeds["order"])
     masks = MaskStream(seeds["dropout"])
-    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
+    opt = Adam(head.parameters(), lr=cfg.lr)
     history: list[EpochStats] = []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     head.train()
-    for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        loss_sum, correct, n = torch.zeros(()), torch.zeros((), dtype=torch.long), 0
-        for rows in batches(train_rows, cfg.batch_size, g_order):
-            x, y = features_of(rows), labels[rows]  # [B, 4096], [B]
-            logits = head(x, masks)  # [B, 2]
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * len(rows)  # tensors: no per-step .item()
-            correct += (logits.argmax(1) == y).sum()
-            n += len(rows)
-        val_loss, val_acc, _ = evaluate(head, features_of, labels, val_rows)
-        n = max(n, 1)
-        stats = EpochStats(epoch, loss_sum.item() / n, correct.item() / n, val_loss, val_acc, time.perf_counter() - t0)
-        history.append(stats)
-        if on_epoch:
-            on_epoch(stats)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(train_threads(cfg.hidden))
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            loss_sum, correct, n = torch.zeros(()), torch.zeros((), dtype=torch.long), 0
+            for rows in windowed_batches(train_rows, cfg.batch_size, g_order):
+                x, y = features_of(rows), labels[rows]  # [B, D], [B]
+                logits = head(x, masks)  # [B, 2]
+                loss = F.cross_entropy(logits, y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                loss_sum += loss.detach() * len(rows)  # tensors: no per-step .item()
+                correct += (logits.argmax(1) == y).sum()
+                n += len(rows)
+            train_loss = loss_sum.item() / max(n, 1)
+            if not math.isfinite(train_loss):  # checked once per epoch: NaN propagates, it cannot hide
+                raise Diverged(f"training diverged at epoch {epoch} (loss {train_loss}): lower --lr; no head saved")
+            val_loss, val_acc, _ = evaluate(head, features_of, labels, val_rows)
+            stats = EpochStats(epoch, train_loss, correct.item() / max(n, 1), val_loss, val_acc,
+                               time.perf_counter() - t0)
+            if cfg.keep == "best" and math.isfinite(val_loss) and (best is None or val_loss < best[0]):
+                best = (val_loss, epoch, {k: t.clone() for k, t in head.state_dict().items()})
+            history.append(stats)
+            if on_epoch:
+                on_epoch(stats)
+    finally:
+        torch.set_num_threads(threads)
+    kept = cfg.epochs
+    if best is not None:
+        kept = best[1]
+        head.load_state_dict(best[2])
     head.eval()
-    return head, history
+    return head, history, kept
 
 
 def log_loss(p_dog: np.ndarray, y: np.ndarray, eps: float = 1e-15) -> float:
@@ -165,6 +248,8 @@ class FitReport:
     streamed: bool = False
     calibration: dict[str, float] = field(default_factory=dict)
     curve: Path | None = None
+    kept_epoch: int = 0
+    head_shape: str = ""
 
     @property
     def per_class_acc(self) -> list[float]:
@@ -188,6 +273,7 @@ def calibrate(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         return loss
 
     opt.step(closure)
+    clamped = not bounds[0] < float(log_t.detach()) < bounds[1]
     t = float(log_t.detach().clamp(*bounds).exp())
     yn = y.numpy()
     before = log_loss(logits.softmax(1)[:, 1].numpy(), yn)
@@ -195,10 +281,12 @@ def calibrate(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     scaled = log_loss(p_dog, yn)
     clip = min(CLIP_CANDIDATES, key=lambda c: log_loss(np.clip(p_dog, c, 1 - c), yn))
     return {"temperature": t, "clip": clip, "log_loss_before": before, "log_loss_temperature": scaled,
-            "log_loss_after": log_loss(np.clip(p_dog, clip, 1 - clip), yn)}
+            "log_loss_after": log_loss(np.clip(p_dog, clip, 1 - clip), yn), "clamped": clamped}
 
 
 def labeled_rows(index: Index, cache: Path) -> np.ndarray:
+    if index.shape[0] == 0:
+        raise InputError(f"{cache} is empty (0 rows; an extract interrupted before its first batch?): run extract")
     rows = np.flatnonzero(index.labels >= 0)
     classes = set(index.labels[rows].tolist())
     if classes != {0, 1}:
@@ -206,6 +294,11 @@ def labeled_rows(index: Index, cache: Path) -> np.ndarray:
         raise InputError(f"{cache} needs labeled cats and dogs to fit, and holds {have}: "
                          "extract a folder with cat/ and dog/ sub-folders or cat.N.jpg / dog.N.jpg files")
     return rows
+
+
+def check_finite(x: np.ndarray, where: str) -> None:
+    if not np.isfinite(x).all():
+        raise InputError(f"{where} holds NaN or infinite features: extract again (or with --precision fp32)")
 
 
 class Gather:
@@ -224,32 +317,36 @@ class Gather:
 
 
 class Streamed:
-    """Caches larger than memory: blocks of HDF5 chunks in a shuffled order each epoch, rows shuffled within a
-    block. Unlike the in-memory permutation, a batch never mixes rows of two blocks; with blocks of thousands of
-    rows in random order this is the usual shuffle-buffer trade-off (as in tf.data / WebDataset)."""
+    """Caches larger than memory: the rows of each batch are looked up in whole 64-row chunks read from HDF5 and
+    kept in a small least-recently-used set sized by the budget. The batch order (windowed_batches) visits the
+    chunks one window at a time, so each chunk is read once per epoch and reads stay 1 MiB-sequential. The budget
+    changes only what is cached, never which rows form a batch: heads are identical for any --max-memory."""
 
-    def __init__(self, cache: Path, budget: int) -> None:
-        # Two block-sized buffers may coexist (block + its gathered batch copies): stay under half the budget each.
-        block_rows = max(64, budget // 2 // (4096 * 4))
-        self.reader = BlockReader(cache, block_rows)
+    def __init__(self, f, budget: int, where: str) -> None:
+        self.reader = BlockReader(f, CHUNK_ROWS)  # one chunk per block
+        self.where = where
+        chunk_bytes = CHUNK_ROWS * self.reader.dim * 4
+        self.capacity = max(2, budget // chunk_bytes)  # two windows fit in 16 MiB at 4096-d: one read per chunk
+        self._chunks: OrderedDict[int, torch.Tensor] = OrderedDict()
 
-    def batches(self, train_rows: torch.Tensor, batch_size: int, g: torch.Generator) -> Iterator[torch.Tensor]:
-        br = self.reader.block_rows
-        is_train = torch.zeros(self.reader.rows, dtype=torch.bool)
-        is_train[train_rows] = True
-        for b in torch.randperm(self.reader.blocks, generator=g).tolist():
-            rows = torch.nonzero(is_train[b * br : (b + 1) * br]).flatten() + b * br  # [rows of block b]
-            rows = rows[torch.randperm(len(rows), generator=g)]
-            for s in range(0, len(rows), batch_size):
-                yield rows[s : s + batch_size]  # [B], all in block b
+    def chunk(self, c: int) -> torch.Tensor:
+        t = self._chunks.get(c)
+        if t is None:
+            block = self.reader.block(c)  # [<=64, D]
+            check_finite(block, self.where)
+            t = self._chunks[c] = torch.from_numpy(block.copy())
+            if len(self._chunks) > self.capacity:
+                self._chunks.popitem(last=False)
+        else:
+            self._chunks.move_to_end(c)
+        return t
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        br = self.reader.block_rows
-        out = torch.empty(len(rows), 4096)  # [B, 4096]
-        blocks = rows // br
-        for b in torch.unique(blocks).tolist():  # sorted: sequential reads
-            sel = torch.nonzero(blocks == b).flatten()
-            out[sel] = torch.from_numpy(self.reader.block(b))[rows[sel] - b * br]
+        out = torch.empty(len(rows), self.reader.dim)  # [B, D]
+        chunks = rows // CHUNK_ROWS
+        for c in torch.unique(chunks).tolist():
+            sel = torch.nonzero(chunks == c).flatten()
+            out[sel] = self.chunk(c)[rows[sel] - c * CHUNK_ROWS]
         return out
 
 
@@ -261,6 +358,8 @@ def parse_size(text: str) -> int:
         value = float(t[:-1] if scale > 1 else t) * scale
     except ValueError:
         raise InputError(f"--max-memory: expected a size like 512M or 4G, got {text!r}") from None
+    if not math.isfinite(value) or value > 2**60:
+        raise InputError(f"--max-memory: expected a size like 512M or 4G, got {text!r}")
     if value < 2**20:
         raise InputError(f"--max-memory: {text} is too small; give at least 1M")
     return int(value)
@@ -273,41 +372,47 @@ def available_memory() -> int:
         return 8 * 2**30
 
 
-def fit(cache: str | os.PathLike[str], head_path: str | os.PathLike[str], cfg: FitConfig,
+def default_head_path(cache: Path) -> Path:
+    """The head lives beside the cache it was trained on: features.h5 -> features.head.pt."""
+    return cache.with_name(cache.stem + ".head.pt")
+
+
+def fit(cache: str | os.PathLike[str], head_path: str | os.PathLike[str] | None, cfg: FitConfig,
         on_epoch: Callable[[EpochStats], None] | None = None, max_memory: str | None = None,
         calibrate_head: bool = False, curve: bool = True) -> FitReport:
     """Train on the cache: in memory when the feature matrix fits the budget (default: half the available memory),
-    streamed from HDF5 otherwise."""
+    streamed from HDF5 otherwise; the same batches, hence the same head, either way."""
     cfg.check()
     cache = Path(cache)
+    head_path = Path(head_path) if head_path else default_head_path(cache)
+    curve_path = head_path.with_suffix(".png") if curve else None
+    check_outputs({"--head": head_path, "the training curve": curve_path}, {"--cache": cache})
     budget = parse_size(max_memory) if max_memory else available_memory() // 2
     t0 = time.perf_counter()
-    index = read_index(cache)
-    labeled_rows(index, cache)
-    labels = torch.from_numpy(index.labels.astype(np.int64))  # [N]
-    n, v = index.shape[0], (cfg.views_of(index) if cfg.augment else 1)
-    streamed = None
-    if n * v * 4096 * 4 <= budget:
-        x = torch.from_numpy(read_features(cache, view=None if cfg.augment else 0)).reshape(n * v, -1)  # [N*V, D]
-        features_of: Features = Gather(x)
-        batches: Batches = shuffled_batches
-    elif cfg.augment:
-        raise InputError("--augment needs every view in memory; raise --max-memory or fit without --augment")
-    else:
-        streamed = Streamed(cache, budget)
-        features_of, batches = streamed, streamed.batches
-    load_seconds = time.perf_counter() - t0
-    train_np, val_np = split(index.paths, index.labels, cfg.val_fraction, cfg.seed)
-    # Row r's view j is feature row r * V + j: every view of a training image trains, validation sees the center.
-    train_rows = torch.from_numpy((train_np[:, None] * v + np.arange(v)).ravel())  # [n_train * V]
-    val_rows = torch.from_numpy(val_np * v)  # [n_val]
-    labels = labels.repeat_interleave(v)  # [N * V]
-    try:
-        head, history = train(features_of, labels, train_rows, val_rows, cfg, on_epoch, batches)
+    with open_cache(cache) as (f, index):  # one handle: index and features cannot come from different versions
+        labeled_rows(index, cache)
+        labels = torch.from_numpy(index.labels.astype(np.int64))  # [N]
+        n, dim = index.shape[0], index.shape[2]
+        v = cfg.views_of(index) if cfg.augment else 1
+        streamed = None
+        if n * v * dim * 4 <= budget:
+            x_np = read_features(f, view=None if cfg.augment else 0)
+            check_finite(x_np, str(cache))
+            x = torch.from_numpy(x_np).reshape(n * v, -1)  # [N*V, D]
+            features_of: Features = Gather(x)
+        elif cfg.augment:
+            raise InputError("--augment needs every view in memory; raise --max-memory or fit without --augment")
+        else:
+            streamed = Streamed(f, budget, str(cache))
+            features_of = streamed
+        load_seconds = time.perf_counter() - t0
+        train_np, val_np = split(index.paths, index.labels, cfg.val_fraction, cfg.seed)
+        # Row r's view j is feature row r * V + j: every view of a training image trains, validation sees the center.
+        train_rows = torch.from_numpy((train_np[:, None] * v + np.arange(v)).ravel())  # [n_train * V]
+        val_rows = torch.from_numpy(val_np * v)  # [n_val]
+        labels = labels.repeat_interleave(v)  # [N * V]
+        head, history, kept = train(features_of, labels, train_rows, val_rows, cfg, on_epoch, dim)
         _, _, logits = evaluate(head, features_of, labels, val_rows)
-    finally:
-        if streamed:
-            streamed.reader.close()
     probs = logits.softmax(1)
     y_val = labels[val_rows].numpy()
     pred = probs.argmax(1).numpy()
@@ -317,22 +422,26 @@ def fit(cache: str | os.PathLike[str], head_path: str | os.PathLike[str], cfg: F
             raise InputError("--calibrate needs a validation split: raise --val-fraction")
         calibration = calibrate(logits, labels[val_rows])
     confusion = [[int(((y_val == t) & (pred == p)).sum()) for p in (0, 1)] for t in (0, 1)]
-    seconds = time.perf_counter() - t0
-    report = FitReport(Path(head_path), history, len(train_np), len(val_rows), seconds, load_seconds,
-                       log_loss(probs[:, 1].numpy(), y_val), history[-1].val_acc, confusion,
-                       streamed=streamed is not None, calibration=calibration if calibrate_head else {})
+    report = FitReport(head_path, history, len(train_np), len(val_rows), 0.0, load_seconds,
+                       log_loss(probs[:, 1].numpy(), y_val), history[kept - 1].val_acc, confusion,
+                       streamed=streamed is not None, calibration=calibration if calibrate_head else {},
+                       kept_epoch=kept, head_shape=head.describe())
+    if not all(torch.isfinite(p).all() for p in head.parameters()):
+        raise Diverged("training produced NaN or infinite weights: lower --lr; no head saved")
     save_head(head_path, head, {
         "provenance": index.provenance.to_json(),
-        "config": asdict(cfg),
+        "config": {**asdict(cfg), "hidden": list(cfg.hidden)},
         "cache": str(cache.resolve()),
         "history": [asdict(h) for h in history],
+        "kept_epoch": kept,
         "metrics": {"val_log_loss": report.val_log_loss, "val_acc": report.val_acc, "confusion": confusion,
                     "n_train": report.n_train, "n_val": report.n_val},
         "temperature": calibration["temperature"],
         "clip": calibration["clip"],
     })
-    if curve:
+    if curve_path:
         from .plots import training_curve
 
-        report.curve = training_curve(history, Path(head_path).with_suffix(".png"))
+        report.curve = training_curve(history, curve_path, kept_epoch=kept)
+    report.seconds = time.perf_counter() - t0
     return report

@@ -1,8 +1,12 @@
-"""The trained part: Dropout(p) -> Linear(4096, 2), saved with the provenance of the features it was trained on."""
+"""The trained part: Dropout(p) -> Linear(D, 2) by default, or an MLP (Linear, ReLU, Dropout per hidden layer, then
+Linear(., 2)); saved with the provenance of the features it was trained on, loaded as hostile input."""
 
 from __future__ import annotations
 
+import io
+import math
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -10,25 +14,43 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbone import FEATURE_DIM
 from .errors import CacheError
+from .files import write_atomic
 
 HEAD_FORMAT = 1
+MAX_HEAD_BYTES = 2 * 2**30  # pool5 (25,088-d) + two 4096 hidden layers is about 0.5 GB
 
 
 class Head(nn.Module):
-    """Dropout with an explicit generator (so two training paths can share masks), then the linear classifier."""
+    """Dropout with an explicit generator (so two training paths can share masks), then the classifier."""
 
-    def __init__(self, dropout: float = 0.5, in_dim: int = FEATURE_DIM, classes: int = 2) -> None:
+    def __init__(self, dropout: float = 0.5, in_dim: int = 4096, hidden: tuple[int, ...] = (),
+                 classes: int = 2) -> None:
         super().__init__()
-        self.dropout = dropout
-        self.linear = nn.Linear(in_dim, classes)
+        self.dropout, self.in_dim, self.hidden_sizes = dropout, in_dim, tuple(hidden)
+        dims = [in_dim, *hidden]
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+        self.linear = nn.Linear(dims[-1], classes)
 
     def forward(self, x: torch.Tensor, masks: MaskStream | None = None) -> torch.Tensor:
-        if self.training and self.dropout > 0:
+        drop = self.training and self.dropout > 0
+        if drop:
             masks = masks if masks is not None else MaskStream(int(torch.randint(2**62, ())))
-            x = masks.scale(x.shape, self.dropout).mul_(x)  # [B, D] in the mask's buffer, inverted dropout
+        if not self.hidden:
+            if drop:
+                x = masks.scale(x.shape, self.dropout).mul_(x)  # [B, D] in the mask's buffer, inverted dropout
+            return self.linear(x)  # [B, 2] logits
+        for layer in self.hidden:
+            x = torch.relu(layer(x))  # [B, H]
+            if drop:  # autograd keeps the mask for backward: a private copy, not the reused buffer
+                x = x * masks.scale(x.shape, self.dropout).clone()
         return self.linear(x)  # [B, 2] logits
+
+    def describe(self) -> str:
+        layers = [f"Linear({a}, {b}), ReLU, Dropout({self.dropout:g})"
+                  for a, b in zip([self.in_dim, *self.hidden_sizes], self.hidden_sizes, strict=False)]
+        last = f"Linear({([self.in_dim, *self.hidden_sizes])[-1]}, 2)"
+        return " -> ".join(layers + [last]) if layers else f"Dropout({self.dropout:g}) -> {last}"
 
 
 class MaskStream:
@@ -58,33 +80,79 @@ class MaskStream:
         return mask.mul_(levels / (levels - cut))
 
 
-def new_head(dropout: float, seed: int) -> Head:
+def new_head(dropout: float, seed: int, in_dim: int = 4096, hidden: tuple[int, ...] = ()) -> Head:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # nn.Linear's default init, drawn from a seeded, private stream
-        return Head(dropout)
+        return Head(dropout, in_dim, hidden)
 
 
 def save_head(path: str | os.PathLike[str], head: Head, meta: dict[str, Any]) -> Path:
-    """Write to a temp file and rename: an interrupted save never leaves a partial head."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": HEAD_FORMAT, "dropout": head.dropout, "state_dict": head.state_dict(), **meta}, tmp)
-    os.replace(tmp, path)
-    return path
+    """Serialise in memory, then an exclusive temp file renamed into place: an interrupted save or a full disk never
+    leaves a partial head, and a planted `head.pt.tmp` link is never followed."""
+    buf = io.BytesIO()
+    torch.save({"format": HEAD_FORMAT, "dropout": head.dropout, "in_dim": head.in_dim,
+                "hidden": list(head.hidden_sizes), "state_dict": head.state_dict(), **meta}, buf)
+    return write_atomic(path, buf.getvalue())
+
+
+def _check_archive(path: Path) -> None:
+    """Before torch.load: a plain, uncompressed torch.save zip no larger than its file (no decompression bomb)."""
+    size = path.stat().st_size
+    if size > MAX_HEAD_BYTES:
+        raise CacheError(f"{path} is {size / 2**20:.0f} MiB; a head is at most {MAX_HEAD_BYTES // 2**20} MiB")
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CacheError(f"{path} is not a catdog-cache head ({e}): fit again") from None
+    if any(m.compress_type != zipfile.ZIP_STORED for m in members) or sum(m.file_size for m in members) > size:
+        raise CacheError(f"{path} is not a catdog-cache head (compressed or oversized members): refusing it")
+
+
+def _number(blob: dict[str, Any], key: str, default: float, ok, what: str, path: Path) -> float:
+    value = blob.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not ok(value):
+        raise CacheError(f"{path}: {key} {value!r} is not {what}; the head is damaged or crafted")
+    return float(value)
 
 
 def load_head(path: str | os.PathLike[str]) -> tuple[Head, dict[str, Any]]:
+    """A head file from anywhere: size and archive checked, tensors only (weights_only), every field validated."""
+    from .store import Provenance
+
     path = Path(path)
+    if path.is_dir():
+        raise CacheError(f"--head {path} is a folder, not a head file")
     if not path.is_file():
         raise CacheError(f"no head at {path}: run `catdog-cache fit` first (or pass --head PATH)")
+    _check_archive(path)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        head = Head(blob["dropout"])
-        head.load_state_dict(blob["state_dict"])
     except Exception as e:
         raise CacheError(f"{path} is not a catdog-cache head ({type(e).__name__}): fit again") from None
+    if not isinstance(blob, dict):
+        raise CacheError(f"{path} is not a catdog-cache head: fit again")
     if blob.get("format") != HEAD_FORMAT:
-        raise CacheError(f"{path} has head format {blob.get('format')}; this version reads {HEAD_FORMAT}: fit again")
+        raise CacheError(f"{path} has head format {blob.get('format')!r}; this version reads {HEAD_FORMAT}: fit again")
+    dropout = _number(blob, "dropout", -1, lambda v: 0 <= v < 1, "a dropout probability in [0, 1)", path)
+    _number(blob, "temperature", 1.0, lambda v: 0 < v <= 1e3, "a positive temperature", path)
+    _number(blob, "clip", 0.0, lambda v: 0 <= v < 0.5, "a clip in [0, 0.5)", path)
+    state = blob.get("state_dict")
+    hidden, in_dim = blob.get("hidden", []), blob.get("in_dim")
+    if in_dim is None and isinstance(state, dict) and isinstance(state.get("linear.weight"), torch.Tensor):
+        in_dim = state["linear.weight"].shape[-1]  # heads written before MLP heads existed
+    if not (isinstance(hidden, list) and all(type(h) is int and 0 < h <= 65536 for h in hidden) and len(hidden) <= 8
+            and type(in_dim) is int and 0 < in_dim <= 1 << 20):
+        raise CacheError(f"{path}: head shape (in_dim {in_dim!r}, hidden {hidden!r}) is invalid; damaged or crafted")
+    Provenance.from_json(blob.get("provenance"), f"head {path}")
+    with torch.device("meta"):
+        head = Head(dropout, in_dim, tuple(hidden))  # shapes only: the file's tensors are assigned below
+    try:
+        head.load_state_dict(state, assign=True)
+    except Exception as e:
+        raise CacheError(f"{path}: weights do not fit a {head.describe()} head ({type(e).__name__}); damaged or "
+                         "crafted") from None
+    if not all(torch.isfinite(p).all() for p in head.parameters()):
+        raise CacheError(f"{path} holds NaN or infinite weights: fit again (with a lower --lr)")
     head.eval()
     return head, blob

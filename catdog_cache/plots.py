@@ -9,10 +9,8 @@ planted symlink can't redirect the write.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -20,6 +18,7 @@ from typing import IO, Any
 import numpy as np
 
 from .errors import InputError
+from .files import write_atomic
 
 TRAIN, VAL, KEPT = "#1f77b4", "#ff7f0e", "0.35"  # the usual blue / orange; kept-epoch line in dark grey
 WRONG, RIGHT = "#d62728", "#2ca02c"
@@ -35,43 +34,9 @@ def _target(path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _umask() -> int:
-    """The process umask, read without os.umask() (which sets it, racing other threads); Linux has it in /proc."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
-
-
 def _save_atomic(write: Callable[[IO[bytes]], None], path: str | os.PathLike[str]) -> Path:
-    """Call write(file) on a fresh temp file in path's folder, fsync it and rename it over path.
-
-    mkstemp opens with O_CREAT | O_EXCL under a random name, so a file or symlink planted at a guessable
-    "<name>.tmp" is never opened or followed; os.replace swaps the directory entry (a symlink at path itself is
-    replaced, not written through). On any error the temp file is removed and path is left as it was."""
-    path = _target(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the PNG the mode a plain open() would
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable; best effort (not every FS allows it)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    return path
+    """Exclusive temp file in path's folder, fsync, rename over path (a planted `x.png.tmp` link is never followed)."""
+    return write_atomic(_target(path), write)
 
 
 def _save_figure(fig: Any, path: Path) -> Path:

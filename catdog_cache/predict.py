@@ -1,112 +1,27 @@
-"""New folder -> the head's own backbone and preprocessing -> probabilities -> CSV rows (and a Kaggle submission).
+"""New folder -> its features, cached like the training side -> the head -> CSV rows and a Kaggle submission.
 
-The scorer (frozen backbone + storage-dtype rounding + head + temperature) is one module: `predict` runs it, and
-`export` saves it as a self-contained TorchScript file that `predict --model` and plain PyTorch can run."""
+The first `predict` on a folder extracts its features into a cache (the same kind of file, crash safety and
+incremental adds as `extract`); later ones, with any head trained on the same features, run no backbone."""
 
 from __future__ import annotations
 
-import csv
-import json
+import hashlib
+import io
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from .backbone import WeightsSpec, build, spec_from_identity
-from .discover import discover
-from .errors import CacheError, InputError
-from .extract import ExtractConfig, Progress, run_features
-from .head import Head, load_head
-from .preprocess import decoder_of
-from .store import Provenance, require_same
-
-
-class Scorer(nn.Module):
-    """[B, 3, 224, 224] normalised images -> [B, 2] calibrated probabilities (cat, dog)."""
-
-    def __init__(self, backbone: nn.Module, head: Head, dtype: str, temperature: float) -> None:
-        super().__init__()
-        self.backbone, self.head = backbone, head
-        self.half = dtype == "float16"
-        self.temperature = temperature
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.backbone(x).float()  # [B, 4096]
-        if self.half:
-            f = f.half().float()  # the head must see exactly what the cache stored
-        return (self.head.linear(f) / self.temperature).softmax(1)  # [B, 2]
-
-
-@dataclass
-class Loaded:
-    scorer: nn.Module
-    provenance: Provenance
-    clip: float
-    meta: dict[str, Any]
-    spec: WeightsSpec  # the weights identity the scorer was built from
-
-    def config(self, device: str = "auto", batch_size: int = 0, workers: int = -1,
-               views: tuple[str, ...] | None = None) -> ExtractConfig:
-        """The extraction settings the scorer expects (views: the head's, unless narrowed)."""
-        prov = self.provenance
-        return ExtractConfig(weights=self.spec, arch=prov.arch, device=device, batch_size=batch_size, workers=workers,
-                             dtype=prov.dtype, precision=prov.precision, views=views or tuple(prov.views.split(",")),
-                             decoder=decoder_of(prov.transform))
-
-
-def load_scorer(head_path: str | os.PathLike[str], weights_file: str | None = None) -> Loaded:
-    head, meta = load_head(head_path)
-    prov = Provenance.from_json(meta["provenance"])
-    spec = spec_from_identity(prov.weights, weights_file)
-    scorer = Scorer(build(spec, prov.arch), head, prov.dtype, float(meta.get("temperature", 1.0))).eval()
-    loaded = Loaded(scorer, prov, float(meta.get("clip", 0.0)), meta, spec)
-    require_same(prov, loaded.config().provenance(), f"head {head_path}", "this catdog-cache")  # a changed transform
-    return loaded
-
-
-EXPORT_FORMAT = 1
-
-
-def export(head_path: str | os.PathLike[str], out: str | os.PathLike[str], weights_file: str | None = None) -> Path:
-    """One file: the scorer as a torch.export program, with its provenance, temperature and clip as an extra file.
-    Plain PyTorch runs it: `torch.export.load(path).module()(x)`, x: [B, 3, 224, 224] after the recorded transform,
-    output [B, 2] probabilities (cat, dog)."""
-    loaded = load_scorer(head_path, weights_file)
-    example = (torch.zeros(2, 3, 224, 224),)
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    with torch.no_grad():
-        program = torch.export.export(loaded.scorer, example, dynamic_shapes={"x": {0: batch}})
-    extra = {"catdog_cache.json": json.dumps({"format": EXPORT_FORMAT, "provenance": json.loads(
-        loaded.provenance.to_json()), "clip": loaded.clip, "temperature": loaded.scorer.temperature,
-        "classes": ["cat", "dog"]})}
-    out = Path(out)
-    if out.suffix != ".pt2":
-        raise InputError(f"--out {out}: torch.export archives are named *.pt2")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.pt2")
-    torch.export.save(program, tmp, extra_files=extra)
-    os.replace(tmp, out)
-    return out
-
-
-def load_exported(path: str | os.PathLike[str]) -> Loaded:
-    if not Path(path).is_file():
-        raise InputError(f"--model {path}: no such file (make one with `catdog-cache export`)")
-    if Path(path).suffix != ".pt2":
-        raise InputError(f"--model {path}: expected a *.pt2 file from `catdog-cache export`")
-    extra = {"catdog_cache.json": ""}
-    try:
-        module = torch.export.load(path, extra_files=extra).module()
-        info = json.loads(extra["catdog_cache.json"])
-    except Exception as e:
-        raise CacheError(f"{path} is not a model exported by `catdog-cache export` ({type(e).__name__})") from None
-    prov = Provenance(**info["provenance"])
-    return Loaded(module, prov, float(info["clip"]), info, spec_from_identity(prov.weights, need_file=False))
+from .discover import Discovery, discover
+from .errors import CatdogError, InputError
+from .extract import Progress, extract, run_features
+from .files import check_outputs, write_atomic
+from .fit import log_loss
+from .scorer import Loaded, load_exported, load_scorer
+from .store import encode_path, open_cache
 
 
 @dataclass
@@ -119,116 +34,181 @@ class PredictReport:
     submission: Path | None = None
     seconds: float = 0.0
     views: tuple[str, ...] = ("center",)
+    cache: Path | None = None  # where the folder's features are cached (None with --model)
+    extracted: int = 0  # images that went through the backbone in this run
+    neutral: list[str] = field(default_factory=list)  # files given 0.5 in the submission (could not be predicted)
 
     @property
     def accuracy(self) -> float | None:
         known = [(r[3], y) for r, y in zip(self.rows, self.labels, strict=True) if y >= 0]
         return sum(lab == ("cat", "dog")[y] for lab, y in known) / len(known) if known else None
 
+    @property
+    def log_loss(self) -> float | None:
+        known = [(r[2], y) for r, y in zip(self.rows, self.labels, strict=True) if y >= 0]
+        return log_loss(np.array([p for p, _ in known]), np.array([y for _, y in known])) if known else None
+
 
 def write_csv_atomic(path: Path, header: list[str], rows: list[tuple]) -> None:
-    """Temp file + rename. surrogateescape: a non-UTF-8 file name is written back as its original bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, path)
+    """Exclusive temp file + fsync + rename. surrogateescape: a non-UTF-8 file name is written back as its original
+    bytes; text cells that a spreadsheet would run as a formula get a leading quote."""
+    import csv
+
+    from .files import csv_cell
+
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows([tuple(csv_cell(c) if isinstance(c, str) else c for c in row) for row in rows])
+    write_atomic(path, buf.getvalue().encode("utf-8", errors="surrogateescape"))
+
+
+def kaggle_id(rel: str) -> int | None:
+    stem = Path(rel).name.split(".")[0]
+    return int(stem) if stem.isascii() and stem.isdigit() else None
+
+
+def submission_ids(disc: Discovery) -> dict[int, str]:
+    """Every image's Kaggle id, checked before any forward pass: numeric names only, each id once."""
+    ids: dict[int, str] = {}
+    names = [s.rel for s in disc.samples] + [rel for rel, _ in disc.skipped if kaggle_id(rel) is not None]
+    for rel in names:
+        i = kaggle_id(rel)
+        if i is None:
+            raise InputError(f"--submission needs numeric file names like 123.jpg; {rel!r} is not")
+        if i in ids:
+            raise InputError(f"--submission: {ids[i]!r} and {rel!r} have the same id {i}; keep one of them")
+        ids[i] = rel
+    return ids
+
+
+def default_cache(loaded: Loaded, head_path: Path, data_dir: Path) -> Path:
+    """Where a folder's features go unless --cache says otherwise: the head's training cache when it already holds
+    this folder with the same provenance (preview on training images), else beside the head, named after the folder
+    and the feature provenance (heads of another backbone get their own file)."""
+    trained_on = loaded.meta.get("cache")
+    folder = str(data_dir.resolve())
+    if isinstance(trained_on, str) and Path(trained_on).is_file():
+        try:
+            with open_cache(trained_on) as (_, index):
+                if folder in index.sources and index.provenance == loaded.provenance:
+                    return Path(trained_on)
+        except CatdogError:  # a damaged or busy training cache is not this command's business: use the default
+            pass
+    digest = hashlib.sha256(loaded.provenance.to_json().encode()).hexdigest()[:8]
+    return head_path.parent / f"{data_dir.resolve().name}.{digest}.h5"
+
+
+@dataclass
+class Scored:
+    """A folder's rows in a cache, scored by the head."""
+
+    rels: list[str]
+    labels: list[int]
+    probs: np.ndarray  # [N, 2] (cat, dog), averaged over views with tta
+    failed: list[tuple[str, str]]
+    paths_all: list[bytes]  # every row of the cache (for the training split)
+    rows: np.ndarray  # [N] row numbers in the cache
+
+
+def score_cached(loaded: Loaded, cache: Path, disc: Discovery, tta: bool) -> Scored:
+    """Read the folder's rows (one contiguous range: rows are sorted by source folder) and apply the head."""
+    folder = str(disc.root.resolve())
+    present = {encode_path(s.rel): s.label for s in disc.samples}
+    with open_cache(cache) as (f, index):
+        src = index.sources.index(folder) if folder in index.sources else -1
+        rows = np.flatnonzero((index.source == src) & np.array([p in present for p in index.paths], bool))
+        lo, hi = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
+        x = f["features"][lo:hi].astype(np.float32)[rows - lo]  # [N, V, D]
+        failed = [(os.fsdecode(p), reason) for s, p, _, reason in index.failed if s == src and p in present]
+        paths_all = index.paths
+    x = torch.from_numpy(x if tta else x[:, :1])  # [N, V', D]
+    n, v = x.shape[:2]
+    probs = loaded.probabilities(x.reshape(n * v, -1)).reshape(n, v, 2).mean(1) if n else torch.zeros(0, 2)
+    rels = [os.fsdecode(paths_all[r]) for r in rows]
+    return Scored(rels, [present[paths_all[r]] for r in rows], probs.numpy(), failed, paths_all, rows)
+
+
+def cached_features(loaded: Loaded, head_path: Path, data_dir: Path, cache: Path | None, device: str,
+                    batch_size: int, workers: int, progress: Progress | None, stage: str) -> tuple[Path, int]:
+    """Make sure the folder's features are in a cache (extracting only what is new or changed); returns it."""
+    cache = cache or default_cache(loaded, head_path, data_dir)
+    relabel = (lambda s, d, t: progress(stage if s == "extract" else s, d, t)) if progress else None
+    report = extract(data_dir, cache, loaded.config(device, batch_size, workers), progress=relabel)
+    return cache, report.extracted
 
 
 def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] | None, out: str | os.PathLike[str],
             submission: str | os.PathLike[str] | None = None, weights_file: str | None = None,
             device: str = "auto", batch_size: int = 0, workers: int = -1, progress: Progress | None = None,
-            tta: bool = False, model_path: str | os.PathLike[str] | None = None) -> PredictReport:
+            tta: bool = False, model_path: str | os.PathLike[str] | None = None,
+            cache: str | os.PathLike[str] | None = None) -> PredictReport:
     t0 = time.perf_counter()
-    loaded = load_exported(model_path) if model_path else load_scorer(head_path or "cache/head.pt", weights_file)
-    prov = loaded.provenance
-    head_views = tuple(prov.views.split(","))
-    if tta and len(head_views) < 2:
-        raise InputError(f"--tta: the head's features have one view ({prov.views}); extract with "
-                         "--views center,flip and fit again to use test-time augmentation")
-    cfg = loaded.config(device, batch_size, workers, views=None if tta else ("center",))
-    require_same(prov, replace(cfg.provenance(), views=prov.views), "the model", "this catdog-cache")
+    data_dir, out = Path(data_dir), Path(out)
+    head_path = Path(head_path or "cache/features.head.pt")
+    submission = Path(submission) if submission else None
+    cache = Path(cache) if cache else None
+    check_outputs({"--out": out, "--submission": submission},
+                  {"--head": head_path, "--model": Path(model_path) if model_path else None, "--cache": cache})
     disc = discover(data_dir)
     if not disc.samples:
-        raise InputError(f"no images found in {data_dir}")
+        raise InputError(f"no images found in {data_dir}" + (f" ({len(disc.skipped)} files skipped)"
+                                                              if disc.skipped else ""))
+    ids = submission_ids(disc) if submission else None  # before any forward pass
+    if model_path:
+        loaded = load_exported(model_path)
+        views = _check_tta(loaded, tta)
+        scored, used, extracted = _score_images(loaded, disc, views, device, batch_size, workers, progress), None, 0
+    else:
+        loaded = load_scorer(head_path, weights_file, backbone=False)
+        views = _check_tta(loaded, tta)
+        used = cache or default_cache(loaded, head_path, data_dir)
+        check_outputs({"--out": out, "--submission": submission}, {"the feature cache": used})
+        used, extracted = cached_features(loaded, head_path, data_dir, used, device, batch_size, workers, progress,
+                                          "predict")
+        scored = score_cached(loaded, used, disc, tta)
+    if not scored.rels:
+        first = f"; first failure: {scored.failed[0][0]!r}: {scored.failed[0][1]}" if scored.failed else ""
+        raise InputError(f"no image in {data_dir} could be predicted{first}")
+    rows = [(rel, float(p[0]), float(p[1]), "dog" if p[1] > p[0] else "cat")
+            for rel, p in zip(scored.rels, scored.probs, strict=True)]
+    neutral: list[str] = []
+    if submission and ids is not None:
+        predicted = {kaggle_id(r[0]): r[2] for r in rows}
+        neutral = [rel for i, rel in sorted(ids.items()) if i not in predicted]
+        write_submission(submission, {i: predicted.get(i, 0.5) for i in ids}, loaded.clip)
+    write_csv_atomic(out, ["path", "p_cat", "p_dog", "label"], rows)
+    return PredictReport(out, rows, scored.labels, scored.failed, disc.skipped, submission,
+                         time.perf_counter() - t0, views, used, extracted, neutral)
+
+
+def _check_tta(loaded: Loaded, tta: bool) -> tuple[str, ...]:
+    head_views = tuple(loaded.provenance.views.split(","))
+    if tta and len(head_views) < 2:
+        raise InputError(f"--tta: the head's features have one view ({loaded.provenance.views}); extract with "
+                         "--views center,flip and fit again to use test-time augmentation")
+    return head_views if tta else ("center",)
+
+
+def _score_images(loaded: Loaded, disc: Discovery, views: tuple[str, ...], device: str, batch_size: int,
+                  workers: int, progress: Progress | None) -> Scored:
+    """--model: an exported scorer runs on the images themselves (no cache, no head file)."""
     rels = [s.rel for s in disc.samples]
+    cfg = loaded.config(device, batch_size, workers, views=views)
+    relabel = (lambda s, d, t: progress("predict" if s == "extract" else s, d, t)) if progress else None
     probs: dict[int, np.ndarray] = {}
     failed: list[tuple[str, str]] = []
-    for idx, p, _, failures in run_features(disc.root, rels, cfg, model=loaded.scorer, progress=progress):
-        mean = p.mean(axis=1)  # [B, 2]: the average over views (one view without --tta)
+    for idx, p, _, failures in run_features(disc.root, rels, cfg, model=loaded.scorer, progress=relabel):
         for j, i in enumerate(idx):
-            probs[i] = mean[j]
+            probs[i] = p[j].mean(axis=0)  # [2]: the average over views
         failed += [(rels[i], reason) for i, _, reason in failures]
-    rows = [(rels[i], float(probs[i][0]), float(probs[i][1]), "dog" if probs[i][1] > probs[i][0] else "cat")
-            for i in sorted(probs)]
-    labels = [disc.samples[i].label for i in sorted(probs)]
-    out = Path(out)
-    if submission:
-        submission = Path(submission)
-        write_submission(submission, rows, loaded.clip)
-    write_csv_atomic(out, ["path", "p_cat", "p_dog", "label"], rows)
-    return PredictReport(out, rows, labels, failed, disc.skipped, submission, time.perf_counter() - t0,
-                         cfg.views)
+    keep = sorted(probs)
+    return Scored([rels[i] for i in keep], [disc.samples[i].label for i in keep],
+                  np.array([probs[i] for i in keep]).reshape(-1, 2), failed, [], np.array(keep))
 
 
-def write_submission(path: Path, rows: list[tuple[str, float, float, str]], clip: float = 0.0) -> None:
-    """Kaggle Redux format: `id,label` with label = P(dog) clipped to [clip, 1 - clip] (chosen on validation by
-    `fit --calibrate`), id from the numeric file name, sorted by id."""
-    ids = []
-    for rel, _, p_dog, _ in rows:
-        stem = Path(rel).name.split(".")[0]
-        if not stem.isdigit():
-            raise InputError(f"--submission needs numeric file names like 123.jpg; {rel!r} is not")
-        ids.append((int(stem), min(max(p_dog, clip), 1 - clip)))
-    write_csv_atomic(path, ["id", "label"], [(i, f"{p:.6f}") for i, p in sorted(ids)])
-
-
-@dataclass
-class PreviewReport:
-    out: Path
-    shown: int
-    wrong: int | None  # None when the folder has no labels
-
-
-def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str], out: str | os.PathLike[str],
-            n: int = 16, weights_file: str | None = None, device: str = "auto") -> PreviewReport:
-    """A grid of n images spread over the folder, with the predicted label and probability; wrong ones in red.
-    Images are shown as the model saw them (resize 256, center crop 224), without the normalisation."""
-    from torchvision.transforms.v2 import functional as TF
-
-    from .plots import prediction_grid
-    from .preprocess import CROP, RESIZE, DecodeError, decode_rgb
-
-    if n < 1:
-        raise InputError(f"--n must be at least 1, got {n}")
-    loaded = load_scorer(head_path, weights_file)
-    disc = discover(data_dir)
-    if not disc.samples:
-        raise InputError(f"no images found in {data_dir}")
-    picks = sorted({int(i) for i in np.linspace(0, len(disc.samples) - 1, min(n, len(disc.samples)))})
-    samples = [disc.samples[i] for i in picks]
-    cfg = loaded.config(device, views=("center",))
-    rels = [s.rel for s in samples]
-    probs: dict[int, np.ndarray] = {}
-    for idx, p, _, _ in run_features(disc.root, rels, cfg, model=loaded.scorer):
-        for j, i in enumerate(idx):
-            probs[i] = p[j, 0]
-    images, captions, wrong = [], [], []
-    for i in sorted(probs):
-        try:
-            img = decode_rgb((disc.root / rels[i]).read_bytes())
-        except (OSError, DecodeError):
-            continue
-        images.append(TF.pil_to_tensor(TF.center_crop(TF.resize(img, RESIZE), CROP)))  # [3, 224, 224] uint8
-        pred = int(probs[i][1] > probs[i][0])
-        truth = samples[i].label
-        wrong.append(None if truth < 0 else pred != truth)
-        mark = "" if truth < 0 else (" WRONG" if pred != truth else " ok")
-        captions.append(f"{('cat', 'dog')[pred]} {probs[i][pred]:.2f}{mark}  {Path(rels[i]).name[:18]}")
-    if not images:
-        raise InputError(f"none of the images picked from {data_dir} could be decoded")
-    path = prediction_grid(images, captions, wrong, out)
-    known = [w for w in wrong if w is not None]
-    return PreviewReport(path, len(images), sum(known) if known else None)
+def write_submission(path: Path, p_dog: dict[int, float], clip: float = 0.0) -> None:
+    """Kaggle Redux format: `id,label` with label = P(dog) clipped to [clip, 1 - clip] (chosen by `fit --calibrate`),
+    one row per id, sorted by id."""
+    write_csv_atomic(path, ["id", "label"], [(i, f"{min(max(p, clip), 1 - clip):.6f}")
+                                             for i, p in sorted(p_dog.items())])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbone import build
+from .backbone import Preset
 from .discover import discover
 from .errors import InputError
 from .extract import ExtractConfig, ImageFiles, extract
@@ -54,7 +54,11 @@ class VerifyReport:
 
 def balanced_subset(data_dir: Path, limit: int | None) -> list[str]:
     """The first limit/2 images of each class in sorted order (sorted Kaggle names would be all cats)."""
-    samples = [s for s in discover(data_dir).samples if s.label >= 0]
+    found = discover(data_dir).samples
+    samples = [s for s in found if s.label >= 0]
+    if found and not samples:
+        raise InputError(f"{data_dir} has {len(found)} images but no labels: verify needs cat/ and dog/ folders or "
+                         "cat.N.jpg / dog.N.jpg names")
     if limit is None:
         return [s.rel for s in samples]
     per_class = [[s.rel for s in samples if s.label == c] for c in (0, 1)]
@@ -64,18 +68,24 @@ def balanced_subset(data_dir: Path, limit: int | None) -> list[str]:
     return sorted(take[0] + take[1])
 
 
-def network_features(data_dir: Path, paths: list[bytes], model: torch.nn.Module) -> Features:
+def network_features(data_dir: Path, paths: list[bytes], model: torch.nn.Module, preset: Preset) -> Features:
     """Row indices -> features computed now, from the image files, through the frozen network (no cache)."""
-    files = ImageFiles(data_dir, [os.fsdecode(p) for p in paths], ("center",))
+    files = ImageFiles(data_dir, [os.fsdecode(p) for p in paths], ("center",), preset)
     device = next(model.parameters()).device
 
     def through_network(rows: torch.Tensor) -> torch.Tensor:
-        x = torch.stack([files[int(i)][1][0] for i in rows])  # [B, 3, 224, 224]
+        x = torch.stack([files[int(i)][1][0] for i in rows])  # [B, 3, S, S]
         with torch.no_grad():
-            y = model(x.to(device, memory_format=torch.channels_last))  # [B, 4096]
+            y = model(x.to(device, memory_format=torch.channels_last))  # [B, D]
         return y.float().cpu()
 
     return through_network
+
+
+def max_diff(a: torch.nn.Module, b: torch.nn.Module, kind: str) -> float:
+    """Largest |difference| over every layer's weights (or biases) of two heads of the same shape."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return max((sa[k] - sb[k]).abs().max().item() for k in sa if k.endswith(kind))
 
 
 def verify(data_dir: str | os.PathLike[str], ecfg: ExtractConfig, fcfg: FitConfig, limit: int | None = None,
@@ -85,7 +95,8 @@ def verify(data_dir: str | os.PathLike[str], ecfg: ExtractConfig, fcfg: FitConfi
     if limit is not None and limit < 4:
         raise InputError(f"--limit must be at least 4, got {limit}")
     rels = balanced_subset(data_dir, limit)
-    model = build(ecfg.weights, ecfg.arch)  # built once, shared: the comparison times training, not loading
+    backbone = ecfg.resolve()
+    model = backbone.build(ecfg.weights)  # built once, shared: the comparison times training, not loading
     with tempfile.TemporaryDirectory(prefix="catdog-verify-") as tmp:
         cache, head_path = Path(tmp) / "features.h5", Path(tmp) / "head.pt"
         # Path 1, cached: extract once, then the real `fit` on the cache.
@@ -96,17 +107,17 @@ def verify(data_dir: str | os.PathLike[str], ecfg: ExtractConfig, fcfg: FitConfi
         t2 = time.perf_counter()
         cached_head, _ = load_head(head_path)
         index = read_index(cache)
-        x_cached = torch.from_numpy(read_features(cache))  # [N, 4096]
+        x_cached = torch.from_numpy(read_features(cache))  # [N, D]
     labeled_rows(index, cache)
     labels = torch.from_numpy(index.labels.astype(np.int64))  # [N]
     tr, va = (torch.from_numpy(a) for a in split(index.paths, index.labels, fcfg.val_fraction, fcfg.seed))
 
     # Path 2, end-to-end: decode + preprocess + frozen VGG16 for every batch of every epoch.
-    through_network = network_features(data_dir, index.paths, model)
+    through_network = network_features(data_dir, index.paths, model, backbone.preset)
     t3 = time.perf_counter()
     e2e_cfg = fcfg if e2e_seed is None else replace(fcfg, seed=e2e_seed)
     on_epoch = (lambda s: progress("end-to-end epochs", s.epoch, fcfg.epochs)) if progress else None
-    e2e_head, e2e_hist = train(through_network, labels, tr, va, e2e_cfg, on_epoch)
+    e2e_head, _, _ = train(through_network, labels, tr, va, e2e_cfg, on_epoch, in_dim=x_cached.shape[1])
     t4 = time.perf_counter()
 
     c_loss, c_acc, c_logits = evaluate(cached_head, lambda r: x_cached.index_select(0, r), labels, va)
@@ -114,8 +125,8 @@ def verify(data_dir: str | os.PathLike[str], ecfg: ExtractConfig, fcfg: FitConfi
     c_prob, e_prob = c_logits.softmax(1), e_logits.softmax(1)
     return VerifyReport(
         n_images=len(index.paths), n_val=len(va), epochs=fcfg.epochs,
-        max_weight_diff=(cached_head.linear.weight - e2e_head.linear.weight).abs().max().item(),
-        max_bias_diff=(cached_head.linear.bias - e2e_head.linear.bias).abs().max().item(),
+        max_weight_diff=max_diff(cached_head, e2e_head, "weight"),
+        max_bias_diff=max_diff(cached_head, e2e_head, "bias"),
         max_prob_diff=(c_prob - e_prob).abs().max().item() if len(va) else 0.0,
         differing_labels=int((c_prob.argmax(1) != e_prob.argmax(1)).sum()),
         cached_loss=c_loss, e2e_loss=e_loss, cached_acc=c_acc, e2e_acc=e_acc,

@@ -12,7 +12,7 @@ from catdog_cache.cli import app
 from catdog_cache.demo import draw_animal
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dogs-vs-cats"
-TINY = ["--arch", "tiny", "--weights", "random"]  # the fast 4096-d stand-in backbone
+TINY = ["--backbone", "tiny", "--weights", "random"]  # the fast 4096-d stand-in backbone
 
 
 @pytest.fixture(autouse=True)

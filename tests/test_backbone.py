@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from catdog_cache.backbone import WeightsSpec, build, parse_weights, resolve_device, spec_from_identity
+from catdog_cache.backbone import WeightsSpec, build, get_backbone, parse_weights, resolve_device, spec_from_identity
 from catdog_cache.errors import InputError
 
 
@@ -14,18 +14,20 @@ def test_weights_file_round_trip_and_identity(tmp_path):
     path = tmp_path / "vgg16.pth"
     torch.save(ref.state_dict(), path)
     spec = parse_weights(str(path))
-    assert spec.kind == "file" and spec.identity == f"file:sha256={spec.sha256}" and len(spec.sha256) == 64
+    vgg = get_backbone("vgg16")
+    assert spec.kind == "file" and vgg.identity(spec) == f"file:sha256={spec.sha256}" and len(spec.sha256) == 64
     model = build(spec)
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref.classifier[:6](torch.flatten(ref.avgpool(ref.features(x)), 1)))
-    assert spec_from_identity(spec.identity, str(path)) == spec
+    assert spec_from_identity(vgg.identity(spec), str(path)) == spec
+    assert spec_from_identity(vgg.identity(spec), recorded_path=str(path)) == spec  # found where it was recorded
     with pytest.raises(InputError, match="pass the same file"):
-        spec_from_identity(spec.identity)
+        spec_from_identity(vgg.identity(spec))
     other = tmp_path / "other.pth"
     torch.save({"features.0.weight": torch.zeros(1)}, other)
     with pytest.raises(InputError, match="is not the file the head was trained with"):
-        spec_from_identity(spec.identity, str(other))
+        spec_from_identity(vgg.identity(spec), str(other))
     with pytest.raises(InputError, match="not a torchvision VGG16 state dict"):
         build(parse_weights(str(other)))
     (tmp_path / "junk.pth").write_bytes(b"junk")
@@ -50,5 +52,7 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="no CUDA device"):
             resolve_device("cuda")
-    with pytest.raises(InputError, match="--arch"):
+    with pytest.raises(InputError, match="--backbone 'resnet': unknown"):
         build(WeightsSpec("random"), "resnet")
+    with pytest.raises(InputError, match="--device"):
+        resolve_device("gpu")

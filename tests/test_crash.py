@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from catdog_cache.store import parts_dir, read_features, read_index
-from tests.conftest import draw
+from tests.conftest import TINY, draw
 
-ARGS = ["--arch", "tiny", "--weights", "random", "--workers", "0", "--batch-size", "2", "--part-rows", "4", "--quiet"]
+ARGS = [*TINY, "--workers", "0", "--batch-size", "2", "--part-rows", "4", "--quiet"]
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import pytest
 
 from catdog_cache.distributed import Dist
 from catdog_cache.store import parts_dir, read_features, read_index
-from tests.conftest import draw
+from tests.conftest import TINY, draw
 
-ARGS = ["--arch", "tiny", "--weights", "random", "--quiet", "--part-rows", "4", "--batch-size", "2", "--workers", "0"]
+ARGS = [*TINY, "--quiet", "--part-rows", "4", "--batch-size", "2", "--workers", "0"]
 
 
 def torchrun(data, cache, env=None):

@@ -11,7 +11,7 @@ from catdog_cache.store import read_features, read_index
 from tests.conftest import TINY, draw
 
 extract_mod = importlib.import_module("catdog_cache.extract")  # the module; `catdog_cache.extract` is the function
-CFG = ExtractConfig(weights=WeightsSpec("random", seed=0), arch="tiny", workers=0, batch_size=4)
+CFG = ExtractConfig(weights=WeightsSpec("random", seed=0), backbone="tiny", workers=0, batch_size=4)
 
 
 @pytest.fixture
@@ -37,18 +37,18 @@ def test_extract_cli_kaggle(cli, kaggle_dir):
     assert idx.shape == (12, 1, 4096)
     assert all(len(s) == 64 for s in idx.sha256)
     prov = idx.provenance
-    assert (prov.arch, prov.weights, prov.layer, prov.dtype) == ("tiny", "random:seed=0", "classifier.5", "float32")
+    assert (prov.arch, prov.weights, prov.layer, prov.dtype) == ("tiny", "random:seed=0", "fc7", "float32")
 
 
 def test_rows_match_a_direct_forward_pass(tmp_path, folder_dir):
     """Row i is the backbone output of file i: no shuffling, no misalignment."""
     from catdog_cache.backbone import build
-    from catdog_cache.preprocess import decode_rgb, eval_transform
+    from catdog_cache.preprocess import decode_rgb
 
     extract(folder_dir, tmp_path / "c.h5", CFG)
     idx = read_index(tmp_path / "c.h5")
     feats = read_features(tmp_path / "c.h5")
-    model, t = build(CFG.weights, "tiny"), eval_transform()
+    model, t = build(CFG.weights, "tiny"), CFG.resolve().preset.transform()
     for i in (0, 3, 9):
         x = t(decode_rgb((folder_dir / idx.paths[i].decode()).read_bytes()))[None]
         np.testing.assert_allclose(model(x)[0].numpy(), feats[i], atol=1e-6)
@@ -102,10 +102,10 @@ def test_append_second_folder_and_refuse_other_provenance(cli, kaggle_dir, folde
     cli("extract", folder_dir, *TINY)
     idx = read_index("cache/features.h5")
     assert idx.shape[0] == 22 and len(idx.sources) == 2
-    r = cli("extract", folder_dir, "--arch", "tiny", "--weights", "random", "--seed", "1", ok=False)
+    r = cli("extract", folder_dir, "--backbone", "tiny", "--weights", "random", "--seed", "1", ok=False)
     assert r.exit_code == 1 and "random:seed=0" in r.output and "random:seed=1" in r.output
     with pytest.raises(ProvenanceMismatch):
-        extract(folder_dir, "cache/features.h5", ExtractConfig(weights=WeightsSpec("random"), arch="tiny",
+        extract(folder_dir, "cache/features.h5", ExtractConfig(weights=WeightsSpec("random"), backbone="tiny",
                                                               dtype="float16"))
 
 
@@ -117,7 +117,7 @@ def test_append_second_folder_and_refuse_other_provenance(cli, kaggle_dir, folde
     (["--views", "zoom"], "--views"),
 ])
 def test_bad_options_one_line(cli, kaggle_dir, args, msg):
-    r = cli("extract", kaggle_dir, "--arch", "tiny", *(["--weights", "random"] if "--weights" not in args else []),
+    r = cli("extract", kaggle_dir, "--backbone", "tiny", *(["--weights", "random"] if "--weights" not in args else []),
             *args, ok=False)
     assert r.exit_code != 0 and msg in r.output and "Traceback" not in r.output
 
@@ -131,7 +131,7 @@ def test_empty_and_missing_folder(cli, tmp_path):
 
 
 def test_float16_and_views(tmp_path, kaggle_dir):
-    cfg = ExtractConfig(weights=WeightsSpec("random"), arch="tiny", workers=0, dtype="float16",
+    cfg = ExtractConfig(weights=WeightsSpec("random"), backbone="tiny", workers=0, dtype="float16",
                         views=("center", "flip"))
     extract(kaggle_dir, tmp_path / "c.h5", cfg)
     idx = read_index(tmp_path / "c.h5")
@@ -142,7 +142,8 @@ def test_float16_and_views(tmp_path, kaggle_dir):
 
 def test_workers_give_same_rows(tmp_path, kaggle_dir):
     extract(kaggle_dir, tmp_path / "a.h5", CFG)
-    extract(kaggle_dir, tmp_path / "b.h5", ExtractConfig(weights=WeightsSpec("random"), arch="tiny", workers=2))
+    extract(kaggle_dir, tmp_path / "b.h5", ExtractConfig(weights=WeightsSpec("random"), backbone="tiny", workers=2,
+                                                              batch_size=4))  # same batches: only the workers differ
     np.testing.assert_array_equal(read_features(tmp_path / "a.h5"), read_features(tmp_path / "b.h5"))
 
 
@@ -170,7 +171,7 @@ def test_bf16_precision_on_cpu_is_recorded_and_close(tmp_path, kaggle_dir, cli):
     """Reduced precision runs on the CPU too (autocast), is recorded in provenance, and verify reports its
     deviation instead of claiming identity."""
     extract(kaggle_dir, tmp_path / "fp32.h5", CFG)
-    bf16 = ExtractConfig(weights=WeightsSpec("random"), arch="tiny", workers=0, precision="bf16")
+    bf16 = ExtractConfig(weights=WeightsSpec("random"), backbone="tiny", workers=0, precision="bf16")
     extract(kaggle_dir, tmp_path / "bf16.h5", bf16)
     assert read_index(tmp_path / "bf16.h5").provenance.precision == "bf16"
     a, b = read_features(tmp_path / "fp32.h5"), read_features(tmp_path / "bf16.h5")
@@ -190,7 +191,7 @@ def test_torchvision_decoder_matches_pil_closely_and_is_recorded(tmp_path, kaggl
     Image.new("RGB", (50, 30), (9, 9, 9)).save(kaggle_dir / "dog.71.png")  # not a JPEG
     (kaggle_dir / "cat.72.jpg").write_bytes((kaggle_dir / "cat.1.jpg").read_bytes()[:1500])  # truncated JPEG
     extract(kaggle_dir, tmp_path / "pil.h5", CFG)
-    tv = ExtractConfig(weights=WeightsSpec("random"), arch="tiny", workers=0, batch_size=4, decoder="torchvision")
+    tv = ExtractConfig(weights=WeightsSpec("random"), backbone="tiny", workers=0, batch_size=4, decoder="torchvision")
     extract(kaggle_dir, tmp_path / "tv.h5", tv)
     a_idx, b_idx = read_index(tmp_path / "pil.h5"), read_index(tmp_path / "tv.h5")
     assert a_idx.paths == b_idx.paths and len(a_idx.paths) == 14

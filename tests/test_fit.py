@@ -10,7 +10,7 @@ from catdog_cache.head import load_head
 from catdog_cache.store import Provenance, Rows, assemble, write_part
 from tests.conftest import TINY
 
-PROV = Provenance("tiny", "classifier.5", "random:seed=0", "{}", "center", "float32", "fp32")
+PROV = Provenance("tiny", "fc7", "random:seed=0", "{}", "center", "float32", "fp32")
 
 
 def synthetic_cache(path, n=400, seed=0, dim_signal=64, labels=None):
@@ -74,8 +74,8 @@ def test_fit_cli_table_and_errors(cli, tmp_path):
     assert r.exit_code == 1 and "no cache at cache/features.h5" in r.output
     synthetic_cache(tmp_path / "cache" / "features.h5")
     r = cli("fit", "--epochs", "3")
-    assert "val acc" in r.output and "log loss" in r.output and "cache/head.pt" in r.output
-    assert (tmp_path / "cache" / "head.pt").is_file()
+    assert "val acc" in r.output and "log loss" in r.output and "cache/features.head.pt" in r.output
+    assert (tmp_path / "cache" / "features.head.pt").is_file()
     for args, msg in [(["--epochs", "0"], "--epochs"), (["--dropout", "1.5"], "--dropout"),
                       (["--val-fraction", "1"], "--val-fraction")]:
         r = cli("fit", *args, ok=False)
@@ -115,25 +115,42 @@ def test_bad_head_file(tmp_path):
 
 
 def test_streaming_fit_learns_within_budget(tmp_path, cli):
-    from catdog_cache.fit import Streamed
+    from catdog_cache.fit import Streamed, windowed_batches
+    from catdog_cache.store import open_cache
 
     synthetic_cache(tmp_path / "c.h5", n=700)
     r = fit(tmp_path / "c.h5", tmp_path / "s.pt", FitConfig(epochs=20), max_memory="1M")
     assert r.streamed and r.val_acc > 0.95
-    s = Streamed(tmp_path / "c.h5", 2**20)
-    assert s.reader.block_rows == 64 and s.reader.blocks == 11  # one 64-row block (1 MiB) in memory at a time
-    seen = torch.cat(list(s.batches(torch.arange(700), 16, torch.Generator().manual_seed(0))))
+    seen = torch.cat(list(windowed_batches(torch.arange(700), 16, torch.Generator().manual_seed(0))))
     assert sorted(seen.tolist()) == list(range(700))  # every training row exactly once per epoch
-    blocks_in_order = [int(b) for b in (seen // 64).unique_consecutive()]
-    assert sorted(blocks_in_order) == list(range(11)) and blocks_in_order != list(range(11))  # shuffled blocks
-    rows = torch.tensor([5, 690, 64, 3])
-    torch.testing.assert_close(s(rows), torch.from_numpy(read_features_np(tmp_path / "c.h5")[rows.numpy()]))
-    s.reader.close()
-    r2 = fit(tmp_path / "c.h5", tmp_path / "s2.pt", FitConfig(epochs=20), max_memory="1M")
-    assert torch.equal(load_head(tmp_path / "s.pt")[0].linear.weight, load_head(tmp_path / "s2.pt")[0].linear.weight)
-    assert r2.streamed
+    chunks = [int(c) for c in (seen // 64).unique_consecutive()]
+    assert chunks != sorted(chunks)  # chunks visited in a shuffled order...
+    first = set(list(dict.fromkeys(
+        (seen // 64).tolist()))[:8])  # the first window: the first 8 chunks visited
+    in_first = torch.tensor([int(c) in first for c in (seen // 64).tolist()])
+    assert in_first[: int(in_first.sum())].all()  # ...8 at a time: all of a window's rows before the next window
+    with open_cache(tmp_path / "c.h5") as (f, _):
+        s = Streamed(f, 2**20, "c.h5")
+        assert s.capacity == 2  # 1 MiB chunks (64 rows x 4096 float32): the floor of two in memory
+        rows = torch.tensor([5, 690, 64, 3])
+        torch.testing.assert_close(s(rows), torch.from_numpy(read_features_np(tmp_path / "c.h5")[rows.numpy()]))
+        assert len(s._chunks) <= s.capacity
     r = cli("fit", "--cache", tmp_path / "c.h5", "--max-memory", "lots", ok=False)
     assert r.exit_code == 1 and "--max-memory" in r.output
+
+
+@pytest.mark.parametrize("hidden", [(), (32,)])
+def test_same_head_for_any_memory_budget(tmp_path, hidden):
+    """The batch order depends on the seed and the cache only: streamed or in memory, identical weights."""
+    synthetic_cache(tmp_path / "c.h5", n=700)
+    heads = {}
+    for budget in ("1M", "16M", None):
+        r = fit(tmp_path / "c.h5", tmp_path / f"{budget}.pt", FitConfig(epochs=3, hidden=hidden), max_memory=budget,
+                curve=False)
+        assert r.streamed == (budget is not None and budget == "1M")
+        heads[budget] = load_head(tmp_path / f"{budget}.pt")[0].state_dict()
+    for budget in ("1M", "16M"):
+        assert all(torch.equal(heads[budget][k], heads[None][k]) for k in heads[None])
 
 
 def read_features_np(path):

@@ -32,9 +32,9 @@ def test_extract_fit_predict_cli(cli, kaggle_dir, test_dir):
 def test_predict_equals_head_on_cached_features(tmp_path, cli, kaggle_dir):
     """predict rebuilds the same backbone + transform: its probabilities equal the head on the cached rows."""
     cli("extract", kaggle_dir, *TINY)
-    fit("cache/features.h5", "cache/head.pt", FitConfig(epochs=2))
+    fit("cache/features.h5", "cache/features.head.pt", FitConfig(epochs=2))
     cli("predict", kaggle_dir)
-    head, _ = load_head("cache/head.pt")
+    head, _ = load_head("cache/features.head.pt")
     x = torch.from_numpy(read_features("cache/features.h5"))
     with torch.no_grad():
         want = head(x).softmax(1)[:, 1].numpy()
@@ -47,7 +47,7 @@ def test_predict_equals_head_on_cached_features(tmp_path, cli, kaggle_dir):
 
 def test_predict_errors(cli, kaggle_dir, test_dir, tmp_path):
     r = cli("predict", test_dir, ok=False)
-    assert r.exit_code == 1 and "no head at cache/head.pt" in r.output
+    assert r.exit_code == 1 and "no head at cache/features.head.pt" in r.output
     cli("extract", kaggle_dir, *TINY)
     cli("fit", "--epochs", "1")
     r = cli("predict", kaggle_dir, "--submission", "s.csv", ok=False)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catdog_cache.preprocess import DecodeError, decode_rgb, eval_transform, transform_spec, views_of
+from catdog_cache.backbone import get_backbone
+from catdog_cache.preprocess import DecodeError, decode_rgb, views_of
 
 
 def encode(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -17,11 +18,15 @@ def encode(im: Image.Image, fmt: str, **kw) -> bytes:
 def test_transform_is_the_vgg16_eval_preset():
     from torchvision.models import VGG16_Weights
 
-    t = eval_transform()
+    preset = get_backbone("vgg16").preset
+    t = preset.transform()
     ref = VGG16_Weights.IMAGENET1K_V1.transforms()
-    spec = json.loads(transform_spec())
+    spec = json.loads(preset.spec())
     assert (t.resize_size, t.crop_size, t.mean, t.std) == (ref.resize_size, ref.crop_size, ref.mean, ref.std)
     assert spec["resize"] == 256 and spec["crop"] == 224 and spec["mean"] == list(ref.mean)
+    # the exact spec string schema-1 caches recorded: old VGG16 caches stay valid
+    assert preset.spec() == ('{"antialias": true, "crop": 224, "interpolation": "bilinear", "mean": [0.485, 0.456, '
+                             '0.406], "resize": 256, "std": [0.229, 0.224, 0.225]}')
     x = views_of(Image.new("RGB", (500, 300), (10, 20, 30)), ("center", "flip"), t)
     assert tuple(x.shape) == (2, 3, 224, 224)
 

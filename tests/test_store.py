@@ -19,7 +19,7 @@ from catdog_cache.store import (
     write_part,
 )
 
-PROV = Provenance("tiny", "classifier.5", "random:seed=0", "{}", "center", "float32", "fp32")
+PROV = Provenance("tiny", "fc7", "random:seed=0", "{}", "center", "float32", "fp32")
 ODD = ["a b.jpg", "ünï/çødé.jpg", "new\nline.jpg", os.fsdecode(b"raw\xff\xfe.jpg"), "x,y;\"q\".jpg"]
 
 

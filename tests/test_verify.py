@@ -6,7 +6,7 @@ from catdog_cache.fit import FitConfig
 from catdog_cache.verify import balanced_subset, verify
 from tests.conftest import SHARED_DATA, TINY
 
-ECFG = ExtractConfig(weights=WeightsSpec("random"), arch="tiny", workers=0)
+ECFG = ExtractConfig(weights=WeightsSpec("random"), backbone="tiny", workers=0)
 
 
 def test_cached_and_end_to_end_agree(kaggle_dir):

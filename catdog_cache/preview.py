@@ -1,0 +1,111 @@
+"""Pictures from cached features: a grid of images with the head's prediction, or its N most confident mistakes
+(fastai's "top losses"), each tile marked with its split (val / train / new)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .discover import discover
+from .errors import InputError
+from .extract import Progress
+from .files import check_outputs, printable, read_regular
+from .fit import split
+from .predict import cached_features, default_cache, score_cached
+from .preprocess import MAX_FILE_BYTES, DecodeError, decode_rgb
+from .scorer import load_scorer
+
+SPLITS = ("val", "train", "all")
+
+
+@dataclass
+class PreviewReport:
+    out: Path
+    shown: int
+    wrong: int | None  # None when the folder has no labels
+    cache: Path | None = None
+    note: str = ""
+
+
+def splits_of(meta: dict, cache: Path, scored) -> list[str]:
+    """Each row's role in the head's training: val / train when this is its training cache, new otherwise."""
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    trained_on = meta.get("cache")
+    if not (isinstance(trained_on, str) and Path(trained_on).resolve() == cache.resolve()):
+        return ["new"] * len(scored.rels)
+    labels = np.array([-1] * len(scored.paths_all), np.int8)
+    labels[scored.rows] = scored.labels
+    try:  # the split is a hash of (seed, path): recomputed exactly, as fit drew it
+        tr, va = split(scored.paths_all, labels, float(config.get("val_fraction", 0.2)), int(config.get("seed", 0)))
+    except (TypeError, ValueError):
+        return ["new"] * len(scored.rels)
+    role = dict.fromkeys(va.tolist(), "val") | dict.fromkeys(tr.tolist(), "train")
+    return [role.get(int(r), "new") for r in scored.rows]
+
+
+def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str], out: str | os.PathLike[str],
+            n: int = 16, weights_file: str | None = None, device: str = "auto", worst: int = 0, which: str = "val",
+            cache: str | os.PathLike[str] | None = None, progress: Progress | None = None) -> PreviewReport:
+    """A grid of n images spread over the chosen split, or (worst=N) the N most confident mistakes, with the
+    predicted label and probability (true label and loss when known); wrong ones framed red. Images are shown as
+    the model saw them (resize, center crop), without the normalisation."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from .backbone import Preset
+    from .plots import prediction_grid
+
+    if n < 1 or worst < 0:
+        raise InputError(f"--n must be at least 1 and --worst at least 0, got {n} and {worst}")
+    if which not in SPLITS:
+        raise InputError(f"--split: expected {', '.join(SPLITS)}, got {which!r}")
+    data_dir, head_path, out = Path(data_dir), Path(head_path), Path(out)
+    check_outputs({"--out": out}, {"--head": head_path, "--cache": Path(cache) if cache else None})
+    disc = discover(data_dir)
+    if not disc.samples:
+        raise InputError(f"no images found in {data_dir}")
+    loaded = load_scorer(head_path, weights_file, backbone=False)
+    used = Path(cache) if cache else default_cache(loaded, head_path, data_dir)
+    used, _ = cached_features(loaded, head_path, data_dir, used, device, 0, -1, progress, "preview")
+    scored = score_cached(loaded, used, disc, tta=False)
+    roles = splits_of(loaded.meta, used, scored)
+    note = ""
+    pool = [i for i, r in enumerate(roles) if which == "all" or r == which]
+    if not pool:  # a folder the head never trained on: all of it is new data
+        pool, note = list(range(len(roles))), f"no {which} images of the head's training here: showing all"
+    pred = scored.probs.argmax(1)
+    labels = np.array(scored.labels)
+    p_true = np.where(labels >= 0, scored.probs[np.arange(len(labels)), np.clip(labels, 0, 1)], np.nan)
+    loss = -np.log(np.clip(p_true, 1e-15, 1))
+    if worst:
+        wrong = [i for i in pool if labels[i] >= 0 and pred[i] != labels[i]]
+        if not [i for i in pool if labels[i] >= 0]:
+            raise InputError(f"--worst needs labeled images; {data_dir} has none")
+        picks = sorted(wrong, key=lambda i: -loss[i])[:worst]
+        if not picks:
+            note = note or f"no mistakes among {len(pool)} {which} images"
+    else:
+        picks = [pool[int(k)] for k in sorted({int(k) for k in np.linspace(0, len(pool) - 1, min(n, len(pool)))})]
+    preset = Preset.from_spec(loaded.provenance.transform)
+    images, captions, marks = [], [], []
+    for i in picks:
+        try:
+            img = decode_rgb(read_regular(disc.root / scored.rels[i], MAX_FILE_BYTES))
+        except (OSError, ValueError, DecodeError):
+            continue
+        images.append(TF.pil_to_tensor(TF.center_crop(TF.resize(img, preset.resize), preset.crop)))  # [3, S, S]
+        label = ("cat", "dog")[pred[i]]
+        text = f"{label} {scored.probs[i][pred[i]]:.2f}"
+        if labels[i] >= 0:
+            text += f" | true {('cat', 'dog')[labels[i]]}, loss {loss[i]:.2f}"
+        captions.append(f"{text}\n{printable(Path(scored.rels[i]).name)[:24]} [{roles[i]}]")
+        marks.append(None if labels[i] < 0 else bool(pred[i] != labels[i]))
+    if not images:
+        if worst and not picks:
+            raise InputError(f"{note}: nothing to show")
+        raise InputError(f"none of the images picked from {data_dir} could be decoded")
+    path = prediction_grid(images, captions, marks, out)
+    known = [w for w in marks if w is not None]
+    return PreviewReport(path, len(images), sum(known) if known else None, used, note)

@@ -1,0 +1,191 @@
+"""The head as a scorer: loaded from its provenance (with or without its frozen backbone), exported as one
+torch.export file, and loaded back from such a file only after checking that nothing in it would be unpickled.
+
+The scorer (frozen backbone + storage-dtype rounding + head + temperature) is one module: `predict --model` and
+plain PyTorch run the exported program; `predict` on folders scores cached features with the head alone."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backbone import Preset, WeightsSpec, spec_from_identity
+from .errors import CacheError, InputError
+from .extract import ExtractConfig
+from .files import check_outputs, printable, temp_beside
+from .head import Head, load_head
+from .preprocess import decoder_of
+from .store import Provenance, require_same
+
+
+class Scorer(nn.Module):
+    """[B, 3, 224, 224] normalised images -> [B, 2] calibrated probabilities (cat, dog)."""
+
+    def __init__(self, backbone: nn.Module, head: Head, dtype: str, temperature: float) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self.half = dtype == "float16"
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.backbone(x).float()  # [B, D]; only the backbone may run under --precision's autocast
+        if self.half:
+            f = f.half().float()  # the head must see exactly what the cache stored
+        with torch.autocast(f.device.type, enabled=False):  # head and softmax in fp32, as fit computed them
+            return (self.head(f) / self.temperature).softmax(1)  # [B, 2]
+
+
+@dataclass
+class Loaded:
+    scorer: nn.Module | None  # backbone + head; None until built (cached features need no backbone)
+    provenance: Provenance
+    clip: float
+    meta: dict[str, Any]
+    spec: WeightsSpec  # the weights identity the scorer was built from
+    head: Head | None = None
+    temperature: float = 1.0
+
+    @property
+    def crop(self) -> int:
+        return Preset.from_spec(self.provenance.transform).crop
+
+    def build_scorer(self) -> nn.Module:
+        backbone = self.config().resolve().build(self.spec)
+        return Scorer(backbone, self.head, self.provenance.dtype, self.temperature).eval()
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Cached features [N, D] (already rounded to the cache's dtype) -> [N, 2] calibrated probabilities."""
+        with torch.no_grad():
+            return (self.head(x) / self.temperature).softmax(1)  # [N, 2]
+
+    def config(self, device: str = "auto", batch_size: int = 0, workers: int = -1,
+               views: tuple[str, ...] | None = None) -> ExtractConfig:
+        """The extraction settings the scorer expects (views: the head's, unless narrowed)."""
+        prov = self.provenance
+        return ExtractConfig(weights=self.spec, backbone=prov.arch, layer=prov.layer, device=device,
+                             batch_size=batch_size, workers=workers, dtype=prov.dtype, precision=prov.precision,
+                             views=views or tuple(prov.views.split(",")),
+                             decoder=decoder_of(prov.transform))
+
+
+def load_scorer(head_path: str | os.PathLike[str], weights_file: str | None = None, backbone: bool = True
+                ) -> Loaded:
+    """The head, and (backbone=True) the frozen network it was trained behind, rebuilt from its provenance.
+    backbone=False: only what scoring cached features needs; the backbone is built later if images need it."""
+    head, meta = load_head(head_path)
+    prov = Provenance.from_json(meta["provenance"], f"head {head_path}")
+    recorded = meta.get("weights_path") if isinstance(meta.get("weights_path"), str) else None
+    spec = spec_from_identity(prov.weights, weights_file, recorded_path=recorded)
+    if weights_file and spec.kind != "file":
+        raise InputError(f"--weights {weights_file}: the head was trained on {prov.weights} features, not a weights "
+                         "file; drop --weights")
+    loaded = Loaded(None, prov, float(meta.get("clip", 0.0)), meta, spec, head, float(meta.get("temperature", 1.0)))
+    require_same(prov, loaded.config().provenance(), f"head {head_path}", "this catdog-cache")  # a changed transform
+    if backbone:
+        loaded.scorer = loaded.build_scorer()
+    return loaded
+
+
+EXPORT_FORMAT = 1
+
+
+def export(head_path: str | os.PathLike[str], out: str | os.PathLike[str], weights_file: str | None = None) -> Path:
+    """One file: the scorer as a torch.export program, with its provenance, temperature and clip as an extra file.
+    Plain PyTorch runs it: `torch.export.load(path).module()(x)`, x: [B, 3, S, S] after the recorded transform,
+    output [B, 2] probabilities (cat, dog)."""
+    out = Path(out)
+    if out.suffix != ".pt2":
+        raise InputError(f"--out {out}: torch.export archives are named *.pt2")
+    check_outputs({"--out": out}, {"--head": Path(head_path)})
+    loaded = load_scorer(head_path, weights_file)
+    example = (torch.zeros(2, 3, loaded.crop, loaded.crop),)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with torch.no_grad():
+        program = torch.export.export(loaded.scorer, example, dynamic_shapes={"x": {0: batch}})
+    extra = {"catdog_cache.json": json.dumps({"format": EXPORT_FORMAT, "provenance": json.loads(
+        loaded.provenance.to_json()), "clip": loaded.clip, "temperature": loaded.temperature,
+        "classes": ["cat", "dog"]})}
+    with temp_beside(out, suffix=".pt2") as tmp:
+        try:
+            torch.export.save(program, tmp, extra_files=extra)
+        except RuntimeError as e:  # torch reports a full disk as a RuntimeError with a C++ trace
+            raise OSError(errno.ENOSPC if "space" in str(e).lower() else errno.EIO, str(e).splitlines()[0]) from None
+    return out
+
+
+MAX_MODEL_BYTES = 4 * 2**30
+_MEMBER = re.compile(r"[^/]+/(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|"
+                     r"models/model\.json|data/weights/model_weights_config\.json|data/weights/weight_\d+|"
+                     r"data/constants/model_constants_config\.json|data/constants/tensor_\d+|"
+                     r"data/sample_inputs/model\.pt|extra/catdog_cache\.json)")
+
+
+def check_archive(path: Path) -> dict[str, Any]:
+    """Refuse any .pt2 that torch.export.load would unpickle from: torch falls back to pickle (arbitrary code) for
+    weights or constants marked use_pickle, legacy weight files, custom objects and sample inputs that the safe
+    loader rejects. Only the members our export writes are allowed, stored uncompressed within the file's size;
+    every tensor must be raw bytes, and the sample inputs must load with weights_only=True."""
+    size = path.stat().st_size
+    if size > MAX_MODEL_BYTES:
+        raise CacheError(f"--model {path} is {size / 2**30:.1f} GiB; the limit is {MAX_MODEL_BYTES // 2**30} GiB")
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+            names = [m.filename for m in members]
+            bad = [n for n in names if not _MEMBER.fullmatch(n)]
+            if bad or len({n.split("/", 1)[0] for n in names}) != 1:
+                raise ValueError(f"unexpected member {bad[0] if bad else names[0]!r}")
+            if any(m.compress_type != zipfile.ZIP_STORED for m in members) or sum(m.file_size for m in members) > size:
+                raise ValueError("compressed or oversized members")
+            top = names[0].split("/", 1)[0]
+
+            def config(name: str) -> dict[str, Any]:
+                return json.loads(z.read(f"{top}/{name}")).get("config", {}) if f"{top}/{name}" in names else {}
+
+            for entry in [*config("data/weights/model_weights_config.json").values(),
+                          *config("data/constants/model_constants_config.json").values()]:
+                if entry.get("use_pickle") is not False or not str(entry.get("path_name", "")).startswith(
+                        ("weight_", "tensor_")):
+                    raise ValueError("a pickled tensor")
+            sample = f"{top}/data/sample_inputs/model.pt"
+            if sample in names:
+                torch.load(io.BytesIO(z.read(sample)), weights_only=True)  # torch retries unsafely if this fails
+            info = json.loads(z.read(f"{top}/extra/catdog_cache.json"))
+    except CacheError:
+        raise
+    except Exception as e:
+        raise CacheError(f"--model {path} is not a model exported by `catdog-cache export` ({printable(str(e))}); "
+                         "refusing to load it") from None
+    if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT:
+        raise CacheError(f"--model {path} has no catdog-cache export metadata: refusing it")
+    return info
+
+
+def load_exported(path: str | os.PathLike[str]) -> Loaded:
+    """A .pt2 from `catdog-cache export`, checked before torch sees it (see check_archive). Only load files you
+    or a trusted pipeline exported: the archive is checked, but its graph runs as given."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--model {path}: no such file (make one with `catdog-cache export`)")
+    if path.suffix != ".pt2":
+        raise InputError(f"--model {path}: expected a *.pt2 file from `catdog-cache export`")
+    info = check_archive(path)
+    prov = Provenance.from_json(json.dumps(info.get("provenance")), f"--model {path}")
+    clip = info.get("clip")
+    if isinstance(clip, bool) or not isinstance(clip, int | float) or not 0 <= clip < 0.5:
+        raise CacheError(f"--model {path}: clip {clip!r} is not in [0, 0.5); refusing it")
+    try:
+        module = torch.export.load(path).module()
+    except Exception as e:
+        raise CacheError(f"{path} is not a model exported by `catdog-cache export` ({type(e).__name__})") from None
+    return Loaded(module, prov, float(clip), info, spec_from_identity(prov.weights, need_file=False))
