@@ -210,7 +210,7 @@ def load_state_file(model: nn.Module, spec: WeightsSpec, what: str, ignore: tupl
     """A weights file from anywhere: tensors only (weights_only=True, never a pickle fallback), keys and shapes
     must match `model` except the `ignore` prefixes (e.g. the classifier that features stop before)."""
     try:
-        state = torch.load(spec.path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(spec.path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise InputError(f"--weights {spec.path}: not a loadable PyTorch state dict ({type(e).__name__})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):

