@@ -103,7 +103,9 @@ def default_backbone() -> tuple[str, str]:
 
 def claim(folder: Path) -> None:
     """Refuse a folder the demo did not make; nothing is ever deleted."""
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / MARKER).is_file())):
+    marker = folder / MARKER
+    ours = marker.is_file() and not marker.is_symlink()  # a planted link is not the demo's marker
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not ours)):
         raise InputError(f"--folder {folder} exists and was not made by the demo: give a new or empty folder "
                          "(nothing was changed)")
     write_atomic(folder / MARKER, b"made by catdog-cache demo; it reuses this folder and deletes nothing\n")

@@ -60,7 +60,7 @@ def _walk(root: Path, skipped: list[tuple[str, str]]) -> list[str]:
                 continue
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    visit(Path(entry.path), sub)
+                    pending.append((Path(entry.path), sub))
                     continue
                 if entry.is_symlink() and Path(entry.path).is_dir():
                     skipped.append((sub, "symlinked folder not followed"))
@@ -85,7 +85,9 @@ def _walk(root: Path, skipped: list[tuple[str, str]]) -> list[str]:
                 continue
             found[key] = (sub, link)
 
-    visit(root, "")
+    pending: list[tuple[Path, str]] = [(root, "")]  # an explicit stack: any depth, no RecursionError
+    while pending:
+        visit(*pending.pop())
     return sorted(rel for rel, _ in found.values())
 
 
