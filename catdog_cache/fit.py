@@ -153,12 +153,15 @@ class Adam:
         self.t += 1
         b1, b2 = self.betas
         c1, c2 = 1 - b1**self.t, 1 - b2**self.t
-        for p, m, v in zip(self.params, self.m, self.v, strict=True):
-            g = p.grad
-            m.lerp_(g, 1 - b1)  # m = b1 m + (1 - b1) g
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)  # v = b2 v + (1 - b2) g^2
-            denom = (v.sqrt() / math.sqrt(c2)).add_(self.eps)
-            p.addcdiv_(m, denom, value=-self.lr / c1)
+        grads = [p.grad for p in self.params]
+        # _foreach ops: one dispatch for all parameters (a linear head's step is dominated by per-op overhead)
+        torch._foreach_lerp_(self.m, grads, 1 - b1)  # m = b1 m + (1 - b1) g
+        torch._foreach_mul_(self.v, b2)
+        torch._foreach_addcmul_(self.v, grads, grads, value=1 - b2)  # v = b2 v + (1 - b2) g^2
+        denom = torch._foreach_sqrt(self.v)
+        torch._foreach_div_(denom, math.sqrt(c2))
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(self.params, self.m, denom, value=-self.lr / c1)
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -196,7 +199,7 @@ def train(features_of: Features, labels: torch.Tensor, train_rows: torch.Tensor,
     try:
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.perf_counter()
-            loss_sum, correct, n = torch.zeros(()), torch.zeros((), dtype=torch.long), 0
+            losses, seen, n = [], [], 0  # per-step results, reduced once per epoch (fewer small ops per step)
             for rows in windowed_batches(train_rows, cfg.batch_size, g_order):
                 x, y = features_of(rows), labels[rows]  # [B, D], [B]
                 logits = head(x, masks)  # [B, 2]
@@ -204,14 +207,15 @@ def train(features_of: Features, labels: torch.Tensor, train_rows: torch.Tensor,
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                loss_sum += loss.detach() * len(rows)  # tensors: no per-step .item()
-                correct += (logits.argmax(1) == y).sum()
+                losses.append(loss.detach() * len(rows))
+                seen.append((logits.detach(), y))
                 n += len(rows)
-            train_loss = loss_sum.item() / max(n, 1)
+            train_loss = torch.stack(losses).sum().item() / max(n, 1) if losses else float("nan")
+            correct = sum(int((lg.argmax(1) == y).sum()) for lg, y in seen) if seen else 0
             if not math.isfinite(train_loss):  # checked once per epoch: NaN propagates, it cannot hide
                 raise Diverged(f"training diverged at epoch {epoch} (loss {train_loss}): lower --lr; no head saved")
             val_loss, val_acc, _ = evaluate(head, features_of, labels, val_rows)
-            stats = EpochStats(epoch, train_loss, correct.item() / max(n, 1), val_loss, val_acc,
+            stats = EpochStats(epoch, train_loss, correct / max(n, 1), val_loss, val_acc,
                                time.perf_counter() - t0)
             if cfg.keep == "best" and math.isfinite(val_loss) and (best is None or val_loss < best[0]):
                 best = (val_loss, epoch, {k: t.clone() for k, t in head.state_dict().items()})
