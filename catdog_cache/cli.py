@@ -214,7 +214,9 @@ def _fmt(x: float, digits: int = 4) -> str:
 @app.command()
 @guarded
 def fit(
-    cache: Path = CACHE,
+    cache: list[Path] = typer.Option([Path("cache/features.h5")], "--cache", help="HDF5 feature cache; give it "
+                                     "again for an ensemble (one head on the features of several caches, joined "
+                                     "by file)."),
     head: Path | None = HEAD,
     epochs: int = EPOCHS,
     batch_size: int = BATCH,
@@ -229,6 +231,8 @@ def fit(
                                           "The head is the same either way."),
     calibrate: bool = typer.Option(False, "--calibrate", help="Fit temperature and a P(dog) clip on validation."),
     augment: bool = typer.Option(False, "--augment", help="Train on every cached view (extract --views center,flip)."),
+    folds: int = typer.Option(0, "--folds", help="K-fold cross-fitting: out-of-fold accuracy and log loss (and "
+                              "--calibrate on them), then the head is trained on every labeled image."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -242,15 +246,28 @@ def fit(
         table.add_row(str(s.epoch), f"{s.train_loss:.4f}", f"{s.train_acc:.3f}", _fmt(s.val_loss),
                       _fmt(s.val_acc, 3), f"{s.seconds:.2f}")
 
-    head = head or default_head_path(cache)
-    r = run(cache, head, FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed, augment,
-                                   hidden_sizes(hidden), keep), on_epoch, max_memory, calibrate)
+    head = head or default_head_path(cache[0])
+    fold_rows: list[str] = []
+
+    def on_fold(k: int, loss: float, acc: float) -> None:
+        fold_rows.append(f"fold {k}/{folds}: held-out log loss {loss:.4f}, accuracy {acc:.4f}")
+        if not (quiet or as_json):
+            err.print(fold_rows[-1], highlight=False)
+
+    r = run(cache if len(cache) > 1 else cache[0], head, FitConfig(epochs, batch_size, lr, dropout, val_fraction,
+                                                                   seed, augment, hidden_sizes(hidden), keep),
+            on_epoch, max_memory, calibrate, folds=folds, on_fold=on_fold)
+    if r.missing and not as_json:
+        err.print(f"[yellow]warning:[/] {plural(len(r.missing), 'image')} in only some of the caches, left out: "
+                  f"{escape(printable(', '.join(r.missing[:5])))}" + (" …" if len(r.missing) > 5 else ""),
+                  highlight=False)
     if as_json:
         print(_json({"head": str(head), "seconds": r.seconds, "n_train": r.n_train, "n_val": r.n_val,
                      "val_acc": r.val_acc, "val_log_loss": r.val_log_loss, "confusion": r.confusion,
                      "per_class_acc": dict(zip(("cat", "dog"), r.per_class_acc, strict=True)),
                      "calibration": r.calibration, "curve": str(r.curve) if r.curve else None,
-                     "kept_epoch": r.kept_epoch, "head_shape": r.head_shape,
+                     "kept_epoch": r.kept_epoch, "head_shape": r.head_shape, "folds": r.folds,
+                     "missing": r.missing,
                      "history": [h.row() for h in r.history]}))
         return
     if not quiet:
@@ -258,7 +275,7 @@ def fit(
         if r.n_val:
             (tc, td), (fc, fd) = r.confusion
             cm = Table("true \\ predicted", "cat", "dog", "class accuracy",
-                       title=f"validation: {plural(r.n_val, 'image')}")
+                       title=f"{'out-of-fold' if folds else 'validation'}: {plural(r.n_val, 'image')}")
             acc = [f"{a:.3f}" if a == a else "no images" for a in r.per_class_acc]  # nan: class absent
             cm.add_row("cat", str(tc), str(td), acc[0])
             cm.add_row("dog", str(fc), str(fd), acc[1])
@@ -267,15 +284,20 @@ def fit(
             c = r.calibration
             bound = " (at its bound: the validation set is too easy or too small to calibrate)" if c.get("clamped") \
                 else ""
-            out.print(f"calibrated on validation: temperature {c['temperature']:.3f}{bound}, clip {c['clip']:g}; "
+            where = (f"out-of-fold predictions of {plural(r.n_val, 'image')} (two numbers fitted on them: nearly "
+                     "unbiased)" if folds else "the validation split they are scored on, so optimistic")
+            out.print(f"calibrated: temperature {c['temperature']:.3f}{bound}, clip {c['clip']:g}; "
                       f"log loss {c['log_loss_before']:.4f} -> {c['log_loss_temperature']:.4f} (temperature) -> "
-                      f"{c['log_loss_after']:.4f} (clip); fitted on the same split, so optimistic")
+                      f"{c['log_loss_after']:.4f} (clip); fitted on {where}")
         if r.curve:
             out.print(f"training curve: {escape(str(r.curve))}", highlight=False)
     mode = " (streamed from disk)" if r.streamed else ""
-    kept = f", kept epoch {r.kept_epoch} (lowest validation log loss)" if keep == "best" else ""
+    kept = f", kept epoch {r.kept_epoch} (lowest validation log loss)" if keep == "best" and not folds else ""
     val = (f"validation accuracy {r.val_acc:.4f}, log loss {r.val_log_loss:.4f}" if r.n_val
            else "no validation split")
+    if folds:
+        val = (f"{folds}-fold out-of-fold accuracy {r.val_acc:.4f}, log loss {r.val_log_loss:.4f}; final head on all "
+               f"{r.n_train:,} labeled images for {r.folds['final_epochs']} epochs")
     out.print(f"[green]fit[/] {r.head_shape} on {plural(r.n_train, 'train row')}{mode}, "
               f"{plural(len(r.history), 'epoch')} in {r.seconds:.2f}s (load {r.load_seconds:.2f}s){kept}: {val} -> "
               f"{escape(printable(str(head)))}", highlight=False)
@@ -286,8 +308,9 @@ def fit(
 def predict(
     data_dir: Path = typer.Argument(..., metavar="DATA_DIR", help="Folder of images to label."),
     head: Path | None = HEAD,
-    cache: Path | None = typer.Option(None, "--cache", show_default="beside the head, named after the folder",
-                                      help="Where this folder's features are cached (reused by later predicts)."),
+    cache: list[Path] | None = typer.Option(None, "--cache", show_default="beside the head, named after the folder",
+                                            help="Where this folder's features are cached (reused by later "
+                                            "predicts); once per backbone for an ensemble head."),
     out_csv: Path = typer.Option(Path("cache/predictions.csv"), "--out", help="CSV: path, p_cat, p_dog, label."),
     submission: Path | None = typer.Option(None, "--submission", help="Also write Kaggle Redux `id,label`."),
     weights: str | None = typer.Option(None, "--weights", help="The weights file, if the head was trained on one "
@@ -308,7 +331,8 @@ def predict(
                 workers, progress=bar, tta=tta, model_path=model, cache=cache)
     if as_json:
         print(_json({"out": str(r.out), "rows": len(r.rows), "accuracy": r.accuracy, "log_loss": r.log_loss,
-                     "views": r.views, "cache": str(r.cache) if r.cache else None, "extracted": r.extracted,
+                     "views": r.views, "cache": [str(c) for c in r.cache] if r.cache else None,
+                     "extracted": r.extracted,
                      "submission": str(r.submission) if r.submission else None, "seconds": r.seconds,
                      "failed": r.failed, "skipped": r.skipped, "neutral": r.neutral}))
         return
@@ -322,8 +346,8 @@ def predict(
            if r.accuracy is not None else "")
     sub = f" and {escape(printable(str(r.submission)))}" if r.submission else ""
     neutral = f" ({len(r.neutral)} neutral)" if r.neutral else ""
-    where = (f"; features {'cached in' if r.extracted else 'read from'} {escape(printable(str(r.cache)))}"
-             f" ({r.extracted:,} extracted now)") if r.cache else ""
+    where = (f"; features {'cached in' if r.extracted else 'read from'} "
+             f"{escape(printable(', '.join(map(str, r.cache))))} ({r.extracted:,} extracted now)") if r.cache else ""
     out.print(f"[green]predicted[/] {plural(len(r.rows), 'image')} in {r.seconds:.1f}s{acc} -> "
               f"{escape(printable(str(r.out)))}{sub}{neutral}{where}", highlight=False)
 
@@ -489,8 +513,9 @@ def verify(
 def preview(
     data_dir: Path = typer.Argument(..., metavar="DATA_DIR", help="Image folder to look at."),
     head: Path | None = HEAD,
-    cache: Path | None = typer.Option(None, "--cache", show_default="the head's training cache if it holds the "
-                                      "folder, else as predict", help="Where this folder's features are cached."),
+    cache: list[Path] | None = typer.Option(None, "--cache", show_default="the head's training cache if it holds "
+                                            "the folder, else as predict",
+                                            help="Where this folder's features are cached."),
     out_png: Path = typer.Option(Path("cache/preview.png"), "--out", help="PNG grid to write."),
     n: int = typer.Option(16, "--n", help="How many images (spread over the split)."),
     worst: int = typer.Option(0, "--worst", help="Show the N most confident mistakes instead (top losses)."),

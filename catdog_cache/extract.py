@@ -388,7 +388,7 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
         nonlocal rows, n_parts, last
         if len(rows):
             write_part(cache, f"part-{run_id}-{n_parts:06d}", prov, source, rows, versions(),
-                       (len(cfg.views), dim))
+                       (len(cfg.views), dim), cfg.weights.path)
             n_parts += 1
         rows, last = Rows(), time.monotonic()
 

@@ -3,14 +3,16 @@ on features computed end-to-end, and the two agree because everything random com
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -254,6 +256,8 @@ class FitReport:
     curve: Path | None = None
     kept_epoch: int = 0
     head_shape: str = ""
+    folds: dict[str, Any] = field(default_factory=dict)  # --folds: K, each fold's best epoch, the final epochs
+    missing: list[str] = field(default_factory=list)  # ensemble: images in only some of the caches
 
     @property
     def per_class_acc(self) -> list[float]:
@@ -383,65 +387,170 @@ def default_head_path(cache: Path) -> Path:
     return cache.with_name(cache.stem + ".head.pt")
 
 
-def fit(cache: str | os.PathLike[str], head_path: str | os.PathLike[str] | None, cfg: FitConfig,
-        on_epoch: Callable[[EpochStats], None] | None = None, max_memory: str | None = None,
-        calibrate_head: bool = False, curve: bool = True) -> FitReport:
-    """Train on the cache: in memory when the feature matrix fits the budget (default: half the available memory),
-    streamed from HDF5 otherwise; the same batches, hence the same head, either way."""
-    cfg.check()
-    cache = Path(cache)
-    head_path = Path(head_path) if head_path else default_head_path(cache)
-    curve_path = head_path.with_suffix(".png") if curve else None
-    check_outputs({"--head": head_path, "the training curve": curve_path}, {"--cache": cache})
-    budget = parse_size(max_memory) if max_memory else available_memory() // 2
-    t0 = time.perf_counter()
-    with open_cache(cache) as (f, index):  # one handle: index and features cannot come from different versions
-        labeled_rows(index, cache)
-        labels = torch.from_numpy(index.labels.astype(np.int64))  # [N]
+@dataclass
+class Data:
+    """What training needs from one or more caches: features by row, labels, and what the rows are."""
+
+    features_of: Features
+    labels: torch.Tensor  # [N * V] int64
+    paths: list[bytes]
+    raw_labels: np.ndarray  # [N] int8, -1 unlabeled
+    views: int
+    dim: int
+    provenances: list[str]  # one per cache (an ensemble has several)
+    caches: list[Path]
+    weights_path: str = ""
+    streamed: Streamed | None = None
+    missing: list[str] = field(default_factory=list)  # images present in only some of the caches
+
+
+def load(caches: list[Path], cfg: FitConfig, budget: int, stack: contextlib.ExitStack) -> Data:
+    """One cache: in memory when it fits the budget, else streamed (the handle stays open in `stack`). Several
+    caches (an ensemble): the features of the images they share, side by side, in memory."""
+    opened = [stack.enter_context(open_cache(c)) for c in caches]
+    f, index = opened[0]
+    labeled_rows(index, caches[0])
+    if len(caches) == 1:
         n, dim = index.shape[0], index.shape[2]
         v = cfg.views_of(index) if cfg.augment else 1
-        streamed = None
+        data = Data(None, torch.from_numpy(index.labels.astype(np.int64)).repeat_interleave(v), index.paths,
+                    index.labels, v, dim, [index.provenance.to_json()], caches, index.weights_path)
         if n * v * dim * 4 <= budget:
             x_np = read_features(f, view=None if cfg.augment else 0)
-            check_finite(x_np, str(cache))
-            x = torch.from_numpy(x_np).reshape(n * v, -1)  # [N*V, D]
-            features_of: Features = Gather(x)
+            check_finite(x_np, str(caches[0]))
+            data.features_of = Gather(torch.from_numpy(x_np).reshape(n * v, -1))  # [N*V, D]
         elif cfg.augment:
             raise InputError("--augment needs every view in memory; raise --max-memory or fit without --augment")
         else:
-            streamed = Streamed(f, budget, str(cache))
-            features_of = streamed
+            data.streamed = data.features_of = Streamed(f, budget, str(caches[0]))
+        return data
+    if cfg.augment:
+        raise InputError("--augment with several caches is not supported: fit an ensemble on center views")
+    keys = [dict(zip(ix.keys(), range(ix.shape[0]), strict=True)) for _, ix in opened]
+    shared = [k for k in keys[0] if all(k in other for other in keys[1:])]  # the first cache's order
+    missing = sorted({os.fsdecode(k[1]) for ks in keys for k in ks if k not in keys[0] or any(
+        k not in other for other in keys[1:])})
+    if not shared:
+        raise InputError(f"the caches {', '.join(map(str, caches))} share no image (same folder and file name)")
+    dims = [ix.shape[2] for _, ix in opened]
+    if len(shared) * sum(dims) * 4 > budget:
+        raise InputError("an ensemble is fitted in memory: raise --max-memory")
+    parts = []
+    for (g, ix), ks, c in zip(opened, keys, caches, strict=True):
+        rows = np.array([ks[k] for k in shared])
+        x_np = read_features(g)[rows]  # [N, D_i]
+        check_finite(x_np, str(c))
+        labels_i = ix.labels[rows]
+        if not np.array_equal(labels_i, index.labels[[keys[0][k] for k in shared]]):
+            raise InputError(f"{c} labels some images differently from {caches[0]}: refusing to join them")
+        parts.append(x_np)
+    lab = index.labels[[keys[0][k] for k in shared]]
+    x = torch.from_numpy(np.concatenate(parts, axis=1))  # [N, sum of D]
+    return Data(Gather(x), torch.from_numpy(lab.astype(np.int64)), [k[1] for k in shared], lab, 1, x.shape[1],
+                [ix.provenance.to_json() for _, ix in opened], caches, index.weights_path, None, missing)
+
+
+def fold_of(paths: list[bytes], k: int, seed: int) -> np.ndarray:
+    """Fold of each row for --folds: the same hash of (seed, path) as the validation split, cut in k equal parts
+    (adding images never moves an existing one to another fold)."""
+    return np.array([min(int(int.from_bytes(hashlib.sha256(seed.to_bytes(8, "little", signed=True) + p).digest()[
+        :8], "little") / 2.0**64 * k), k - 1) for p in paths], dtype=np.int64)
+
+
+def cross_fit(data: Data, cfg: FitConfig, k: int, on_fold: Callable[[int, float, float], None] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """K-fold cross-fitting: each labeled row is predicted by a head that never saw it. Returns the out-of-fold
+    logits [n, 2], their labels [n] and each fold's best epoch (by its held-out log loss)."""
+    labeled = np.flatnonzero(data.raw_labels >= 0)
+    fold = fold_of([data.paths[i] for i in labeled], k, cfg.seed)
+    v = data.views
+    oof, ys, best = [], [], []
+    for j in range(k):
+        held, rest = labeled[fold == j], labeled[fold != j]
+        if not len(held) or len(set(data.raw_labels[rest].tolist())) < 2:
+            raise InputError(f"--folds {k}: fold {j + 1} leaves too few images; use fewer folds")
+        tr = torch.from_numpy((rest[:, None] * v + np.arange(v)).ravel())
+        va = torch.from_numpy(held * v)
+        head, history, _ = train(data.features_of, data.labels, tr, va, cfg, None, data.dim)
+        loss, acc, logits = evaluate(head, data.features_of, data.labels, va)
+        best.append(min(history, key=lambda h: h.val_loss).epoch)
+        oof.append(logits)
+        ys.append(data.labels[va])
+        if on_fold:
+            on_fold(j + 1, loss, acc)
+    return torch.cat(oof), torch.cat(ys), best
+
+
+def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] | None, cfg: FitConfig,
+        on_epoch: Callable[[EpochStats], None] | None = None, max_memory: str | None = None,
+        calibrate_head: bool = False, curve: bool = True, folds: int = 0,
+        on_fold: Callable[[int, float, float], None] | None = None) -> FitReport:
+    """Train on the cache: in memory when the feature matrix fits the budget (default: half the available memory),
+    streamed from HDF5 otherwise; the same batches, hence the same head, either way. Several caches: one head on
+    their features side by side (an ensemble of backbones or layers). folds=K: out-of-fold metrics and calibration,
+    then the head is trained on every labeled row."""
+    cfg.check()
+    caches = [Path(c) for c in (cache if isinstance(cache, list | tuple) else [cache])]
+    if len(set(c.resolve() for c in caches)) != len(caches):
+        raise InputError("--cache: the same cache given twice")
+    if folds and not 2 <= folds <= 50:
+        raise InputError(f"--folds must be between 2 and 50, got {folds}")
+    head_path = Path(head_path) if head_path else default_head_path(caches[0])
+    curve_path = head_path.with_suffix(".png") if curve else None
+    check_outputs({"--head": head_path, "the training curve": curve_path},
+                  {f"--cache {c}": c for c in caches})
+    budget = parse_size(max_memory) if max_memory else available_memory() // 2
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:  # cache handles stay open while streaming
+        data = load(caches, cfg, budget, stack)
         load_seconds = time.perf_counter() - t0
-        train_np, val_np = split(index.paths, index.labels, cfg.val_fraction, cfg.seed)
-        # Row r's view j is feature row r * V + j: every view of a training image trains, validation sees the center.
-        train_rows = torch.from_numpy((train_np[:, None] * v + np.arange(v)).ravel())  # [n_train * V]
-        val_rows = torch.from_numpy(val_np * v)  # [n_val]
-        labels = labels.repeat_interleave(v)  # [N * V]
-        head, history, kept = train(features_of, labels, train_rows, val_rows, cfg, on_epoch, dim)
-        _, _, logits = evaluate(head, features_of, labels, val_rows)
+        oof_note: dict[str, Any] = {}
+        if folds:
+            logits, y, best_epochs = cross_fit(data, cfg, folds, on_fold)
+            final_cfg = replace(cfg, val_fraction=0.0, keep="last",
+                                epochs=int(np.median(best_epochs)) if cfg.keep == "best" else cfg.epochs)
+            train_np = np.flatnonzero(data.raw_labels >= 0)
+            train_rows = torch.from_numpy((train_np[:, None] * data.views + np.arange(data.views)).ravel())
+            head, history, kept = train(data.features_of, data.labels, train_rows, torch.zeros(0, dtype=torch.long),
+                                        final_cfg, on_epoch, data.dim)
+            n_train, n_val = len(train_np), len(y)
+            oof_note = {"folds": folds, "best_epochs": best_epochs, "final_epochs": final_cfg.epochs}
+        else:
+            train_np, val_np = split(data.paths, data.raw_labels, cfg.val_fraction, cfg.seed)
+            # Row r's view j is feature row r * V + j: every view of a training image trains, validation sees the
+            # center view.
+            train_rows = torch.from_numpy((train_np[:, None] * data.views + np.arange(data.views)).ravel())
+            val_rows = torch.from_numpy(val_np * data.views)  # [n_val]
+            head, history, kept = train(data.features_of, data.labels, train_rows, val_rows, cfg, on_epoch, data.dim)
+            _, _, logits = evaluate(head, data.features_of, data.labels, val_rows)
+            y = data.labels[val_rows]
+            n_train, n_val = len(train_np), len(val_rows)
     probs = logits.softmax(1)
-    y_val = labels[val_rows].numpy()
-    pred = probs.argmax(1).numpy()
+    y_val, pred = y.numpy(), probs.argmax(1).numpy()
     calibration = {"temperature": 1.0, "clip": 0.0}
     if calibrate_head:
-        if len(val_rows) < 2:
-            raise InputError("--calibrate needs a validation split: raise --val-fraction")
-        calibration = calibrate(logits, labels[val_rows])
+        if len(y) < 2:
+            raise InputError("--calibrate needs a validation split: raise --val-fraction (or use --folds)")
+        calibration = calibrate(logits, y)
     confusion = [[int(((y_val == t) & (pred == p)).sum()) for p in (0, 1)] for t in (0, 1)]
-    report = FitReport(head_path, history, len(train_np), len(val_rows), 0.0, load_seconds,
-                       log_loss(probs[:, 1].numpy(), y_val), history[kept - 1].val_acc, confusion,
-                       streamed=streamed is not None, calibration=calibration if calibrate_head else {},
-                       kept_epoch=kept, head_shape=head.describe())
+    acc = float((pred == y_val).mean()) if len(y_val) else float("nan")
+    report = FitReport(head_path, history, n_train, n_val, 0.0, load_seconds,
+                       log_loss(probs[:, 1].numpy(), y_val), acc, confusion,
+                       streamed=data.streamed is not None, calibration=calibration if calibrate_head else {},
+                       kept_epoch=kept, head_shape=head.describe(), folds=oof_note, missing=data.missing)
     if not all(torch.isfinite(p).all() for p in head.parameters()):
         raise Diverged("training produced NaN or infinite weights: lower --lr; no head saved")
     save_head(head_path, head, {
-        "provenance": index.provenance.to_json(),
+        "provenance": data.provenances[0],
+        "ensemble": data.provenances if len(caches) > 1 else [],
         "config": {**asdict(cfg), "hidden": list(cfg.hidden)},
-        "cache": str(cache.resolve()),
+        "cache": str(caches[0].resolve()),
+        "caches": [str(c.resolve()) for c in caches],
+        "weights_path": data.weights_path,
         "history": [asdict(h) for h in history],
         "kept_epoch": kept,
         "metrics": {"val_log_loss": report.val_log_loss, "val_acc": report.val_acc, "confusion": confusion,
-                    "n_train": report.n_train, "n_val": report.n_val},
+                    "n_train": report.n_train, "n_val": report.n_val, **oof_note},
         "temperature": calibration["temperature"],
         "clip": calibration["clip"],
     })

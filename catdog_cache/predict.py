@@ -34,7 +34,7 @@ class PredictReport:
     submission: Path | None = None
     seconds: float = 0.0
     views: tuple[str, ...] = ("center",)
-    cache: Path | None = None  # where the folder's features are cached (None with --model)
+    cache: list[Path] | None = None  # where the folder's features are cached (None with --model)
     extracted: int = 0  # images that went through the backbone in this run
     neutral: list[str] = field(default_factory=list)  # files given 0.5 in the submission (could not be predicted)
 
@@ -82,74 +82,98 @@ def submission_ids(disc: Discovery) -> dict[int, str]:
     return ids
 
 
-def default_cache(loaded: Loaded, head_path: Path, data_dir: Path) -> Path:
+def default_cache(loaded: Loaded, head_path: Path, data_dir: Path, member: int = 0) -> Path:
     """Where a folder's features go unless --cache says otherwise: the head's training cache when it already holds
     this folder with the same provenance (preview on training images), else beside the head, named after the folder
     and the feature provenance (heads of another backbone get their own file)."""
-    trained_on = loaded.meta.get("cache")
+    prov = loaded.members[member][0] if loaded.members else loaded.provenance
+    trained = loaded.meta.get("caches") or [loaded.meta.get("cache")]
+    trained_on = trained[member] if isinstance(trained, list) and member < len(trained) else None
     folder = str(data_dir.resolve())
     if isinstance(trained_on, str) and Path(trained_on).is_file():
         try:
             with open_cache(trained_on) as (_, index):
-                if folder in index.sources and index.provenance == loaded.provenance:
+                if folder in index.sources and index.provenance == prov:
                     return Path(trained_on)
         except CatdogError:  # a damaged or busy training cache is not this command's business: use the default
             pass
-    digest = hashlib.sha256(loaded.provenance.to_json().encode()).hexdigest()[:8]
+    digest = hashlib.sha256(prov.to_json().encode()).hexdigest()[:8]
     return head_path.parent / f"{data_dir.resolve().name}.{digest}.h5"
 
 
 @dataclass
 class Scored:
-    """A folder's rows in a cache, scored by the head."""
+    """A folder's rows in the cache(s), scored by the head."""
 
     rels: list[str]
     labels: list[int]
     probs: np.ndarray  # [N, 2] (cat, dog), averaged over views with tta
     failed: list[tuple[str, str]]
-    paths_all: list[bytes]  # every row of the cache (for the training split)
-    rows: np.ndarray  # [N] row numbers in the cache
+    paths_all: list[bytes]  # every row of the (first) cache, for the training split
+    rows: np.ndarray  # [N] row numbers in the (first) cache
 
 
-def score_cached(loaded: Loaded, cache: Path, disc: Discovery, tta: bool) -> Scored:
-    """Read the folder's rows (one contiguous range: rows are sorted by source folder) and apply the head."""
+def _folder_rows(cache: Path, disc: Discovery, tta: bool) -> tuple[dict[bytes, np.ndarray], list, list[bytes],
+                                                                  dict[bytes, int]]:
+    """The folder's rows of one cache (one contiguous range: rows are sorted by source folder)."""
     folder = str(disc.root.resolve())
-    present = {encode_path(s.rel): s.label for s in disc.samples}
+    present = {encode_path(s.rel) for s in disc.samples}
     with open_cache(cache) as (f, index):
         src = index.sources.index(folder) if folder in index.sources else -1
         rows = np.flatnonzero((index.source == src) & np.array([p in present for p in index.paths], bool))
         lo, hi = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
         x = f["features"][lo:hi].astype(np.float32)[rows - lo]  # [N, V, D]
         failed = [(os.fsdecode(p), reason) for s, p, _, reason in index.failed if s == src and p in present]
-        paths_all = index.paths
-    x = torch.from_numpy(x if tta else x[:, :1])  # [N, V', D]
-    n, v = x.shape[:2]
-    probs = loaded.probabilities(x.reshape(n * v, -1)).reshape(n, v, 2).mean(1) if n else torch.zeros(0, 2)
-    rels = [os.fsdecode(paths_all[r]) for r in rows]
-    return Scored(rels, [present[paths_all[r]] for r in rows], probs.numpy(), failed, paths_all, rows)
+        paths = index.paths
+    x = x if tta else x[:, :1]  # [N, V', D]
+    return {paths[r]: x[i] for i, r in enumerate(rows)}, failed, paths, {paths[r]: int(r) for r in rows}
 
 
-def cached_features(loaded: Loaded, head_path: Path, data_dir: Path, cache: Path | None, device: str,
-                    batch_size: int, workers: int, progress: Progress | None, stage: str) -> tuple[Path, int]:
-    """Make sure the folder's features are in a cache (extracting only what is new or changed); returns it."""
-    cache = cache or default_cache(loaded, head_path, data_dir)
+def score_cached(loaded: Loaded, caches: list[Path], disc: Discovery, tta: bool) -> Scored:
+    """Apply the head to the folder's cached features (an ensemble's caches joined side by side, by file)."""
+    label = {encode_path(s.rel): s.label for s in disc.samples}
+    parts = [_folder_rows(c, disc, tta) for c in caches]
+    keys = [k for k in parts[0][0] if all(k in p[0] for p in parts[1:])]  # sorted as the first cache
+    failed = sorted({f for p in parts for f in p[1]})
+    if keys:
+        x = torch.from_numpy(np.stack([np.concatenate([p[0][k] for p in parts], axis=-1) for k in keys]))
+        n, v = x.shape[:2]  # [N, V', D]
+        probs = loaded.probabilities(x.reshape(n * v, -1)).reshape(n, v, 2).mean(1)
+    else:
+        probs = torch.zeros(0, 2)
+    return Scored([os.fsdecode(k) for k in keys], [label[k] for k in keys], probs.numpy(), failed, parts[0][2],
+                  np.array([parts[0][3][k] for k in keys], np.int64))
+
+
+def cached_features(loaded: Loaded, head_path: Path, data_dir: Path, caches: list[Path] | None, device: str,
+                    batch_size: int, workers: int, progress: Progress | None, stage: str) -> tuple[list[Path], int]:
+    """Make sure the folder's features are cached for each backbone of the head (extracting only what is new or
+    changed); returns the caches and how many images went through a backbone."""
+    n = max(len(loaded.members), 1)
+    if caches and len(caches) != n:
+        raise InputError(f"--cache: the head needs {n} feature caches (one per backbone), got {len(caches)}")
+    caches = caches or [default_cache(loaded, head_path, data_dir, i) for i in range(n)]
     relabel = (lambda s, d, t: progress(stage if s == "extract" else s, d, t)) if progress else None
-    report = extract(data_dir, cache, loaded.config(device, batch_size, workers), progress=relabel)
-    return cache, report.extracted
+    extracted = 0
+    for i, cache in enumerate(caches):
+        report = extract(data_dir, cache, loaded.config(device, batch_size, workers, member=i), progress=relabel)
+        extracted += report.extracted
+    return caches, extracted
 
 
 def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] | None, out: str | os.PathLike[str],
             submission: str | os.PathLike[str] | None = None, weights_file: str | None = None,
             device: str = "auto", batch_size: int = 0, workers: int = -1, progress: Progress | None = None,
             tta: bool = False, model_path: str | os.PathLike[str] | None = None,
-            cache: str | os.PathLike[str] | None = None) -> PredictReport:
+            cache: str | os.PathLike[str] | list | None = None) -> PredictReport:
     t0 = time.perf_counter()
     data_dir, out = Path(data_dir), Path(out)
     head_path = Path(head_path or "cache/features.head.pt")
     submission = Path(submission) if submission else None
-    cache = Path(cache) if cache else None
+    caches = [Path(c) for c in (cache if isinstance(cache, list | tuple) else [cache] if cache else [])]
     check_outputs({"--out": out, "--submission": submission},
-                  {"--head": head_path, "--model": Path(model_path) if model_path else None, "--cache": cache})
+                  {"--head": head_path, "--model": Path(model_path) if model_path else None,
+                   **{f"--cache {c}": c for c in caches}})
     disc = discover(data_dir)
     if not disc.samples:
         raise InputError(f"no images found in {data_dir}" + (f" ({len(disc.skipped)} files skipped)"
@@ -159,13 +183,15 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
         loaded = load_exported(model_path)
         views = _check_tta(loaded, tta)
         scored, used, extracted = _score_images(loaded, disc, views, device, batch_size, workers, progress), None, 0
+        if caches:
+            raise InputError("--cache and --model: an exported model reads images, not caches; drop --cache")
     else:
         loaded = load_scorer(head_path, weights_file, backbone=False)
         views = _check_tta(loaded, tta)
-        used = cache or default_cache(loaded, head_path, data_dir)
-        check_outputs({"--out": out, "--submission": submission}, {"the feature cache": used})
-        used, extracted = cached_features(loaded, head_path, data_dir, used, device, batch_size, workers, progress,
-                                          "predict")
+        planned = caches or [default_cache(loaded, head_path, data_dir, i) for i in range(len(loaded.members))]
+        check_outputs({"--out": out, "--submission": submission}, {f"the feature cache {c}": c for c in planned})
+        used, extracted = cached_features(loaded, head_path, data_dir, planned, device, batch_size, workers,
+                                          progress, "predict")
         scored = score_cached(loaded, used, disc, tta)
     if not scored.rels:
         first = f"; first failure: {scored.failed[0][0]!r}: {scored.failed[0][1]}" if scored.failed else ""

@@ -14,7 +14,7 @@ from .errors import InputError
 from .extract import Progress
 from .files import check_outputs, printable, read_regular
 from .fit import split
-from .predict import cached_features, default_cache, score_cached
+from .predict import cached_features, score_cached
 from .preprocess import MAX_FILE_BYTES, DecodeError, decode_rgb
 from .scorer import load_scorer
 
@@ -26,7 +26,7 @@ class PreviewReport:
     out: Path
     shown: int
     wrong: int | None  # None when the folder has no labels
-    cache: Path | None = None
+    cache: list[Path] | None = None
     note: str = ""
 
 
@@ -48,7 +48,7 @@ def splits_of(meta: dict, cache: Path, scored) -> list[str]:
 
 def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str], out: str | os.PathLike[str],
             n: int = 16, weights_file: str | None = None, device: str = "auto", worst: int = 0, which: str = "val",
-            cache: str | os.PathLike[str] | None = None, progress: Progress | None = None) -> PreviewReport:
+            cache: str | os.PathLike[str] | list | None = None, progress: Progress | None = None) -> PreviewReport:
     """A grid of n images spread over the chosen split, or (worst=N) the N most confident mistakes, with the
     predicted label and probability (true label and loss when known); wrong ones framed red. Images are shown as
     the model saw them (resize, center crop), without the normalisation."""
@@ -62,15 +62,16 @@ def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
     if which not in SPLITS:
         raise InputError(f"--split: expected {', '.join(SPLITS)}, got {which!r}")
     data_dir, head_path, out = Path(data_dir), Path(head_path), Path(out)
-    check_outputs({"--out": out}, {"--head": head_path, "--cache": Path(cache) if cache else None})
+    check_outputs({"--out": out}, {"--head": head_path, **{f"--cache {c}": Path(c) for c in (
+        cache if isinstance(cache, list | tuple) else [cache] if cache else [])}})
     disc = discover(data_dir)
     if not disc.samples:
         raise InputError(f"no images found in {data_dir}")
     loaded = load_scorer(head_path, weights_file, backbone=False)
-    used = Path(cache) if cache else default_cache(loaded, head_path, data_dir)
-    used, _ = cached_features(loaded, head_path, data_dir, used, device, 0, -1, progress, "preview")
+    caches = [Path(c) for c in (cache if isinstance(cache, list | tuple) else [cache] if cache else [])]
+    used, _ = cached_features(loaded, head_path, data_dir, caches or None, device, 0, -1, progress, "preview")
     scored = score_cached(loaded, used, disc, tta=False)
-    roles = splits_of(loaded.meta, used, scored)
+    roles = splits_of(loaded.meta, used[0], scored)
     note = ""
     pool = [i for i, r in enumerate(roles) if which == "all" or r == which]
     if not pool:  # a folder the head never trained on: all of it is new data

@@ -12,7 +12,7 @@ import json
 import os
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +54,16 @@ class Loaded:
     spec: WeightsSpec  # the weights identity the scorer was built from
     head: Head | None = None
     temperature: float = 1.0
+    members: list[tuple[Provenance, WeightsSpec]] = field(default_factory=list)  # an ensemble's backbones
 
     @property
     def crop(self) -> int:
         return Preset.from_spec(self.provenance.transform).crop
 
     def build_scorer(self) -> nn.Module:
+        if len(self.members) > 1:
+            raise InputError("this head joins the features of several backbones (an ensemble): it scores cached "
+                             "features with `predict` but cannot be exported or run as one network")
         backbone = self.config().resolve().build(self.spec)
         return Scorer(backbone, self.head, self.provenance.dtype, self.temperature).eval()
 
@@ -69,10 +73,11 @@ class Loaded:
             return (self.head(x) / self.temperature).softmax(1)  # [N, 2]
 
     def config(self, device: str = "auto", batch_size: int = 0, workers: int = -1,
-               views: tuple[str, ...] | None = None) -> ExtractConfig:
-        """The extraction settings the scorer expects (views: the head's, unless narrowed)."""
-        prov = self.provenance
-        return ExtractConfig(weights=self.spec, backbone=prov.arch, layer=prov.layer, device=device,
+               views: tuple[str, ...] | None = None, member: int = 0) -> ExtractConfig:
+        """The extraction settings the scorer expects (views: the head's, unless narrowed); member: which backbone
+        of an ensemble."""
+        prov, spec = self.members[member] if self.members else (self.provenance, self.spec)
+        return ExtractConfig(weights=spec, backbone=prov.arch, layer=prov.layer, device=device,
                              batch_size=batch_size, workers=workers, dtype=prov.dtype, precision=prov.precision,
                              views=views or tuple(prov.views.split(",")),
                              decoder=decoder_of(prov.transform))
@@ -83,14 +88,20 @@ def load_scorer(head_path: str | os.PathLike[str], weights_file: str | None = No
     """The head, and (backbone=True) the frozen network it was trained behind, rebuilt from its provenance.
     backbone=False: only what scoring cached features needs; the backbone is built later if images need it."""
     head, meta = load_head(head_path)
-    prov = Provenance.from_json(meta["provenance"], f"head {head_path}")
     recorded = meta.get("weights_path") if isinstance(meta.get("weights_path"), str) else None
-    spec = spec_from_identity(prov.weights, weights_file, recorded_path=recorded)
-    if weights_file and spec.kind != "file":
+    ensemble = meta.get("ensemble") if isinstance(meta.get("ensemble"), list) else []
+    members = []
+    for text in ensemble or [meta["provenance"]]:
+        prov = Provenance.from_json(text, f"head {head_path}")
+        members.append((prov, spec_from_identity(prov.weights, weights_file, recorded_path=recorded)))
+    prov, spec = members[0]
+    if weights_file and all(sp.kind != "file" for _, sp in members):
         raise InputError(f"--weights {weights_file}: the head was trained on {prov.weights} features, not a weights "
                          "file; drop --weights")
-    loaded = Loaded(None, prov, float(meta.get("clip", 0.0)), meta, spec, head, float(meta.get("temperature", 1.0)))
-    require_same(prov, loaded.config().provenance(), f"head {head_path}", "this catdog-cache")  # a changed transform
+    loaded = Loaded(None, prov, float(meta.get("clip", 0.0)), meta, spec, head, float(meta.get("temperature", 1.0)),
+                    members)
+    for i, (member, _) in enumerate(members):  # a changed transform or backbone definition
+        require_same(member, loaded.config(member=i).provenance(), f"head {head_path}", "this catdog-cache")
     if backbone:
         loaded.scorer = loaded.build_scorer()
     return loaded

@@ -110,6 +110,7 @@ class Index:
     failed: list[tuple[int, bytes, str, str]]  # (source, path, sha256, reason)
     shape: tuple[int, ...]
     dtype: str
+    weights_path: str = ""  # where the --weights FILE was when extracted (its sha256 is in the provenance)
 
     def keys(self) -> list[tuple[str, bytes]]:
         return [(self.sources[s], p) for s, p in zip(self.source.tolist(), self.paths, strict=True)]
@@ -233,6 +234,7 @@ def _index(f: h5py.File, path: Path) -> Index:
                              for r in _rows(fail, "reasons", path, fn, "SO")[:]], strict=True)),
             shape=tuple(feats.shape),
             dtype=str(feats.dtype),
+            weights_path=str(f.attrs.get("weights_path", "")),
         )
     except CacheError:
         raise
@@ -306,8 +308,9 @@ class BlockReader:
 
 def _write(f: h5py.File, prov: Provenance, sources: list[str], features: np.ndarray | tuple[int, ...],
            paths: list[bytes], source: np.ndarray, labels: np.ndarray, sha256: list[str],
-           failed: list[tuple[int, bytes, str, str]], versions: dict[str, str]) -> h5py.Dataset:
+           failed: list[tuple[int, bytes, str, str]], versions: dict[str, str], weights_path: str = "") -> h5py.Dataset:
     f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["weights_path"] = weights_path
     f.attrs["provenance"] = prov.to_json()
     f.attrs["class_map"] = json.dumps(CLASS_MAP)
     f.attrs["sources"] = json.dumps(sources)
@@ -347,7 +350,7 @@ def _parts_folder(cache: Path, create: bool = False) -> Path | None:
 
 
 def write_part(cache: Path, name: str, prov: Provenance, source: str, rows: Rows, versions: dict[str, str],
-               feature_shape: tuple[int, int]) -> Path:
+               feature_shape: tuple[int, int], weights_path: str = "") -> Path:
     """Write rows as one complete part file. The HDF5 image is built in memory and written with plain file I/O, so
     a full disk is an OSError we can report (HDF5 itself may crash on ENOSPC) and the temp file is removed."""
     folder = _parts_folder(cache, create=True)
@@ -357,7 +360,8 @@ def write_part(cache: Path, name: str, prov: Provenance, source: str, rows: Rows
     with h5py.File(f"{name}.h5", "w", driver="core", backing_store=False) as f:
         _write(f, prov, [source], feats, rows.paths, np.zeros(n, np.uint16), np.array(rows.labels, np.int8),
                rows.sha256, [(0, p, s, r) for p, s, r in
-                             zip(rows.failed_paths, rows.failed_sha256, rows.failed_reasons, strict=True)], versions)
+                             zip(rows.failed_paths, rows.failed_sha256, rows.failed_reasons, strict=True)], versions,
+               weights_path)
         f.flush()
         image = f.id.get_file_image()
     return write_atomic(folder / f"{name}.h5", image)
@@ -374,7 +378,7 @@ def list_parts(cache: Path) -> list[Path]:
 
 
 def assemble(cache: Path, prov: Provenance, versions: dict[str, str], drop: set[tuple[str, bytes]] = frozenset(),
-             block: int = 1024, dim: int = 4096) -> Index:
+             block: int = 1024, dim: int = 4096, weights_path: str = "") -> Index:
     """Merge the cache and its parts into one new file, renamed over the cache; then delete the parts.
 
     Later parts win over earlier ones and over the cache (a changed file's new row replaces the old one);
@@ -388,6 +392,7 @@ def assemble(cache: Path, prov: Provenance, versions: dict[str, str], drop: set[
     for i, path in enumerate(inputs):
         idx = read_index(path)
         require_same(idx.provenance, prov, str(path), "this run")
+        weights_path = weights_path or idx.weights_path
         if feature_shape is not None and idx.shape[1:] != feature_shape:
             raise CacheError(f"{path} has features of shape {idx.shape[1:]}, the others {feature_shape}: refusing it")
         feature_shape = idx.shape[1:]
@@ -419,7 +424,8 @@ def assemble(cache: Path, prov: Provenance, versions: dict[str, str], drop: set[
                 ds = _write(out, prov, sources, shape, [k[1] for k in order],
                             np.array([src_id[k[0]] for k in order], np.uint16),
                             np.array([where[k][2] for k in order], np.int8), [where[k][3] for k in order],
-                            [(src_id[k[0]], k[1], v[0], v[1]) for k, v in sorted(failed.items())], versions)
+                            [(src_id[k[0]], k[1], v[0], v[1]) for k, v in sorted(failed.items())], versions,
+                            weights_path)
                 for start in range(0, n, block):
                     keys = order[start : start + block]
                     buf = np.empty((len(keys), *shape[1:]), dtype=prov.dtype)  # [b, V, D]
