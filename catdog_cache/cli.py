@@ -282,8 +282,8 @@ def fit(
             out.print(cm)
         if r.calibration:
             c = r.calibration
-            bound = " (at its bound: the validation set is too easy or too small to calibrate)" if c.get("clamped") \
-                else ""
+            bound = (" (at the edge of its range 0.05-20: the validation set is too easy or too small to calibrate)"
+                     if c.get("clamped") else "")
             where = (f"out-of-fold predictions of {plural(r.n_val, 'image')} (two numbers fitted on them: nearly "
                      "unbiased)" if folds else "the validation split they are scored on, so optimistic")
             out.print(f"calibrated: temperature {c['temperature']:.3f}{bound}, clip {c['clip']:g}; "

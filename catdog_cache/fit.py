@@ -281,7 +281,8 @@ def calibrate(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         return loss
 
     opt.step(closure)
-    clamped = not bounds[0] < float(log_t.detach()) < bounds[1]
+    # at (or within a factor 1.65 of) a bound: LBFGS stops on a flat loss before it reaches the bound itself
+    clamped = not bounds[0] + 0.5 < float(log_t.detach()) < bounds[1] - 0.5
     t = float(log_t.detach().clamp(*bounds).exp())
     yn = y.numpy()
     before = log_loss(logits.softmax(1)[:, 1].numpy(), yn)

@@ -416,6 +416,7 @@ def assemble(cache: Path, prov: Provenance, versions: dict[str, str], drop: set[
     n = len(order)
     shape = (n, *(feature_shape or (len(prov.views.split(",")), dim)))
     # The new file is written beside the old one before the rename: both must fit.
+    cache.parent.mkdir(parents=True, exist_ok=True)
     require_space(cache.parent, int(np.prod(shape)) * np.dtype(prov.dtype).itemsize + 200 * n + 2**20, cache)
     handles: dict[int, h5py.File] = {}
     with temp_beside(cache) as tmp:

@@ -1,0 +1,121 @@
+"""What a new user stumbles on: defaults, messages, help, terminal output."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.conftest import TINY, draw
+
+
+def test_help_shows_flags_as_flags_and_usage_names(cli):
+    for cmd in ("fit", "extract", "predict", "verify"):
+        r = cli(cmd, "--help")
+        assert "<bool>" not in r.output and "--json" in r.output or cmd == "verify"
+    assert "DATA_DIR" in cli("extract", "--help").output and "{data_dir}" not in cli("extract", "--help").output
+    r = cli("fit", "--json", "true", ok=False)
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) <= 4  # typer's usage error, short
+    assert "[default: 128]" in cli("verify", "--help").output  # the same batch size as fit
+    assert cli("--version").output.startswith("catdog-cache ")
+
+
+def test_default_head_sits_beside_its_cache(cli, kaggle_dir, tmp_path):
+    cli("extract", kaggle_dir, *TINY, "--cache", tmp_path / "other" / "folder.h5")
+    r = cli("fit", "--cache", tmp_path / "other" / "folder.h5", "--epochs", "1")
+    assert (tmp_path / "other" / "folder.head.pt").is_file() and (tmp_path / "other" / "folder.head.png").is_file()
+    assert "folder.head.pt" in r.output and not Path("cache/features.head.pt").exists()
+
+
+def test_quiet_fit_still_prints_its_summary_and_no_val_split_prints_no_nan(cli, kaggle_dir):
+    cli("extract", kaggle_dir, *TINY)
+    r = cli("fit", "--epochs", "1", "-q")
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "validation accuracy" in lines[0] and "log loss" in lines[0]
+    r = cli("fit", "--epochs", "2", "--val-fraction", "0")
+    assert "nan" not in r.output.lower() and "no validation split" in r.output and "1 epoch" not in r.output
+    assert "2 epochs" in r.output
+    r = cli("fit", "--epochs", "1")
+    assert "1 epoch " in r.output and "1 epochs" not in r.output  # plurals
+
+
+def test_clamped_temperature_is_said(cli, kaggle_dir):
+    cli("extract", kaggle_dir, *TINY)
+    from catdog_cache.fit import calibrate
+
+    logits = torch.tensor([[0.5, -0.5], [-0.5, 0.5]] * 10)  # separable: the temperature runs to its bound
+    c = calibrate(logits, torch.tensor([0, 1] * 10))
+    assert c["clamped"]
+
+
+def test_empty_cache_says_empty(cli, kaggle_dir):
+    from catdog_cache.store import Provenance, assemble
+
+    prov = Provenance("tiny", "fc7", "random:seed=0", "{}", "center", "float32", "fp32")
+    assemble(Path("cache/features.h5"), prov, {})
+    r = cli("fit", ok=False)
+    assert r.exit_code == 1 and "is empty" in r.output
+
+
+def test_options_checked_even_with_nothing_to_do(cli, kaggle_dir):
+    cli("extract", kaggle_dir, *TINY)
+    for args, word in ((["--device", "gpu"], "--device"), (["--workers", "-5"], "--workers")):
+        r = cli("extract", kaggle_dir, *TINY, *args, ok=False)
+        assert r.exit_code == 1 and word in r.output
+    cli("fit", "--epochs", "1")
+    (Path("w.pth")).write_bytes(b"x")
+    r = cli("predict", kaggle_dir, "--weights", "w.pth", ok=False)
+    assert r.exit_code == 1 and "drop --weights" in r.output
+
+
+def test_weights_file_path_is_remembered(cli, kaggle_dir, tmp_path):
+    from torchvision.models import get_model
+
+    torch.manual_seed(0)
+    torch.save(get_model("mobilenet_v3_small", weights=None).state_dict(), tmp_path / "m.pth")
+    cli("extract", kaggle_dir, "--backbone", "mobilenet_v3_small", "--weights", tmp_path / "m.pth")
+    cli("fit", "--epochs", "1")
+    cli("predict", kaggle_dir)  # no --weights: the recorded path, its sha256 still matching
+    draw(kaggle_dir / "cat.40.jpg", "cat", 40)  # a new image: the backbone must run again
+    (tmp_path / "m.pth").rename(tmp_path / "moved.pth")
+    r = cli("predict", kaggle_dir, ok=False)
+    assert r.exit_code == 1 and "pass the same file with --weights" in r.output and "m.pth" in r.output
+    cli("predict", kaggle_dir, "--weights", tmp_path / "moved.pth")
+
+
+def test_progress_is_labelled_by_the_command(cli, kaggle_dir, test_dir):
+    from catdog_cache import predict
+
+    cli("extract", kaggle_dir, *TINY)
+    cli("fit", "--epochs", "1")
+    stages = []
+    predict(test_dir, "cache/features.head.pt", "p.csv", progress=lambda s, d, t: stages.append(s))
+    assert "predict" in stages and "extract" not in stages
+
+
+def test_kaggle_prefix_any_case(cli, tmp_path):
+    root = tmp_path / "k"
+    draw(root / "Cat.1.jpg", "cat", 1)
+    draw(root / "DOG.2.jpg", "dog", 2)
+    draw(root / "hotdog.3.jpg", "dog", 3)
+    from catdog_cache.discover import discover
+
+    d = discover(root)
+    assert {s.rel: s.label for s in d.samples} == {"Cat.1.jpg": 0, "DOG.2.jpg": 1}
+
+
+def test_logs_get_one_line_per_message():
+    """Not a terminal: no wrapping at 80 columns, no blank line before an error."""
+    long_dir = "x" * 150
+    r = subprocess.run([sys.executable, "-m", "catdog_cache", "fit", "--cache", f"{long_dir}/f.h5"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+    assert long_dir in r.stderr
+
+
+def test_info_json_transform_is_an_object(cli, kaggle_dir):
+    cli("extract", kaggle_dir, *TINY)
+    data = json.loads(cli("info", "--json").output)
+    assert isinstance(data["provenance"]["transform"], dict) and data["provenance"]["transform"]["crop"] == 224
+    assert data["dim"] == 4096
