@@ -10,6 +10,7 @@ import os
 import shutil
 import stat
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO
@@ -167,6 +168,23 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 def csv_cell(text: str) -> str:
     """Spreadsheet-safe cell (OWASP CSV injection): a leading quote stops =, +, -, @ from being run as a formula."""
     return "'" + text if text.startswith(FORMULA_START) else text
+
+
+def stored_zip(path: Path, limit: int) -> list[zipfile.ZipInfo]:
+    """The members of a zip archive from outside (torch.save and torch.export files are zips), checked before any
+    library reads it: at most `limit` bytes, every member stored uncompressed, their sizes within the file's size
+    (no decompression bomb). ValueError says what is wrong."""
+    size = path.stat().st_size
+    if size > limit:
+        raise ValueError(f"{size / 2**20:.0f} MiB, over the {limit // 2**20} MiB limit")
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"not a zip archive: {e}") from None
+    if any(m.compress_type != zipfile.ZIP_STORED for m in members) or sum(m.file_size for m in members) > size:
+        raise ValueError("compressed or oversized members")
+    return members
 
 
 def stale_temps(path: Path) -> Iterable[Path]:

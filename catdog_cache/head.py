@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import CacheError
-from .files import write_atomic
+from .files import stored_zip, write_atomic
 
 HEAD_FORMAT = 1
 MAX_HEAD_BYTES = 2 * 2**30  # pool5 (25,088-d) + two 4096 hidden layers is about 0.5 GB
@@ -108,16 +107,10 @@ def save_head(path: str | os.PathLike[str], head: Head, meta: dict[str, Any]) ->
 
 def _check_archive(path: Path) -> None:
     """Before torch.load: a plain, uncompressed torch.save zip no larger than its file (no decompression bomb)."""
-    size = path.stat().st_size
-    if size > MAX_HEAD_BYTES:
-        raise CacheError(f"{path} is {size / 2**20:.0f} MiB; a head is at most {MAX_HEAD_BYTES // 2**20} MiB")
     try:
-        with zipfile.ZipFile(path) as z:
-            members = z.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CacheError(f"{path} is not a catdog-cache head ({e}): fit again") from None
-    if any(m.compress_type != zipfile.ZIP_STORED for m in members) or sum(m.file_size for m in members) > size:
-        raise CacheError(f"{path} is not a catdog-cache head (compressed or oversized members): refusing it")
+        stored_zip(path, MAX_HEAD_BYTES)
+    except ValueError as e:
+        raise CacheError(f"{path} is not a catdog-cache head ({e}): refusing it") from None
 
 
 def _number(blob: dict[str, Any], key: str, default: float, ok, what: str, path: Path) -> float:

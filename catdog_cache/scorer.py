@@ -22,7 +22,7 @@ from torch import nn
 from .backbone import Preset, WeightsSpec, spec_from_identity
 from .errors import CacheError, InputError
 from .extract import ExtractConfig
-from .files import check_outputs, printable, temp_beside
+from .files import check_outputs, printable, stored_zip, temp_beside
 from .head import Head, load_head
 from .preprocess import decoder_of
 from .store import Provenance, require_same
@@ -146,18 +146,12 @@ def check_archive(path: Path) -> dict[str, Any]:
     weights or constants marked use_pickle, legacy weight files, custom objects and sample inputs that the safe
     loader rejects. Only the members our export writes are allowed, stored uncompressed within the file's size;
     every tensor must be raw bytes, and the sample inputs must load with weights_only=True."""
-    size = path.stat().st_size
-    if size > MAX_MODEL_BYTES:
-        raise CacheError(f"--model {path} is {size / 2**30:.1f} GiB; the limit is {MAX_MODEL_BYTES // 2**30} GiB")
     try:
+        names = [m.filename for m in stored_zip(path, MAX_MODEL_BYTES)]
+        bad = [n for n in names if not _MEMBER.fullmatch(n)]
+        if bad or len({n.split("/", 1)[0] for n in names}) != 1:
+            raise ValueError(f"unexpected member {bad[0] if bad else names[0]!r}")
         with zipfile.ZipFile(path) as z:
-            members = z.infolist()
-            names = [m.filename for m in members]
-            bad = [n for n in names if not _MEMBER.fullmatch(n)]
-            if bad or len({n.split("/", 1)[0] for n in names}) != 1:
-                raise ValueError(f"unexpected member {bad[0] if bad else names[0]!r}")
-            if any(m.compress_type != zipfile.ZIP_STORED for m in members) or sum(m.file_size for m in members) > size:
-                raise ValueError("compressed or oversized members")
             top = names[0].split("/", 1)[0]
 
             def config(name: str) -> dict[str, Any]:
