@@ -76,7 +76,7 @@ class LitePlugin:
         path = checkpoint(name)
         return Backbone(name, "pool", Preset(round(crop / 0.875), crop, HALF, HALF), lambda spec: make(name, spec),
                         path.stem if path else f"{name}-package", offline=lambda: checkpoint(name) is not None,
-                        note="real ImageNet weights from the package index ([lite] extra)",
+                        note="real ImageNet weights, packaged ([lite] extra)",
                         make_meta=lambda: Pooled(_net(name)))
 
 

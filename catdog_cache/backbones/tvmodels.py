@@ -97,7 +97,7 @@ class TorchvisionPlugin:
         layer = layer or FINAL
         return Backbone(name, layer, preset, lambda spec: make(name, layer, spec), weights.name,
                         offline=lambda: weights_file(weights).is_file(),
-                        note=f"torchvision {weights}", make_meta=lambda: make_meta(name, layer))
+                        note=f"torchvision, weights {weights.name}", make_meta=lambda: make_meta(name, layer))
 
 
 plugin = TorchvisionPlugin()
