@@ -180,11 +180,11 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
                                                               if disc.skipped else ""))
     ids = submission_ids(disc) if submission else None  # before any forward pass
     if model_path:
+        if caches:
+            raise InputError("--cache and --model: an exported model reads images, not caches; drop --cache")
         loaded = load_exported(model_path)
         views = _check_tta(loaded, tta)
         scored, used, extracted = _score_images(loaded, disc, views, device, batch_size, workers, progress), None, 0
-        if caches:
-            raise InputError("--cache and --model: an exported model reads images, not caches; drop --cache")
     else:
         loaded = load_scorer(head_path, weights_file, backbone=False)
         views = _check_tta(loaded, tta)
