@@ -8,6 +8,7 @@ A plugin is any object with `names() -> list[str]` (what `catdog-cache backbones
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -141,24 +142,24 @@ class Backbone:
             return f"random:seed={spec.seed}"
         return f"file:sha256={spec.sha256}"
 
-    @functools.cached_property
-    def _shape(self) -> tuple[int, float]:
-        """(feature size, GFLOP per image), from one pass on the meta device: no weights, no compute."""
+    def _meta_pass(self, count: bool) -> tuple[int, float]:
+        """(feature size, GFLOP per image) from one pass on the meta device: no weights, no compute."""
         from torch.utils.flop_counter import FlopCounterMode
 
         with torch.device("meta"):
             model = self._meta() if self._meta else self._make(WeightsSpec("random"))
-            with FlopCounterMode(display=False) as counter, torch.no_grad():
+            counter = FlopCounterMode(display=False) if count else contextlib.nullcontext()
+            with counter, torch.no_grad():
                 y = model.eval()(torch.empty(1, 3, self.preset.crop, self.preset.crop))
-        return int(y.flatten(1).shape[1]), counter.get_total_flops() / 1e9
+        return int(y.flatten(1).shape[1]), counter.get_total_flops() / 1e9 if count else 0.0
 
-    @property
+    @functools.cached_property
     def dim(self) -> int:
-        return self._shape[0]
+        return self._meta_pass(count=False)[0]
 
-    @property
+    @functools.cached_property
     def gflops(self) -> float:
-        return self._shape[1]
+        return self._meta_pass(count=True)[1]
 
 
 class Plugin(Protocol):
@@ -189,8 +190,10 @@ def plugins() -> list[tuple[str, Plugin]]:
     return out
 
 
+@functools.lru_cache(maxsize=64)
 def get_backbone(name: str = DEFAULT_BACKBONE, layer: str | None = None) -> Backbone:
-    """Resolve a backbone name (and optional layer): the first plugin that knows it wins."""
+    """Resolve a backbone name (and optional layer): the first plugin that knows it wins. Cached: a description
+    is cheap, but its feature size takes a pass on the meta device."""
     for _, plugin in plugins():
         backbone = plugin.find(name, layer or None)
         if backbone is not None:

@@ -379,7 +379,6 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
                    prov: Provenance, report: ExtractReport, progress: Progress | None,
                    model: torch.nn.Module | None = None, tag: str = "") -> None:
     rels = [s.rel for s in todo]
-    dim = cfg.resolve().dim
     run_id = f"{time.time_ns():020d}-{os.getpid()}{tag}"
     rows, n_parts, last = Rows(), 0, time.monotonic()
     delay = float(os.environ.get("CATDOG_BATCH_DELAY", "0"))  # test hook: slow a run down to kill it midway
@@ -387,6 +386,8 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
     def flush() -> None:
         nonlocal rows, n_parts, last
         if len(rows):
+            # the feature size from the rows themselves; a part of failures only asks the backbone (a meta pass)
+            dim = rows.features[0].shape[-1] if rows.features else cfg.resolve().dim
             write_part(cache, f"part-{run_id}-{n_parts:06d}", prov, source, rows, versions(),
                        (len(cfg.views), dim), cfg.weights.path)
             n_parts += 1

@@ -150,6 +150,7 @@ def test_a_third_party_plugin_registers_through_the_entry_point_group(monkeypatc
     fake = EntryPoint(name="plugin_example", value="tests.plugin_example:plugin", group=bb.GROUP)
     monkeypatch.setattr(bb, "entry_points", lambda group: [*real, fake])
     bb.plugins.cache_clear()
+    bb.get_backbone.cache_clear()
     try:
         assert [n for n, _ in bb.plugins()][-1] == "plugin_example"
         listed = {row["backbone"]: row for row in json.loads(cli("backbones", "--json").output)}
@@ -162,6 +163,7 @@ def test_a_third_party_plugin_registers_through_the_entry_point_group(monkeypatc
         assert idx.shape[1:] == (1, 3) and idx.provenance.arch == "meanpix"
     finally:
         bb.plugins.cache_clear()
+        bb.get_backbone.cache_clear()
 
 
 def test_mixing_backbones_in_one_cache_is_refused_with_the_matching_flags(cli, kaggle_dir):
