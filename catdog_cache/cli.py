@@ -489,6 +489,7 @@ def verify(
     t.add_row("head weights", "", "", f"{r.max_weight_diff:.3g}")
     t.add_row("head biases", "", "", f"{r.max_bias_diff:.3g}")
     t.add_row("val probabilities", "", "", f"{r.max_prob_diff:.3g}")
+    t.add_row("head in memory vs streamed (--max-memory 1M)", "", "", f"{r.max_streamed_diff:.3g}")
     t.add_row("val predicted labels", "", "", f"{r.differing_labels} differ")
     t.add_row("val loss", f"{r.e2e_loss:.6f}", f"{r.cached_loss:.6f}", f"{abs(r.e2e_loss - r.cached_loss):.3g}")
     t.add_row("val accuracy", f"{r.e2e_acc:.4f}", f"{r.cached_acc:.4f}", "")
@@ -503,8 +504,8 @@ def verify(
     if r.agree:
         out.print(f"[green]agree[/] within {r.tolerance:g}: training on the cache is training the network's head")
         return
-    err.print(f"[bold red]disagree:[/] max probability difference {r.max_prob_diff:.3g} > {r.tolerance:g} "
-              f"or {r.differing_labels} labels differ")
+    err.print(f"[bold red]disagree:[/] max probability difference {r.max_prob_diff:.3g} > {r.tolerance:g}, "
+              f"{r.differing_labels} labels differ, or the streamed head differs by {r.max_streamed_diff:.3g}")
     raise typer.Exit(1)
 
 

@@ -31,6 +31,7 @@ class VerifyReport:
     epochs: int
     max_weight_diff: float
     max_bias_diff: float
+    max_streamed_diff: float  # head fitted in memory vs streamed from disk with a 1 MiB budget
     max_prob_diff: float
     differing_labels: int
     cached_loss: float
@@ -45,7 +46,7 @@ class VerifyReport:
 
     @property
     def agree(self) -> bool:
-        return self.max_prob_diff <= self.tolerance and self.differing_labels == 0
+        return self.max_prob_diff <= self.tolerance and self.differing_labels == 0 and self.max_streamed_diff == 0
 
     @property
     def speedup(self) -> float:
@@ -106,6 +107,10 @@ def verify(data_dir: str | os.PathLike[str], ecfg: ExtractConfig, fcfg: FitConfi
         fit(cache, head_path, fcfg, curve=False)
         t2 = time.perf_counter()
         cached_head, _ = load_head(head_path)
+        # the same fit streamed from disk with the smallest budget: the batch order must not depend on memory
+        fit(cache, head_path.with_name("streamed.pt"), fcfg, curve=False, max_memory="1M")
+        streamed_diff = max(max_diff(cached_head, load_head(head_path.with_name("streamed.pt"))[0], k)
+                            for k in ("weight", "bias"))
         index = read_index(cache)
         x_cached = torch.from_numpy(read_features(cache))  # [N, D]
     labeled_rows(index, cache)
@@ -127,6 +132,7 @@ def verify(data_dir: str | os.PathLike[str], ecfg: ExtractConfig, fcfg: FitConfi
         n_images=len(index.paths), n_val=len(va), epochs=fcfg.epochs,
         max_weight_diff=max_diff(cached_head, e2e_head, "weight"),
         max_bias_diff=max_diff(cached_head, e2e_head, "bias"),
+        max_streamed_diff=streamed_diff,
         max_prob_diff=(c_prob - e_prob).abs().max().item() if len(va) else 0.0,
         differing_labels=int((c_prob.argmax(1) != e_prob.argmax(1)).sum()),
         cached_loss=c_loss, e2e_loss=e_loss, cached_acc=c_acc, e2e_acc=e_acc,
