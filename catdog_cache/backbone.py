@@ -198,7 +198,14 @@ def get_backbone(name: str = DEFAULT_BACKBONE, layer: str | None = None) -> Back
         backbone = plugin.find(name, layer or None)
         if backbone is not None:
             return backbone
-    raise InputError(f"--backbone {name!r}: unknown. `catdog-cache backbones` lists what is available; any "
+    import difflib
+
+    import torchvision
+
+    known = [n for _, p in plugins() for n in p.names()] + torchvision.models.list_models(module=torchvision.models)
+    close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.7)
+    hint = f" Did you mean {close[0]}?" if close else ""
+    raise InputError(f"--backbone {name!r}: unknown.{hint} `catdog-cache backbones` lists what is available; any "
                      "torchvision classification model (resnet50, convnext_tiny...) or timm:NAME also works")
 
 

@@ -27,8 +27,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Cache frozen ImageNet features (VGG16 fc7 by default) once in HDF5; train the head in seconds.")
 # In a terminal, rich wraps to its width; in logs and pipes every message stays on one line.
-out = Console(soft_wrap=not sys.stdout.isatty())
-err = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
+out = Console(soft_wrap=not sys.stdout.isatty(), width=None if sys.stdout.isatty() else 160)  # tables unsqueezed
+err = Console(stderr=True, soft_wrap=not sys.stderr.isatty(), width=None if sys.stderr.isatty() else 160)
 
 CACHE = typer.Option(Path("cache/features.h5"), "--cache", help="HDF5 feature cache.")
 HEAD = typer.Option(None, "--head", show_default="beside the cache: cache/features.head.pt",
@@ -214,7 +214,8 @@ def _fmt(x: float, digits: int = 4) -> str:
 @app.command()
 @guarded
 def fit(
-    cache: list[Path] = typer.Option([Path("cache/features.h5")], "--cache", help="HDF5 feature cache; give it "
+    cache: list[Path] = typer.Option([Path("cache/features.h5")], "--cache", metavar="PATH",
+                                     help="HDF5 feature cache; give it "
                                      "again for an ensemble (one head on the features of several caches, joined "
                                      "by file)."),
     head: Path | None = HEAD,
@@ -257,6 +258,8 @@ def fit(
     r = run(cache if len(cache) > 1 else cache[0], head, FitConfig(epochs, batch_size, lr, dropout, val_fraction,
                                                                    seed, augment, hidden_sizes(hidden), keep),
             on_epoch, max_memory, calibrate, folds=folds, on_fold=on_fold)
+    if r.unlabeled and not as_json:
+        err.print(f"note: {plural(r.unlabeled, 'unlabeled row')} in the cache, not used for training", highlight=False)
     if r.missing and not as_json:
         err.print(f"[yellow]warning:[/] {plural(len(r.missing), 'image')} in only some of the caches, left out: "
                   f"{escape(printable(', '.join(r.missing[:5])))}" + (" …" if len(r.missing) > 5 else ""),
@@ -308,7 +311,8 @@ def fit(
 def predict(
     data_dir: Path = typer.Argument(..., metavar="DATA_DIR", help="Folder of images to label."),
     head: Path | None = HEAD,
-    cache: list[Path] | None = typer.Option(None, "--cache", show_default="beside the head, named after the folder",
+    cache: list[Path] | None = typer.Option(None, "--cache", metavar="PATH",
+                                            show_default="beside the head, named after the folder",
                                             help="Where this folder's features are cached (reused by later "
                                             "predicts); once per backbone for an ensemble head."),
     out_csv: Path = typer.Option(Path("cache/predictions.csv"), "--out", help="CSV: path, p_cat, p_dog, label."),
@@ -514,7 +518,8 @@ def verify(
 def preview(
     data_dir: Path = typer.Argument(..., metavar="DATA_DIR", help="Image folder to look at."),
     head: Path | None = HEAD,
-    cache: list[Path] | None = typer.Option(None, "--cache", show_default="the head's training cache if it holds "
+    cache: list[Path] | None = typer.Option(None, "--cache", metavar="PATH",
+                                            show_default="the head's training cache if it holds "
                                             "the folder, else as predict",
                                             help="Where this folder's features are cached."),
     out_png: Path = typer.Option(Path("cache/preview.png"), "--out", help="PNG grid to write."),

@@ -32,6 +32,14 @@ class Discovery:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (rel, reason)
     warnings: list[str] = field(default_factory=list)
 
+    def subfolder_hint(self) -> str:
+        """For "no images found": a parent of the image folders was probably given."""
+        try:
+            subs = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not _is_junk(e.name))
+        except OSError:
+            return ""
+        return f"; it has sub-folders ({', '.join(subs[:5])}): give one of them" if subs else ""
+
 
 def _is_junk(name: str) -> bool:
     return name.startswith(".") or name.lower() in JUNK_NAMES

@@ -34,7 +34,7 @@ from .preprocess import (
     tensor_views,
     views_of,
 )
-from .store import Provenance, Rows, assemble, encode_path, list_parts, locked, read_index, require_same, write_part
+from .store import Provenance, Rows, assemble, encode_path, list_parts, locked, read_index, write_part
 
 PART_ROWS = 1024
 PART_SECONDS = 120.0
@@ -241,7 +241,7 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
         disc.samples = [s for s in disc.samples if s.rel in only]
     if not disc.samples:
         raise InputError(f"no images found in {data_dir}" + (f" ({len(disc.skipped)} files skipped)"
-                                                              if disc.skipped else ""))
+                                                              if disc.skipped else "") + disc.subfolder_hint())
     if strict and disc.skipped:
         rel, reason = disc.skipped[0]
         raise InputError(f"--strict: {len(disc.skipped)} files skipped, first {rel!r}: {reason}")
@@ -331,11 +331,14 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
     old_paths: set[bytes] = set()
     for path in ([cache] if cache.exists() else []) + list_parts(cache):
         idx = read_index(path)
-        try:
-            require_same(idx.provenance, prov, f"cache {path}", "this extract")
-        except ProvenanceMismatch as e:
-            raise ProvenanceMismatch(f"{e}. To add to this cache, run extract with {matching_flags(idx.provenance)}; "
-                                     "or give --cache a new file for these settings") from None
+        diffs = idx.provenance.differences(prov, "the cache", "this extract")
+        if diffs:
+            if idx.provenance.arch != prov.arch or idx.provenance.layer != prov.layer:  # the rest follows from it
+                diffs = [d for d in diffs if d.startswith(("arch", "layer"))]
+            suggestion = cache.with_name(f"{prov.arch.replace(':', '-')}-{prov.layer}.h5")
+            raise ProvenanceMismatch(f"{path} holds features made differently ({'; '.join(diffs)}): give --cache a new "
+                                     f"file for these settings (e.g. --cache {suggestion}), or add to this one with "
+                                     f"its own options: {matching_flags(idx.provenance)}")
         for key, sha in zip(idx.keys(), idx.sha256, strict=True):
             if key[0] == source:
                 known[key[1]] = sha

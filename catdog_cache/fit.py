@@ -258,6 +258,7 @@ class FitReport:
     head_shape: str = ""
     folds: dict[str, Any] = field(default_factory=dict)  # --folds: K, each fold's best epoch, the final epochs
     missing: list[str] = field(default_factory=list)  # ensemble: images in only some of the caches
+    unlabeled: int = 0  # rows without a label, not used
 
     @property
     def per_class_acc(self) -> list[float]:
@@ -538,7 +539,8 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
     report = FitReport(head_path, history, n_train, n_val, 0.0, load_seconds,
                        log_loss(probs[:, 1].numpy(), y_val), acc, confusion,
                        streamed=data.streamed is not None, calibration=calibration if calibrate_head else {},
-                       kept_epoch=kept, head_shape=head.describe(), folds=oof_note, missing=data.missing)
+                       kept_epoch=kept, head_shape=head.describe(), folds=oof_note, missing=data.missing,
+                       unlabeled=int((data.raw_labels < 0).sum()))
     if not all(torch.isfinite(p).all() for p in head.parameters()):
         raise Diverged("training produced NaN or infinite weights: lower --lr; no head saved")
     save_head(head_path, head, {

@@ -129,6 +129,9 @@ def load_head(path: str | os.PathLike[str]) -> tuple[Head, dict[str, Any]]:
         raise CacheError(f"--head {path} is a folder, not a head file")
     if not path.is_file():
         raise CacheError(f"no head at {path}: run `catdog-cache fit` first (or pass --head PATH)")
+    with open(path, "rb") as fh:
+        if fh.read(8) == b"\x89HDF\r\n\x1a\n":
+            raise CacheError(f"--head {path} is a feature cache, not a head: pass the .head.pt file that fit wrote")
     _check_archive(path)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)

@@ -85,8 +85,8 @@ def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
         if not [i for i in pool if labels[i] >= 0]:
             raise InputError(f"--worst needs labeled images; {data_dir} has none")
         picks = sorted(wrong, key=lambda i: -loss[i])[:worst]
-        if not picks:
-            note = note or f"no mistakes among {len(pool)} {which} images"
+        if len(picks) < worst:
+            note = note or f"only {len(picks)} mistakes among {len(pool)} {which} images"
     else:
         picks = [pool[int(k)] for k in sorted({int(k) for k in np.linspace(0, len(pool) - 1, min(n, len(pool)))})]
     preset = Preset.from_spec(loaded.provenance.transform)

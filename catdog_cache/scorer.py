@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +129,9 @@ def export(head_path: str | os.PathLike[str], out: str | os.PathLike[str], weigh
         "classes": ["cat", "dog"]})}
     with temp_beside(out, suffix=".pt2") as tmp:
         try:
-            torch.export.save(program, tmp, extra_files=extra)
+            with warnings.catch_warnings():  # torch's note on weights that share storage: harmless for a CPU export
+                warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+                torch.export.save(program, tmp, extra_files=extra)
         except RuntimeError as e:  # torch reports a full disk as a RuntimeError with a C++ trace
             raise OSError(errno.ENOSPC if "space" in str(e).lower() else errno.EIO, str(e).splitlines()[0]) from None
     return out

@@ -169,5 +169,18 @@ def test_a_third_party_plugin_registers_through_the_entry_point_group(monkeypatc
 def test_mixing_backbones_in_one_cache_is_refused_with_the_matching_flags(cli, kaggle_dir):
     cli("extract", kaggle_dir, "--backbone", "tiny", "--weights", "random", "--seed", "2")
     r = cli("extract", kaggle_dir, "--backbone", "mobilenet_v3_small", "--weights", "random", ok=False)
-    assert r.exit_code == 1 and "arch: cache" in r.output and "tiny" in r.output and "mobilenet_v3_small" in r.output
-    assert "--backbone tiny" in r.output and "--weights random --seed 2" in r.output
+    out = " ".join(r.output.split())
+    assert r.exit_code == 1 and "arch: the cache has tiny, this extract has mobilenet_v3_small" in out
+    assert "transform:" not in out  # what follows from another backbone is not listed
+    assert "cache/mobilenet_v3_small-logits-input.h5" in out  # a new file for these settings, first
+    assert "--backbone tiny" in out and "--weights random --seed 2" in out  # or the cache's own options
+
+
+def test_typos_and_wrong_files_get_a_hint(cli, kaggle_dir, tmp_path):
+    r = cli("extract", kaggle_dir, "--backbone", "efficentnet_lite0", ok=False)
+    assert r.exit_code == 1 and "Did you mean efficientnet_lite0?" in r.output
+    r = cli("extract", tmp_path, *["--backbone", "tiny", "--weights", "random"], ok=False)
+    assert r.exit_code == 1 and "sub-folders" in r.output and "kaggle" in r.output
+    cli("extract", kaggle_dir, "--backbone", "tiny", "--weights", "random")
+    r = cli("predict", kaggle_dir, "--head", "cache/features.h5", ok=False)
+    assert r.exit_code == 1 and "is a feature cache, not a head" in r.output
