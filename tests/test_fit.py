@@ -157,3 +157,23 @@ def read_features_np(path):
     from catdog_cache.store import read_features
 
     return read_features(path)
+
+
+def test_thread_choice_is_exercised_and_does_not_change_the_head(tmp_path, monkeypatch):
+    """A linear head trains on one thread (a busy neighbour stalls multi-threaded tiny ops); the number of threads
+    must not change the result, and the caller's thread count is restored."""
+    from catdog_cache.fit import train_threads
+
+    assert train_threads(()) == 1 and train_threads((512,)) == torch.get_num_threads()
+    synthetic_cache(tmp_path / "c.h5", n=300)
+    before = torch.get_num_threads()
+    seen = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n)))
+    fit(tmp_path / "c.h5", tmp_path / "one.pt", FitConfig(epochs=2), curve=False)
+    assert seen[0] == 1 and torch.get_num_threads() == before
+    monkeypatch.setenv("CATDOG_FIT_THREADS", "2")
+    fit(tmp_path / "c.h5", tmp_path / "two.pt", FitConfig(epochs=2), curve=False)
+    assert seen[-2] == 2
+    a, b = load_head(tmp_path / "one.pt")[0], load_head(tmp_path / "two.pt")[0]
+    assert torch.equal(a.linear.weight, b.linear.weight) and torch.equal(a.linear.bias, b.linear.bias)
