@@ -36,6 +36,9 @@ def splits_of(meta: dict, cache: Path, scored) -> list[str]:
     trained_on = meta.get("cache")
     if not (isinstance(trained_on, str) and Path(trained_on).resolve() == cache.resolve()):
         return ["new"] * len(scored.rels)
+    metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
+    if metrics.get("folds"):  # --folds: the saved head was trained on every labeled image
+        return ["train" if y >= 0 else "new" for y in scored.labels]
     labels = np.array([-1] * len(scored.paths_all), np.int8)
     labels[scored.rows] = scored.labels
     try:  # the split is a hash of (seed, path): recomputed exactly, as fit drew it

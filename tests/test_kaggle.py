@@ -95,11 +95,13 @@ def test_keep_best_keeps_the_lowest_validation_loss_epoch(cli, head):
     assert meta["kept_epoch"] == data["kept_epoch"]
 
 
-def test_folds_give_out_of_fold_metrics_and_a_head_on_every_image(cli, head):
+def test_folds_give_out_of_fold_metrics_and_a_head_on_every_image(cli, head, kaggle_dir):
     data = json.loads(cli("fit", "--epochs", "2", "--folds", "3", "--calibrate", "--json").output)
     assert data["n_val"] == 12 and data["n_train"] == 12  # every labeled image predicted out of fold, then trained on
     assert data["folds"]["folds"] == 3 and len(data["folds"]["best_epochs"]) == 3
     assert sum(map(sum, data["confusion"])) == 12 and data["calibration"]["temperature"] > 0
+    r = cli("preview", kaggle_dir, "--out", "p.png")
+    assert "no val images" in r.output  # a --folds head was trained on every image: none is validation
     r = cli("fit", "--folds", "1", ok=False)
     assert r.exit_code == 1 and "--folds" in r.output
 
