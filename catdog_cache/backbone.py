@@ -32,8 +32,9 @@ DEFAULT_BACKBONE = "vgg16"
 class WeightsSpec:
     kind: str  # "imagenet" | "random" | "file"
     seed: int = 0
-    path: str = ""
+    path: str = ""  # "file": empty until located (a recorded head needs the file only to extract new images)
     sha256: str = ""
+    candidates: tuple[str, ...] = ()  # where to look for a file of that sha256: --weights, then the recorded path
 
 
 def parse_weights(value: str, seed: int = 0) -> WeightsSpec:
@@ -50,11 +51,11 @@ def parse_weights(value: str, seed: int = 0) -> WeightsSpec:
     return WeightsSpec("file", path=str(path.resolve()), sha256=file_sha256(path))
 
 
-def spec_from_identity(identity: str, weights_file: str | None = None, need_file: bool = True,
-                       recorded_path: str | None = None) -> WeightsSpec:
-    """Rebuild a WeightsSpec from recorded provenance (predict must use exactly the extractor the head saw).
-    need_file=False: only the identity is wanted (an exported model carries its own weights). A weights file is
-    looked for at `weights_file`, else where the head recorded it, and used only if its sha256 still matches."""
+def spec_from_identity(identity: str, weights_file: str | None = None, recorded_path: str | None = None
+                       ) -> WeightsSpec:
+    """Rebuild a WeightsSpec from recorded provenance (predict must use exactly the extractor the head saw). A weights
+    file is not read here: `locate` finds it (at `weights_file`, else where the head recorded it) only when images
+    need the backbone, so scoring cached features never needs the file."""
     kind, _, rest = identity.partition(":")
     key, _, value = rest.partition("=")
     if kind == "imagenet":
@@ -63,18 +64,23 @@ def spec_from_identity(identity: str, weights_file: str | None = None, need_file
         return WeightsSpec("random", seed=int(value))
     if kind != "file" or key != "sha256" or len(value) != 64:
         raise InputError(f"unknown weights identity {identity!r} in the provenance: damaged or from a newer version")
-    if not need_file:
-        return WeightsSpec("file", sha256=value)
-    for candidate in ([weights_file] if weights_file else []) + ([recorded_path] if recorded_path else []):
-        if Path(candidate).is_file():
-            spec = parse_weights(candidate)
-            if spec.sha256 == value:
-                return spec
-            if candidate == weights_file:
-                raise InputError(f"--weights {weights_file}: sha256 {spec.sha256[:12]}… is not the file the head was "
-                                 f"trained with ({value[:12]}…)")
-    where = f" (it was at {recorded_path}, which is gone or changed)" if recorded_path else ""
-    raise InputError(f"the head was trained on features from a weights file (sha256 {value[:12]}…){where}: "
+    return WeightsSpec("file", sha256=value, candidates=tuple(c for c in (weights_file, recorded_path) if c))
+
+
+def locate(spec: WeightsSpec) -> WeightsSpec:
+    """The weights file of a recorded identity: the first candidate whose sha256 matches."""
+    if spec.kind != "file" or spec.path:
+        return spec
+    existing = [c for c in spec.candidates if Path(c).is_file()]
+    for candidate in existing:
+        found = parse_weights(candidate)
+        if found.sha256 == spec.sha256:
+            return found
+    if existing:
+        raise InputError(f"--weights {existing[0]}: sha256 {parse_weights(existing[0]).sha256[:12]}… is not the file "
+                         f"the head was trained with ({spec.sha256[:12]}…)")
+    where = f" (it was at {spec.candidates[-1]}, which is gone)" if spec.candidates else ""
+    raise InputError(f"the head was trained on features from a weights file (sha256 {spec.sha256[:12]}…){where}: "
                      "pass the same file with --weights FILE")
 
 
@@ -132,7 +138,7 @@ class Backbone:
 
     def build(self, spec: WeightsSpec) -> nn.Module:
         """The frozen extractor on the CPU, eval mode, no gradients."""
-        return freeze(self._make(spec))
+        return freeze(self._make(locate(spec)))
 
     def identity(self, spec: WeightsSpec) -> str:
         """What provenance records and compares: same identity, same features."""

@@ -77,9 +77,10 @@ def drawn_images(root: Path, n: int) -> Path:
 
 
 def synthetic_cache(path: Path, rows: int, dtype: str = "float32") -> None:
+    from .backbone import IMAGENET
     from .store import Provenance, Rows, assemble, write_part
 
-    prov = Provenance("synthetic", "fc7", "random:seed=0", "{}", "center", dtype, "fp32")
+    prov = Provenance("synthetic", "fc7", "random:seed=0", IMAGENET.spec(), "center", dtype, "fp32")
     rng = np.random.default_rng(0)
     step = 8192
     for s in range(0, rows, step):

@@ -493,7 +493,7 @@ def verify(
     t.add_row("head weights", "", "", f"{r.max_weight_diff:.3g}")
     t.add_row("head biases", "", "", f"{r.max_bias_diff:.3g}")
     t.add_row("val probabilities", "", "", f"{r.max_prob_diff:.3g}")
-    t.add_row("head in memory vs streamed (--max-memory 1M)", "", "", f"{r.max_streamed_diff:.3g}")
+    t.add_row("head in memory vs streamed from disk", "", "", f"{r.max_streamed_diff:.3g}")
     t.add_row("val predicted labels", "", "", f"{r.differing_labels} differ")
     t.add_row("val loss", f"{r.e2e_loss:.6f}", f"{r.cached_loss:.6f}", f"{abs(r.e2e_loss - r.cached_loss):.3g}")
     t.add_row("val accuracy", f"{r.e2e_acc:.4f}", f"{r.cached_acc:.4f}", "")

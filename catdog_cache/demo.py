@@ -124,10 +124,13 @@ def run_demo(
     from .predict import predict
     from .preview import preview
 
-    if backbone is None or weights is None:
-        auto_backbone, auto_weights = default_backbone()
-        backbone, weights = backbone or auto_backbone, weights or (auto_weights if backbone in (None, auto_backbone)
-                                                                   else "random")
+    if backbone is None:
+        backbone, auto_weights = default_backbone()
+        weights = weights or auto_weights
+    if weights is None:
+        from .backbone import get_backbone
+
+        weights = "imagenet" if get_backbone(backbone).offline() else "random"
     claim(folder)
     report = DemoReport(folder, weights, backbone)
     t = time.perf_counter()

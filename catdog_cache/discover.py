@@ -84,9 +84,9 @@ def _walk(root: Path, skipped: list[tuple[str, str]]) -> list[str]:
             if os.path.splitext(name)[1].lower() in NOT_IMAGE_SUFFIXES:
                 continue
             key = (st.st_dev, st.st_ino)
-            if key in found:
+            if key in found:  # keep the real file over a symlink, then the first name in sorted order
                 kept, kept_link = found[key]
-                if kept_link and not link:  # prefer the real file over a symlink to it
+                if (link, sub) < (kept_link, kept):
                     found[key] = (sub, link)
                     sub, kept = kept, sub
                 skipped.append((sub, f"same file as {kept}"))

@@ -173,20 +173,23 @@ def default_workers(n_items: int) -> int:
 
 
 def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.nn.Module | None = None,
-                 progress: Progress | None = None
+                 progress: Progress | None = None, preset: Preset | None = None
                  ) -> Iterator[tuple[list[int], np.ndarray, list[str], list[tuple[int, str, str]]]]:
-    """Yield per batch: (item indices, features [B, V, D] float32, sha256s, failures (index, sha, reason))."""
+    """Yield per batch: (item indices, features [B, V, D] float32, sha256s, failures (index, sha, reason)).
+    With a model and a preset given (an exported scorer), no backbone plugin is consulted."""
     cfg.check()
     device = resolve_device(cfg.device)  # under torchrun, "cuda" is this rank's GPU (distributed.from_env)
-    backbone = cfg.resolve()
-    model = model if model is not None else backbone.build(cfg.weights)
+    if model is None or preset is None:
+        backbone = cfg.resolve()
+        model = model if model is not None else backbone.build(cfg.weights)
+        preset = backbone.preset
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
     model = model.to(device, memory_format=torch.channels_last)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(len(rels))
     loader = torch.utils.data.DataLoader(
-        ImageFiles(root, rels, cfg.views, backbone.preset, cfg.decoder),
+        ImageFiles(root, rels, cfg.views, preset, cfg.decoder),
         batch_size=cfg.batch_size or (128 if cuda else 16), shuffle=False, num_workers=workers,
         collate_fn=_collate, pin_memory=cuda, worker_init_fn=_worker_init if workers else None,
         persistent_workers=False, prefetch_factor=4 if workers else None,
@@ -195,7 +198,7 @@ def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.n
     done = 0
     for x, idx, shas, failures in loader:
         if isinstance(x, list):
-            x, idx, shas, late = device_batch(x, idx, shas, cfg.views, device, backbone.preset)
+            x, idx, shas, late = device_batch(x, idx, shas, cfg.views, device, preset)
             failures = failures + late
         feats = np.zeros((0, len(cfg.views), 0), np.float32)
         if x is not None:

@@ -401,7 +401,7 @@ class Data:
     dim: int
     provenances: list[str]  # one per cache (an ensemble has several)
     caches: list[Path]
-    weights_path: str = ""
+    weights_paths: list[str] = field(default_factory=list)  # per cache: where a --weights FILE was
     streamed: Streamed | None = None
     missing: list[str] = field(default_factory=list)  # images present in only some of the caches
 
@@ -416,7 +416,7 @@ def load(caches: list[Path], cfg: FitConfig, budget: int, stack: contextlib.Exit
         n, dim = index.shape[0], index.shape[2]
         v = cfg.views_of(index) if cfg.augment else 1
         data = Data(None, torch.from_numpy(index.labels.astype(np.int64)).repeat_interleave(v), index.paths,
-                    index.labels, v, dim, [index.provenance.to_json()], caches, index.weights_path)
+                    index.labels, v, dim, [index.provenance.to_json()], caches, [index.weights_path])
         if n * v * dim * 4 <= budget:
             x_np = read_features(f, view=None if cfg.augment else 0)
             check_finite(x_np, str(caches[0]))
@@ -449,7 +449,8 @@ def load(caches: list[Path], cfg: FitConfig, budget: int, stack: contextlib.Exit
     lab = index.labels[[keys[0][k] for k in shared]]
     x = torch.from_numpy(np.concatenate(parts, axis=1))  # [N, sum of D]
     return Data(Gather(x), torch.from_numpy(lab.astype(np.int64)), [k[1] for k in shared], lab, 1, x.shape[1],
-                [ix.provenance.to_json() for _, ix in opened], caches, index.weights_path, None, missing)
+                [ix.provenance.to_json() for _, ix in opened], caches, [ix.weights_path for _, ix in opened], None,
+                missing)
 
 
 def fold_of(paths: list[bytes], k: int, seed: int) -> np.ndarray:
@@ -486,7 +487,7 @@ def cross_fit(data: Data, cfg: FitConfig, k: int, on_fold: Callable[[int, float,
 def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] | None, cfg: FitConfig,
         on_epoch: Callable[[EpochStats], None] | None = None, max_memory: str | None = None,
         calibrate_head: bool = False, curve: bool = True, folds: int = 0,
-        on_fold: Callable[[int, float, float], None] | None = None) -> FitReport:
+        on_fold: Callable[[int, float, float], None] | None = None, budget_bytes: int | None = None) -> FitReport:
     """Train on the cache: in memory when the feature matrix fits the budget (default: half the available memory),
     streamed from HDF5 otherwise; the same batches, hence the same head, either way. Several caches: one head on
     their features side by side (an ensemble of backbones or layers). folds=K: out-of-fold metrics and calibration,
@@ -501,7 +502,8 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
     curve_path = head_path.with_suffix(".png") if curve else None
     check_outputs({"--head": head_path, "the training curve": curve_path},
                   {f"--cache {c}": c for c in caches})
-    budget = parse_size(max_memory) if max_memory else available_memory() // 2
+    # budget_bytes: an exact budget for verify and tests (below --max-memory's 1M floor: always streamed)
+    budget = budget_bytes or (parse_size(max_memory) if max_memory else available_memory() // 2)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:  # cache handles stay open while streaming
         data = load(caches, cfg, budget, stack)
@@ -549,7 +551,8 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
         "config": {**asdict(cfg), "hidden": list(cfg.hidden)},
         "cache": str(caches[0].resolve()),
         "caches": [str(c.resolve()) for c in caches],
-        "weights_path": data.weights_path,
+        "weights_path": data.weights_paths[0],
+        "weights_paths": data.weights_paths,
         "history": [asdict(h) for h in history],
         "kept_epoch": kept,
         "metrics": {"val_log_loss": report.val_log_loss, "val_acc": report.val_acc, "confusion": confusion,

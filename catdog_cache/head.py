@@ -152,6 +152,9 @@ def load_head(path: str | os.PathLike[str]) -> tuple[Head, dict[str, Any]]:
             and type(in_dim) is int and 0 < in_dim <= 1 << 20):
         raise CacheError(f"{path}: head shape (in_dim {in_dim!r}, hidden {hidden!r}) is invalid; damaged or crafted")
     Provenance.from_json(blob.get("provenance"), f"head {path}")
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and
+                                              t.layout == torch.strided for t in state.values()):
+        raise CacheError(f"{path}: weights are not dense float32 tensors; damaged or crafted")
     with torch.device("meta"):
         head = Head(dropout, in_dim, tuple(hidden))  # shapes only: the file's tensors are assigned below
     try:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .backbone import Preset
 from .discover import Discovery, discover
 from .errors import CatdogError, InputError
 from .extract import Progress, extract, run_features
@@ -224,7 +225,9 @@ def _score_images(loaded: Loaded, disc: Discovery, views: tuple[str, ...], devic
     relabel = (lambda s, d, t: progress("predict" if s == "extract" else s, d, t)) if progress else None
     probs: dict[int, np.ndarray] = {}
     failed: list[tuple[str, str]] = []
-    for idx, p, _, failures in run_features(disc.root, rels, cfg, model=loaded.scorer, progress=relabel):
+    preset = Preset.from_spec(loaded.provenance.transform)  # the export's own record, not today's plugin
+    for idx, p, _, failures in run_features(disc.root, rels, cfg, model=loaded.scorer, progress=relabel,
+                                            preset=preset):
         for j, i in enumerate(idx):
             probs[i] = p[j].mean(axis=0)  # [2]: the average over views
         failed += [(rels[i], reason) for i, _, reason in failures]

@@ -30,7 +30,7 @@ from .store import Provenance, require_same
 
 
 class Scorer(nn.Module):
-    """[B, 3, 224, 224] normalised images -> [B, 2] calibrated probabilities (cat, dog)."""
+    """[B, 3, S, S] normalised images -> [B, 2] calibrated probabilities (cat, dog)."""
 
     def __init__(self, backbone: nn.Module, head: Head, dtype: str, temperature: float) -> None:
         super().__init__()
@@ -89,12 +89,13 @@ def load_scorer(head_path: str | os.PathLike[str], weights_file: str | None = No
     """The head, and (backbone=True) the frozen network it was trained behind, rebuilt from its provenance.
     backbone=False: only what scoring cached features needs; the backbone is built later if images need it."""
     head, meta = load_head(head_path)
-    recorded = meta.get("weights_path") if isinstance(meta.get("weights_path"), str) else None
     ensemble = meta.get("ensemble") if isinstance(meta.get("ensemble"), list) else []
+    recorded = meta.get("weights_paths") if isinstance(meta.get("weights_paths"), list) else [meta.get("weights_path")]
     members = []
-    for text in ensemble or [meta["provenance"]]:
+    for i, text in enumerate(ensemble or [meta["provenance"]]):
         prov = Provenance.from_json(text, f"head {head_path}")
-        members.append((prov, spec_from_identity(prov.weights, weights_file, recorded_path=recorded)))
+        path = recorded[i] if i < len(recorded) and isinstance(recorded[i], str) and recorded[i] else None
+        members.append((prov, spec_from_identity(prov.weights, weights_file, recorded_path=path)))
     prov, spec = members[0]
     if weights_file and all(sp.kind != "file" for _, sp in members):
         raise InputError(f"--weights {weights_file}: the head was trained on {prov.weights} features, not a weights "
@@ -196,4 +197,4 @@ def load_exported(path: str | os.PathLike[str]) -> Loaded:
         module = torch.export.load(path).module()
     except Exception as e:
         raise CacheError(f"{path} is not a model exported by `catdog-cache export` ({type(e).__name__})") from None
-    return Loaded(module, prov, float(clip), info, spec_from_identity(prov.weights, need_file=False))
+    return Loaded(module, prov, float(clip), info, spec_from_identity(prov.weights))

@@ -33,7 +33,7 @@ from .errors import CacheBusy, CacheError, ProvenanceMismatch
 from .files import fsync_dir, printable, require_space, stale_temps, temp_beside, write_atomic
 
 SCHEMA_VERSION = 1
-CHUNK_ROWS = 64  # 64 x 4096 x 4 B = 1 MiB per chunk: large sequential reads, cheap shuffled-chunk streaming
+CHUNK_ROWS = 64  # 64 rows: 1 MiB at 4096-d float32 (320 KiB at 1280-d): large sequential reads, cheap streaming
 CLASS_MAP = {"cat": 0, "dog": 1}
 _BYTES = h5py.vlen_dtype(bytes)
 _STR = h5py.string_dtype("utf-8")
@@ -63,6 +63,10 @@ class Provenance:
             if not isinstance(data, dict) or set(data) != set(fields) or \
                     not all(isinstance(data[k], str) for k in fields):
                 raise ValueError("unexpected fields")
+            transform = json.loads(data["transform"])  # later parsed as a preset: must be one
+            if not isinstance(transform, dict) or not {"resize", "crop", "mean", "std", "interpolation"} <= set(
+                    transform) or not data["views"]:
+                raise ValueError("transform or views invalid")
             if data["layer"] == "classifier.5":  # what fc7 was called before backbones had layer names
                 data["layer"] = "fc7"
             return cls(**{k: data[k] for k in fields})

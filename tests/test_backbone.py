@@ -3,7 +3,15 @@ import json
 import pytest
 import torch
 
-from catdog_cache.backbone import WeightsSpec, build, get_backbone, parse_weights, resolve_device, spec_from_identity
+from catdog_cache.backbone import (
+    WeightsSpec,
+    build,
+    get_backbone,
+    locate,
+    parse_weights,
+    resolve_device,
+    spec_from_identity,
+)
 from catdog_cache.errors import InputError
 
 
@@ -22,14 +30,16 @@ def test_weights_file_round_trip_and_identity(tmp_path):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref.classifier[:6](torch.flatten(ref.avgpool(ref.features(x)), 1)))
-    assert spec_from_identity(vgg.identity(spec), str(path)) == spec
-    assert spec_from_identity(vgg.identity(spec), recorded_path=str(path)) == spec  # found where it was recorded
+    recorded = spec_from_identity(vgg.identity(spec))
+    assert recorded.sha256 == spec.sha256 and not recorded.path  # the file is only read when images need it
+    assert locate(spec_from_identity(vgg.identity(spec), str(path))) == spec
+    assert locate(spec_from_identity(vgg.identity(spec), recorded_path=str(path))) == spec  # where it was recorded
     with pytest.raises(InputError, match="pass the same file"):
-        spec_from_identity(vgg.identity(spec))
+        locate(recorded)
     other = tmp_path / "other.pth"
     torch.save({"features.0.weight": torch.zeros(1)}, other)
     with pytest.raises(InputError, match="is not the file the head was trained with"):
-        spec_from_identity(vgg.identity(spec), str(other))
+        locate(spec_from_identity(vgg.identity(spec), str(other)))
     with pytest.raises(InputError, match="not a torchvision VGG16 state dict"):
         build(parse_weights(str(other)))
     (tmp_path / "junk.pth").write_bytes(b"junk")

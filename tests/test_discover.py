@@ -95,3 +95,15 @@ def test_dangling_symlink_reported(tmp_path):
     os.symlink(tmp_path / "gone.jpg", root / "2.jpg")
     d = discover(root)
     assert [s.rel for s in d.samples] == ["1.jpg"] and "unreadable" in dict(d.skipped)["2.jpg"]
+
+
+def test_hard_linked_duplicate_keeps_the_first_name_whatever_the_walk_order(tmp_path):
+    from catdog_cache.discover import discover
+
+    root = tmp_path / "d"
+    draw(root / "cat" / "a.jpg", "cat", 1)
+    (root / "dog").mkdir()
+    os.link(root / "cat" / "a.jpg", root / "dog" / "b.jpg")
+    d = discover(root)
+    assert [(s.rel, s.label) for s in d.samples] == [("cat/a.jpg", 0)]
+    assert ("dog/b.jpg", "same file as cat/a.jpg") in d.skipped

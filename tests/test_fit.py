@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 import torch
 
+from catdog_cache.backbone import IMAGENET
 from catdog_cache.errors import CacheError, InputError
 from catdog_cache.fit import FitConfig, fit, split, streams
 from catdog_cache.head import load_head
 from catdog_cache.store import Provenance, Rows, assemble, write_part
 from tests.conftest import TINY
 
-PROV = Provenance("tiny", "fc7", "random:seed=0", "{}", "center", "float32", "fp32")
+PROV = Provenance("tiny", "fc7", "random:seed=0", IMAGENET.spec(), "center", "float32", "fp32")
 
 
 def synthetic_cache(path, n=400, seed=0, dim_signal=64, labels=None):

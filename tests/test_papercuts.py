@@ -50,9 +50,10 @@ def test_clamped_temperature_is_said(cli, kaggle_dir):
 
 
 def test_empty_cache_says_empty(cli, kaggle_dir):
+    from catdog_cache.backbone import IMAGENET
     from catdog_cache.store import Provenance, assemble
 
-    prov = Provenance("tiny", "fc7", "random:seed=0", "{}", "center", "float32", "fp32")
+    prov = Provenance("tiny", "fc7", "random:seed=0", IMAGENET.spec(), "center", "float32", "fp32")
     assemble(Path("cache/features.h5"), prov, {})
     r = cli("fit", ok=False)
     assert r.exit_code == 1 and "is empty" in r.output
@@ -77,8 +78,9 @@ def test_weights_file_path_is_remembered(cli, kaggle_dir, tmp_path):
     cli("extract", kaggle_dir, "--backbone", "mobilenet_v3_small", "--weights", tmp_path / "m.pth")
     cli("fit", "--epochs", "1")
     cli("predict", kaggle_dir)  # no --weights: the recorded path, its sha256 still matching
-    draw(kaggle_dir / "cat.40.jpg", "cat", 40)  # a new image: the backbone must run again
     (tmp_path / "m.pth").rename(tmp_path / "moved.pth")
+    cli("predict", kaggle_dir)  # every feature cached: the file is not needed
+    draw(kaggle_dir / "cat.40.jpg", "cat", 40)  # a new image: the backbone must run again
     r = cli("predict", kaggle_dir, ok=False)
     assert r.exit_code == 1 and "pass the same file with --weights" in r.output and "m.pth" in r.output
     cli("predict", kaggle_dir, "--weights", tmp_path / "moved.pth")

@@ -5,6 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
+from catdog_cache.backbone import IMAGENET
 from catdog_cache.errors import CacheBusy, CacheError, ProvenanceMismatch
 from catdog_cache.store import (
     SCHEMA_VERSION,
@@ -19,7 +20,7 @@ from catdog_cache.store import (
     write_part,
 )
 
-PROV = Provenance("tiny", "fc7", "random:seed=0", "{}", "center", "float32", "fp32")
+PROV = Provenance("tiny", "fc7", "random:seed=0", IMAGENET.spec(), "center", "float32", "fp32")
 ODD = ["a b.jpg", "ünï/çødé.jpg", "new\nline.jpg", os.fsdecode(b"raw\xff\xfe.jpg"), "x,y;\"q\".jpg"]
 
 

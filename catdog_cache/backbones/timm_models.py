@@ -53,7 +53,8 @@ class TimmPlugin:
         crop = int(cfg["input_size"][-1])
         preset = Preset(int(math.floor(crop / cfg.get("crop_pct", 0.875))), crop, tuple(cfg["mean"]),
                         tuple(cfg["std"]), cfg.get("interpolation", "bilinear"))
-        return Backbone(name, "pool", preset, lambda spec: make(model_name, spec), "timm-hub",
+        tag = (pretrained.hf_hub_id or f"{model_name}.{pretrained.tag}") if pretrained else "none"
+        return Backbone(name, "pool", preset, lambda spec: make(model_name, spec), f"timm:{tag}",
                         note="timm's pooled features; pretrained weights need its hub",
                         make_meta=lambda: _timm().create_model(model_name, pretrained=False, num_classes=0))
 
