@@ -328,10 +328,11 @@ def predict(
     as_json: bool = JSON,
 ) -> None:
     """Label a folder with the head; the folder's features are cached, so the next head costs no backbone pass."""
+    from .fit import DEFAULT_HEAD
     from .predict import predict as run
 
     with Bar(quiet or as_json) as bar:
-        r = run(data_dir, head or Path("cache/features.head.pt"), out_csv, submission, weights, device, batch_size,
+        r = run(data_dir, head or DEFAULT_HEAD, out_csv, submission, weights, device, batch_size,
                 workers, progress=bar, tta=tta, model_path=model, cache=cache)
     if as_json:
         print(_json({"out": str(r.out), "rows": len(r.rows), "accuracy": r.accuracy, "log_loss": r.log_loss,
@@ -532,10 +533,11 @@ def preview(
     quiet: bool = QUIET,
 ) -> None:
     """A picture grid of images with their predicted label and probability; wrong ones framed red."""
+    from .fit import DEFAULT_HEAD
     from .preview import preview as run
 
     with Bar(quiet) as bar:
-        r = run(data_dir, head or Path("cache/features.head.pt"), out_png, n, weights, device, worst, split, cache,
+        r = run(data_dir, head or DEFAULT_HEAD, out_png, n, weights, device, worst, split, cache,
                 progress=bar)
     if r.note:
         err.print(f"[yellow]note:[/] {escape(r.note)}")
@@ -552,9 +554,10 @@ def export(
     weights: str | None = typer.Option(None, "--weights", help="The weights file, if the head was trained on one."),
 ) -> None:
     """Save frozen backbone + head + calibration as one torch.export file, runnable without the cache."""
+    from .fit import DEFAULT_HEAD
     from .scorer import export as run
 
-    path = run(head or Path("cache/features.head.pt"), out_model, weights)
+    path = run(head or DEFAULT_HEAD, out_model, weights)
     out.print(f"[green]exported[/] {escape(printable(str(path)))} ({path.stat().st_size / 2**20:.1f} MiB): "
               "torch.export.load(path).module()(x) -> [B, 2] probabilities (cat, dog), x after the recorded transform",
               highlight=False)

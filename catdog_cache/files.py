@@ -130,6 +130,15 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     return path
 
 
+def as_paths(value: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | None) -> list[Path]:
+    """One path, several (an option given more than once), or none, as a list."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str | os.PathLike):
+        return [Path(value)]
+    return [Path(v) for v in value]
+
+
 def same_file(a: Path, b: Path) -> bool:
     if a.resolve() == b.resolve():
         return True

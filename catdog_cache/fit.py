@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CatdogError, InputError
-from .files import check_outputs
+from .files import as_paths, check_outputs
 from .head import Head, MaskStream, new_head, save_head
 from .store import CHUNK_ROWS, BlockReader, Index, open_cache, read_features
 
@@ -92,12 +92,19 @@ def streams(seed: int) -> dict[str, int]:
                                                                                   children, strict=True)}
 
 
+def path_hash(paths: list[bytes], seed: int) -> np.ndarray:
+    """[N] uniform in [0, 1): a hash of (seed, relative path). The validation split and the folds cut it, so adding
+    images never moves an existing one to another side."""
+    salt = seed.to_bytes(8, "little", signed=True)
+    return np.array([int.from_bytes(hashlib.sha256(salt + p).digest()[:8], "little") / 2.0**64 for p in paths],
+                    dtype=np.float64)
+
+
 def split(paths: list[bytes], labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Labeled rows -> (train rows, val rows). A row is validation iff a hash of (seed, path) falls below
     val_fraction: adding images never moves existing ones, and each class keeps the fraction in expectation.
     A class with at least two images and none drawn gets its lowest-hash image, so tiny sets still validate."""
-    u = np.array([int.from_bytes(hashlib.sha256(seed.to_bytes(8, "little", signed=True) + p).digest()[:8], "little")
-                  / 2.0**64 for p in paths]) if paths else np.zeros(0)
+    u = path_hash(paths, seed)
     labeled = labels >= 0
     val = labeled & (u < val_fraction)
     if val_fraction > 0:
@@ -389,6 +396,9 @@ def default_head_path(cache: Path) -> Path:
     return cache.with_name(cache.stem + ".head.pt")
 
 
+DEFAULT_HEAD = default_head_path(Path("cache/features.h5"))  # what predict, preview and export look for
+
+
 @dataclass
 class Data:
     """What training needs from one or more caches: features by row, labels, and what the rows are."""
@@ -456,8 +466,7 @@ def load(caches: list[Path], cfg: FitConfig, budget: int, stack: contextlib.Exit
 def fold_of(paths: list[bytes], k: int, seed: int) -> np.ndarray:
     """Fold of each row for --folds: the same hash of (seed, path) as the validation split, cut in k equal parts
     (adding images never moves an existing one to another fold)."""
-    return np.array([min(int(int.from_bytes(hashlib.sha256(seed.to_bytes(8, "little", signed=True) + p).digest()[
-        :8], "little") / 2.0**64 * k), k - 1) for p in paths], dtype=np.int64)
+    return np.minimum((path_hash(paths, seed) * k).astype(np.int64), k - 1)
 
 
 def cross_fit(data: Data, cfg: FitConfig, k: int, on_fold: Callable[[int, float, float], None] | None = None
@@ -493,7 +502,7 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
     their features side by side (an ensemble of backbones or layers). folds=K: out-of-fold metrics and calibration,
     then the head is trained on every labeled row."""
     cfg.check()
-    caches = [Path(c) for c in (cache if isinstance(cache, list | tuple) else [cache])]
+    caches = as_paths(cache)
     if len(set(c.resolve() for c in caches)) != len(caches):
         raise InputError("--cache: the same cache given twice")
     if folds and not 2 <= folds <= 50:

@@ -19,8 +19,8 @@ from .backbone import Preset
 from .discover import Discovery, discover
 from .errors import CatdogError, InputError
 from .extract import Progress, extract, run_features
-from .files import check_outputs, write_atomic
-from .fit import log_loss
+from .files import as_paths, check_outputs, write_atomic
+from .fit import DEFAULT_HEAD, log_loss
 from .scorer import Loaded, load_exported, load_scorer
 from .store import encode_path, open_cache
 
@@ -169,9 +169,9 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
             cache: str | os.PathLike[str] | list | None = None) -> PredictReport:
     t0 = time.perf_counter()
     data_dir, out = Path(data_dir), Path(out)
-    head_path = Path(head_path or "cache/features.head.pt")
+    head_path = Path(head_path or DEFAULT_HEAD)
     submission = Path(submission) if submission else None
-    caches = [Path(c) for c in (cache if isinstance(cache, list | tuple) else [cache] if cache else [])]
+    caches = as_paths(cache)
     check_outputs({"--out": out, "--submission": submission},
                   {"--head": head_path, "--model": Path(model_path) if model_path else None,
                    **{f"--cache {c}": c for c in caches}})

@@ -12,7 +12,7 @@ import numpy as np
 from .discover import discover
 from .errors import InputError
 from .extract import Progress
-from .files import check_outputs, printable, read_regular
+from .files import as_paths, check_outputs, printable, read_regular
 from .fit import split
 from .predict import cached_features, score_cached
 from .preprocess import MAX_FILE_BYTES, DecodeError, decode_rgb
@@ -64,14 +64,12 @@ def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
         raise InputError(f"--n must be at least 1 and --worst at least 0, got {n} and {worst}")
     if which not in SPLITS:
         raise InputError(f"--split: expected {', '.join(SPLITS)}, got {which!r}")
-    data_dir, head_path, out = Path(data_dir), Path(head_path), Path(out)
-    check_outputs({"--out": out}, {"--head": head_path, **{f"--cache {c}": Path(c) for c in (
-        cache if isinstance(cache, list | tuple) else [cache] if cache else [])}})
+    data_dir, head_path, out, caches = Path(data_dir), Path(head_path), Path(out), as_paths(cache)
+    check_outputs({"--out": out}, {"--head": head_path, **{f"--cache {c}": c for c in caches}})
     disc = discover(data_dir)
     if not disc.samples:
         raise InputError(f"no images found in {data_dir}")
     loaded = load_scorer(head_path, weights_file, backbone=False)
-    caches = [Path(c) for c in (cache if isinstance(cache, list | tuple) else [cache] if cache else [])]
     used, _ = cached_features(loaded, head_path, data_dir, caches or None, device, 0, -1, progress, "preview")
     scored = score_cached(loaded, used, disc, tta=False)
     roles = splits_of(loaded.meta, used[0], scored)
