@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..backbone import IMAGENET, Backbone, WeightsSpec, load_state_file, missing_weights, seeded
+from .tvmodels import weights_file
 
 LAYERS = {"fc7": 6, "fc6": 3, "pool5": 0}  # how many classifier modules to keep (ReLU included, Dropout is eval)
 ALIASES = {"classifier.5": "fc7"}  # the name schema-1 caches recorded for fc7
@@ -35,7 +35,7 @@ def imagenet_weights_path() -> Path:
     """Where torchvision's weights cache keeps the VGG16 ImageNet file."""
     from torchvision.models import VGG16_Weights
 
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(VGG16_Weights.IMAGENET1K_V1.url)
+    return weights_file(VGG16_Weights.IMAGENET1K_V1)
 
 
 def _imagenet_state_dict() -> dict[str, torch.Tensor]:
