@@ -78,7 +78,7 @@ def drawn_images(root: Path, n: int) -> Path:
 
 def synthetic_cache(path: Path, rows: int, dtype: str = "float32") -> None:
     from .backbone import IMAGENET
-    from .store import Provenance, Rows, assemble, write_part
+    from .cache import Provenance, Rows, assemble, write_part
 
     prov = Provenance("synthetic", "fc7", "random:seed=0", IMAGENET.spec(), "center", dtype, "fp32")
     rng = np.random.default_rng(0)
@@ -186,9 +186,9 @@ def cache_vs_end_to_end(data_dir: Path, limit: int, log: Callable[[Row], None]) 
     """Extract + fit for E epochs versus training through the frozen network for E epochs (1 measured,
     5 and 20 extrapolated from it), on the same images, same model, same training loop."""
     from .backbone import WeightsSpec, get_backbone
+    from .cache import read_index
     from .extract import ExtractConfig, extract
     from .fit import FitConfig, fit, split, train
-    from .store import read_index
     from .verify import balanced_subset, network_features
 
     backbone = get_backbone("vgg16")
@@ -225,7 +225,7 @@ def cache_vs_end_to_end(data_dir: Path, limit: int, log: Callable[[Row], None]) 
 
 def layouts(cache: Path, log: Callable[[Row], None]) -> list[Row]:
     """The cache layout, justified: full-read time and size for the default and the alternatives."""
-    from .store import rewrite_features, time_full_read
+    from .cache import rewrite_features, time_full_read
 
     out: list[Row] = []
     for name, dtype, comp, chunk in [("float32, 64-row chunks, uncompressed (default)", "float32", None, 64),

@@ -361,7 +361,7 @@ def predict(
 @guarded
 def info(cache: Path = CACHE, as_json: bool = JSON) -> None:
     """Rows, classes and counts, provenance, failures and size on disk of a cache."""
-    from .store import read_index
+    from .cache import read_index
 
     idx = read_index(cache)
     labels = idx.labels.tolist()

@@ -19,6 +19,7 @@ import torch
 
 from . import __version__
 from .backbone import DEFAULT_BACKBONE, Backbone, Preset, WeightsSpec, check_device, get_backbone, resolve_device
+from .cache import Provenance, Rows, assemble, encode_path, list_parts, locked, read_index, write_part
 from .discover import Discovery, Sample, discover
 from .distributed import Dist, from_env
 from .errors import CacheBusy, CatdogError, InputError, Interrupted, ProvenanceMismatch
@@ -34,7 +35,6 @@ from .preprocess import (
     tensor_views,
     views_of,
 )
-from .store import Provenance, Rows, assemble, encode_path, list_parts, locked, read_index, write_part
 
 PART_ROWS = 1024
 PART_SECONDS = 120.0

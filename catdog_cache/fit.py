@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cache import CHUNK_ROWS, BlockReader, Index, open_cache, read_features
 from .errors import CatdogError, InputError
 from .files import as_paths, check_outputs
 from .head import Head, MaskStream, new_head, save_head
-from .store import CHUNK_ROWS, BlockReader, Index, open_cache, read_features
 
 Features = Callable[[torch.Tensor], torch.Tensor]  # row indices [B] -> features [B, D], the caller's to overwrite
 WINDOW_CHUNKS = 8  # batch order: 8 random 64-row chunks (512 rows) are shuffled together; see windowed_batches

@@ -122,7 +122,7 @@ def _number(blob: dict[str, Any], key: str, default: float, ok, what: str, path:
 
 def load_head(path: str | os.PathLike[str]) -> tuple[Head, dict[str, Any]]:
     """A head file from anywhere: size and archive checked, tensors only (weights_only), every field validated."""
-    from .store import Provenance
+    from .cache import Provenance
 
     path = Path(path)
     if path.is_dir():

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 
 from .backbone import Preset
+from .cache import encode_path, open_cache
 from .discover import Discovery, discover
 from .errors import CatdogError, InputError
 from .extract import Progress, extract, run_features
 from .files import as_paths, check_outputs, write_atomic
 from .fit import DEFAULT_HEAD, log_loss
 from .scorer import Loaded, load_exported, load_scorer
-from .store import encode_path, open_cache
 
 
 @dataclass

@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from .backbone import Preset, WeightsSpec, spec_from_identity
+from .cache import Provenance, require_same
 from .errors import CacheError, InputError
 from .extract import ExtractConfig
 from .files import check_outputs, printable, stored_zip, temp_beside
 from .head import Head, load_head
 from .preprocess import decoder_of
-from .store import Provenance, require_same
 
 
 class Scorer(nn.Module):

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 from .backbone import Preset
+from .cache import read_features, read_index
 from .discover import discover
 from .errors import InputError
 from .extract import ExtractConfig, ImageFiles, extract
 from .fit import Features, FitConfig, evaluate, fit, labeled_rows, split, train
 from .head import load_head
-from .store import read_features, read_index
 
 
 @dataclass

@@ -167,7 +167,7 @@ def test_a_third_party_plugin_registers_through_the_entry_point_group(monkeypatc
         assert {"meanpix", "vgg16", "efficientnet_lite0", "resnet50", "timm:NAME"} <= set(listed)
         assert listed["meanpix"]["dim"] == 3 and listed["vgg16"]["dim"] == 4096
         cli("extract", kaggle_dir, "--backbone", "meanpix", "--weights", "random", "--workers", "0")
-        from catdog_cache.store import read_index
+        from catdog_cache.cache import read_index
 
         idx = read_index("cache/features.h5")
         assert idx.shape[1:] == (1, 3) and idx.provenance.arch == "meanpix"

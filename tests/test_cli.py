@@ -68,7 +68,7 @@ def test_imagenet_offline_error_says_what_to_do(cli, kaggle_dir, monkeypatch):
 def test_extract_json_and_busy_cache(cli, kaggle_dir, tmp_path):
     from pathlib import Path
 
-    from catdog_cache.store import locked
+    from catdog_cache.cache import locked
 
     data = json.loads(cli("extract", kaggle_dir, *TINY, "--json").output)
     assert data["rows"] == data["found"] == data["extracted"] == 12 and data["layout"] == "kaggle"

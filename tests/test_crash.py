@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from catdog_cache.store import parts_dir, read_features, read_index
+from catdog_cache.cache import parts_dir, read_features, read_index
 from tests.conftest import TINY, draw
 
 ARGS = [*TINY, "--workers", "0", "--batch-size", "2", "--part-rows", "4", "--quiet"]

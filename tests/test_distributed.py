@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from catdog_cache.cache import parts_dir, read_features, read_index
 from catdog_cache.distributed import Dist
-from catdog_cache.store import parts_dir, read_features, read_index
 from tests.conftest import TINY, draw
 
 ARGS = [*TINY, "--quiet", "--part-rows", "4", "--batch-size", "2", "--workers", "0"]

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from catdog_cache.backbone import WeightsSpec
+from catdog_cache.cache import read_features, read_index
 from catdog_cache.errors import ProvenanceMismatch
 from catdog_cache.extract import ExtractConfig, extract
-from catdog_cache.store import read_features, read_index
 from tests.conftest import TINY, draw
 
 extract_mod = importlib.import_module("catdog_cache.extract")  # the module; `catdog_cache.extract` is the function

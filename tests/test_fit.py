@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from catdog_cache.backbone import IMAGENET
+from catdog_cache.cache import Provenance, Rows, assemble, write_part
 from catdog_cache.errors import CacheError, InputError
 from catdog_cache.fit import FitConfig, fit, split, streams
 from catdog_cache.head import load_head
-from catdog_cache.store import Provenance, Rows, assemble, write_part
 from tests.conftest import TINY
 
 PROV = Provenance("tiny", "fc7", "random:seed=0", IMAGENET.spec(), "center", "float32", "fp32")
@@ -116,8 +116,8 @@ def test_bad_head_file(tmp_path):
 
 
 def test_streaming_fit_learns_within_budget(tmp_path, cli):
+    from catdog_cache.cache import open_cache
     from catdog_cache.fit import Streamed, windowed_batches
-    from catdog_cache.store import open_cache
 
     synthetic_cache(tmp_path / "c.h5", n=700)
     r = fit(tmp_path / "c.h5", tmp_path / "s.pt", FitConfig(epochs=20), max_memory="1M")
@@ -155,7 +155,7 @@ def test_same_head_for_any_memory_budget(tmp_path, hidden):
 
 
 def read_features_np(path):
-    from catdog_cache.store import read_features
+    from catdog_cache.cache import read_features
 
     return read_features(path)
 

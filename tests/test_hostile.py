@@ -6,7 +6,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from catdog_cache.store import read_index
+from catdog_cache.cache import read_index
 from tests.conftest import TINY, draw
 
 

@@ -51,7 +51,7 @@ def test_clamped_temperature_is_said(cli, kaggle_dir):
 
 def test_empty_cache_says_empty(cli, kaggle_dir):
     from catdog_cache.backbone import IMAGENET
-    from catdog_cache.store import Provenance, assemble
+    from catdog_cache.cache import Provenance, assemble
 
     prov = Provenance("tiny", "fc7", "random:seed=0", IMAGENET.spec(), "center", "float32", "fp32")
     assemble(Path("cache/features.h5"), prov, {})

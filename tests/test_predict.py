@@ -3,9 +3,9 @@ import csv
 import numpy as np
 import torch
 
+from catdog_cache.cache import read_features, read_index
 from catdog_cache.fit import FitConfig, fit
 from catdog_cache.head import load_head
-from catdog_cache.store import read_features, read_index
 from tests.conftest import TINY
 
 

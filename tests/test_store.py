@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from catdog_cache.backbone import IMAGENET
-from catdog_cache.errors import CacheBusy, CacheError, ProvenanceMismatch
-from catdog_cache.store import (
+from catdog_cache.cache import (
     SCHEMA_VERSION,
     Provenance,
     Rows,
@@ -19,6 +18,7 @@ from catdog_cache.store import (
     read_index,
     write_part,
 )
+from catdog_cache.errors import CacheBusy, CacheError, ProvenanceMismatch
 
 PROV = Provenance("tiny", "fc7", "random:seed=0", IMAGENET.spec(), "center", "float32", "fp32")
 ODD = ["a b.jpg", "ünï/çødé.jpg", "new\nline.jpg", os.fsdecode(b"raw\xff\xfe.jpg"), "x,y;\"q\".jpg"]

@@ -226,8 +226,8 @@ def test_planted_temp_symlinks_are_never_followed(cli, base, tmp_path):
     install(base)
     victim = tmp_path / "victim.txt"
     victim.write_text("victim content")
+    from catdog_cache.cache import Provenance
     from catdog_cache.head import load_head
-    from catdog_cache.store import Provenance
 
     prov = Provenance.from_json(load_head(base.head)[1]["provenance"]).to_json()
     test_cache = f"test1.{hashlib.sha256(prov.encode()).hexdigest()[:8]}.h5"  # where predict caches base.test
@@ -339,8 +339,8 @@ def test_crafted_cache_storage_is_refused(cli, base, tmp_path, kind):
 
 def test_strict_keeps_parts_of_an_earlier_run(cli, base, tmp_path):
     from catdog_cache.backbone import WeightsSpec
+    from catdog_cache.cache import Rows, parts_dir, write_part
     from catdog_cache.extract import ExtractConfig, sha256_file, versions
-    from catdog_cache.store import Rows, parts_dir, write_part
 
     data = tmp_path / "data"
     data.mkdir()
@@ -614,8 +614,8 @@ def test_diverged_fit_saves_no_head(cli, base):
 # ---------------------------------------------------------------- 12. one handle, consistent lengths
 
 def test_labels_shorter_than_features_is_damaged(cli, base):
+    from catdog_cache.cache import open_cache
     from catdog_cache.errors import CacheError
-    from catdog_cache.store import open_cache
 
     def short(g, ds):
         g.create_dataset("labels", data=ds[:-1])
@@ -773,8 +773,8 @@ def test_formula_file_names_are_quoted_in_the_csv(cli, base, tmp_path):
 # ---------------------------------------------------------------- 18. reduced precision stops at the backbone
 
 def test_bf16_extraction_head_scores_in_float32(cli, base):
+    from catdog_cache.cache import read_features, read_index
     from catdog_cache.head import load_head
-    from catdog_cache.store import read_features, read_index
 
     cli("extract", base.train, *TINY, "--precision", "bf16", "--quiet")
     cli("fit", *FIT)
