@@ -1,0 +1,69 @@
+"""What a fit is asked to do (FitConfig) and what each epoch reports."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import Index
+from ..errors import CatdogError, InputError
+
+Features = Callable[[torch.Tensor], torch.Tensor]  # row indices [B] -> features [B, D], the caller's to overwrite
+
+
+class Diverged(CatdogError):
+    """Training produced a non-finite loss or weights."""
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    dropout: float = 0.5
+    val_fraction: float = 0.2
+    seed: int = 0
+    augment: bool = False  # train on every cached view of each training image
+    hidden: tuple[int, ...] = ()  # MLP head: Linear, ReLU, Dropout per hidden size, then Linear(., 2)
+    keep: str = "last"  # "best": the epoch with the lowest validation log loss
+
+    @staticmethod
+    def views_of(index: Index) -> int:
+        """The cache's views per image; --augment on a one-view cache would silently do nothing, so it is refused."""
+        if index.shape[1] < 2:
+            raise InputError(f"--augment: the cache holds one view per image ({index.provenance.views}); extract "
+                             "into a new cache with --views center,flip to train on augmented views")
+        return index.shape[1]
+
+    def check(self) -> None:
+        if self.epochs < 1:
+            raise InputError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not 0 < self.lr <= 1e3:  # also rejects inf and NaN; beyond 1e3 Adam's steps overflow float32
+            raise InputError(f"--lr must be in (0, 1000], got {self.lr}")
+        if not 0 <= self.seed < 2**63:
+            raise InputError(f"--seed must be in [0, 2**63), got {self.seed}")
+        if self.keep not in ("last", "best"):
+            raise InputError(f"--keep: expected last or best, got {self.keep!r}")
+        if any(not 0 < h <= 65536 for h in self.hidden) or len(self.hidden) > 8:
+            raise InputError(f"--hidden: expected up to 8 layer sizes in [1, 65536], got {self.hidden}")
+        if not 0 <= self.dropout < 1:
+            raise InputError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.val_fraction < 1:
+            raise InputError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    seconds: float
+
+    def row(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")}

@@ -1,0 +1,171 @@
+"""Features for training: in memory, streamed from HDF5 when larger than the budget, or several caches joined."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..cache import CHUNK_ROWS, BlockReader, Index, open_cache, read_features
+from ..errors import InputError
+from .config import Features, FitConfig
+
+
+def labeled_rows(index: Index, cache: Path) -> np.ndarray:
+    if index.shape[0] == 0:
+        raise InputError(f"{cache} is empty (0 rows; an extract interrupted before its first batch?): run extract")
+    rows = np.flatnonzero(index.labels >= 0)
+    classes = set(index.labels[rows].tolist())
+    if classes != {0, 1}:
+        have = ", ".join(["cat", "dog"][c] for c in sorted(classes)) or "no labels"
+        raise InputError(f"{cache} needs labeled cats and dogs to fit, and holds {have}: "
+                         "extract a folder with cat/ and dog/ sub-folders or cat.N.jpg / dog.N.jpg files")
+    return rows
+
+
+def check_finite(x: np.ndarray, where: str) -> None:
+    # A float64 sum is one pass without a temporary (0.05 s for 400 MB, 10x less than isfinite().all()): any NaN or
+    # inf makes it non-finite, and float32 values cannot overflow it, so a finite total proves every value finite.
+    if not np.isfinite(x.sum(dtype=np.float64)):
+        raise InputError(f"{where} holds NaN or infinite features: extract again (or with --precision fp32)")
+
+
+class Gather:
+    """Row lookups into the in-memory feature matrix, written into reused buffers: a fresh 2 MB tensor per step
+    costs more in page faults than the copy itself. A result is valid until the next call with as many rows."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x  # [N, D]
+        self._out: dict[int, torch.Tensor] = {}
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        out = self._out.get(len(rows))
+        if out is None:
+            out = self._out[len(rows)] = torch.empty(len(rows), self.x.shape[1])
+        return torch.index_select(self.x, 0, rows, out=out)  # [B, D]
+
+
+class Streamed:
+    """Caches larger than memory: the rows of each batch are looked up in whole 64-row chunks read from HDF5 and
+    kept in a small least-recently-used set sized by the budget. The batch order (windowed_batches) visits the
+    chunks one window at a time, so each chunk is read once per epoch and reads stay 1 MiB-sequential. The budget
+    changes only what is cached, never which rows form a batch: heads are identical for any --max-memory."""
+
+    def __init__(self, f, budget: int, where: str) -> None:
+        self.reader = BlockReader(f, CHUNK_ROWS)  # one chunk per block
+        self.where = where
+        chunk_bytes = CHUNK_ROWS * self.reader.dim * 4
+        self.capacity = max(2, budget // chunk_bytes)  # two windows fit in 16 MiB at 4096-d: one read per chunk
+        self._chunks: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def chunk(self, c: int) -> torch.Tensor:
+        t = self._chunks.get(c)
+        if t is None:
+            block = self.reader.block(c)  # [<=64, D]
+            check_finite(block, self.where)
+            t = self._chunks[c] = torch.from_numpy(block.copy())
+            if len(self._chunks) > self.capacity:
+                self._chunks.popitem(last=False)
+        else:
+            self._chunks.move_to_end(c)
+        return t
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(len(rows), self.reader.dim)  # [B, D]
+        chunks = rows // CHUNK_ROWS
+        for c in torch.unique(chunks).tolist():
+            sel = torch.nonzero(chunks == c).flatten()
+            out[sel] = self.chunk(c)[rows[sel] - c * CHUNK_ROWS]
+        return out
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1.5GB', '1000000' -> bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale > 1 else t) * scale
+    except ValueError:
+        raise InputError(f"--max-memory: expected a size like 512M or 4G, got {text!r}") from None
+    if not math.isfinite(value) or value > 2**60:
+        raise InputError(f"--max-memory: expected a size like 512M or 4G, got {text!r}")
+    if value < 2**20:
+        raise InputError(f"--max-memory: {text} is too small; give at least 1M")
+    return int(value)
+
+
+def available_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 * 2**30
+
+
+@dataclass
+class Data:
+    """What training needs from one or more caches: features by row, labels, and what the rows are."""
+
+    features_of: Features
+    labels: torch.Tensor  # [N * V] int64
+    paths: list[bytes]
+    raw_labels: np.ndarray  # [N] int8, -1 unlabeled
+    views: int
+    dim: int
+    provenances: list[str]  # one per cache (an ensemble has several)
+    caches: list[Path]
+    weights_paths: list[str] = field(default_factory=list)  # per cache: where a --weights FILE was
+    streamed: Streamed | None = None
+    missing: list[str] = field(default_factory=list)  # images present in only some of the caches
+
+
+def load(caches: list[Path], cfg: FitConfig, budget: int, stack: contextlib.ExitStack) -> Data:
+    """One cache: in memory when it fits the budget, else streamed (the handle stays open in `stack`). Several
+    caches (an ensemble): the features of the images they share, side by side, in memory."""
+    opened = [stack.enter_context(open_cache(c)) for c in caches]
+    f, index = opened[0]
+    labeled_rows(index, caches[0])
+    if len(caches) == 1:
+        n, dim = index.shape[0], index.shape[2]
+        v = cfg.views_of(index) if cfg.augment else 1
+        data = Data(None, torch.from_numpy(index.labels.astype(np.int64)).repeat_interleave(v), index.paths,
+                    index.labels, v, dim, [index.provenance.to_json()], caches, [index.weights_path])
+        if n * v * dim * 4 <= budget:
+            x_np = read_features(f, view=None if cfg.augment else 0)
+            check_finite(x_np, str(caches[0]))
+            data.features_of = Gather(torch.from_numpy(x_np).reshape(n * v, -1))  # [N*V, D]
+        elif cfg.augment:
+            raise InputError("--augment needs every view in memory; raise --max-memory or fit without --augment")
+        else:
+            data.streamed = data.features_of = Streamed(f, budget, str(caches[0]))
+        return data
+    if cfg.augment:
+        raise InputError("--augment with several caches is not supported: fit an ensemble on center views")
+    keys = [dict(zip(ix.keys(), range(ix.shape[0]), strict=True)) for _, ix in opened]
+    shared = [k for k in keys[0] if all(k in other for other in keys[1:])]  # the first cache's order
+    missing = sorted({os.fsdecode(k[1]) for ks in keys for k in ks if k not in keys[0] or any(
+        k not in other for other in keys[1:])})
+    if not shared:
+        raise InputError(f"the caches {', '.join(map(str, caches))} share no image (same folder and file name)")
+    dims = [ix.shape[2] for _, ix in opened]
+    if len(shared) * sum(dims) * 4 > budget:
+        raise InputError("an ensemble is fitted in memory: raise --max-memory")
+    parts = []
+    for (g, ix), ks, c in zip(opened, keys, caches, strict=True):
+        rows = np.array([ks[k] for k in shared])
+        x_np = read_features(g)[rows]  # [N, D_i]
+        check_finite(x_np, str(c))
+        labels_i = ix.labels[rows]
+        if not np.array_equal(labels_i, index.labels[[keys[0][k] for k in shared]]):
+            raise InputError(f"{c} labels some images differently from {caches[0]}: refusing to join them")
+        parts.append(x_np)
+    lab = index.labels[[keys[0][k] for k in shared]]
+    x = torch.from_numpy(np.concatenate(parts, axis=1))  # [N, sum of D]
+    return Data(Gather(x), torch.from_numpy(lab.astype(np.int64)), [k[1] for k in shared], lab, 1, x.shape[1],
+                [ix.provenance.to_json() for _, ix in opened], caches, [ix.weights_path for _, ix in opened], None,
+                missing)

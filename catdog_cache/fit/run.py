@@ -1,0 +1,141 @@
+"""fit(): load, split (or cross-fit), train, evaluate, calibrate, save the head and its curve."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..files import as_paths, check_outputs
+from ..head import save_head
+from .calibration import calibrate, log_loss
+from .config import Diverged, EpochStats, FitConfig
+from .crossfit import cross_fit
+from .data import available_memory, load, parse_size
+from .loop import evaluate, train
+from .splits import split
+
+
+@dataclass
+class FitReport:
+    head_path: Path
+    history: list[EpochStats]
+    n_train: int
+    n_val: int
+    seconds: float
+    load_seconds: float
+    val_log_loss: float = float("nan")
+    val_acc: float = float("nan")
+    confusion: list[list[int]] = field(default_factory=list)  # rows: true cat/dog, cols: predicted cat/dog
+    streamed: bool = False
+    calibration: dict[str, float] = field(default_factory=dict)
+    curve: Path | None = None
+    kept_epoch: int = 0
+    head_shape: str = ""
+    folds: dict[str, Any] = field(default_factory=dict)  # --folds: K, each fold's best epoch, the final epochs
+    missing: list[str] = field(default_factory=list)  # ensemble: images in only some of the caches
+    unlabeled: int = 0  # rows without a label, not used
+
+    @property
+    def per_class_acc(self) -> list[float]:
+        return [row[i] / sum(row) if sum(row) else float("nan") for i, row in enumerate(self.confusion)]
+
+
+def default_head_path(cache: Path) -> Path:
+    """The head lives beside the cache it was trained on: features.h5 -> features.head.pt."""
+    return cache.with_name(cache.stem + ".head.pt")
+
+
+DEFAULT_HEAD = default_head_path(Path("cache/features.h5"))  # what predict, preview and export look for
+
+
+def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] | None, cfg: FitConfig,
+        on_epoch: Callable[[EpochStats], None] | None = None, max_memory: str | None = None,
+        calibrate_head: bool = False, curve: bool = True, folds: int = 0,
+        on_fold: Callable[[int, float, float], None] | None = None, budget_bytes: int | None = None) -> FitReport:
+    """Train on the cache: in memory when the feature matrix fits the budget (default: half the available memory),
+    streamed from HDF5 otherwise; the same batches, hence the same head, either way. Several caches: one head on
+    their features side by side (an ensemble of backbones or layers). folds=K: out-of-fold metrics and calibration,
+    then the head is trained on every labeled row."""
+    cfg.check()
+    caches = as_paths(cache)
+    if len(set(c.resolve() for c in caches)) != len(caches):
+        raise InputError("--cache: the same cache given twice")
+    if folds and not 2 <= folds <= 50:
+        raise InputError(f"--folds must be between 2 and 50, got {folds}")
+    head_path = Path(head_path) if head_path else default_head_path(caches[0])
+    curve_path = head_path.with_suffix(".png") if curve else None
+    check_outputs({"--head": head_path, "the training curve": curve_path},
+                  {f"--cache {c}": c for c in caches})
+    # budget_bytes: an exact budget for verify and tests (below --max-memory's 1M floor: always streamed)
+    budget = budget_bytes or (parse_size(max_memory) if max_memory else available_memory() // 2)
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:  # cache handles stay open while streaming
+        data = load(caches, cfg, budget, stack)
+        load_seconds = time.perf_counter() - t0
+        oof_note: dict[str, Any] = {}
+        if folds:
+            logits, y, best_epochs = cross_fit(data, cfg, folds, on_fold)
+            final_cfg = replace(cfg, val_fraction=0.0, keep="last",
+                                epochs=int(np.median(best_epochs)) if cfg.keep == "best" else cfg.epochs)
+            train_np = np.flatnonzero(data.raw_labels >= 0)
+            train_rows = torch.from_numpy((train_np[:, None] * data.views + np.arange(data.views)).ravel())
+            head, history, kept = train(data.features_of, data.labels, train_rows, torch.zeros(0, dtype=torch.long),
+                                        final_cfg, on_epoch, data.dim)
+            n_train, n_val = len(train_np), len(y)
+            oof_note = {"folds": folds, "best_epochs": best_epochs, "final_epochs": final_cfg.epochs}
+        else:
+            train_np, val_np = split(data.paths, data.raw_labels, cfg.val_fraction, cfg.seed)
+            # Row r's view j is feature row r * V + j: every view of a training image trains, validation sees the
+            # center view.
+            train_rows = torch.from_numpy((train_np[:, None] * data.views + np.arange(data.views)).ravel())
+            val_rows = torch.from_numpy(val_np * data.views)  # [n_val]
+            head, history, kept = train(data.features_of, data.labels, train_rows, val_rows, cfg, on_epoch, data.dim)
+            _, _, logits = evaluate(head, data.features_of, data.labels, val_rows)
+            y = data.labels[val_rows]
+            n_train, n_val = len(train_np), len(val_rows)
+    probs = logits.softmax(1)
+    y_val, pred = y.numpy(), probs.argmax(1).numpy()
+    calibration = {"temperature": 1.0, "clip": 0.0}
+    if calibrate_head:
+        if len(y) < 2:
+            raise InputError("--calibrate needs a validation split: raise --val-fraction (or use --folds)")
+        calibration = calibrate(logits, y)
+    confusion = [[int(((y_val == t) & (pred == p)).sum()) for p in (0, 1)] for t in (0, 1)]
+    acc = float((pred == y_val).mean()) if len(y_val) else float("nan")
+    report = FitReport(head_path, history, n_train, n_val, 0.0, load_seconds,
+                       log_loss(probs[:, 1].numpy(), y_val), acc, confusion,
+                       streamed=data.streamed is not None, calibration=calibration if calibrate_head else {},
+                       kept_epoch=kept, head_shape=head.describe(), folds=oof_note, missing=data.missing,
+                       unlabeled=int((data.raw_labels < 0).sum()))
+    if not all(torch.isfinite(p).all() for p in head.parameters()):
+        raise Diverged("training produced NaN or infinite weights: lower --lr; no head saved")
+    save_head(head_path, head, {
+        "provenance": data.provenances[0],
+        "ensemble": data.provenances if len(caches) > 1 else [],
+        "config": {**asdict(cfg), "hidden": list(cfg.hidden)},
+        "cache": str(caches[0].resolve()),
+        "caches": [str(c.resolve()) for c in caches],
+        "weights_path": data.weights_paths[0],
+        "weights_paths": data.weights_paths,
+        "history": [asdict(h) for h in history],
+        "kept_epoch": kept,
+        "metrics": {"val_log_loss": report.val_log_loss, "val_acc": report.val_acc, "confusion": confusion,
+                    "n_train": report.n_train, "n_val": report.n_val, **oof_note},
+        "temperature": calibration["temperature"],
+        "clip": calibration["clip"],
+    })
+    if curve_path:
+        from ..plots import training_curve
+
+        report.curve = training_curve(history, curve_path, kept_epoch=kept)
+    report.seconds = time.perf_counter() - t0
+    return report
