@@ -152,9 +152,9 @@ def _print_skips(title: str, items: list[tuple[str, str]], limit: int = 10) -> N
         err.print(f"  … and {len(items) - limit} more (see `catdog-cache info`)")
 
 
-@app.command()
+@app.command("extract")
 @guarded
-def extract(
+def extract_cmd(
     data_dir: Path = typer.Argument(..., metavar="DATA_DIR",
                                     help="Image folder: cat/ + dog/ sub-folders, cat.N.jpg files, or unlabeled."),
     cache: Path = CACHE,
@@ -178,18 +178,17 @@ def extract(
 ) -> None:
     """Run the frozen backbone over every image once and store its features."""
     from .backbone import parse_weights
-    from .extract import ExtractConfig
-    from .extract import extract as run
+    from .extract import ExtractConfig, extract
 
     cfg = ExtractConfig(weights=parse_weights(weights, seed), backbone=backbone, layer=layer, device=device,
                         batch_size=batch_size, workers=workers, dtype=dtype, precision=precision,
                         views=tuple(v.strip() for v in views.split(",") if v.strip()), decoder=decoder,
                         part_rows=part_rows)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
-        run(data_dir, cache, cfg, prune=prune, strict=strict)
+        extract(data_dir, cache, cfg, prune=prune, strict=strict)
         return
     with Bar(quiet or as_json) as bar:
-        r = run(data_dir, cache, cfg, progress=bar, prune=prune, strict=strict)
+        r = extract(data_dir, cache, cfg, progress=bar, prune=prune, strict=strict)
     if as_json:
         print(_json({"cache": str(cache), "rows": r.rows, "found": r.found, "extracted": r.extracted,
                      "reused": r.reused, "failed": r.failed, "skipped": r.skipped, "removed": r.removed,
@@ -211,9 +210,9 @@ def _fmt(x: float, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if x == x else "-"  # NaN: no validation rows
 
 
-@app.command()
+@app.command("fit")
 @guarded
-def fit(
+def fit_cmd(
     cache: list[Path] = typer.Option([Path("cache/features.h5")], "--cache", metavar="PATH",
                                      help="HDF5 feature cache; give it "
                                      "again for an ensemble (one head on the features of several caches, joined "
@@ -238,8 +237,7 @@ def fit(
     as_json: bool = JSON,
 ) -> None:
     """Train the head (Dropout -> Linear(D, 2), or an MLP with --hidden) on the cached features."""
-    from .fit import FitConfig, default_head_path
-    from .fit import fit as run
+    from .fit import FitConfig, default_head_path, fit
 
     table = Table("epoch", "train loss", "train acc", "val loss", "val acc", "s", title="fit")
 
@@ -255,7 +253,7 @@ def fit(
         if not (quiet or as_json):
             err.print(fold_rows[-1], highlight=False)
 
-    r = run(cache if len(cache) > 1 else cache[0], head, FitConfig(epochs, batch_size, lr, dropout, val_fraction,
+    r = fit(cache if len(cache) > 1 else cache[0], head, FitConfig(epochs, batch_size, lr, dropout, val_fraction,
                                                                    seed, augment, hidden_sizes(hidden), keep),
             on_epoch, max_memory, calibrate, folds=folds, on_fold=on_fold)
     if r.unlabeled and not as_json:
@@ -306,9 +304,9 @@ def fit(
               f"{escape(printable(str(head)))}", highlight=False)
 
 
-@app.command()
+@app.command("predict")
 @guarded
-def predict(
+def predict_cmd(
     data_dir: Path = typer.Argument(..., metavar="DATA_DIR", help="Folder of images to label."),
     head: Path | None = HEAD,
     cache: list[Path] | None = typer.Option(None, "--cache", metavar="PATH",
@@ -329,11 +327,11 @@ def predict(
 ) -> None:
     """Label a folder with the head; the folder's features are cached, so the next head costs no backbone pass."""
     from .fit import DEFAULT_HEAD
-    from .predict import predict as run
+    from .predict import predict
 
     with Bar(quiet or as_json) as bar:
-        r = run(data_dir, head or DEFAULT_HEAD, out_csv, submission, weights, device, batch_size,
-                workers, progress=bar, tta=tta, model_path=model, cache=cache)
+        r = predict(data_dir, head or DEFAULT_HEAD, out_csv, submission, weights, device, batch_size,
+                    workers, progress=bar, tta=tta, model_path=model, cache=cache)
     if as_json:
         print(_json({"out": str(r.out), "rows": len(r.rows), "accuracy": r.accuracy, "log_loss": r.log_loss,
                      "views": r.views, "cache": [str(c) for c in r.cache] if r.cache else None,
@@ -357,9 +355,9 @@ def predict(
               f"{escape(printable(str(r.out)))}{sub}{neutral}{where}", highlight=False)
 
 
-@app.command()
+@app.command("info")
 @guarded
-def info(cache: Path = CACHE, as_json: bool = JSON) -> None:
+def info_cmd(cache: Path = CACHE, as_json: bool = JSON) -> None:
     """Rows, classes and counts, provenance, failures and size on disk of a cache."""
     from .cache import read_index
 
@@ -388,9 +386,9 @@ def info(cache: Path = CACHE, as_json: bool = JSON) -> None:
     _print_skips("could not be decoded", [(os.fsdecode(p), r) for _, p, _, r in idx.failed])
 
 
-@app.command()
+@app.command("backbones")
 @guarded
-def backbones(as_json: bool = JSON) -> None:
+def backbones_cmd(as_json: bool = JSON) -> None:
     """What can be extracted here: feature size, GFLOPs per image, and whether ImageNet weights are offline."""
     from .backbone import get_backbone, plugins
 
@@ -420,9 +418,9 @@ def backbones(as_json: bool = JSON) -> None:
     out.print("Any torchvision classification model name works too (torchvision.models.list_models()).")
 
 
-@app.command()
+@app.command("demo")
 @guarded
-def demo(
+def demo_cmd(
     folder: Path = typer.Option(Path("cache/demo"), "--folder", help="Where the demo writes (a new or empty folder, "
                                 "or one the demo made; nothing is deleted)."),
     backbone: str | None = typer.Option(None, "--backbone", show_default="efficientnet_lite0 if the [lite] extra is "
@@ -456,9 +454,9 @@ def demo(
               highlight=False)
 
 
-@app.command()
+@app.command("verify")
 @guarded
-def verify(
+def verify_cmd(
     data_dir: Path = typer.Argument(..., metavar="DATA_DIR", help="Labeled image folder."),
     backbone: str = BACKBONE,
     layer: str = LAYER,
@@ -482,13 +480,13 @@ def verify(
     from .backbone import parse_weights
     from .extract import ExtractConfig
     from .fit import FitConfig
-    from .verify import verify as run
+    from .verify import verify
 
     ecfg = ExtractConfig(weights=parse_weights(weights, seed), backbone=backbone, layer=layer, device=device,
                          dtype=dtype, precision=precision, workers=0)
     with Bar() as bar:
-        r = run(data_dir, ecfg, FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed,
-                                          hidden=hidden_sizes(hidden)), limit, tolerance, e2e_seed, bar)
+        r = verify(data_dir, ecfg, FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed,
+                                             hidden=hidden_sizes(hidden)), limit, tolerance, e2e_seed, bar)
     t = Table("", "end-to-end", "cached", "max |difference|", title=f"verify: {plural(r.n_images, 'image')} "
               f"({r.n_val} validation), {plural(r.epochs, 'epoch')}")
     t.add_row("head weights", "", "", f"{r.max_weight_diff:.3g}")
@@ -514,9 +512,9 @@ def verify(
     raise typer.Exit(1)
 
 
-@app.command()
+@app.command("preview")
 @guarded
-def preview(
+def preview_cmd(
     data_dir: Path = typer.Argument(..., metavar="DATA_DIR", help="Image folder to look at."),
     head: Path | None = HEAD,
     cache: list[Path] | None = typer.Option(None, "--cache", metavar="PATH",
@@ -534,11 +532,11 @@ def preview(
 ) -> None:
     """A picture grid of images with their predicted label and probability; wrong ones framed red."""
     from .fit import DEFAULT_HEAD
-    from .preview import preview as run
+    from .preview import preview
 
     with Bar(quiet) as bar:
-        r = run(data_dir, head or DEFAULT_HEAD, out_png, n, weights, device, worst, split, cache,
-                progress=bar)
+        r = preview(data_dir, head or DEFAULT_HEAD, out_png, n, weights, device, worst, split, cache,
+                    progress=bar)
     if r.note:
         err.print(f"[yellow]note:[/] {escape(r.note)}")
     wrong = f", {r.wrong} wrong" if r.wrong is not None else ""
@@ -546,26 +544,26 @@ def preview(
               highlight=False)
 
 
-@app.command()
+@app.command("export")
 @guarded
-def export(
+def export_cmd(
     head: Path | None = HEAD,
     out_model: Path = typer.Option(Path("cache/model.pt2"), "--out", help="Self-contained torch.export archive."),
     weights: str | None = typer.Option(None, "--weights", help="The weights file, if the head was trained on one."),
 ) -> None:
     """Save frozen backbone + head + calibration as one torch.export file, runnable without the cache."""
     from .fit import DEFAULT_HEAD
-    from .scorer import export as run
+    from .scorer import export
 
-    path = run(head or DEFAULT_HEAD, out_model, weights)
+    path = export(head or DEFAULT_HEAD, out_model, weights)
     out.print(f"[green]exported[/] {escape(printable(str(path)))} ({path.stat().st_size / 2**20:.1f} MiB): "
               "torch.export.load(path).module()(x) -> [B, 2] probabilities (cat, dog), x after the recorded transform",
               highlight=False)
 
 
-@app.command()
+@app.command("bench")
 @guarded
-def bench(
+def bench_cmd(
     data: Path | None = typer.Option(None, "--data", show_default="images drawn by the bench",
                                      help="JPEG folder for the extract measurements."),
     limit: int = typer.Option(64, "--limit", help="Images for the end-to-end extract measurement."),
