@@ -15,7 +15,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -174,17 +174,23 @@ class Plugin(Protocol):
     def find(self, name: str, layer: str | None) -> Backbone | None: ...
 
 
+# The built-in plugins as pyproject.toml registers them, in the order they are asked (named backbones before the
+# catch-alls: torchvision names, timm:). Module paths as strings, not imports: the plugins import this module.
+BUILTIN = {"vgg16": "catdog_cache.backbones.vgg:plugin", "efficientnet_lite": "catdog_cache.backbones.lite:plugin",
+           "tiny": "catdog_cache.backbones.tiny:plugin", "torchvision": "catdog_cache.backbones.tvmodels:plugin",
+           "timm": "catdog_cache.backbones.timm_models:plugin"}
+
+
 @functools.cache
 def plugins() -> list[tuple[str, Plugin]]:
     """Every plugin of the entry-point group: catdog-cache's own first (they are its defaults), then others.
-    Running from a source tree without installed metadata, the built-ins are registered directly."""
-    from .backbones import BUILTIN
-
-    order = [name for name, _ in BUILTIN]  # named backbones before the catch-alls (torchvision names, timm:)
+    Running from a source tree without installed metadata, the built-ins are loaded from BUILTIN directly."""
+    order = list(BUILTIN)
     found = sorted(entry_points(group=GROUP), key=lambda ep: order.index(ep.name) if ep.value.startswith(
         "catdog_cache.") and ep.name in order else len(order))
     if not any(ep.value.startswith("catdog_cache.") for ep in found):
-        return [*BUILTIN, *[(ep.name, ep.load()) for ep in found]]
+        builtin = [(name, EntryPoint(name, value, GROUP).load()) for name, value in BUILTIN.items()]
+        return [*builtin, *[(ep.name, ep.load()) for ep in found]]
     out = []
     for ep in found:
         try:
