@@ -187,7 +187,7 @@ def test_recorded_training_cache_at_kmsg_is_not_read(base, tmp_path):
     from catdog_cache.scorer import load_scorer
 
     kmsg = proc_file("kmsg")
-    head = crafted_head(base, tmp_path / "crafted.pt", lambda blob: blob.update(cache=kmsg))
+    head = crafted_head(base, tmp_path / "crafted.pt", lambda blob: blob.update(cache=kmsg, caches=[kmsg]))
     loaded = load_scorer(head, backbone=False)
     t0 = time.perf_counter()
     got = returns_within(lambda: default_cache(loaded, head, base.test), seconds=5)
