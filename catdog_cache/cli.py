@@ -7,6 +7,7 @@ import errno
 import functools
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -189,7 +190,7 @@ def _failures_hint(cache: Path | list[Path] | None) -> str:
     caches = cache if isinstance(cache, list) else [cache] if cache else []
     if not caches:  # predict --model keeps no cache
         return "--json lists every one"
-    return f"`catdog-cache info --cache {short(printable(str(caches[0])))} --failures` lists every one"
+    return f"`catdog-cache info --cache {short(printable(shlex.quote(str(caches[0]))))} --failures` lists every one"
 
 
 @app.command()
