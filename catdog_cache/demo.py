@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import random
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,7 +15,6 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from .errors import InputError
-from .files import write_atomic
 
 
 def draw_animal(kind: str, rng: random.Random, size: int = 256) -> Image.Image:
@@ -62,17 +65,47 @@ def draw_animal(kind: str, rng: random.Random, size: int = 256) -> Image.Image:
 
 
 def make_sample_set(root: Path, per_class: int = 24, n_test: int = 8, seed: int = 0) -> tuple[Path, Path]:
-    """root/train/{cat,dog}/N.jpg and root/test/N.jpg (numeric names, as Kaggle's test1)."""
+    """root/train/{cat,dog}/N.jpg and root/test/N.jpg (numeric names, as Kaggle's test1). Every folder and file is
+    created without following links, files exclusively: one that exists (a rerun: the same seeded bytes) is kept."""
     rng = random.Random(seed)
     train, test = root / "train", root / "test"
     for kind in ("cat", "dog"):
-        (train / kind).mkdir(parents=True, exist_ok=True)
+        new_folder(train / kind, root.parent)
         for i in range(per_class):
-            draw_animal(kind, rng).save(train / kind / f"{i}.jpg", quality=90)
-    test.mkdir(parents=True, exist_ok=True)
+            create_new(train / kind / f"{i}.jpg", jpeg(draw_animal(kind, rng)))
+    new_folder(test, root.parent)
     for i in range(1, n_test + 1):
-        draw_animal("cat" if i % 2 else "dog", rng).save(test / f"{i}.jpg", quality=90)
+        create_new(test / f"{i}.jpg", jpeg(draw_animal("cat" if i % 2 else "dog", rng)))
     return train, test
+
+
+def jpeg(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def new_folder(path: Path, base: Path) -> None:
+    """mkdir -p of `path` below `base` that refuses a link (or a file) where a folder should be, at every level under
+    `base` it creates or finds. `base` is the user's --folder: made as given."""
+    base.mkdir(parents=True, exist_ok=True)
+    p = base
+    for part in path.relative_to(base).parts:
+        p = p / part
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(p)
+        if not stat.S_ISDIR(os.lstat(p).st_mode):
+            raise InputError(f"{p} is not a folder the demo made (a link or a file); nothing was written through it")
+
+
+def create_new(path: Path, data: bytes) -> None:
+    """O_CREAT|O_EXCL|O_NOFOLLOW: never writes through a planted link or into an existing (maybe hard-linked) file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
 
 
 MARKER = ".catdog-demo"  # the demo only ever writes into a folder that is new, empty or marked as its own
@@ -101,14 +134,45 @@ def default_backbone() -> tuple[str, str]:
     return "vgg16", "random"
 
 
+MARKER_TEXT = b"made by catdog-cache demo; it reuses this folder and deletes nothing\n"
+MAX_ENTRIES = 10_000  # a demo folder holds about 100 entries; walking an unbounded tree is not worth it
+
+
+def our_marker(path: Path) -> bool:
+    """`path` itself (never a link's target) is a regular file owned by this user, and not a hard link."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1
+
+
+def planted_link(folder: Path) -> Path | None:
+    """A symbolic link anywhere in the folder (the demo never makes one), or the folder itself if it is too big."""
+    seen = 0
+    for top, dirs, files in os.walk(folder):  # does not descend into linked folders
+        for name in dirs + files:
+            seen += 1
+            if seen > MAX_ENTRIES or os.path.islink(os.path.join(top, name)):
+                return Path(top) / name
+    return None
+
+
 def claim(folder: Path) -> None:
-    """Refuse a folder the demo did not make; nothing is ever deleted."""
+    """Refuse a folder the demo did not make (another user's, or one with a link planted in it); nothing is ever
+    deleted. The demo's marker must be a plain file owned by this user, not a link or a hard link."""
     marker = folder / MARKER
-    ours = marker.is_file() and not marker.is_symlink()  # a planted link is not the demo's marker
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not ours)):
-        raise InputError(f"--folder {folder} exists and was not made by the demo: give a new or empty folder "
-                         "(nothing was changed)")
-    write_atomic(folder / MARKER, b"made by catdog-cache demo; it reuses this folder and deletes nothing\n")
+    if folder.exists():
+        mine = folder.is_dir() and folder.stat().st_uid == os.geteuid()  # followed: the user's own path
+        if not mine or (any(folder.iterdir()) and not our_marker(marker)):
+            raise InputError(f"--folder {folder} exists and was not made by the demo: give a new or empty folder "
+                             "(nothing was changed)")
+        link = planted_link(folder)
+        if link is not None:
+            raise InputError(f"--folder {folder} holds {link}, which the demo did not make (a symbolic link, or too "
+                             "many files): give a new or empty folder (nothing was changed)")
+    folder.mkdir(parents=True, exist_ok=True)
+    create_new(marker, MARKER_TEXT)
 
 
 def run_demo(

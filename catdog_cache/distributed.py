@@ -10,6 +10,8 @@ from typing import TypeVar
 
 import torch
 
+from .errors import InputError
+
 T = TypeVar("T")
 
 
@@ -45,13 +47,34 @@ class Dist:
         return out  # type: ignore[return-value]
 
 
+def _env_int(name: str, default: str | None, low: int, high: int | None = None) -> int:
+    """A torchrun variable as an integer in [low, high): one line naming it when it is missing or malformed."""
+    text = os.environ.get(name, default)
+    if text is None:
+        raise InputError(f"{name} is not set, but WORLD_SIZE={os.environ['WORLD_SIZE']} says this is a torchrun "
+                         "rank: start it with torchrun, or unset WORLD_SIZE")
+    try:
+        value = int(text)
+    except ValueError:
+        raise InputError(f"{name}={text!r} in the environment is not an integer (torchrun sets it)") from None
+    if value < low or (high is not None and value >= high):
+        bound = f"in [{low}, {high})" if high is not None else f"at least {low}"
+        raise InputError(f"{name}={value} in the environment must be {bound}")
+    return value
+
+
 def from_env(device: str = "auto") -> Dist | None:
-    """Join the process group torchrun describes, once; NCCL when this rank has a GPU, Gloo otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """Join the process group torchrun describes, once; NCCL when this rank has a GPU, Gloo otherwise. A broken
+    environment (WORLD_SIZE=abc, no RANK, no MASTER_ADDR) is one line naming the variable, before any rendezvous."""
+    world = _env_int("WORLD_SIZE", "1", 1)
     if world <= 1:
         return None
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = _env_int("RANK", None, 0, world), _env_int("LOCAL_RANK", "0", 0)
     if not torch.distributed.is_initialized():
+        if not os.environ.get("MASTER_ADDR"):
+            raise InputError(f"MASTER_ADDR is not set, but WORLD_SIZE={world} says this is a torchrun rank: start it "
+                             "with torchrun, or unset WORLD_SIZE")
+        _env_int("MASTER_PORT", None, 1, 65536)
         use_cuda = device != "cpu" and torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(local_rank % torch.cuda.device_count())

@@ -22,46 +22,65 @@ class DiskFull(CatdogError):
     """No space (or quota) left where an output goes; nothing half-written was kept."""
 
 
-def read_regular(path: str | os.PathLike[str], limit: int) -> bytes:
-    """At most `limit` bytes of a regular file. Opened non-blocking (a FIFO swapped in after discovery cannot hang
-    the run) and checked on the open descriptor (a link to /dev/zero cannot exhaust memory); ValueError if larger."""
+def _regular_chunks(path: str | os.PathLike[str], limit: int) -> Iterator[bytes]:
+    """The bytes of a regular file, as its size says, in chunks. Opened non-blocking (a FIFO swapped in after
+    discovery cannot hang the run) and checked on the open descriptor (a link to /dev/zero cannot exhaust memory).
+    Never more than the size fstat reports: a pseudo file that says 0 bytes (/proc/kmsg blocks, /proc/self/pagemap
+    never ends) is not read at all, and one that yields more than its size is refused. Raises OSError (EINVAL: not a
+    regular file or not a plain one; EFBIG: over `limit`, before reading)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        if st.st_size > limit:
+            raise OSError(errno.EFBIG, "file too large", os.fspath(path))
+        if st.st_size == 0:
+            return
         os.set_blocking(fd, True)
-        chunks, size = [], 0
-        while size <= limit:
-            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+        size = 0
+        while size <= st.st_size:
+            chunk = os.read(fd, min(1 << 20, st.st_size + 1 - size))
             if not chunk:
-                break
-            chunks.append(chunk)
+                return
             size += len(chunk)
-        if size > limit:
-            raise ValueError(f"larger than the {limit // 2**20} MiB file limit")
-        return b"".join(chunks)
+            if size > st.st_size:  # grew while read, or a pseudo file whose size means nothing
+                raise OSError(errno.EINVAL, "not a plain file (more bytes than its size)", os.fspath(path))
+            yield chunk
     finally:
         os.close(fd)
+
+
+def read_regular(path: str | os.PathLike[str], limit: int) -> bytes:
+    """At most `limit` bytes of a regular file (see _regular_chunks); ValueError if larger."""
+    try:
+        return b"".join(_regular_chunks(path, limit))
+    except OSError as e:
+        if e.errno == errno.EFBIG:
+            raise ValueError(f"larger than the {limit // 2**20} MiB file limit") from None
+        raise
 
 
 def sha256_regular(path: str | os.PathLike[str], limit: int) -> str:
-    """Content hash with the same guarantees as read_regular (used when re-hashing already cached files)."""
+    """Content hash with the same guarantees as read_regular; OSError (EFBIG) if larger than `limit`."""
     h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    for chunk in _regular_chunks(path, limit):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def plausible_file(path: str | os.PathLike[str], limit: int, min_size: int = 1) -> bool:
+    """A path recorded in a file from outside is worth opening: a regular file of min_size..limit bytes, checked on a
+    non-blocking descriptor without reading a byte (never a FIFO, device or /proc pseudo file)."""
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
-        os.set_blocking(fd, True)
-        size = 0
-        while chunk := os.read(fd, 1 << 20):
-            size += len(chunk)
-            if size > limit:
-                raise OSError(errno.EFBIG, "file too large", os.fspath(path))
-            h.update(chunk)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError):  # ValueError: a NUL in the recorded path
+        return False
+    try:
+        st = os.fstat(fd)
+        return stat.S_ISREG(st.st_mode) and min_size <= st.st_size <= limit
     finally:
         os.close(fd)
-    return h.hexdigest()
 
 
 def free_bytes(folder: Path) -> int:
@@ -139,6 +158,16 @@ def as_paths(value: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | 
     return [Path(v) for v in value]
 
 
+def file_key(path: Path) -> tuple[int, int] | Path:
+    """What makes two paths one file: (device, inode), links followed (a hard link is the same file); the resolved
+    path when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path.resolve()
+    return st.st_dev, st.st_ino
+
+
 def same_file(a: Path, b: Path) -> bool:
     if a.resolve() == b.resolve():
         return True
@@ -169,6 +198,31 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def short(text: str, width: int = 120) -> str:
+    """At most `width` characters, cut in the middle (both ends of a path say the most)."""
+    if len(text) <= width:
+        return text
+    keep = width - 1
+    return text[: keep - keep // 2] + "…" + text[len(text) - keep // 2:]
+
+
+def json_text(text: str) -> str:
+    """Valid UTF-8 for --json. A file name that is not UTF-8 arrives with its bytes as lone surrogates
+    (surrogateescape), which a strict JSON consumer cannot even decode: such a string is written with each
+    undecodable byte as `\\xNN` and each backslash doubled, so its bytes come back with
+    `codecs.escape_decode(s.encode())[0]`. Every other string is unchanged."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # surrogates that are not escaped bytes: show them, escaped
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
 
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")

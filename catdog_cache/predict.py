@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from .backbone import Preset
-from .cache import encode_path, open_cache
+from .cache import encode_path, open_cache, parts_dir
 from .discover import Discovery, discover
 from .errors import CatdogError, InputError
 from .extract import Progress, extract, run_features
-from .files import as_paths, check_outputs, write_atomic
+from .files import as_paths, check_outputs, plausible_file, write_atomic
 from .fit import DEFAULT_HEAD, log_loss
 from .scorer import Loaded, load_exported, load_scorer
 
@@ -91,7 +91,10 @@ def default_cache(loaded: Loaded, head_path: Path, data_dir: Path, member: int =
     trained = loaded.meta.get("caches") or [loaded.meta.get("cache")]
     trained_on = trained[member] if isinstance(trained, list) and member < len(trained) else None
     folder = str(data_dir.resolve())
-    if isinstance(trained_on, str) and Path(trained_on).is_file():
+    # the path is recorded in the head, a file from outside: opened only if it is a plain cache-like file (never a
+    # link, FIFO or /proc file that blocks or never ends)
+    if isinstance(trained_on, str) and not os.path.islink(trained_on) and plausible_file(trained_on, MAX_CACHE_BYTES,
+                                                                                          min_size=8):
         try:
             with open_cache(trained_on) as (_, index):
                 if folder in index.sources and index.provenance == prov:
@@ -99,7 +102,21 @@ def default_cache(loaded: Loaded, head_path: Path, data_dir: Path, member: int =
         except CatdogError:  # a damaged or busy training cache is not this command's business: use the default
             pass
     digest = hashlib.sha256(prov.to_json().encode()).hexdigest()[:8]
-    return head_path.parent / f"{data_dir.resolve().name}.{digest}.h5"
+    return unlinked(head_path.parent / f"{data_dir.resolve().name}.{digest}.h5")
+
+
+MAX_CACHE_BYTES = 1 << 50  # only to refuse nonsense: real caches stay far below
+
+
+def unlinked(cache: Path) -> Path:
+    """A cache chosen by default is never reached through a symbolic link, nor are its lock and parts: a link
+    planted in the head's folder would make predict create folders, an HDF5 file and a lock wherever it points.
+    (An explicit --cache is the user's own choice and is followed, as extract follows it.)"""
+    for p in (cache, cache.with_name(cache.name + ".lock"), parts_dir(cache)):
+        if p.is_symlink():
+            raise InputError(f"{p} is a symbolic link; the default feature cache never follows one (remove it, or "
+                             "give --cache PATH to use it on purpose)")
+    return cache
 
 
 @dataclass
@@ -200,11 +217,14 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
     rows = [(rel, float(p[0]), float(p[1]), "dog" if p[1] > p[0] else "cat")
             for rel, p in zip(scored.rels, scored.probs, strict=True)]
     neutral: list[str] = []
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun every rank extracts a share; rank 0 alone writes
     if submission and ids is not None:
         predicted = {kaggle_id(r[0]): r[2] for r in rows}
         neutral = [rel for i, rel in sorted(ids.items()) if i not in predicted]
-        write_submission(submission, {i: predicted.get(i, 0.5) for i in ids}, loaded.clip)
-    write_csv_atomic(out, ["path", "p_cat", "p_dog", "label"], rows)
+        if main:
+            write_submission(submission, {i: predicted.get(i, 0.5) for i in ids}, loaded.clip)
+    if main:
+        write_csv_atomic(out, ["path", "p_cat", "p_dog", "label"], rows)
     return PredictReport(out, rows, scored.labels, scored.failed, disc.skipped, submission,
                          time.perf_counter() - t0, views, used, extracted, neutral)
 

@@ -5,6 +5,7 @@ versus a full forward pass of the frozen backbone on the decoded images, every e
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -95,6 +96,8 @@ def verify(data_dir: str | os.PathLike[str], ecfg: ExtractConfig, fcfg: FitConfi
     data_dir = Path(data_dir)
     if limit is not None and limit < 4:
         raise InputError(f"--limit must be at least 4, got {limit}")
+    if not (math.isfinite(tolerance) and tolerance >= 0):  # nan would make every comparison "disagree: 0 > nan"
+        raise InputError(f"--tolerance must be a finite number >= 0, got {tolerance}")
     rels = balanced_subset(data_dir, limit)
     backbone = ecfg.resolve()
     model = backbone.build(ecfg.weights)  # built once, shared: the comparison times training, not loading

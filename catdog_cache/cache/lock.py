@@ -48,9 +48,19 @@ def locked(cache: Path) -> Iterator[None]:
                         from None
                 raise CacheError(f"cannot lock {lock} ({e.strerror}); this file system has no locking: set "
                                  "HDF5_USE_FILE_LOCKING=FALSE and run one extract at a time") from None
+            try:
+                moved = os.fstat(fd).st_ino != os.lstat(lock).st_ino
+            except FileNotFoundError:
+                moved = True
+            if moved:  # its holder removed it between our open and our lock
+                raise CacheBusy(f"{cache} was in use by another extract a moment ago; run again")
             for stale in stale_temps(cache):  # a killed assembly's temp file holds space; we hold the lock
                 stale.unlink(missing_ok=True)
-            yield
+            try:
+                yield
+            finally:  # removed while still held (so no lock file outlives its run); the inode check covers a racer
+                with contextlib.suppress(OSError):
+                    os.unlink(lock)
         finally:
             os.close(fd)
     finally:

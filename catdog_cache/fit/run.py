@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..files import as_paths, check_outputs
+from ..files import as_paths, check_outputs, file_key
 from ..head import save_head
 from .calibration import calibrate, log_loss
 from .config import Diverged, EpochStats, FitConfig
@@ -67,7 +67,7 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
     then the head is trained on every labeled row."""
     cfg.check()
     caches = as_paths(cache)
-    if len(set(c.resolve() for c in caches)) != len(caches):
+    if len(set(map(file_key, caches))) != len(caches):  # (st_dev, st_ino): hard and symbolic links are the same file
         raise InputError("--cache: the same cache given twice")
     if folds and not 2 <= folds <= 50:
         raise InputError(f"--folds must be between 2 and 50, got {folds}")
