@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -11,7 +12,9 @@ from typer.testing import CliRunner
 from catdog_cache.cli import app
 from catdog_cache.demo import draw_animal
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dogs-vs-cats"
+# The sample photos: $CATDOG_SAMPLE_DATA (a folder holding train/ and test1/), else ../shared beside the clone.
+SHARED_DATA = Path(os.environ.get("CATDOG_SAMPLE_DATA") or
+                   Path(__file__).resolve().parents[2] / "shared" / "data" / "dogs-vs-cats")
 TINY = ["--backbone", "tiny", "--weights", "random"]  # the fast 4096-d stand-in backbone
 
 

@@ -6,6 +6,8 @@ from catdog_cache.fit import FitConfig
 from catdog_cache.verify import balanced_subset, verify
 from tests.conftest import SHARED_DATA, TINY
 
+NO_PHOTOS = "sample photos absent: set CATDOG_SAMPLE_DATA or put ../shared/data/dogs-vs-cats beside the clone"
+
 ECFG = ExtractConfig(weights=WeightsSpec("random"), backbone="tiny", workers=0)
 
 
@@ -38,7 +40,7 @@ def test_balanced_subset(kaggle_dir):
 
 
 @pytest.mark.shared_data
-@pytest.mark.skipif(not (SHARED_DATA / "train").is_dir(), reason="../shared/data/dogs-vs-cats is not present")
+@pytest.mark.skipif(not (SHARED_DATA / "train").is_dir(), reason=NO_PHOTOS)
 def test_real_photos_verify_and_pipeline(cli, tmp_path):
     """Real JPEGs from the shared sample: verify agrees, and extract -> fit -> predict runs on them."""
     r = cli("verify", SHARED_DATA / "train", *TINY, "--limit", "24", "--epochs", "2")
@@ -83,7 +85,7 @@ def _shared_subset(tmp_path, per_class: int, offset: int = 0):
 
 
 @pytest.mark.shared_data
-@pytest.mark.skipif(not (SHARED_DATA / "train").is_dir(), reason="../shared/data/dogs-vs-cats is not present")
+@pytest.mark.skipif(not (SHARED_DATA / "train").is_dir(), reason=NO_PHOTOS)
 def test_real_imagenet_features_make_a_real_classifier(cli, tmp_path):
     """EfficientNet-Lite0 with its packaged ImageNet weights on 300 real photos: a linear head on the cached
     features reaches >= 0.97 validation accuracy. The same features with shuffled labels must not (the test can
