@@ -12,7 +12,6 @@ import json
 import os
 import re
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,7 +138,7 @@ def export(head_path: str | os.PathLike[str], out: str | os.PathLike[str], weigh
 
 
 MAX_MODEL_BYTES = 4 * 2**30
-_MEMBER = re.compile(r"[^/]+/(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|"
+_MEMBER = re.compile(r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|"
                      r"models/model\.json|data/weights/model_weights_config\.json|data/weights/weight_\d+|"
                      r"data/constants/model_constants_config\.json|data/constants/tensor_\d+|"
                      r"data/sample_inputs/model\.pt|extra/catdog_cache\.json)")
@@ -148,28 +147,30 @@ _MEMBER = re.compile(r"[^/]+/(archive_format|archive_version|byteorder|\.data/ve
 def check_archive(path: Path) -> dict[str, Any]:
     """Refuse any .pt2 that torch.export.load would unpickle from: torch falls back to pickle (arbitrary code) for
     weights or constants marked use_pickle, legacy weight files, custom objects and sample inputs that the safe
-    loader rejects. Only the members our export writes are allowed, stored uncompressed within the file's size;
-    every tensor must be raw bytes, and the sample inputs must load with weights_only=True."""
+    loader rejects. Only the members our export writes are allowed, stored uncompressed within the file's size,
+    each once; every tensor must be raw bytes, and the sample inputs must load with weights_only=True. Members are
+    read through torch's own zip reader (the one torch.export.load uses), so the bytes checked are the bytes loaded."""
     try:
-        names = [m.filename for m in stored_zip(path, MAX_MODEL_BYTES)]
+        reader = stored_zip(path, MAX_MODEL_BYTES)
+        names = reader.get_all_records()  # without the top folder, as torch's loader names them
         bad = [n for n in names if not _MEMBER.fullmatch(n)]
-        if bad or len({n.split("/", 1)[0] for n in names}) != 1:
-            raise ValueError(f"unexpected member {bad[0] if bad else names[0]!r}")
-        with zipfile.ZipFile(path) as z:
-            top = names[0].split("/", 1)[0]
+        if bad:
+            raise ValueError(f"unexpected member {bad[0]!r}")
 
-            def config(name: str) -> dict[str, Any]:
-                return json.loads(z.read(f"{top}/{name}")).get("config", {}) if f"{top}/{name}" in names else {}
+        def config(name: str) -> dict[str, Any]:
+            return json.loads(reader.get_record(name)).get("config", {}) if name in names else {}
 
-            for entry in [*config("data/weights/model_weights_config.json").values(),
-                          *config("data/constants/model_constants_config.json").values()]:
-                if entry.get("use_pickle") is not False or not str(entry.get("path_name", "")).startswith(
-                        ("weight_", "tensor_")):
-                    raise ValueError("a pickled tensor")
-            sample = f"{top}/data/sample_inputs/model.pt"
-            if sample in names:
-                torch.load(io.BytesIO(z.read(sample)), weights_only=True)  # torch retries unsafely if this fails
-            info = json.loads(z.read(f"{top}/extra/catdog_cache.json"))
+        for entry in [*config("data/weights/model_weights_config.json").values(),
+                      *config("data/constants/model_constants_config.json").values()]:
+            if entry.get("use_pickle") is not False or not str(entry.get("path_name", "")).startswith(
+                    ("weight_", "tensor_")):
+                raise ValueError("a pickled tensor")
+        if "data/sample_inputs/model.pt" in names:
+            try:  # torch retries unsafely if this fails
+                torch.load(io.BytesIO(reader.get_record("data/sample_inputs/model.pt")), weights_only=True)
+            except Exception:
+                raise ValueError("sample inputs that only load by unpickling") from None
+        info = json.loads(reader.get_record("extra/catdog_cache.json"))
     except CacheError:
         raise
     except Exception as e:
