@@ -120,6 +120,13 @@ def _number(blob: dict[str, Any], key: str, default: float, ok, what: str, path:
     return float(value)
 
 
+def _owns_its_bytes(t: torch.Tensor) -> bool:
+    """Contiguous, from offset 0, over a storage exactly its size: the file then holds every byte the head declares
+    (bounded by MAX_HEAD_BYTES), as torch.save writes a real head."""
+    return (t.is_contiguous() and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+
+
 def load_head(path: str | os.PathLike[str]) -> tuple[Head, dict[str, Any]]:
     """A head file from anywhere: size and archive checked, tensors only (weights_only), every field validated."""
     from .store import Provenance
@@ -155,6 +162,9 @@ def load_head(path: str | os.PathLike[str]) -> tuple[Head, dict[str, Any]]:
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and
                                               t.layout == torch.strided for t in state.values()):
         raise CacheError(f"{path}: weights are not dense float32 tensors; damaged or crafted")
+    if not all(_owns_its_bytes(t) for t in state.values()):  # a stride-0 view declares any size in 4 bytes
+        raise CacheError(f"{path}: weights are views into shared or smaller storage, not tensors of their own; "
+                         "damaged or crafted")
     with torch.device("meta"):
         head = Head(dropout, in_dim, tuple(hidden))  # shapes only: the file's tensors are assigned below
     try:

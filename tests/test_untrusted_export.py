@@ -74,3 +74,23 @@ def test_head_with_a_duplicate_member_is_refused(cli, base, tmp_path):
         rel = next(n for n in z.namelist() if n.endswith("/data.pkl")).split("/", 1)[1]
     duplicate(base.head, tmp_path / "dup.pt", rel, b"not a pickle")
     tu.refused(cli("predict", base.test, "--head", tmp_path / "dup.pt", ok=False), "appears twice")
+
+
+# ---------------------------------------------------------------- heads that lie about their tensors
+
+def _expanded(blob: dict, hidden: int = 65536) -> None:
+    """65,536 hidden units, every tensor a stride-0 view of one float: a few hundred bytes on disk, GBs in use."""
+    import torch
+
+    d = blob["in_dim"]
+    one = torch.zeros(1)
+    blob["hidden"] = [hidden]
+    blob["state_dict"] = {"hidden.0.weight": one.expand(hidden, d), "hidden.0.bias": one.expand(hidden),
+                          "linear.weight": one.expand(2, hidden), "linear.bias": torch.zeros(2)}
+
+
+def test_head_of_stride_zero_views_is_refused(cli, base, tmp_path):
+    head = tu.crafted_head(base, tmp_path / "expanded.pt", _expanded)
+    assert head.stat().st_size < 2**20
+    tu.refused(cli("predict", base.test, "--head", head, ok=False), "views into shared or smaller storage")
+    assert not Path("cache/predictions.csv").exists()
