@@ -83,6 +83,17 @@ class Loaded:
                              decoder=decoder_of(prov.transform))
 
 
+def checked(prov: Provenance, where: str) -> Provenance:
+    """A recorded provenance whose transform is a sane preset (an export's is used as recorded, with no plugin to
+    compare it with)."""
+    try:
+        Preset.from_spec(prov.transform)
+    except ValueError as e:
+        raise CacheError(f"{where}: the recorded transform is invalid ({printable(str(e))}); damaged or crafted"
+                         ) from None
+    return prov
+
+
 def load_scorer(head_path: str | os.PathLike[str], weights_file: str | None = None, backbone: bool = True
                 ) -> Loaded:
     """The head, and (backbone=True) the frozen network it was trained behind, rebuilt from its provenance.
@@ -92,7 +103,7 @@ def load_scorer(head_path: str | os.PathLike[str], weights_file: str | None = No
     recorded = meta.get("weights_paths") if isinstance(meta.get("weights_paths"), list) else [meta.get("weights_path")]
     members = []
     for i, text in enumerate(ensemble or [meta["provenance"]]):
-        prov = Provenance.from_json(text, f"head {head_path}")
+        prov = checked(Provenance.from_json(text, f"head {head_path}"), f"head {head_path}")
         path = recorded[i] if i < len(recorded) and isinstance(recorded[i], str) and recorded[i] else None
         members.append((prov, spec_from_identity(prov.weights, weights_file, recorded_path=path)))
     prov, spec = members[0]
@@ -103,6 +114,10 @@ def load_scorer(head_path: str | os.PathLike[str], weights_file: str | None = No
                     members)
     for i, (member, _) in enumerate(members):  # a changed transform or backbone definition
         require_same(member, loaded.config(member=i).provenance(), f"head {head_path}", "this catdog-cache")
+    dims = [loaded.config(member=i).resolve().dim for i in range(len(members))]
+    if head.in_dim != sum(dims):  # the provenance decides the features' size; a crafted head may say another
+        raise CacheError(f"head {head_path} takes {head.in_dim}-d features, but its provenance makes "
+                         f"{' + '.join(map(str, dims))}-d ones; damaged or crafted")
     if backbone:
         loaded.scorer = loaded.build_scorer()
     return loaded
@@ -190,12 +205,18 @@ def load_exported(path: str | os.PathLike[str]) -> Loaded:
     if path.suffix != ".pt2":
         raise InputError(f"--model {path}: expected a *.pt2 file from `catdog-cache export`")
     info = check_archive(path)
-    prov = Provenance.from_json(json.dumps(info.get("provenance")), f"--model {path}")
+    prov = checked(Provenance.from_json(json.dumps(info.get("provenance")), f"--model {path}"), f"--model {path}")
     clip = info.get("clip")
     if isinstance(clip, bool) or not isinstance(clip, int | float) or not 0 <= clip < 0.5:
         raise CacheError(f"--model {path}: clip {clip!r} is not in [0, 0.5); refusing it")
     try:
-        module = torch.export.load(path).module()
+        program = torch.export.load(path)
+        example = program.example_inputs[0][0].shape  # [2, 3, S, S]: the program accepts only this crop
+        module = program.module()
     except Exception as e:
         raise CacheError(f"{path} is not a model exported by `catdog-cache export` ({type(e).__name__})") from None
+    crop = Preset.from_spec(prov.transform).crop
+    if tuple(example[1:]) != (3, crop, crop):
+        raise CacheError(f"--model {path}: the recorded transform crops to {crop} px but the program takes "
+                         f"{tuple(example[1:])}; damaged or crafted")
     return Loaded(module, prov, float(clip), info, spec_from_identity(prov.weights))

@@ -3,6 +3,7 @@ shapes, transforms and config. Every hostile file is built here from the real ex
 
 from __future__ import annotations
 
+import json
 import warnings
 import zipfile
 from pathlib import Path
@@ -94,3 +95,72 @@ def test_head_of_stride_zero_views_is_refused(cli, base, tmp_path):
     assert head.stat().st_size < 2**20
     tu.refused(cli("predict", base.test, "--head", head, ok=False), "views into shared or smaller storage")
     assert not Path("cache/predictions.csv").exists()
+
+
+def _narrower(blob: dict) -> None:
+    """A consistent head of 4095 inputs (weights and in_dim agree) on 4096-d provenance."""
+    blob["in_dim"] = 4095
+    blob["state_dict"]["linear.weight"] = blob["state_dict"]["linear.weight"][:, :4095].clone()
+
+
+def _two_members(blob: dict) -> None:
+    """An ensemble of two 4096-d backbones declared on a head of 4096 inputs."""
+    blob["ensemble"] = [blob["provenance"], blob["provenance"]]
+
+
+@pytest.mark.parametrize("change", [_narrower, _two_members], ids=["in_dim", "ensemble"])
+def test_head_size_disagreeing_with_its_provenance_is_one_line(cli, base, tmp_path, change):
+    head = tu.crafted_head(base, tmp_path / "crafted.pt", change)
+    tu.refused(cli("predict", base.test, "--head", head, ok=False), "its provenance makes")
+    assert not Path("cache/predictions.csv").exists()
+
+
+def test_cache_narrower_than_the_head_is_one_line(cli, base, tmp_path):
+    """A cache whose provenance matches the head but whose rows are 4095 wide: checked before the matmul."""
+    import h5py
+
+    tu.install(base, head=False)
+    src = tmp_path / "src.h5"
+    Path("cache/features.h5").rename(src)
+
+    def narrow(g, ds):
+        g.create_dataset("features", data=ds[:, :, :4095], chunks=True)
+
+    tu.craft_cache(src, Path("cache/features.h5"), {"features": narrow})
+    with h5py.File("cache/features.h5", "r") as f:
+        assert f["features"].shape[-1] == 4095
+    r = cli("predict", base.train, "--head", base.head, "--cache", "cache/features.h5", ok=False)
+    tu.refused(r, "4095-d features")
+    assert not Path("cache/predictions.csv").exists()
+
+
+# ---------------------------------------------------------------- an export's recorded transform and a head's config
+
+def _transform(**changes):
+    def change(data: bytes) -> bytes:
+        info = json.loads(data)
+        transform = json.loads(info["provenance"]["transform"])
+        transform.update(changes)
+        info["provenance"]["transform"] = json.dumps(transform)
+        return json.dumps(info).encode()
+    return change
+
+
+@pytest.mark.parametrize("changes", [{"interpolation": "bogus"}, {"crop": 0}, {"resize": 1e6},
+                                     {"resize": 1000000}, {"mean": [0.5, float("nan"), 0.5]}, {"std": [0, 1, 1]},
+                                     {"decoder": "magic"}],
+                         ids=["interpolation", "crop-0", "resize-1e6", "resize-10**6", "mean-nan", "std-0",
+                              "decoder"])
+def test_export_with_a_crafted_transform_is_one_line(cli, base, tmp_path, changes):
+    evil = tmp_path / "evil.pt2"
+    tu.rewrite_zip(base.model, evil, replace={"extra/catdog_cache.json": _transform(**changes)})
+    r = cli("predict", base.test, "--model", evil, ok=False)
+    tu.refused(r, "recorded transform is invalid")
+    assert not Path("cache/predictions.csv").exists()
+
+
+def test_export_whose_transform_disagrees_with_its_program_is_one_line(cli, base, tmp_path):
+    """A valid preset, but not the crop the program was exported for: a guard traceback per batch today."""
+    evil = tmp_path / "evil.pt2"
+    tu.rewrite_zip(base.model, evil, replace={"extra/catdog_cache.json": _transform(crop=200)})
+    tu.refused(cli("predict", base.test, "--model", evil, ok=False), "crops to 200 px")
