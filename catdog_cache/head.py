@@ -120,6 +120,14 @@ def _number(blob: dict[str, Any], key: str, default: float, ok, what: str, path:
     return float(value)
 
 
+def _check_config(config: Any, path: Path) -> None:
+    """The recorded fit settings that preview replays (the validation split): as `fit` checks them."""
+    if not isinstance(config, dict):
+        raise CacheError(f"{path}: config {type(config).__name__} is not a mapping; the head is damaged or crafted")
+    _number(config, "seed", 0, lambda v: type(v) is int and 0 <= v < 2**63, "a seed in [0, 2**63)", path)
+    _number(config, "val_fraction", 0.2, lambda v: 0 <= v < 1, "a fraction in [0, 1)", path)
+
+
 def _owns_its_bytes(t: torch.Tensor) -> bool:
     """Contiguous, from offset 0, over a storage exactly its size: the file then holds every byte the head declares
     (bounded by MAX_HEAD_BYTES), as torch.save writes a real head."""
@@ -151,6 +159,7 @@ def load_head(path: str | os.PathLike[str]) -> tuple[Head, dict[str, Any]]:
     dropout = _number(blob, "dropout", -1, lambda v: 0 <= v < 1, "a dropout probability in [0, 1)", path)
     _number(blob, "temperature", 1.0, lambda v: 0 < v <= 1e3, "a positive temperature", path)
     _number(blob, "clip", 0.0, lambda v: 0 <= v < 0.5, "a clip in [0, 0.5)", path)
+    _check_config(blob.get("config", {}), path)
     state = blob.get("state_dict")
     hidden, in_dim = blob.get("hidden", []), blob.get("in_dim")
     if in_dim is None and isinstance(state, dict) and isinstance(state.get("linear.weight"), torch.Tensor):

@@ -164,3 +164,22 @@ def test_export_whose_transform_disagrees_with_its_program_is_one_line(cli, base
     evil = tmp_path / "evil.pt2"
     tu.rewrite_zip(base.model, evil, replace={"extra/catdog_cache.json": _transform(crop=200)})
     tu.refused(cli("predict", base.test, "--model", evil, ok=False), "crops to 200 px")
+
+
+@pytest.mark.parametrize(("config", "words"), [
+    ({"seed": 2**70}, "seed"), ({"seed": float("inf")}, "seed"), ({"seed": -1}, "seed"), ({"seed": 1.5}, "seed"),
+    ({"val_fraction": float("nan")}, "val_fraction"), ({"val_fraction": 7}, "val_fraction"), (None, "config"),
+], ids=["seed-2**70", "seed-inf", "seed-neg", "seed-float", "val-nan", "val-7", "not-a-mapping"])
+def test_head_with_a_crafted_config_is_one_line(cli, base, tmp_path, config, words):
+    def change(blob):
+        blob["cache"] = str(Path("cache/features.h5").resolve())  # preview replays the split on its own cache
+        if config is None:
+            blob["config"] = [1, 2]
+        else:
+            blob["config"].update(config)
+
+    head = tu.crafted_head(base, tmp_path / "crafted.pt", change)
+    tu.install(base, head=False)
+    r = cli("preview", base.train, "--head", head, "--cache", "cache/features.h5", "--out", "grid.png", ok=False)
+    tu.refused(r, words)
+    assert not Path("grid.png").exists()
