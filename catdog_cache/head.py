@@ -18,6 +18,7 @@ from .files import stored_zip, write_atomic
 
 HEAD_FORMAT = 1
 MAX_HEAD_BYTES = 2 * 2**30  # pool5 (25,088-d) + two 4096 hidden layers is about 0.5 GB
+MAX_DROPOUT = 0.99  # inverted dropout scales kept features by 1 / (1 - p): at most 100x (p near 1 divides by 0)
 
 
 class Head(nn.Module):
@@ -156,7 +157,8 @@ def load_head(path: str | os.PathLike[str]) -> tuple[Head, dict[str, Any]]:
         raise CacheError(f"{path} is not a catdog-cache head: fit again")
     if blob.get("format") != HEAD_FORMAT:
         raise CacheError(f"{path} has head format {blob.get('format')!r}; this version reads {HEAD_FORMAT}: fit again")
-    dropout = _number(blob, "dropout", -1, lambda v: 0 <= v < 1, "a dropout probability in [0, 1)", path)
+    dropout = _number(blob, "dropout", -1, lambda v: 0 <= v <= MAX_DROPOUT, f"a dropout in [0, {MAX_DROPOUT}]",
+                      path)
     _number(blob, "temperature", 1.0, lambda v: 0 < v <= 1e3, "a positive temperature", path)
     _number(blob, "clip", 0.0, lambda v: 0 <= v < 0.5, "a clip in [0, 0.5)", path)
     _check_config(blob.get("config", {}), path)

@@ -183,3 +183,16 @@ def test_head_with_a_crafted_config_is_one_line(cli, base, tmp_path, config, wor
     r = cli("preview", base.train, "--head", head, "--cache", "cache/features.h5", "--out", "grid.png", ok=False)
     tu.refused(r, words)
     assert not Path("grid.png").exists()
+
+
+@pytest.mark.parametrize("p", ["0.9999924", "0.995"])
+def test_fit_dropout_near_one_is_one_line(cli, base, p):
+    """1 / (1 - p) on the masks' 1/65536 grid: 0.9999924 rounds to p = 1, a ZeroDivisionError today."""
+    tu.install(base, head=False)
+    tu.refused(cli("fit", "--dropout", p, *tu.FIT, ok=False), "--dropout")
+    assert not Path("cache/features.head.pt").exists()
+
+
+def test_head_with_dropout_near_one_is_refused(cli, base, tmp_path):
+    head = tu.crafted_head(base, tmp_path / "crafted.pt", lambda b: b.update(dropout=0.9999924))
+    tu.refused(cli("predict", base.test, "--head", head, ok=False), "dropout")
