@@ -83,11 +83,30 @@ def decode_rgb(data: bytes) -> Image.Image:
         raise DecodeError(f"corrupt or truncated image: {e}") from None
 
 
+BAND_PIXELS = 1 << 18  # 16- and 32-bit images are converted a band of rows at a time: 2 MB of float64 each
+
+
+def _gray8(im: Image.Image) -> Image.Image:
+    """16-bit, 32-bit int or float grey -> 8-bit "L": values over 255 mean a 16-bit range (divided by 257), then
+    clipped to [0, 255] and truncated. Band by band, so a 64 MP image costs 1 byte per pixel (the output) plus one
+    band, not three float64 copies (24 bytes per pixel, 1.5 GB per worker)."""
+    w, h = im.size
+    step = max(1, BAND_PIXELS // max(w, 1))
+    bands = [(0, y, w, min(y + step, h)) for y in range(0, h, step)]
+    tops = [np.asarray(im.crop(b)).max(initial=0) for b in bands]
+    scale = 257.0 if np.max(np.asarray(tops, np.float64), initial=0) > 255 else 1.0  # a NaN max: no scaling
+    out = np.empty((h, w), np.uint8)  # [H, W]
+    for x0, y0, x1, y1 in bands:
+        band = np.asarray(im.crop((x0, y0, x1, y1)), dtype=np.float64)  # [rows, W], the values as they are
+        band /= scale
+        np.clip(band, 0, 255, out=band)
+        out[y0:y1] = band  # truncates toward zero, as astype(np.uint8) did
+    return Image.fromarray(out, "L")
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        scale = 257.0 if a.max(initial=0) > 255 else 1.0  # 16-bit range -> 8-bit
-        im = Image.fromarray(np.clip(a / scale, 0, 255).astype(np.uint8), "L")
+        im = _gray8(im)
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

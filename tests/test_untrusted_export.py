@@ -1,14 +1,19 @@
-"""Hardening, round 3 (exports and heads): archives whose zip readers disagree, heads that lie about their tensors,
-shapes, transforms and config. Every hostile file is built here from the real export and head of test_untrusted."""
+"""Hardening, round 3: exports whose zip readers disagree, heads that lie about their tensors, shapes, transforms
+and config, and image files that cost far more memory than their pixels. Every hostile file is built here (exports and
+heads from the real ones of test_untrusted)."""
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 import zipfile
 from pathlib import Path
+from unittest import mock
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests import test_untrusted as tu
 
@@ -196,3 +201,64 @@ def test_fit_dropout_near_one_is_one_line(cli, base, p):
 def test_head_with_dropout_near_one_is_refused(cli, base, tmp_path):
     head = tu.crafted_head(base, tmp_path / "crafted.pt", lambda b: b.update(dropout=0.9999924))
     tu.refused(cli("predict", base.test, "--head", head, ok=False), "dropout")
+
+
+# ---------------------------------------------------------------- 16-bit and float images: bounded conversion
+
+def _old_gray8(im: Image.Image) -> np.ndarray:
+    """The conversion as it was (three whole-image float64 copies): the reference for the same pixels."""
+    a = np.asarray(im, dtype=np.float64)
+    scale = 257.0 if a.max(initial=0) > 255 else 1.0
+    return np.clip(a / scale, 0, 255).astype(np.uint8)
+
+
+def _wide_images() -> dict[str, tuple[Image.Image, str]]:
+    rng = np.random.default_rng(5)
+    u16 = rng.integers(0, 65536, (37, 53), dtype=np.uint16)
+    u16[0, :6] = [0, 257, 514, 65535, 256, 65279]  # exact multiples of 257 and neighbours
+    small = rng.integers(0, 256, (37, 53), dtype=np.uint16)  # a 16-bit file using 8-bit values: no scaling
+    floats = (rng.standard_normal((37, 53)) * 30000).astype(np.float32)
+    floats[0, :5] = [-1.5, 0.999, 255.999, 65535.0, 1e9]
+    i32 = rng.integers(-70000, 70000, (37, 53), dtype=np.int32)
+    return {"png16": (Image.fromarray(u16), "PNG"), "png16-small": (Image.fromarray(small), "PNG"),
+            "tiff-float": (Image.fromarray(floats, "F"), "TIFF"), "tiff-int32": (Image.fromarray(i32, "I"), "TIFF"),
+            "tiff-float-8bit": (Image.fromarray((floats % 256).astype(np.float32), "F"), "TIFF")}
+
+
+@pytest.mark.parametrize("kind", list(_wide_images()))
+def test_wide_images_convert_to_the_same_rgb(kind):
+    from catdog_cache.preprocess import BAND_PIXELS, decode_rgb
+
+    im, fmt = _wide_images()[kind]
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    with Image.open(io.BytesIO(buf.getvalue())) as src:
+        src.load()
+        want = _old_gray8(src)
+    with mock.patch("catdog_cache.preprocess.BAND_PIXELS", 200):  # several bands even on a small image
+        got = np.asarray(decode_rgb(buf.getvalue()))  # [H, W, 3]
+    assert BAND_PIXELS > 200 and got.shape == (*want.shape, 3)
+    assert (got == want[..., None]).all()
+
+
+@pytest.mark.parametrize("mode", ["I;16", "F"])
+def test_wide_image_conversion_memory_is_bounded(mode):
+    """4 MP: the old conversion peaked at about 26 bytes per pixel in numpy (three float64 copies); now the
+    output byte plus one band."""
+    import tracemalloc
+
+    from catdog_cache.preprocess import _to_rgb
+
+    side = 2048
+    a = np.arange(side * side, dtype=np.uint32).reshape(side, side) % 60000
+    im = Image.fromarray(a.astype(np.uint16)) if mode == "I;16" else Image.fromarray(a.astype(np.float32), "F")
+    assert im.mode == mode
+    del a
+    tracemalloc.start()
+    try:
+        out = _to_rgb(im)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.mode == "RGB" and out.size == (side, side)
+    assert peak < 4 * side * side, f"{peak / side / side:.1f} bytes per pixel"
