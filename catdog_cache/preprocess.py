@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 from typing import TYPE_CHECKING
 
@@ -45,19 +46,60 @@ def _check_size(w: int, h: int) -> None:
         raise DecodeError(f"{w}x{h} aspect ratio exceeds {MAX_ASPECT:g}:1")
 
 
-def plain_jpeg(data: bytes) -> bool:
-    """Whether torchvision's JPEG decoder can take these bytes: an RGB or grayscale JPEG within the limits (from
-    the header only). CMYK and anything unusual go through Pillow, which converts them correctly."""
+JPEG_BYTES_PER_PIXEL = 3  # beyond the decoded RGB's own size, shipping the decoded pixels is cheaper
+JPEG_SLACK = 2**20  # headers, ICC profiles and EXIF of small images
+_MARKER = re.compile(rb"\xff+([^\x00\xd0-\xd7\xff])")  # a marker in entropy-coded data (not a stuffed 0xFF00
+# or a restart marker); any number of 0xFF fill bytes may precede it
+
+
+def jpeg_end(data: bytes) -> int | None:
+    """Offset just past the JPEG's end-of-image marker (bytes after it are not the image: a file padded to
+    200 MiB would otherwise be shipped whole), or None if the marker structure is not a JPEG's."""
+    pos = 2  # after SOI
+    while pos + 2 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0xD9:
+            return pos + 2
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # standalone markers
+            pos += 2
+            continue
+        if pos + 4 > len(data):
+            return None
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")  # a segment with its length
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker
+            found = _MARKER.search(data, pos)
+            if found is None:
+                return None
+            pos = found.start(1) - 1
+    return None
+
+
+def jpeg_payload(data: bytes) -> bytes | None:
+    """The bytes to ship for torchvision's JPEG decoder: an RGB or grayscale JPEG within the limits (from the
+    header only), cut at its end-of-image marker and at most JPEG_BYTES_PER_PIXEL per pixel (+ JPEG_SLACK);
+    None: decode with Pillow instead (CMYK and anything unusual convert correctly there, and bloated files are
+    shipped as their decoded pixels)."""
     if not data.startswith(b"\xff\xd8\xff"):
-        return False
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             _check_size(*im.size)
-            return im.format == "JPEG" and im.mode in ("RGB", "L")
+            if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+                return None
+            w, h = im.size
     except Exception:
-        return False  # let Pillow's decode give the per-file reason
+        return None  # let Pillow's decode give the per-file reason
+    end = jpeg_end(data) or len(data)  # no end marker (truncated): torchvision's decoder gives the reason
+    if end > JPEG_BYTES_PER_PIXEL * w * h + JPEG_SLACK:
+        return None
+    return data[:end]
 
 
 def decode_rgb(data: bytes) -> Image.Image:

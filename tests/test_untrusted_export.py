@@ -262,3 +262,34 @@ def test_wide_image_conversion_memory_is_bounded(mode):
         tracemalloc.stop()
     assert out.mode == "RGB" and out.size == (side, side)
     assert peak < 4 * side * side, f"{peak / side / side:.1f} bytes per pixel"
+
+
+# ---------------------------------------------------------------- --decoder torchvision ships bounded JPEG bytes
+
+def _shipped(folder: Path, name: str):
+    """What a loader worker hands the main process for one file with --decoder torchvision."""
+    from catdog_cache.backbone import IMAGENET
+    from catdog_cache.extract import ImageFiles
+
+    _, item, _, reason = ImageFiles(folder, [name], ("center",), IMAGENET, "torchvision")[0]
+    assert not reason, reason
+    return item
+
+
+def test_padded_jpeg_ships_only_the_image(tmp_path):
+    clean = tu.draw(tmp_path / "cat.0.jpg", "cat", 1).read_bytes()
+    (tmp_path / "cat.1.jpg").write_bytes(clean + b"\xff\xd9" + b"\0" * 2**20)  # 1 MiB after the end marker
+    kind, data = _shipped(tmp_path, "cat.1.jpg")
+    assert kind == "jpeg" and bytes(data.numpy()) == clean
+
+
+def test_bloated_jpeg_ships_decoded_pixels(tmp_path):
+    """Bytes that cannot be cut (a 60 KB comment inside the image) beyond the per-pixel bound: Pillow decodes it in
+    the worker, so at most the pixels (3 bytes each) travel; the bound is patched down to fit a small image."""
+    im = Image.open(tu.draw(tmp_path / "cat.0.jpg", "cat", 1)).convert("RGB")
+    im.save(tmp_path / "cat.1.jpg", "JPEG", quality=90, comment=b"x" * 60000)
+    assert (tmp_path / "cat.1.jpg").stat().st_size > 60000 > 3 * im.width * im.height
+    with mock.patch("catdog_cache.preprocess.JPEG_SLACK", 1024, create=True):
+        kind, data = _shipped(tmp_path, "cat.1.jpg")
+        assert _shipped(tmp_path, "cat.0.jpg")[0] == "jpeg"
+    assert kind == "rgb" and tuple(data.shape) == (3, im.height, im.width)
