@@ -174,10 +174,10 @@ class Backbone:
 
     def _meta_pass(self, count: bool) -> tuple[int, float]:
         """(feature size, GFLOP per image) from one pass on the meta device: no weights, no compute."""
-        from torch.utils.flop_counter import FlopCounterMode
-
         with torch.device("meta"):
             model = self._meta() if self._meta else self._make(WeightsSpec("random"))
+            if count:  # imported only here: about a second, and `dim` alone needs no counter
+                from torch.utils.flop_counter import FlopCounterMode
             counter = FlopCounterMode(display=False) if count else contextlib.nullcontext()
             with counter, torch.no_grad():
                 y = model.eval()(torch.empty(1, 3, self.preset.crop, self.preset.crop))

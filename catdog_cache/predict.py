@@ -139,10 +139,10 @@ def score_cached(loaded: Loaded, caches: list[Path], disc: Discovery, tta: bool)
     if keys:
         x = torch.from_numpy(np.stack([np.concatenate([p[0][k] for p in parts], axis=-1) for k in keys]))
         n, v = x.shape[:2]  # [N, V', D]
-        if x.shape[-1] != loaded.head.in_dim:  # checked before use: a mismatched matmul is a traceback
-            raise CacheError(f"the feature cache{'s' if len(caches) > 1 else ''} {', '.join(map(str, caches))} "
-                             f"hold{'' if len(caches) > 1 else 's'} {x.shape[-1]}-d features; the head takes "
-                             f"{loaded.head.in_dim}-d ones")
+        if loaded.head is None or x.shape[-1] != loaded.head.in_dim:  # before use: a bad matmul is a traceback
+            raise CacheError(f"the head takes {loaded.head.in_dim if loaded.head else '?'}-d features, but its "
+                             f"provenance made {x.shape[-1]}-d ones in {', '.join(map(str, caches))}; the head or "
+                             "the cache is damaged or crafted")
         probs = loaded.probabilities(x.reshape(n * v, -1)).reshape(n, v, 2).mean(1)
     else:
         probs = torch.zeros(0, 2)

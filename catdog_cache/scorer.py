@@ -64,7 +64,11 @@ class Loaded:
         if len(self.members) > 1:
             raise InputError("this head joins the features of several backbones (an ensemble): it scores cached "
                              "features with `predict` but cannot be exported or run as one network")
-        backbone = self.config().resolve().build(self.spec)
+        described = self.config().resolve()
+        if self.head is not None and self.head.in_dim != described.dim:  # checked before tracing: one line
+            raise CacheError(f"the head takes {self.head.in_dim}-d features, but its provenance ({described.name} "
+                             f"{described.layer}) makes {described.dim}-d ones; damaged or crafted")
+        backbone = described.build(self.spec)
         return Scorer(backbone, self.head, self.provenance.dtype, self.temperature).eval()
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,10 +118,6 @@ def load_scorer(head_path: str | os.PathLike[str], weights_file: str | None = No
                     members)
     for i, (member, _) in enumerate(members):  # a changed transform or backbone definition
         require_same(member, loaded.config(member=i).provenance(), f"head {head_path}", "this catdog-cache")
-    dims = [loaded.config(member=i).resolve().dim for i in range(len(members))]
-    if head.in_dim != sum(dims):  # the provenance decides the features' size; a crafted head may say another
-        raise CacheError(f"head {head_path} takes {head.in_dim}-d features, but its provenance makes "
-                         f"{' + '.join(map(str, dims))}-d ones; damaged or crafted")
     if backbone:
         loaded.scorer = loaded.build_scorer()
     return loaded

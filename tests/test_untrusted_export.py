@@ -116,8 +116,11 @@ def _two_members(blob: dict) -> None:
 @pytest.mark.parametrize("change", [_narrower, _two_members], ids=["in_dim", "ensemble"])
 def test_head_size_disagreeing_with_its_provenance_is_one_line(cli, base, tmp_path, change):
     head = tu.crafted_head(base, tmp_path / "crafted.pt", change)
-    tu.refused(cli("predict", base.test, "--head", head, ok=False), "its provenance makes")
+    tu.refused(cli("predict", base.test, "--head", head, ok=False), "but its provenance made")
     assert not Path("cache/predictions.csv").exists()
+    if change is _narrower:  # export builds the backbone: checked against its description before tracing
+        tu.refused(cli("export", "--head", head, "--out", tmp_path / "m.pt2", ok=False), "but its provenance (")
+        assert not (tmp_path / "m.pt2").exists()
 
 
 def test_cache_narrower_than_the_head_is_one_line(cli, base, tmp_path):
@@ -135,7 +138,7 @@ def test_cache_narrower_than_the_head_is_one_line(cli, base, tmp_path):
     with h5py.File("cache/features.h5", "r") as f:
         assert f["features"].shape[-1] == 4095
     r = cli("predict", base.train, "--head", base.head, "--cache", "cache/features.h5", ok=False)
-    tu.refused(r, "4095-d features")
+    tu.refused(r, "made 4095-d ones")
     assert not Path("cache/predictions.csv").exists()
 
 
