@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from torch import nn
 
 from .errors import InputError, WeightsUnavailable
 from .files import plausible_file, sha256_regular
+from .preprocess import DECODERS
 
 GROUP = "catdog_cache.backbones"
 DEFAULT_BACKBONE = "vgg16"
@@ -104,6 +106,11 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         raise InputError(f"--weights {path}: cannot read it ({e.strerror})") from None
 
 
+MAX_SIDE = 2048  # resize and crop; the largest torchvision preset is 600, timm's about 1024
+MAX_NORM = 1e3  # bounds on normalisation constants (ImageNet's are about 0.2-0.5)
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
 @dataclass(frozen=True)
 class Preset:
     """The eval transform: resize the shorter side, center crop, scale to [0, 1], normalise. As torchvision's
@@ -125,8 +132,25 @@ class Preset:
 
     @classmethod
     def from_spec(cls, text: str) -> Preset:
-        d = json.loads(text)
-        return cls(int(d["resize"]), int(d["crop"]), tuple(d["mean"]), tuple(d["std"]), d["interpolation"])
+        """A recorded transform (from a cache, head or export: hostile). ValueError unless it is a preset this
+        tool could have written: whole sizes within MAX_SIDE, 3 finite channel means and positive stds, a known
+        interpolation and decoder."""
+        try:
+            d = json.loads(text)
+            resize, crop, mean, std, interp = d["resize"], d["crop"], d["mean"], d["std"], d["interpolation"]
+            decoder = d.get("decoder", "pil")
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"not a transform ({type(e).__name__}: {e})") from None
+        for name, v in (("resize", resize), ("crop", crop)):
+            if type(v) is not int or not 1 <= v <= MAX_SIDE:  # resize 1e6 would allocate terabytes per image
+                raise ValueError(f"{name} {v!r} is not a whole number in [1, {MAX_SIDE}]")
+        for name, v, lo in (("mean", mean, -MAX_NORM), ("std", std, 1 / MAX_NORM)):
+            if not (isinstance(v, list) and len(v) == 3 and all(
+                    type(x) in (int, float) and math.isfinite(x) and lo <= x <= MAX_NORM for x in v)):
+                raise ValueError(f"{name} {v!r} is not 3 numbers in [{lo:g}, {MAX_NORM:g}]")
+        if interp not in INTERPOLATIONS or decoder not in DECODERS:
+            raise ValueError(f"interpolation {interp!r} / decoder {decoder!r} unknown")
+        return cls(resize, crop, tuple(mean), tuple(std), interp)
 
     def transform(self) -> Callable[[Any], torch.Tensor]:
         from torchvision.transforms import InterpolationMode
@@ -162,10 +186,10 @@ class Backbone:
 
     def _meta_pass(self, count: bool) -> tuple[int, float]:
         """(feature size, GFLOP per image) from one pass on the meta device: no weights, no compute."""
-        from torch.utils.flop_counter import FlopCounterMode
-
         with torch.device("meta"):
             model = self._meta() if self._meta else self._make(WeightsSpec("random"))
+            if count:  # imported only here: about a second, and `dim` alone needs no counter
+                from torch.utils.flop_counter import FlopCounterMode
             counter = FlopCounterMode(display=False) if count else contextlib.nullcontext()
             with counter, torch.no_grad():
                 y = model.eval()(torch.empty(1, 3, self.preset.crop, self.preset.crop))

@@ -31,7 +31,7 @@ from .preprocess import (
     DecodeError,
     decode_rgb,
     decoder_of,
-    plain_jpeg,
+    jpeg_payload,
     tensor_views,
     views_of,
 )
@@ -118,8 +118,9 @@ class ImageFiles(torch.utils.data.Dataset):
         sha = hashlib.sha256(data).hexdigest()
         try:
             if self.decoder == "torchvision":
-                if plain_jpeg(data):
-                    return i, ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)), sha, ""
+                jpeg = jpeg_payload(data)  # cut at its end marker, bounded by its pixel count
+                if jpeg is not None:
+                    return i, ("jpeg", torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)), sha, ""
                 return i, ("rgb", torch.from_numpy(np.asarray(decode_rgb(data)).copy()).permute(2, 0, 1)), sha, ""
             return i, views_of(decode_rgb(data), self.views, self.transform), sha, ""
         except DecodeError as e:

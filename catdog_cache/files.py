@@ -13,9 +13,12 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from .errors import CatdogError, InputError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class DiskFull(CatdogError):
@@ -233,10 +236,15 @@ def csv_cell(text: str) -> str:
     return "'" + text if text.startswith(FORMULA_START) else text
 
 
-def stored_zip(path: Path, limit: int) -> list[zipfile.ZipInfo]:
-    """The members of a zip archive from outside (torch.save and torch.export files are zips), checked before any
-    library reads it: at most `limit` bytes, every member stored uncompressed, their sizes within the file's size
-    (no decompression bomb). ValueError says what is wrong."""
+def stored_zip(path: Path, limit: int) -> torch._C.PyTorchFileReader:
+    """A zip archive from outside (torch.save and torch.export files are zips), checked before any library reads it:
+    at most `limit` bytes, every member stored uncompressed, their sizes within the file's size (no decompression
+    bomb), no name twice, each local header naming its own member, no two members sharing bytes. Returns torch's own
+    reader of it, after checking that torch sees the same members at the same bytes as Python's zipfile: readers
+    disagree on duplicates and damaged directories, and what we check must be what torch will load. ValueError says
+    what is wrong."""
+    import torch  # here, not at the top: the rest of this module is plain file handling
+
     size = path.stat().st_size
     if size > limit:
         raise ValueError(f"{size / 2**20:.0f} MiB, over the {limit // 2**20} MiB limit")
@@ -247,7 +255,43 @@ def stored_zip(path: Path, limit: int) -> list[zipfile.ZipInfo]:
         raise ValueError(f"not a zip archive: {e}") from None
     if any(m.compress_type != zipfile.ZIP_STORED for m in members) or sum(m.file_size for m in members) > size:
         raise ValueError("compressed or oversized members")
-    return members
+    names = [m.filename for m in members]
+    top = names[0].split("/", 1)[0] + "/" if names else ""
+    if not all(n.startswith(top) and len(n) > len(top) for n in names):  # torch names members below one folder
+        raise ValueError("members outside one top folder")
+    if len(set(names)) != len(names):  # zipfile reads the last of two, torch's reader may read the other
+        raise ValueError(f"member {next(n for n in names if names.count(n) > 1)!r} appears twice")
+    spans = _data_spans(path, members, size)
+    try:
+        reader = torch._C.PyTorchFileReader(os.fspath(path))
+        seen = {n: (reader.get_record_offset(n), reader.get_record_size(n)) for n in reader.get_all_records()}
+    except RuntimeError as e:
+        raise ValueError(f"torch cannot read it: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    ours = {n[len(top):]: span for n, span in spans.items()}
+    if len(seen) != len(reader.get_all_records()) or seen != ours:
+        raise ValueError("torch's zip reader sees other members than Python's")
+    return reader
+
+
+def _data_spans(path: Path, members: list[zipfile.ZipInfo], size: int) -> dict[str, tuple[int, int]]:
+    """Member name -> (data offset, size), from each member's local header, which must carry the same name (the
+    central directory and the local headers are two indexes a crafted file can make disagree)."""
+    spans, end = {}, 0
+    with open(path, "rb") as fh:
+        for m in sorted(members, key=lambda m: m.header_offset):
+            fh.seek(m.header_offset)
+            head = fh.read(30)
+            if len(head) < 30 or head[:4] != b"PK\x03\x04" or m.header_offset < end:
+                raise ValueError(f"member {m.filename!r} has no local header of its own")
+            name_len, extra_len = int.from_bytes(head[26:28], "little"), int.from_bytes(head[28:30], "little")
+            if fh.read(name_len) != m.orig_filename.encode("utf-8" if m.flag_bits & 0x800 else "cp437"):
+                raise ValueError(f"member {m.filename!r} is named differently in its local header")
+            start = m.header_offset + 30 + name_len + extra_len
+            end = start + m.compress_size
+            if end > size:
+                raise ValueError(f"member {m.filename!r} runs past the end of the file")
+            spans[m.filename] = (start, m.file_size)
+    return spans
 
 
 def stale_temps(path: Path) -> Iterable[Path]:

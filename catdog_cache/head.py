@@ -18,6 +18,7 @@ from .files import stored_zip, write_atomic
 
 HEAD_FORMAT = 1
 MAX_HEAD_BYTES = 2 * 2**30  # pool5 (25,088-d) + two 4096 hidden layers is about 0.5 GB
+MAX_DROPOUT = 0.99  # inverted dropout scales kept features by 1 / (1 - p): at most 100x (p near 1 divides by 0)
 
 
 class Head(nn.Module):
@@ -120,6 +121,21 @@ def _number(blob: dict[str, Any], key: str, default: float, ok, what: str, path:
     return float(value)
 
 
+def _check_config(config: Any, path: Path) -> None:
+    """The recorded fit settings that preview replays (the validation split): as `fit` checks them."""
+    if not isinstance(config, dict):
+        raise CacheError(f"{path}: config {type(config).__name__} is not a mapping; the head is damaged or crafted")
+    _number(config, "seed", 0, lambda v: type(v) is int and 0 <= v < 2**63, "a seed in [0, 2**63)", path)
+    _number(config, "val_fraction", 0.2, lambda v: 0 <= v < 1, "a fraction in [0, 1)", path)
+
+
+def _owns_its_bytes(t: torch.Tensor) -> bool:
+    """Contiguous, from offset 0, over a storage exactly its size: the file then holds every byte the head declares
+    (bounded by MAX_HEAD_BYTES), as torch.save writes a real head."""
+    return (t.is_contiguous() and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+
+
 def load_head(path: str | os.PathLike[str]) -> tuple[Head, dict[str, Any]]:
     """A head file from anywhere: size and archive checked, tensors only (weights_only), every field validated."""
     from .cache import Provenance
@@ -141,9 +157,11 @@ def load_head(path: str | os.PathLike[str]) -> tuple[Head, dict[str, Any]]:
         raise CacheError(f"{path} is not a catdog-cache head: fit again")
     if blob.get("format") != HEAD_FORMAT:
         raise CacheError(f"{path} has head format {blob.get('format')!r}; this version reads {HEAD_FORMAT}: fit again")
-    dropout = _number(blob, "dropout", -1, lambda v: 0 <= v < 1, "a dropout probability in [0, 1)", path)
+    dropout = _number(blob, "dropout", -1, lambda v: 0 <= v <= MAX_DROPOUT, f"a dropout in [0, {MAX_DROPOUT}]",
+                      path)
     _number(blob, "temperature", 1.0, lambda v: 0 < v <= 1e3, "a positive temperature", path)
     _number(blob, "clip", 0.0, lambda v: 0 <= v < 0.5, "a clip in [0, 0.5)", path)
+    _check_config(blob.get("config", {}), path)
     state = blob.get("state_dict")
     hidden, in_dim = blob.get("hidden", []), blob.get("in_dim")
     if in_dim is None and isinstance(state, dict) and isinstance(state.get("linear.weight"), torch.Tensor):
@@ -155,6 +173,9 @@ def load_head(path: str | os.PathLike[str]) -> tuple[Head, dict[str, Any]]:
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and
                                               t.layout == torch.strided for t in state.values()):
         raise CacheError(f"{path}: weights are not dense float32 tensors; damaged or crafted")
+    if not all(_owns_its_bytes(t) for t in state.values()):  # a stride-0 view declares any size in 4 bytes
+        raise CacheError(f"{path}: weights are views into shared or smaller storage, not tensors of their own; "
+                         "damaged or crafted")
     with torch.device("meta"):
         head = Head(dropout, in_dim, tuple(hidden))  # shapes only: the file's tensors are assigned below
     try:

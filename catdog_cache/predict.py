@@ -18,7 +18,7 @@ import torch
 from .backbone import Preset
 from .cache import encode_path, open_cache, parts_dir
 from .discover import Discovery, discover
-from .errors import CatdogError, InputError
+from .errors import CacheError, CatdogError, InputError
 from .extract import Progress, extract, run_features
 from .files import as_paths, check_outputs, plausible_file, write_atomic
 from .fit import DEFAULT_HEAD, log_loss
@@ -156,6 +156,10 @@ def score_cached(loaded: Loaded, caches: list[Path], disc: Discovery, tta: bool)
     if keys:
         x = torch.from_numpy(np.stack([np.concatenate([p[0][k] for p in parts], axis=-1) for k in keys]))
         n, v = x.shape[:2]  # [N, V', D]
+        if loaded.head is None or x.shape[-1] != loaded.head.in_dim:  # before use: a bad matmul is a traceback
+            raise CacheError(f"the head takes {loaded.head.in_dim if loaded.head else '?'}-d features, but its "
+                             f"provenance made {x.shape[-1]}-d ones in {', '.join(map(str, caches))}; the head or "
+                             "the cache is damaged or crafted")
         probs = loaded.probabilities(x.reshape(n * v, -1)).reshape(n, v, 2).mean(1)
     else:
         probs = torch.zeros(0, 2)

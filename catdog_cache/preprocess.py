@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 from typing import TYPE_CHECKING
 
@@ -45,19 +46,60 @@ def _check_size(w: int, h: int) -> None:
         raise DecodeError(f"{w}x{h} aspect ratio exceeds {MAX_ASPECT:g}:1")
 
 
-def plain_jpeg(data: bytes) -> bool:
-    """Whether torchvision's JPEG decoder can take these bytes: an RGB or grayscale JPEG within the limits (from
-    the header only). CMYK and anything unusual go through Pillow, which converts them correctly."""
+JPEG_BYTES_PER_PIXEL = 3  # beyond the decoded RGB's own size, shipping the decoded pixels is cheaper
+JPEG_SLACK = 2**20  # headers, ICC profiles and EXIF of small images
+_MARKER = re.compile(rb"\xff+([^\x00\xd0-\xd7\xff])")  # a marker in entropy-coded data (not a stuffed 0xFF00
+# or a restart marker); any number of 0xFF fill bytes may precede it
+
+
+def jpeg_end(data: bytes) -> int | None:
+    """Offset just past the JPEG's end-of-image marker (bytes after it are not the image: a file padded to
+    200 MiB would otherwise be shipped whole), or None if the marker structure is not a JPEG's."""
+    pos = 2  # after SOI
+    while pos + 2 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0xD9:
+            return pos + 2
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # standalone markers
+            pos += 2
+            continue
+        if pos + 4 > len(data):
+            return None
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")  # a segment with its length
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker
+            found = _MARKER.search(data, pos)
+            if found is None:
+                return None
+            pos = found.start(1) - 1
+    return None
+
+
+def jpeg_payload(data: bytes) -> bytes | None:
+    """The bytes to ship for torchvision's JPEG decoder: an RGB or grayscale JPEG within the limits (from the
+    header only), cut at its end-of-image marker and at most JPEG_BYTES_PER_PIXEL per pixel (+ JPEG_SLACK);
+    None: decode with Pillow instead (CMYK and anything unusual convert correctly there, and bloated files are
+    shipped as their decoded pixels)."""
     if not data.startswith(b"\xff\xd8\xff"):
-        return False
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             _check_size(*im.size)
-            return im.format == "JPEG" and im.mode in ("RGB", "L")
+            if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+                return None
+            w, h = im.size
     except Exception:
-        return False  # let Pillow's decode give the per-file reason
+        return None  # let Pillow's decode give the per-file reason
+    end = jpeg_end(data) or len(data)  # no end marker (truncated): torchvision's decoder gives the reason
+    if end > JPEG_BYTES_PER_PIXEL * w * h + JPEG_SLACK:
+        return None
+    return data[:end]
 
 
 def decode_rgb(data: bytes) -> Image.Image:
@@ -83,11 +125,30 @@ def decode_rgb(data: bytes) -> Image.Image:
         raise DecodeError(f"corrupt or truncated image: {e}") from None
 
 
+BAND_PIXELS = 1 << 18  # 16- and 32-bit images are converted a band of rows at a time: 2 MB of float64 each
+
+
+def _gray8(im: Image.Image) -> Image.Image:
+    """16-bit, 32-bit int or float grey -> 8-bit "L": values over 255 mean a 16-bit range (divided by 257), then
+    clipped to [0, 255] and truncated. Band by band, so a 64 MP image costs 1 byte per pixel (the output) plus one
+    band, not three float64 copies (24 bytes per pixel, 1.5 GB per worker)."""
+    w, h = im.size
+    step = max(1, BAND_PIXELS // max(w, 1))
+    bands = [(0, y, w, min(y + step, h)) for y in range(0, h, step)]
+    tops = [np.asarray(im.crop(b)).max(initial=0) for b in bands]
+    scale = 257.0 if np.max(np.asarray(tops, np.float64), initial=0) > 255 else 1.0  # a NaN max: no scaling
+    out = np.empty((h, w), np.uint8)  # [H, W]
+    for x0, y0, x1, y1 in bands:
+        band = np.asarray(im.crop((x0, y0, x1, y1)), dtype=np.float64)  # [rows, W], the values as they are
+        band /= scale
+        np.clip(band, 0, 255, out=band)
+        out[y0:y1] = band  # truncates toward zero, as astype(np.uint8) did
+    return Image.fromarray(out, "L")
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        scale = 257.0 if a.max(initial=0) > 255 else 1.0  # 16-bit range -> 8-bit
-        im = Image.fromarray(np.clip(a / scale, 0, 255).astype(np.uint8), "L")
+        im = _gray8(im)
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

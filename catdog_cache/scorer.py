@@ -12,7 +12,6 @@ import json
 import os
 import re
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +64,11 @@ class Loaded:
         if len(self.members) > 1:
             raise InputError("this head joins the features of several backbones (an ensemble): it scores cached "
                              "features with `predict` but cannot be exported or run as one network")
-        backbone = self.config().resolve().build(self.spec)
+        described = self.config().resolve()
+        if self.head is not None and self.head.in_dim != described.dim:  # checked before tracing: one line
+            raise CacheError(f"the head takes {self.head.in_dim}-d features, but its provenance ({described.name} "
+                             f"{described.layer}) makes {described.dim}-d ones; damaged or crafted")
+        backbone = described.build(self.spec)
         return Scorer(backbone, self.head, self.provenance.dtype, self.temperature).eval()
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,6 +87,17 @@ class Loaded:
                              decoder=decoder_of(prov.transform))
 
 
+def checked(prov: Provenance, where: str) -> Provenance:
+    """A recorded provenance whose transform is a sane preset (an export's is used as recorded, with no plugin to
+    compare it with)."""
+    try:
+        Preset.from_spec(prov.transform)
+    except ValueError as e:
+        raise CacheError(f"{where}: the recorded transform is invalid ({printable(str(e))}); damaged or crafted"
+                         ) from None
+    return prov
+
+
 def load_scorer(head_path: str | os.PathLike[str], weights_file: str | None = None, backbone: bool = True
                 ) -> Loaded:
     """The head, and (backbone=True) the frozen network it was trained behind, rebuilt from its provenance.
@@ -93,7 +107,7 @@ def load_scorer(head_path: str | os.PathLike[str], weights_file: str | None = No
     recorded = meta.get("weights_paths") if isinstance(meta.get("weights_paths"), list) else [meta.get("weights_path")]
     members = []
     for i, text in enumerate(ensemble or [meta["provenance"]]):
-        prov = Provenance.from_json(text, f"head {head_path}")
+        prov = checked(Provenance.from_json(text, f"head {head_path}"), f"head {head_path}")
         path = recorded[i] if i < len(recorded) and isinstance(recorded[i], str) and recorded[i] else None
         members.append((prov, spec_from_identity(prov.weights, weights_file, recorded_path=path)))
     prov, spec = members[0]
@@ -139,7 +153,7 @@ def export(head_path: str | os.PathLike[str], out: str | os.PathLike[str], weigh
 
 
 MAX_MODEL_BYTES = 4 * 2**30
-_MEMBER = re.compile(r"[^/]+/(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|"
+_MEMBER = re.compile(r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|"
                      r"models/model\.json|data/weights/model_weights_config\.json|data/weights/weight_\d+|"
                      r"data/constants/model_constants_config\.json|data/constants/tensor_\d+|"
                      r"data/sample_inputs/model\.pt|extra/catdog_cache\.json)")
@@ -148,28 +162,30 @@ _MEMBER = re.compile(r"[^/]+/(archive_format|archive_version|byteorder|\.data/ve
 def check_archive(path: Path) -> dict[str, Any]:
     """Refuse any .pt2 that torch.export.load would unpickle from: torch falls back to pickle (arbitrary code) for
     weights or constants marked use_pickle, legacy weight files, custom objects and sample inputs that the safe
-    loader rejects. Only the members our export writes are allowed, stored uncompressed within the file's size;
-    every tensor must be raw bytes, and the sample inputs must load with weights_only=True."""
+    loader rejects. Only the members our export writes are allowed, stored uncompressed within the file's size,
+    each once; every tensor must be raw bytes, and the sample inputs must load with weights_only=True. Members are
+    read through torch's own zip reader (the one torch.export.load uses), so the bytes checked are the bytes loaded."""
     try:
-        names = [m.filename for m in stored_zip(path, MAX_MODEL_BYTES)]
+        reader = stored_zip(path, MAX_MODEL_BYTES)
+        names = reader.get_all_records()  # without the top folder, as torch's loader names them
         bad = [n for n in names if not _MEMBER.fullmatch(n)]
-        if bad or len({n.split("/", 1)[0] for n in names}) != 1:
-            raise ValueError(f"unexpected member {bad[0] if bad else names[0]!r}")
-        with zipfile.ZipFile(path) as z:
-            top = names[0].split("/", 1)[0]
+        if bad:
+            raise ValueError(f"unexpected member {bad[0]!r}")
 
-            def config(name: str) -> dict[str, Any]:
-                return json.loads(z.read(f"{top}/{name}")).get("config", {}) if f"{top}/{name}" in names else {}
+        def config(name: str) -> dict[str, Any]:
+            return json.loads(reader.get_record(name)).get("config", {}) if name in names else {}
 
-            for entry in [*config("data/weights/model_weights_config.json").values(),
-                          *config("data/constants/model_constants_config.json").values()]:
-                if entry.get("use_pickle") is not False or not str(entry.get("path_name", "")).startswith(
-                        ("weight_", "tensor_")):
-                    raise ValueError("a pickled tensor")
-            sample = f"{top}/data/sample_inputs/model.pt"
-            if sample in names:
-                torch.load(io.BytesIO(z.read(sample)), weights_only=True)  # torch retries unsafely if this fails
-            info = json.loads(z.read(f"{top}/extra/catdog_cache.json"))
+        for entry in [*config("data/weights/model_weights_config.json").values(),
+                      *config("data/constants/model_constants_config.json").values()]:
+            if entry.get("use_pickle") is not False or not str(entry.get("path_name", "")).startswith(
+                    ("weight_", "tensor_")):
+                raise ValueError("a pickled tensor")
+        if "data/sample_inputs/model.pt" in names:
+            try:  # torch retries unsafely if this fails
+                torch.load(io.BytesIO(reader.get_record("data/sample_inputs/model.pt")), weights_only=True)
+            except Exception:
+                raise ValueError("sample inputs that only load by unpickling") from None
+        info = json.loads(reader.get_record("extra/catdog_cache.json"))
     except CacheError:
         raise
     except Exception as e:
@@ -189,12 +205,18 @@ def load_exported(path: str | os.PathLike[str]) -> Loaded:
     if path.suffix != ".pt2":
         raise InputError(f"--model {path}: expected a *.pt2 file from `catdog-cache export`")
     info = check_archive(path)
-    prov = Provenance.from_json(json.dumps(info.get("provenance")), f"--model {path}")
+    prov = checked(Provenance.from_json(json.dumps(info.get("provenance")), f"--model {path}"), f"--model {path}")
     clip = info.get("clip")
     if isinstance(clip, bool) or not isinstance(clip, int | float) or not 0 <= clip < 0.5:
         raise CacheError(f"--model {path}: clip {clip!r} is not in [0, 0.5); refusing it")
     try:
-        module = torch.export.load(path).module()
+        program = torch.export.load(path)
+        example = program.example_inputs[0][0].shape  # [2, 3, S, S]: the program accepts only this crop
+        module = program.module()
     except Exception as e:
         raise CacheError(f"{path} is not a model exported by `catdog-cache export` ({type(e).__name__})") from None
+    crop = Preset.from_spec(prov.transform).crop
+    if tuple(example[1:]) != (3, crop, crop):
+        raise CacheError(f"--model {path}: the recorded transform crops to {crop} px but the program takes "
+                         f"{tuple(example[1:])}; damaged or crafted")
     return Loaded(module, prov, float(clip), info, spec_from_identity(prov.weights))

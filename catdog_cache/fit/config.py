@@ -9,6 +9,7 @@ import torch
 
 from ..cache import Index
 from ..errors import CatdogError, InputError
+from ..head import MAX_DROPOUT
 
 Features = Callable[[torch.Tensor], torch.Tensor]  # row indices [B] -> features [B, D], the caller's to overwrite
 
@@ -50,8 +51,8 @@ class FitConfig:
             raise InputError(f"--keep: expected last or best, got {self.keep!r}")
         if any(not 0 < h <= 65536 for h in self.hidden) or len(self.hidden) > 8:
             raise InputError(f"--hidden: expected up to 8 layer sizes in [1, 65536], got {self.hidden}")
-        if not 0 <= self.dropout < 1:
-            raise InputError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.dropout <= MAX_DROPOUT:
+            raise InputError(f"--dropout must be in [0, {MAX_DROPOUT}], got {self.dropout}")
         if not 0 <= self.val_fraction < 1:
             raise InputError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
 
