@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbone import resolve_device
+from ..errors import InputError
 from ..head import DeviceMaskStream, Head, MaskStream, new_head
 from .batches import windowed_batches
 from .config import Diverged, EpochStats, Features, FitConfig
@@ -54,6 +55,8 @@ def training_device(device: str | torch.device) -> torch.device | None:
     d = resolve_device(device)
     if d.type == "cpu":
         return None
+    if d.index is not None and d.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device("cuda", d.index if d.index is not None else torch.cuda.current_device())
 
 
