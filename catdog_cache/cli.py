@@ -274,6 +274,8 @@ def fit_cmd(
     augment: bool = typer.Option(False, "--augment", help="Train on every cached view (extract --views center,flip)."),
     folds: int = typer.Option(0, "--folds", help="K-fold cross-fitting: out-of-fold accuracy and log loss (and "
                               "--calibrate on them), then the head is trained on every labeled image."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda: where the head trains (auto: CUDA when "
+                               "available). The head is the CPU's up to float rounding."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -296,7 +298,7 @@ def fit_cmd(
 
     r = fit(cache if len(cache) > 1 else cache[0], head, FitConfig(epochs, batch_size, lr, dropout, val_fraction,
                                                                    seed, augment, hidden_sizes(hidden), keep),
-            on_epoch, max_memory, calibrate, folds=folds, on_fold=on_fold)
+            on_epoch, max_memory, calibrate, folds=folds, on_fold=on_fold, device=device)
     if r.unlabeled and not as_json:
         err.print(f"note: {plural(r.unlabeled, 'unlabeled row')} in the cache, not used for training", highlight=False)
     if r.missing and not as_json:

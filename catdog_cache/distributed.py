@@ -1,4 +1,4 @@
-"""torchrun support: one process per GPU (NCCL) or per CPU share (Gloo), each extracting a shard of the work.
+"""torchrun support: one process per GPU (NCCL), per share of a GPU or of the CPU (Gloo), each extracting a shard.
 
 Without torchrun (no WORLD_SIZE > 1 in the environment) nothing here runs and extraction is single-process."""
 
@@ -63,8 +63,18 @@ def _env_int(name: str, default: str | None, low: int, high: int | None = None) 
     return value
 
 
+def placement(device: str, local_rank: int, local_world: int, gpus: int) -> tuple[str, int | None]:
+    """(process-group backend, this rank's GPU on its node or None). One GPU per rank: NCCL. More ranks on a node
+    than GPUs (two ranks on one GPU): NCCL refuses to run two ranks on one device, so the ranks share the GPUs
+    round-robin (cuda:local_rank % gpus) and their collectives, a barrier and a few small gathers of Python objects,
+    go over Gloo on the CPU. No GPU, or --device cpu: Gloo."""
+    if device == "cpu" or gpus == 0:
+        return "gloo", None
+    return ("nccl" if local_world <= gpus else "gloo"), local_rank % gpus
+
+
 def from_env(device: str = "auto") -> Dist | None:
-    """Join the process group torchrun describes, once; NCCL when this rank has a GPU, Gloo otherwise. A broken
+    """Join the process group torchrun describes, once, with the backend and GPU `placement` chooses. A broken
     environment (WORLD_SIZE=abc, no RANK, no MASTER_ADDR) is one line naming the variable, before any rendezvous."""
     world = _env_int("WORLD_SIZE", "1", 1)
     if world <= 1:
@@ -75,8 +85,10 @@ def from_env(device: str = "auto") -> Dist | None:
             raise InputError(f"MASTER_ADDR is not set, but WORLD_SIZE={world} says this is a torchrun rank: start it "
                              "with torchrun, or unset WORLD_SIZE")
         _env_int("MASTER_PORT", None, 1, 65536)
-        use_cuda = device != "cpu" and torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+        local_world = _env_int("LOCAL_WORLD_SIZE", str(world), 1)
+        backend, gpu = placement(device, local_rank, local_world,
+                                 torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        if gpu is not None:
+            torch.cuda.set_device(gpu)  # "cuda" (resolve_device) is now this rank's GPU
+        torch.distributed.init_process_group(backend=backend)
     return Dist(rank, world, local_rank)

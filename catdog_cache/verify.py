@@ -21,7 +21,7 @@ from .cache import read_features, read_index
 from .discover import discover
 from .errors import InputError
 from .extract import ExtractConfig, ImageFiles, extract
-from .fit import Features, FitConfig, evaluate, fit, labeled_rows, split, train
+from .fit import Features, FitConfig, evaluate, fit, labeled_rows, split, train, training_device
 from .head import load_head
 
 
@@ -107,11 +107,12 @@ def verify(data_dir: str | os.PathLike[str], ecfg: ExtractConfig, fcfg: FitConfi
         t0 = time.perf_counter()
         extract(data_dir, cache, ecfg, only=set(rels), model=model, progress=progress)
         t1 = time.perf_counter()
-        fit(cache, head_path, fcfg, curve=False)
+        fit(cache, head_path, fcfg, curve=False, device=ecfg.device)  # both paths train where extraction ran
         t2 = time.perf_counter()
         cached_head, _ = load_head(head_path)
         # the same fit streamed from disk (two chunks in memory): the batch order must not depend on memory
-        streamed = fit(cache, head_path.with_name("streamed.pt"), fcfg, curve=False, budget_bytes=1)
+        streamed = fit(cache, head_path.with_name("streamed.pt"), fcfg, curve=False, budget_bytes=1,
+                       device=ecfg.device)
         assert streamed.streamed, "a 1-byte budget streams"
         streamed_diff = max(max_diff(cached_head, load_head(head_path.with_name("streamed.pt"))[0], k)
                             for k in ("weight", "bias"))
@@ -126,7 +127,8 @@ def verify(data_dir: str | os.PathLike[str], ecfg: ExtractConfig, fcfg: FitConfi
     t3 = time.perf_counter()
     e2e_cfg = fcfg if e2e_seed is None else replace(fcfg, seed=e2e_seed)
     on_epoch = (lambda s: progress("end-to-end epochs", s.epoch, fcfg.epochs)) if progress else None
-    e2e_head, _, _ = train(through_network, labels, tr, va, e2e_cfg, on_epoch, in_dim=x_cached.shape[1])
+    e2e_head, _, _ = train(through_network, labels, tr, va, e2e_cfg, on_epoch, in_dim=x_cached.shape[1],
+                           device=training_device(ecfg.device))
     t4 = time.perf_counter()
 
     c_loss, c_acc, c_logits = evaluate(cached_head, lambda r: x_cached.index_select(0, r), labels, va)

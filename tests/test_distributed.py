@@ -1,4 +1,5 @@
-"""torchrun on the CPU (Gloo): two ranks give the same cache as one process; a killed rank's work resumes."""
+"""torchrun: two ranks give the same cache as one process (on the CPU over Gloo, and with CUDA on however many GPUs
+the machine has: one GPU is shared by both ranks); a killed rank's work resumes."""
 
 import os
 import signal
@@ -9,23 +10,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from catdog_cache.cache import parts_dir, read_features, read_index
-from catdog_cache.distributed import Dist
+from catdog_cache.distributed import Dist, placement
 from tests.conftest import TINY, draw
 
 ARGS = [*TINY, "--quiet", "--part-rows", "4", "--batch-size", "2", "--workers", "0"]
 
 
-def torchrun(data, cache, env=None):
+def torchrun(data, cache, env=None, device="auto"):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "catdog_cache", "extract", str(data), "--cache", str(cache), *ARGS]
+           "-m", "catdog_cache", "extract", str(data), "--cache", str(cache), *ARGS, "--device", device]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
 
 
-def single(data, cache):
-    return subprocess.run([sys.executable, "-m", "catdog_cache", "extract", str(data), "--cache", str(cache), *ARGS],
-                          capture_output=True, text=True, check=True)
+def single(data, cache, device="auto"):
+    return subprocess.run([sys.executable, "-m", "catdog_cache", "extract", str(data), "--cache", str(cache), *ARGS,
+                           "--device", device], capture_output=True, text=True, check=True)
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +53,26 @@ def test_shards_are_balanced_and_cover_everything():
     assert sum(shards, []) == items and sorted(map(len, shards)) == [3, 4, 4]
 
 
-def test_two_ranks_equal_one_process(data, tmp_path):
-    proc = torchrun(data, tmp_path / "two.h5")
+def test_placement_shares_gpus_when_ranks_outnumber_them():
+    assert placement("auto", 1, 2, 0) == ("gloo", None) and placement("cpu", 1, 2, 8) == ("gloo", None)
+    assert placement("auto", 1, 2, 2) == ("nccl", 1) and placement("cuda", 3, 4, 8) == ("nccl", 3)
+    # NCCL refuses two ranks on one GPU: they share it, and talk over Gloo
+    assert placement("auto", 0, 2, 1) == ("gloo", 0) and placement("auto", 1, 2, 1) == ("gloo", 0)
+    assert [placement("cuda", r, 3, 2) for r in range(3)] == [("gloo", 0), ("gloo", 1), ("gloo", 0)]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_two_ranks_equal_one_process(data, tmp_path, device):
+    """With CUDA, both ranks run on the GPU(s): NCCL with two GPUs, Gloo sharing one (placement)."""
+    proc = torchrun(data, tmp_path / "two.h5", device=device)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert out.decode().count("extracted") == 1  # rank 0 speaks for all
-    single(data, tmp_path / "one.h5")
+    single(data, tmp_path / "one.h5", device)
     assert_same(tmp_path / "one.h5", tmp_path / "two.h5")
     assert not parts_dir(tmp_path / "two.h5").exists()
-    again = torchrun(data, tmp_path / "two.h5")  # ranks split the hashing of known files, then share verdicts
+    again = torchrun(data, tmp_path / "two.h5", device=device)  # ranks split the hashing of known files
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err.decode()[-2000:]
     assert "extracted 0 new, reused 27" in out.decode().replace("\n", " ")

@@ -42,10 +42,12 @@ def test_extract_cli_kaggle(cli, kaggle_dir):
 
 def test_rows_match_a_direct_forward_pass(tmp_path, folder_dir):
     """Row i is the backbone output of file i: no shuffling, no misalignment."""
+    from dataclasses import replace
+
     from catdog_cache.backbone import build
     from catdog_cache.preprocess import decode_rgb
 
-    extract(folder_dir, tmp_path / "c.h5", CFG)
+    extract(folder_dir, tmp_path / "c.h5", replace(CFG, device="cpu"))  # compared with a CPU forward below
     idx = read_index(tmp_path / "c.h5")
     feats = read_features(tmp_path / "c.h5")
     model, t = build(CFG.weights, "tiny"), CFG.resolve().preset.transform()

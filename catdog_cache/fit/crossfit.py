@@ -14,8 +14,8 @@ from .loop import evaluate, train
 from .splits import fold_of
 
 
-def cross_fit(data: Data, cfg: FitConfig, k: int, on_fold: Callable[[int, float, float], None] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def cross_fit(data: Data, cfg: FitConfig, k: int, on_fold: Callable[[int, float, float], None] | None = None,
+              device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """K-fold cross-fitting: each labeled row is predicted by a head that never saw it. Returns the out-of-fold
     logits [n, 2], their labels [n] and each fold's best epoch (by its held-out log loss)."""
     labeled = np.flatnonzero(data.raw_labels >= 0)
@@ -28,7 +28,7 @@ def cross_fit(data: Data, cfg: FitConfig, k: int, on_fold: Callable[[int, float,
             raise InputError(f"--folds {k}: fold {j + 1} leaves too few images; use fewer folds")
         tr = torch.from_numpy((rest[:, None] * v + np.arange(v)).ravel())
         va = torch.from_numpy(held * v)
-        head, history, _ = train(data.features_of, data.labels, tr, va, cfg, None, data.dim)
+        head, history, _ = train(data.features_of, data.labels, tr, va, cfg, None, data.dim, device)
         loss, acc, logits = evaluate(head, data.features_of, data.labels, va)
         best.append(min(history, key=lambda h: h.val_loss).epoch)
         oof.append(logits)

@@ -38,17 +38,29 @@ def check_finite(x: np.ndarray, where: str) -> None:
 
 class Gather:
     """Row lookups into the in-memory feature matrix, written into reused buffers: a fresh 2 MB tensor per step
-    costs more in page faults than the copy itself. A result is valid until the next call with as many rows."""
+    costs more in page faults than the copy itself. A result is valid until the next call with as many rows.
+    The matrix may live on a training device (fit --device cuda): rows from anywhere, results on `device`."""
 
     def __init__(self, x: torch.Tensor) -> None:
         self.x = x  # [N, D]
+        self.device = x.device
         self._out: dict[int, torch.Tensor] = {}
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         out = self._out.get(len(rows))
         if out is None:
-            out = self._out[len(rows)] = torch.empty(len(rows), self.x.shape[1])
-        return torch.index_select(self.x, 0, rows, out=out)  # [B, D]
+            out = self._out[len(rows)] = torch.empty(len(rows), self.x.shape[1], device=self.device)
+        return torch.index_select(self.x, 0, rows.to(self.device), out=out)  # [B, D]; .to: no-op on the host
+
+
+def on_device(x: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """The feature matrix on the training device, uploaded once, when it takes at most half the device's free memory
+    (the rest is for the batches, masks and head); else it stays on the host and each batch is copied over. Where
+    the features live never changes the head, only the speed."""
+    if device is None or device.type != "cuda":
+        return x.to(device) if device is not None else x
+    free, _ = torch.cuda.mem_get_info(device)
+    return x.to(device) if x.numel() * x.element_size() <= free // 2 else x
 
 
 class Streamed:
@@ -124,9 +136,11 @@ class Data:
     missing: list[str] = field(default_factory=list)  # images present in only some of the caches
 
 
-def load(caches: list[Path], cfg: FitConfig, budget: int, stack: contextlib.ExitStack) -> Data:
+def load(caches: list[Path], cfg: FitConfig, budget: int, stack: contextlib.ExitStack,
+         device: torch.device | None = None) -> Data:
     """One cache: in memory when it fits the budget, else streamed (the handle stays open in `stack`). Several
-    caches (an ensemble): the features of the images they share, side by side, in memory."""
+    caches (an ensemble): the features of the images they share, side by side, in memory. The budget is host
+    memory; with a training device, in-memory features are uploaded to it once (on_device), streamed ones per batch."""
     opened = [stack.enter_context(open_cache(c)) for c in caches]
     f, index = opened[0]
     labeled_rows(index, caches[0])
@@ -138,7 +152,7 @@ def load(caches: list[Path], cfg: FitConfig, budget: int, stack: contextlib.Exit
         if n * v * dim * 4 <= budget:
             x_np = read_features(f, view=None if cfg.augment else 0)
             check_finite(x_np, str(caches[0]))
-            data.features_of = Gather(torch.from_numpy(x_np).reshape(n * v, -1))  # [N*V, D]
+            data.features_of = Gather(on_device(torch.from_numpy(x_np).reshape(n * v, -1), device))  # [N*V, D]
         elif cfg.augment:
             raise InputError("--augment needs every view in memory; raise --max-memory or fit without --augment")
         else:
@@ -165,7 +179,7 @@ def load(caches: list[Path], cfg: FitConfig, budget: int, stack: contextlib.Exit
             raise InputError(f"{c} labels some images differently from {caches[0]}: refusing to join them")
         parts.append(x_np)
     lab = index.labels[[keys[0][k] for k in shared]]
-    x = torch.from_numpy(np.concatenate(parts, axis=1))  # [N, sum of D]
+    x = on_device(torch.from_numpy(np.concatenate(parts, axis=1)), device)  # [N, sum of D]
     return Data(Gather(x), torch.from_numpy(lab.astype(np.int64)), [k[1] for k in shared], lab, 1, x.shape[1],
                 [ix.provenance.to_json() for _, ix in opened], caches, [ix.weights_path for _, ix in opened], None,
                 missing)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from ..head import Head, MaskStream, new_head
+from ..backbone import resolve_device
+from ..errors import InputError
+from ..head import DeviceMaskStream, Head, MaskStream, new_head
 from .batches import windowed_batches
 from .config import Diverged, EpochStats, Features, FitConfig
 from .optim import Adam
@@ -19,13 +21,15 @@ from .splits import streams
 
 def evaluate(head: Head, features_of: Features, labels: torch.Tensor, rows: torch.Tensor,
              batch_size: int = 4096) -> tuple[float, float, torch.Tensor]:
-    """(mean cross-entropy, accuracy, logits [N, 2]) with dropout off."""
+    """(mean cross-entropy, accuracy, logits [N, 2] on the CPU) with dropout off, on the head's device."""
     if len(rows) == 0:
         return float("nan"), float("nan"), torch.zeros(0, 2)
     was = head.training
     head.eval()
-    with torch.no_grad():
-        logits = torch.cat([head(features_of(rows[s : s + batch_size])) for s in range(0, len(rows), batch_size)])
+    on = head.linear.weight.device
+    with torch.no_grad():  # .to and .cpu are no-ops on the host path
+        logits = torch.cat([head(features_of(rows[s : s + batch_size]).to(on))
+                            for s in range(0, len(rows), batch_size)]).cpu()
     head.train(was)
     y = labels[rows]
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item(), logits
@@ -42,17 +46,68 @@ def train_threads(hidden: tuple[int, ...]) -> int:
     return 1 if not hidden or max(hidden) < 256 else torch.get_num_threads()
 
 
+def training_device(device: str | torch.device) -> torch.device | None:
+    """fit's --device: None for the host path (cpu, or auto without CUDA), which is every CPU fit bit for bit; the
+    CUDA device, with its index, otherwise. A torch.device is taken as given and runs the device path there, even
+    the CPU (the tests exercise the CUDA code that way). --device cuda without CUDA is one line (resolve_device)."""
+    if isinstance(device, torch.device):
+        return device
+    d = resolve_device(device)
+    if d.type == "cpu":
+        return None
+    if d.index is not None and d.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", d.index if d.index is not None else torch.cuda.current_device())
+
+
+def batch_source(features_of: Features, device: torch.device | None) -> Callable[[torch.Tensor, torch.Tensor],
+                                                                                  torch.Tensor]:
+    """(host rows [B], device rows [B]) -> the step's features [B, D] on the training device. A matrix already on the
+    device (Gather.device) is indexed with rows already there: no copy and no wait per step. Any other source
+    (streamed chunks, a matrix too large for the device, verify's network) takes host rows, its batch copied over."""
+    if device is None:
+        return lambda rows, _: features_of(rows)
+    if getattr(features_of, "device", None) == device:
+        return lambda _, rows_on: features_of(rows_on)
+    return lambda rows, _: features_of(rows).to(device)
+
+
+def epoch_batches(train_rows: torch.Tensor, batch_size: int, g: torch.Generator, device: torch.device | None
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """windowed_batches as (host rows, rows on the device): on a device the epoch's order is uploaded once and each
+    step takes a view of it (a copy per step would wait for the device every step)."""
+    batches = windowed_batches(train_rows, batch_size, g)  # the one order, drawn on the host's generator
+    if device is None:
+        yield from ((rows, rows) for rows in batches)
+        return
+    host = list(batches)
+    on = torch.cat(host).to(device) if host else train_rows  # [n_train]
+    start = 0
+    for rows in host:
+        yield rows, on[start : start + len(rows)]  # [B], [B]
+        start += len(rows)
+
+
 def train(features_of: Features, labels: torch.Tensor, train_rows: torch.Tensor, val_rows: torch.Tensor,
-          cfg: FitConfig, on_epoch: Callable[[EpochStats], None] | None = None, in_dim: int = 4096) -> tuple[
-              Head, list[EpochStats], int]:
+          cfg: FitConfig, on_epoch: Callable[[EpochStats], None] | None = None, in_dim: int = 4096,
+          device: torch.device | None = None) -> tuple[Head, list[EpochStats], int]:
     """Adam on CrossEntropy over the head. Only the head has parameters; features are constants.
-    Returns the head, the history and the epoch whose weights the head holds (the last, or with keep="best" the
-    one with the lowest validation loss; without validation rows, the last)."""
+    Returns the head (on the CPU), the history and the epoch whose weights the head holds (the last, or with
+    keep="best" the one with the lowest validation loss; without validation rows, the last).
+    device None: the host path. A device (training_device): the head, its Adam state, the labels, each epoch's
+    batch order and the dropout masks live there; the masks are the host's numbers (DeviceMaskStream) and the
+    batches the same rows, so the head differs from the host's by float rounding only."""
     cfg.check()
     seeds = streams(cfg.seed)
-    head = new_head(cfg.dropout, seeds["init"], in_dim, cfg.hidden)
+    head = new_head(cfg.dropout, seeds["init"], in_dim, cfg.hidden)  # initialised on the host, then moved: same init
     g_order = torch.Generator().manual_seed(seeds["order"])
     masks = MaskStream(seeds["dropout"])
+    labels_on = labels
+    if device is not None:
+        head = head.to(device)
+        masks = DeviceMaskStream(seeds["dropout"], device)
+        labels_on = labels.to(device)  # [N]
+    feed = batch_source(features_of, device)
     opt = Adam(head.parameters(), lr=cfg.lr)
     history: list[EpochStats] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
@@ -63,18 +118,21 @@ def train(features_of: Features, labels: torch.Tensor, train_rows: torch.Tensor,
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.perf_counter()
             losses, seen, n = [], [], 0  # per-step results, reduced once per epoch (fewer small ops per step)
-            for rows in windowed_batches(train_rows, cfg.batch_size, g_order):
-                x, y = features_of(rows), labels[rows]  # [B, D], [B]
+            for rows, rows_on in epoch_batches(train_rows, cfg.batch_size, g_order, device):
+                x, y = feed(rows, rows_on), labels_on[rows_on]  # [B, D], [B]
                 logits = head(x, masks)  # [B, 2]
                 loss = F.cross_entropy(logits, y)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                losses.append(loss.detach() * len(rows))
+                losses.append(loss.detach())  # the mean over the batch; weighted by its size below
                 seen.append((logits.detach(), y))
                 n += len(rows)
-            train_loss = torch.stack(losses).sum().item() / max(n, 1) if losses else float("nan")
-            correct = sum(int((lg.argmax(1) == y).sum()) for lg, y in seen) if seen else 0
+            sizes = torch.tensor([len(y) for _, y in seen], dtype=torch.float32, device=labels_on.device)  # [steps]
+            train_loss = (torch.stack(losses) * sizes).sum().item() / max(n, 1) if losses else float("nan")
+            # one count per epoch, not per step: each int() would wait for a device
+            correct = int((torch.cat([lg for lg, _ in seen]).argmax(1) == torch.cat([y for _, y in seen])).sum()
+                          ) if seen else 0
             if not math.isfinite(train_loss):  # checked once per epoch: NaN propagates, it cannot hide
                 raise Diverged(f"training diverged at epoch {epoch} (loss {train_loss}): lower --lr; no head saved")
             val_loss, val_acc, _ = evaluate(head, features_of, labels, val_rows)
@@ -92,4 +150,4 @@ def train(features_of: Features, labels: torch.Tensor, train_rows: torch.Tensor,
         kept = best[1]
         head.load_state_dict(best[2])
     head.eval()
-    return head, history, kept
+    return head.cpu(), history, kept

@@ -20,7 +20,7 @@ from .calibration import calibrate, log_loss
 from .config import Diverged, EpochStats, FitConfig
 from .crossfit import cross_fit
 from .data import available_memory, load, parse_size
-from .loop import evaluate, train
+from .loop import evaluate, train, training_device
 from .splits import split
 
 
@@ -60,12 +60,16 @@ DEFAULT_HEAD = default_head_path(Path("cache/features.h5"))  # what predict, pre
 def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] | None, cfg: FitConfig,
         on_epoch: Callable[[EpochStats], None] | None = None, max_memory: str | None = None,
         calibrate_head: bool = False, curve: bool = True, folds: int = 0,
-        on_fold: Callable[[int, float, float], None] | None = None, budget_bytes: int | None = None) -> FitReport:
+        on_fold: Callable[[int, float, float], None] | None = None, budget_bytes: int | None = None,
+        device: str | torch.device = "auto") -> FitReport:
     """Train on the cache: in memory when the feature matrix fits the budget (default: half the available memory),
     streamed from HDF5 otherwise; the same batches, hence the same head, either way. Several caches: one head on
     their features side by side (an ensemble of backbones or layers). folds=K: out-of-fold metrics and calibration,
-    then the head is trained on every labeled row."""
+    then the head is trained on every labeled row.
+    device: auto (CUDA when available) | cpu | cuda[:N]; see training_device. An argument, not a FitConfig field:
+    like the memory budget it decides how fast, not which head (up to float rounding), so heads do not record it."""
     cfg.check()
+    on = training_device(device)  # before any work: --device cuda without CUDA is one line
     caches = as_paths(cache)
     if len(set(map(file_key, caches))) != len(caches):  # (st_dev, st_ino): hard and symbolic links are the same file
         raise InputError("--cache: the same cache given twice")
@@ -79,17 +83,17 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
     budget = budget_bytes or (parse_size(max_memory) if max_memory else available_memory() // 2)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:  # cache handles stay open while streaming
-        data = load(caches, cfg, budget, stack)
+        data = load(caches, cfg, budget, stack, on)
         load_seconds = time.perf_counter() - t0
         oof_note: dict[str, Any] = {}
         if folds:
-            logits, y, best_epochs = cross_fit(data, cfg, folds, on_fold)
+            logits, y, best_epochs = cross_fit(data, cfg, folds, on_fold, on)
             final_cfg = replace(cfg, val_fraction=0.0, keep="last",
                                 epochs=int(np.median(best_epochs)) if cfg.keep == "best" else cfg.epochs)
             train_np = np.flatnonzero(data.raw_labels >= 0)
             train_rows = torch.from_numpy((train_np[:, None] * data.views + np.arange(data.views)).ravel())
             head, history, kept = train(data.features_of, data.labels, train_rows, torch.zeros(0, dtype=torch.long),
-                                        final_cfg, on_epoch, data.dim)
+                                        final_cfg, on_epoch, data.dim, on)
             n_train, n_val = len(train_np), len(y)
             oof_note = {"folds": folds, "best_epochs": best_epochs, "final_epochs": final_cfg.epochs}
         else:
@@ -98,7 +102,8 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
             # center view.
             train_rows = torch.from_numpy((train_np[:, None] * data.views + np.arange(data.views)).ravel())
             val_rows = torch.from_numpy(val_np * data.views)  # [n_val]
-            head, history, kept = train(data.features_of, data.labels, train_rows, val_rows, cfg, on_epoch, data.dim)
+            head, history, kept = train(data.features_of, data.labels, train_rows, val_rows, cfg, on_epoch, data.dim,
+                                        on)
             _, _, logits = evaluate(head, data.features_of, data.labels, val_rows)
             y = data.labels[val_rows]
             n_train, n_val = len(train_np), len(val_rows)
