@@ -1,0 +1,155 @@
+"""Hardening round 3 (issue 20): crafted cache columns and chunking, non-finite test features, ensembles with
+--tta, fit's empty splits, predict without the extract lock, and file modes kept across a replace. Every crafted file
+is built here from the real cache and head of tests/test_untrusted.py's `base`."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.conftest import TINY
+from tests.test_untrusted import FIT, craft_cache, refused
+from tests.test_untrusted import base as _base  # noqa: F401 (the fixture `base`, registered under its own name)
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path("cache/features.h5")
+
+
+def run_limited(args: list[str], memory: int) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process whose address space is capped: an unbounded allocation fails there, not here."""
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "catdog_cache", *args], capture_output=True, text=True, env=env,
+                          preexec_fn=cap, timeout=120)
+
+
+# ---------------------------------------------------------------- 6. string lengths fixed and bounded
+
+@pytest.mark.parametrize("width", [65, 268435456])
+def test_sha256_of_another_width_is_refused(base, width):
+    """`S268435456`: 8 rows declare 2 GiB in a 140 KB file (chunks never written). Before: info peaked at 2.4 GB
+    (S2147483647: 18.9 GB, 188 s); now refused before reading, in a process capped at 1.5 GiB."""
+    craft_cache(base.cache, CACHE, {"sha256": lambda g, ds: g.create_dataset(
+        "sha256", shape=ds.shape, dtype=f"S{width}", chunks=(1,))})
+    assert CACHE.stat().st_size < 2**20
+    r = run_limited(["info"], 3 << 29)
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and "sha256" in r.stderr and "S64" in r.stderr, r.stderr
+
+
+def _same_heap_object(name: str, length: int):
+    """A variable-length column whose every row points at one `length`-byte heap object: the file holds it once,
+    a reader would allocate it once per row."""
+    def make(g, ds):
+        n = ds.shape[0]
+        g.create_dataset(name, data=np.array([b"x" * length] + [b"y"] * (n - 1), dtype=object),
+                         dtype=h5py.vlen_dtype(bytes))
+    return make
+
+
+def _point_rows_at_row_0(path: Path, name: str) -> None:
+    with h5py.File(path, "r") as f:
+        ds = f[name]
+        offset, n, item = ds.id.get_offset(), ds.shape[0], ds.id.get_storage_size() // ds.shape[0]
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        first = fh.read(item)
+        fh.seek(offset)
+        fh.write(first * n)
+
+
+def test_paths_pointing_at_one_large_object_are_refused(cli, base):
+    craft_cache(base.cache, CACHE, {"paths": _same_heap_object("paths", 100_000)})
+    _point_rows_at_row_0(CACHE, "paths")
+    with h5py.File(CACHE, "r") as f:  # the crafted file expands as crafted
+        assert [len(p) for p in f["paths"][:]] == [100_000] * 8
+    size = CACHE.stat().st_size
+    assert size < 8 * 100_000
+    for args in (["info"], ["fit", *FIT]):
+        refused(cli(*args, ok=False), "cannot hold")
+
+
+def test_scalar_attributes_only(cli, base):
+    """An attribute array of variable-length strings is the same bomb as a column: only single values are read."""
+    craft_cache(base.cache, CACHE)
+    with h5py.File(CACHE, "r+") as f:
+        prov = f.attrs["provenance"]
+        f.attrs["provenance"] = np.array([prov, prov], dtype=h5py.string_dtype())
+    refused(cli("info", ok=False), "single value")
+
+
+# ---------------------------------------------------------------- 15. exact dtypes per column
+
+def _column(name: str, dtype, value):
+    def make(g, ds):
+        g.create_dataset(name, data=np.array([value] * ds.shape[0], dtype=object) if dtype is not None else
+                         np.array([value] * ds.shape[0]), dtype=dtype)
+    return make
+
+
+def _vlen_ints(name: str):
+    def make(g, ds):
+        data = np.empty(ds.shape[0], dtype=object)
+        for i in range(len(data)):
+            data[i] = np.arange(3, dtype=np.int32)
+        g.create_dataset(name, data=data, dtype=h5py.vlen_dtype(np.int32))
+    return make
+
+
+@pytest.mark.parametrize(("name", "make"), [
+    ("sha256", _vlen_ints("sha256")),
+    ("paths", _vlen_ints("paths")),
+    ("sha256", _column("sha256", h5py.string_dtype(), "0" * 64)),
+    ("labels", _column("labels", None, np.int64(0))),
+    ("source", _column("source", None, np.int32(0))),
+], ids=["sha256-vlen-int", "paths-vlen-int", "sha256-vlen-str", "labels-int64", "source-int32"])
+def test_columns_of_another_type_are_refused(cli, base, name, make):
+    craft_cache(base.cache, CACHE, {name: make})
+    for args in (["info"], ["fit", *FIT]):
+        r = refused(cli(*args, ok=False), "expected")
+        assert name in r and "AttributeError" not in r
+
+
+def test_chunked_columns_are_refused(cli, base):
+    craft_cache(base.cache, CACHE, {"labels": lambda g, ds: g.create_dataset("labels", data=ds[:], chunks=(1,))})
+    refused(cli("info", ok=False), "chunked")
+
+
+# ---------------------------------------------------------------- 7. whole-row chunks of a sane size
+
+@pytest.mark.parametrize("chunks", [(1, 1, 1), (8, 1, 64), (1, 1, 4096)], ids=["1x1x1", "part-rows", "one-row"])
+def test_features_in_tiny_chunks_are_refused(cli, base, chunks):
+    """1x1x1 chunks of a 256 x 4096 cache (a 63 MB file): fit took 33 s and 4.8 GB before; now one line at once."""
+    craft_cache(base.cache, CACHE, {"features": lambda g, ds: g.create_dataset(
+        "features", data=ds[...], chunks=chunks)})
+    for args in (["info"], ["fit", *FIT]):
+        refused(cli(*args, ok=False), "chunks")
+
+
+def test_what_the_writer_makes_is_accepted(cli, base, tmp_path):
+    """One row (chunks of 1), no row at all (contiguous, a part of failures only), contiguous features."""
+    from catdog_cache.cache import read_index
+
+    craft_cache(base.cache, CACHE, {"features": lambda g, ds: g.create_dataset("features", data=ds[...])})
+    assert read_index(CACHE).shape[0] == 8
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "cat.0.jpg").write_bytes((base.train / "cat.0.jpg").read_bytes())
+    (folder / "cat.1.jpg").write_bytes(b"not a jpeg")
+    cli("extract", folder, *TINY, "--cache", "one.h5", "--quiet")
+    with h5py.File("one.h5", "r") as f:
+        assert f["features"].chunks == (1, 1, 4096)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "cat.0.jpg").write_bytes(b"not a jpeg either")
+    cli("extract", bad, *TINY, "--cache", "one.h5", "--quiet")  # its part holds no row: contiguous features
+    assert len(read_index("one.h5").failed) == 2
