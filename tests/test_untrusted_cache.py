@@ -9,17 +9,37 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
-from tests.conftest import TINY
+from catdog_cache.cli import app
+from tests.conftest import TINY, draw
 from tests.test_untrusted import FIT, craft_cache, refused
-from tests.test_untrusted import base as _base  # noqa: F401 (the fixture `base`, registered under its own name)
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path("cache/features.h5")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A real cache and head (4 cats + 4 dogs, TINY) and 3 unlabeled test images. Read-only for tests."""
+    root = tmp_path_factory.mktemp("base")
+    train, test = root / "train", root / "test1"
+    for i in range(4):
+        draw(train / f"cat.{i}.jpg", "cat", i)
+        draw(train / f"dog.{i}.jpg", "dog", 100 + i)
+    for i in range(1, 4):
+        draw(test / f"{i}.jpg", "cat" if i % 2 else "dog", 400 + i)
+    cache, head = root / "cache" / "features.h5", root / "cache" / "features.head.pt"
+    runner = CliRunner()
+    for args in (["extract", train, "--cache", cache, *TINY, "--quiet"], ["fit", "--cache", cache, *FIT]):
+        r = runner.invoke(app, [str(a) for a in args])
+        assert r.exit_code == 0, r.output
+    return SimpleNamespace(root=root, train=train, test=test, cache=cache, head=head)
 
 
 def run_limited(args: list[str], memory: int) -> subprocess.CompletedProcess:
