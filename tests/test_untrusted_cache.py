@@ -173,3 +173,30 @@ def test_what_the_writer_makes_is_accepted(cli, base, tmp_path):
     (bad / "cat.0.jpg").write_bytes(b"not a jpeg either")
     cli("extract", bad, *TINY, "--cache", "one.h5", "--quiet")  # its part holds no row: contiguous features
     assert len(read_index("one.h5").failed) == 2
+
+
+# ---------------------------------------------------------------- 21. a replaced file keeps its mode and group
+
+def test_replaced_files_keep_mode_and_group(cli, base, tmp_path):
+    """An append rewrites the cache, a second fit the head and its curve: a 0600 (or 0640, group 4242) file stayed
+    so only until then (it came back 0644, root's group)."""
+    craft_cache(base.cache, CACHE)
+    head, curve = Path("cache/features.head.pt"), Path("cache/features.head.png")
+    cli("fit", *FIT)
+    for p, mode in ((CACHE, 0o600), (head, 0o640), (curve, 0o604)):
+        os.chmod(p, mode)
+        os.chown(p, -1, 4242)
+    more = tmp_path / "more"
+    draw(more / "cat.9.jpg", "cat", 900)
+    cli("extract", more, *TINY, "--quiet")
+    cli("fit", *FIT)
+    for p, mode in ((CACHE, 0o600), (head, 0o640), (curve, 0o604)):
+        st = p.stat()
+        assert (oct(st.st_mode & 0o7777), st.st_gid) == (oct(mode), 4242), p
+    with h5py.File(CACHE, "r") as f:
+        assert f["labels"].shape == (9,)  # it was replaced
+    new = Path("new.csv")  # a new file still gets the umask's mode
+    from catdog_cache.files import umask, write_atomic
+
+    write_atomic(new, b"x")
+    assert new.stat().st_mode & 0o777 == 0o666 & ~umask()
