@@ -18,7 +18,7 @@ import torch
 from .backbone import Preset
 from .cache import encode_path, open_cache, parts_dir
 from .discover import Discovery, discover
-from .errors import CatdogError, InputError
+from .errors import CacheError, CatdogError, InputError
 from .extract import Progress, extract, run_features
 from .files import as_paths, check_outputs, plausible_file, write_atomic
 from .fit import DEFAULT_HEAD, log_loss
@@ -131,9 +131,10 @@ class Scored:
     rows: np.ndarray  # [N] row numbers in the (first) cache
 
 
-def _folder_rows(cache: Path, disc: Discovery, tta: bool) -> tuple[dict[bytes, np.ndarray], list, list[bytes],
-                                                                  dict[bytes, int]]:
-    """The folder's rows of one cache (one contiguous range: rows are sorted by source folder)."""
+def _folder_rows(cache: Path, disc: Discovery, views: tuple[str, ...] | None
+                 ) -> tuple[dict[bytes, np.ndarray], list, list[bytes], dict[bytes, int]]:
+    """The folder's rows of one cache (one contiguous range: rows are sorted by source folder), with the named views
+    (None: the first, the one heads are trained on)."""
     folder = str(disc.root.resolve())
     present = {encode_path(s.rel) for s in disc.samples}
     with open_cache(cache) as (f, index):
@@ -143,14 +144,27 @@ def _folder_rows(cache: Path, disc: Discovery, tta: bool) -> tuple[dict[bytes, n
         x = f["features"][lo:hi].astype(np.float32)[rows - lo]  # [N, V, D]
         failed = [(os.fsdecode(p), reason) for s, p, _, reason in index.failed if s == src and p in present]
         paths = index.paths
-    x = x if tta else x[:, :1]  # [N, V', D]
+        names = index.provenance.views.split(",")
+    x = x[:, [names.index(v) for v in views]] if views else x[:, :1]  # [N, V', D]
+    if not np.isfinite(x.sum(dtype=np.float64)):  # one pass, as fit checks: NaN would reach the submission
+        bad = [os.fsdecode(paths[r]) for r, ok in zip(rows, np.isfinite(x).reshape(len(x), -1).all(1), strict=True)
+               if not ok]
+        raise CacheError(f"{cache} holds NaN or infinite features for {len(bad)} images of {folder} (first "
+                         f"{bad[0]!r}): delete it (or give --cache a new file) and run again")
     return {paths[r]: x[i] for i, r in enumerate(rows)}, failed, paths, {paths[r]: int(r) for r in rows}
+
+
+def tta_views(loaded: Loaded) -> tuple[str, ...]:
+    """The views every backbone of the head has, in the first one's order: an ensemble's caches are joined view by
+    view, so test-time augmentation averages only the views they share."""
+    member_views = [p.views.split(",") for p, _ in loaded.members] or [loaded.provenance.views.split(",")]
+    return tuple(v for v in member_views[0] if all(v in m for m in member_views[1:]))
 
 
 def score_cached(loaded: Loaded, caches: list[Path], disc: Discovery, tta: bool) -> Scored:
     """Apply the head to the folder's cached features (an ensemble's caches joined side by side, by file)."""
     label = {encode_path(s.rel): s.label for s in disc.samples}
-    parts = [_folder_rows(c, disc, tta) for c in caches]
+    parts = [_folder_rows(c, disc, tta_views(loaded) if tta else None) for c in caches]
     keys = [k for k in parts[0][0] if all(k in p[0] for p in parts[1:])]  # sorted as the first cache
     failed = sorted({f for p in parts for f in p[1]})
     if keys:
@@ -230,8 +244,12 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
 
 
 def _check_tta(loaded: Loaded, tta: bool) -> tuple[str, ...]:
-    head_views = tuple(loaded.provenance.views.split(","))
+    head_views = tta_views(loaded)
     if tta and len(head_views) < 2:
+        if len(loaded.members) > 1:
+            raise InputError(f"--tta: the ensemble's backbones share one view ({','.join(head_views) or 'none'}; "
+                             f"theirs: {' / '.join(p.views for p, _ in loaded.members)}); extract each of them with "
+                             "--views center,flip and fit again to use test-time augmentation")
         raise InputError(f"--tta: the head's features have one view ({loaded.provenance.views}); extract with "
                          "--views center,flip and fit again to use test-time augmentation")
     return head_views if tta else ("center",)

@@ -200,3 +200,61 @@ def test_replaced_files_keep_mode_and_group(cli, base, tmp_path):
 
     write_atomic(new, b"x")
     assert new.stat().st_mode & 0o777 == 0o666 & ~umask()
+
+
+# ---------------------------------------------------------------- 11. an ensemble's views under --tta
+
+def test_ensemble_tta_uses_the_views_every_backbone_has(cli, base, tmp_path):
+    """center,flip + center: --tta was a ValueError in concatenate; it averages the shared views, so here (one
+    shared view) it is refused in one line. center,flip + center,flip (two seeds) averages both views."""
+    craft_cache(base.cache, CACHE)
+    flips = []
+    for seed in ("0", "1"):
+        flips.append(Path(f"cache/flip{seed}.h5"))
+        cli("extract", base.train, "--backbone", "tiny", "--weights", "random", "--seed", seed,
+            "--views", "center,flip", "--cache", flips[-1], "--quiet")
+    cli("fit", "--cache", flips[0], "--cache", CACHE, "--head", "mixed.pt", *FIT)
+    r = refused(cli("predict", base.test, "--head", "mixed.pt", "--tta", ok=False), "--tta")
+    assert "share one view" in r and "center,flip / center" in r
+    cli("fit", "--cache", flips[0], "--cache", flips[1], "--head", "both.pt", *FIT)
+    r = cli("predict", base.test, "--head", "both.pt", "--tta", "--out", "tta.csv", "--json")
+    assert '"center", "flip"' in r.output or '"center","flip"' in r.output.replace(" ", ""), r.output
+    cli("predict", base.test, "--head", "both.pt", "--out", "plain.csv")
+    tta, plain = (Path(p).read_text().splitlines()[1:] for p in ("tta.csv", "plain.csv"))
+    assert len(tta) == len(plain) == 3 and tta != plain
+
+
+# ---------------------------------------------------------------- 18. non-finite test features
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_test_features_are_refused(cli, base, tmp_path, value):
+    """A test-feature cache with a NaN (or inf) row: predict exited 0 with `nan` probabilities and `1,nan` in the
+    submission; preview drew it. Now one line naming the cache and the file, and no CSV."""
+    cache = tmp_path / "test.h5"
+    cli("predict", base.test, "--head", base.head, "--cache", cache, "--out", "first.csv")
+    with h5py.File(cache, "r+") as f:
+        f["features"][1, 0, 5] = value
+    r = refused(cli("predict", base.test, "--head", base.head, "--cache", cache, "--submission", "sub.csv",
+                    "--out", "p.csv", ok=False), "NaN or infinite")
+    assert "2.jpg" in r and str(cache) in r
+    assert not Path("sub.csv").exists() and not Path("p.csv").exists()
+    refused(cli("preview", base.test, "--head", base.head, "--cache", cache, "--out", "p.png", ok=False),
+            "NaN or infinite")
+
+
+# ---------------------------------------------------------------- 19. fit without training or validation rows
+
+def test_fit_without_training_rows_says_so(cli, base):
+    craft_cache(base.cache, CACHE)
+    r = refused(cli("fit", "--val-fraction", "0.999", *FIT, ok=False), "no training rows")
+    assert "diverged" not in r and "--val-fraction" in r
+    assert not Path("cache/features.head.pt").exists()
+
+
+def test_keep_best_without_validation_is_refused(cli, base):
+    """--keep best --val-fraction 0 said "kept epoch 1 (lowest validation log loss)" without any validation."""
+    craft_cache(base.cache, CACHE)
+    r = refused(cli("fit", "--keep", "best", "--val-fraction", "0", *FIT, ok=False), "--keep best")
+    assert "validation" in r
+    assert not Path("cache/features.head.pt").exists()
+    cli("fit", "--keep", "best", *FIT)  # with a validation split: allowed

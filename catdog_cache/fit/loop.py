@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
 from ..head import Head, MaskStream, new_head
 from .batches import windowed_batches
 from .config import Diverged, EpochStats, Features, FitConfig
@@ -49,6 +50,9 @@ def train(features_of: Features, labels: torch.Tensor, train_rows: torch.Tensor,
     Returns the head, the history and the epoch whose weights the head holds (the last, or with keep="best" the
     one with the lowest validation loss; without validation rows, the last)."""
     cfg.check()
+    if len(train_rows) == 0:  # otherwise every epoch's loss is NaN, reported as a divergence
+        raise InputError(f"no training rows: every labeled image is in the validation split (--val-fraction "
+                         f"{cfg.val_fraction}); lower --val-fraction")
     seeds = streams(cfg.seed)
     head = new_head(cfg.dropout, seeds["init"], in_dim, cfg.hidden)
     g_order = torch.Generator().manual_seed(seeds["order"])
