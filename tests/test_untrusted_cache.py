@@ -4,10 +4,13 @@ is built here from the real cache and head of tests/test_untrusted.py's `base`."
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -258,3 +261,85 @@ def test_keep_best_without_validation_is_refused(cli, base):
     assert "validation" in r
     assert not Path("cache/features.head.pt").exists()
     cli("fit", "--keep", "best", *FIT)  # with a validation split: allowed
+
+
+# ---------------------------------------------------------------- 20. predict reads a complete cache without the lock
+
+@pytest.fixture
+def two_heads(cli, base):
+    """The base cache in this folder and two heads trained on it (predict's test cache goes beside them)."""
+    craft_cache(base.cache, CACHE)
+    cli("fit", *FIT, "--head", "cache/a.head.pt")
+    cli("fit", *FIT, "--seed", "1", "--head", "cache/b.head.pt")
+    return Path("cache/a.head.pt"), Path("cache/b.head.pt")
+
+
+def test_nothing_to_extract_takes_no_lock(cli, base, two_heads, monkeypatch):
+    """A head on read-only media failed ("Read-only file system: ...lock") even with every feature cached: once
+    the folder is cached, predict and preview never open the lock (here: opening it fails the test)."""
+    extract_module = importlib.import_module("catdog_cache.extract")  # the package exports a function of that name
+
+    a, b = two_heads
+    cli("predict", base.test, "--head", a, "--out", "a.csv")  # caches test1 beside the heads
+    cli("preview", base.train, "--head", a, "--out", "a.png")  # the training cache holds the train folder
+
+    def no_lock(cache):
+        raise AssertionError(f"the lock of {cache} was taken with nothing to extract")
+
+    monkeypatch.setattr(extract_module, "locked", no_lock)
+    r = cli("predict", base.test, "--head", b, "--out", "b.csv", "--json")
+    assert '"extracted": 0' in r.output
+    cli("preview", base.test, "--head", b, "--out", "b.png")
+    cli("preview", base.train, "--head", b, "--out", "t.png")
+    draw(base.test.parent / "more" / "1.jpg", "cat", 1)  # a new image still needs the lock: the error says so
+    with pytest.raises(AssertionError, match="the lock"):
+        from catdog_cache.predict import predict
+
+        predict(base.test.parent / "more", b, "m.csv")
+
+
+def test_predict_waits_for_another_extract(cli, base, two_heads, tmp_path, monkeypatch):
+    """Two predicts on one folder: the second failed at once ("in use by another extract"), even with nothing left
+    to extract. Now a cached folder needs no lock, and a missing one waits for the lock (CATDOG_LOCK_WAIT)."""
+    import threading
+
+    from catdog_cache.cache import locked
+    from catdog_cache.predict import predict
+
+    a, b = two_heads
+    cli("predict", base.test, "--head", a, "--out", "a.csv")
+    test_cache = next(Path("cache").glob("test1.*.h5"))
+    with locked(test_cache):  # someone extracts into it: a cached folder is read anyway
+        cli("predict", base.test, "--head", b, "--out", "b.csv")
+    folder = tmp_path / "new"
+    draw(folder / "1.jpg", "dog", 7)
+    new_cache = Path("new.h5")
+    monkeypatch.setenv("CATDOG_LOCK_WAIT", "0.5")
+    with locked(new_cache):
+        refused(cli("predict", folder, "--head", b, "--cache", new_cache, "--out", "n.csv", ok=False), "waited")
+    monkeypatch.setenv("CATDOG_LOCK_WAIT", "60")
+    held, stages = threading.Event(), []
+
+    def hold() -> None:
+        with locked(new_cache):
+            held.set()
+            time.sleep(1.0)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    report = predict(folder, b, "n.csv", cache=new_cache, progress=lambda s, d, t: stages.append(s))
+    holder.join()
+    assert "waiting" in stages and report.extracted == 1 and len(report.rows) == 1
+
+
+def test_two_concurrent_predicts_on_one_folder(cli, base, two_heads, tmp_path):
+    """Two processes, two heads, one uncached folder: both succeed; the images go through the backbone once."""
+    a, b = two_heads
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-m", "catdog_cache", "predict", str(base.test), "--head", str(h),
+                               "--out", f"{h.stem}.csv", "--json", "--workers", "0"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for h in (a, b)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum(json.loads(out)["extracted"] for out, _ in outs) == 3, outs
