@@ -130,7 +130,16 @@ def temp_beside(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the file the mode a plain open() would
+        try:  # a file that is replaced keeps its permissions and group (a 0600 cache stays private)
+            old = os.stat(path)
+        except OSError:
+            old = None
+        if old is not None and stat.S_ISREG(old.st_mode):
+            with contextlib.suppress(OSError):  # only an owner in that group (or root) may give it
+                os.chown(tmp, -1, old.st_gid)
+            os.chmod(tmp, stat.S_IMODE(old.st_mode) & 0o777)  # never setuid/setgid bits
+        else:
+            os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the file the mode a plain open() would
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from .backbone import Preset
-from .cache import encode_path, open_cache, parts_dir
+from .cache import encode_path, open_cache, parts_dir, read_index
 from .discover import Discovery, discover
-from .errors import CacheError, CatdogError, InputError
-from .extract import Progress, extract, run_features
+from .errors import CacheBusy, CacheError, CatdogError, InputError
+from .extract import ExtractConfig, Progress, extract, run_features, sha256_file
 from .files import as_paths, check_outputs, plausible_file, write_atomic
 from .fit import DEFAULT_HEAD, log_loss
 from .scorer import Loaded, load_exported, load_scorer
@@ -131,9 +131,10 @@ class Scored:
     rows: np.ndarray  # [N] row numbers in the (first) cache
 
 
-def _folder_rows(cache: Path, disc: Discovery, tta: bool) -> tuple[dict[bytes, np.ndarray], list, list[bytes],
-                                                                  dict[bytes, int]]:
-    """The folder's rows of one cache (one contiguous range: rows are sorted by source folder)."""
+def _folder_rows(cache: Path, disc: Discovery, views: tuple[str, ...] | None
+                 ) -> tuple[dict[bytes, np.ndarray], list, list[bytes], dict[bytes, int]]:
+    """The folder's rows of one cache (one contiguous range: rows are sorted by source folder), with the named views
+    (None: the first, the one heads are trained on)."""
     folder = str(disc.root.resolve())
     present = {encode_path(s.rel) for s in disc.samples}
     with open_cache(cache) as (f, index):
@@ -143,14 +144,27 @@ def _folder_rows(cache: Path, disc: Discovery, tta: bool) -> tuple[dict[bytes, n
         x = f["features"][lo:hi].astype(np.float32)[rows - lo]  # [N, V, D]
         failed = [(os.fsdecode(p), reason) for s, p, _, reason in index.failed if s == src and p in present]
         paths = index.paths
-    x = x if tta else x[:, :1]  # [N, V', D]
+        names = index.provenance.views.split(",")
+    x = x[:, [names.index(v) for v in views]] if views else x[:, :1]  # [N, V', D]
+    if not np.isfinite(x.sum(dtype=np.float64)):  # one pass, as fit checks: NaN would reach the submission
+        bad = [os.fsdecode(paths[r]) for r, ok in zip(rows, np.isfinite(x).reshape(len(x), -1).all(1), strict=True)
+               if not ok]
+        raise CacheError(f"{cache} holds NaN or infinite features for {len(bad)} images of {folder} (first "
+                         f"{bad[0]!r}): delete it (or give --cache a new file) and run again")
     return {paths[r]: x[i] for i, r in enumerate(rows)}, failed, paths, {paths[r]: int(r) for r in rows}
+
+
+def tta_views(loaded: Loaded) -> tuple[str, ...]:
+    """The views every backbone of the head has, in the first one's order: an ensemble's caches are joined view by
+    view, so test-time augmentation averages only the views they share."""
+    member_views = [p.views.split(",") for p, _ in loaded.members] or [loaded.provenance.views.split(",")]
+    return tuple(v for v in member_views[0] if all(v in m for m in member_views[1:]))
 
 
 def score_cached(loaded: Loaded, caches: list[Path], disc: Discovery, tta: bool) -> Scored:
     """Apply the head to the folder's cached features (an ensemble's caches joined side by side, by file)."""
     label = {encode_path(s.rel): s.label for s in disc.samples}
-    parts = [_folder_rows(c, disc, tta) for c in caches]
+    parts = [_folder_rows(c, disc, tta_views(loaded) if tta else None) for c in caches]
     keys = [k for k in parts[0][0] if all(k in p[0] for p in parts[1:])]  # sorted as the first cache
     failed = sorted({f for p in parts for f in p[1]})
     if keys:
@@ -170,7 +184,8 @@ def score_cached(loaded: Loaded, caches: list[Path], disc: Discovery, tta: bool)
 def cached_features(loaded: Loaded, head_path: Path, data_dir: Path, caches: list[Path] | None, device: str,
                     batch_size: int, workers: int, progress: Progress | None, stage: str) -> tuple[list[Path], int]:
     """Make sure the folder's features are cached for each backbone of the head (extracting only what is new or
-    changed); returns the caches and how many images went through a backbone."""
+    changed); returns the caches and how many images went through a backbone. A cache that already holds every
+    file of the folder is only read: no lock, so heads on read-only media and concurrent predicts work."""
     n = max(len(loaded.members), 1)
     if caches and len(caches) != n:
         raise InputError(f"--cache: the head needs {n} feature caches (one per backbone), got {len(caches)}")
@@ -178,9 +193,65 @@ def cached_features(loaded: Loaded, head_path: Path, data_dir: Path, caches: lis
     relabel = (lambda s, d, t: progress(stage if s == "extract" else s, d, t)) if progress else None
     extracted = 0
     for i, cache in enumerate(caches):
-        report = extract(data_dir, cache, loaded.config(device, batch_size, workers, member=i), progress=relabel)
-        extracted += report.extracted
+        cfg = loaded.config(device, batch_size, workers, member=i)
+        if not up_to_date(data_dir, cache, cfg, relabel):
+            extracted += _extract_waiting(data_dir, cache, cfg, relabel)
     return caches, extracted
+
+
+LOCK_WAIT = 600.0  # seconds predict waits for another extract of the same cache (CATDOG_LOCK_WAIT overrides)
+
+
+def up_to_date(data_dir: Path, cache: Path, cfg: ExtractConfig, progress: Progress | None = None) -> bool:
+    """Whether extract would have nothing to do: every file of the folder is in the cache (as a row or a recorded
+    failure) with the same content hash and provenance, and no part waits for assembly. Decided as extract's _plan
+    decides, but read-only: no lock, no folder made, no stale part removed. Under torchrun the ranks decide together
+    in extract itself."""
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        return False
+    cfg.check()
+    cache = cache.resolve()
+    parts = parts_dir(cache)
+    if not cache.is_file() or (parts.is_dir() and any(parts.glob("*.h5"))):
+        return False
+    disc = discover(data_dir)
+    source = str(disc.root.resolve())
+    index = read_index(cache)
+    if index.provenance != cfg.provenance():  # extract says how they differ
+        return False
+    known = {key[1]: sha for key, sha in zip(index.keys(), index.sha256, strict=True) if key[0] == source}
+    known |= {p: sha for s, p, sha, _ in index.failed if index.sources[s] == source and sha}
+    for n, sample in enumerate(disc.samples):
+        if progress and (n % 256 == 0 or n == len(disc.samples) - 1):
+            progress("hash", n + 1, len(disc.samples))
+        want = known.get(encode_path(sample.rel))
+        try:
+            if want is None or sha256_file(disc.root / sample.rel) != want:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _extract_waiting(data_dir: Path, cache: Path, cfg: ExtractConfig, progress: Progress | None) -> int:
+    """extract(), waiting while another process holds the cache's lock (it may be extracting this very folder, and
+    then this run finds it cached): two predicts on one folder both succeed."""
+    try:
+        wait = float(os.environ.get("CATDOG_LOCK_WAIT", LOCK_WAIT))
+    except ValueError:
+        raise InputError(f"CATDOG_LOCK_WAIT: expected seconds, got {os.environ['CATDOG_LOCK_WAIT']!r}") from None
+    t0, pause = time.monotonic(), 0.1
+    while True:
+        try:
+            return extract(data_dir, cache, cfg, progress=progress).extracted
+        except CacheBusy as e:
+            waited = time.monotonic() - t0
+            if not waited < wait:
+                raise CacheBusy(f"{e} (waited {waited:.0f} s; CATDOG_LOCK_WAIT=SECONDS waits longer)") from None
+            if progress:
+                progress("waiting", min(int(waited), int(wait)), int(wait))
+            pause = min(2.0, pause * 2)  # each try discovers the folder again: not too often
+            time.sleep(min(pause, max(wait - waited, 0.0)))
 
 
 def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] | None, out: str | os.PathLike[str],
@@ -234,8 +305,12 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
 
 
 def _check_tta(loaded: Loaded, tta: bool) -> tuple[str, ...]:
-    head_views = tuple(loaded.provenance.views.split(","))
+    head_views = tta_views(loaded)
     if tta and len(head_views) < 2:
+        if len(loaded.members) > 1:
+            raise InputError(f"--tta: the ensemble's backbones share one view ({','.join(head_views) or 'none'}; "
+                             f"theirs: {' / '.join(p.views for p, _ in loaded.members)}); extract each of them with "
+                             "--views center,flip and fit again to use test-time augmentation")
         raise InputError(f"--tta: the head's features have one view ({loaded.provenance.views}); extract with "
                          "--views center,flip and fit again to use test-time augmentation")
     return head_views if tta else ("center",)

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import CacheBusy, CacheError
 from ..files import printable
-from .format import SCHEMA_VERSION, Index, Provenance
+from .format import CHUNK_ROWS, SCHEMA_VERSION, Index, Provenance
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MAX_VIEWS, MAX_DIM = 16, 1 << 20  # sanity bounds on a cache's declared shape
@@ -66,7 +66,10 @@ def _dataset(f: h5py.Group, name: str, path: Path) -> h5py.Dataset:
 
 
 def _check_schema(f: h5py.File, path: Path) -> None:
-    version = f.attrs.get("schema_version")
+    try:
+        version = _attr(f, "schema_version")
+    except (KeyError, ValueError):
+        version = None
     if version is None or "features" not in f:
         raise CacheError(f"{path} is an HDF5 file but not a catdog-cache cache")
     if not isinstance(version, int | np.integer):
@@ -76,14 +79,77 @@ def _check_schema(f: h5py.File, path: Path) -> None:
                          "extract again into a new cache")
 
 
-def _rows(f: h5py.Group, name: str, path: Path, n: int | None, kinds: str) -> h5py.Dataset:
-    """A 1-D per-row dataset of the expected kind whose length matches the others and fits in the file."""
+# Each per-row column has exactly the type parts._write gives it (a crafted `S2147483647` sha256 column would be
+# allocated at 2 GiB per row; a vlen int one breaks every reader): a fixed dtype, or a variable-length kind.
+COLUMNS: dict[str, np.dtype | type] = {"source": np.dtype("u2"), "labels": np.dtype("i1"), "sha256": np.dtype("S64"),
+                                       "paths": bytes, "reasons": str}
+MAX_CHUNK_BYTES = 64 << 20  # a features chunk larger than this is not one our writer makes for any sane width
+
+
+def _rows(f: h5py.Group, name: str, path: Path, n: int | None) -> h5py.Dataset:
+    """A 1-D per-row column of its exact type whose length matches the others, stored as our writer stores it:
+    contiguous (a chunked column could hold one chunk per row, each a B-tree lookup)."""
     ds = _dataset(f, name, path)
-    if ds.ndim != 1 or (ds.dtype.kind not in kinds and h5py.check_vlen_dtype(ds.dtype) is None):
-        raise CacheError(f"{path} is damaged ({name!r} has shape {ds.shape}, dtype {ds.dtype}): extract again")
+    want = COLUMNS[name]
+    vlen = h5py.check_vlen_dtype(ds.dtype)
+    if ds.ndim != 1 or (vlen is not want if isinstance(want, type) else vlen is not None or ds.dtype != want):
+        raise CacheError(f"{path} is damaged ({name!r} has shape {ds.shape}, dtype {ds.dtype}"
+                         f"{f' of {vlen}' if vlen is not None else ''}; expected {getattr(want, '__name__', want)})"
+                         ": extract again")
     if n is not None and ds.shape[0] != n:
         raise CacheError(f"{path} is damaged ({name!r} has {ds.shape[0]} rows, features {n}): extract again")
+    if ds.chunks is not None:
+        raise CacheError(f"{path}: {name!r} is chunked (chunks {ds.chunks}); catdog-cache never writes it so: "
+                         "refusing a crafted cache")
     return ds
+
+
+def _vlen_bytes(ds: h5py.Dataset, path: Path, size: int) -> int:
+    """What a variable-length column expands to, read from the lengths stored in its elements before reading them:
+    every row of a crafted file could point at the same large heap object (a 1 MB file, a terabyte read). On disk
+    each element is a 4-byte length and a global heap id (an address and a 4-byte index)."""
+    n = ds.shape[0]
+    if n == 0:
+        return 0
+    offset = ds.id.get_offset()
+    fcpl = ds.file.id.get_create_plist()
+    item = 4 + fcpl.get_sizes()[0] + 4
+    if ds.id.get_create_plist().get_layout() != h5py.h5d.CONTIGUOUS or offset is None or fcpl.get_userblock() or \
+            offset + n * item > size:
+        raise CacheError(f"{path}: {ds.name!r} is not stored as catdog-cache stores it; refusing a crafted cache")
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        raw = fh.read(n * item)
+    if len(raw) != n * item:
+        raise CacheError(f"{path} is truncated ({ds.name!r}): delete it and extract again")
+    total = int(np.frombuffer(raw, np.dtype([("len", "<u4"), ("heap", f"V{item - 4}")]))["len"].sum(dtype=np.int64))
+    if total > size:
+        raise CacheError(f"{path}: {ds.name!r} declares {total} bytes that a {size}-byte file cannot hold: refusing it")
+    return total
+
+
+def _attr(f: h5py.File, name: str) -> object:
+    """One scalar attribute (an array of variable-length strings could point every element at one large object)."""
+    if name not in f.attrs:
+        raise KeyError(f"no attribute {name!r}")
+    if f.attrs.get_id(name).shape != ():
+        raise ValueError(f"attribute {name!r} is not a single value")
+    return f.attrs[name]
+
+
+def _check_chunks(feats: h5py.Dataset, path: Path) -> None:
+    """Whole-row chunks of a sane size, as our writer makes them ((min(64, N), V, D); contiguous when empty).
+    A crafted 1x1x1 chunking makes every read millions of B-tree lookups (fit: 30 s and 4.7 GB for a 63 MB file).
+    Contiguous storage is one read, harmless at any size."""
+    if feats.chunks is None:
+        return
+    n, v, d = feats.shape
+    r = feats.chunks[0]
+    row_bytes = v * d * feats.dtype.itemsize
+    most = max(CHUNK_ROWS, MAX_CHUNK_BYTES // row_bytes)
+    if tuple(feats.chunks[1:]) != (v, d) or not min(n, CHUNK_ROWS) <= r <= most:
+        raise CacheError(f"{path}: features are stored in chunks of {feats.chunks}; catdog-cache writes whole rows, "
+                         f"{CHUNK_ROWS} at a time ({(min(n, CHUNK_ROWS), v, d)}): refusing a crafted cache")
 
 
 def _index(f: h5py.File, path: Path) -> Index:
@@ -99,34 +165,39 @@ def _index(f: h5py.File, path: Path) -> Index:
     n = feats.shape[0]
     if n * feats.shape[1] * feats.shape[2] * feats.dtype.itemsize > size:  # no filters: data must be in the file
         raise CacheError(f"{path} declares {n} rows of features that a {size}-byte file cannot hold: refusing it")
+    _check_chunks(feats, path)
     try:
-        prov = Provenance.from_json(f.attrs["provenance"], str(path))
-        sources = json.loads(f.attrs["sources"])
+        prov = Provenance.from_json(_attr(f, "provenance"), str(path))
+        sources = json.loads(_attr(f, "sources"))
         if not isinstance(sources, list) or not all(isinstance(x, str) for x in sources):
             raise ValueError("sources is not a list of folders")
         if "failures" not in f or not isinstance(f.get("failures", getlink=True), h5py.HardLink):
             raise ValueError("no failures group")
         fail = f["failures"]
-        fn = _rows(fail, "paths", path, None, "O").shape[0]
+        fn = _rows(fail, "paths", path, None).shape[0]
         if fn > size:
             raise ValueError(f"{fn} failures declared")
-        source = _rows(f, "source", path, n, "ui")[:].astype(np.int64)
-        labels = _rows(f, "labels", path, n, "i")[:].astype(np.int8)
+        columns = {name: _rows(f, name, path, n) for name in ("source", "labels", "paths", "sha256")}
+        failures = {name: _rows(fail, name, path, fn) for name in ("source", "paths", "sha256", "reasons")}
+        for ds in (columns["paths"], failures["paths"], failures["reasons"]):
+            _vlen_bytes(ds, path, size)  # before reading: their total is bounded by the file
+        source = columns["source"][:].astype(np.int64)
+        labels = columns["labels"][:].astype(np.int8)
         index = Index(
             provenance=prov,
             sources=sources,
             source=source,
-            paths=[bytes(p) for p in _rows(f, "paths", path, n, "O")[:]],
+            paths=[bytes(p) for p in columns["paths"][:]],
             labels=labels,
-            sha256=[s.decode() for s in _rows(f, "sha256", path, n, "S")[:]],
-            failed=list(zip(_rows(fail, "source", path, fn, "ui")[:].astype(np.int64).tolist(),
-                            [bytes(p) for p in _rows(fail, "paths", path, fn, "O")[:]],
-                            [s.decode() for s in _rows(fail, "sha256", path, fn, "S")[:]],
-                            [r.decode() if isinstance(r, bytes) else str(r)
-                             for r in _rows(fail, "reasons", path, fn, "SO")[:]], strict=True)),
+            sha256=[s.decode() for s in columns["sha256"][:]],
+            failed=list(zip(failures["source"][:].astype(np.int64).tolist(),
+                            [bytes(p) for p in failures["paths"][:]],
+                            [s.decode() for s in failures["sha256"][:]],
+                            [r.decode() if isinstance(r, bytes) else str(r) for r in failures["reasons"][:]],
+                            strict=True)),
             shape=tuple(feats.shape),
             dtype=str(feats.dtype),
-            weights_path=str(f.attrs.get("weights_path", "")),
+            weights_path=str(_attr(f, "weights_path")) if "weights_path" in f.attrs else "",
         )
     except CacheError:
         raise

@@ -98,6 +98,9 @@ def train(features_of: Features, labels: torch.Tensor, train_rows: torch.Tensor,
     batch order and the dropout masks live there; the masks are the host's numbers (DeviceMaskStream) and the
     batches the same rows, so the head differs from the host's by float rounding only."""
     cfg.check()
+    if len(train_rows) == 0:  # otherwise every epoch's loss is NaN, reported as a divergence
+        raise InputError(f"no training rows: every labeled image is in the validation split (--val-fraction "
+                         f"{cfg.val_fraction}); lower --val-fraction")
     seeds = streams(cfg.seed)
     head = new_head(cfg.dropout, seeds["init"], in_dim, cfg.hidden)  # initialised on the host, then moved: same init
     g_order = torch.Generator().manual_seed(seeds["order"])

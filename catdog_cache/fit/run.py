@@ -98,6 +98,10 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
             oof_note = {"folds": folds, "best_epochs": best_epochs, "final_epochs": final_cfg.epochs}
         else:
             train_np, val_np = split(data.paths, data.raw_labels, cfg.val_fraction, cfg.seed)
+            if cfg.keep == "best" and len(val_np) == 0:  # "lowest validation log loss" would name no validation
+                raise InputError(f"--keep best picks the epoch with the lowest validation log loss, and --val-fraction "
+                                 f"{cfg.val_fraction} leaves no validation image: raise --val-fraction, use --folds, "
+                                 "or keep the last epoch")
             # Row r's view j is feature row r * V + j: every view of a training image trains, validation sees the
             # center view.
             train_rows = torch.from_numpy((train_np[:, None] * data.views + np.arange(data.views)).ravel())
