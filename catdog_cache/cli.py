@@ -575,7 +575,7 @@ def bench(
     markdown: bool = typer.Option(False, "--markdown", help="Also print a README-ready table."),
     only: str = typer.Option("", "--only", help="'pipeline': only the extract-pipeline rows."),
     pipeline: int = typer.Option(1000, "--pipeline-images", help="Drawn 500x375 JPEGs for the extract-pipeline "
-                                 "rows when no --data is given (0 to skip the rows)."),
+                                 "rows (with --data: its images instead; 0 skips the rows)."),
     workers: int = typer.Option(-1, "--workers", help="Decode workers for the pipeline rows (-1: extract's default)."),
     batch_size: int = typer.Option(0, "--batch-size", help="Batch for the pipeline rows (0: extract's default)."),
     device: str = typer.Option("cpu", "--device", help="Device of the pipeline rows: cpu or cuda."),
@@ -604,7 +604,7 @@ def bench(
         out.print(f"  {r[0]:<48} {r[1]:>18}  {r[2]}", highlight=False)
 
     table = [] if only else run(data, limit, rows, log, sizes, [b.strip() for b in backbones.split(",") if b.strip()])
-    if pipeline or data is not None:
+    if pipeline:
         table += benchpipe.run(data, pipeline, workers, batch_size, device, log)
     if markdown:
         print("| measurement | value | note |\n|---|---|---|")

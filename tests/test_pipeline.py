@@ -166,3 +166,12 @@ def test_bench_pipeline_rows(tmp_path, kaggle_dir, monkeypatch):
     rows = benchpipe.extract_vs_loop(kaggle_dir, 2, 16, lambda r: None, repeats=1)
     assert rows[0][1:] == ("90 vs 100 img/s", "0.90x; median of 1, interleaved, fresh processes")
     assert rows[1][1].startswith("800 vs 1000 us") and rows[1][2].startswith("0.80x")
+
+
+def test_bench_only_pipeline_cli(cli, monkeypatch):
+    monkeypatch.setattr(benchpipe, "measure", lambda mode, *a, **k: (50.0, 700.0))
+    r = cli("bench", "--only", "pipeline", "--pipeline-images", "4", "--workers", "0", "--markdown")
+    assert "extract vs plain DataLoader loop (tiny, cpu, 0 workers, batch 16, 4 files)" in r.output
+    assert "| 50 vs 50 img/s | 1.00x" in r.output and "GEMM" not in r.output
+    r = cli("bench", "--only", "fit", ok=False)
+    assert r.exit_code == 1 and "--only: expected pipeline" in r.output
