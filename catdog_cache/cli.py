@@ -636,22 +636,39 @@ def bench_cmd(
     stream: str = typer.Option("25000,100000", "--stream", help="Cache sizes for streamed fit ('' to skip)."),
     backbones: str = typer.Option("vgg16", "--backbones", help="Backbones for the extract rows, comma-separated."),
     markdown: bool = typer.Option(False, "--markdown", help="Also print a README-ready table."),
+    only: str = typer.Option("", "--only", help="'pipeline': only the extract-pipeline rows."),
+    pipeline: int = typer.Option(1000, "--pipeline-images", help="Drawn 500x375 JPEGs for the extract-pipeline "
+                                 "rows (with --data: its images instead; 0 skips the rows)."),
+    workers: int = typer.Option(-1, "--workers", help="Decode workers for the pipeline rows (-1: extract's default)."),
+    batch_size: int = typer.Option(0, "--batch-size", help="Batch for the pipeline rows (0: extract's default)."),
+    device: str = typer.Option("cpu", "--device", help="Device of the pipeline rows: cpu or cuda."),
 ) -> None:
-    """Measure GEMM and copy rates, backbone forward, extract end to end, fit (quiet and under load), start-up."""
+    """Measure GEMM and copy rates, backbone forward, extract end to end, fit (quiet and under load), start-up,
+    and extract against a plain DataLoader loop (tiny backbone: the pipeline's own cost)."""
     import platform
     from datetime import date
 
     import torch
 
+    from . import benchpipe
+    from .backbone import check_device
     from .bench import run
 
+    check_device(device)
+    if only not in ("", "pipeline"):
+        raise CatdogError(f"--only: expected pipeline, got {only!r}")
     out.print(f"bench on {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {date.today()}")
     try:
         sizes = [int(x) for x in stream.split(",") if x.strip()]
     except ValueError:
         raise CatdogError(f"--stream: expected comma-separated row counts, got {stream!r}") from None
-    table = run(data, limit, rows, lambda r: out.print(f"  {r[0]:<48} {r[1]:>18}  {r[2]}", highlight=False), sizes,
-                [b.strip() for b in backbones.split(",") if b.strip()])
+
+    def log(r: tuple[str, str, str]) -> None:
+        out.print(f"  {r[0]:<48} {r[1]:>18}  {r[2]}", highlight=False)
+
+    table = [] if only else run(data, limit, rows, log, sizes, [b.strip() for b in backbones.split(",") if b.strip()])
+    if pipeline:
+        table += benchpipe.run(data, pipeline, workers, batch_size, device, log)
     if markdown:
         print("| measurement | value | note |\n|---|---|---|")
         for what, value, note in table:

@@ -6,7 +6,6 @@ Per-file problems become failure records (path + reason), never a crashed run. W
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import __version__
@@ -23,18 +21,18 @@ from .cache import Provenance, Rows, assemble, encode_path, list_parts, locked, 
 from .discover import Discovery, Sample, discover
 from .distributed import Dist, from_env
 from .errors import CacheBusy, CatdogError, InputError, Interrupted, ProvenanceMismatch
-from .files import read_regular, sha256_regular
-from .preprocess import (
-    DECODERS,
-    MAX_FILE_BYTES,
-    VIEWS,
-    DecodeError,
-    decode_rgb,
-    decoder_of,
-    jpeg_payload,
-    tensor_views,
-    views_of,
+from .files import sha256_regular
+from .pipeline import (
+    Batch,
+    ImageFiles,
+    PartWriter,
+    collate,
+    default_workers,
+    device_batch,
+    extract_threads,
+    worker_init,
 )
+from .preprocess import DECODERS, MAX_FILE_BYTES, VIEWS, decoder_of
 
 PART_ROWS = 1024
 PART_SECONDS = 120.0
@@ -94,90 +92,14 @@ def sha256_file(path: Path) -> str:
     return sha256_regular(path, MAX_FILE_BYTES)
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Index -> (index, [V, 3, 224, 224] or None, sha256 of the bytes decoded, failure reason).
-
-    With decoder="torchvision" the item is instead ("jpeg", raw bytes) for plain JPEGs, to be decoded in a batch on
-    the extraction device, or ("rgb", [3, H, W] uint8) decoded by Pillow; `device_batch` finishes both."""
-
-    def __init__(self, root: Path, rels: list[str], views: tuple[str, ...], preset: Preset, decoder: str = "pil"
-                 ) -> None:
-        self.root, self.rels, self.views, self.decoder = root, rels, views, decoder
-        self.transform = preset.transform()
-
-    def __len__(self) -> int:
-        return len(self.rels)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str, str]:
-        try:  # a regular file, opened non-blocking, read up to the limit: the file may have changed since discovery
-            data = read_regular(self.root / self.rels[i], MAX_FILE_BYTES)
-        except ValueError as e:
-            return i, None, "", str(e)
-        except OSError as e:
-            return i, None, "", f"unreadable: {e.strerror or e}"
-        sha = hashlib.sha256(data).hexdigest()
-        try:
-            if self.decoder == "torchvision":
-                jpeg = jpeg_payload(data)  # cut at its end marker, bounded by its pixel count
-                if jpeg is not None:
-                    return i, ("jpeg", torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)), sha, ""
-                return i, ("rgb", torch.from_numpy(np.asarray(decode_rgb(data)).copy()).permute(2, 0, 1)), sha, ""
-            return i, views_of(decode_rgb(data), self.views, self.transform), sha, ""
-        except DecodeError as e:
-            return i, None, sha, str(e)
-        except Exception as e:  # a decoder bug on one file must not end a multi-hour run
-            return i, None, sha, f"decode failed: {type(e).__name__}: {e}"
-
-
-def _collate(batch: list[tuple[int, Any, str, str]]):
-    good = [b for b in batch if b[1] is not None]
-    if good and isinstance(good[0][1], tuple):  # decoder="torchvision": decoded later, on the device
-        x: Any = [b[1] for b in good]
-    else:
-        x = torch.stack([b[1] for b in good]) if good else None  # [B, V, 3, 224, 224]
-    return x, [b[0] for b in good], [b[2] for b in good], [(b[0], b[2], b[3]) for b in batch if b[1] is None]
-
-
-def device_batch(items: list[tuple[str, torch.Tensor]], idx: list[int], shas: list[str],
-                 views: tuple[str, ...], device: torch.device, preset: Preset
-                 ) -> tuple[torch.Tensor | None, list[int], list[str], list[tuple[int, str, str]]]:
-    """decoder="torchvision": decode the batch's JPEGs together on the device (nvJPEG on a GPU), then resize, crop
-    and normalise there. A batch that fails to decode is retried image by image, so one bad file is one failure."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    def decode(data: list[torch.Tensor]) -> list[torch.Tensor]:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
-
-    jpegs = [k for k, (kind, _) in enumerate(items) if kind == "jpeg"]
-    images: list[torch.Tensor | None] = [t if kind == "rgb" else None for kind, t in items]
-    failed: list[tuple[int, str, str]] = []
-    try:
-        for k, img in zip(jpegs, decode([items[k][1] for k in jpegs]) if jpegs else [], strict=True):
-            images[k] = img
-    except RuntimeError:
-        for k in jpegs:
-            try:
-                images[k] = decode([items[k][1]])[0]
-            except RuntimeError as e:
-                failed.append((idx[k], shas[k], f"corrupt or truncated JPEG: {str(e).splitlines()[0]}"))
-    keep = [k for k, img in enumerate(images) if img is not None]
-    x = tensor_views([images[k] for k in keep], views, device, preset) if keep else None  # [B, V, 3, S, S]
-    return x, [idx[k] for k in keep], [shas[k] for k in keep], failed
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # the main process owns the cores for the forward pass
-
-
-def default_workers(n_items: int) -> int:
-    return 0 if n_items < 64 else min(4, os.cpu_count() or 1)
-
-
 def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.nn.Module | None = None,
-                 progress: Progress | None = None, preset: Preset | None = None
-                 ) -> Iterator[tuple[list[int], np.ndarray, list[str], list[tuple[int, str, str]]]]:
+                 progress: Progress | None = None, preset: Preset | None = None) -> Iterator[Batch]:
     """Yield per batch: (item indices, features [B, V, D] float32, sha256s, failures (index, sha, reason)).
-    With a model and a preset given (an exported scorer), no backbone plugin is consulted."""
+    With a model and a preset given (an exported scorer), no backbone plugin is consulted.
+
+    Stages overlap: loader workers decode ahead (prefetch); on a GPU the batch arrives pinned, goes over with a
+    non-blocking copy, and its features come back into pinned memory while the next batch is fetched and run, so a
+    batch is yielded one step late. The caller's work on a batch (the writer) overlaps the same way."""
     cfg.check()
     device = resolve_device(cfg.device)  # under torchrun, "cuda" is this rank's GPU (distributed.from_env)
     if model is None or preset is None:
@@ -192,27 +114,58 @@ def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.n
     loader = torch.utils.data.DataLoader(
         ImageFiles(root, rels, cfg.views, preset, cfg.decoder),
         batch_size=cfg.batch_size or (128 if cuda else 16), shuffle=False, num_workers=workers,
-        collate_fn=_collate, pin_memory=cuda, worker_init_fn=_worker_init if workers else None,
+        collate_fn=collate, pin_memory=cuda, worker_init_fn=worker_init if workers else None,
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    done = 0
-    for x, idx, shas, failures in loader:
-        if isinstance(x, list):
-            x, idx, shas, late = device_batch(x, idx, shas, cfg.views, device, preset)
-            failures = failures + late
-        feats = np.zeros((0, len(cfg.views), 0), np.float32)
-        if x is not None:
-            b, v = x.shape[:2]
-            x = x.flatten(0, 1).to(device, non_blocking=True, memory_format=torch.channels_last)  # [B*V, 3, S, S]
-            with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
-                                                        enabled=autocast_dtype is not None):
-                y = model(x)  # [B*V, D]
-            feats = y.float().reshape(b, v, -1).cpu().numpy()  # [B, V, D]
-        done += len(idx) + len(failures)
-        if progress:
-            progress("extract", done, len(rels))
-        yield idx, feats, shas, failures
+    done, pending = 0, None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(extract_threads(workers))  # set before the workers fork: they start from 1 thread anyway
+    try:
+        for x, idx, shas, failures in loader:
+            with torch.inference_mode():  # not held across the yield: the caller's code runs in its own mode
+                out, ready = _forward(x, idx, shas, failures, model, cfg, device, preset, autocast_dtype)
+            if pending is not None:
+                done = yield from _emit(pending, done, len(rels), progress)
+            pending = (*out, ready)
+        if pending is not None:
+            yield from _emit(pending, done, len(rels), progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _forward(x: Any, idx: list[int], shas: list[str], failures: list[tuple[int, str, str]], model: torch.nn.Module,
+             cfg: ExtractConfig, device: torch.device, preset: Preset, autocast_dtype: torch.dtype | None) -> tuple[
+                 tuple[list[int], torch.Tensor, list[str], list[tuple[int, str, str]]], Any]:
+    """One loader batch -> ((indices, features [B, V, D] on the host, sha256s, failures), a CUDA event or None)."""
+    if isinstance(x, list):
+        x, idx, shas, late = device_batch(x, idx, shas, cfg.views, device, preset)
+        failures = failures + late
+    out, ready = torch.zeros((0, len(cfg.views), 0)), None
+    if x is not None:
+        b, v = x.shape[:2]
+        # [B*V, 3, S, S]; already channels-last from the workers, so on a CPU this is no copy at all
+        x = x.flatten(0, 1).to(device, non_blocking=True, memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            y = model(x)  # [B*V, D]
+        out = y.float().reshape(b, v, -1)  # [B, V, D]
+        if out.is_cuda:  # back into pinned memory without waiting; `ready` says when it has landed
+            out = torch.empty(out.shape, pin_memory=True).copy_(out, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+    return (idx, out, shas, failures), ready
+
+
+def _emit(pending: tuple[list[int], torch.Tensor, list[str], list[tuple[int, str, str]], Any], done: int,
+          total: int, progress: Progress | None) -> Iterator[Batch]:
+    idx, out, shas, failures, ready = pending
+    if ready is not None:
+        ready.synchronize()
+    done += len(idx) + len(failures)
+    if progress:
+        progress("extract", done, total)
+    yield idx, out.numpy(), shas, failures
+    return done
 
 
 @dataclass
@@ -387,44 +340,45 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
                    model: torch.nn.Module | None = None, tag: str = "") -> None:
     rels = [s.rel for s in todo]
     run_id = f"{time.time_ns():020d}-{os.getpid()}{tag}"
-    rows, n_parts, last = Rows(), 0, time.monotonic()
+    n_parts = 0
     delay = float(os.environ.get("CATDOG_BATCH_DELAY", "0"))  # test hook: slow a run down to kill it midway
+    info = versions()
 
-    def flush() -> None:
-        nonlocal rows, n_parts, last
-        if len(rows):
-            # the feature size from the rows themselves; a part of failures only asks the backbone (a meta pass)
-            dim = rows.features[0].shape[-1] if rows.features else cfg.resolve().dim
-            write_part(cache, f"part-{run_id}-{n_parts:06d}", prov, source, rows, versions(),
-                       (len(cfg.views), dim), cfg.weights.path)
-            n_parts += 1
-        rows, last = Rows(), time.monotonic()
+    def write(batches: list[Batch]) -> None:  # on the writer thread: one part, built a batch at a time
+        nonlocal n_parts
+        rows = Rows()
+        for idx, feats, shas, failures in batches:
+            rows.features += list(feats)  # [V, D] views of the batch's array; write_part stacks them once
+            rows.paths += [encode_path(rels[i]) for i in idx]
+            rows.labels += [todo[i].label for i in idx]
+            rows.sha256 += shas
+            rows.failed_paths += [encode_path(rels[i]) for i, _, _ in failures]
+            rows.failed_sha256 += [sha for _, sha, _ in failures]
+            rows.failed_reasons += [reason for _, _, reason in failures]
+        # the feature size from the rows themselves; a part of failures only asks the backbone (a meta pass)
+        dim = rows.features[0].shape[-1] if rows.features else cfg.resolve().dim
+        write_part(cache, f"part-{run_id}-{n_parts:06d}", prov, source, rows, info, (len(cfg.views), dim),
+                   cfg.weights.path)
+        n_parts += 1
 
+    writer = PartWriter(write, cfg.part_rows, PART_SECONDS)
     try:
-        for idx, feats, shas, failures in run_features(root, rels, cfg, model, progress):
-            for j, i in enumerate(idx):
-                rows.features.append(feats[j])
-                rows.paths.append(encode_path(rels[i]))
-                rows.labels.append(todo[i].label)
-                rows.sha256.append(shas[j])
-            for i, sha, reason in failures:
-                rows.failed_paths.append(encode_path(rels[i]))
-                rows.failed_sha256.append(sha)
-                rows.failed_reasons.append(reason)
-                report.failed.append((rels[i], reason))
-            report.extracted += len(idx)
-            if delay:
-                time.sleep(delay)
-            if len(rows) >= cfg.part_rows or time.monotonic() - last > PART_SECONDS:
-                flush()
-        flush()
+        try:
+            for idx, feats, shas, failures in run_features(root, rels, cfg, model, progress):
+                report.failed += [(rels[i], reason) for i, _, reason in failures]
+                report.extracted += len(idx)
+                writer.put((idx, feats, shas, failures))
+                if delay:
+                    time.sleep(delay)
+        finally:
+            writer.close()  # whatever ended the loop, every batch received is written (or the write's error raised)
     except RuntimeError as e:  # a loader worker killed (e.g. by the OOM killer or a crashing decoder)
-        flush()
+        if e is writer.error:
+            raise
         raise CatdogError(f"extraction stopped after {report.extracted} images ({str(e).splitlines()[0]}); the work "
                           "so far is saved: run extract again to resume, with --workers 0 to isolate a bad file") \
             from None
     except KeyboardInterrupt:
-        flush()
         if not tag:  # under torchrun the next run assembles; ranks must not merge concurrently
             assemble(cache, prov, versions())
         raise Interrupted(f"interrupted: {report.extracted} images saved to {cache}; run extract again to resume") \

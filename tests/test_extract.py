@@ -142,7 +142,8 @@ def test_float16_and_views(tmp_path, kaggle_dir):
     assert not np.allclose(both[:, 0], both[:, 1])
 
 
-def test_workers_give_same_rows(tmp_path, kaggle_dir):
+def test_workers_give_same_rows(tmp_path, kaggle_dir, monkeypatch):
+    monkeypatch.setenv("CATDOG_EXTRACT_THREADS", "1")  # the forward's threads follow the workers unless pinned
     extract(kaggle_dir, tmp_path / "a.h5", CFG)
     extract(kaggle_dir, tmp_path / "b.h5", ExtractConfig(weights=WeightsSpec("random"), backbone="tiny", workers=2,
                                                               batch_size=4))  # same batches: only the workers differ

@@ -1,0 +1,193 @@
+"""Extract's stages that run beside the loop feeding the backbone: decoding in loader workers (ImageFiles, the
+collate that lays batches out as the backbone reads them), the thread counts that keep workers and the forward
+off each other's cores, and the writer thread that turns batches into parts."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from .backbone import Preset
+from .files import read_regular
+from .preprocess import MAX_FILE_BYTES, DecodeError, decode_rgb, jpeg_payload, tensor_views, views_of
+
+Failure = tuple[int, str, str]  # (item index, sha256 or "", reason)
+Batch = tuple[list[int], np.ndarray, list[str], list[Failure]]  # (item indices, features [B, V, D], sha256s, failures)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Index -> (index, [V, 3, 224, 224] or None, sha256 of the bytes decoded, failure reason).
+
+    With decoder="torchvision" the item is instead ("jpeg", raw bytes) for plain JPEGs, to be decoded in a batch on
+    the extraction device, or ("rgb", [3, H, W] uint8) decoded by Pillow; `device_batch` finishes both."""
+
+    def __init__(self, root: Any, rels: list[str], views: tuple[str, ...], preset: Preset, decoder: str = "pil"
+                 ) -> None:
+        self.root, self.rels, self.views, self.decoder = root, rels, views, decoder
+        self.transform = preset.transform()
+
+    def __len__(self) -> int:
+        return len(self.rels)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str, str]:
+        try:  # a regular file, opened non-blocking, read up to the limit: the file may have changed since discovery
+            data = read_regular(self.root / self.rels[i], MAX_FILE_BYTES)
+        except ValueError as e:
+            return i, None, "", str(e)
+        except OSError as e:
+            return i, None, "", f"unreadable: {e.strerror or e}"
+        sha = hashlib.sha256(data).hexdigest()  # in the worker, from the bytes it decodes: no second read
+        try:
+            if self.decoder == "torchvision":
+                jpeg = jpeg_payload(data)  # cut at its end marker, bounded by its pixel count
+                if jpeg is not None:
+                    return i, ("jpeg", torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)), sha, ""
+                return i, ("rgb", torch.from_numpy(np.asarray(decode_rgb(data)).copy()).permute(2, 0, 1)), sha, ""
+            return i, views_of(decode_rgb(data), self.views, self.transform), sha, ""
+        except DecodeError as e:
+            return i, None, sha, str(e)
+        except Exception as e:  # a decoder bug on one file must not end a multi-hour run
+            return i, None, sha, f"decode failed: {type(e).__name__}: {e}"
+
+
+def channels_last_batch(items: list[torch.Tensor]) -> torch.Tensor:
+    """[V, 3, S, S] each -> [B, V, 3, S, S] whose images are channels-last, as the backbone runs. Done here, in the
+    loader worker, with one copy into shared memory: the main process then neither stacks nor converts (it fed the
+    GPU and ran the forward while paying for both), and the worker skips the copy into shared memory that
+    pickling a private tensor costs."""
+    v, c, h, w = items[0].shape
+    n = len(items) * v
+    shape, stride = (n, c, h, w), (c * h * w, 1, w * c, c)  # channels-last strides of [B*V, 3, S, S]
+    if torch.utils.data.get_worker_info() is not None:  # as default_collate does: born shared, sent as a handle
+        storage = torch.UntypedStorage._new_shared(n * c * h * w * items[0].element_size())
+        out = torch.empty(0, dtype=items[0].dtype).set_(storage, 0, shape, stride)
+    else:
+        out = torch.empty_strided(shape, stride, dtype=items[0].dtype)
+    for k, x in enumerate(items):
+        out[k * v:(k + 1) * v].copy_(x)
+    return out.unflatten(0, (len(items), v))  # [B, V, 3, S, S]
+
+
+def collate(batch: list[tuple[int, Any, str, str]]) -> tuple[Any, list[int], list[str], list[Failure]]:
+    good = [b for b in batch if b[1] is not None]
+    if good and isinstance(good[0][1], tuple):  # decoder="torchvision": decoded later, on the device
+        x: Any = [b[1] for b in good]
+    else:
+        x = channels_last_batch([b[1] for b in good]) if good else None  # [B, V, 3, 224, 224]
+    return x, [b[0] for b in good], [b[2] for b in good], [(b[0], b[2], b[3]) for b in batch if b[1] is None]
+
+
+def device_batch(items: list[tuple[str, torch.Tensor]], idx: list[int], shas: list[str],
+                 views: tuple[str, ...], device: torch.device, preset: Preset
+                 ) -> tuple[torch.Tensor | None, list[int], list[str], list[Failure]]:
+    """decoder="torchvision": decode the batch's JPEGs together on the device (nvJPEG on a GPU), then resize, crop
+    and normalise there. A batch that fails to decode is retried image by image, so one bad file is one failure."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def decode(data: list[torch.Tensor]) -> list[torch.Tensor]:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+
+    jpegs = [k for k, (kind, _) in enumerate(items) if kind == "jpeg"]
+    images: list[torch.Tensor | None] = [t if kind == "rgb" else None for kind, t in items]
+    failed: list[Failure] = []
+    try:
+        for k, img in zip(jpegs, decode([items[k][1] for k in jpegs]) if jpegs else [], strict=True):
+            images[k] = img
+    except RuntimeError:
+        for k in jpegs:
+            try:
+                images[k] = decode([items[k][1]])[0]
+            except RuntimeError as e:
+                failed.append((idx[k], shas[k], f"corrupt or truncated JPEG: {str(e).splitlines()[0]}"))
+    keep = [k for k, img in enumerate(images) if img is not None]
+    x = tensor_views([images[k] for k in keep], views, device, preset) if keep else None  # [B, V, 3, S, S]
+    return x, [idx[k] for k in keep], [shas[k] for k in keep], failed
+
+
+def cores() -> int:
+    """The cores this process may use: its CPU affinity (a container's or taskset's share), divided among the
+    ranks that torchrun started on this machine."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, n // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+
+
+def worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # one decode per worker: the workers are the parallelism
+
+
+def default_workers(n_items: int) -> int:
+    """Decode workers sized to the machine, one core left for the main process (it feeds the device, runs the
+    forward on a CPU, receives the batches). Small runs decode in process: starting workers costs more."""
+    return 0 if n_items < 64 else max(1, cores() - 1)
+
+
+def extract_threads(workers: int) -> int:
+    """Intra-op threads of the main process, chosen as fit chooses its own (fit.train_threads): the cores the
+    decode workers leave, at least 1. More threads than free cores make every forward op wait on a descheduled
+    thread (a new-user trial: EfficientNet-Lite2 3.2 img/s with the defaults, 5.4-6.0 with OMP_NUM_THREADS=1 beside
+    other jobs). CATDOG_EXTRACT_THREADS overrides (e.g. a CPU-only box extracting a heavy backbone from few files)."""
+    forced = os.environ.get("CATDOG_EXTRACT_THREADS")
+    if forced:
+        return max(1, int(forced))
+    return max(1, cores() - workers)
+
+
+class PartWriter:
+    """Batches -> parts on a thread of its own, so building and writing a part (np.stack, HDF5 image, fsync) never
+    stalls the loop feeding the backbone. `write(batches)` writes one part; it runs every `rows` rows or `seconds`
+    seconds, and once more on close(). A kill -9 loses the batches not yet written: at most one part's worth plus
+    the few queued. The writer's error is raised in the caller, by the next put() or by close()."""
+
+    def __init__(self, write: Callable[[list[Batch]], None], rows: int, seconds: float, depth: int = 8) -> None:
+        self.write, self.rows, self.seconds = write, rows, seconds
+        self.error: BaseException | None = None
+        self._raised = self._closed = False
+        self._queue: queue.Queue[Batch | None] = queue.Queue(depth)  # bounded: memory stays bounded
+        self._thread = threading.Thread(target=self._run, name="catdog-part-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        pending: list[Batch] = []
+        n, last = 0, time.monotonic()
+        while (batch := self._queue.get()) is not None:
+            if self.error is not None:
+                continue  # keep draining so that put() never blocks on a dead writer
+            pending.append(batch)
+            n += len(batch[0]) + len(batch[3])
+            if n >= self.rows or time.monotonic() - last > self.seconds:
+                pending, n, last = self._flush(pending), 0, time.monotonic()
+        if self.error is None:
+            self._flush(pending)
+
+    def _flush(self, pending: list[Batch]) -> list[Batch]:
+        try:
+            if pending:
+                self.write(pending)
+        except BaseException as e:  # handed to the caller's thread
+            self.error = e
+        return []
+
+    def _raise(self) -> None:
+        if self.error is not None and not self._raised:
+            self._raised = True
+            raise self.error
+
+    def put(self, batch: Batch) -> None:
+        self._raise()
+        self._queue.put(batch)
+
+    def close(self) -> None:
+        """Write what is left and wait for it; raises the writer's error if the caller has not seen it yet."""
+        if not self._closed:
+            self._queue.put(None)
+            self._closed = True
+        self._thread.join()
+        self._raise()
