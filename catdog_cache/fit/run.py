@@ -77,7 +77,10 @@ def check_replace(head_path: Path, provenances: list[str], caches: list[Path]) -
     new_provs = [Provenance.from_json(p) for p in provenances]
     old_caches = meta.get("caches") or [meta.get("cache")]
     new_caches = [str(c.resolve()) for c in caches]
-    if old_provs == new_provs and old_caches == new_caches:
+    # the same caches: the same paths, or the same file names (a project folder moved or copied keeps its heads)
+    if old_provs == new_provs and len(old_caches) == len(new_caches) and all(
+            isinstance(o, str) and (o == n or Path(o).name == Path(n).name)
+            for o, n in zip(old_caches, new_caches, strict=True)):
         return
 
     other = default_head_path(caches[0])
