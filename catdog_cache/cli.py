@@ -9,6 +9,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -129,14 +130,22 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class Bar:
-    """Progress callback (stage, done, total) rendered as rich bars with images/s and ETA."""
+    """Progress callback (stage, done, total) rendered as rich bars with images/s and ETA. When stderr is not a
+    terminal (`> log 2>&1`, a batch job), a plain line with the rate and ETA every `log_seconds` instead: a log that
+    stays silent for an hour looks like a hang."""
+
+    log_seconds = 30.0  # between progress lines in logs; tests patch it
+    units = {"extract": "img/s", "predict": "img/s", "preview": "img/s", "hash": "files/s", "fit": "epochs/s",
+             "end-to-end epochs": "epochs/s"}
 
     def __init__(self, quiet: bool = False) -> None:
         self.progress = Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(),
                                  TaskProgressColumn(), TextColumn("[cyan]{task.fields[rate]}"),
                                  TimeRemainingColumn(), console=err, transient=False,
-                                 disable=quiet or not err.is_terminal)  # logs get the summary line, not bar frames
+                                 disable=quiet or not err.is_terminal)  # logs get lines, not bar frames
         self.tasks: dict[str, Any] = {}
+        self.log = not quiet and not err.is_terminal
+        self.clock: dict[str, tuple[float, int, float, bool]] = {}  # stage -> (t0, done at t0, last line, any line)
 
     def __enter__(self) -> Bar:
         self.progress.start()
@@ -146,13 +155,37 @@ class Bar:
         self.progress.stop()
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.log:
+            self._line(stage, done, total)
+            return
         if stage not in self.tasks or self.progress.tasks[self.tasks[stage]].total != total:
             self.tasks[stage] = self.progress.add_task(stage, total=total, rate="")
         task = self.tasks[stage]
         self.progress.update(task, completed=done, total=total)
         speed = self.progress.tasks[task].speed
-        unit = {"extract": "img/s", "predict": "img/s", "preview": "img/s", "hash": "files/s"}.get(stage)
+        unit = self.units.get(stage)
         self.progress.update(task, rate=f"{speed:.1f} {unit}" if speed and unit else "")
+
+    def _line(self, stage: str, done: int, total: int) -> None:
+        """One log line per `log_seconds`, and a last one at the end of a stage that printed any."""
+        now = time.monotonic()
+        t0, done0, last, spoke = self.clock.get(stage, (now, done, now, False))
+        if stage not in self.clock or done < done0:  # a new stage, or a new pass of it (fit --folds)
+            t0, done0, last, spoke = now, done, now, False
+        self.clock[stage] = (t0, done0, last, spoke)
+        if now - last < self.log_seconds and not (spoke and done >= total):
+            return
+        rate = (done - done0) / (now - t0) if now > t0 and done > done0 else 0.0
+        eta = f", ETA {_duration((total - done) / rate)}" if rate and done < total else ""
+        speed = f", {rate:.1f} {self.units.get(stage, 'items/s')}" if rate else ""
+        share = f" ({done / total:.0%})" if total else ""
+        err.print(f"{stage} {done:,}/{total:,}{share}{speed}{eta}", highlight=False, soft_wrap=True)
+        self.clock[stage] = (t0, done0, now, True)
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds + 0.5)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def _json(obj: Any) -> str:
@@ -193,37 +226,49 @@ def _failures_hint(cache: Path | list[Path] | None) -> str:
     return f"`catdog-cache info --cache {short(printable(shlex.quote(str(caches[0]))))} --failures` lists every one"
 
 
+APPEND = "; appending: the cache's own"  # a flag left out when adding to a cache takes the cache's setting
+
+
 @app.command("extract")
 @guarded
 def extract_cmd(
     data_dir: Path = typer.Argument(..., metavar="DATA_DIR",
                                     help="Image folder: cat/ + dog/ sub-folders, cat.N.jpg files, or unlabeled."),
     cache: Path = CACHE,
-    backbone: str = BACKBONE,
-    layer: str = LAYER,
-    weights: str = WEIGHTS,
-    seed: int = typer.Option(0, "--seed", help="Seed for --weights random."),
+    backbone: str | None = typer.Option(None, "--backbone", show_default="vgg16" + APPEND, help=BACKBONE.help),
+    layer: str | None = typer.Option(None, "--layer", show_default="the backbone's default (vgg16: fc7)" + APPEND,
+                                     help=LAYER.help),
+    weights: str | None = typer.Option(None, "--weights", show_default="imagenet" + APPEND, help=WEIGHTS.help),
+    seed: int | None = typer.Option(None, "--seed", show_default="0" + APPEND, help="Seed for --weights random."),
     device: str = DEVICE,
     batch_size: int = typer.Option(0, "--batch-size", help="Images per forward pass (0: 16 on CPU, 128 on GPU)."),
     workers: int = WORKERS,
-    dtype: str = typer.Option("float32", "--dtype", help="Storage dtype: float32 | float16 (half the file)."),
-    precision: str = typer.Option("fp32", "--precision", help="Backbone compute: fp32 | bf16 | fp16."),
-    views: str = typer.Option("center", "--views", help="Comma-separated views per image: center, flip."),
-    decoder: str = typer.Option("pil", "--decoder", help="pil (CPU workers) | torchvision (JPEGs decoded in "
-                                "batches on the extraction device: nvJPEG on a GPU)."),
+    dtype: str | None = typer.Option(None, "--dtype", show_default="float32" + APPEND,
+                                     help="Storage dtype: float32 | float16 (half the file)."),
+    precision: str | None = typer.Option(None, "--precision", show_default="fp32" + APPEND,
+                                         help="Backbone compute: fp32 | bf16 | fp16."),
+    views: str | None = typer.Option(None, "--views", show_default="center" + APPEND,
+                                     help="Comma-separated views per image: center, flip."),
+    decoder: str | None = typer.Option(None, "--decoder", show_default="pil" + APPEND,
+                                       help="pil (CPU workers) | torchvision (JPEGs decoded in batches on the "
+                                       "extraction device: nvJPEG on a GPU)."),
     prune: bool = typer.Option(False, "--prune", help="Remove rows of files no longer in the folder."),
     strict: bool = typer.Option(False, "--strict", help="Fail on any file that cannot be used."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
     part_rows: int = typer.Option(1024, "--part-rows", hidden=True, help="Rows per crash-safe part."),
 ) -> None:
-    """Run the frozen backbone over every image once and store its features."""
+    """Run the frozen backbone over every image once and store its features. Adding to an existing cache needs no
+    repeated flags: options left out take the cache's recorded settings; only contradicting ones are refused."""
     from .backbone import parse_weights
     from .extract import ExtractConfig, extract
+    from .settings import resolve_settings
 
-    cfg = ExtractConfig(weights=parse_weights(weights, seed), backbone=backbone, layer=layer, device=device,
-                        batch_size=batch_size, workers=workers, dtype=dtype, precision=precision,
-                        views=tuple(v.strip() for v in views.split(",") if v.strip()), decoder=decoder,
+    o = resolve_settings(cache, backbone=backbone, layer=layer, weights=weights, seed=seed, views=views, dtype=dtype,
+                         precision=precision, decoder=decoder)
+    cfg = ExtractConfig(weights=parse_weights(o.weights, o.seed), backbone=o.backbone, layer=o.layer, device=device,
+                        batch_size=batch_size, workers=workers, dtype=o.dtype, precision=o.precision,
+                        views=tuple(v.strip() for v in o.views.split(",") if v.strip()), decoder=o.decoder,
                         part_rows=part_rows)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
         extract(data_dir, cache, cfg, prune=prune, strict=strict)
@@ -276,6 +321,8 @@ def fit_cmd(
                               "--calibrate on them), then the head is trained on every labeled image."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda: where the head trains (auto: CUDA when "
                                "available). The head is the CPU's up to float rounding."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --head trained on other features "
+                                   "(refitting on the same caches replaces it anyway)."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -284,7 +331,10 @@ def fit_cmd(
 
     table = Table("epoch", "train loss", "train acc", "val loss", "val acc", "s", title="fit")
 
+    bar = Bar(quiet or as_json)  # in logs: a line with the rate and ETA every Bar.log_seconds
+
     def on_epoch(s: Any) -> None:
+        bar("fit", s.epoch, epochs)
         table.add_row(str(s.epoch), f"{s.train_loss:.4f}", f"{s.train_acc:.3f}", _fmt(s.val_loss),
                       _fmt(s.val_acc, 3), f"{s.seconds:.2f}")
 
@@ -296,9 +346,11 @@ def fit_cmd(
         if not (quiet or as_json):
             err.print(fold_rows[-1], highlight=False)
 
-    r = fit(cache if len(cache) > 1 else cache[0], head, FitConfig(epochs, batch_size, lr, dropout, val_fraction,
-                                                                   seed, augment, hidden_sizes(hidden), keep),
-            on_epoch, max_memory, calibrate, folds=folds, on_fold=on_fold, device=device)
+    with bar:
+        r = fit(cache if len(cache) > 1 else cache[0], head, FitConfig(epochs, batch_size, lr, dropout, val_fraction,
+                                                                       seed, augment, hidden_sizes(hidden), keep),
+                on_epoch, max_memory, calibrate, folds=folds, on_fold=on_fold, device=device,
+                overwrite=overwrite)
     if r.unlabeled and not as_json:
         err.print(f"note: {plural(r.unlabeled, 'unlabeled row')} in the cache, not used for training", highlight=False)
     if r.missing and not as_json:
@@ -311,7 +363,7 @@ def fit_cmd(
                      "per_class_acc": dict(zip(("cat", "dog"), r.per_class_acc, strict=True)),
                      "calibration": r.calibration, "curve": str(r.curve) if r.curve else None,
                      "kept_epoch": r.kept_epoch, "head_shape": r.head_shape, "folds": r.folds,
-                     "missing": r.missing,
+                     "missing": r.missing, "sources": r.sources,
                      "history": [h.row() for h in r.history]}))
         return
     if not quiet:
@@ -342,7 +394,11 @@ def fit_cmd(
     if folds:
         val = (f"{folds}-fold out-of-fold accuracy {r.val_acc:.4f}, log loss {r.val_log_loss:.4f}; final head on all "
                f"{r.n_train:,} labeled images for {r.folds['final_epochs']} epochs")
-    out.print(f"[green]fit[/] {r.head_shape} on {plural(r.n_train, 'train row')}{mode}, "
+    if r.calibration:  # the number a Kaggle submission scores, kept under --quiet
+        val += f" ({r.calibration['log_loss_after']:.4f} calibrated)"
+    folders = r.sources[0] if len(r.sources) == 1 else f"{len(r.sources)} folders: {', '.join(r.sources)}"
+    out.print(f"[green]fit[/] {r.head_shape} on {plural(r.n_train, 'train row')} from "
+              f"{escape(printable(folders))}{mode}, "
               f"{plural(len(r.history), 'epoch')} in {r.seconds:.2f}s (load {r.load_seconds:.2f}s){kept}: {val} -> "
               f"{escape(printable(str(head)))}", highlight=False)
 
@@ -404,13 +460,22 @@ def predict_cmd(
 
 @app.command("info")
 @guarded
-def info_cmd(cache: Path = CACHE, as_json: bool = JSON,
-         failures: bool = typer.Option(False, "--failures", help="List every file that could not be decoded, "
-                                       "with the reason.")) -> None:
+def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_default=False,
+                                               help="The cache (the same as --cache)."),
+             cache: Path | None = typer.Option(None, "--cache", show_default="cache/features.h5",
+                                               help="HDF5 feature cache."), as_json: bool = JSON,
+             failures: bool = typer.Option(False, "--failures", help="List every file that could not be decoded, "
+                                           "with the reason.")) -> None:
     """Rows, classes and counts, provenance, failures and size on disk of a cache."""
-    from .cache import read_index
+    from .cache import parts_dir, read_index
 
+    if path is not None and cache is not None and path != cache:
+        raise CatdogError(f"info: the cache {path} and --cache {cache} differ; give one")
+    cache = path or cache or Path("cache/features.h5")
+    _not_a_head(cache)
     idx = read_index(cache)
+    folder = parts_dir(cache)  # parts left by a killed extract: read only here (the next extract assembles them)
+    parts = len(list(folder.glob("*.h5"))) if folder.is_dir() and not folder.is_symlink() else 0
     labels = idx.labels.tolist()
     prov = json.loads(idx.provenance.to_json())
     prov["transform"] = json.loads(prov["transform"])  # an object in JSON, not a string inside it
@@ -418,6 +483,7 @@ def info_cmd(cache: Path = CACHE, as_json: bool = JSON,
         "cache": str(cache), "rows": idx.shape[0], "views": idx.shape[1], "dim": idx.shape[2],
         "dtype": idx.dtype, "cat": labels.count(0), "dog": labels.count(1), "unlabeled": labels.count(-1),
         "failed": len(idx.failed), "size_bytes": cache.stat().st_size, "sources": idx.sources, "provenance": prov,
+        "incomplete": idx.incomplete, "unassembled_parts": parts,
     }
     if failures:
         summary["failures"] = [{"source": idx.sources[s] if 0 <= s < len(idx.sources) else None,
@@ -435,7 +501,11 @@ def info_cmd(cache: Path = CACHE, as_json: bool = JSON,
     for k, v in summary["provenance"].items():
         t.add_row(k, escape(printable(json.dumps(v) if isinstance(v, dict) else str(v))))
     t.add_row("sources", escape("\n".join(printable(s) for s in idx.sources)))
+    if idx.incomplete or parts:
+        t.add_row("[yellow]incomplete[/]", escape(_incomplete(idx.incomplete, parts)))
     out.print(t)
+    if idx.incomplete or parts:
+        err.print(f"[yellow]warning:[/] {escape(_incomplete(idx.incomplete, parts))}", highlight=False)
     if not failures:
         _print_skips("could not be decoded", [(os.fsdecode(p), r) for _, p, _, r in idx.failed],
                      more="--failures lists every one")
@@ -445,6 +515,33 @@ def info_cmd(cache: Path = CACHE, as_json: bool = JSON,
         where = f" (in {printable(idx.sources[s])})" if several and 0 <= s < len(idx.sources) else ""
         out.print(f"failed {escape(printable(os.fsdecode(p)))}{escape(where)}: {escape(printable(reason))}",
                   highlight=False, soft_wrap=True)
+
+
+def _incomplete(folders: list[str], parts: int) -> str:
+    what = [f"the extraction of {', '.join(printable(f) for f in folders)} was interrupted"] if folders else []
+    what += [f"{plural(parts, 'saved part')} not yet in the cache"] if parts else []
+    return f"{' and '.join(what)}: the counts above are partial; run extract again to finish"
+
+
+def _not_a_head(path: Path) -> None:
+    """`info --cache x.head.pt`: say it is a head (and where its features are), never "delete it"."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"PK\x03\x04" or not path.is_file():  # torch.save files are zip archives
+                return
+    except OSError:
+        return  # read_index says what is wrong
+    from .head import load_head
+
+    try:
+        _, meta = load_head(path)
+    except CatdogError:
+        return
+    trained = [c for c in (meta.get("caches") or [meta.get("cache")]) if isinstance(c, str)]
+    where = (f"; it was trained on {', '.join(printable(c) for c in trained)}: catdog-cache info "
+             f"{shlex.quote(printable(trained[0]))}") if trained else ""
+    raise CatdogError(f"{path} is a head (written by fit), not a feature cache: give it to predict, preview or "
+                      f"export as --head{where}")
 
 
 @app.command("backbones")
@@ -602,6 +699,9 @@ def preview_cmd(
     with Bar(quiet) as bar:
         r = preview(data_dir, head or DEFAULT_HEAD, out_png, n, weights, device, worst, split, cache,
                     progress=bar)
+    if r.out is None:
+        out.print(f"[green]preview[/] {escape(printable(r.note))}", highlight=False)
+        return
     if r.note:
         err.print(f"[yellow]note:[/] {escape(r.note)}")
     wrong = f", {r.wrong} wrong" if r.wrong is not None else ""

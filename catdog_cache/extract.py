@@ -224,7 +224,9 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
         error: CatdogError | None = None
         if dist is None or dist.main:
             try:
-                report.rows = _finish(cache, prov, report, todo, drop, strict, had_cache, data_dir)
+                # a whole-folder run that got here finished its folder: clear an earlier Ctrl-C's "incomplete"
+                report.rows = _finish(cache, prov, report, todo, drop, strict, had_cache, data_dir,
+                                      {source: False} if only is None else {})
             except CatdogError as e:
                 error = e
         if dist:  # the outcome reaches every rank: the assembled cache exists, or all fail with one message
@@ -240,7 +242,7 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
 
 
 def _finish(cache: Path, prov: Provenance, report: ExtractReport, todo: list[Sample], drop: set[tuple[str, bytes]],
-            strict: bool, had_cache: bool, data_dir: str | os.PathLike[str]) -> int:
+            strict: bool, had_cache: bool, data_dir: str | os.PathLike[str], finished: dict[str, bool]) -> int:
     """Assemble the parts into the cache (or refuse under --strict); returns the cache's row count."""
     if strict:  # refuse to assemble; parts stay (they may hold an earlier run's saved work)
         failed = report.failed + [(os.fsdecode(p), reason) for part in list_parts(cache)
@@ -251,8 +253,10 @@ def _finish(cache: Path, prov: Provenance, report: ExtractReport, todo: list[Sam
             raise InputError(f"--strict: {len(failed)} files could not be decoded, first {rel!r}: {reason}; "
                              "nothing was added to the cache")
     if not (todo or drop or list_parts(cache)):
-        return read_index(cache).shape[0]
-    index = assemble(cache, prov, versions(), drop)
+        index = read_index(cache)
+        if not set(index.incomplete) & set(finished):
+            return index.shape[0]
+    index = assemble(cache, prov, versions(), drop, incomplete=finished)
     if index.shape[0] == 0 and not had_cache:
         cache.unlink()
         raise InputError(f"no image in {data_dir} could be decoded; first failure: "
@@ -294,8 +298,9 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
                 diffs = [d for d in diffs if d.startswith(("arch", "layer"))]
             suggestion = cache.with_name(f"{prov.arch.replace(':', '-')}-{prov.layer}.h5")
             raise ProvenanceMismatch(f"{path} holds features made differently ({'; '.join(diffs)}): give --cache a new "
-                                     f"file for these settings (e.g. --cache {suggestion}), or add to this one with "
-                                     f"its own options: {matching_flags(idx.provenance)}")
+                                     f"file for these settings (e.g. --cache {suggestion}), or leave out the options "
+                                     "that differ: adding to a cache uses its own settings "
+                                     f"({matching_flags(idx.provenance)})")
         for key, sha in zip(idx.keys(), idx.sha256, strict=True):
             if key[0] == source:
                 known[key[1]] = sha
@@ -380,6 +385,6 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
             from None
     except KeyboardInterrupt:
         if not tag:  # under torchrun the next run assembles; ranks must not merge concurrently
-            assemble(cache, prov, versions())
+            assemble(cache, prov, versions(), incomplete={source: True})  # `info` and `fit` say it is partial
         raise Interrupted(f"interrupted: {report.extracted} images saved to {cache}; run extract again to resume") \
             from None

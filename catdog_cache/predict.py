@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from .backbone import Preset
-from .cache import encode_path, open_cache, parts_dir, read_index
+from .cache import Provenance, encode_path, open_cache, parts_dir, read_index
 from .discover import Discovery, discover
-from .errors import CacheBusy, CacheError, CatdogError, InputError
+from .errors import CacheBusy, CacheError, CatdogError, InputError, ProvenanceMismatch
 from .extract import ExtractConfig, Progress, extract, run_features, sha256_file
-from .files import as_paths, check_outputs, plausible_file, write_atomic
+from .files import as_paths, check_outputs, file_key, plausible_file, write_atomic
 from .fit import DEFAULT_HEAD, log_loss
 from .scorer import Loaded, load_exported, load_scorer
 
@@ -58,7 +58,7 @@ def write_csv_atomic(path: Path, header: list[str], rows: list[tuple]) -> None:
     from .files import csv_cell
 
     buf = io.StringIO(newline="")
-    w = csv.writer(buf)
+    w = csv.writer(buf, lineterminator="\n")  # the csv module's default is \r\n
     w.writerow(header)
     w.writerows([tuple(csv_cell(c) if isinstance(c, str) else c for c in row) for row in rows])
     write_atomic(path, buf.getvalue().encode("utf-8", errors="surrogateescape"))
@@ -182,18 +182,26 @@ def score_cached(loaded: Loaded, caches: list[Path], disc: Discovery, tta: bool)
 
 
 def cached_features(loaded: Loaded, head_path: Path, data_dir: Path, caches: list[Path] | None, device: str,
-                    batch_size: int, workers: int, progress: Progress | None, stage: str) -> tuple[list[Path], int]:
+                    batch_size: int, workers: int, progress: Progress | None, stage: str, explicit: bool | None = None
+                    ) -> tuple[list[Path], int]:
     """Make sure the folder's features are cached for each backbone of the head (extracting only what is new or
     changed); returns the caches and how many images went through a backbone. A cache that already holds every
     file of the folder is only read: no lock, so heads on read-only media and concurrent predicts work."""
     n = max(len(loaded.members), 1)
     if caches and len(caches) != n:
         raise InputError(f"--cache: the head needs {n} feature caches (one per backbone), got {len(caches)}")
+    explicit = bool(caches) if explicit is None else explicit  # --cache given (not chosen by default_cache)
     caches = caches or [default_cache(loaded, head_path, data_dir, i) for i in range(n)]
     relabel = (lambda s, d, t: progress(stage if s == "extract" else s, d, t)) if progress else None
     extracted = 0
+    trained = training_caches(loaded.meta)
     for i, cache in enumerate(caches):
         cfg = loaded.config(device, batch_size, workers, member=i)
+        if explicit:
+            _check_provenance(cache, cfg.provenance(), head_path, stage)
+        if any(same_file(cache, t) for t in trained):  # scoring reads a training cache, never adds to it
+            _check_covered(cache, data_dir, head_path, explicit, relabel)
+            continue
         if not up_to_date(data_dir, cache, cfg, relabel):
             extracted += _extract_waiting(data_dir, cache, cfg, relabel)
     return caches, extracted
@@ -254,6 +262,59 @@ def _extract_waiting(data_dir: Path, cache: Path, cfg: ExtractConfig, progress: 
             time.sleep(min(pause, max(wait - waited, 0.0)))
 
 
+def training_caches(meta: dict) -> list[Path]:
+    """The caches a head was trained on, as its meta records them (a file from outside: strings only)."""
+    recorded = meta.get("caches") if isinstance(meta.get("caches"), list) else [meta.get("cache")]
+    return [Path(c) for c in recorded if isinstance(c, str) and c]
+
+
+def same_file(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and file_key(a) == file_key(b))
+
+
+def _check_provenance(cache: Path, want: Provenance, head_path: Path, stage: str) -> None:
+    """A --cache of other features, worded for predict/preview (extract's own refusal speaks of extract flags)."""
+    if not cache.exists() or cache.is_dir():
+        return
+    diffs = read_index(cache).provenance.differences(want, "the cache", "the head")
+    if diffs:
+        raise ProvenanceMismatch(f"--cache {cache} holds features made differently from the ones head {head_path} was "
+                                 f"trained on ({'; '.join(diffs)}): give {stage} a cache of this head's features, or "
+                                 "drop --cache (the features then go beside the head)")
+
+
+def _check_covered(cache: Path, data_dir: Path, head_path: Path, explicit: bool, progress: Progress | None) -> None:
+    """The head's training cache already holds every file of the folder, unchanged: score from it. Anything it
+    lacks is refused, not added: the next fit would train on it (held-out photos leaking into training)."""
+    disc = discover(data_dir)
+    folder = str(disc.root.resolve())
+    index = read_index(cache)
+    known = {p: sha for (s, p), sha in zip(index.keys(), index.sha256, strict=True) if s == folder}
+    known |= {p: sha for s, p, sha, _ in index.failed if index.sources[s] == folder}
+    missing = [s.rel for s in disc.samples if encode_path(s.rel) not in known]
+    changed: list[str] = []
+    for n, s in enumerate(disc.samples if not missing else []):
+        if progress and (n % 256 == 0 or n == len(disc.samples) - 1):
+            progress("hash", n + 1, len(disc.samples))
+        try:
+            if sha256_file(disc.root / s.rel) != known[encode_path(s.rel)]:
+                changed.append(s.rel)
+        except (OSError, ValueError):
+            changed.append(s.rel)
+    if not (missing or changed):
+        return
+    what = (f"{len(missing):,} of the {len(disc.samples):,} images of {data_dir} are not in it" if missing
+            else f"{len(changed):,} images of {data_dir} changed since it was extracted")
+    if explicit:
+        raise InputError(f"--cache {cache} is the cache head {head_path} was trained on and {what}; scoring never "
+                         "adds images to a training cache (the next fit would train on them): drop --cache (the "
+                         "features then go beside the head); adding labeled folders to a training cache is "
+                         "`catdog-cache extract`'s job")
+    raise InputError(f"{data_dir} is in the training cache {cache} of head {head_path}, but {what}; scoring never adds "
+                     f"to a training cache: run `catdog-cache extract {data_dir} --cache {cache}` first (the next fit "
+                     "trains on them), or give --cache NEW.h5 to score the folder apart")
+
+
 def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] | None, out: str | os.PathLike[str],
             submission: str | os.PathLike[str] | None = None, weights_file: str | None = None,
             device: str = "auto", batch_size: int = 0, workers: int = -1, progress: Progress | None = None,
@@ -284,7 +345,7 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
         planned = caches or [default_cache(loaded, head_path, data_dir, i) for i in range(len(loaded.members))]
         check_outputs({"--out": out, "--submission": submission}, {f"the feature cache {c}": c for c in planned})
         used, extracted = cached_features(loaded, head_path, data_dir, planned, device, batch_size, workers,
-                                          progress, "predict")
+                                          progress, "predict", explicit=bool(caches))
         scored = score_cached(loaded, used, disc, tta)
     if not scored.rels:
         first = f"; first failure: {scored.failed[0][0]!r}: {scored.failed[0][1]}" if scored.failed else ""
@@ -299,7 +360,7 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
         if main:
             write_submission(submission, {i: predicted.get(i, 0.5) for i in ids}, loaded.clip)
     if main:
-        write_csv_atomic(out, ["path", "p_cat", "p_dog", "label"], rows)
+        write_predictions(out, rows, scored.labels)
     return PredictReport(out, rows, scored.labels, scored.failed, disc.skipped, submission,
                          time.perf_counter() - t0, views, used, extracted, neutral)
 
@@ -335,8 +396,22 @@ def _score_images(loaded: Loaded, disc: Discovery, views: tuple[str, ...], devic
                   np.array([probs[i] for i in keep]).reshape(-1, 2), failed, [], np.array(keep))
 
 
+def write_predictions(path: Path, rows: list[tuple[str, float, float, str]], labels: list[int]) -> None:
+    """path, p_cat, p_dog, label; for a labeled folder also true_label and the image's log loss (the summary's log
+    loss is their mean): the images that cost the most are a sort away."""
+    if not any(y >= 0 for y in labels):
+        write_csv_atomic(path, ["path", "p_cat", "p_dog", "label"], rows)
+        return
+    extra = []
+    for (_, _, p_dog, _), y in zip(rows, labels, strict=True):
+        p = float(np.clip(p_dog if y == 1 else 1.0 - p_dog, 1e-15, 1 - 1e-15))  # the clip of fit.log_loss
+        extra.append((("cat", "dog")[y], -float(np.log(p))) if y >= 0 else ("", ""))
+    write_csv_atomic(path, ["path", "p_cat", "p_dog", "label", "true_label", "log_loss"],
+                     [(*r, *e) for r, e in zip(rows, extra, strict=True)])
+
+
 def write_submission(path: Path, p_dog: dict[int, float], clip: float = 0.0) -> None:
     """Kaggle Redux format: `id,label` with label = P(dog) clipped to [clip, 1 - clip] (chosen by `fit --calibrate`),
     one row per id, sorted by id."""
-    write_csv_atomic(path, ["id", "label"], [(i, f"{min(max(p, clip), 1 - clip):.6f}")
+    write_csv_atomic(path, ["id", "label"], [(i, min(max(float(p), clip), 1 - clip))  # as computed: repr, no rounding
                                              for i, p in sorted(p_dog.items())])

@@ -23,7 +23,7 @@ SPLITS = ("val", "train", "all")
 
 @dataclass
 class PreviewReport:
-    out: Path
+    out: Path | None  # None: nothing to draw (--worst on a folder without mistakes)
     shown: int
     wrong: int | None  # None when the folder has no labels
     cache: list[Path] | None = None
@@ -75,8 +75,10 @@ def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
     roles = splits_of(loaded.meta, used[0], scored)
     note = ""
     pool = [i for i, r in enumerate(roles) if which == "all" or r == which]
-    if not pool:  # a folder the head never trained on: all of it is new data
-        pool, note = list(range(len(roles))), f"no {which} images of the head's training here: showing all"
+    if not pool:  # no image of the split: say so only for the head's training folder (any other folder is all new)
+        training = any(r != "new" for r in roles)
+        pool, note = list(range(len(roles))), f"no {which} images of the head's training here: showing all" \
+            if training else ""
     pred = scored.probs.argmax(1)
     labels = np.array(scored.labels)
     p_true = np.where(labels >= 0, scored.probs[np.arange(len(labels)), np.clip(labels, 0, 1)], np.nan)
@@ -86,8 +88,12 @@ def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
         if not [i for i in pool if labels[i] >= 0]:
             raise InputError(f"--worst needs labeled images; {data_dir} has none")
         picks = sorted(wrong, key=lambda i: -loss[i])[:worst]
+        scope = f"{which} " if which != "all" and all(roles[i] == which for i in pool) else ""
+        if not picks:  # good news, not an error
+            return PreviewReport(None, 0, 0, used, f"no mistakes among {len(pool):,} {scope}images of "
+                                 f"{printable(str(data_dir))}: nothing to show")
         if len(picks) < worst:
-            note = note or f"only {len(picks)} mistakes among {len(pool)} {which} images"
+            note = note or f"only {len(picks)} mistakes among {len(pool)} {scope}images"
     else:
         picks = [pool[int(k)] for k in sorted({int(k) for k in np.linspace(0, len(pool) - 1, min(n, len(pool)))})]
     preset = Preset.from_spec(loaded.provenance.transform)
@@ -105,8 +111,6 @@ def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
         captions.append(f"{text}\n{printable(Path(scored.rels[i]).name)[:24]} [{roles[i]}]")
         marks.append(None if labels[i] < 0 else bool(pred[i] != labels[i]))
     if not images:
-        if worst and not picks:
-            raise InputError(f"{note}: nothing to show")
         raise InputError(f"none of the images picked from {data_dir} could be decoded")
     path = prediction_grid(images, captions, marks, out)
     known = [w for w in marks if w is not None]

@@ -80,10 +80,11 @@ def test_weights_file_path_is_remembered(cli, kaggle_dir, tmp_path):
     cli("predict", kaggle_dir)  # no --weights: the recorded path, its sha256 still matching
     (tmp_path / "m.pth").rename(tmp_path / "moved.pth")
     cli("predict", kaggle_dir)  # every feature cached: the file is not needed
-    draw(kaggle_dir / "cat.40.jpg", "cat", 40)  # a new image: the backbone must run again
-    r = cli("predict", kaggle_dir, ok=False)
+    draw(kaggle_dir / "cat.40.jpg", "cat", 40)  # a new image: the backbone must run again (in a cache apart: scoring
+    apart = tmp_path / "apart.h5"  # never adds to the training cache)
+    r = cli("predict", kaggle_dir, "--cache", apart, ok=False)
     assert r.exit_code == 1 and "pass the same file with --weights" in r.output and "m.pth" in r.output
-    cli("predict", kaggle_dir, "--weights", tmp_path / "moved.pth")
+    cli("predict", kaggle_dir, "--cache", apart, "--weights", tmp_path / "moved.pth")
 
 
 def test_progress_is_labelled_by_the_command(cli, kaggle_dir, test_dir):

@@ -1,7 +1,8 @@
 """The HDF5 feature cache's schema and the records it holds (no h5py here: see validate, read, parts).
 
 Layout (schema 1), one file, rows sorted by (source, relative path):
-  attrs     schema_version, provenance (JSON), class_map (JSON), sources (JSON list of folders), versions (JSON)
+  attrs     schema_version, provenance (JSON), class_map (JSON), sources (JSON list of folders), versions (JSON),
+            incomplete (optional JSON list: the sources whose last extract was interrupted before its end)
   features  [N, V, 4096] float32|float16, chunks of 64 rows, uncompressed
   paths     [N] variable-length bytes: the relative path exactly as the file system spells it
   source    [N] uint16 index into attrs["sources"]
@@ -101,6 +102,7 @@ class Index:
     shape: tuple[int, ...]
     dtype: str
     weights_path: str = ""  # where the --weights FILE was when extracted (its sha256 is in the provenance)
+    incomplete: list[str] = field(default_factory=list)  # sources whose last extract was interrupted (Ctrl-C)
 
     def keys(self) -> list[tuple[str, bytes]]:
         return [(self.sources[s], p) for s, p in zip(self.source.tolist(), self.paths, strict=True)]

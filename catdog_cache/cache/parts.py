@@ -26,8 +26,11 @@ _STR = h5py.string_dtype("utf-8")
 
 def _write(f: h5py.File, prov: Provenance, sources: list[str], features: np.ndarray | tuple[int, ...],
            paths: list[bytes], source: np.ndarray, labels: np.ndarray, sha256: list[str],
-           failed: list[tuple[int, bytes, str, str]], versions: dict[str, str], weights_path: str = "") -> h5py.Dataset:
+           failed: list[tuple[int, bytes, str, str]], versions: dict[str, str], weights_path: str = "",
+           incomplete: list[str] | None = None) -> h5py.Dataset:
     f.attrs["schema_version"] = SCHEMA_VERSION
+    if incomplete:
+        f.attrs["incomplete"] = json.dumps(incomplete)
     f.attrs["weights_path"] = weights_path
     f.attrs["provenance"] = prov.to_json()
     f.attrs["class_map"] = json.dumps(CLASS_MAP)
@@ -96,19 +99,23 @@ def list_parts(cache: Path) -> list[Path]:
 
 
 def assemble(cache: Path, prov: Provenance, versions: dict[str, str], drop: set[tuple[str, bytes]] = frozenset(),
-             block: int = 1024, dim: int = 4096, weights_path: str = "") -> Index:
+             block: int = 1024, dim: int = 4096, weights_path: str = "", incomplete: dict[str, bool] | None = None
+             ) -> Index:
     """Merge the cache and its parts into one new file, renamed over the cache; then delete the parts.
 
     Later parts win over earlier ones and over the cache (a changed file's new row replaces the old one);
-    keys in `drop` are removed. Memory stays bounded: rows are copied `block` at a time."""
+    keys in `drop` are removed. Memory stays bounded: rows are copied `block` at a time. `incomplete` marks
+    (True) or clears (False) a source's "extraction interrupted" record; other sources keep theirs."""
     parts = list_parts(cache)
     inputs = ([cache] if cache.exists() else []) + parts
     where: dict[tuple[str, bytes], tuple[int, int, int, str]] = {}  # key -> (input, row, label, sha)
     failed: dict[tuple[str, bytes], tuple[str, str]] = {}
     feature_shape: tuple[int, ...] | None = None
     sources: list[str] = []
+    marked: set[str] = set()
     for i, path in enumerate(inputs):
         idx = read_index(path)
+        marked.update(idx.incomplete)
         require_same(idx.provenance, prov, str(path), "this run")
         weights_path = weights_path or idx.weights_path
         if feature_shape is not None and idx.shape[1:] != feature_shape:
@@ -129,6 +136,12 @@ def assemble(cache: Path, prov: Provenance, versions: dict[str, str], drop: set[
         failed.pop(key, None)
     if len(sources) > np.iinfo(np.uint16).max:
         raise CacheError(f"{cache} would hold {len(sources)} source folders; the schema allows 65,535")
+    for s, flag in (incomplete or {}).items():
+        if flag:
+            marked.add(s)
+            sources += [] if s in sources else [s]
+        else:
+            marked.discard(s)
     order = sorted(where, key=lambda k: (sources.index(k[0]), k[1]))
     src_id = {s: j for j, s in enumerate(sources)}
     n = len(order)
@@ -144,7 +157,7 @@ def assemble(cache: Path, prov: Provenance, versions: dict[str, str], drop: set[
                             np.array([src_id[k[0]] for k in order], np.uint16),
                             np.array([where[k][2] for k in order], np.int8), [where[k][3] for k in order],
                             [(src_id[k[0]], k[1], v[0], v[1]) for k, v in sorted(failed.items())], versions,
-                            weights_path)
+                            weights_path, [s for s in sources if s in marked])
                 for start in range(0, n, block):
                     keys = order[start : start + block]
                     buf = np.empty((len(keys), *shape[1:]), dtype=prov.dtype)  # [b, V, D]

@@ -30,6 +30,9 @@ def open_h5(path: Path, mode: str = "r") -> Iterator[h5py.File]:
         raise CacheError(f"no cache at {path}: run `catdog-cache extract DATA_DIR` first") from None
     except OSError as e:
         raise CacheError(f"cannot read {path}: {e.strerror}") from None
+    if head[:4] == b"PK\x03\x04":  # a head or an export is a zip archive: good files, never "delete it"
+        raise CacheError(f"{path} is a zip archive (a head written by fit, or an export), not a feature cache: "
+                         "give a head as --head, and --cache the .h5 file it was trained on")
     if head != HDF5_SIGNATURE:
         raise CacheError(f"{path} is not a readable HDF5 cache (not HDF5, or truncated): delete it and extract again")
     try:
@@ -171,6 +174,9 @@ def _index(f: h5py.File, path: Path) -> Index:
         sources = json.loads(_attr(f, "sources"))
         if not isinstance(sources, list) or not all(isinstance(x, str) for x in sources):
             raise ValueError("sources is not a list of folders")
+        incomplete = json.loads(_attr(f, "incomplete")) if "incomplete" in f.attrs else []
+        if not isinstance(incomplete, list) or not all(isinstance(x, str) and x in sources for x in incomplete):
+            raise ValueError("incomplete is not a list of its source folders")
         if "failures" not in f or not isinstance(f.get("failures", getlink=True), h5py.HardLink):
             raise ValueError("no failures group")
         fail = f["failures"]
@@ -198,6 +204,7 @@ def _index(f: h5py.File, path: Path) -> Index:
             shape=tuple(feats.shape),
             dtype=str(feats.dtype),
             weights_path=str(_attr(f, "weights_path")) if "weights_path" in f.attrs else "",
+            incomplete=incomplete,
         )
     except CacheError:
         raise

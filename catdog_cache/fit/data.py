@@ -18,14 +18,17 @@ from .config import Features, FitConfig
 
 
 def labeled_rows(index: Index, cache: Path) -> np.ndarray:
+    partial = (f"; its extraction of {', '.join(index.incomplete)} was interrupted: run extract again to finish it"
+               if index.incomplete else "")
     if index.shape[0] == 0:
-        raise InputError(f"{cache} is empty (0 rows; an extract interrupted before its first batch?): run extract")
+        raise InputError(f"{cache} is empty (0 rows; an extract interrupted before its first batch?): run extract"
+                         + partial)
     rows = np.flatnonzero(index.labels >= 0)
     classes = set(index.labels[rows].tolist())
     if classes != {0, 1}:
         have = ", ".join(["cat", "dog"][c] for c in sorted(classes)) or "no labels"
         raise InputError(f"{cache} needs labeled cats and dogs to fit, and holds {have}: "
-                         "extract a folder with cat/ and dog/ sub-folders or cat.N.jpg / dog.N.jpg files")
+                         "extract a folder with cat/ and dog/ sub-folders or cat.N.jpg / dog.N.jpg files" + partial)
     return rows
 
 
@@ -134,6 +137,7 @@ class Data:
     weights_paths: list[str] = field(default_factory=list)  # per cache: where a --weights FILE was
     streamed: Streamed | None = None
     missing: list[str] = field(default_factory=list)  # images present in only some of the caches
+    sources: list[str] = field(default_factory=list)  # the folders of the labeled rows: what training sees
 
 
 def load(caches: list[Path], cfg: FitConfig, budget: int, stack: contextlib.ExitStack,
@@ -148,7 +152,8 @@ def load(caches: list[Path], cfg: FitConfig, budget: int, stack: contextlib.Exit
         n, dim = index.shape[0], index.shape[2]
         v = cfg.views_of(index) if cfg.augment else 1
         data = Data(None, torch.from_numpy(index.labels.astype(np.int64)).repeat_interleave(v), index.paths,
-                    index.labels, v, dim, [index.provenance.to_json()], caches, [index.weights_path])
+                    index.labels, v, dim, [index.provenance.to_json()], caches, [index.weights_path],
+                    sources=[index.sources[s] for s in np.unique(index.source[index.labels >= 0]).tolist()])
         if n * v * dim * 4 <= budget:
             x_np = read_features(f, view=None if cfg.augment else 0)
             check_finite(x_np, str(caches[0]))
@@ -182,4 +187,5 @@ def load(caches: list[Path], cfg: FitConfig, budget: int, stack: contextlib.Exit
     x = on_device(torch.from_numpy(np.concatenate(parts, axis=1)), device)  # [N, sum of D]
     return Data(Gather(x), torch.from_numpy(lab.astype(np.int64)), [k[1] for k in shared], lab, 1, x.shape[1],
                 [ix.provenance.to_json() for _, ix in opened], caches, [ix.weights_path for _, ix in opened], None,
-                missing)
+                missing, sorted({k[0] for k, y in zip(shared, lab.tolist(), strict=True) if y >= 0},
+                                key=index.sources.index))

@@ -43,6 +43,7 @@ class FitReport:
     folds: dict[str, Any] = field(default_factory=dict)  # --folds: K, each fold's best epoch, the final epochs
     missing: list[str] = field(default_factory=list)  # ensemble: images in only some of the caches
     unlabeled: int = 0  # rows without a label, not used
+    sources: list[str] = field(default_factory=list)  # the folders whose labeled images it trained on
 
     @property
     def per_class_acc(self) -> list[float]:
@@ -57,15 +58,52 @@ def default_head_path(cache: Path) -> Path:
 DEFAULT_HEAD = default_head_path(Path("cache/features.h5"))  # what predict, preview and export look for
 
 
+def check_replace(head_path: Path, provenances: list[str], caches: list[Path]) -> None:
+    """Refitting a head on the same features replaces it (the usual loop); a head of other features, or a file that
+    is no head, is someone's work: refused unless --overwrite."""
+    from ..cache import Provenance
+    from ..errors import CatdogError
+    from ..head import load_head
+
+    if not head_path.exists():
+        return
+    try:
+        _, meta = load_head(head_path)
+        old = meta.get("ensemble") or [meta.get("provenance")]
+        old_provs = [Provenance.from_json(p, f"head {head_path}") for p in old]
+    except CatdogError:
+        raise InputError(f"--head {head_path} exists and is not a head fit can read: give another --head, or "
+                         "--overwrite to replace it") from None
+    new_provs = [Provenance.from_json(p) for p in provenances]
+    old_caches = meta.get("caches") or [meta.get("cache")]
+    new_caches = [str(c.resolve()) for c in caches]
+    # the same caches: the same paths, or the same file names (a project folder moved or copied keeps its heads)
+    if old_provs == new_provs and len(old_caches) == len(new_caches) and all(
+            isinstance(o, str) and (o == n or Path(o).name == Path(n).name)
+            for o, n in zip(old_caches, new_caches, strict=True)):
+        return
+
+    other = default_head_path(caches[0])
+    suggest = f" (e.g. {other})" if other.resolve() != head_path.resolve() else ""
+
+    def what(provs: list[Provenance], where: list) -> str:
+        feats = " + ".join(f"{p.arch} {p.layer} ({p.weights})" for p in provs)
+        return f"{feats} features of {', '.join(str(c) for c in where)}"
+
+    raise InputError(f"--head {head_path} holds a head trained on {what(old_provs, old_caches)}; this fit trains on "
+                     f"{what(new_provs, new_caches)}: give another --head{suggest}, or --overwrite to replace it")
+
+
 def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] | None, cfg: FitConfig,
         on_epoch: Callable[[EpochStats], None] | None = None, max_memory: str | None = None,
         calibrate_head: bool = False, curve: bool = True, folds: int = 0,
         on_fold: Callable[[int, float, float], None] | None = None, budget_bytes: int | None = None,
-        device: str | torch.device = "auto") -> FitReport:
+        device: str | torch.device = "auto", overwrite: bool = False) -> FitReport:
     """Train on the cache: in memory when the feature matrix fits the budget (default: half the available memory),
     streamed from HDF5 otherwise; the same batches, hence the same head, either way. Several caches: one head on
     their features side by side (an ensemble of backbones or layers). folds=K: out-of-fold metrics and calibration,
-    then the head is trained on every labeled row.
+    then the head is trained on every labeled row. An existing head trained on other features (other provenance or
+    other caches) is only replaced with overwrite=True.
     device: auto (CUDA when available) | cpu | cuda[:N]; see training_device. An argument, not a FitConfig field:
     like the memory budget it decides how fast, not which head (up to float rounding), so heads do not record it."""
     cfg.check()
@@ -84,6 +122,8 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:  # cache handles stay open while streaming
         data = load(caches, cfg, budget, stack, on)
+        if not overwrite:
+            check_replace(head_path, data.provenances, caches)
         load_seconds = time.perf_counter() - t0
         oof_note: dict[str, Any] = {}
         if folds:
@@ -124,7 +164,7 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
                        log_loss(probs[:, 1].numpy(), y_val), acc, confusion,
                        streamed=data.streamed is not None, calibration=calibration if calibrate_head else {},
                        kept_epoch=kept, head_shape=head.describe(), folds=oof_note, missing=data.missing,
-                       unlabeled=int((data.raw_labels < 0).sum()))
+                       unlabeled=int((data.raw_labels < 0).sum()), sources=data.sources)
     if not all(torch.isfinite(p).all() for p in head.parameters()):
         raise Diverged("training produced NaN or infinite weights: lower --lr; no head saved")
     save_head(head_path, head, {
@@ -133,6 +173,7 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
         "config": {**asdict(cfg), "hidden": list(cfg.hidden)},
         "cache": str(caches[0].resolve()),
         "caches": [str(c.resolve()) for c in caches],
+        "sources": data.sources,
         "weights_path": data.weights_paths[0],
         "weights_paths": data.weights_paths,
         "history": [asdict(h) for h in history],
