@@ -219,6 +219,9 @@ def extract_cmd(
 ) -> None:
     """Run the frozen backbone over every image once and store its features."""
     from .backbone import parse_weights
+    from .precheck import extract_inputs
+
+    extract_inputs(data_dir, backbone, layer, device)  # before torch's import: mistakes answered at once
     from .extract import ExtractConfig, extract
 
     cfg = ExtractConfig(weights=parse_weights(weights, seed), backbone=backbone, layer=layer, device=device,
@@ -278,7 +281,13 @@ def fit_cmd(
     as_json: bool = JSON,
 ) -> None:
     """Train the head (Dropout -> Linear(D, 2), or an MLP with --hidden) on the cached features."""
-    from .fit import FitConfig, default_head_path, fit
+    from .fit import FitConfig, default_head_path
+    from .precheck import caches_readable
+
+    cfg = FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed, augment, hidden_sizes(hidden), keep)
+    cfg.check()  # options and files before torch's import: mistakes answered at once
+    caches_readable(cache)
+    from .fit import fit
 
     table = Table("epoch", "train loss", "train acc", "val loss", "val acc", "s", title="fit")
 
@@ -294,9 +303,8 @@ def fit_cmd(
         if not (quiet or as_json):
             err.print(fold_rows[-1], highlight=False)
 
-    r = fit(cache if len(cache) > 1 else cache[0], head, FitConfig(epochs, batch_size, lr, dropout, val_fraction,
-                                                                   seed, augment, hidden_sizes(hidden), keep),
-            on_epoch, max_memory, calibrate, folds=folds, on_fold=on_fold)
+    r = fit(cache if len(cache) > 1 else cache[0], head, cfg, on_epoch, max_memory, calibrate, folds=folds,
+            on_fold=on_fold)
     if r.unlabeled and not as_json:
         err.print(f"note: {plural(r.unlabeled, 'unlabeled row')} in the cache, not used for training", highlight=False)
     if r.missing and not as_json:
@@ -368,6 +376,9 @@ def predict_cmd(
 ) -> None:
     """Label a folder with the head; the folder's features are cached, so the next head costs no backbone pass."""
     from .fit import DEFAULT_HEAD
+    from .precheck import predict_inputs
+
+    predict_inputs(data_dir, head or DEFAULT_HEAD, out_csv, submission, model, cache or [])  # before torch's import
     from .predict import predict
 
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks (and writes) for all

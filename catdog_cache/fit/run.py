@@ -17,7 +17,7 @@ from ..errors import InputError
 from ..files import as_paths, check_outputs, file_key
 from ..head import save_head
 from .calibration import calibrate, log_loss
-from .config import Diverged, EpochStats, FitConfig
+from .config import DEFAULT_HEAD, Diverged, EpochStats, FitConfig, default_head_path  # noqa: F401 (re-exported)
 from .crossfit import cross_fit
 from .data import available_memory, load, parse_size
 from .loop import evaluate, train
@@ -47,14 +47,6 @@ class FitReport:
     @property
     def per_class_acc(self) -> list[float]:
         return [row[i] / sum(row) if sum(row) else float("nan") for i, row in enumerate(self.confusion)]
-
-
-def default_head_path(cache: Path) -> Path:
-    """The head lives beside the cache it was trained on: features.h5 -> features.head.pt."""
-    return cache.with_name(cache.stem + ".head.pt")
-
-
-DEFAULT_HEAD = default_head_path(Path("cache/features.h5"))  # what predict, preview and export look for
 
 
 def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] | None, cfg: FitConfig,
