@@ -317,6 +317,8 @@ def fit_cmd(
                      "per_class_acc": dict(zip(("cat", "dog"), r.per_class_acc, strict=True)),
                      "calibration": r.calibration, "curve": str(r.curve) if r.curve else None,
                      "kept_epoch": r.kept_epoch, "head_shape": r.head_shape, "folds": r.folds,
+                     "overfit": r.overfit or None, "fold_curve": str(r.fold_curve) if r.fold_curve else None,
+                     "reliability": str(r.reliability) if r.reliability else None,
                      "missing": r.missing,
                      "history": [h.row() for h in r.history]}))
         return
@@ -341,6 +343,10 @@ def fit_cmd(
                       f"{c['log_loss_after']:.4f} (clip); fitted on {where}")
         if r.curve:
             out.print(f"training curve: {escape(str(r.curve))}", highlight=False)
+        if r.fold_curve:
+            out.print(f"fold curves: {escape(str(r.fold_curve))}", highlight=False)
+        if r.reliability:
+            out.print(f"reliability diagram: {escape(str(r.reliability))}", highlight=False)
     mode = " (streamed from disk)" if r.streamed else ""
     kept = f", kept epoch {r.kept_epoch} (lowest validation log loss)" if keep == "best" and not folds else ""
     val = (f"validation accuracy {r.val_acc:.4f}, log loss {r.val_log_loss:.4f}" if r.n_val
@@ -351,6 +357,8 @@ def fit_cmd(
     out.print(f"[green]fit[/] {r.head_shape} on {plural(r.n_train, 'train row')}{mode}, "
               f"{plural(len(r.history), 'epoch')} in {r.seconds:.2f}s (load {r.load_seconds:.2f}s){kept}: {val} -> "
               f"{escape(printable(str(head)))}", highlight=False)
+    if r.overfit_note:  # after the summary line, so it is the last thing read
+        err.print(f"[yellow]warning:[/] {escape(r.overfit_note)}", highlight=False)
 
 
 @app.command("predict")
