@@ -4,7 +4,11 @@ entry-point group `catdog_cache.backbones`. The built-in backbones (VGG16, any t
 EfficientNet-Lite, timm) are plugins of that group like any third-party package's: see `catdog_cache/backbones/`.
 
 A plugin is any object with `names() -> list[str]` (what `catdog-cache backbones` lists) and
-`find(name, layer) -> Backbone | None` (None: not mine)."""
+`find(name, layer) -> Backbone | None` (None: not mine). `find` and the description it returns should be cheap:
+torch and the model's own packages are imported when a model is built (`make`), not when a plugin is loaded or a
+name is resolved, so that `catdog-cache backbones` and every argument check answer without importing torch (3+ s).
+A plugin that knows its feature size and GFLOPs passes them (`dim=`, `gflops=`); otherwise they take a pass on the
+meta device."""
 
 from __future__ import annotations
 
@@ -17,14 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import InputError, WeightsUnavailable
 from .files import plausible_file, sha256_regular
 from .preprocess import DECODERS
+
+if TYPE_CHECKING:  # torch is imported where a model is built or run, never to describe one
+    import torch
+    from torch import nn
 
 GROUP = "catdog_cache.backbones"
 DEFAULT_BACKBONE = "vgg16"
@@ -166,11 +171,24 @@ IMAGENET = Preset(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 class Backbone:
     """One frozen feature extractor at one layer: [B, 3, crop, crop] -> [B, dim]."""
 
-    def __init__(self, name: str, layer: str, preset: Preset, make: Callable[[WeightsSpec], nn.Module],
-                 imagenet_id: str, offline: Callable[[], bool] = lambda: False, note: str = "",
-                 make_meta: Callable[[], nn.Module] | None = None) -> None:
-        self.name, self.layer, self.preset, self.note = name, layer, preset, note
-        self._make, self._meta, self.imagenet_id, self.offline = make, make_meta, imagenet_id, offline
+    def __init__(self, name: str, layer: str, preset: Preset | Callable[[], Preset],
+                 make: Callable[[WeightsSpec], nn.Module], imagenet_id: str | Callable[[], str],
+                 offline: Callable[[], bool] = lambda: False, note: str = "",
+                 make_meta: Callable[[], nn.Module] | None = None, dim: int | None = None,
+                 gflops: float | None = None) -> None:
+        """preset and imagenet_id may be functions, called once when first needed (a plugin that must import its
+        model library to know them stays cheap to resolve); dim and gflops, when known, spare the meta pass."""
+        self.name, self.layer, self.note = name, layer, note
+        self._make, self._meta, self.offline = make, make_meta, offline
+        self._preset, self._imagenet_id, self._dim, self._gflops = preset, imagenet_id, dim, gflops
+
+    @functools.cached_property
+    def preset(self) -> Preset:
+        return self._preset if isinstance(self._preset, Preset) else self._preset()
+
+    @functools.cached_property
+    def imagenet_id(self) -> str:
+        return self._imagenet_id if isinstance(self._imagenet_id, str) else self._imagenet_id()
 
     def build(self, spec: WeightsSpec) -> nn.Module:
         """The frozen extractor on the CPU, eval mode, no gradients."""
@@ -186,6 +204,8 @@ class Backbone:
 
     def _meta_pass(self, count: bool) -> tuple[int, float]:
         """(feature size, GFLOP per image) from one pass on the meta device: no weights, no compute."""
+        import torch
+
         with torch.device("meta"):
             model = self._meta() if self._meta else self._make(WeightsSpec("random"))
             if count:  # imported only here: about a second, and `dim` alone needs no counter
@@ -197,11 +217,11 @@ class Backbone:
 
     @functools.cached_property
     def dim(self) -> int:
-        return self._meta_pass(count=False)[0]
+        return self._dim if self._dim is not None else self._meta_pass(count=False)[0]
 
     @functools.cached_property
     def gflops(self) -> float:
-        return self._meta_pass(count=True)[1]
+        return self._gflops if self._gflops is not None else self._meta_pass(count=True)[1]
 
 
 class Plugin(Protocol):
@@ -241,16 +261,15 @@ def plugins() -> list[tuple[str, Plugin]]:
 @functools.lru_cache(maxsize=64)
 def get_backbone(name: str = DEFAULT_BACKBONE, layer: str | None = None) -> Backbone:
     """Resolve a backbone name (and optional layer): the first plugin that knows it wins. Cached: a description
-    is cheap, but its feature size takes a pass on the meta device."""
+    is cheap, but a feature size a plugin does not know takes a pass on the meta device."""
     for _, plugin in plugins():
         backbone = plugin.find(name, layer or None)
         if backbone is not None:
             return backbone
     import difflib
 
-    import torchvision
-
-    known = [n for _, p in plugins() for n in p.names()] + torchvision.models.list_models(module=torchvision.models)
+    # every name a plugin resolves, where it can say (the torchvision plugin reads its model names without torch)
+    known = [n for _, p in plugins() for n in getattr(p, "all_names", p.names)()]
     close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.7)
     hint = f" Did you mean {close[0]}?" if close else ""
     raise InputError(f"--backbone {name!r}: unknown.{hint} `catdog-cache backbones` lists what is available; any "
@@ -267,6 +286,8 @@ def freeze(model: nn.Module) -> nn.Module:
 def load_state_file(model: nn.Module, spec: WeightsSpec, what: str, ignore: tuple[str, ...] = ()) -> nn.Module:
     """A weights file from anywhere: tensors only (weights_only=True, never a pickle fallback), keys and shapes
     must match `model` except the `ignore` prefixes (e.g. the classifier that features stop before)."""
+    import torch
+
     try:
         state = torch.load(spec.path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -293,12 +314,16 @@ def load_state_file(model: nn.Module, spec: WeightsSpec, what: str, ignore: tupl
 
 def seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
     """Build with a private, seeded RNG stream: "random" weights are identical for a given seed and torch."""
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return make()
 
 
 def resolve_device(device: str) -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device != "cpu" and not device.startswith("cuda"):

@@ -261,6 +261,9 @@ def extract_cmd(
     """Run the frozen backbone over every image once and store its features. Adding to an existing cache needs no
     repeated flags: options left out take the cache's recorded settings; only contradicting ones are refused."""
     from .backbone import parse_weights
+    from .precheck import extract_inputs
+
+    extract_inputs(data_dir, backbone, layer, device)  # before torch's import: mistakes answered at once
     from .extract import ExtractConfig, extract
     from .settings import resolve_settings
 
@@ -327,7 +330,13 @@ def fit_cmd(
     as_json: bool = JSON,
 ) -> None:
     """Train the head (Dropout -> Linear(D, 2), or an MLP with --hidden) on the cached features."""
-    from .fit import FitConfig, default_head_path, fit
+    from .fit import FitConfig, default_head_path
+    from .precheck import caches_readable
+
+    cfg = FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed, augment, hidden_sizes(hidden), keep)
+    cfg.check()  # options and files before torch's import: mistakes answered at once
+    caches_readable(cache)
+    from .fit import fit
 
     table = Table("epoch", "train loss", "train acc", "val loss", "val acc", "s", title="fit")
 
@@ -347,10 +356,8 @@ def fit_cmd(
             err.print(fold_rows[-1], highlight=False)
 
     with bar:
-        r = fit(cache if len(cache) > 1 else cache[0], head, FitConfig(epochs, batch_size, lr, dropout, val_fraction,
-                                                                       seed, augment, hidden_sizes(hidden), keep),
-                on_epoch, max_memory, calibrate, folds=folds, on_fold=on_fold, device=device,
-                overwrite=overwrite)
+        r = fit(cache if len(cache) > 1 else cache[0], head, cfg, on_epoch, max_memory, calibrate, folds=folds,
+                on_fold=on_fold, device=device, overwrite=overwrite)
     if r.unlabeled and not as_json:
         err.print(f"note: {plural(r.unlabeled, 'unlabeled row')} in the cache, not used for training", highlight=False)
     if r.missing and not as_json:
@@ -363,6 +370,8 @@ def fit_cmd(
                      "per_class_acc": dict(zip(("cat", "dog"), r.per_class_acc, strict=True)),
                      "calibration": r.calibration, "curve": str(r.curve) if r.curve else None,
                      "kept_epoch": r.kept_epoch, "head_shape": r.head_shape, "folds": r.folds,
+                     "overfit": r.overfit or None, "fold_curve": str(r.fold_curve) if r.fold_curve else None,
+                     "reliability": str(r.reliability) if r.reliability else None,
                      "missing": r.missing, "sources": r.sources,
                      "history": [h.row() for h in r.history]}))
         return
@@ -387,6 +396,10 @@ def fit_cmd(
                       f"{c['log_loss_after']:.4f} (clip); fitted on {where}")
         if r.curve:
             out.print(f"training curve: {escape(str(r.curve))}", highlight=False)
+        if r.fold_curve:
+            out.print(f"fold curves: {escape(str(r.fold_curve))}", highlight=False)
+        if r.reliability:
+            out.print(f"reliability diagram: {escape(str(r.reliability))}", highlight=False)
     mode = " (streamed from disk)" if r.streamed else ""
     kept = f", kept epoch {r.kept_epoch} (lowest validation log loss)" if keep == "best" and not folds else ""
     val = (f"validation accuracy {r.val_acc:.4f}, log loss {r.val_log_loss:.4f}" if r.n_val
@@ -401,6 +414,8 @@ def fit_cmd(
               f"{escape(printable(folders))}{mode}, "
               f"{plural(len(r.history), 'epoch')} in {r.seconds:.2f}s (load {r.load_seconds:.2f}s){kept}: {val} -> "
               f"{escape(printable(str(head)))}", highlight=False)
+    if r.overfit_note:  # after the summary line, so it is the last thing read
+        err.print(f"[yellow]warning:[/] {escape(r.overfit_note)}", highlight=False)
 
 
 @app.command("predict")
@@ -426,6 +441,9 @@ def predict_cmd(
 ) -> None:
     """Label a folder with the head; the folder's features are cached, so the next head costs no backbone pass."""
     from .fit import DEFAULT_HEAD
+    from .precheck import predict_inputs
+
+    predict_inputs(data_dir, head or DEFAULT_HEAD, out_csv, submission, model, cache or [])  # before torch's import
     from .predict import predict
 
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks (and writes) for all

@@ -103,14 +103,20 @@ def _has_image_suffix(rel: str) -> bool:
     return os.path.splitext(rel)[1].lower() in IMAGE_SUFFIXES
 
 
-def discover(root: str | os.PathLike[str]) -> Discovery:
-    """Sorted samples of a folder. Labels come from class sub-folders (cat/, dog/, any case) or from the exact
-    Kaggle prefix (`cat.123.jpg`); a folder with neither is unlabeled. Content is sniffed later, at decode time."""
+def folder(root: str | os.PathLike[str]) -> Path:
+    """The image folder, if it is one (also checked by the CLI before it imports torch)."""
     root = Path(root)
     if not root.exists():
         raise InputError(f"folder not found: {root}")
     if not root.is_dir():
         raise InputError(f"not a folder: {root}")
+    return root
+
+
+def discover(root: str | os.PathLike[str]) -> Discovery:
+    """Sorted samples of a folder. Labels come from class sub-folders (cat/, dog/, any case) or from the exact
+    Kaggle prefix (`cat.123.jpg`); a folder with neither is unlabeled. Content is sniffed later, at decode time."""
+    root = folder(root)
     skipped: list[tuple[str, str]] = []
     warnings: list[str] = []
     files = _walk(root, skipped)

@@ -49,6 +49,15 @@ def splits_of(meta: dict, cache: Path, scored) -> list[str]:
     return [role.get(int(r), "new") for r in scored.rows]
 
 
+def grid_title(loaded, head_path: Path, which: str, worst: int) -> str:
+    """Which head and which backbone made these predictions, and which images these are."""
+    backbones = " + ".join(f"{p.arch} {p.layer}" for p, _ in loaded.members or [(loaded.provenance, None)])
+    head = loaded.head.describe() if loaded.head is not None else "head"
+    what = f"the {worst} most confident mistakes" if worst else f"{which} images"
+    return (f"head {printable(head_path.name)}: {head}\n"
+            f"on {printable(backbones)} features, weights {printable(loaded.provenance.weights)}; {what}")
+
+
 def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str], out: str | os.PathLike[str],
             n: int = 16, weights_file: str | None = None, device: str = "auto", worst: int = 0, which: str = "val",
             cache: str | os.PathLike[str] | list | None = None, progress: Progress | None = None) -> PreviewReport:
@@ -112,6 +121,6 @@ def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
         marks.append(None if labels[i] < 0 else bool(pred[i] != labels[i]))
     if not images:
         raise InputError(f"none of the images picked from {data_dir} could be decoded")
-    path = prediction_grid(images, captions, marks, out)
+    path = prediction_grid(images, captions, marks, out, title=grid_title(loaded, head_path, which, worst))
     known = [w for w in marks if w is not None]
     return PreviewReport(path, len(images), sum(known) if known else None, used, note)

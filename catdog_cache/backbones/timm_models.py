@@ -1,14 +1,17 @@
 """timm:NAME when timm is installed: pooled features (num_classes=0) with timm's own data config. Pretrained
-weights come from timm's hub (online); --weights FILE works offline."""
+weights come from timm's hub (online); --weights FILE works offline. timm (and torch) are imported only for a
+timm:NAME backbone, when it is resolved."""
 
 from __future__ import annotations
 
 import math
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..backbone import Backbone, Preset, WeightsSpec, load_state_file, seeded
 from ..errors import InputError, WeightsUnavailable
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def _timm():

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..cache import Index
 from ..errors import CatdogError, InputError
 from ..head import MAX_DROPOUT
 
-Features = Callable[[torch.Tensor], torch.Tensor]  # row indices [B] -> features [B, D], the caller's to overwrite
+if TYPE_CHECKING:  # no torch, no h5py here: the CLI checks the options with FitConfig before importing them
+    import torch
+
+    from ..cache import Index
+
+Features = Callable[["torch.Tensor"], "torch.Tensor"]  # row indices [B] -> features [B, D], the caller's to overwrite
 
 
 class Diverged(CatdogError):
@@ -55,6 +59,14 @@ class FitConfig:
             raise InputError(f"--dropout must be in [0, {MAX_DROPOUT}], got {self.dropout}")
         if not 0 <= self.val_fraction < 1:
             raise InputError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+
+
+def default_head_path(cache: Path) -> Path:
+    """The head lives beside the cache it was trained on: features.h5 -> features.head.pt."""
+    return cache.with_name(cache.stem + ".head.pt")
+
+
+DEFAULT_HEAD = default_head_path(Path("cache/features.h5"))  # what predict, preview and export look for
 
 
 @dataclass

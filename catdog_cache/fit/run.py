@@ -17,10 +17,10 @@ from ..errors import InputError
 from ..files import as_paths, check_outputs, file_key
 from ..head import save_head
 from .calibration import calibrate, log_loss
-from .config import Diverged, EpochStats, FitConfig
+from .config import DEFAULT_HEAD, Diverged, EpochStats, FitConfig, default_head_path  # noqa: F401 (re-exported)
 from .crossfit import cross_fit
 from .data import available_memory, load, parse_size
-from .loop import evaluate, train, training_device
+from .loop import evaluate, overfit, train, training_device
 from .splits import split
 
 
@@ -44,18 +44,31 @@ class FitReport:
     missing: list[str] = field(default_factory=list)  # ensemble: images in only some of the caches
     unlabeled: int = 0  # rows without a label, not used
     sources: list[str] = field(default_factory=list)  # the folders whose labeled images it trained on
+    overfit: dict[str, float] = field(default_factory=dict)  # the kept epoch clearly worse than the best (loop.overfit)
+    fold_curve: Path | None = None  # --folds: each fold's held-out curve
+    reliability: Path | None = None  # --calibrate: the reliability diagram
 
     @property
     def per_class_acc(self) -> list[float]:
         return [row[i] / sum(row) if sum(row) else float("nan") for i, row in enumerate(self.confusion)]
 
-
-def default_head_path(cache: Path) -> Path:
-    """The head lives beside the cache it was trained on: features.h5 -> features.head.pt."""
-    return cache.with_name(cache.stem + ".head.pt")
-
-
-DEFAULT_HEAD = default_head_path(Path("cache/features.h5"))  # what predict, preview and export look for
+    @property
+    def overfit_note(self) -> str:
+        """One sentence for the user when the kept head is clearly past its best epoch, else "". It suggests, and
+        does not promise: on 80-100 validation images the lowest epoch is itself noisy, and on held-out photos
+        --keep best measured no better than the last epoch (README, "Keeping the best epoch")."""
+        o = self.overfit
+        if not o:
+            return ""
+        best, epoch = int(o["best_epoch"]), int(o["kept_epoch"])
+        if self.folds:
+            return (f"held-out log loss (mean of {self.folds['folds']} folds) was lowest at epoch {best} "
+                    f"({o['best']:.4f}) and is {o['kept']:.4f} at epoch {epoch}, the final head's: it may be "
+                    f"overfitting; try --keep best (the final head then trains for the folds' median best epoch) or "
+                    f"--epochs {best}, and compare on images it never saw")
+        return (f"validation log loss was lowest at epoch {best} ({o['best']:.4f}) and is {o['kept']:.4f} at the kept "
+                f"epoch {epoch}: the head may be overfitting; try --keep best (keeps epoch {best}) or --epochs {best}, "
+                f"and compare on images it never saw (--folds 5 gives a steadier estimate than one split)")
 
 
 def check_replace(head_path: Path, provenances: list[str], caches: list[Path]) -> None:
@@ -115,8 +128,10 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
         raise InputError(f"--folds must be between 2 and 50, got {folds}")
     head_path = Path(head_path) if head_path else default_head_path(caches[0])
     curve_path = head_path.with_suffix(".png") if curve else None
-    check_outputs({"--head": head_path, "the training curve": curve_path},
-                  {f"--cache {c}": c for c in caches})
+    fold_path = head_path.with_name(head_path.stem + ".folds.png") if curve and folds else None
+    reliability_path = head_path.with_name(head_path.stem + ".reliability.png") if curve and calibrate_head else None
+    check_outputs({"--head": head_path, "the training curve": curve_path, "the fold curves": fold_path,
+                   "the reliability diagram": reliability_path}, {f"--cache {c}": c for c in caches})
     # budget_bytes: an exact budget for verify and tests (below --max-memory's 1M floor: always streamed)
     budget = budget_bytes or (parse_size(max_memory) if max_memory else available_memory() // 2)
     t0 = time.perf_counter()
@@ -127,7 +142,7 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
         load_seconds = time.perf_counter() - t0
         oof_note: dict[str, Any] = {}
         if folds:
-            logits, y, best_epochs = cross_fit(data, cfg, folds, on_fold, on)
+            logits, y, best_epochs, fold_histories = cross_fit(data, cfg, folds, on_fold, on)
             final_cfg = replace(cfg, val_fraction=0.0, keep="last",
                                 epochs=int(np.median(best_epochs)) if cfg.keep == "best" else cfg.epochs)
             train_np = np.flatnonzero(data.raw_labels >= 0)
@@ -136,6 +151,10 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
                                         final_cfg, on_epoch, data.dim, on)
             n_train, n_val = len(train_np), len(y)
             oof_note = {"folds": folds, "best_epochs": best_epochs, "final_epochs": final_cfg.epochs}
+            # the folds' mean held-out curve stands for the final head's (which has no validation rows)
+            with np.errstate(all="ignore"):
+                mean_curve = np.nanmean([[h.val_loss for h in f] for f in fold_histories], axis=0).tolist()
+            too_far = overfit(mean_curve, final_cfg.epochs)
         else:
             train_np, val_np = split(data.paths, data.raw_labels, cfg.val_fraction, cfg.seed)
             if cfg.keep == "best" and len(val_np) == 0:  # "lowest validation log loss" would name no validation
@@ -151,6 +170,7 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
             _, _, logits = evaluate(head, data.features_of, data.labels, val_rows)
             y = data.labels[val_rows]
             n_train, n_val = len(train_np), len(val_rows)
+            too_far = overfit([h.val_loss for h in history], kept)
     probs = logits.softmax(1)
     y_val, pred = y.numpy(), probs.argmax(1).numpy()
     calibration = {"temperature": 1.0, "clip": 0.0}
@@ -164,7 +184,7 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
                        log_loss(probs[:, 1].numpy(), y_val), acc, confusion,
                        streamed=data.streamed is not None, calibration=calibration if calibrate_head else {},
                        kept_epoch=kept, head_shape=head.describe(), folds=oof_note, missing=data.missing,
-                       unlabeled=int((data.raw_labels < 0).sum()), sources=data.sources)
+                       unlabeled=int((data.raw_labels < 0).sum()), sources=data.sources, overfit=too_far or {})
     if not all(torch.isfinite(p).all() for p in head.parameters()):
         raise Diverged("training produced NaN or infinite weights: lower --lr; no head saved")
     save_head(head_path, head, {
@@ -184,8 +204,24 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
         "clip": calibration["clip"],
     })
     if curve_path:
-        from ..plots import training_curve
+        from ..plots import fold_curves, reliability_diagram, training_curve
 
         report.curve = training_curve(history, curve_path, kept_epoch=kept)
+        if fold_path:
+            report.fold_curve = fold_curves(fold_histories, fold_path, final_epochs=oof_note["final_epochs"])
+        if reliability_path:
+            report.reliability = reliability_diagram(_reliability_curves(logits, calibration), y_val, reliability_path,
+                                                     title=f"reliability of P(dog) on {len(y_val):,} "
+                                                     f"{'out-of-fold' if folds else 'validation'} predictions")
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _reliability_curves(logits: torch.Tensor, calibration: dict[str, float]) -> dict[str, np.ndarray]:
+    """P(dog) as trained and, when calibration changed it, after temperature and clip (what predict writes)."""
+    curves = {"as trained": logits.softmax(1)[:, 1].numpy()}  # logits [n, 2]
+    t, clip = calibration["temperature"], calibration["clip"]
+    if t != 1.0 or clip:
+        p = (logits / t).softmax(1)[:, 1].numpy()
+        curves[f"calibrated (T {t:.2f}, clip {clip:g})"] = np.clip(p, clip, 1 - clip)
+    return curves

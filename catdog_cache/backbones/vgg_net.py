@@ -1,0 +1,62 @@
+"""The VGG16 plugin's model (torch imported here; the plugin itself, vgg, imports none): VGG16 up to fc7, fc6 or
+pool5, with torchvision's ImageNet weights, seeded random ones or a state-dict file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..backbone import WeightsSpec, load_state_file, missing_weights, seeded
+from .tv_net import weights_file
+
+
+class VGGFeatures(nn.Module):
+    """VGG16 up to a layer: [B, 3, 224, 224] -> [B, 4096] (fc6, fc7) or [B, 25088] (pool5)."""
+
+    def __init__(self, vgg: nn.Module, keep: int) -> None:
+        super().__init__()
+        self.features = vgg.features
+        self.avgpool = vgg.avgpool
+        self.classifier = vgg.classifier[:keep]  # keeps the names classifier.0 / classifier.3 of the state dict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)  # [B, 512, 7, 7]
+        x = self.avgpool(x)  # [B, 512, 7, 7]
+        x = torch.flatten(x, 1)  # [B, 25088]
+        return self.classifier(x)  # [B, 4096] for fc6/fc7
+
+
+def imagenet_weights_path() -> Path:
+    """Where torchvision's weights cache keeps the VGG16 ImageNet file."""
+    from torchvision.models import VGG16_Weights
+
+    return weights_file(VGG16_Weights.IMAGENET1K_V1)
+
+
+def _imagenet_state_dict() -> dict[str, torch.Tensor]:
+    from torchvision.models import VGG16_Weights
+
+    weights = VGG16_Weights.IMAGENET1K_V1
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except Exception:  # offline: URLError, socket errors, a partial download...
+        raise missing_weights("VGG16", weights.url.rsplit("/", 1)[1], imagenet_weights_path().parent) from None
+
+
+def make(spec: WeightsSpec, keep: int) -> nn.Module:
+    from torchvision.models import vgg16
+
+    if spec.kind == "random":
+        return VGGFeatures(seeded(spec.seed, lambda: vgg16(weights=None)), keep)
+    with torch.device("meta"):
+        vgg = vgg16(weights=None)  # no 2-second random init of weights about to be replaced
+    if spec.kind == "imagenet":
+        vgg.load_state_dict(_imagenet_state_dict(), assign=True)
+    else:
+        load_state_file(vgg, spec, "torchvision VGG16", ignore=("classifier.6.",))  # fc8 is not used
+    model = VGGFeatures(vgg, keep)
+    if any(t.is_meta for t in model.state_dict().values()):
+        raise ValueError("VGG16 weights incomplete")
+    return model

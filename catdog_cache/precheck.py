@@ -1,0 +1,47 @@
+"""The cheap checks the CLI runs before it imports torch (3+ seconds on a laptop, more on a busy machine): an unknown
+backbone, a missing folder, cache or head is reported at once. Each is the core function's own check (or, for the
+head file, the same words: test_newuser_b compares them); the core functions still check everything, for API users.
+Imports here: the standard library, backbone descriptions and (for caches) h5py, never torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .backbone import check_device, get_backbone
+from .discover import folder
+from .errors import CacheError
+from .files import check_outputs
+
+
+def extract_inputs(data_dir: Path, backbone: str | None, layer: str | None, device: str) -> None:
+    check_device(device)
+    if backbone:  # None: appending takes the cache's own (settings.resolve_settings), checked there
+        get_backbone(backbone, layer or None)  # a description: imports no model library (timm:NAME aside)
+    folder(data_dir)
+
+
+def caches_readable(caches: list[Path]) -> None:
+    """Each cache exists and opens as HDF5 (the core's open_h5, so the same messages)."""
+    from .cache.validate import open_h5
+
+    for cache in caches:
+        with open_h5(cache):
+            pass
+
+
+def head_file(path: Path) -> None:
+    """load_head's first checks (head.py imports torch)."""
+    if path.is_dir():
+        raise CacheError(f"--head {path} is a folder, not a head file")
+    if not path.is_file():
+        raise CacheError(f"no head at {path}: run `catdog-cache fit` first (or pass --head PATH)")
+
+
+def predict_inputs(data_dir: Path, head: Path, out: Path, submission: Path | None, model: Path | None,
+                   caches: list[Path]) -> None:
+    """predict's order: outputs, folder, then the head (an exported --model is checked when it is loaded)."""
+    check_outputs({"--out": out, "--submission": submission},
+                  {"--head": head, "--model": model, **{f"--cache {c}": c for c in caches}})
+    folder(data_dir)
+    if model is None:
+        head_file(head)
