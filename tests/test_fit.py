@@ -222,8 +222,10 @@ def test_device_path_folds_and_ensemble(tmp_path):
     synthetic_cache(tmp_path / "b.h5", n=200, seed=1, labels=y)
     for kw in ({"folds": 3}, {}):
         caches = tmp_path / "a.h5" if kw else [tmp_path / "a.h5", tmp_path / "b.h5"]
-        a = fit(caches, tmp_path / "h.pt", FitConfig(epochs=2), curve=False, device="cpu", **kw)
-        b = fit(caches, tmp_path / "d.pt", FitConfig(epochs=2), curve=False, device=torch.device("cpu"), **kw)
+        # the second round trains on other caches into the same files: replacing them is meant (overwrite)
+        a = fit(caches, tmp_path / "h.pt", FitConfig(epochs=2), curve=False, device="cpu", overwrite=True, **kw)
+        b = fit(caches, tmp_path / "d.pt", FitConfig(epochs=2), curve=False, device=torch.device("cpu"),
+                overwrite=True, **kw)
         assert heads_equal(load_head(tmp_path / "h.pt")[0], load_head(tmp_path / "d.pt")[0])
         assert (a.val_log_loss, a.confusion) == (b.val_log_loss, b.confusion)
 
