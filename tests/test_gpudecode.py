@@ -64,9 +64,9 @@ def test_truncated_jpeg_refused_alike_before_any_device_decode(tmp_path, kaggle_
     shipped = [d for call in decode_calls for d in call]
     assert len(shipped) == 12 and whole[:1500] not in shipped and whole[:-2] not in shipped
     assert rotated not in shipped and all(d.endswith(b"\xff\xd9") for d in shipped)
-    fa, fb = read_features(tmp_path / "pil.h5"), read_features(tmp_path / "tv.h5")
-    row = b.paths.index(b"dog.74.jpg")
-    assert np.array_equal(fa[row], fb[row])  # decoded by Pillow in the worker, resized on the device alike
+    fa, fb = read_features(tmp_path / "pil.h5"), read_features(tmp_path / "tv.h5")  # [N, D]
+    cos = (fa * fb).sum(1) / (np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1))
+    assert cos[b.paths.index(b"dog.74.jpg")] > 0.99  # turned upright by Pillow in the worker, as with pil
 
 
 def test_device_decoder_refusal_gets_pillows_verdict(tmp_path, kaggle_dir, monkeypatch):
@@ -165,8 +165,9 @@ def test_draft_decodes_big_photos_smaller_and_faster():
 
 def test_pil_draft_is_recorded_and_never_mixed(tmp_path, kaggle_dir, cli):
     """pil-draft is another transform in the provenance; small images decode exactly as with pil."""
-    extract(kaggle_dir, tmp_path / "pil.h5", cfg("pil"))
-    r = cli("extract", kaggle_dir, *TINY, "--cache", tmp_path / "draft.h5", "--decoder", "pil-draft", "--workers", "0")
+    extract(kaggle_dir, tmp_path / "pil.h5", cfg("pil", "cpu"))  # on the CPU: bit-identical runs
+    r = cli("extract", kaggle_dir, *TINY, "--cache", tmp_path / "draft.h5", "--decoder", "pil-draft", "--workers", "0",
+            "--device", "cpu")
     assert r.exit_code == 0
     a, b = read_index(tmp_path / "pil.h5"), read_index(tmp_path / "draft.h5")
     assert decoder_of(b.provenance.transform) == "pil-draft" and decoder_of(a.provenance.transform) == "pil"
@@ -174,7 +175,7 @@ def test_pil_draft_is_recorded_and_never_mixed(tmp_path, kaggle_dir, cli):
     assert "--decoder pil-draft" in matching_flags(b.provenance)
     assert np.array_equal(read_features(tmp_path / "pil.h5"), read_features(tmp_path / "draft.h5"))  # 96 px: no draft
     with pytest.raises(ProvenanceMismatch, match="decoder"):
-        extract(kaggle_dir, tmp_path / "pil.h5", cfg("pil-draft"))
+        extract(kaggle_dir, tmp_path / "pil.h5", cfg("pil-draft", "cpu"))
 
 
 # ---------------------------------------------------------------- bench: the extract table
