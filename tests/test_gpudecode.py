@@ -14,7 +14,7 @@ from catdog_cache.backbone import IMAGENET, Preset, WeightsSpec
 from catdog_cache.cache import read_features, read_index
 from catdog_cache.errors import ProvenanceMismatch
 from catdog_cache.extract import ExtractConfig, extract, matching_flags
-from catdog_cache.preprocess import decode_rgb, decoder_of, jpeg_payload, tensor_views
+from catdog_cache.preprocess import decode_rgb, decoder_of, jpeg_end, jpeg_payload, tensor_views
 from tests.conftest import TINY
 
 
@@ -208,3 +208,18 @@ def test_bench_table_cli(cli, monkeypatch):
     assert "| extract: vgg16 bf16 --decoder torchvision | 90 img/s | 1.80x the plain loop; 0.90 of min(decode " \
            "100, model 100) |" in r.output
     assert "model ceiling: efficientnet_lite0 fp32 | failed | RuntimeError: InputError" in r.output
+
+
+def test_jpeg_end_walks_scans_restarts_and_fill_bytes():
+    """The end-of-image marker found through progressive scans, restart markers and fill bytes; none without it."""
+    rng = np.random.default_rng(1)
+    im = Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    for kw in ({}, {"progressive": True}, {"restart_marker_blocks": 1}):
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=90, **kw)
+        data = buf.getvalue()
+        assert data.endswith(b"\xff\xd9") and jpeg_end(data) == len(data) == jpeg_end(data + b"junk" * 100)
+        filled = data[:-2] + b"\xff\xff\xff\xd9"  # fill bytes before the end marker
+        assert jpeg_end(filled) == len(filled)
+        assert jpeg_end(data[:-2]) is None and jpeg_end(data[: len(data) // 2]) is None
+    assert (b"\xff\xd0" in data) and jpeg_payload(data) == data  # restart markers really were written
