@@ -139,9 +139,10 @@ MODES: dict[str, Callable[..., int]] = {"extract": extract_run, "loop": plain_lo
 
 
 def run_mode(spec: dict[str, Any]) -> dict[str, float]:
-    """One measured run: {"wall": seconds, "cpu": own CPU seconds, "n": images, "steady": img/s from the first
-    batch to the last (start-up, worker spawn and the first batch's autotuning excluded; wall rate if fewer than
-    two batches)}."""
+    """One measured run: {"wall": seconds, "cpu": own CPU seconds, "n": images, "steady": img/s over the second
+    half of the images}. The second half: start-up, worker spawn and the first batch's autotuning are excluded, and
+    so are the batches the workers decoded ahead meanwhile (up to prefetch x workers batches), which the first
+    half consumes at model speed; the wall rate if there are too few batches to tell."""
     ticks: list[tuple[float, int]] = []
     args = {k: v for k, v in spec.items() if k != "mode"}
     if "data_dir" in args:
@@ -149,8 +150,11 @@ def run_mode(spec: dict[str, Any]) -> dict[str, float]:
     c, t = _own_cpu(), time.perf_counter()
     n = MODES[spec["mode"]](**args, tick=lambda done: ticks.append((time.perf_counter(), done)))
     wall = time.perf_counter() - t
-    steady = ((ticks[-1][1] - ticks[0][1]) / (ticks[-1][0] - ticks[0][0]) if len(ticks) > 1
-              and ticks[-1][0] > ticks[0][0] else n / wall)
+    half = next((t for t in ticks if t[1] >= ticks[-1][1] / 2), ticks[0]) if ticks else None
+    if half is not None and half[1] == ticks[-1][1]:
+        half = ticks[0]  # the last batch holds the second half: from the first batch
+    steady = ((ticks[-1][1] - half[1]) / (ticks[-1][0] - half[0]) if half is not None and ticks[-1][0] > half[0]
+              else n / wall)
     return {"wall": wall, "cpu": _own_cpu() - c, "n": n, "steady": steady}
 
 
@@ -261,9 +265,10 @@ def device_table(data_dir: Path, log: Callable[[Row], None], device: str = "cuda
     the plain DataLoader loop (same preset, batch, workers = cores, pin_memory; fp32 and bf16 autocast); the
     decode-only ceilings (Pillow + the preset in workers = cores; the device decoder with byte-reading workers),
     and the model-only ceilings (preprocessed batches of `model_batch` already on the device). Rates are steady
-    state: from the first batch to the last (start-up excluded), medians of `repeats` interleaved fresh-process
-    runs. Ratios: extract / the plain loop of the same backbone and precision, and extract / min(its decoder's
-    decode ceiling, its model ceiling)."""
+    state, over the second half of the files (run_mode: use enough files that the workers' read-ahead is under
+    half of them, e.g. 20,000 on 16 cores), medians of `repeats` interleaved fresh-process runs. Ratios: extract
+    / the plain loop of the same backbone and precision, and extract / min(its decoder's decode ceiling, its
+    model ceiling)."""
     from .discover import discover
     from .pipeline import cores
 
@@ -304,7 +309,7 @@ def device_table(data_dir: Path, log: Callable[[Row], None], device: str = "cuda
         rows.append(row)
         log(row)
 
-    setting = f"{device}, {n} files, median of {repeats}, steady state"
+    setting = f"{device}, {n} files, median of {repeats}, steady state (second half of the files)"
     add("decode pil", f"decode ceiling: Pillow + preset, {every} workers", f"no model; batch {batch}; {setting}")
     add("decode torchvision", f"decode ceiling: torchvision on {device}", f"workers ({every}) read bytes; batched "
         "decode_jpeg + resize/crop/normalise on the device; no model")
