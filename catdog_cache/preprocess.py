@@ -91,8 +91,9 @@ def jpeg_payload(data: bytes) -> bytes | None:
     per pixel (+ JPEG_SLACK); None: decode with Pillow instead. Pillow's verdict and pixels are the reference:
     CMYK and anything unusual convert correctly there, a truncated file (no complete marker structure up to the
     end-of-image marker) is refused there with Pillow's reason (nvJPEG would return it partly grey, and cache it),
-    a rotated photo is turned upright there (decode_jpeg on a GPU ignores EXIF orientation), and bloated files
-    are shipped as their decoded pixels."""
+    a rotated photo is turned upright there (decode_jpeg on a GPU ignores EXIF orientation), a progressive JPEG
+    is decoded in parallel there (nvJPEG's batched decode takes baseline JPEGs only; it decodes the others one by
+    one in the main process), and bloated files are shipped as their decoded pixels."""
     if not data.startswith(b"\xff\xd8\xff"):
         return None
     try:
@@ -103,8 +104,8 @@ def jpeg_payload(data: bytes) -> bytes | None:
             if im.format != "JPEG" or im.mode not in ("RGB", "L"):
                 return None
             w, h = im.size
-            if im.getexif().get(ORIENTATION, 1) != 1:
-                return None
+            if im.getexif().get(ORIENTATION, 1) != 1 or im.info.get("progressive"):
+                return None  # progressive: nvJPEG decodes it alone, Huffman on the main process's CPU, one sync each
     except Exception:
         return None  # let Pillow's decode give the per-file reason
     end = jpeg_end(data)

@@ -223,3 +223,6 @@ def test_jpeg_end_walks_scans_restarts_and_fill_bytes():
         assert jpeg_end(filled) == len(filled)
         assert jpeg_end(data[:-2]) is None and jpeg_end(data[: len(data) // 2]) is None
     assert (b"\xff\xd0" in data) and jpeg_payload(data) == data  # restart markers really were written
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=90, progressive=True)
+    assert jpeg_payload(buf.getvalue()) is None  # decoded by Pillow in the workers, not one by one on the device
