@@ -93,8 +93,8 @@ def channels_last_batch(items: list[torch.Tensor]) -> torch.Tensor:
 @dataclass
 class Encoded:
     """decoder="torchvision": one loader batch before decoding. The JPEG bytes of all its images in one buffer
-    (one shared-memory handle per batch rather than one per image, which the main process would pay for), image
-    j being data[starts[j]:ends[j]]; the images Pillow decoded ([3, H, W] uint8); order[k] = (True, j) for the
+    (one shared-memory handle per batch rather than one per image, which the main process would pay for), JPEG
+    j being data[ends[j - 1]:ends[j]]; the images Pillow decoded ([3, H, W] uint8); order[k] = (True, j) for the
     batch's k-th image if it is JPEG j, (False, j) if it is Pillow's image j."""
 
     data: torch.Tensor  # [total bytes] uint8
