@@ -250,8 +250,9 @@ def extract_cmd(
     views: str | None = typer.Option(None, "--views", show_default="center" + APPEND,
                                      help="Comma-separated views per image: center, flip."),
     decoder: str | None = typer.Option(None, "--decoder", show_default="pil" + APPEND,
-                                       help="pil (CPU workers) | torchvision (JPEGs decoded in batches on the "
-                                       "extraction device: nvJPEG on a GPU)."),
+                                       help="pil (CPU workers) | pil-draft (big JPEGs decoded at 1/2-1/8 scale in the "
+                                       "DCT, still >= the resize: faster, other pixels) | torchvision (JPEGs decoded "
+                                       "in batches on the extraction device: nvJPEG on a GPU). Recorded in the cache."),
     prune: bool = typer.Option(False, "--prune", help="Remove rows of files no longer in the folder."),
     strict: bool = typer.Option(False, "--strict", help="Fail on any file that cannot be used."),
     quiet: bool = QUIET,
@@ -752,7 +753,8 @@ def bench_cmd(
     limit: int = typer.Option(64, "--limit", help="Images for the end-to-end extract measurement."),
     rows: int = typer.Option(25_000, "--rows", help="Rows of the synthetic cache for fit."),
     stream: str = typer.Option("25000,100000", "--stream", help="Cache sizes for streamed fit ('' to skip)."),
-    backbones: str = typer.Option("vgg16", "--backbones", help="Backbones for the extract rows, comma-separated."),
+    backbones: str = typer.Option("", "--backbones", show_default="vgg16; the table: vgg16,efficientnet_lite0",
+                                  help="Backbones for the extract rows, comma-separated."),
     markdown: bool = typer.Option(False, "--markdown", help="Also print a README-ready table."),
     only: str = typer.Option("", "--only", help="'pipeline': only the extract-pipeline rows."),
     pipeline: int = typer.Option(1000, "--pipeline-images", help="Drawn 500x375 JPEGs for the extract-pipeline "
@@ -760,9 +762,15 @@ def bench_cmd(
     workers: int = typer.Option(-1, "--workers", help="Decode workers for the pipeline rows (-1: extract's default)."),
     batch_size: int = typer.Option(0, "--batch-size", help="Batch for the pipeline rows (0: extract's default)."),
     device: str = typer.Option("cpu", "--device", help="Device of the pipeline rows: cpu or cuda."),
+    table_rows: bool = typer.Option(False, "--table", help="The extract table (per backbone, decoder, precision, "
+                                    "against the plain loop and the decode and model ceilings): always with "
+                                    "--device cuda."),
+    repeats: int = typer.Option(0, "--repeats", help="Interleaved fresh-process runs per pipeline row, median "
+                                "reported (0: 3 for the CPU rows, 1 for the table's 18 runs)."),
 ) -> None:
     """Measure GEMM and copy rates, backbone forward, extract end to end, fit (quiet and under load), start-up,
-    and extract against a plain DataLoader loop (tiny backbone: the pipeline's own cost)."""
+    and extract against a plain DataLoader loop (tiny backbone: the pipeline's own cost); on a GPU, the extract
+    table (per backbone, decoder and precision, against the plain loop and the decode and model ceilings)."""
     import platform
     from datetime import date
 
@@ -784,9 +792,14 @@ def bench_cmd(
     def log(r: tuple[str, str, str]) -> None:
         out.print(f"  {r[0]:<48} {r[1]:>18}  {r[2]}", highlight=False)
 
-    table = [] if only else run(data, limit, rows, log, sizes, [b.strip() for b in backbones.split(",") if b.strip()])
-    if pipeline:
-        table += benchpipe.run(data, pipeline, workers, batch_size, device, log)
+    if repeats < 0:
+        raise CatdogError(f"--repeats must be at least 1 (or 0 for auto), got {repeats}")
+    names = [b.strip() for b in backbones.split(",") if b.strip()]
+    table = [] if only else run(data, limit, rows, log, sizes, names or ["vgg16"])
+    if pipeline and (table_rows or device.startswith("cuda")):
+        table += benchpipe.table(data, pipeline, log, device, names or None, workers, batch_size, repeats or 1)
+    elif pipeline:
+        table += benchpipe.run(data, pipeline, workers, batch_size, device, log, repeats or 3)
     if markdown:
         print("| measurement | value | note |\n|---|---|---|")
         for what, value, note in table:

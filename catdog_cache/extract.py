@@ -24,6 +24,7 @@ from .errors import CacheBusy, CatdogError, InputError, Interrupted, ProvenanceM
 from .files import sha256_regular
 from .pipeline import (
     Batch,
+    Encoded,
     ImageFiles,
     PartWriter,
     collate,
@@ -138,7 +139,7 @@ def _forward(x: Any, idx: list[int], shas: list[str], failures: list[tuple[int, 
              cfg: ExtractConfig, device: torch.device, preset: Preset, autocast_dtype: torch.dtype | None) -> tuple[
                  tuple[list[int], torch.Tensor, list[str], list[tuple[int, str, str]]], Any]:
     """One loader batch -> ((indices, features [B, V, D] on the host, sha256s, failures), a CUDA event or None)."""
-    if isinstance(x, list):
+    if isinstance(x, Encoded):
         x, idx, shas, late = device_batch(x, idx, shas, cfg.views, device, preset)
         failures = failures + late
     out, ready = torch.zeros((0, len(cfg.views), 0)), None

@@ -9,7 +9,9 @@ import os
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,17 +29,19 @@ class ImageFiles(torch.utils.data.Dataset):
     """Index -> (index, [V, 3, 224, 224] or None, sha256 of the bytes decoded, failure reason).
 
     With decoder="torchvision" the item is instead ("jpeg", raw bytes) for plain JPEGs, to be decoded in a batch on
-    the extraction device, or ("rgb", [3, H, W] uint8) decoded by Pillow; `device_batch` finishes both."""
+    the extraction device, or ("rgb", [3, H, W] uint8) decoded by Pillow; `device_batch` finishes both. The worker
+    then only reads, hashes and checks the marker structure: no pixel work."""
 
     def __init__(self, root: Any, rels: list[str], views: tuple[str, ...], preset: Preset, decoder: str = "pil"
                  ) -> None:
         self.root, self.rels, self.views, self.decoder = root, rels, views, decoder
         self.transform = preset.transform()
+        self.draft = preset.resize if decoder == "pil-draft" else 0
 
     def __len__(self) -> int:
         return len(self.rels)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str, str]:
+    def __getitem__(self, i: int) -> tuple[int, Any, str, str]:
         try:  # a regular file, opened non-blocking, read up to the limit: the file may have changed since discovery
             data = read_regular(self.root / self.rels[i], MAX_FILE_BYTES)
         except ValueError as e:
@@ -47,15 +51,30 @@ class ImageFiles(torch.utils.data.Dataset):
         sha = hashlib.sha256(data).hexdigest()  # in the worker, from the bytes it decodes: no second read
         try:
             if self.decoder == "torchvision":
-                jpeg = jpeg_payload(data)  # cut at its end marker, bounded by its pixel count
+                jpeg = jpeg_payload(data)  # cut at its end marker, bounded by its pixel count; None: Pillow's
                 if jpeg is not None:
                     return i, ("jpeg", torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)), sha, ""
-                return i, ("rgb", torch.from_numpy(np.asarray(decode_rgb(data)).copy()).permute(2, 0, 1)), sha, ""
-            return i, views_of(decode_rgb(data), self.views, self.transform), sha, ""
+                return i, ("rgb", rgb_tensor(decode_rgb(data))), sha, ""
+            return i, views_of(decode_rgb(data, self.draft), self.views, self.transform), sha, ""
         except DecodeError as e:
             return i, None, sha, str(e)
         except Exception as e:  # a decoder bug on one file must not end a multi-hour run
             return i, None, sha, f"decode failed: {type(e).__name__}: {e}"
+
+
+def rgb_tensor(image: Any) -> torch.Tensor:
+    """RGB PIL image -> [3, H, W] uint8."""
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def _shared_empty(shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """In a loader worker, born in shared memory (as default_collate does): sent as one handle, no copy into shared
+    memory when pickled; in the main process, an ordinary tensor."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty_strided(shape, stride, dtype=dtype)
+    n = int(np.prod(shape))  # dense layouts only: every element once
+    storage = torch.UntypedStorage._new_shared(n * torch.empty((), dtype=dtype).element_size())
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape, stride)
 
 
 def channels_last_batch(items: list[torch.Tensor]) -> torch.Tensor:
@@ -65,51 +84,100 @@ def channels_last_batch(items: list[torch.Tensor]) -> torch.Tensor:
     pickling a private tensor costs."""
     v, c, h, w = items[0].shape
     n = len(items) * v
-    shape, stride = (n, c, h, w), (c * h * w, 1, w * c, c)  # channels-last strides of [B*V, 3, S, S]
-    if torch.utils.data.get_worker_info() is not None:  # as default_collate does: born shared, sent as a handle
-        storage = torch.UntypedStorage._new_shared(n * c * h * w * items[0].element_size())
-        out = torch.empty(0, dtype=items[0].dtype).set_(storage, 0, shape, stride)
-    else:
-        out = torch.empty_strided(shape, stride, dtype=items[0].dtype)
+    out = _shared_empty((n, c, h, w), (c * h * w, 1, w * c, c), items[0].dtype)  # channels-last [B*V, 3, S, S]
     for k, x in enumerate(items):
         out[k * v:(k + 1) * v].copy_(x)
     return out.unflatten(0, (len(items), v))  # [B, V, 3, S, S]
 
 
+@dataclass
+class Encoded:
+    """decoder="torchvision": one loader batch before decoding. The JPEG bytes of all its images in one buffer
+    (one shared-memory handle per batch rather than one per image, which the main process would pay for), JPEG
+    j being data[ends[j - 1]:ends[j]]; the images Pillow decoded ([3, H, W] uint8); order[k] = (True, j) for the
+    batch's k-th image if it is JPEG j, (False, j) if it is Pillow's image j."""
+
+    data: torch.Tensor  # [total bytes] uint8
+    ends: list[int]
+    rgb: list[torch.Tensor]
+    order: list[tuple[bool, int]]
+
+    def pin_memory(self) -> Encoded:  # called by the DataLoader's pin-memory thread (pin_memory=True on a GPU)
+        return Encoded(self.data.pin_memory(), self.ends, [t.pin_memory() for t in self.rgb], self.order)
+
+    def jpegs(self) -> list[torch.Tensor]:
+        """[n_j] uint8 views of the buffer, one per JPEG: contiguous, no copy."""
+        return [self.data[s:e] for s, e in zip([0, *self.ends[:-1]], self.ends, strict=True)]
+
+
+def encode_batch(items: list[tuple[str, torch.Tensor]]) -> Encoded:
+    jpegs = [t for kind, t in items if kind == "jpeg"]
+    ends = np.cumsum([len(t) for t in jpegs]).tolist()
+    data = _shared_empty((ends[-1] if ends else 0,), (1,), torch.uint8)
+    if jpegs:
+        torch.cat(jpegs, out=data)
+    order, n = [], [0, 0]
+    for kind, _ in items:
+        order.append((kind == "jpeg", n[kind == "jpeg"]))
+        n[kind == "jpeg"] += 1
+    return Encoded(data, ends, [t for kind, t in items if kind != "jpeg"], order)
+
+
 def collate(batch: list[tuple[int, Any, str, str]]) -> tuple[Any, list[int], list[str], list[Failure]]:
     good = [b for b in batch if b[1] is not None]
     if good and isinstance(good[0][1], tuple):  # decoder="torchvision": decoded later, on the device
-        x: Any = [b[1] for b in good]
+        x: Any = encode_batch([b[1] for b in good])
     else:
         x = channels_last_batch([b[1] for b in good]) if good else None  # [B, V, 3, 224, 224]
     return x, [b[0] for b in good], [b[2] for b in good], [(b[0], b[2], b[3]) for b in batch if b[1] is None]
 
 
-def device_batch(items: list[tuple[str, torch.Tensor]], idx: list[int], shas: list[str],
-                 views: tuple[str, ...], device: torch.device, preset: Preset
-                 ) -> tuple[torch.Tensor | None, list[int], list[str], list[Failure]]:
-    """decoder="torchvision": decode the batch's JPEGs together on the device (nvJPEG on a GPU), then resize, crop
-    and normalise there. A batch that fails to decode is retried image by image, so one bad file is one failure."""
+def decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """JPEG bytes ([n] uint8 on the host) -> [3, H, W] uint8 on `device`: one decode_jpeg call for the list (one
+    batched nvJPEG decode on a GPU). No EXIF rotation: jpeg_payload sends rotated photos to Pillow instead."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    def decode(data: list[torch.Tensor]) -> list[torch.Tensor]:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
-    jpegs = [k for k, (kind, _) in enumerate(items) if kind == "jpeg"]
-    images: list[torch.Tensor | None] = [t if kind == "rgb" else None for kind, t in items]
+
+def device_batch(enc: Encoded, idx: list[int], shas: list[str], views: tuple[str, ...], device: torch.device,
+                 preset: Preset) -> tuple[torch.Tensor | None, list[int], list[str], list[Failure]]:
+    """decoder="torchvision": decode the batch's JPEGs together on the device (nvJPEG on a GPU), then resize, crop
+    and normalise there. A batch that fails to decode is retried image by image; a JPEG the device's decoder
+    refuses is given to Pillow, whose verdict (its pixels, or its reason) stands, as on every decoder."""
+    data = enc.jpegs()
+    jpegs: list[Any] = [None] * len(data)  # [3, H, W] uint8 each, or Pillow's reason for refusing it
     failed: list[Failure] = []
     try:
-        for k, img in zip(jpegs, decode([items[k][1] for k in jpegs]) if jpegs else [], strict=True):
-            images[k] = img
+        jpegs = list(decode_jpegs(data, device)) if data else []
     except RuntimeError:
-        for k in jpegs:
+        for j, one in enumerate(data):
             try:
-                images[k] = decode([items[k][1]])[0]
-            except RuntimeError as e:
-                failed.append((idx[k], shas[k], f"corrupt or truncated JPEG: {str(e).splitlines()[0]}"))
+                jpegs[j] = decode_jpegs([one], device)[0]
+            except RuntimeError:
+                jpegs[j] = _pillow_verdict(one)
+    images: list[torch.Tensor | None] = []
+    for k, (is_jpeg, j) in enumerate(enc.order):
+        img = jpegs[j] if is_jpeg else enc.rgb[j]
+        if isinstance(img, str):
+            failed.append((idx[k], shas[k], img))
+            img = None
+        images.append(img)
     keep = [k for k, img in enumerate(images) if img is not None]
     x = tensor_views([images[k] for k in keep], views, device, preset) if keep else None  # [B, V, 3, S, S]
     return x, [idx[k] for k in keep], [shas[k] for k in keep], failed
+
+
+def _pillow_verdict(data: torch.Tensor) -> Any:
+    """A JPEG the device's decoder refused: Pillow's image ([3, H, W] uint8 on the host) or Pillow's reason."""
+    try:
+        return rgb_tensor(decode_rgb(bytes(data.numpy())))
+    except DecodeError as e:
+        return str(e)
+    except Exception as e:
+        return f"decode failed: {type(e).__name__}: {e}"
 
 
 def cores() -> int:

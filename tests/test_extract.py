@@ -199,7 +199,7 @@ def test_torchvision_decoder_matches_pil_closely_and_is_recorded(tmp_path, kaggl
     a_idx, b_idx = read_index(tmp_path / "pil.h5"), read_index(tmp_path / "tv.h5")
     assert a_idx.paths == b_idx.paths and len(a_idx.paths) == 14
     assert '"decoder": "torchvision"' in b_idx.provenance.transform and "decoder" not in a_idx.provenance.transform
-    assert [f[1] for f in b_idx.failed] == [b"cat.72.jpg"] and "JPEG" in b_idx.failed[0][3]
+    assert [f[1] for f in b_idx.failed] == [b"cat.72.jpg"] and b_idx.failed == a_idx.failed  # Pillow's verdict
     a, b = read_features(tmp_path / "pil.h5"), read_features(tmp_path / "tv.h5")
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cos.min() > 0.98  # resampling rounding differs; the images do not
