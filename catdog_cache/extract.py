@@ -175,6 +175,7 @@ class ExtractReport:
     extracted: int = 0
     reused: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (rel, reason) this run
+    failed_before: list[tuple[str, str]] = field(default_factory=list)  # unchanged files an earlier run could not use
     skipped: list[tuple[str, str]] = field(default_factory=list)  # discovery skips
     removed: list[str] = field(default_factory=list)  # in the cache, no longer in the folder
     pruned: bool = False
@@ -245,9 +246,9 @@ def _finish(cache: Path, prov: Provenance, report: ExtractReport, todo: list[Sam
             strict: bool, had_cache: bool, data_dir: str | os.PathLike[str], finished: dict[str, bool]) -> int:
     """Assemble the parts into the cache (or refuse under --strict); returns the cache's row count."""
     if strict:  # refuse to assemble; parts stay (they may hold an earlier run's saved work)
-        failed = report.failed + [(os.fsdecode(p), reason) for part in list_parts(cache)
-                                  for _, p, _, reason in read_index(part).failed if (os.fsdecode(p), reason)
-                                  not in report.failed]
+        failed = report.failed + [f for f in report.failed_before if f not in report.failed]
+        failed += [(os.fsdecode(p), reason) for part in list_parts(cache)
+                   for _, p, _, reason in read_index(part).failed if (os.fsdecode(p), reason) not in failed]
         if failed:
             rel, reason = failed[0]
             raise InputError(f"--strict: {len(failed)} files could not be decoded, first {rel!r}: {reason}; "
@@ -289,6 +290,7 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
     """What this run must extract (new or changed files) and drop (deleted files, with --prune). Under torchrun
     each rank hashes a slice of the already-known files and the ranks share the verdicts."""
     known: dict[bytes, str] = {}  # relative path -> sha256 already extracted (or failed) for this source
+    reasons: dict[bytes, str] = {}  # relative path -> why an earlier run could not use it (resume skips it)
     old_paths: set[bytes] = set()
     for path in ([cache] if cache.exists() else []) + list_parts(cache):
         idx = read_index(path)
@@ -304,11 +306,12 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
         for key, sha in zip(idx.keys(), idx.sha256, strict=True):
             if key[0] == source:
                 known[key[1]] = sha
+                reasons.pop(key[1], None)  # a later part holds it as a row: it was fixed
                 if path == cache:
                     old_paths.add(key[1])
-        for s, p, sha, _ in idx.failed:
+        for s, p, sha, why in idx.failed:
             if idx.sources[s] == source and sha:
-                known[p] = sha
+                known[p], reasons[p] = sha, why
     candidates = [i for i, s in enumerate(disc.samples) if encode_path(s.rel) in known]
     mine = dist.shard(candidates) if dist else candidates
     unchanged: set[int] = set()
@@ -324,6 +327,9 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
         unchanged = set().union(*dist.gather(unchanged))
     todo = [s for i, s in enumerate(disc.samples) if i not in unchanged]
     report.reused = len(disc.samples) - len(todo)
+    # --strict must see these too: skipped as known, they are still unusable files of the folder
+    report.failed_before = [(disc.samples[i].rel, reasons[encode_path(disc.samples[i].rel)]) for i in sorted(unchanged)
+                            if encode_path(disc.samples[i].rel) in reasons]
     present = {encode_path(s.rel) for s in disc.samples}
     report.removed = sorted(os.fsdecode(p) for p in old_paths - present)
     report.pruned = prune and bool(report.removed)

@@ -1,0 +1,18 @@
+"""Seams between merged features, found by running the whole job as a new user (review after the merges)."""
+
+from __future__ import annotations
+
+from tests.conftest import TINY
+
+
+def test_strict_refuses_a_failure_recorded_by_an_earlier_run(cli, kaggle_dir):
+    """Resume counts a recorded failure as known, so a later --strict run on the same cache said 'failed 0' and
+    exited 0 although an unusable file is still in the folder."""
+    (kaggle_dir / "cat.50.jpg").write_bytes(b"not an image at all")
+    cli("extract", kaggle_dir, *TINY)  # records the failure
+    r = cli("extract", kaggle_dir, "--strict", ok=False)
+    assert r.exit_code == 1 and "--strict" in r.output and "cat.50.jpg" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+    (kaggle_dir / "cat.50.jpg").unlink()  # fixed by the user: --strict passes again
+    r = cli("extract", kaggle_dir, "--strict")
+    assert r.exit_code == 0, r.output
