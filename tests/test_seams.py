@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tests.conftest import TINY
 
 
@@ -16,3 +18,15 @@ def test_strict_refuses_a_failure_recorded_by_an_earlier_run(cli, kaggle_dir):
     (kaggle_dir / "cat.50.jpg").unlink()  # fixed by the user: --strict passes again
     r = cli("extract", kaggle_dir, "--strict")
     assert r.exit_code == 0, r.output
+
+
+def test_refit_removes_pictures_that_describe_the_old_head(cli, kaggle_dir):
+    """A refit without --folds/--calibrate left the previous head's fold curves and reliability diagram beside the
+    new head, where they read as this head's."""
+    cli("extract", kaggle_dir, *TINY)
+    cli("fit", "--epochs", "2", "--folds", "2", "--calibrate")
+    folds, reliability = Path("cache/features.head.folds.png"), Path("cache/features.head.reliability.png")
+    assert folds.exists() and reliability.exists()
+    cli("fit", "--epochs", "2")
+    assert Path("cache/features.head.png").exists()
+    assert not folds.exists() and not reliability.exists()
