@@ -15,10 +15,10 @@ from torch import nn
 
 from .errors import CacheError
 from .files import stored_zip, write_atomic
+from .fit.config import MAX_DROPOUT  # defined torch-free: fit's options are checked before torch loads
 
 HEAD_FORMAT = 1
 MAX_HEAD_BYTES = 2 * 2**30  # pool5 (25,088-d) + two 4096 hidden layers is about 0.5 GB
-MAX_DROPOUT = 0.99  # inverted dropout scales kept features by 1 / (1 - p): at most 100x (p near 1 divides by 0)
 
 
 class Head(nn.Module):

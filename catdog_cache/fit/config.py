@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CatdogError, InputError
-from ..head import MAX_DROPOUT
+
+MAX_DROPOUT = 0.99  # inverted dropout scales kept features by 1 / (1 - p): at most 100x (p near 1 divides by 0)
 
 if TYPE_CHECKING:  # no torch, no h5py here: the CLI checks the options with FitConfig before importing them
     import torch
