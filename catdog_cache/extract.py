@@ -92,6 +92,14 @@ def sha256_file(path: Path) -> str:
     return sha256_regular(path, MAX_FILE_BYTES)
 
 
+def same_content(path: Path, sha: str) -> bool:
+    """Whether the file still hashes to `sha`; unreadable or too large now is 'changed' (extract records why)."""
+    try:
+        return sha256_file(path) == sha
+    except (OSError, ValueError):
+        return False
+
+
 def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.nn.Module | None = None,
                  progress: Progress | None = None, preset: Preset | None = None) -> Iterator[Batch]:
     """Yield per batch: (item indices, features [B, V, D] float32, sha256s, failures (index, sha, reason)).
@@ -303,26 +311,20 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
                                      f"file for these settings (e.g. --cache {suggestion}), or leave out the options "
                                      "that differ: adding to a cache uses its own settings "
                                      f"({matching_flags(idx.provenance)})")
-        for key, sha in zip(idx.keys(), idx.sha256, strict=True):
-            if key[0] == source:
-                known[key[1]] = sha
-                reasons.pop(key[1], None)  # a later part holds it as a row: it was fixed
-                if path == cache:
-                    old_paths.add(key[1])
-        for s, p, sha, why in idx.failed:
-            if idx.sources[s] == source and sha:
-                known[p], reasons[p] = sha, why
+        here = idx.known(source)
+        known |= here
+        rows = {p for s, p in zip(idx.source.tolist(), idx.paths, strict=True) if idx.sources[s] == source}
+        old_paths |= rows if path == cache else set()
+        reasons = {p: why for p, why in reasons.items() if p not in rows}  # a later part holds it as a row: fixed
+        reasons |= {p: why for s, p, _, why in idx.failed if idx.sources[s] == source and p in here and p not in rows}
     candidates = [i for i, s in enumerate(disc.samples) if encode_path(s.rel) in known]
     mine = dist.shard(candidates) if dist else candidates
     unchanged: set[int] = set()
     for n, i in enumerate(mine):
         if progress and (n % 256 == 0 or n == len(mine) - 1):
             progress("hash", n + 1, len(mine))
-        try:
-            if sha256_file(disc.root / disc.samples[i].rel) == known[encode_path(disc.samples[i].rel)]:
-                unchanged.add(i)
-        except OSError:
-            pass  # unreadable now: extract it again, which records the reason
+        if same_content(disc.root / disc.samples[i].rel, known[encode_path(disc.samples[i].rel)]):
+            unchanged.add(i)
     if dist:
         unchanged = set().union(*dist.gather(unchanged))
     todo = [s for i, s in enumerate(disc.samples) if i not in unchanged]

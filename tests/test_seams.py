@@ -30,3 +30,16 @@ def test_refit_removes_pictures_that_describe_the_old_head(cli, kaggle_dir):
     cli("fit", "--epochs", "2")
     assert Path("cache/features.head.png").exists()
     assert not folds.exists() and not reliability.exists()
+
+
+def test_index_known_is_the_one_answer_to_which_files_are_known(cli, kaggle_dir, folder_dir):
+    """extract's plan, predict's up-to-date check and scoring from a training cache share Index.known."""
+    from catdog_cache.cache import read_index
+
+    (kaggle_dir / "cat.50.jpg").write_bytes(b"not an image at all")
+    cli("extract", kaggle_dir, *TINY)
+    cli("extract", folder_dir)
+    idx = read_index("cache/features.h5")
+    known = idx.known(str(kaggle_dir.resolve()))
+    assert {p.decode() for p in known} == {f"{k}.{i}.jpg" for k in ("cat", "dog") for i in range(6)} | {"cat.50.jpg"}
+    assert len(idx.known(str(folder_dir.resolve()))) == 10 and idx.known("/elsewhere") == {}
