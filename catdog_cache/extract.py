@@ -93,6 +93,14 @@ def sha256_file(path: Path) -> str:
     return sha256_regular(path, MAX_FILE_BYTES)
 
 
+def same_content(path: Path, sha: str) -> bool:
+    """Whether the file still hashes to `sha`; unreadable or too large now is 'changed' (extract records why)."""
+    try:
+        return sha256_file(path) == sha
+    except (OSError, ValueError):
+        return False
+
+
 def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.nn.Module | None = None,
                  progress: Progress | None = None, preset: Preset | None = None) -> Iterator[Batch]:
     """Yield per batch: (item indices, features [B, V, D] float32, sha256s, failures (index, sha, reason)).
@@ -176,6 +184,7 @@ class ExtractReport:
     extracted: int = 0
     reused: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (rel, reason) this run
+    failed_before: list[tuple[str, str]] = field(default_factory=list)  # unchanged files an earlier run could not use
     skipped: list[tuple[str, str]] = field(default_factory=list)  # discovery skips
     removed: list[str] = field(default_factory=list)  # in the cache, no longer in the folder
     pruned: bool = False
@@ -246,9 +255,9 @@ def _finish(cache: Path, prov: Provenance, report: ExtractReport, todo: list[Sam
             strict: bool, had_cache: bool, data_dir: str | os.PathLike[str], finished: dict[str, bool]) -> int:
     """Assemble the parts into the cache (or refuse under --strict); returns the cache's row count."""
     if strict:  # refuse to assemble; parts stay (they may hold an earlier run's saved work)
-        failed = report.failed + [(os.fsdecode(p), reason) for part in list_parts(cache)
-                                  for _, p, _, reason in read_index(part).failed if (os.fsdecode(p), reason)
-                                  not in report.failed]
+        failed = report.failed + [f for f in report.failed_before if f not in report.failed]
+        failed += [(os.fsdecode(p), reason) for part in list_parts(cache)
+                   for _, p, _, reason in read_index(part).failed if (os.fsdecode(p), reason) not in failed]
         if failed:
             rel, reason = failed[0]
             raise InputError(f"--strict: {len(failed)} files could not be decoded, first {rel!r}: {reason}; "
@@ -290,6 +299,7 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
     """What this run must extract (new or changed files) and drop (deleted files, with --prune). Under torchrun
     each rank hashes a slice of the already-known files and the ranks share the verdicts."""
     known: dict[bytes, str] = {}  # relative path -> sha256 already extracted (or failed) for this source
+    reasons: dict[bytes, str] = {}  # relative path -> why an earlier run could not use it (resume skips it)
     old_paths: set[bytes] = set()
     for path in ([cache] if cache.exists() else []) + list_parts(cache):
         idx = read_index(path)
@@ -302,29 +312,27 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
                                      f"file for these settings (e.g. --cache {suggestion}), or leave out the options "
                                      "that differ: adding to a cache uses its own settings "
                                      f"({matching_flags(idx.provenance)})")
-        for key, sha in zip(idx.keys(), idx.sha256, strict=True):
-            if key[0] == source:
-                known[key[1]] = sha
-                if path == cache:
-                    old_paths.add(key[1])
-        for s, p, sha, _ in idx.failed:
-            if idx.sources[s] == source and sha:
-                known[p] = sha
+        here = idx.known(source)
+        known |= here
+        rows = {p for s, p in zip(idx.source.tolist(), idx.paths, strict=True) if idx.sources[s] == source}
+        old_paths |= rows if path == cache else set()
+        reasons = {p: why for p, why in reasons.items() if p not in rows}  # a later part holds it as a row: fixed
+        reasons |= {p: why for s, p, _, why in idx.failed if idx.sources[s] == source and p in here and p not in rows}
     candidates = [i for i, s in enumerate(disc.samples) if encode_path(s.rel) in known]
     mine = dist.shard(candidates) if dist else candidates
     unchanged: set[int] = set()
     for n, i in enumerate(mine):
         if progress and (n % 256 == 0 or n == len(mine) - 1):
             progress("hash", n + 1, len(mine))
-        try:
-            if sha256_file(disc.root / disc.samples[i].rel) == known[encode_path(disc.samples[i].rel)]:
-                unchanged.add(i)
-        except OSError:
-            pass  # unreadable now: extract it again, which records the reason
+        if same_content(disc.root / disc.samples[i].rel, known[encode_path(disc.samples[i].rel)]):
+            unchanged.add(i)
     if dist:
         unchanged = set().union(*dist.gather(unchanged))
     todo = [s for i, s in enumerate(disc.samples) if i not in unchanged]
     report.reused = len(disc.samples) - len(todo)
+    # --strict must see these too: skipped as known, they are still unusable files of the folder
+    report.failed_before = [(disc.samples[i].rel, reasons[encode_path(disc.samples[i].rel)]) for i in sorted(unchanged)
+                            if encode_path(disc.samples[i].rel) in reasons]
     present = {encode_path(s.rel) for s in disc.samples}
     report.removed = sorted(os.fsdecode(p) for p in old_paths - present)
     report.pruned = prune and bool(report.removed)

@@ -15,7 +15,7 @@ from torch import nn
 
 from .errors import CacheError
 from .files import stored_zip, write_atomic
-from .fit.config import MAX_DROPOUT  # the one bound; FitConfig checks it before torch is imported
+from .fit.config import MAX_DROPOUT  # defined torch-free: fit's options are checked before torch loads
 
 HEAD_FORMAT = 1
 MAX_HEAD_BYTES = 2 * 2**30  # pool5 (25,088-d) + two 4096 hidden layers is about 0.5 GB

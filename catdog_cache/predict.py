@@ -19,7 +19,7 @@ from .backbone import Preset
 from .cache import Provenance, encode_path, open_cache, parts_dir, read_index
 from .discover import Discovery, discover
 from .errors import CacheBusy, CacheError, CatdogError, InputError, ProvenanceMismatch
-from .extract import ExtractConfig, Progress, extract, run_features, sha256_file
+from .extract import ExtractConfig, Progress, extract, run_features, same_content
 from .files import as_paths, check_outputs, file_key, plausible_file, write_atomic
 from .fit import DEFAULT_HEAD, log_loss
 from .scorer import Loaded, load_exported, load_scorer
@@ -227,16 +227,12 @@ def up_to_date(data_dir: Path, cache: Path, cfg: ExtractConfig, progress: Progre
     index = read_index(cache)
     if index.provenance != cfg.provenance():  # extract says how they differ
         return False
-    known = {key[1]: sha for key, sha in zip(index.keys(), index.sha256, strict=True) if key[0] == source}
-    known |= {p: sha for s, p, sha, _ in index.failed if index.sources[s] == source and sha}
+    known = index.known(source)
     for n, sample in enumerate(disc.samples):
         if progress and (n % 256 == 0 or n == len(disc.samples) - 1):
             progress("hash", n + 1, len(disc.samples))
         want = known.get(encode_path(sample.rel))
-        try:
-            if want is None or sha256_file(disc.root / sample.rel) != want:
-                return False
-        except OSError:
+        if want is None or not same_content(disc.root / sample.rel, want):
             return False
     return True
 
@@ -289,17 +285,13 @@ def _check_covered(cache: Path, data_dir: Path, head_path: Path, explicit: bool,
     disc = discover(data_dir)
     folder = str(disc.root.resolve())
     index = read_index(cache)
-    known = {p: sha for (s, p), sha in zip(index.keys(), index.sha256, strict=True) if s == folder}
-    known |= {p: sha for s, p, sha, _ in index.failed if index.sources[s] == folder}
+    known = index.known(folder)
     missing = [s.rel for s in disc.samples if encode_path(s.rel) not in known]
     changed: list[str] = []
     for n, s in enumerate(disc.samples if not missing else []):
         if progress and (n % 256 == 0 or n == len(disc.samples) - 1):
             progress("hash", n + 1, len(disc.samples))
-        try:
-            if sha256_file(disc.root / s.rel) != known[encode_path(s.rel)]:
-                changed.append(s.rel)
-        except (OSError, ValueError):
+        if not same_content(disc.root / s.rel, known[encode_path(s.rel)]):
             changed.append(s.rel)
     if not (missing or changed):
         return

@@ -220,13 +220,12 @@ def test_device_path_folds_and_ensemble(tmp_path):
     """--folds and an ensemble (two caches joined) take the device path too, with the same result."""
     y = synthetic_cache(tmp_path / "a.h5", n=200)
     synthetic_cache(tmp_path / "b.h5", n=200, seed=1, labels=y)
-    for kw in ({"folds": 3}, {}):
+    for i, kw in enumerate(({"folds": 3}, {})):
         caches = tmp_path / "a.h5" if kw else [tmp_path / "a.h5", tmp_path / "b.h5"]
-        # the second round trains on other caches into the same files: replacing them is meant (overwrite)
-        a = fit(caches, tmp_path / "h.pt", FitConfig(epochs=2), curve=False, device="cpu", overwrite=True, **kw)
-        b = fit(caches, tmp_path / "d.pt", FitConfig(epochs=2), curve=False, device=torch.device("cpu"),
-                overwrite=True, **kw)
-        assert heads_equal(load_head(tmp_path / "h.pt")[0], load_head(tmp_path / "d.pt")[0])
+        h, d = tmp_path / f"h{i}.pt", tmp_path / f"d{i}.pt"  # one head per cache set: fit refuses to replace another's
+        a = fit(caches, h, FitConfig(epochs=2), curve=False, device="cpu", **kw)
+        b = fit(caches, d, FitConfig(epochs=2), curve=False, device=torch.device("cpu"), **kw)
+        assert heads_equal(load_head(h)[0], load_head(d)[0])
         assert (a.val_log_loss, a.confusion) == (b.val_log_loss, b.confusion)
 
 

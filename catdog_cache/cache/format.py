@@ -107,6 +107,14 @@ class Index:
     def keys(self) -> list[tuple[str, bytes]]:
         return [(self.sources[s], p) for s, p in zip(self.source.tolist(), self.paths, strict=True)]
 
+    def known(self, source: str) -> dict[bytes, str]:
+        """Relative path -> sha256 of each file of folder `source` held as a row, or as a failure whose content was
+        read: what a later extract of that folder need not read again while the hash matches. The one answer to
+        "which files are known" for extract (what to do), predict (anything to do?) and scoring a training cache."""
+        known = {p: sha for (s, p), sha in zip(self.keys(), self.sha256, strict=True) if s == source}
+        known |= {p: sha for s, p, sha, _ in self.failed if self.sources[s] == source and sha}
+        return known
+
 
 def encode_path(rel: str) -> bytes:
     return os.fsencode(rel)  # surrogate-escaped bytes come back exactly

@@ -9,14 +9,12 @@ from typing import TYPE_CHECKING
 
 from ..errors import CatdogError, InputError
 
+MAX_DROPOUT = 0.99  # inverted dropout scales kept features by 1 / (1 - p): at most 100x (p near 1 divides by 0)
+
 if TYPE_CHECKING:  # no torch, no h5py here: the CLI checks the options with FitConfig before importing them
     import torch
 
     from ..cache import Index
-
-# Inverted dropout scales kept features by 1 / (1 - p): at most 100x (p near 1 rounds to 1 on the masks' grid and
-# divides by zero). Here, not in head.py, so that checking options needs no torch; head.py checks loaded heads with it.
-MAX_DROPOUT = 0.99
 
 Features = Callable[["torch.Tensor"], "torch.Tensor"]  # row indices [B] -> features [B, D], the caller's to overwrite
 

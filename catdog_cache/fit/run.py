@@ -206,6 +206,13 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
     if curve_path:
         from ..plots import fold_curves, reliability_diagram, training_curve
 
+        # pictures of an earlier fit to this head that this one does not redraw would read as this head's
+        for kind, drawn in ((".folds.png", fold_path), (".reliability.png", reliability_path)):
+            old = head_path.with_name(head_path.stem + kind)
+            if drawn is None and (old.is_file() or old.is_symlink()):
+                with contextlib.suppress(OSError):  # a picture left behind is no reason to fail the fit
+                    old.unlink()
+
         report.curve = training_curve(history, curve_path, kept_epoch=kept)
         if fold_path:
             report.fold_curve = fold_curves(fold_histories, fold_path, final_epochs=oof_note["final_epochs"])
