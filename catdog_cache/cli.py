@@ -272,6 +272,8 @@ def fit_cmd(
                                           "The head is the same either way."),
     calibrate: bool = typer.Option(False, "--calibrate", help="Fit temperature and a P(dog) clip on validation."),
     augment: bool = typer.Option(False, "--augment", help="Train on every cached view (extract --views center,flip)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="L2 penalty on the head's weights (Adam's "
+                                       "weight_decay: grad += W * weight)."),
     folds: int = typer.Option(0, "--folds", help="K-fold cross-fitting: out-of-fold accuracy and log loss (and "
                               "--calibrate on them), then the head is trained on every labeled image."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda: where the head trains (auto: CUDA when "
@@ -297,7 +299,8 @@ def fit_cmd(
             err.print(fold_rows[-1], highlight=False)
 
     r = fit(cache if len(cache) > 1 else cache[0], head, FitConfig(epochs, batch_size, lr, dropout, val_fraction,
-                                                                   seed, augment, hidden_sizes(hidden), keep),
+                                                                   seed, augment, hidden_sizes(hidden), keep,
+                                                                   weight_decay),
             on_epoch, max_memory, calibrate, folds=folds, on_fold=on_fold, device=device)
     if r.unlabeled and not as_json:
         err.print(f"note: {plural(r.unlabeled, 'unlabeled row')} in the cache, not used for training", highlight=False)
