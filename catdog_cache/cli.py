@@ -321,6 +321,8 @@ def fit_cmd(
                                           "The head is the same either way."),
     calibrate: bool = typer.Option(False, "--calibrate", help="Fit temperature and a P(dog) clip on validation."),
     augment: bool = typer.Option(False, "--augment", help="Train on every cached view (extract --views center,flip)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="L2 penalty on the head's weights (Adam's "
+                                       "weight_decay: grad += W * weight)."),
     folds: int = typer.Option(0, "--folds", help="K-fold cross-fitting: out-of-fold accuracy and log loss (and "
                               "--calibrate on them), then the head is trained on every labeled image."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda: where the head trains (auto: CUDA when "
@@ -334,7 +336,8 @@ def fit_cmd(
     from .fit import FitConfig, default_head_path
     from .precheck import caches_readable
 
-    cfg = FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed, augment, hidden_sizes(hidden), keep)
+    cfg = FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed, augment, hidden_sizes(hidden), keep,
+                    weight_decay)
     cfg.check()  # options and files before torch's import: mistakes answered at once
     caches_readable(cache)
     from .fit import fit

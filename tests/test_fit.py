@@ -288,3 +288,40 @@ def test_cuda_fit_speed_25000_rows():
     seconds = sum(h.seconds for h in history)
     print(f"cuda fit: {seconds:.3f} s for 20 epochs of 20,000 x 4096")
     assert history[-1].val_acc > 0.95 and seconds <= 2.0, f"{seconds:.2f} s for 20 epochs"
+
+
+def test_adam_weight_decay_is_torch_adams_l2():
+    """Our Adam with weight_decay W takes torch.optim.Adam's steps (g += W * p, then the moments); W = 0 too."""
+    from catdog_cache.fit.optim import Adam
+
+    for wd in (0.0, 1e-2, 0.5):
+        g = torch.Generator().manual_seed(0)
+        ours = [torch.randn(3, 5, generator=g), torch.randn(3, generator=g)]
+        ref = [p.clone().requires_grad_() for p in ours]
+        ours = [p.requires_grad_() for p in ours]
+        a, b = Adam(ours, lr=1e-2, weight_decay=wd), torch.optim.Adam(ref, lr=1e-2, weight_decay=wd)
+        for step in range(5):
+            for params, opt in ((ours, a), (ref, b)):
+                opt.zero_grad()
+                (params[0].sin().sum() * (step + 1) + params[1].pow(2).sum()).backward()
+                opt.step()
+        for p, q in zip(ours, ref, strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_weight_decay_shrinks_the_head_and_is_recorded(tmp_path, cli):
+    """--weight-decay 0 (the default) is today's head bit for bit; a positive one gives smaller weights, is recorded
+    in the head's config, and the CLI passes it through; a bad value is one line."""
+    synthetic_cache(tmp_path / "c.h5", n=300)
+    fit(tmp_path / "c.h5", tmp_path / "d.pt", FitConfig(epochs=5, batch_size=16), curve=False)
+    fit(tmp_path / "c.h5", tmp_path / "z.pt", FitConfig(epochs=5, batch_size=16, weight_decay=0.0), curve=False)
+    fit(tmp_path / "c.h5", tmp_path / "w.pt", FitConfig(epochs=5, batch_size=16, weight_decay=2.0), curve=False)
+    (d, md), (z, _), (w, mw) = (load_head(tmp_path / f"{n}.pt") for n in "dzw")
+    assert heads_equal(d, z) and md["config"]["weight_decay"] == 0.0 and mw["config"]["weight_decay"] == 2.0
+    assert w.linear.weight.norm() < 0.5 * d.linear.weight.norm()  # Adam: up to lr per step towards 0
+    cli("fit", "--cache", tmp_path / "c.h5", "--head", tmp_path / "c.pt", "--epochs", "5", "--batch-size", "16",
+        "--weight-decay", "2", "--quiet")
+    assert heads_equal(w, load_head(tmp_path / "c.pt")[0])
+    for bad in ("-1", "nan", "inf"):
+        r = cli("fit", "--cache", tmp_path / "c.h5", "--head", tmp_path / "b.pt", "--weight-decay", bad, ok=False)
+        assert r.exit_code == 1 and "--weight-decay" in r.output and len(r.output.strip().splitlines()) == 1

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from catdog_cache.head import load_head
 from tests.conftest import TINY, draw
@@ -130,3 +131,34 @@ def test_preview_worst_shows_confident_mistakes(cli, kaggle_dir, tmp_path):
     assert Path("val.png").is_file()
     r = cli("preview", kaggle_dir, "--split", "nope", ok=False)
     assert r.exit_code == 1 and "--split" in r.output
+
+
+def test_ensemble_with_augment_joins_views_view_by_view(cli, kaggle_dir, test_dir):
+    """fit --augment on several caches trains on view j of every backbone side by side (the same flip of the same
+    image), as predict --tta joins them; caches with other views are refused naming the file."""
+    import contextlib
+
+    import numpy as np
+
+    from catdog_cache.cache import read_features
+    from catdog_cache.fit import FitConfig
+    from catdog_cache.fit.data import load
+
+    for seed, name in ((0, "a"), (1, "b")):
+        cli("extract", kaggle_dir, "--backbone", "tiny", "--weights", "random", "--seed", str(seed),
+            "--views", "center,flip", "--cache", f"cache/{name}.h5")
+    caches = [Path("cache/a.h5"), Path("cache/b.h5")]
+    with contextlib.ExitStack() as stack:
+        data = load(caches, FitConfig(augment=True), 1 << 30, stack)
+        assert data.views == 2 and len(data.labels) == 2 * len(data.paths) == 24 and data.dim == 8192
+        a, b = read_features(caches[0], view=None), read_features(caches[1], view=None)  # [12, 2, 4096] each
+        x = data.features_of(torch.arange(24)).reshape(12, 2, 8192).numpy()
+        assert np.array_equal(x, np.concatenate([a, b], axis=-1))  # same row order: both caches list one folder
+        assert torch.equal(data.labels, torch.from_numpy(data.raw_labels.astype(np.int64)).repeat_interleave(2))
+    cli("fit", "--cache", "cache/a.h5", "--cache", "cache/b.h5", "--augment", "--folds", "3", "--epochs", "2",
+        "--head", "cache/ens.pt")
+    data = json.loads(cli("predict", test_dir, "--head", "cache/ens.pt", "--tta", "--json").output)
+    assert data["views"] == ["center", "flip"] and data["rows"] == 4
+    cli("extract", kaggle_dir, *TINY, "--seed", "2", "--cache", "cache/one.h5")
+    r = cli("fit", "--cache", "cache/a.h5", "--cache", "cache/one.h5", "--augment", "--head", "x.pt", ok=False)
+    assert r.exit_code == 1 and "one.h5" in r.output and "--views" in r.output

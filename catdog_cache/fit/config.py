@@ -34,6 +34,7 @@ class FitConfig:
     augment: bool = False  # train on every cached view of each training image
     hidden: tuple[int, ...] = ()  # MLP head: Linear, ReLU, Dropout per hidden size, then Linear(., 2)
     keep: str = "last"  # "best": the epoch with the lowest validation log loss
+    weight_decay: float = 0.0  # Adam's L2 penalty on every head parameter (torch.optim.Adam's weight_decay)
 
     @staticmethod
     def views_of(index: Index) -> int:
@@ -56,6 +57,8 @@ class FitConfig:
             raise InputError(f"--keep: expected last or best, got {self.keep!r}")
         if any(not 0 < h <= 65536 for h in self.hidden) or len(self.hidden) > 8:
             raise InputError(f"--hidden: expected up to 8 layer sizes in [1, 65536], got {self.hidden}")
+        if not 0 <= self.weight_decay <= 10:  # also rejects inf and NaN; 10 already pins the weights to 0
+            raise InputError(f"--weight-decay must be in [0, 10], got {self.weight_decay}")
         if not 0 <= self.dropout <= MAX_DROPOUT:
             raise InputError(f"--dropout must be in [0, {MAX_DROPOUT}], got {self.dropout}")
         if not 0 <= self.val_fraction < 1:

@@ -163,8 +163,13 @@ def load(caches: list[Path], cfg: FitConfig, budget: int, stack: contextlib.Exit
         else:
             data.streamed = data.features_of = Streamed(f, budget, str(caches[0]))
         return data
-    if cfg.augment:
-        raise InputError("--augment with several caches is not supported: fit an ensemble on center views")
+    v = 1
+    if cfg.augment:  # view j of every cache side by side: the same flip of the same image (predict --tta joins so)
+        v = cfg.views_of(index)
+        for (_, ix), c in zip(opened[1:], caches[1:], strict=True):
+            if ix.provenance.views != index.provenance.views:
+                raise InputError(f"--augment: {c} holds the views {ix.provenance.views}, {caches[0]} holds "
+                                 f"{index.provenance.views}; extract both with the same --views")
     keys = [dict(zip(ix.keys(), range(ix.shape[0]), strict=True)) for _, ix in opened]
     shared = [k for k in keys[0] if all(k in other for other in keys[1:])]  # the first cache's order
     missing = sorted({os.fsdecode(k[1]) for ks in keys for k in ks if k not in keys[0] or any(
@@ -172,20 +177,21 @@ def load(caches: list[Path], cfg: FitConfig, budget: int, stack: contextlib.Exit
     if not shared:
         raise InputError(f"the caches {', '.join(map(str, caches))} share no image (same folder and file name)")
     dims = [ix.shape[2] for _, ix in opened]
-    if len(shared) * sum(dims) * 4 > budget:
+    if len(shared) * v * sum(dims) * 4 > budget:
         raise InputError("an ensemble is fitted in memory: raise --max-memory")
     parts = []
     for (g, ix), ks, c in zip(opened, keys, caches, strict=True):
         rows = np.array([ks[k] for k in shared])
-        x_np = read_features(g)[rows]  # [N, D_i]
+        x_np = read_features(g, view=None if cfg.augment else 0)[rows]  # [N, D_i], or [N, V, D_i] with --augment
         check_finite(x_np, str(c))
         labels_i = ix.labels[rows]
         if not np.array_equal(labels_i, index.labels[[keys[0][k] for k in shared]]):
             raise InputError(f"{c} labels some images differently from {caches[0]}: refusing to join them")
         parts.append(x_np)
     lab = index.labels[[keys[0][k] for k in shared]]
-    x = on_device(torch.from_numpy(np.concatenate(parts, axis=1)), device)  # [N, sum of D]
-    return Data(Gather(x), torch.from_numpy(lab.astype(np.int64)), [k[1] for k in shared], lab, 1, x.shape[1],
+    x = torch.from_numpy(np.concatenate(parts, axis=-1)).reshape(len(shared) * v, -1)  # [N * V, sum of D]
+    return Data(Gather(on_device(x, device)), torch.from_numpy(lab.astype(np.int64)).repeat_interleave(v),
+                [k[1] for k in shared], lab, v, x.shape[1],
                 [ix.provenance.to_json() for _, ix in opened], caches, [ix.weights_path for _, ix in opened], None,
                 missing, sorted({k[0] for k, y in zip(shared, lab.tolist(), strict=True) if y >= 0},
                                 key=index.sources.index))

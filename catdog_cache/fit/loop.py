@@ -111,7 +111,7 @@ def train(features_of: Features, labels: torch.Tensor, train_rows: torch.Tensor,
         masks = DeviceMaskStream(seeds["dropout"], device)
         labels_on = labels.to(device)  # [N]
     feed = batch_source(features_of, device)
-    opt = Adam(head.parameters(), lr=cfg.lr)
+    opt = Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: list[EpochStats] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     head.train()
