@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from catdog_cache.fit.loop import overfit
 from catdog_cache.plots import covers_curve, fold_curves_figure, reliability_figure, training_curve_figure
 from tests.conftest import TINY
 from tests.test_fit import synthetic_cache
+from tests.test_plots import Epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,15 +174,6 @@ def test_no_warning_for_a_head_that_does_not_overfit(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- 9. pictures
-
-
-@dataclass
-class Epoch:
-    epoch: int
-    train_loss: float
-    train_acc: float
-    val_loss: float
-    val_acc: float
 
 
 def overfitting_history(n: int = 20) -> list[Epoch]:

@@ -36,10 +36,8 @@ SECRET = b"TOPSECRET-CONTENT-0123456789ABCD"  # 32 bytes: must never be copied i
 
 # ---------------------------------------------------------------- shared material (built once, copied per test)
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A real cache, head and export: 4 cats + 4 dogs (train), 3 unlabeled images (test1). Read-only for tests."""
-    root = tmp_path_factory.mktemp("base")
+def build_base(root: Path, export: bool = True) -> SimpleNamespace:
+    """A real cache and head (4 cats + 4 dogs, TINY), 3 unlabeled images (test1) and, with export, a .pt2."""
     train, test = root / "train", root / "test1"
     for i in range(4):
         draw(train / f"cat.{i}.jpg", "cat", i)
@@ -48,12 +46,18 @@ def base(tmp_path_factory):
         draw(test / f"{i}.jpg", "cat" if i % 2 else "dog", 400 + i)
     cache, head, model = root / "cache" / "features.h5", root / "cache" / "features.head.pt", root / "m.pt2"
     runner = CliRunner()
-    for args in (["extract", train, "--cache", cache, *TINY, "--quiet"], ["fit", "--cache", cache, *FIT],
-                 ["export", "--head", head, "--out", model]):
+    steps = [["extract", train, "--cache", cache, *TINY, "--quiet"], ["fit", "--cache", cache, *FIT]]
+    for args in steps + ([["export", "--head", head, "--out", model]] if export else []):
         r = runner.invoke(app, [str(a) for a in args])
         assert r.exit_code == 0, r.output
-    return SimpleNamespace(root=root, train=train, test=test, cache=cache, head=head, model=model,
-                           rows=rows_of(cache))
+    return SimpleNamespace(root=root, train=train, test=test, cache=cache, head=head,
+                           model=model if export else None, rows=rows_of(cache))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """build_base with an export, built once per module. Read-only for tests."""
+    return build_base(tmp_path_factory.mktemp("base"))
 
 
 def install(base, cache: bool = True, head: bool = True) -> None:

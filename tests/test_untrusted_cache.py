@@ -12,16 +12,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import h5py
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from catdog_cache.cli import app
 from tests.conftest import TINY, draw
-from tests.test_untrusted import FIT, craft_cache, refused
+from tests.test_untrusted import FIT, build_base, craft_cache, refused
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path("cache/features.h5")
@@ -29,20 +26,8 @@ CACHE = Path("cache/features.h5")
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A real cache and head (4 cats + 4 dogs, TINY) and 3 unlabeled test images. Read-only for tests."""
-    root = tmp_path_factory.mktemp("base")
-    train, test = root / "train", root / "test1"
-    for i in range(4):
-        draw(train / f"cat.{i}.jpg", "cat", i)
-        draw(train / f"dog.{i}.jpg", "dog", 100 + i)
-    for i in range(1, 4):
-        draw(test / f"{i}.jpg", "cat" if i % 2 else "dog", 400 + i)
-    cache, head = root / "cache" / "features.h5", root / "cache" / "features.head.pt"
-    runner = CliRunner()
-    for args in (["extract", train, "--cache", cache, *TINY, "--quiet"], ["fit", "--cache", cache, *FIT]):
-        r = runner.invoke(app, [str(a) for a in args])
-        assert r.exit_code == 0, r.output
-    return SimpleNamespace(root=root, train=train, test=test, cache=cache, head=head)
+    """test_untrusted's material without the export (not needed here). Read-only for tests."""
+    return build_base(tmp_path_factory.mktemp("base"), export=False)
 
 
 def run_limited(args: list[str], memory: int) -> subprocess.CompletedProcess:
