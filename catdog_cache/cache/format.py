@@ -9,6 +9,9 @@ Layout (schema 1), one file, rows sorted by (source, relative path):
   labels    [N] int8: 0 cat, 1 dog, -1 unlabeled
   sha256    [N] 64-char hex of the file's bytes
   failures/{paths, source, sha256, reasons}: files that could not be decoded, with the reason
+
+Sharded (schema 2, see shards.py): `features.h5` is a small index and the rows live in immutable schema-1 files
+`features.h5.shards/NAME.h5`; readers merge them (view.py) into exactly the rows the single file would hold.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import numpy as np
 
 from ..errors import CacheError, ProvenanceMismatch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # a file of rows: a single-file cache, or one shard of a sharded cache
+INDEX_SCHEMA = 2  # a sharded cache's index (shards.py): the shard list and the cache-level attributes
 CHUNK_ROWS = 64  # 64 rows: 1 MiB at 4096-d float32 (320 KiB at 1280-d): large sequential reads, cheap streaming
 CLASS_MAP = {"cat": 0, "dog": 1}
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import CacheBusy, CacheError
 from ..files import printable
-from .format import CHUNK_ROWS, SCHEMA_VERSION, Index, Provenance
+from .format import CHUNK_ROWS, INDEX_SCHEMA, SCHEMA_VERSION, Index, Provenance
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MAX_VIEWS, MAX_DIM = 16, 1 << 20  # sanity bounds on a cache's declared shape
@@ -68,7 +68,8 @@ def _dataset(f: h5py.Group, name: str, path: Path) -> h5py.Dataset:
     return ds
 
 
-def _check_schema(f: h5py.File, path: Path) -> None:
+def schema_of(f: h5py.File, path: Path) -> int:
+    """1: a single-file cache (or one shard); 2: a sharded cache's index. Anything else is refused."""
     try:
         version = _attr(f, "schema_version")
     except (KeyError, ValueError):
@@ -77,15 +78,25 @@ def _check_schema(f: h5py.File, path: Path) -> None:
         raise CacheError(f"{path} is an HDF5 file but not a catdog-cache cache")
     if not isinstance(version, int | np.integer):
         raise CacheError(f"{path} has a schema_version of type {type(version).__name__}; not a catdog-cache cache")
-    if int(version) != SCHEMA_VERSION:
-        raise CacheError(f"{path} uses cache schema {int(version)}; this catdog-cache reads schema {SCHEMA_VERSION}: "
-                         "extract again into a new cache")
+    if int(version) not in (SCHEMA_VERSION, INDEX_SCHEMA):
+        raise CacheError(f"{path} uses cache schema {int(version)}; this catdog-cache reads schemas {SCHEMA_VERSION} "
+                         f"and {INDEX_SCHEMA}: extract again into a new cache")
+    return int(version)
+
+
+def _check_schema(f: h5py.File, path: Path) -> None:
+    """A file holding rows itself (schema 1: a single-file cache or a shard)."""
+    if schema_of(f, path) != SCHEMA_VERSION:
+        raise CacheError(f"{path} is a sharded cache's index, not a file of rows; refusing it here")
 
 
 # Each per-row column has exactly the type parts._write gives it (a crafted `S2147483647` sha256 column would be
 # allocated at 2 GiB per row; a vlen int one breaks every reader): a fixed dtype, or a variable-length kind.
 COLUMNS: dict[str, np.dtype | type] = {"source": np.dtype("u2"), "labels": np.dtype("i1"), "sha256": np.dtype("S64"),
-                                       "paths": bytes, "reasons": str}
+                                       "paths": bytes, "reasons": str,
+                                       # a sharded cache's index (shards.py): shard names, sizes, deletion records
+                                       "names": bytes, "rows": np.dtype("u8"), "bytes": np.dtype("u8"),
+                                       "before": np.dtype("u4")}
 MAX_CHUNK_BYTES = 64 << 20  # a features chunk larger than this is not one our writer makes for any sane width
 
 
