@@ -1,4 +1,4 @@
-"""Runner: discover -> decode/preprocess (loader workers) -> frozen backbone -> parts -> one assembled cache.
+"""Runner: discover -> decode/preprocess (loader workers) -> frozen backbone -> shards -> the cache's new index.
 
 Per-file problems become failure records (path + reason), never a crashed run. Work is saved in parts every
 `PART_ROWS` rows or `PART_SECONDS` seconds, so a kill loses at most one part and the next run resumes."""
@@ -17,7 +17,7 @@ import torch
 
 from . import __version__
 from .backbone import DEFAULT_BACKBONE, Backbone, Preset, WeightsSpec, check_device, get_backbone, resolve_device
-from .cache import Provenance, Rows, assemble, encode_path, list_parts, locked, read_index, write_part
+from .cache import Provenance, Rows, encode_path, finish, list_parts, locked, read_index, remove_cache, write_part
 from .discover import Discovery, Sample, discover
 from .distributed import Dist, from_env
 from .errors import CacheBusy, CatdogError, InputError, Interrupted, ProvenanceMismatch
@@ -226,7 +226,7 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
         if mine:
             _extract_parts(disc.root, source, mine, cache, cfg, prov, report, progress, model,
                            tag=f"-r{dist.rank:04d}" if dist else "")
-        if dist:  # every rank's parts are on disk before one rank assembles them
+        if dist:  # every rank's shards are on disk before rank 0 lists them in the index
             gathered = dist.gather((report.extracted, report.failed))
             if dist.main:
                 report.extracted = sum(g[0] for g in gathered)
@@ -239,7 +239,7 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
                                       {source: False} if only is None else {})
             except CatdogError as e:
                 error = e
-        if dist:  # the outcome reaches every rank: the assembled cache exists, or all fail with one message
+        if dist:  # the outcome reaches every rank: the cache's index exists, or all fail with one message
             message = dist.gather(str(error) if error else "")[0]
             if message and error is None:
                 error = InputError(message)
@@ -253,8 +253,8 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
 
 def _finish(cache: Path, prov: Provenance, report: ExtractReport, todo: list[Sample], drop: set[tuple[str, bytes]],
             strict: bool, had_cache: bool, data_dir: str | os.PathLike[str], finished: dict[str, bool]) -> int:
-    """Assemble the parts into the cache (or refuse under --strict); returns the cache's row count."""
-    if strict:  # refuse to assemble; parts stay (they may hold an earlier run's saved work)
+    """List the run's shards in the cache's index (or refuse under --strict); returns the cache's row count."""
+    if strict:  # refuse to add them; the shards stay unlisted (they may hold an earlier run's saved work)
         failed = report.failed + [f for f in report.failed_before if f not in report.failed]
         failed += [(os.fsdecode(p), reason) for part in list_parts(cache)
                    for _, p, _, reason in read_index(part).failed if (os.fsdecode(p), reason) not in failed]
@@ -266,9 +266,9 @@ def _finish(cache: Path, prov: Provenance, report: ExtractReport, todo: list[Sam
         index = read_index(cache)
         if not set(index.incomplete) & set(finished):
             return index.shape[0]
-    index = assemble(cache, prov, versions(), drop, incomplete=finished)
+    index = finish(cache, prov, versions(), drop, incomplete=finished)  # writes the index only: O(shards)
     if index.shape[0] == 0 and not had_cache:
-        cache.unlink()
+        remove_cache(cache)
         raise InputError(f"no image in {data_dir} could be decoded; first failure: "
                          f"{report.failed[0][0]!r}: {report.failed[0][1]}")
     return index.shape[0]
@@ -393,7 +393,7 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
                           "so far is saved: run extract again to resume, with --workers 0 to isolate a bad file") \
             from None
     except KeyboardInterrupt:
-        if not tag:  # under torchrun the next run assembles; ranks must not merge concurrently
-            assemble(cache, prov, versions(), incomplete={source: True})  # `info` and `fit` say it is partial
+        if not tag:  # under torchrun the next run lists the shards; ranks must not write the index concurrently
+            finish(cache, prov, versions(), incomplete={source: True})  # `info` and `fit` say it is partial
         raise Interrupted(f"interrupted: {report.extracted} images saved to {cache}; run extract again to resume") \
             from None

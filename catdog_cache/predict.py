@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .backbone import Preset
-from .cache import Provenance, encode_path, open_cache, parts_dir, read_index
+from .cache import Provenance, encode_path, list_parts, open_cache, parts_dir, read_index
 from .discover import Discovery, discover
 from .errors import CacheBusy, CacheError, CatdogError, InputError, ProvenanceMismatch
 from .extract import ExtractConfig, Progress, extract, run_features, same_content
@@ -112,7 +112,7 @@ def unlinked(cache: Path) -> Path:
     """A cache chosen by default is never reached through a symbolic link, nor are its lock and parts: a link
     planted in the head's folder would make predict create folders, an HDF5 file and a lock wherever it points.
     (An explicit --cache is the user's own choice and is followed, as extract follows it.)"""
-    for p in (cache, cache.with_name(cache.name + ".lock"), parts_dir(cache)):
+    for p in (cache, cache.with_name(cache.name + ".lock"), parts_dir(cache), cache.with_name(cache.name + ".parts")):
         if p.is_symlink():
             raise InputError(f"{p} is a symbolic link; the default feature cache never follows one (remove it, or "
                              "give --cache PATH to use it on purpose)")
@@ -141,7 +141,7 @@ def _folder_rows(cache: Path, disc: Discovery, views: tuple[str, ...] | None
         src = index.sources.index(folder) if folder in index.sources else -1
         rows = np.flatnonzero((index.source == src) & np.array([p in present for p in index.paths], bool))
         lo, hi = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
-        x = f["features"][lo:hi].astype(np.float32)[rows - lo]  # [N, V, D]
+        x = f.read(lo, hi, view=None)[rows - lo]  # [N, V, D] float32
         failed = [(os.fsdecode(p), reason) for s, p, _, reason in index.failed if s == src and p in present]
         paths = index.paths
         names = index.provenance.views.split(",")
@@ -219,8 +219,7 @@ def up_to_date(data_dir: Path, cache: Path, cfg: ExtractConfig, progress: Progre
         return False
     cfg.check()
     cache = cache.resolve()
-    parts = parts_dir(cache)
-    if not cache.is_file() or (parts.is_dir() and any(parts.glob("*.h5"))):
+    if not cache.is_file() or list_parts(cache, clean=False):  # shards not yet in the index: extract lists them
         return False
     disc = discover(data_dir)
     source = str(disc.root.resolve())
