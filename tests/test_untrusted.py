@@ -27,6 +27,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from catdog_cache.cache import compact
 from catdog_cache.cli import app
 from tests.conftest import TINY, draw
 
@@ -50,6 +51,7 @@ def build_base(root: Path, export: bool = True) -> SimpleNamespace:
     for args in steps + ([["export", "--head", head, "--out", model]] if export else []):
         r = runner.invoke(app, [str(a) for a in args])
         assert r.exit_code == 0, r.output
+    compact(cache, {}, single=True)  # one schema-1 file: the suites copy it and craft variants of it
     return SimpleNamespace(root=root, train=train, test=test, cache=cache, head=head,
                            model=model if export else None, rows=rows_of(cache))
 

@@ -343,10 +343,11 @@ def write_merged(out: Path, view: View, prov: Provenance, versions: dict[str, st
             ds[lo : lo + block] = view.read(lo, lo + block, view=None, dtype=prov.dtype)  # [b, V, D]
 
 
-def compact(cache: Path, versions: dict[str, str]) -> tuple[int, int]:
+def compact(cache: Path, versions: dict[str, str], single: bool = False) -> tuple[int, int]:
     """Merge every shard (and unlisted ones) into one new shard: new shard, then the new index (naming the old
     shards retired, so none is ever adopted again), then the old shards deleted. Returns (shards before, after).
-    The caller holds the lock."""
+    `single`: then that one shard is renamed over the index: a schema-1 file, movable alone. The caller holds the
+    lock."""
     schema, _ = listed(cache)
     if schema == 0:
         raise CacheError(f"no cache at {cache}: run `catdog-cache extract DATA_DIR` first")
@@ -356,25 +357,29 @@ def compact(cache: Path, versions: dict[str, str]) -> tuple[int, int]:
         prov = Provenance.from_json(_attr(f, "provenance"), str(cache))
     state = writer_state(cache, prov)
     before = len(state.names)
-    if before <= 1 and not state.tombstones and not state.retired:
-        return before, before
-    view = state_view(cache, state, check_prov=False)
-    folder = shards_folder(cache)
-    assert folder is not None
-    name = f"part-{time.time_ns():020d}-{os.getpid()}-compact.h5"
-    try:
-        with temp_beside(folder / name) as tmp:
-            write_merged(tmp, view, state.prov, versions)
-    finally:
-        view.close()
-    new = State(state.prov, state.feature_shape, view.index.sources, [name], [None], [None], [],
-                state.retired + state.names, view.index.incomplete, view.index.weights_path)
-    merged = state_view(cache, new)
-    try:
-        write_index(cache, new, merged, versions)
-        _delete_retired(cache, new)
-        new.retired = []
-        write_index(cache, new, merged, versions)
-    finally:
-        merged.close()
+    if before > 1 or state.tombstones or state.retired or single:  # single: the merged shard carries every attr
+        view = state_view(cache, state, check_prov=False)
+        folder = shards_folder(cache)
+        assert folder is not None
+        name = f"part-{time.time_ns():020d}-{os.getpid()}-compact.h5"
+        try:
+            with temp_beside(folder / name) as tmp:
+                write_merged(tmp, view, state.prov, versions)
+        finally:
+            view.close()
+        state = State(state.prov, state.feature_shape, view.index.sources, [name], [None], [None], [],
+                      state.retired + state.names, view.index.incomplete, view.index.weights_path)
+        merged = state_view(cache, state)
+        try:
+            write_index(cache, state, merged, versions)
+            _delete_retired(cache, state)
+            state.retired = []
+            write_index(cache, state, merged, versions)
+        finally:
+            merged.close()
+    if single and state.names:  # index + one shard -> that shard under the cache's name (one rename)
+        os.replace(shards_dir(cache) / state.names[0], cache)
+        with contextlib.suppress(OSError):
+            shards_dir(cache).rmdir()
+        fsync_dir(cache.parent)
     return before, 1
