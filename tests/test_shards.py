@@ -1,7 +1,6 @@
 """Sharded caches (schema 2): appends write O(new rows), old caches convert in O(1), orphans are adopted, compact
 changes nothing a reader sees, plain h5py reads the index's virtual datasets, and crafted indexes are refused."""
 
-import os
 import shutil
 
 import h5py
@@ -24,7 +23,7 @@ from catdog_cache.cache import (
     shards_dir,
     write_part,
 )
-from catdog_cache.cache.shards import _convert, read_state, shards_folder, write_index, writer_state, state_view
+from catdog_cache.cache.shards import _convert, read_state, shards_folder, state_view, write_index, writer_state
 from catdog_cache.errors import CacheError
 
 PROV = Provenance("tiny", "fc7", "random:seed=0", IMAGENET.spec(), "center", "float32", "fp32")
@@ -266,3 +265,31 @@ def test_schema1_file_with_virtual_features_is_still_refused(tmp_path):
     with pytest.raises(CacheError, match="virtual"):
         read_index(cache)
 
+
+
+def test_cli_extract_appends_info_counts_shards_compact_merges(tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from catdog_cache.cli import app
+    from tests.conftest import TINY, draw
+
+    monkeypatch.chdir(tmp_path)
+    for i in range(2):
+        draw(tmp_path / f"train/cat.{i}.jpg", "cat", i)
+        draw(tmp_path / f"train/dog.{i}.jpg", "dog", 100 + i)
+    run = CliRunner()
+    assert run.invoke(app, ["extract", "train", *map(str, TINY), "--quiet"]).exit_code == 0
+    draw(tmp_path / "train/cat.9.jpg", "cat", 9)
+    assert run.invoke(app, ["extract", "train", *map(str, TINY), "--quiet"]).exit_code == 0
+    info = json.loads(run.invoke(app, ["info", "--json"]).output)
+    assert (info["layout"], info["shards"], info["rows"]) == ("sharded", 2, 5)
+    x = read_features("cache/features.h5")
+    r = run.invoke(app, ["compact"])
+    assert r.exit_code == 0 and "2 shards -> 1 shard" in r.output
+    assert json.loads(run.invoke(app, ["info", "--json"]).output)["shards"] == 1
+    r = run.invoke(app, ["compact", "--single"])
+    assert r.exit_code == 0 and listed(tmp_path / "cache/features.h5")[0] == 1 and not shards_dir(
+        tmp_path / "cache/features.h5").exists()
+    np.testing.assert_array_equal(read_features("cache/features.h5"), x)

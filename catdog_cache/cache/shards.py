@@ -244,39 +244,38 @@ def write_index(cache: Path, state: State, view: View, versions: dict[str, str])
     """The index, written to a temp file and renamed over `cache`: O(shards + deletion records + runs)."""
     idx = view.index
     n, v, d = idx.shape
-    with temp_beside(cache) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["schema_version"] = INDEX_SCHEMA
-            if idx.incomplete:
-                f.attrs["incomplete"] = json.dumps(idx.incomplete)
-            f.attrs["weights_path"] = idx.weights_path
-            f.attrs["provenance"] = state.prov.to_json()
-            f.attrs["class_map"] = json.dumps(CLASS_MAP)
-            f.attrs["sources"] = json.dumps(idx.sources)
-            f.attrs["versions"] = json.dumps(versions)
-            f.attrs["feature_shape"] = json.dumps([v, d])
-            g = f.create_group("shards")
-            g.create_dataset("names", data=np.array([s.encode() for s in state.names], dtype=object), dtype=_BYTES)
-            g.create_dataset("rows", data=np.array(view.shard_rows, np.uint64))
-            g.create_dataset("bytes", data=np.array(view.shard_bytes, np.uint64))
-            src_id = {s: j for j, s in enumerate(idx.sources)}
-            t = [x for x in state.tombstones if x.source in src_id]
-            g = f.create_group("deleted")
-            g.create_dataset("source", data=np.array([src_id[x.source] for x in t], np.uint16))
-            g.create_dataset("paths", data=np.array([x.path for x in t], dtype=object), dtype=_BYTES)
-            g.create_dataset("before", data=np.array([x.before for x in t], np.uint32))
-            f.create_group("retired").create_dataset(
-                "names", data=np.array([s.encode() for s in state.retired], dtype=object), dtype=_BYTES)
-            # for plain h5py: the live rows in logical order, one mapping per run (one per shard when sorted)
-            feats = h5py.VirtualLayout(shape=(n, v, d), dtype=state.prov.dtype)
-            labels = h5py.VirtualLayout(shape=(n,), dtype=np.int8)
-            rel = shards_dir(cache).name
-            for i, r0, start, length in view.runs():
-                name, rows = f"{rel}/{state.names[i]}", view.shard_rows[i]
-                feats[start : start + length] = h5py.VirtualSource(name, "features", (rows, v, d))[r0 : r0 + length]
-                labels[start : start + length] = h5py.VirtualSource(name, "labels", (rows,))[r0 : r0 + length]
-            f.create_virtual_dataset("features", feats, fillvalue=0)
-            f.create_virtual_dataset("labels", labels, fillvalue=-1)
+    with temp_beside(cache) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["schema_version"] = INDEX_SCHEMA
+        if idx.incomplete:
+            f.attrs["incomplete"] = json.dumps(idx.incomplete)
+        f.attrs["weights_path"] = idx.weights_path
+        f.attrs["provenance"] = state.prov.to_json()
+        f.attrs["class_map"] = json.dumps(CLASS_MAP)
+        f.attrs["sources"] = json.dumps(idx.sources)
+        f.attrs["versions"] = json.dumps(versions)
+        f.attrs["feature_shape"] = json.dumps([v, d])
+        g = f.create_group("shards")
+        g.create_dataset("names", data=np.array([s.encode() for s in state.names], dtype=object), dtype=_BYTES)
+        g.create_dataset("rows", data=np.array(view.shard_rows, np.uint64))
+        g.create_dataset("bytes", data=np.array(view.shard_bytes, np.uint64))
+        src_id = {s: j for j, s in enumerate(idx.sources)}
+        t = [x for x in state.tombstones if x.source in src_id]
+        g = f.create_group("deleted")
+        g.create_dataset("source", data=np.array([src_id[x.source] for x in t], np.uint16))
+        g.create_dataset("paths", data=np.array([x.path for x in t], dtype=object), dtype=_BYTES)
+        g.create_dataset("before", data=np.array([x.before for x in t], np.uint32))
+        f.create_group("retired").create_dataset(
+            "names", data=np.array([s.encode() for s in state.retired], dtype=object), dtype=_BYTES)
+        # for plain h5py: the live rows in logical order, one mapping per run (one per shard when sorted)
+        feats = h5py.VirtualLayout(shape=(n, v, d), dtype=state.prov.dtype)
+        labels = h5py.VirtualLayout(shape=(n,), dtype=np.int8)
+        rel = shards_dir(cache).name
+        for i, r0, start, length in view.runs():
+            name, rows = f"{rel}/{state.names[i]}", view.shard_rows[i]
+            feats[start : start + length] = h5py.VirtualSource(name, "features", (rows, v, d))[r0 : r0 + length]
+            labels[start : start + length] = h5py.VirtualSource(name, "labels", (rows,))[r0 : r0 + length]
+        f.create_virtual_dataset("features", feats, fillvalue=0)
+        f.create_virtual_dataset("labels", labels, fillvalue=-1)
 
 
 def _delete_retired(cache: Path, state: State) -> None:
