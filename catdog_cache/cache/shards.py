@@ -42,11 +42,15 @@ _BYTES = h5py.vlen_dtype(bytes)
 
 
 def shards_dir(cache: Path) -> Path:
+    """Beside the file the cache name leads to: a symlinked cache's shards are where extract (which resolves the
+    cache) wrote them."""
+    cache = Path(cache).resolve()
     return cache.with_name(cache.name + ".shards")
 
 
 def legacy_parts_dir(cache: Path) -> Path:
     """Where catdog-cache before schema 2 saved a run's parts; a killed run's parts there are still adopted."""
+    cache = Path(cache).resolve()
     return cache.with_name(cache.name + ".parts")
 
 
