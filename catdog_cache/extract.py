@@ -17,11 +17,21 @@ import torch
 
 from . import __version__
 from .backbone import DEFAULT_BACKBONE, Backbone, Preset, WeightsSpec, check_device, get_backbone, resolve_device
-from .cache import Provenance, Rows, assemble, encode_path, list_parts, locked, read_index, write_part
+from .cache import (
+    Provenance,
+    Rows,
+    assemble,
+    encode_path,
+    list_parts,
+    locked,
+    merge_classes,
+    read_index,
+    write_part,
+)
 from .discover import Discovery, Sample, discover
 from .distributed import Dist, from_env
 from .errors import CacheBusy, CatdogError, InputError, Interrupted, ProvenanceMismatch
-from .files import sha256_regular
+from .files import printable, sha256_regular
 from .pipeline import (
     Batch,
     Encoded,
@@ -225,7 +235,7 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
         mine = dist.shard(todo) if dist else todo  # each rank a contiguous slice; parts are its resume units
         if mine:
             _extract_parts(disc.root, source, mine, cache, cfg, prov, report, progress, model,
-                           tag=f"-r{dist.rank:04d}" if dist else "")
+                           tag=f"-r{dist.rank:04d}" if dist else "", classes=disc.classes)
         if dist:  # every rank's parts are on disk before one rank assembles them
             gathered = dist.gather((report.extracted, report.failed))
             if dist.main:
@@ -301,8 +311,10 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
     known: dict[bytes, str] = {}  # relative path -> sha256 already extracted (or failed) for this source
     reasons: dict[bytes, str] = {}  # relative path -> why an earlier run could not use it (resume skips it)
     old_paths: set[bytes] = set()
+    class_lists: list[tuple[list[str], bool]] = []
     for path in ([cache] if cache.exists() else []) + list_parts(cache):
         idx = read_index(path)
+        class_lists.append((idx.classes, idx.labeled))
         diffs = idx.provenance.differences(prov, "the cache", "this extract")
         if diffs:
             if idx.provenance.arch != prov.arch or idx.provenance.layer != prov.layer:  # the rest follows from it
@@ -318,6 +330,7 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
         old_paths |= rows if path == cache else set()
         reasons = {p: why for p, why in reasons.items() if p not in rows}  # a later part holds it as a row: fixed
         reasons |= {p: why for s, p, _, why in idx.failed if idx.sources[s] == source and p in here and p not in rows}
+    onto_cache_classes(disc, merge_classes(class_lists, str(cache)), cache)
     candidates = [i for i, s in enumerate(disc.samples) if encode_path(s.rel) in known]
     mine = dist.shard(candidates) if dist else candidates
     unchanged: set[int] = set()
@@ -339,6 +352,27 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
     return todo, ({(source, encode_path(r)) for r in report.removed} if prune else set())
 
 
+def onto_cache_classes(disc: Discovery, have: list[str], cache: Path) -> None:
+    """Relabel the folder's samples with the cache's class ids (by name: a folder of dog/ alone, or of some of a
+    cache's classes, keeps the cache's numbering). A class the cache does not know is refused, not appended: the
+    heads already trained on the cache have one output per class and its labels index those classes, so a new
+    index would make every head of it unable to score its own training cache (predict and fit refuse mixed class
+    sets) while looking like it still fits."""
+    if not have or not disc.classes:  # a cache without labels takes the folder's classes; unlabeled rows need none
+        disc.classes = disc.classes or tuple(have)
+        return
+    new = [c for c in disc.classes if c not in have]
+    if new:
+        shown = ", ".join(printable(c) for c in new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+        raise InputError(f"{disc.root} has classes the cache {cache} does not have ({shown}); its classes are "
+                         f"{', '.join(printable(c) for c in have)[:300]}. A cache's classes are fixed by its first "
+                         "labeled folder (heads trained on it have one output per class): extract every class folder "
+                         "into a new cache (--cache NEW.h5) instead")
+    ids = [have.index(c) for c in disc.classes]
+    disc.samples = [Sample(s.rel, ids[s.label]) if s.label >= 0 else s for s in disc.samples]
+    disc.classes = tuple(have)
+
+
 def matching_flags(prov: Provenance) -> str:
     """The extract options that reproduce a cache's provenance (for the refusal message)."""
     kind, _, rest = prov.weights.partition(":")
@@ -351,7 +385,7 @@ def matching_flags(prov: Provenance) -> str:
 
 def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg: ExtractConfig,
                    prov: Provenance, report: ExtractReport, progress: Progress | None,
-                   model: torch.nn.Module | None = None, tag: str = "") -> None:
+                   model: torch.nn.Module | None = None, tag: str = "", classes: tuple[str, ...] = ()) -> None:
     rels = [s.rel for s in todo]
     run_id = f"{time.time_ns():020d}-{os.getpid()}{tag}"
     n_parts = 0
@@ -372,7 +406,7 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
         # the feature size from the rows themselves; a part of failures only asks the backbone (a meta pass)
         dim = rows.features[0].shape[-1] if rows.features else cfg.resolve().dim
         write_part(cache, f"part-{run_id}-{n_parts:06d}", prov, source, rows, info, (len(cfg.views), dim),
-                   cfg.weights.path)
+                   cfg.weights.path, classes)
         n_parts += 1
 
     writer = PartWriter(write, cfg.part_rows, PART_SECONDS)

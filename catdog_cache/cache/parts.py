@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import CacheError
 from ..files import fsync_dir, require_space, temp_beside, write_atomic
-from .format import CHUNK_ROWS, CLASS_MAP, SCHEMA_VERSION, Index, Provenance, Rows, require_same
+from .format import CHUNK_ROWS, CLASS_MAP, SCHEMA_VERSION, Index, Provenance, Rows, merge_classes, require_same
 from .read import read_index
 
 _BYTES = h5py.vlen_dtype(bytes)
@@ -27,13 +27,14 @@ _STR = h5py.string_dtype("utf-8")
 def _write(f: h5py.File, prov: Provenance, sources: list[str], features: np.ndarray | tuple[int, ...],
            paths: list[bytes], source: np.ndarray, labels: np.ndarray, sha256: list[str],
            failed: list[tuple[int, bytes, str, str]], versions: dict[str, str], weights_path: str = "",
-           incomplete: list[str] | None = None) -> h5py.Dataset:
+           incomplete: list[str] | None = None, classes: list[str] | tuple[str, ...] = tuple(CLASS_MAP)
+           ) -> h5py.Dataset:
     f.attrs["schema_version"] = SCHEMA_VERSION
     if incomplete:
         f.attrs["incomplete"] = json.dumps(incomplete)
     f.attrs["weights_path"] = weights_path
     f.attrs["provenance"] = prov.to_json()
-    f.attrs["class_map"] = json.dumps(CLASS_MAP)
+    f.attrs["class_map"] = json.dumps({c: i for i, c in enumerate(classes)})  # label i means classes[i]
     f.attrs["sources"] = json.dumps(sources)
     f.attrs["versions"] = json.dumps(versions)
     shape = features if isinstance(features, tuple) else features.shape
@@ -71,7 +72,9 @@ def _parts_folder(cache: Path, create: bool = False) -> Path | None:
 
 
 def write_part(cache: Path, name: str, prov: Provenance, source: str, rows: Rows, versions: dict[str, str],
-               feature_shape: tuple[int, int], weights_path: str = "") -> Path:
+               feature_shape: tuple[int, int], weights_path: str = "",
+               classes: list[str] | tuple[str, ...] = tuple(CLASS_MAP)
+               ) -> Path:
     """Write rows as one complete part file. The HDF5 image is built in memory and written with plain file I/O, so
     a full disk is an OSError we can report (HDF5 itself may crash on ENOSPC) and the temp file is removed."""
     folder = _parts_folder(cache, create=True)
@@ -82,7 +85,7 @@ def write_part(cache: Path, name: str, prov: Provenance, source: str, rows: Rows
         _write(f, prov, [source], feats, rows.paths, np.zeros(n, np.uint16), np.array(rows.labels, np.int8),
                rows.sha256, [(0, p, s, r) for p, s, r in
                              zip(rows.failed_paths, rows.failed_sha256, rows.failed_reasons, strict=True)], versions,
-               weights_path)
+               weights_path, classes=classes)
         f.flush()
         image = f.id.get_file_image()
     return write_atomic(folder / f"{name}.h5", image)
@@ -113,9 +116,11 @@ def assemble(cache: Path, prov: Provenance, versions: dict[str, str], drop: set[
     feature_shape: tuple[int, ...] | None = None
     sources: list[str] = []
     marked: set[str] = set()
+    class_lists: list[tuple[list[str], bool]] = []
     for i, path in enumerate(inputs):
         idx = read_index(path)
         marked.update(idx.incomplete)
+        class_lists.append((idx.classes, idx.labeled))
         require_same(idx.provenance, prov, str(path), "this run")
         weights_path = weights_path or idx.weights_path
         if feature_shape is not None and idx.shape[1:] != feature_shape:
@@ -131,6 +136,7 @@ def assemble(cache: Path, prov: Provenance, versions: dict[str, str], drop: set[
             key = (idx.sources[s], p)
             failed[key] = (sha, reason)
             where.pop(key, None)
+    classes = merge_classes(class_lists, str(cache))
     for key in drop:
         where.pop(key, None)
         failed.pop(key, None)
@@ -157,7 +163,7 @@ def assemble(cache: Path, prov: Provenance, versions: dict[str, str], drop: set[
                             np.array([src_id[k[0]] for k in order], np.uint16),
                             np.array([where[k][2] for k in order], np.int8), [where[k][3] for k in order],
                             [(src_id[k[0]], k[1], v[0], v[1]) for k, v in sorted(failed.items())], versions,
-                            weights_path, [s for s in sources if s in marked])
+                            weights_path, [s for s in sources if s in marked], classes)
                 for start in range(0, n, block):
                     keys = order[start : start + block]
                     buf = np.empty((len(keys), *shape[1:]), dtype=prov.dtype)  # [b, V, D]
