@@ -350,13 +350,13 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
     if not disc.samples:
         raise InputError(f"no images found in {data_dir}" + (f" ({len(disc.skipped)} files skipped)"
                                                               if disc.skipped else ""))
-    ids = submission_ids(disc) if submission else None  # before any forward pass
     if model_path:
         if caches:
             raise InputError("--cache and --model: an exported model reads images, not caches; drop --cache")
         loaded = load_exported(model_path)
         if submission:
             check_submission(loaded.classes, model_path)
+        ids = submission_ids(disc) if submission else None  # before any forward pass
         onto_head_classes(disc, loaded.classes, model_path)
         views = _check_tta(loaded, tta)
         scored, used, extracted = _score_images(loaded, disc, views, device, batch_size, workers, progress), None, 0
@@ -364,6 +364,7 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
         loaded = load_scorer(head_path, weights_file, backbone=False)
         if submission:
             check_submission(loaded.classes, head_path)
+        ids = submission_ids(disc) if submission else None  # before any forward pass
         onto_head_classes(disc, loaded.classes, head_path)
         views = _check_tta(loaded, tta)
         planned = caches or [default_cache(loaded, head_path, data_dir, i) for i in range(len(loaded.members))]
