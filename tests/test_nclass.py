@@ -154,3 +154,22 @@ def test_digits_linear_head_on_efficientnet_lite0(tmp_path):
     out = predict(digit_folder(tmp_path / "test", 6, seed=2), tmp_path / "h.pt", tmp_path / "p.csv")
     assert len(out.rows) == 60 and out.classes == [str(d) for d in range(10)]
     assert out.accuracy >= DIGITS_MIN_ACC, (out.accuracy, out.log_loss)
+
+
+def test_cli_k_classes(cli, tmp_path):
+    from tests.conftest import TINY as TINY_FLAGS
+
+    data = three_classes(tmp_path / "d", n=5)
+    cli("extract", data, *TINY_FLAGS)
+    info = json.loads(cli("info", "--json").output)
+    assert info["classes"] == {"ant": 5, "bee": 5, "cow": 5} and "cat" not in info
+    r = cli("fit", "--epochs", "2", "--val-fraction", "0.4", "--calibrate")
+    assert "true \\ predicted" in r.output and "cow" in r.output and "Linear(4096, 3)" in r.output
+    assert "(clip)" not in r.output  # the P(dog) clip is for cat/dog heads
+    fitted = json.loads(cli("fit", "--epochs", "2", "--val-fraction", "0.4", "--json").output)
+    assert fitted["classes"] == ["ant", "bee", "cow"] and len(fitted["confusion"]) == 3
+    assert set(fitted["per_class_acc"]) == {"ant", "bee", "cow"}
+    r = cli("predict", data, "--submission", "sub.csv", ok=False)
+    assert r.exit_code == 1 and "Traceback" not in r.output and "drop --submission" in r.output
+    cli("predict", data, "--out", "p.csv")
+    assert Path("p.csv").read_text().splitlines()[0] == "path,p_ant,p_bee,p_cow,label,true_label,log_loss"

@@ -35,7 +35,8 @@ from .common import (
 @guarded
 def extract_cmd(
     data_dir: Path = typer.Argument(..., metavar="DATA_DIR",
-                                    help="Image folder: cat/ + dog/ sub-folders, cat.N.jpg files, or unlabeled."),
+                                    help="Image folder: one sub-folder per class (cat/ + dog/), cat.N.jpg files, "
+                                    "or unlabeled."),
     cache: Path = CACHE,
     backbone: str | None = typer.Option(None, "--backbone", show_default="vgg16" + APPEND, help=BACKBONE.help),
     layer: str | None = typer.Option(None, "--layer", show_default="the backbone's default (vgg16: fc7)" + APPEND,
