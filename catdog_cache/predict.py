@@ -6,7 +6,6 @@ incremental adds as `extract`); later ones, with any head trained on the same fe
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,9 +19,17 @@ from .cache import Provenance, encode_path, open_cache, parts_dir, read_index
 from .discover import Discovery, Sample, discover
 from .errors import CacheBusy, CacheError, CatdogError, InputError, ProvenanceMismatch
 from .extract import ExtractConfig, Progress, extract, run_features, same_content
-from .files import as_paths, check_outputs, file_key, plausible_file, printable, write_atomic
+from .files import as_paths, check_outputs, file_key, plausible_file, printable
 from .fit import DEFAULT_HEAD, log_loss
-from .head import CAT_DOG, is_cat_dog
+from .head import CAT_DOG
+from .outputs import (  # noqa: F401 (re-exported: predict's outputs lived here)
+    check_submission,
+    kaggle_id,
+    submission_ids,
+    write_csv_atomic,
+    write_predictions,
+    write_submission,
+)
 from .scorer import Loaded, load_exported, load_scorer
 
 
@@ -66,46 +73,6 @@ def onto_head_classes(disc: Discovery, classes: list[str], head_path: Path | str
     ids = [classes.index(c) if c in classes else -1 for c in disc.classes]
     disc.samples = [Sample(s.rel, ids[s.label]) if s.label >= 0 else s for s in disc.samples]
     disc.classes = tuple(classes)
-
-
-def check_submission(classes: list[str], head_path: Path | str) -> None:
-    if not is_cat_dog(classes):
-        raise InputError(f"--submission writes the Kaggle Dogs vs. Cats Redux file (P(dog) per image id), and head "
-                         f"{head_path} has the classes {', '.join(printable(c) for c in classes)[:300]}: drop "
-                         "--submission (--out has every class's probability)")
-
-
-def write_csv_atomic(path: Path, header: list[str], rows: list[tuple]) -> None:
-    """Exclusive temp file + fsync + rename. surrogateescape: a non-UTF-8 file name is written back as its original
-    bytes; text cells that a spreadsheet would run as a formula get a leading quote."""
-    import csv
-
-    from .files import csv_cell
-
-    buf = io.StringIO(newline="")
-    w = csv.writer(buf, lineterminator="\n")  # the csv module's default is \r\n
-    w.writerow(header)
-    w.writerows([tuple(csv_cell(c) if isinstance(c, str) else c for c in row) for row in rows])
-    write_atomic(path, buf.getvalue().encode("utf-8", errors="surrogateescape"))
-
-
-def kaggle_id(rel: str) -> int | None:
-    stem = Path(rel).name.split(".")[0]
-    return int(stem) if stem.isascii() and stem.isdigit() else None
-
-
-def submission_ids(disc: Discovery) -> dict[int, str]:
-    """Every image's Kaggle id, checked before any forward pass: numeric names only, each id once."""
-    ids: dict[int, str] = {}
-    names = [s.rel for s in disc.samples] + [rel for rel, _ in disc.skipped if kaggle_id(rel) is not None]
-    for rel in names:
-        i = kaggle_id(rel)
-        if i is None:
-            raise InputError(f"--submission needs numeric file names like 123.jpg; {rel!r} is not")
-        if i in ids:
-            raise InputError(f"--submission: {ids[i]!r} and {rel!r} have the same id {i}; keep one of them")
-        ids[i] = rel
-    return ids
 
 
 def default_cache(loaded: Loaded, head_path: Path, data_dir: Path, member: int = 0) -> Path:
@@ -423,32 +390,3 @@ def _score_images(loaded: Loaded, disc: Discovery, views: tuple[str, ...], devic
     keep = sorted(probs)
     return Scored([rels[i] for i in keep], [disc.samples[i].label for i in keep],
                   np.array([probs[i] for i in keep]).reshape(-1, len(loaded.classes)), failed, [], np.array(keep))
-
-
-def write_predictions(path: Path, rows: list[tuple], labels: list[int], classes: list[str] | None = None) -> None:
-    """path, p_<class> for each class (p_cat, p_dog), label; for a labeled folder also true_label and the image's
-    log loss (the summary's log loss is their mean): the images that cost the most are a sort away."""
-    classes = classes or CAT_DOG
-    header = ["path", *(f"p_{c}" for c in classes), "label"]
-    if not any(y >= 0 for y in labels):
-        write_csv_atomic(path, header, rows)
-        return
-    extra = []
-    for r, y in zip(rows, labels, strict=True):
-        if y < 0:
-            extra.append(("", ""))
-            continue
-        if len(classes) == 2:  # the clip of fit.log_loss on P(class 1), as computed before K classes
-            p = float(np.clip(r[2] if y == 1 else 1.0 - r[2], 1e-15, 1 - 1e-15))
-        else:  # fit.log_loss's multi-class clip and renormalisation, for one image
-            q = np.clip(np.array(r[1:-1], dtype=np.float64), 1e-15, 1 - 1e-15)
-            p = float(q[y] / q.sum())
-        extra.append((classes[y], -float(np.log(p))))
-    write_csv_atomic(path, [*header, "true_label", "log_loss"], [(*r, *e) for r, e in zip(rows, extra, strict=True)])
-
-
-def write_submission(path: Path, p_dog: dict[int, float], clip: float = 0.0) -> None:
-    """Kaggle Redux format: `id,label` with label = P(dog) clipped to [clip, 1 - clip] (chosen by `fit --calibrate`),
-    one row per id, sorted by id."""
-    write_csv_atomic(path, ["id", "label"], [(i, min(max(float(p), clip), 1 - clip))  # as computed: repr, no rounding
-                                             for i, p in sorted(p_dog.items())])
