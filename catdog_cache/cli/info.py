@@ -44,13 +44,14 @@ def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_defa
     folder = parts_dir(cache)  # parts left by a killed extract: read only here (the next extract assembles them)
     parts = len(list(folder.glob("*.h5"))) if folder.is_dir() and not folder.is_symlink() else 0
     labels = idx.labels.tolist()
+    classes = idx.classes or ["cat", "dog"]  # a cache without labeled folders reads as before classes were recorded
     prov = json.loads(idx.provenance.to_json())
     prov["transform"] = json.loads(prov["transform"])  # an object in JSON, not a string inside it
     summary = {
         "cache": str(cache), "rows": idx.shape[0], "views": idx.shape[1], "dim": idx.shape[2],
-        "dtype": idx.dtype, **({"cat": labels.count(0), "dog": labels.count(1)} if idx.classes == ["cat", "dog"]
+        "dtype": idx.dtype, **({"cat": labels.count(0), "dog": labels.count(1)} if classes == ["cat", "dog"]
                                else {}), "unlabeled": labels.count(-1),
-        "classes": {c: labels.count(i) for i, c in enumerate(idx.classes)},
+        "classes": {c: labels.count(i) for i, c in enumerate(classes)},
         "failed": len(idx.failed), "size_bytes": cache.stat().st_size, "sources": idx.sources, "provenance": prov,
         "incomplete": idx.incomplete, "unassembled_parts": parts,
     }
