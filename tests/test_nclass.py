@@ -173,3 +173,15 @@ def test_cli_k_classes(cli, tmp_path):
     assert r.exit_code == 1 and "Traceback" not in r.output and "drop --submission" in r.output
     cli("predict", data, "--out", "p.csv")
     assert Path("p.csv").read_text().splitlines()[0] == "path,p_ant,p_bee,p_cow,label,true_label,log_loss"
+
+
+def test_export_k_classes(cli, tmp_path):
+    from tests.conftest import TINY as TINY_FLAGS
+
+    data = three_classes(tmp_path / "d", n=3)
+    cli("extract", data, *TINY_FLAGS)
+    cli("fit", "--epochs", "1", "--val-fraction", "0")
+    cli("export", "--out", "m.pt2")
+    cli("predict", data, "--model", "m.pt2", "--out", "p.csv")
+    rows = Path("p.csv").read_text().splitlines()
+    assert rows[0] == "path,p_ant,p_bee,p_cow,label,true_label,log_loss" and len(rows) == 10
