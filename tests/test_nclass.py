@@ -139,8 +139,11 @@ def digit_folder(root: Path, per_class: int, seed: int) -> Path:
     return root
 
 
-# Measured (2026-12-01, this 2-core VM): held-out accuracy 0.xx, log loss 0.xx with 16 training digits per class.
-DIGITS_MIN_ACC = 0.80
+# Measured (2026-12-01, this 2-core VM, Pillow 13.0, torch 2.14.1): 16 training digits per class, 6 held out, the
+# linear head for 200 epochs (160 images are 2 batches an epoch: the default 20 epochs are 40 Adam steps and leave it
+# underfit, 0.82-0.92 and log loss 1.1): held-out accuracy 0.950 / 0.967 / 0.950 and log loss 0.233 / 0.208 / 0.269
+# for the seed pairs (1, 2), (3, 4), (5, 6). The bounds leave room for another Pillow's font rendering.
+DIGITS_MIN_ACC, DIGITS_MAX_LOG_LOSS = 0.88, 0.5
 
 
 def test_digits_linear_head_on_efficientnet_lite0(tmp_path):
@@ -149,11 +152,11 @@ def test_digits_linear_head_on_efficientnet_lite0(tmp_path):
         pytest.skip("this Pillow has no FreeType: its bitmap font cannot be scaled")
     lite = ExtractConfig(weights=WeightsSpec("imagenet"), backbone="efficientnet_lite0", workers=0)
     extract(digit_folder(tmp_path / "train", 16, seed=1), tmp_path / "f.h5", lite)
-    r = fit(tmp_path / "f.h5", tmp_path / "h.pt", FitConfig(val_fraction=0.0), curve=False)
+    r = fit(tmp_path / "f.h5", tmp_path / "h.pt", FitConfig(val_fraction=0.0, epochs=200), curve=False)
     assert r.head_shape == "Dropout(0.5) -> Linear(1280, 10)"
     out = predict(digit_folder(tmp_path / "test", 6, seed=2), tmp_path / "h.pt", tmp_path / "p.csv")
     assert len(out.rows) == 60 and out.classes == [str(d) for d in range(10)]
-    assert out.accuracy >= DIGITS_MIN_ACC, (out.accuracy, out.log_loss)
+    assert out.accuracy >= DIGITS_MIN_ACC and out.log_loss <= DIGITS_MAX_LOG_LOSS, (out.accuracy, out.log_loss)
 
 
 def test_cli_k_classes(cli, tmp_path):
