@@ -81,6 +81,7 @@ def test_fit_predict_k_classes(tmp_path):
     assert r.classes == ["ant", "bee", "cow"] and r.head_shape.endswith("Linear(4096, 3)")
     assert np.array(r.confusion).shape == (3, 3) and np.array(r.confusion).sum() == 18
     assert r.calibration["clip"] == 0.0 and r.reliability is not None and r.reliability.is_file()
+    assert r.confusion_plot == tmp_path / "h.confusion.png" and r.confusion_plot.is_file()
     head, meta = load_head(tmp_path / "h.pt")
     assert meta["classes"] == ["ant", "bee", "cow"] and head.linear.weight.shape == (3, 4096)
 

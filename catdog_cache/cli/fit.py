@@ -109,6 +109,7 @@ def fit_cmd(
                      "kept_epoch": r.kept_epoch, "head_shape": r.head_shape, "folds": r.folds,
                      "overfit": r.overfit or None, "fold_curve": str(r.fold_curve) if r.fold_curve else None,
                      "reliability": str(r.reliability) if r.reliability else None,
+                     "confusion_plot": str(r.confusion_plot) if r.confusion_plot else None,
                      "missing": r.missing, "sources": r.sources,
                      "history": [h.row() for h in r.history]}))
         return
@@ -133,6 +134,8 @@ def fit_cmd(
             out.print(f"fold curves: {escape(str(r.fold_curve))}", highlight=False)
         if r.reliability:
             out.print(f"reliability diagram: {escape(str(r.reliability))}", highlight=False)
+        if r.confusion_plot:
+            out.print(f"confusion matrix: {escape(str(r.confusion_plot))}", highlight=False)
     mode = " (streamed from disk)" if r.streamed else ""
     kept = f", kept epoch {r.kept_epoch} (lowest validation log loss)" if keep == "best" and not folds else ""
     val = (f"validation accuracy {r.val_acc:.4f}, log loss {r.val_log_loss:.4f}" if r.n_val

@@ -47,6 +47,7 @@ class FitReport:
     overfit: dict[str, float] = field(default_factory=dict)  # the kept epoch clearly worse than the best (loop.overfit)
     fold_curve: Path | None = None  # --folds: each fold's held-out curve
     reliability: Path | None = None  # --calibrate: the reliability diagram
+    confusion_plot: Path | None = None  # K classes (not cat/dog) with a validation split: the confusion matrix
     classes: list[str] = field(default_factory=lambda: ["cat", "dog"])  # the head's outputs, in order
 
     @property
@@ -131,8 +132,10 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
     curve_path = head_path.with_suffix(".png") if curve else None
     fold_path = head_path.with_name(head_path.stem + ".folds.png") if curve and folds else None
     reliability_path = head_path.with_name(head_path.stem + ".reliability.png") if curve and calibrate_head else None
+    confusion_path = head_path.with_name(head_path.stem + ".confusion.png") if curve else None  # if K classes
     check_outputs({"--head": head_path, "the training curve": curve_path, "the fold curves": fold_path,
-                   "the reliability diagram": reliability_path}, {f"--cache {c}": c for c in caches})
+                   "the reliability diagram": reliability_path, "the confusion matrix": confusion_path},
+                  {f"--cache {c}": c for c in caches})
     # budget_bytes: an exact budget for verify and tests (below --max-memory's 1M floor: always streamed)
     budget = budget_bytes or (parse_size(max_memory) if max_memory else available_memory() // 2)
     t0 = time.perf_counter()
@@ -210,10 +213,14 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
         "clip": calibration["clip"],
     })
     if curve_path:
-        from ..plots import fold_curves, reliability_diagram, training_curve
+        from ..plots import confusion_matrix, fold_curves, reliability_diagram, training_curve
 
+        cat_dog = is_cat_dog(data.classes)
+        if cat_dog or not len(y_val):  # cat/dog: the report's 2 x 2 table says it all, and its files stay as they were
+            confusion_path = None
         # pictures of an earlier fit to this head that this one does not redraw would read as this head's
-        for kind, drawn in ((".folds.png", fold_path), (".reliability.png", reliability_path)):
+        for kind, drawn in ((".folds.png", fold_path), (".reliability.png", reliability_path),
+                            (".confusion.png", confusion_path)):
             old = head_path.with_name(head_path.stem + kind)
             if drawn is None and (old.is_file() or old.is_symlink()):
                 with contextlib.suppress(OSError):  # a picture left behind is no reason to fail the fit
@@ -222,13 +229,15 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
         report.curve = training_curve(history, curve_path, kept_epoch=kept)
         if fold_path:
             report.fold_curve = fold_curves(fold_histories, fold_path, final_epochs=oof_note["final_epochs"])
+        where = "out-of-fold" if folds else "validation"
         if reliability_path:
-            cat_dog = is_cat_dog(data.classes)
-            what = "P(dog)" if cat_dog else "the top class's probability"
+            what = ("P(dog)", "share of dogs") if cat_dog else ("top-class probability", "share right")
             report.reliability = reliability_diagram(
                 _reliability_curves(logits, calibration, cat_dog), y_val if cat_dog else y_val == pred,
-                reliability_path, title=f"reliability of {what} on {len(y_val):,} "
-                f"{'out-of-fold' if folds else 'validation'} predictions")
+                reliability_path, title=f"reliability of {what[0]} on {len(y_val):,} {where} predictions", what=what)
+        if confusion_path:
+            report.confusion_plot = confusion_matrix(confusion, data.classes, confusion_path,
+                                                     title=f"{len(y_val):,} {where} predictions of {head.describe()}")
     report.seconds = time.perf_counter() - t0
     return report
 
