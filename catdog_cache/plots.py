@@ -52,6 +52,12 @@ def _save_figure(fig: Any, path: Path) -> Path:
         fig.clear()  # no pyplot registry holds it; clearing just frees the artists sooner
 
 
+def _plain(text: str) -> str:
+    """Text from files (class folder names, file names) shown as written: a `$` would start matplotlib's mathtext,
+    and a name like `$\\frac{a$` raise a parse error while drawing."""
+    return text.replace("$", r"\$")
+
+
 def _finite(values: Sequence[float]) -> bool:
     return any(math.isfinite(v) for v in values)
 
@@ -308,7 +314,7 @@ def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str],
     fig = _figure((side + 1.2, side), layout="constrained")
     ax = fig.subplots()
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    names = [printable(c)[:16] for c in classes]  # folder names: printable, cut to keep the axes readable
+    names = [_plain(printable(c)[:16]) for c in classes]  # folder names: printable, cut to keep the axes readable
     ax.set_xticks(range(k), names, rotation=90 if k > 6 else 0, fontsize=8)
     ax.set_yticks(range(k), [f"{n} ({share[i, i]:.2f})" if rows[i, 0] else f"{n} (none)"
                              for i, n in enumerate(names)], fontsize=8)
@@ -365,7 +371,7 @@ def prediction_grid_figure(images: Sequence[Any], captions: Sequence[str], wrong
     fig_h = rows * cell_h + pad + title_h
     fig = _figure((fig_w / DPI, fig_h / DPI))
     if title:
-        fig.text(0.5, 1 - (pad / 2) / fig_h, title, ha="center", va="top", fontsize=10, wrap=False)
+        fig.text(0.5, 1 - (pad / 2) / fig_h, _plain(title), ha="center", va="top", fontsize=10, wrap=False)
     for k, (px, text, bad) in enumerate(zip(pixels, captions, wrong, strict=True)):
         r, c = divmod(k, cols)
         left = pad + c * cell_w
@@ -380,5 +386,5 @@ def prediction_grid_figure(images: Sequence[Any], captions: Sequence[str], wrong
             else:
                 spine.set_color(WRONG if bad else RIGHT)
                 spine.set_linewidth(4)
-        ax.set_title(text, fontsize=8, color=WRONG if bad else "black", pad=4)
+        ax.set_title(_plain(text), fontsize=8, color=WRONG if bad else "black", pad=4)
     return fig

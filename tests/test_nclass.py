@@ -189,3 +189,15 @@ def test_export_k_classes(cli, tmp_path):
     cli("predict", data, "--model", "m.pt2", "--out", "p.csv")
     rows = Path("p.csv").read_text().splitlines()
     assert rows[0] == "path,p_ant,p_bee,p_cow,label,true_label,log_loss" and len(rows) == 10
+
+
+def test_pictures_show_dollar_names_as_written(tmp_path):
+    """Class and file names are folder names: a `$` must not start matplotlib's mathtext (a parse error)."""
+    import torch
+
+    from catdog_cache.plots import confusion_matrix, prediction_grid
+
+    names = ["$\\frac{a$", "$x^$"]
+    assert confusion_matrix([[1, 2], [3, 4]], names, tmp_path / "c.png").is_file()
+    assert prediction_grid([torch.zeros(3, 8, 8, dtype=torch.uint8)], [names[0]], [None], tmp_path / "g.png",
+                           title=names[1]).is_file()
