@@ -148,7 +148,9 @@ def remote_fs(url: str) -> tuple[Any, str]:
     try:
         return fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as e:
-        hint = fsspec.registry.known_implementations.get(protocol, {}).get("err") or str(e)
+        from fsspec.registry import known_implementations
+
+        hint = known_implementations.get(protocol, {}).get("err") or str(e)
         raise InputError(f"{short(printable(url))}: no fsspec backend for {protocol}:// ({printable(hint)})") from None
 
 

@@ -235,6 +235,11 @@ def _plan(shards: list[str], cache: Path, prov: Provenance, report: ExtractRepor
             held.setdefault(s, set()).add(p)
         for s, p, _, _ in idx.failed:
             held.setdefault(idx.sources[s], set()).add(p)
+    folder = markers_dir(cache)
+    if folder.is_dir() and not folder.is_symlink():
+        for stale in folder.glob(".*.tmp"):  # a marker being written when a run was killed
+            if stale.is_file() and not stale.is_symlink():
+                stale.unlink(missing_ok=True)
     todo: list[int] = []
     idents: list[Identity] = []
     for i, source in enumerate(shards):

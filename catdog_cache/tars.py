@@ -146,12 +146,12 @@ def read_samples(fh: IO[bytes], mine: Callable[[int], bool] = lambda n: True) ->
         reason = f"corrupt or truncated tar: {e}"
         if current is None:
             current = TarSample("", n)
-        current.data, current.reason = None, reason
+        current.data, current.reason = None, current.reason or reason  # its members may be cut: not a row
     except OSError:
         raise
     except Exception as e:  # zlib and other decompressor errors: the stream's content, not its transport
         current = TarSample(current.key if current else "", current.number if current else n, None,
-                            reason=f"corrupt tar: {type(e).__name__}: {e}")
+                            reason=(current.reason if current else "") or f"corrupt tar: {type(e).__name__}: {e}")
     if current is not None and mine(current.number):
         yield current
 
