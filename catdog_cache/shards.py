@@ -151,7 +151,8 @@ def remote_fs(url: str) -> tuple[Any, str]:
         from fsspec.registry import known_implementations
 
         hint = known_implementations.get(protocol, {}).get("err") or str(e)
-        raise InputError(f"{short(printable(url))}: no fsspec backend for {protocol}:// ({printable(hint)})") from None
+        raise InputError(f"{short(printable(url))}: no fsspec backend for {protocol}:// ({printable(hint)}; "
+                         f"{REMOTE_EXTRA} installs those for s3, gs and https)") from None
 
 
 @dataclass(frozen=True)
