@@ -33,7 +33,7 @@ from .extract import (
     versions,
 )
 from .files import printable, read_regular, write_atomic
-from .pipeline import Batch, PartWriter, cores
+from .pipeline import Batch, PartWriter, default_workers
 from .shards import Identity, identity, is_url, resolve_inputs
 from .tars import End, TarShards
 
@@ -167,8 +167,9 @@ class _Shards:
 
 
 def default_tar_workers(idents: list[Identity]) -> int:
-    """As for folders: in process for small inputs (under 4 MiB in all), else the cores minus one."""
-    return 0 if sum(x.size for x in idents) < 4 * 2**20 else max(1, cores() - 1)
+    """As for folders (pipeline.default_workers), the image count estimated from the shards' bytes: at 16 KiB per
+    image (small for a photo: the estimate errs towards workers), under 1 MiB in all decodes in process."""
+    return default_workers(sum(max(x.size, 0) for x in idents) // (16 * 2**10))
 
 
 def extract_shard_list(sources: list[str], idents: list[Identity], cache: Path, cfg: ExtractConfig,
