@@ -24,7 +24,7 @@ from catdog_cache.errors import InputError
 from catdog_cache.extract import ExtractConfig, extract
 from catdog_cache.shards import expand_braces, resolve_inputs
 from catdog_cache.tarextract import markers_dir
-from tests.conftest import draw
+from tests.conftest import TINY, draw
 
 CFG = ExtractConfig(WeightsSpec("random"), backbone="tiny", workers=0, batch_size=4, device="cpu")
 
@@ -296,3 +296,17 @@ def test_resume_after_kill_skips_finished_shards(tmp_path, images):
     assert got.keys() == ref.keys() and len(set(got.keys())) == 8  # no duplicates from the killed run's parts
     # same rows up to float rounding: the killed run's batches of 1 and the rerun's of 4 round differently
     np.testing.assert_allclose(read_features(cache), read_features(tmp_path / "ref.h5"), rtol=1e-5, atol=1e-6)
+
+
+def test_cli_takes_shards_and_urls(cli, tmp_path, images):
+    import json
+
+    shard = make_tar(tmp_path / "shards" / "train-000.tar", sorted(images.items()))
+    result = cli("extract", str(tmp_path / "shards" / "train-{000..000}.tar"), "--cache", tmp_path / "c.h5", *TINY,
+                 "--workers", "0", "--json")
+    report = json.loads(result.output)
+    assert (report["extracted"], report["rows"], report["layout"]) == (8, 8, "webdataset")
+    result = cli("info", tmp_path / "c.h5", "--json")
+    assert str(shard) in result.output
+    result = cli("extract", "s3://bucket/x-{0..1}.tar", "--cache", tmp_path / "c.h5", ok=False)
+    assert result.exit_code == 1 and "catdog-cache[remote]" in result.output and "Traceback" not in result.output
