@@ -90,14 +90,16 @@ def normalise(name: str, base: Path | None = None) -> str:
     return str(Path(os.path.abspath(path)))
 
 
-def _looks_like_tar(path: Path) -> bool:
-    """A tar (ustar magic at 257) or a gzip stream; anything else given as a file is read as a listing."""
+def _kind(path: Path) -> str:
+    """"tar" (ustar magic at 257, or a gzip stream), "listing" (text), or "other" (binary: an image, say)."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(512)
+            head = fh.read(4096)
     except OSError:
-        return False
-    return head[257:262] == b"ustar" or head[:2] == b"\x1f\x8b"
+        return "listing"  # read_listing reports why
+    if head[257:262] == b"ustar" or head[:2] == b"\x1f\x8b":
+        return "tar"
+    return "other" if b"\0" in head else "listing"
 
 
 def read_listing(path: Path) -> list[str]:
@@ -124,8 +126,11 @@ def resolve_inputs(spec: str | os.PathLike[str]) -> list[str]:
     local = Path(_local(text))
     if not is_url(text) or text.startswith("file://"):
         if local.is_file():
-            names = [normalise(text)] if text.lower().endswith(TAR_SUFFIXES) or _looks_like_tar(local) \
-                else read_listing(local)
+            kind = "tar" if text.lower().endswith(TAR_SUFFIXES) else _kind(local)
+            if kind == "other":
+                raise InputError(f"not a folder: {short(printable(text))} (nor a tar shard or a text file listing "
+                                 "shards)")
+            names = [normalise(text)] if kind == "tar" else read_listing(local)
         elif "{" in text:
             names = [normalise(n) for n in expand_braces(text)]
         else:

@@ -158,6 +158,9 @@ def test_pattern_and_listing_give_one_source_per_shard(tmp_path, images):
     (tmp_path / "huge.txt").write_bytes(b"# x\n" * (5 * 2**20))
     with pytest.raises(InputError, match="larger than the 16 MiB"):
         resolve_inputs(tmp_path / "huge.txt")
+    photo = draw(tmp_path / "photo.jpg", "cat", 1)
+    with pytest.raises(InputError, match="not a folder: .*photo.jpg"):  # an image is no listing
+        resolve_inputs(photo)
 
 
 def test_fsspec_urls_memory_and_file(tmp_path, images, opened):
