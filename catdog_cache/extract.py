@@ -44,6 +44,7 @@ from .pipeline import (
     worker_init,
 )
 from .preprocess import DECODERS, MAX_FILE_BYTES, VIEWS, decoder_of
+from .shards import is_shard_input
 
 PART_ROWS = 1024
 PART_SECONDS = 120.0
@@ -120,19 +121,25 @@ def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.n
     non-blocking copy, and its features come back into pinned memory while the next batch is fetched and run, so a
     batch is yielded one step late. The caller's work on a batch (the writer) overlaps the same way."""
     cfg.check()
-    device = resolve_device(cfg.device)  # under torchrun, "cuda" is this rank's GPU (distributed.from_env)
     if model is None or preset is None:
         backbone = cfg.resolve()
         model = model if model is not None else backbone.build(cfg.weights)
         preset = backbone.preset
+    workers = cfg.workers if cfg.workers >= 0 else default_workers(len(rels))
+    dataset = ImageFiles(root, rels, cfg.views, preset, cfg.decoder)
+    yield from run_dataset(dataset, len(rels), workers, cfg, model, preset, progress)
+
+
+def run_dataset(dataset: torch.utils.data.Dataset, total: int, workers: int, cfg: ExtractConfig,
+                model: torch.nn.Module, preset: Preset, progress: Progress | None = None) -> Iterator[Batch]:
+    """run_features on any dataset of ImageFiles' items (a map-style one, or tars.TarShards); `total` for progress."""
+    device = resolve_device(cfg.device)  # under torchrun, "cuda" is this rank's GPU (distributed.from_env)
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
     model = model.to(device, memory_format=torch.channels_last)
-    workers = cfg.workers if cfg.workers >= 0 else default_workers(len(rels))
     loader = torch.utils.data.DataLoader(
-        ImageFiles(root, rels, cfg.views, preset, cfg.decoder),
-        batch_size=cfg.batch_size or (128 if cuda else 16), shuffle=False, num_workers=workers,
+        dataset, batch_size=cfg.batch_size or (128 if cuda else 16), shuffle=False, num_workers=workers,
         collate_fn=collate, pin_memory=cuda, worker_init_fn=worker_init if workers else None,
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
@@ -145,10 +152,10 @@ def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.n
             with torch.inference_mode():  # not held across the yield: the caller's code runs in its own mode
                 out, ready = _forward(x, idx, shas, failures, model, cfg, device, preset, autocast_dtype)
             if pending is not None:
-                done = yield from _emit(pending, done, len(rels), progress)
+                done = yield from _emit(pending, done, total, progress)
             pending = (*out, ready)
         if pending is not None:
-            yield from _emit(pending, done, len(rels), progress)
+            yield from _emit(pending, done, total, progress)
     finally:
         torch.set_num_threads(threads)
 
@@ -208,9 +215,16 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
             progress: Progress | None = None, prune: bool = False, strict: bool = False,
             only: set[str] | None = None, model: torch.nn.Module | None = None) -> ExtractReport:
     """Cache features for every image of a folder that the cache does not already hold with the same content.
-    `only` restricts the run to these relative paths; `model` reuses an already built backbone."""
+    `only` restricts the run to these relative paths; `model` reuses an already built backbone. A path that is not a
+    folder (a .tar, a brace pattern, a listing of shards, a URL) is read as WebDataset tar shards (tarextract.py)."""
     t0 = time.perf_counter()
     cfg.check()
+    if is_shard_input(data_dir):
+        if prune or only is not None:
+            raise InputError(f"--prune works on folders; {data_dir} names tar shards")
+        from .tarextract import extract_shards
+
+        return extract_shards(data_dir, cache, cfg, progress=progress, strict=strict, model=model)
     spelled = Path(cache)
     cache = spelled.resolve()  # a symlinked cache is updated where it points; one lock however it is spelled
     disc = discover(data_dir)

@@ -11,12 +11,20 @@ from .backbone import check_device, get_backbone
 from .discover import folder
 from .errors import CacheError
 from .files import check_outputs
+from .shards import is_shard_input, is_url, remote_fs, resolve_inputs
 
 
-def extract_inputs(data_dir: Path, backbone: str | None, layer: str | None, device: str) -> None:
+def extract_inputs(data_dir: str | Path, backbone: str | None, layer: str | None, device: str) -> None:
+    """`data_dir` a folder, or tar shards (a .tar, a brace pattern, a listing, a URL: named and their fsspec
+    backend found here; each shard is read, or reported unreadable, by extract)."""
     check_device(device)
     if backbone:  # None: appending takes the cache's own (settings.resolve_settings), checked there
         get_backbone(backbone, layer or None)  # a description: imports no model library (timm:NAME aside)
+    if is_shard_input(data_dir):
+        urls = [s for s in resolve_inputs(data_dir) if is_url(s)]
+        if urls:
+            remote_fs(urls[0])
+        return
     folder(data_dir)
 
 

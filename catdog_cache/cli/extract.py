@@ -1,4 +1,4 @@
-"""`catdog-cache extract`: run the frozen backbone over a folder once, store the features."""
+"""`catdog-cache extract`: run the frozen backbone over a folder or tar shards once, store the features."""
 
 from __future__ import annotations
 
@@ -34,9 +34,11 @@ from .common import (
 @app.command("extract")
 @guarded
 def extract_cmd(
-    data_dir: Path = typer.Argument(..., metavar="DATA_DIR",
-                                    help="Image folder: one sub-folder per class (cat/ + dog/), cat.N.jpg files, "
-                                    "or unlabeled."),
+    data_dir: str = typer.Argument(..., metavar="INPUT",
+                                   help="Image folder (one sub-folder per class, e.g. cat/ + dog/; cat.N.jpg files; "
+                                   "or unlabeled), or WebDataset tar shards: a .tar, a brace pattern "
+                                   "(shards/train-{000000..000099}.tar), a text file listing shards, or URLs (s3://, "
+                                   "gs://, https://: pip install 'catdog-cache[remote]')."),
     cache: Path = CACHE,
     backbone: str | None = typer.Option(None, "--backbone", show_default="vgg16" + APPEND, help=BACKBONE.help),
     layer: str | None = typer.Option(None, "--layer", show_default="the backbone's default (vgg16: fc7)" + APPEND,
