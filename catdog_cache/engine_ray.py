@@ -24,6 +24,7 @@ import torch
 from .cache import Provenance, encode_path, locked, require_same
 from .errors import CatdogError, InputError, Interrupted
 from .extract import ExtractConfig, ExtractReport, Progress, _finish, inputs, known_files, removals
+from .precheck import RAY_MISSING
 from .shardwork import InputShard, ShardResult, folder_shards, run_shard, shard_done, stale_markers
 
 KILL_HOOK = "CATDOG_RAY_KILL"  # test hook: "<shard index>:<flag file>" (shardwork._maybe_die)
@@ -61,7 +62,7 @@ def require_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise InputError("--engine ray needs Ray, which is not installed: pip install 'catdog-cache[ray]'") from None
+        raise InputError(RAY_MISSING) from None
     return ray
 
 

@@ -1,8 +1,10 @@
 """extract --engine ray on a local Ray (2 CPUs, shared by this module's tests): the same cache as one process, a
 killed worker process costs nothing, a rerun reads no image; the per-shard markers are checked like hostile files."""
 
+import json
 import os
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ from catdog_cache.cache import parts_dir, read_features, read_index
 from catdog_cache.errors import CacheError, InputError
 from catdog_cache.extract import ExtractConfig, Known, extract
 from catdog_cache.shardwork import folder_shards, markers_dir, read_marker, shard_done
-from tests.conftest import draw
+from tests.conftest import TINY, draw
 
 CFG = ExtractConfig(weights=parse_weights("random", 0), backbone="tiny", batch_size=2, workers=0, device="cpu")
 
@@ -93,7 +95,7 @@ def test_killed_worker_process_is_retried_without_loss_or_duplicates(ray, data, 
     assert_same(reference, cache)
 
 
-def test_finished_parts_are_kept_and_skipped_until_assembled(ray, data, reference, tmp_path, monkeypatch):
+def test_finished_parts_are_kept_and_skipped_until_assembled(ray, data, reference, tmp_path, monkeypatch, cli):
     """A driver that died after its tasks: parts and markers are on disk, nothing assembled. The rerun runs no task
     and assembles them."""
     from catdog_cache import engine_ray
@@ -107,8 +109,10 @@ def test_finished_parts_are_kept_and_skipped_until_assembled(ray, data, referenc
         with pytest.raises(RuntimeError, match="driver died"):
             run(data, cache)
     assert len(list(parts_dir(cache).glob("*.h5"))) == 5 and not cache.exists()
-    r = run(data, cache)
-    assert (r.shards_run, r.rows) == (0, 18) and not parts_dir(cache).exists()
+    out = cli("extract", data, "--cache", cache, "--engine", "ray", "--shard-size", "4", "--json").output
+    r = json.loads(out)
+    assert (r["shards"], r["shards_run"], r["rows"], r["extracted"], r["reused"]) == (5, 0, 18, 0, 19)
+    assert not parts_dir(cache).exists()
     assert_same(reference, cache)
 
 
@@ -153,3 +157,19 @@ def test_missing_ray_is_one_line_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(InputError, match=r"pip install 'catdog-cache\[ray\]'"):
         require_ray()
+
+
+def test_engine_options_are_checked_before_any_work(cli, kaggle_dir, monkeypatch):
+    def refused(*args):
+        r = cli("extract", kaggle_dir, *TINY, *args, ok=False)
+        assert r.exit_code == 1, r.output
+        assert not Path("cache").exists()  # nothing written, no lock left
+        return r.output.strip().splitlines()[-1]
+
+    assert refused("--engine", "spark") == "error: --engine: expected local or ray, got 'spark'"
+    assert refused("--shard-size", "8") == "error: --shard-size is an option of --engine ray (this run uses the " \
+        "local engine)"
+    assert "--shard-size must be at least 1" in refused("--engine", "ray", "--shard-size", "0")
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))
+    assert refused("--engine", "ray") == "error: --engine ray needs Ray, which is not installed: " \
+        "pip install 'catdog-cache[ray]'"
