@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import importlib.util
 import logging
 import os
 import time
@@ -72,7 +73,8 @@ def extract_ray(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str],
     t0 = time.perf_counter()
     cfg.check()
     opts.check()
-    ray = require_ray()
+    if importlib.util.find_spec("ray") is None:  # imported only when a shard needs running (about a second)
+        raise InputError(RAY_MISSING)
     spelled = Path(cache)
     cache = spelled.resolve()
     disc = inputs(data_dir, strict)
@@ -93,12 +95,15 @@ def extract_ray(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str],
                                      if encode_path(x.rel) in known.reasons]
         drop = removals(known, disc, source, prune, report)
         if todo:
-            results = _run(ray, todo, disc.root, cache, cfg, prov, source, known, opts, report, progress)
+            # absolute paths: a worker's current folder is not the driver's
+            results = _run(require_ray(), todo, Path(source), cache, cfg, prov, source, known, opts, report, progress)
             for r in sorted(results, key=lambda r: r.index):
                 report.extracted += r.extracted
                 report.reused += r.reused
                 report.failed += r.failed
                 report.failed_before += r.failed_before
+        order = {x.rel: i for i, x in enumerate(disc.samples)}
+        report.failed_before.sort(key=lambda f: order[f[0]])  # in the folder's order, as one process lists them
         report.rows = _finish(cache, prov, report, [x for s in todo for x in s.samples], drop, strict, had_cache,
                               data_dir, {source: False})
         prefix = shards[0].name.rsplit("-", 1)[0]
@@ -129,7 +134,8 @@ class ShardExtractor:
 
 
 def connect(ray: Any, address: str) -> bool:
-    """Join the cluster named by `address` or $RAY_ADDRESS, else start a local Ray; True when this call started it."""
+    """Join the cluster named by `address` or $RAY_ADDRESS, else start a local Ray. True when this call connected
+    (the caller disconnects at the end; a local Ray stops then), False when the process was already connected."""
     if ray.is_initialized():
         return False
     try:
@@ -139,7 +145,7 @@ def connect(ray: Any, address: str) -> bool:
         where = address or os.environ.get("RAY_ADDRESS", "")
         raise InputError(f"--ray-address {where or '(local)'}: cannot start or reach Ray "
                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    return not (address or os.environ.get("RAY_ADDRESS"))
+    return True
 
 
 def _run(ray: Any, shards: list[InputShard], root: Path, cache: Path, cfg: ExtractConfig, prov: Provenance,
