@@ -26,9 +26,18 @@ from .cache import Provenance, encode_path, locked, require_same
 from .errors import CatdogError, InputError, Interrupted
 from .extract import ExtractConfig, ExtractReport, Progress, _finish, inputs, known_files, removals
 from .precheck import RAY_MISSING
-from .shardwork import InputShard, ShardResult, folder_shards, run_shard, shard_done, stale_markers
+from .shardwork import (
+    InputShard,
+    ShardResult,
+    folder_shards,
+    markers_dir,
+    read_marker,
+    run_shard,
+    shard_done,
+    stale_markers,
+)
 
-KILL_HOOK = "CATDOG_RAY_KILL"  # test hook: "<shard index>:<flag file>" (shardwork._maybe_die)
+KILL_HOOK = "CATDOG_RAY_KILL"  # test hook: "<shard index>:<stage>:<flag file>[,...]" (shardwork._maybe_die)
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,12 @@ def extract_ray(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str],
                 report.reused += r.reused
                 report.failed += r.failed
                 report.failed_before += r.failed_before
+        # the markers, not the tasks' return values, say what is finished (with the sharded cache: the index is
+        # written from them); a shard without its marker is never finished over
+        missing = [s for s in todo if (read_marker(cache, s.name) or {}).get("identity") != s.identity]
+        if missing:
+            raise CatdogError(f"input shard {missing[0].index} reported done but has no marker in "
+                              f"{markers_dir(cache)}; nothing was finished: run extract again")
         order = {x.rel: i for i, x in enumerate(disc.samples)}
         report.failed_before.sort(key=lambda f: order[f[0]])  # in the folder's order, as one process lists them
         report.rows = _finish(cache, prov, report, [x for s in todo for x in s.samples], drop, strict, had_cache,

@@ -157,7 +157,7 @@ def run_shard(shard: InputShard, root: Path, cache: Path, cfg: ExtractConfig, pr
     for n, batch in enumerate(run_features(root, [s.rel for s in todo], cfg, model)):
         batches.append(batch)
         if n == 0:
-            _maybe_die(kill_hook, shard.index)
+            _maybe_die(kill_hook, shard.index, "batch")
     rows = rows_of(batches, todo)
     result.extracted = len(rows.paths)
     result.failed = [(os.fsdecode(p), why) for p, why in zip(rows.failed_paths, rows.failed_reasons, strict=True)]
@@ -167,19 +167,20 @@ def run_shard(shard: InputShard, root: Path, cache: Path, cfg: ExtractConfig, pr
     marker = {"version": MARKER_VERSION, "kind": "files", "source": source, "shard": shard.index,
               "identity": shard.identity, "part": result.part, "rows": len(rows.paths),
               "failures": len(rows.failed_paths), "run": run_id}
+    _maybe_die(kill_hook, shard.index, "marker")
     folder = _markers_folder(cache, create=True)
     assert folder is not None
     write_atomic(folder / f"{shard.name}.json", json.dumps(marker).encode())  # last: the shard is done
     return result
 
 
-def _maybe_die(hook: str, index: int) -> None:
-    """Test hook ("<shard index>:<flag file>"): the first attempt of that shard kills its own process after one
-    batch, as a lost node or the OOM killer would; the flag file makes later attempts live."""
-    if not hook:
-        return
-    which, _, flag = hook.partition(":")
-    if which == str(index):
-        with contextlib.suppress(FileExistsError):
-            os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            os.kill(os.getpid(), signal.SIGKILL)
+def _maybe_die(hook: str, index: int, stage: str) -> None:
+    """Test hook, "<shard index>:<stage>:<flag file>[,...]": the first attempt of that shard kills its own process
+    after one batch (stage "batch") or between its part and its marker ("marker"), as a lost node or the OOM killer
+    would; the flag file, created at the kill, lets later attempts live."""
+    for entry in filter(None, hook.split(",")):
+        which, at, flag = entry.split(":", 2)
+        if (which, at) == (str(index), stage):
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                os.kill(os.getpid(), signal.SIGKILL)

@@ -86,11 +86,13 @@ def test_same_cache_as_one_process_and_a_rerun_reads_nothing(ray, data, referenc
 
 
 def test_killed_worker_process_is_retried_without_loss_or_duplicates(ray, data, reference, tmp_path, monkeypatch):
-    flag = tmp_path / "killed"
-    monkeypatch.setenv("CATDOG_RAY_KILL", f"2:{flag}")  # shard 2's first attempt SIGKILLs its process
+    """Shard 1's first attempt dies after its first batch, shard 3's between writing its part and its marker (the
+    retry rewrites the same part: no second copy of its rows)."""
+    flags = [tmp_path / "killed-1", tmp_path / "killed-3"]
+    monkeypatch.setenv("CATDOG_RAY_KILL", f"1:batch:{flags[0]},3:marker:{flags[1]}")
     cache = tmp_path / "ray.h5"
     r = run(data, cache)
-    assert flag.exists()  # the kill happened
+    assert all(f.exists() for f in flags)  # both kills happened
     assert (r.shards_run, r.extracted, len(r.failed)) == (5, 18, 1)
     assert_same(reference, cache)
 
