@@ -226,9 +226,7 @@ def _schedule(ray: Any, pool: list[Any], shards: list[InputShard], known: Any, p
                 progress("extract", done, total)
             if queue:
                 submit(a)
-    except KeyboardInterrupt:
-        for ref in running:
-            ray.cancel(ref, force=True)
+    except KeyboardInterrupt:  # the actors are killed below, their running shards with them (no marker: redone)
         raise Interrupted(f"interrupted: {len(results)} of {len(shards)} input shards saved; run extract again to "
                           "resume (done shards are skipped)") from None
     finally:
