@@ -171,6 +171,8 @@ def test_engine_options_are_checked_before_any_work(cli, kaggle_dir, monkeypatch
     assert refused("--engine", "spark") == "error: --engine: expected local or ray, got 'spark'"
     assert refused("--shard-size", "8") == "error: --shard-size is an option of --engine ray (this run uses the " \
         "local engine)"
+    present = find_spec("os")  # whether or not Ray is installed here: first as if it were, then as if not
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: present if name == "ray" else find_spec(name, *a))
     assert "--shard-size must be at least 1" in refused("--engine", "ray", "--shard-size", "0")
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))
     assert refused("--engine", "ray") == "error: --engine ray needs Ray, which is not installed: " \
