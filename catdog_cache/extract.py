@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import torch
 from . import __version__
 from .backbone import DEFAULT_BACKBONE, Backbone, Preset, WeightsSpec, check_device, get_backbone, resolve_device
 from .cache import (
+    CLASS_MAP,
     Provenance,
     Rows,
     assemble,
@@ -227,15 +228,7 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
         return extract_shards(data_dir, cache, cfg, progress=progress, strict=strict, model=model)
     spelled = Path(cache)
     cache = spelled.resolve()  # a symlinked cache is updated where it points; one lock however it is spelled
-    disc = discover(data_dir)
-    if only is not None:
-        disc.samples = [s for s in disc.samples if s.rel in only]
-    if not disc.samples:
-        raise InputError(f"no images found in {data_dir}" + (f" ({len(disc.skipped)} files skipped)"
-                                                              if disc.skipped else "") + disc.subfolder_hint())
-    if strict and disc.skipped:
-        rel, reason = disc.skipped[0]
-        raise InputError(f"--strict: {len(disc.skipped)} files skipped, first {rel!r}: {reason}")
+    disc = inputs(data_dir, strict, only)
     prov = cfg.provenance()
     source = str(disc.root.resolve())
     report = ExtractReport(cache=spelled, found=len(disc.samples), skipped=disc.skipped, warnings=disc.warnings,
@@ -273,6 +266,20 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
         dist.close()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def inputs(data_dir: str | os.PathLike[str], strict: bool, only: set[str] | None = None) -> Discovery:
+    """The folder's samples (restricted to `only`), refused when there are none or --strict meets a skip."""
+    disc = discover(data_dir)
+    if only is not None:
+        disc.samples = [s for s in disc.samples if s.rel in only]
+    if not disc.samples:
+        raise InputError(f"no images found in {data_dir}" + (f" ({len(disc.skipped)} files skipped)"
+                                                              if disc.skipped else "") + disc.subfolder_hint())
+    if strict and disc.skipped:
+        rel, reason = disc.skipped[0]
+        raise InputError(f"--strict: {len(disc.skipped)} files skipped, first {rel!r}: {reason}")
+    return disc
 
 
 def _finish(cache: Path, prov: Provenance, report: ExtractReport, todo: list[Sample], drop: set[tuple[str, bytes]],
@@ -318,17 +325,23 @@ def _lock_once(cache: Path, dist: Dist | None) -> Iterator[None]:
         yield
 
 
-def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: ExtractReport, prune: bool,
-          progress: Progress | None, dist: Dist | None = None) -> tuple[list[Sample], set[tuple[str, bytes]]]:
-    """What this run must extract (new or changed files) and drop (deleted files, with --prune). Under torchrun
-    each rank hashes a slice of the already-known files and the ranks share the verdicts."""
-    known: dict[bytes, str] = {}  # relative path -> sha256 already extracted (or failed) for this source
-    reasons: dict[bytes, str] = {}  # relative path -> why an earlier run could not use it (resume skips it)
-    old_paths: set[bytes] = set()
-    class_lists: list[tuple[list[str], bool]] = []
+@dataclass
+class Known:
+    """What the cache and its parts hold for one source folder, from their indexes alone (no image is read)."""
+
+    sha: dict[bytes, str] = field(default_factory=dict)  # path -> sha256 extracted (or failed) for this source
+    reasons: dict[bytes, str] = field(default_factory=dict)  # path -> why an earlier run could not use it
+    cached: set[bytes] = field(default_factory=set)  # rows of the cache itself (not its parts): what --prune drops
+    recorded: set[bytes] = field(default_factory=set)  # rows and failure records anywhere, read or not
+    class_lists: list[tuple[list[str], bool]] = field(default_factory=list)  # per index: (classes, has labels)
+
+
+def known_files(cache: Path, prov: Provenance, source: str) -> Known:
+    """Read the cache's and its parts' indexes, refusing any made with another provenance."""
+    k = Known()
     for path in ([cache] if cache.exists() else []) + list_parts(cache):
         idx = read_index(path)
-        class_lists.append((idx.classes, idx.labeled))
+        k.class_lists.append((idx.classes, idx.labeled))
         diffs = idx.provenance.differences(prov, "the cache", "this extract")
         if diffs:
             if idx.provenance.arch != prov.arch or idx.provenance.layer != prov.layer:  # the rest follows from it
@@ -339,12 +352,30 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
                                      "that differ: adding to a cache uses its own settings "
                                      f"({matching_flags(idx.provenance)})")
         here = idx.known(source)
-        known |= here
+        k.sha |= here
         rows = {p for s, p in zip(idx.source.tolist(), idx.paths, strict=True) if idx.sources[s] == source}
-        old_paths |= rows if path == cache else set()
-        reasons = {p: why for p, why in reasons.items() if p not in rows}  # a later part holds it as a row: fixed
-        reasons |= {p: why for s, p, _, why in idx.failed if idx.sources[s] == source and p in here and p not in rows}
-    onto_cache_classes(disc, merge_classes(class_lists, str(cache)), cache)
+        k.cached |= rows if path == cache else set()
+        k.reasons = {p: why for p, why in k.reasons.items() if p not in rows}  # a later part holds it as a row: fixed
+        k.reasons |= {p: why for s, p, _, why in idx.failed if idx.sources[s] == source and p in here and p not in rows}
+        k.recorded |= rows | {p for s, p, _, _ in idx.failed if idx.sources[s] == source}
+    return k
+
+
+def removals(k: Known, disc: Discovery, source: str, prune: bool, report: ExtractReport) -> set[tuple[str, bytes]]:
+    """Files the cache holds that the folder no longer has: reported, and dropped under --prune."""
+    present = {encode_path(s.rel) for s in disc.samples}
+    report.removed = sorted(os.fsdecode(p) for p in k.cached - present)
+    report.pruned = prune and bool(report.removed)
+    return {(source, encode_path(r)) for r in report.removed} if prune else set()
+
+
+def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: ExtractReport, prune: bool,
+          progress: Progress | None, dist: Dist | None = None) -> tuple[list[Sample], set[tuple[str, bytes]]]:
+    """What this run must extract (new or changed files) and drop (deleted files, with --prune). Under torchrun
+    each rank hashes a slice of the already-known files and the ranks share the verdicts."""
+    k = known_files(cache, prov, source)
+    onto_cache_classes(disc, merge_classes(k.class_lists, str(cache)), cache)
+    known, reasons = k.sha, k.reasons
     candidates = [i for i, s in enumerate(disc.samples) if encode_path(s.rel) in known]
     mine = dist.shard(candidates) if dist else candidates
     unchanged: set[int] = set()
@@ -360,10 +391,7 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
     # --strict must see these too: skipped as known, they are still unusable files of the folder
     report.failed_before = [(disc.samples[i].rel, reasons[encode_path(disc.samples[i].rel)]) for i in sorted(unchanged)
                             if encode_path(disc.samples[i].rel) in reasons]
-    present = {encode_path(s.rel) for s in disc.samples}
-    report.removed = sorted(os.fsdecode(p) for p in old_paths - present)
-    report.pruned = prune and bool(report.removed)
-    return todo, ({(source, encode_path(r)) for r in report.removed} if prune else set())
+    return todo, removals(k, disc, source, prune, report)
 
 
 def onto_cache_classes(disc: Discovery, have: list[str], cache: Path) -> None:
@@ -408,19 +436,8 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
 
     def write(batches: list[Batch]) -> None:  # on the writer thread: one part, built a batch at a time
         nonlocal n_parts
-        rows = Rows()
-        for idx, feats, shas, failures in batches:
-            rows.features += list(feats)  # [V, D] views of the batch's array; write_part stacks them once
-            rows.paths += [encode_path(rels[i]) for i in idx]
-            rows.labels += [todo[i].label for i in idx]
-            rows.sha256 += shas
-            rows.failed_paths += [encode_path(rels[i]) for i, _, _ in failures]
-            rows.failed_sha256 += [sha for _, sha, _ in failures]
-            rows.failed_reasons += [reason for _, _, reason in failures]
-        # the feature size from the rows themselves; a part of failures only asks the backbone (a meta pass)
-        dim = rows.features[0].shape[-1] if rows.features else cfg.resolve().dim
-        write_part(cache, f"part-{run_id}-{n_parts:06d}", prov, source, rows, info, (len(cfg.views), dim),
-                   cfg.weights.path, classes)
+        save_part(cache, f"part-{run_id}-{n_parts:06d}", cfg, prov, source, rows_of(batches, todo), info,
+                  classes)
         n_parts += 1
 
     writer = PartWriter(write, cfg.part_rows, PART_SECONDS)
@@ -445,3 +462,25 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
             assemble(cache, prov, versions(), incomplete={source: True})  # `info` and `fit` say it is partial
         raise Interrupted(f"interrupted: {report.extracted} images saved to {cache}; run extract again to resume") \
             from None
+
+
+def rows_of(batches: Iterable[Batch], todo: list[Sample]) -> Rows:
+    """The rows (and failure records) of extracted batches; batch indices point into `todo`."""
+    rows = Rows()
+    for idx, feats, shas, failures in batches:
+        rows.features += list(feats)  # [V, D] views of the batch's array; write_part stacks them once
+        rows.paths += [encode_path(todo[i].rel) for i in idx]
+        rows.labels += [todo[i].label for i in idx]
+        rows.sha256 += shas
+        rows.failed_paths += [encode_path(todo[i].rel) for i, _, _ in failures]
+        rows.failed_sha256 += [sha for _, sha, _ in failures]
+        rows.failed_reasons += [reason for _, _, reason in failures]
+    return rows
+
+
+def save_part(cache: Path, name: str, cfg: ExtractConfig, prov: Provenance, source: str, rows: Rows,
+              info: dict[str, str], classes: tuple[str, ...] | list[str] = tuple(CLASS_MAP)) -> Path:
+    """One crash-safe part (temp + rename) of the cache."""
+    # the feature size from the rows themselves; a part of failures only asks the backbone (a meta pass)
+    dim = rows.features[0].shape[-1] if rows.features else cfg.resolve().dim
+    return write_part(cache, name, prov, source, rows, info, (len(cfg.views), dim), cfg.weights.path, classes)
