@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,11 +17,23 @@ import torch
 
 from . import __version__
 from .backbone import DEFAULT_BACKBONE, Backbone, Preset, WeightsSpec, check_device, get_backbone, resolve_device
-from .cache import Provenance, Rows, encode_path, finish, list_parts, locked, read_index, remove_cache, write_part
+from .cache import (
+    CLASS_MAP,
+    Provenance,
+    Rows,
+    encode_path,
+    finish,
+    list_parts,
+    locked,
+    merge_classes,
+    read_index,
+    remove_cache,
+    write_part,
+)
 from .discover import Discovery, Sample, discover
 from .distributed import Dist, from_env
 from .errors import CacheBusy, CatdogError, InputError, Interrupted, ProvenanceMismatch
-from .files import sha256_regular
+from .files import printable, sha256_regular
 from .pipeline import (
     Batch,
     Encoded,
@@ -34,6 +46,7 @@ from .pipeline import (
     worker_init,
 )
 from .preprocess import DECODERS, MAX_FILE_BYTES, VIEWS, decoder_of
+from .shards import is_shard_input
 
 PART_ROWS = 1024
 PART_SECONDS = 120.0
@@ -110,19 +123,25 @@ def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.n
     non-blocking copy, and its features come back into pinned memory while the next batch is fetched and run, so a
     batch is yielded one step late. The caller's work on a batch (the writer) overlaps the same way."""
     cfg.check()
-    device = resolve_device(cfg.device)  # under torchrun, "cuda" is this rank's GPU (distributed.from_env)
     if model is None or preset is None:
         backbone = cfg.resolve()
         model = model if model is not None else backbone.build(cfg.weights)
         preset = backbone.preset
+    workers = cfg.workers if cfg.workers >= 0 else default_workers(len(rels))
+    dataset = ImageFiles(root, rels, cfg.views, preset, cfg.decoder)
+    yield from run_dataset(dataset, len(rels), workers, cfg, model, preset, progress)
+
+
+def run_dataset(dataset: torch.utils.data.Dataset, total: int, workers: int, cfg: ExtractConfig,
+                model: torch.nn.Module, preset: Preset, progress: Progress | None = None) -> Iterator[Batch]:
+    """run_features on any dataset of ImageFiles' items (a map-style one, or tars.TarShards); `total` for progress."""
+    device = resolve_device(cfg.device)  # under torchrun, "cuda" is this rank's GPU (distributed.from_env)
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
     model = model.to(device, memory_format=torch.channels_last)
-    workers = cfg.workers if cfg.workers >= 0 else default_workers(len(rels))
     loader = torch.utils.data.DataLoader(
-        ImageFiles(root, rels, cfg.views, preset, cfg.decoder),
-        batch_size=cfg.batch_size or (128 if cuda else 16), shuffle=False, num_workers=workers,
+        dataset, batch_size=cfg.batch_size or (128 if cuda else 16), shuffle=False, num_workers=workers,
         collate_fn=collate, pin_memory=cuda, worker_init_fn=worker_init if workers else None,
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
@@ -135,10 +154,10 @@ def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.n
             with torch.inference_mode():  # not held across the yield: the caller's code runs in its own mode
                 out, ready = _forward(x, idx, shas, failures, model, cfg, device, preset, autocast_dtype)
             if pending is not None:
-                done = yield from _emit(pending, done, len(rels), progress)
+                done = yield from _emit(pending, done, total, progress)
             pending = (*out, ready)
         if pending is not None:
-            yield from _emit(pending, done, len(rels), progress)
+            yield from _emit(pending, done, total, progress)
     finally:
         torch.set_num_threads(threads)
 
@@ -198,20 +217,19 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
             progress: Progress | None = None, prune: bool = False, strict: bool = False,
             only: set[str] | None = None, model: torch.nn.Module | None = None) -> ExtractReport:
     """Cache features for every image of a folder that the cache does not already hold with the same content.
-    `only` restricts the run to these relative paths; `model` reuses an already built backbone."""
+    `only` restricts the run to these relative paths; `model` reuses an already built backbone. A path that is not a
+    folder (a .tar, a brace pattern, a listing of shards, a URL) is read as WebDataset tar shards (tarextract.py)."""
     t0 = time.perf_counter()
     cfg.check()
+    if is_shard_input(data_dir):
+        if prune or only is not None:
+            raise InputError(f"--prune works on folders; {data_dir} names tar shards")
+        from .tarextract import extract_shards
+
+        return extract_shards(data_dir, cache, cfg, progress=progress, strict=strict, model=model)
     spelled = Path(cache)
     cache = spelled.resolve()  # a symlinked cache is updated where it points; one lock however it is spelled
-    disc = discover(data_dir)
-    if only is not None:
-        disc.samples = [s for s in disc.samples if s.rel in only]
-    if not disc.samples:
-        raise InputError(f"no images found in {data_dir}" + (f" ({len(disc.skipped)} files skipped)"
-                                                              if disc.skipped else "") + disc.subfolder_hint())
-    if strict and disc.skipped:
-        rel, reason = disc.skipped[0]
-        raise InputError(f"--strict: {len(disc.skipped)} files skipped, first {rel!r}: {reason}")
+    disc = inputs(data_dir, strict, only)
     prov = cfg.provenance()
     source = str(disc.root.resolve())
     report = ExtractReport(cache=spelled, found=len(disc.samples), skipped=disc.skipped, warnings=disc.warnings,
@@ -225,7 +243,7 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
         mine = dist.shard(todo) if dist else todo  # each rank a contiguous slice; parts are its resume units
         if mine:
             _extract_parts(disc.root, source, mine, cache, cfg, prov, report, progress, model,
-                           tag=f"-r{dist.rank:04d}" if dist else "")
+                           tag=f"-r{dist.rank:04d}" if dist else "", classes=disc.classes)
         if dist:  # every rank's shards are on disk before rank 0 lists them in the index
             gathered = dist.gather((report.extracted, report.failed))
             if dist.main:
@@ -249,6 +267,20 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
         dist.close()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def inputs(data_dir: str | os.PathLike[str], strict: bool, only: set[str] | None = None) -> Discovery:
+    """The folder's samples (restricted to `only`), refused when there are none or --strict meets a skip."""
+    disc = discover(data_dir)
+    if only is not None:
+        disc.samples = [s for s in disc.samples if s.rel in only]
+    if not disc.samples:
+        raise InputError(f"no images found in {data_dir}" + (f" ({len(disc.skipped)} files skipped)"
+                                                              if disc.skipped else "") + disc.subfolder_hint())
+    if strict and disc.skipped:
+        rel, reason = disc.skipped[0]
+        raise InputError(f"--strict: {len(disc.skipped)} files skipped, first {rel!r}: {reason}")
+    return disc
 
 
 def _finish(cache: Path, prov: Provenance, report: ExtractReport, todo: list[Sample], drop: set[tuple[str, bytes]],
@@ -294,15 +326,23 @@ def _lock_once(cache: Path, dist: Dist | None) -> Iterator[None]:
         yield
 
 
-def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: ExtractReport, prune: bool,
-          progress: Progress | None, dist: Dist | None = None) -> tuple[list[Sample], set[tuple[str, bytes]]]:
-    """What this run must extract (new or changed files) and drop (deleted files, with --prune). Under torchrun
-    each rank hashes a slice of the already-known files and the ranks share the verdicts."""
-    known: dict[bytes, str] = {}  # relative path -> sha256 already extracted (or failed) for this source
-    reasons: dict[bytes, str] = {}  # relative path -> why an earlier run could not use it (resume skips it)
-    old_paths: set[bytes] = set()
+@dataclass
+class Known:
+    """What the cache and its parts hold for one source folder, from their indexes alone (no image is read)."""
+
+    sha: dict[bytes, str] = field(default_factory=dict)  # path -> sha256 extracted (or failed) for this source
+    reasons: dict[bytes, str] = field(default_factory=dict)  # path -> why an earlier run could not use it
+    cached: set[bytes] = field(default_factory=set)  # rows of the cache itself (not its parts): what --prune drops
+    recorded: set[bytes] = field(default_factory=set)  # rows and failure records anywhere, read or not
+    class_lists: list[tuple[list[str], bool]] = field(default_factory=list)  # per index: (classes, has labels)
+
+
+def known_files(cache: Path, prov: Provenance, source: str) -> Known:
+    """Read the cache's and its parts' indexes, refusing any made with another provenance."""
+    k = Known()
     for path in ([cache] if cache.exists() else []) + list_parts(cache):
         idx = read_index(path)
+        k.class_lists.append((idx.classes, idx.labeled))
         diffs = idx.provenance.differences(prov, "the cache", "this extract")
         if diffs:
             if idx.provenance.arch != prov.arch or idx.provenance.layer != prov.layer:  # the rest follows from it
@@ -313,11 +353,30 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
                                      "that differ: adding to a cache uses its own settings "
                                      f"({matching_flags(idx.provenance)})")
         here = idx.known(source)
-        known |= here
+        k.sha |= here
         rows = {p for s, p in zip(idx.source.tolist(), idx.paths, strict=True) if idx.sources[s] == source}
-        old_paths |= rows if path == cache else set()
-        reasons = {p: why for p, why in reasons.items() if p not in rows}  # a later part holds it as a row: fixed
-        reasons |= {p: why for s, p, _, why in idx.failed if idx.sources[s] == source and p in here and p not in rows}
+        k.cached |= rows if path == cache else set()
+        k.reasons = {p: why for p, why in k.reasons.items() if p not in rows}  # a later part holds it as a row: fixed
+        k.reasons |= {p: why for s, p, _, why in idx.failed if idx.sources[s] == source and p in here and p not in rows}
+        k.recorded |= rows | {p for s, p, _, _ in idx.failed if idx.sources[s] == source}
+    return k
+
+
+def removals(k: Known, disc: Discovery, source: str, prune: bool, report: ExtractReport) -> set[tuple[str, bytes]]:
+    """Files the cache holds that the folder no longer has: reported, and dropped under --prune."""
+    present = {encode_path(s.rel) for s in disc.samples}
+    report.removed = sorted(os.fsdecode(p) for p in k.cached - present)
+    report.pruned = prune and bool(report.removed)
+    return {(source, encode_path(r)) for r in report.removed} if prune else set()
+
+
+def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: ExtractReport, prune: bool,
+          progress: Progress | None, dist: Dist | None = None) -> tuple[list[Sample], set[tuple[str, bytes]]]:
+    """What this run must extract (new or changed files) and drop (deleted files, with --prune). Under torchrun
+    each rank hashes a slice of the already-known files and the ranks share the verdicts."""
+    k = known_files(cache, prov, source)
+    onto_cache_classes(disc, merge_classes(k.class_lists, str(cache)), cache)
+    known, reasons = k.sha, k.reasons
     candidates = [i for i, s in enumerate(disc.samples) if encode_path(s.rel) in known]
     mine = dist.shard(candidates) if dist else candidates
     unchanged: set[int] = set()
@@ -333,10 +392,28 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
     # --strict must see these too: skipped as known, they are still unusable files of the folder
     report.failed_before = [(disc.samples[i].rel, reasons[encode_path(disc.samples[i].rel)]) for i in sorted(unchanged)
                             if encode_path(disc.samples[i].rel) in reasons]
-    present = {encode_path(s.rel) for s in disc.samples}
-    report.removed = sorted(os.fsdecode(p) for p in old_paths - present)
-    report.pruned = prune and bool(report.removed)
-    return todo, ({(source, encode_path(r)) for r in report.removed} if prune else set())
+    return todo, removals(k, disc, source, prune, report)
+
+
+def onto_cache_classes(disc: Discovery, have: list[str], cache: Path) -> None:
+    """Relabel the folder's samples with the cache's class ids (by name: a folder of dog/ alone, or of some of a
+    cache's classes, keeps the cache's numbering). A class the cache does not know is refused, not appended: the
+    heads already trained on the cache have one output per class and its labels index those classes, so a new
+    index would make every head of it unable to score its own training cache (predict and fit refuse mixed class
+    sets) while looking like it still fits."""
+    if not have or not disc.classes:  # a cache without labels takes the folder's classes; unlabeled rows need none
+        disc.classes = disc.classes or tuple(have)
+        return
+    new = [c for c in disc.classes if c not in have]
+    if new:
+        shown = ", ".join(printable(c) for c in new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+        raise InputError(f"{disc.root} has classes the cache {cache} does not have ({shown}); its classes are "
+                         f"{', '.join(printable(c) for c in have)[:300]}. A cache's classes are fixed by its first "
+                         "labeled folder (heads trained on it have one output per class): extract every class folder "
+                         "into a new cache (--cache NEW.h5) instead")
+    ids = [have.index(c) for c in disc.classes]
+    disc.samples = [Sample(s.rel, ids[s.label]) if s.label >= 0 else s for s in disc.samples]
+    disc.classes = tuple(have)
 
 
 def matching_flags(prov: Provenance) -> str:
@@ -351,7 +428,7 @@ def matching_flags(prov: Provenance) -> str:
 
 def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg: ExtractConfig,
                    prov: Provenance, report: ExtractReport, progress: Progress | None,
-                   model: torch.nn.Module | None = None, tag: str = "") -> None:
+                   model: torch.nn.Module | None = None, tag: str = "", classes: tuple[str, ...] = ()) -> None:
     rels = [s.rel for s in todo]
     run_id = f"{time.time_ns():020d}-{os.getpid()}{tag}"
     n_parts = 0
@@ -360,19 +437,8 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
 
     def write(batches: list[Batch]) -> None:  # on the writer thread: one part, built a batch at a time
         nonlocal n_parts
-        rows = Rows()
-        for idx, feats, shas, failures in batches:
-            rows.features += list(feats)  # [V, D] views of the batch's array; write_part stacks them once
-            rows.paths += [encode_path(rels[i]) for i in idx]
-            rows.labels += [todo[i].label for i in idx]
-            rows.sha256 += shas
-            rows.failed_paths += [encode_path(rels[i]) for i, _, _ in failures]
-            rows.failed_sha256 += [sha for _, sha, _ in failures]
-            rows.failed_reasons += [reason for _, _, reason in failures]
-        # the feature size from the rows themselves; a part of failures only asks the backbone (a meta pass)
-        dim = rows.features[0].shape[-1] if rows.features else cfg.resolve().dim
-        write_part(cache, f"part-{run_id}-{n_parts:06d}", prov, source, rows, info, (len(cfg.views), dim),
-                   cfg.weights.path)
+        save_part(cache, f"part-{run_id}-{n_parts:06d}", cfg, prov, source, rows_of(batches, todo), info,
+                  classes)
         n_parts += 1
 
     writer = PartWriter(write, cfg.part_rows, PART_SECONDS)
@@ -397,3 +463,25 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
             finish(cache, prov, versions(), incomplete={source: True})  # `info` and `fit` say it is partial
         raise Interrupted(f"interrupted: {report.extracted} images saved to {cache}; run extract again to resume") \
             from None
+
+
+def rows_of(batches: Iterable[Batch], todo: list[Sample]) -> Rows:
+    """The rows (and failure records) of extracted batches; batch indices point into `todo`."""
+    rows = Rows()
+    for idx, feats, shas, failures in batches:
+        rows.features += list(feats)  # [V, D] views of the batch's array; write_part stacks them once
+        rows.paths += [encode_path(todo[i].rel) for i in idx]
+        rows.labels += [todo[i].label for i in idx]
+        rows.sha256 += shas
+        rows.failed_paths += [encode_path(todo[i].rel) for i, _, _ in failures]
+        rows.failed_sha256 += [sha for _, sha, _ in failures]
+        rows.failed_reasons += [reason for _, _, reason in failures]
+    return rows
+
+
+def save_part(cache: Path, name: str, cfg: ExtractConfig, prov: Provenance, source: str, rows: Rows,
+              info: dict[str, str], classes: tuple[str, ...] | list[str] = tuple(CLASS_MAP)) -> Path:
+    """One crash-safe part (temp + rename) of the cache."""
+    # the feature size from the rows themselves; a part of failures only asks the backbone (a meta pass)
+    dim = rows.features[0].shape[-1] if rows.features else cfg.resolve().dim
+    return write_part(cache, name, prov, source, rows, info, (len(cfg.views), dim), cfg.weights.path, classes)

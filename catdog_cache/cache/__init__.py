@@ -13,6 +13,7 @@ from .format import (
     Provenance,
     Rows,
     encode_path,
+    merge_classes,
     require_same,
 )
 from .layouts import rewrite_features, time_full_read
@@ -25,7 +26,7 @@ from .view import View
 
 __all__ = [
     "CHUNK_ROWS", "CLASS_MAP", "INDEX_SCHEMA", "SCHEMA_VERSION", "BlockReader", "Index", "Provenance", "Rows",
-    "View", "assemble", "compact", "encode_path", "finish", "list_parts", "listed", "locked", "open_cache",
-    "open_h5", "parts_dir", "read_features", "read_index", "remove_cache", "require_same", "rewrite_features",
-    "shards_dir", "time_full_read", "write_part",
+    "View", "assemble", "compact", "encode_path", "finish", "list_parts", "listed", "locked", "merge_classes",
+    "open_cache", "open_h5", "parts_dir", "read_features", "read_index", "remove_cache", "require_same",
+    "rewrite_features", "shards_dir", "time_full_read", "write_part",
 ]

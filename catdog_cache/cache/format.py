@@ -6,7 +6,8 @@ Layout (schema 1), one file, rows sorted by (source, relative path):
   features  [N, V, 4096] float32|float16, chunks of 64 rows, uncompressed
   paths     [N] variable-length bytes: the relative path exactly as the file system spells it
   source    [N] uint16 index into attrs["sources"]
-  labels    [N] int8: 0 cat, 1 dog, -1 unlabeled
+  labels    [N] int8: an index into class_map ({"cat": 0, "dog": 1} for cat/dog; {} when no folder had labels),
+            -1 unlabeled
   sha256    [N] 64-char hex of the file's bytes
   failures/{paths, source, sha256, reasons}: files that could not be decoded, with the reason
 
@@ -27,7 +28,7 @@ from ..errors import CacheError, ProvenanceMismatch
 SCHEMA_VERSION = 1  # a file of rows: a single-file cache, or one shard of a sharded cache
 INDEX_SCHEMA = 2  # a sharded cache's index (shards.py): the shard list and the cache-level attributes
 CHUNK_ROWS = 64  # 64 rows: 1 MiB at 4096-d float32 (320 KiB at 1280-d): large sequential reads, cheap streaming
-CLASS_MAP = {"cat": 0, "dog": 1}
+CLASS_MAP = {"cat": 0, "dog": 1}  # the Kaggle classes; any labeled image folder records its own (discover.class_names)
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,11 @@ class Index:
     dtype: str
     weights_path: str = ""  # where the --weights FILE was when extracted (its sha256 is in the provenance)
     incomplete: list[str] = field(default_factory=list)  # sources whose last extract was interrupted (Ctrl-C)
+    classes: list[str] = field(default_factory=lambda: list(CLASS_MAP))  # label i means classes[i]
+
+    @property
+    def labeled(self) -> bool:
+        return bool((self.labels >= 0).any())
 
     def keys(self) -> list[tuple[str, bytes]]:
         return [(self.sources[s], p) for s, p in zip(self.source.tolist(), self.paths, strict=True)]
@@ -118,6 +124,21 @@ class Index:
         known = {p: sha for (s, p), sha in zip(self.keys(), self.sha256, strict=True) if s == source}
         known |= {p: sha for s, p, sha, _ in self.failed if self.sources[s] == source and sha}
         return known
+
+
+def merge_classes(inputs: list[tuple[list[str], bool]], where: str) -> list[str]:
+    """The classes of a cache assembled from inputs [(classes, holds labeled rows)]: those holding labels must name
+    the same classes in the same order (extract maps a folder's labels onto the cache's classes before writing);
+    the others' lists mean nothing. Labels index the list: merging two orders would silently relabel rows."""
+    labeled = [c for c, has in inputs if has]
+    for c in labeled[1:]:
+        if c != labeled[0]:
+            raise CacheError(f"{where}: the parts label with different classes ({', '.join(labeled[0])} vs "
+                             f"{', '.join(c)}); refusing to merge them")
+    if labeled:
+        return labeled[0]
+    named = [c for c, _ in inputs if c]
+    return named[-1] if named else []
 
 
 def encode_path(rel: str) -> bytes:

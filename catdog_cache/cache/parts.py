@@ -39,13 +39,14 @@ _STR = h5py.string_dtype("utf-8")
 def _write(f: h5py.File, prov: Provenance, sources: list[str], features: np.ndarray | tuple[int, ...],
            paths: list[bytes], source: np.ndarray, labels: np.ndarray, sha256: list[str],
            failed: list[tuple[int, bytes, str, str]], versions: dict[str, str], weights_path: str = "",
-           incomplete: list[str] | None = None) -> h5py.Dataset:
+           incomplete: list[str] | None = None, classes: list[str] | tuple[str, ...] = tuple(CLASS_MAP)
+           ) -> h5py.Dataset:
     f.attrs["schema_version"] = SCHEMA_VERSION
     if incomplete:
         f.attrs["incomplete"] = json.dumps(incomplete)
     f.attrs["weights_path"] = weights_path
     f.attrs["provenance"] = prov.to_json()
-    f.attrs["class_map"] = json.dumps(CLASS_MAP)
+    f.attrs["class_map"] = json.dumps({c: i for i, c in enumerate(classes)})  # label i means classes[i]
     f.attrs["sources"] = json.dumps(sources)
     f.attrs["versions"] = json.dumps(versions)
     shape = features if isinstance(features, tuple) else features.shape
@@ -72,7 +73,8 @@ def parts_dir(cache: Path) -> Path:
 
 
 def write_part(cache: Path, name: str, prov: Provenance, source: str, rows: Rows, versions: dict[str, str],
-               feature_shape: tuple[int, int], weights_path: str = "") -> Path:
+               feature_shape: tuple[int, int], weights_path: str = "",
+               classes: list[str] | tuple[str, ...] = tuple(CLASS_MAP)) -> Path:
     """Write rows as one complete shard file. The HDF5 image is built in memory and written with plain file I/O, so
     a full disk is an OSError we can report (HDF5 itself may crash on ENOSPC) and the temp file is removed."""
     folder = shards_folder(cache, create=True)
@@ -85,7 +87,7 @@ def write_part(cache: Path, name: str, prov: Provenance, source: str, rows: Rows
         _write(f, prov, [source], feats, rows.paths, np.zeros(n, np.uint16), np.array(rows.labels, np.int8),
                rows.sha256, [(0, p, s, r) for p, s, r in
                              zip(rows.failed_paths, rows.failed_sha256, rows.failed_reasons, strict=True)], versions,
-               weights_path)
+               weights_path, classes=classes)
         f.flush()
         image = f.id.get_file_image()
     return write_atomic(folder / f"{name}.h5", image)

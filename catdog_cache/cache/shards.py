@@ -32,8 +32,8 @@ import numpy as np
 
 from ..errors import CacheError
 from ..files import fsync_dir, printable, require_space, temp_beside
-from .format import CLASS_MAP, INDEX_SCHEMA, SCHEMA_VERSION, Index, Provenance
-from .validate import _attr, _index, _rows, _vlen_bytes, open_h5, schema_of
+from .format import INDEX_SCHEMA, SCHEMA_VERSION, Index, Provenance
+from .validate import _attr, _index, _rows, _vlen_bytes, open_h5, parse_classes, schema_of
 from .view import Tombstone, View, merge, shard_index
 
 SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.h5")  # a plain file name: no '/', no leading '.'
@@ -81,6 +81,7 @@ class State:
     retired: list[str] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)
     weights_path: str = ""
+    classes: list[str] | None = None  # the index's class_map (None: a writer's state; merge decides)
 
 
 def _names(ds: h5py.Dataset, path: Path, size: int) -> list[str]:
@@ -104,6 +105,7 @@ def read_state(f: h5py.File, path: Path) -> State:
         incomplete = json.loads(_attr(f, "incomplete")) if "incomplete" in f.attrs else []
         if not isinstance(incomplete, list) or not all(isinstance(x, str) and x in sources for x in incomplete):
             raise ValueError("incomplete is not a list of its source folders")
+        classes = parse_classes(_attr(f, "class_map"))
         shape = json.loads(_attr(f, "feature_shape"))
         if not (isinstance(shape, list) and len(shape) == 2 and all(type(x) is int for x in shape)
                 and 1 <= shape[0] <= 16 and 1 <= shape[1] <= 1 << 20):
@@ -142,7 +144,7 @@ def read_state(f: h5py.File, path: Path) -> State:
     return State(prov, (shape[0], shape[1]), sources, names, rows, sizes,
                  [Tombstone(sources[s], p, b) for s, p, b in zip(t_src.tolist(), t_paths, t_before.tolist(),
                                                                  strict=True)],
-                 retired, incomplete, weights_path)
+                 retired, incomplete, weights_path, classes)
 
 
 def state_view(cache: Path, state: State, check_prov: bool = True) -> View:
@@ -172,7 +174,7 @@ def state_view(cache: Path, state: State, check_prov: bool = True) -> View:
         sizes.append(st.st_size)
     view = merge(shards, state.sources, state.tombstones, state.prov, state.feature_shape,
                  state.weights_path or next((i.weights_path for _, i in shards if i.weights_path), ""),
-                 state.incomplete, cache, check_prov)
+                 state.incomplete, cache, check_prov, state.classes if check_prov else None)
     view.shard_bytes = sizes
     return view
 
@@ -254,7 +256,7 @@ def write_index(cache: Path, state: State, view: View, versions: dict[str, str])
             f.attrs["incomplete"] = json.dumps(idx.incomplete)
         f.attrs["weights_path"] = idx.weights_path
         f.attrs["provenance"] = state.prov.to_json()
-        f.attrs["class_map"] = json.dumps(CLASS_MAP)
+        f.attrs["class_map"] = json.dumps({c: i for i, c in enumerate(idx.classes)})  # the shards' merged classes
         f.attrs["sources"] = json.dumps(idx.sources)
         f.attrs["versions"] = json.dumps(versions)
         f.attrs["feature_shape"] = json.dumps([v, d])
@@ -341,7 +343,7 @@ def write_merged(out: Path, view: View, prov: Provenance, versions: dict[str, st
     require_space(out.parent, int(np.prod(idx.shape)) * np.dtype(prov.dtype).itemsize + 200 * n + 2**20, out)
     with h5py.File(out, "w") as f:
         ds = _write(f, prov, idx.sources, tuple(idx.shape), idx.paths, idx.source.astype(np.uint16), idx.labels,
-                    idx.sha256, idx.failed, versions, idx.weights_path, idx.incomplete)
+                    idx.sha256, idx.failed, versions, idx.weights_path, idx.incomplete, idx.classes)
         for lo in range(0, n, block):
             ds[lo : lo + block] = view.read(lo, lo + block, view=None, dtype=prov.dtype)  # [b, V, D]
 

@@ -16,6 +16,20 @@ from .format import CHUNK_ROWS, INDEX_SCHEMA, SCHEMA_VERSION, Index, Provenance
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MAX_VIEWS, MAX_DIM = 16, 1 << 20  # sanity bounds on a cache's declared shape
+MAX_CLASSES, MAX_CLASS_NAME = 127, 255  # int8 labels; a folder name (as discover's bounds)
+
+
+def parse_classes(text: object) -> list[str]:
+    """class_map {name: index}: at most 127 classes (int8 labels), names non-empty strings of at most 255
+    characters, indices exactly 0..K-1 (ints, not bools). Returns the names in index order."""
+    data = json.loads(text)  # a str or bytes scalar (checked by _attr); anything else raises TypeError
+    if not isinstance(data, dict) or len(data) > MAX_CLASSES:
+        raise ValueError(f"class_map is not a mapping of at most {MAX_CLASSES} classes")
+    if not all(isinstance(k, str) and 0 < len(k) <= MAX_CLASS_NAME for k in data):
+        raise ValueError("class_map has an empty, overlong or non-text class name")
+    if not all(type(v) is int for v in data.values()) or sorted(data.values()) != list(range(len(data))):
+        raise ValueError("class_map indices are not 0..K-1")
+    return sorted(data, key=data.__getitem__)
 
 
 @contextlib.contextmanager
@@ -188,6 +202,7 @@ def _index(f: h5py.File, path: Path) -> Index:
         incomplete = json.loads(_attr(f, "incomplete")) if "incomplete" in f.attrs else []
         if not isinstance(incomplete, list) or not all(isinstance(x, str) and x in sources for x in incomplete):
             raise ValueError("incomplete is not a list of its source folders")
+        classes = parse_classes(_attr(f, "class_map"))
         if "failures" not in f or not isinstance(f.get("failures", getlink=True), h5py.HardLink):
             raise ValueError("no failures group")
         fail = f["failures"]
@@ -216,13 +231,15 @@ def _index(f: h5py.File, path: Path) -> Index:
             dtype=str(feats.dtype),
             weights_path=str(_attr(f, "weights_path")) if "weights_path" in f.attrs else "",
             incomplete=incomplete,
+            classes=classes,
         )
     except CacheError:
         raise
     except (KeyError, ValueError, TypeError, OSError, UnicodeDecodeError) as e:
         raise CacheError(f"{path} is damaged ({printable(str(e))}): delete it and extract again") from None
-    if len(labels) and not np.isin(labels, (-1, 0, 1)).all():
-        raise CacheError(f"{path} holds labels outside -1 (unlabeled), 0 (cat), 1 (dog): refusing it")
+    if len(labels) and (labels.min() < -1 or labels.max() >= len(classes)):
+        raise CacheError(f"{path} holds labels outside -1 (unlabeled) and its {len(classes)} classes "
+                         f"({printable(', '.join(classes)[:200]) or 'none'}): refusing it")
     used = np.concatenate([source, np.array([s for s, *_ in index.failed], np.int64)])
     if len(used) and (used.min() < 0 or used.max() >= len(sources)):
         raise CacheError(f"{path} has rows pointing at source folders it does not list: refusing it")

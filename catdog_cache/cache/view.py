@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import CacheError
 from ..files import printable
-from .format import Index, Provenance, require_same
+from .format import Index, Provenance, merge_classes, require_same
 from .validate import _index, open_h5
 
 MAX_OPEN = 64  # shard files held open at once by one reader
@@ -117,10 +117,16 @@ def _keys(paths: list[bytes]) -> np.ndarray:
 
 def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list[Tombstone], prov: Provenance,
           feature_shape: tuple[int, int], weights_path: str, incomplete: list[str], where: Path,
-          check_prov: bool = True) -> View:
+          check_prov: bool = True, classes: list[str] | None = None) -> View:
     """Shards (validated, in order) -> the View. `sources` is the cache's folder list; a shard folder it lacks is a
-    crafted or damaged index (check_prov False: a writer adding shards extends it in order, as assemble did)."""
+    crafted or damaged index (check_prov False: a writer adding shards extends it in order, as assemble did).
+    Each shard keeps its own class_map; the cache's classes are merged as assemble merges them (labeled shards must
+    agree). `classes`: what the index recorded, which must be that merge (a crafted class_map would relabel rows)."""
     sources = list(sources)
+    merged_classes = merge_classes([(idx.classes, idx.labeled) for _, idx in shards], str(where))
+    if classes is not None and classes != merged_classes:
+        raise CacheError(f"{where} records the classes {printable(', '.join(classes))[:200]!r}, its shards label "
+                         f"with {printable(', '.join(merged_classes))[:200]!r}: refusing a crafted cache")
     src_parts, key_parts, lab_parts, sha_parts, path_parts, rows_of = [], [], [], [], [], []
     for path, idx in shards:
         if check_prov:
@@ -210,6 +216,7 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
         dtype=prov.dtype,
         weights_path=weights_path,
         incomplete=[s for s in sources if s in incomplete],
+        classes=merged_classes,
     )
     return View(index, [p for p, _ in shards], rows_of, np.append(starts, len(final)).astype(np.int64), fs[starts],
                 fr[starts])

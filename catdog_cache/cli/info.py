@@ -45,11 +45,14 @@ def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_defa
         shard_bytes = view.shard_bytes if sharded else []
     parts = len(list_parts(cache, clean=False))  # a killed extract's shards: the next extract lists them
     labels = idx.labels.tolist()
+    classes = idx.classes or ["cat", "dog"]  # a cache without labeled folders reads as before classes were recorded
     prov = json.loads(idx.provenance.to_json())
     prov["transform"] = json.loads(prov["transform"])  # an object in JSON, not a string inside it
     summary = {
         "cache": str(cache), "rows": idx.shape[0], "views": idx.shape[1], "dim": idx.shape[2],
-        "dtype": idx.dtype, "cat": labels.count(0), "dog": labels.count(1), "unlabeled": labels.count(-1),
+        "dtype": idx.dtype, **({"cat": labels.count(0), "dog": labels.count(1)} if classes == ["cat", "dog"]
+                               else {}), "unlabeled": labels.count(-1),
+        "classes": {c: labels.count(i) for i, c in enumerate(classes)},
         "failed": len(idx.failed), "size_bytes": cache.stat().st_size + sum(shard_bytes), "sources": idx.sources,
         "provenance": prov, "incomplete": idx.incomplete, "unassembled_parts": parts,
         "layout": "sharded" if sharded else "single file", "shards": len(shard_bytes), "index_bytes":
@@ -64,9 +67,14 @@ def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_defa
         return
     t = Table(show_header=False, title=escape(printable(str(cache))))
     t.add_row("rows", f"{summary['rows']:,} x {summary['views']} view(s) x {summary['dim']:,}")
-    for k in ("cat", "dog", "unlabeled", "failed"):
-        share = f" ({summary[k] / summary['rows']:.0%})" if summary["rows"] and k != "failed" else ""
-        t.add_row(k, f"{summary[k]:,}{share}")
+    counts = {**summary["classes"], "unlabeled": summary["unlabeled"]}
+    if len(counts) > 21:  # a long list of classes in one row: the table stays readable, --json has the counts
+        shown = ", ".join(f"{printable(c)} {n:,}" for c, n in list(summary["classes"].items())[:20])
+        t.add_row("classes", escape(f"{len(summary['classes'])}: {shown}, …"))
+        counts = {"unlabeled": summary["unlabeled"]}
+    for k, n in [*counts.items(), ("failed", summary["failed"])]:
+        share = f" ({n / summary['rows']:.0%})" if summary["rows"] and k != "failed" else ""
+        t.add_row(escape(printable(k)), f"{n:,}{share}")
     t.add_row("size", f"{summary['size_bytes'] / 2**20:.1f} MiB")
     if sharded:  # immutable shards + a small index (catdog-cache compact merges them)
         t.add_row("shards", f"{len(shard_bytes):,} ({min(shard_bytes) / 2**20:.1f}-{max(shard_bytes) / 2**20:.1f} MiB "
