@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import shutil
 from pathlib import Path
 
 import h5py
@@ -13,7 +14,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from catdog_cache.backbone import WeightsSpec
-from catdog_cache.cache import read_index
+from catdog_cache.cache import assemble, compact, listed, read_features, read_index
 from catdog_cache.errors import CacheError, InputError
 from catdog_cache.extract import ExtractConfig, extract
 from catdog_cache.fit import FitConfig, fit
@@ -57,6 +58,39 @@ def test_unlabeled_then_labeled_cache_takes_the_folder_classes(tmp_path, test_di
     assert read_index(tmp_path / "f.h5").classes == ["ant", "bee", "cow"]
 
 
+def test_classes_of_sharded_compacted_and_single_file_caches_agree(tmp_path, test_dir):
+    """Each shard keeps its own class_map; the index records their merge, as assemble's single file does."""
+    cache = tmp_path / "f.h5"
+    extract(test_dir, cache, TINY)  # an unlabeled shard first: it names no class
+    extract(three_classes(tmp_path / "d"), cache, TINY)
+    draw(tmp_path / "more" / "cow" / "9.jpg", "cat", 99)
+    extract(tmp_path / "more", cache, TINY)  # a shard of one class, mapped onto the cache's ids
+    assert listed(cache)[0] == 2 and len(listed(cache)[1].names) == 3
+    sharded = read_index(cache)
+    assert sharded.classes == ["ant", "bee", "cow"] and sharded.labeled
+    with h5py.File(cache) as f:
+        assert json.loads(f.attrs["class_map"]) == {"ant": 0, "bee": 1, "cow": 2}
+    assert sharded.labels[[p == b"cow/9.jpg" for p in sharded.paths]].tolist() == [2]
+    # the same parts assembled into one schema-1 file: the same classes, labels and features
+    folder = tmp_path / "one"
+    folder.mkdir()
+    for name in listed(cache)[1].names:
+        shutil.copy(cache.with_name("f.h5.shards") / name, folder / name)
+    single = tmp_path / "single.h5"
+    folder.rename(single.with_name("single.h5.parts"))
+    one = assemble(single, sharded.provenance, {}, dim=sharded.shape[2])
+    compact(cache, {})
+    for other in (one, read_index(cache)):
+        assert other.classes == sharded.classes and other.labels.tolist() == sharded.labels.tolist()
+        assert other.paths == sharded.paths
+    np.testing.assert_array_equal(read_features(single), read_features(cache))
+    compact(cache, {}, single=True)
+    assert listed(cache)[0] == 1 and read_index(cache).classes == ["ant", "bee", "cow"]
+    # an unlabeled cache has no classes in any layout
+    extract(test_dir, tmp_path / "u.h5", TINY)
+    assert read_index(tmp_path / "u.h5").classes == [] and not read_index(tmp_path / "u.h5").labeled
+
+
 @pytest.mark.parametrize("class_map", ['{"a": 0, "b": 2}', '{"a": true, "b": 1}', '[1, 2]', '{"": 0}',
                                        json.dumps({f"c{i}": i for i in range(128)}), json.dumps({"x" * 256: 0})])
 def test_crafted_class_map_refused(tmp_path, kaggle_dir, class_map):
@@ -69,10 +103,16 @@ def test_crafted_class_map_refused(tmp_path, kaggle_dir, class_map):
 
 def test_labels_beyond_the_classes_refused(tmp_path, kaggle_dir):
     extract(kaggle_dir, tmp_path / "f.h5", TINY)
-    with h5py.File(tmp_path / "f.h5", "a") as f:
+    with h5py.File(tmp_path / "f.h5", "a") as f:  # a sharded cache's index: its class_map is its shards' merge
+        f.attrs["class_map"] = '{"cat": 0}'
+    with pytest.raises(CacheError, match="records the classes 'cat', its shards label with 'cat, dog'"):
+        read_index(tmp_path / "f.h5")
+    extract(kaggle_dir, tmp_path / "g.h5", TINY)
+    compact(tmp_path / "g.h5", {}, single=True)  # a single file (the layout of every shard)
+    with h5py.File(tmp_path / "g.h5", "a") as f:
         f.attrs["class_map"] = '{"cat": 0}'
     with pytest.raises(CacheError, match="labels outside -1 .* its 1 classes"):
-        read_index(tmp_path / "f.h5")
+        read_index(tmp_path / "g.h5")
 
 
 def test_fit_predict_k_classes(tmp_path):
