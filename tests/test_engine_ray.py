@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from catdog_cache.backbone import parse_weights
-from catdog_cache.cache import list_parts, parts_dir, read_features, read_index
+from catdog_cache.cache import list_parts, listed, parts_dir, read_features, read_index
 from catdog_cache.errors import CacheError, InputError
 from catdog_cache.extract import ExtractConfig, Known, extract
 from catdog_cache.shardwork import folder_shards, markers_dir, read_marker, shard_done
@@ -94,6 +94,7 @@ def test_killed_worker_process_is_retried_without_loss_or_duplicates(ray, data, 
     r = run(data, cache)
     assert all(f.exists() for f in flags)  # both kills happened
     assert (r.shards_run, r.extracted, len(r.failed)) == (5, 18, 1)
+    assert len(listed(cache)[1].names) == 6  # shard 3's first part too, under its own name: superseded rows
     assert_same(reference, cache)
 
 
