@@ -68,18 +68,21 @@ def open_h5(path: Path, mode: str = "r") -> Iterator[h5py.File]:
 
 def _dataset(f: h5py.Group, name: str, path: Path) -> h5py.Dataset:
     """A dataset stored in this file: no links elsewhere, no external raw storage, no virtual mapping, no filters.
-    Otherwise a crafted cache could make extract copy any readable file (or a bomb) into the next cache."""
-    link = f.get(name, getlink=True)
-    if link is None:
+    Otherwise a crafted cache could make extract copy any readable file (or a bomb) into the next cache.
+    One link lookup and one creation property list per dataset: opening a cache of thousands of shards does this
+    for every column of every shard."""
+    bname = name.encode()
+    if not f.id.links.exists(bname):
         raise CacheError(f"{path} is damaged (no {name!r}): delete it and extract again")
-    if not isinstance(link, h5py.HardLink):
+    if f.id.links.get_info(bname).type != h5py.h5l.TYPE_HARD:
         raise CacheError(f"{path}: {name!r} is a link to another object or file; refusing a crafted cache")
-    ds = f[name]
-    if not isinstance(ds, h5py.Dataset):
+    oid = h5py.h5o.open(f.id, bname)
+    if not isinstance(oid, h5py.h5d.DatasetID):
         raise CacheError(f"{path} is damaged ({name!r} is not a dataset): delete it and extract again")
-    if ds.external or ds.is_virtual or ds.id.get_create_plist().get_nfilters():
+    dcpl = oid.get_create_plist()
+    if dcpl.get_external_count() or dcpl.get_layout() == h5py.h5d.VIRTUAL or dcpl.get_nfilters():
         raise CacheError(f"{path}: {name!r} uses external, virtual or filtered storage; refusing a crafted cache")
-    return ds
+    return h5py.Dataset(oid)
 
 
 def schema_of(f: h5py.File, path: Path) -> int:
@@ -156,13 +159,15 @@ def _vlen_bytes(ds: h5py.Dataset, path: Path, size: int) -> int:
     return total
 
 
-def _attr(f: h5py.File, name: str) -> object:
-    """One scalar attribute (an array of variable-length strings could point every element at one large object)."""
-    if name not in f.attrs:
+def _attr(f: h5py.File | h5py.AttributeManager, name: str) -> object:
+    """One scalar attribute (an array of variable-length strings could point every element at one large object).
+    `f` may be a file's AttributeManager, fetched once by a caller reading several."""
+    attrs = f if isinstance(f, h5py.AttributeManager) else f.attrs
+    if name not in attrs:
         raise KeyError(f"no attribute {name!r}")
-    if f.attrs.get_id(name).shape != ():
+    if attrs.get_id(name).shape != ():
         raise ValueError(f"attribute {name!r} is not a single value")
-    return f.attrs[name]
+    return attrs[name]
 
 
 def _check_chunks(feats: h5py.Dataset, path: Path) -> None:
@@ -195,14 +200,15 @@ def _index(f: h5py.File, path: Path) -> Index:
         raise CacheError(f"{path} declares {n} rows of features that a {size}-byte file cannot hold: refusing it")
     _check_chunks(feats, path)
     try:
-        prov = Provenance.from_json(_attr(f, "provenance"), str(path))
-        sources = json.loads(_attr(f, "sources"))
+        attrs = f.attrs  # one AttributeManager for every attribute read below
+        prov = Provenance.from_json(_attr(attrs, "provenance"), str(path))
+        sources = json.loads(_attr(attrs, "sources"))
         if not isinstance(sources, list) or not all(isinstance(x, str) for x in sources):
             raise ValueError("sources is not a list of folders")
-        incomplete = json.loads(_attr(f, "incomplete")) if "incomplete" in f.attrs else []
+        incomplete = json.loads(_attr(attrs, "incomplete")) if "incomplete" in attrs else []
         if not isinstance(incomplete, list) or not all(isinstance(x, str) and x in sources for x in incomplete):
             raise ValueError("incomplete is not a list of its source folders")
-        classes = parse_classes(_attr(f, "class_map"))
+        classes = parse_classes(_attr(attrs, "class_map"))
         if "failures" not in f or not isinstance(f.get("failures", getlink=True), h5py.HardLink):
             raise ValueError("no failures group")
         fail = f["failures"]
@@ -229,7 +235,7 @@ def _index(f: h5py.File, path: Path) -> Index:
                             strict=True)),
             shape=tuple(feats.shape),
             dtype=str(feats.dtype),
-            weights_path=str(_attr(f, "weights_path")) if "weights_path" in f.attrs else "",
+            weights_path=str(_attr(attrs, "weights_path")) if "weights_path" in attrs else "",
             incomplete=incomplete,
             classes=classes,
         )

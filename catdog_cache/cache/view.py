@@ -12,6 +12,8 @@ case, so reading logical rows [lo, hi) is one slice per run."""
 
 from __future__ import annotations
 
+import bisect
+import operator
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -111,8 +113,14 @@ class View:
         self._open.clear()
 
 
-def _keys(paths: list[bytes]) -> np.ndarray:
-    return np.array(paths, dtype=bytes) if paths else np.zeros(0, "S1")  # [n] fixed-width: numpy compares bytes
+def _increasing(src: np.ndarray, paths: list[bytes]) -> bool:
+    """Keys (src[i], paths[i]) strictly increasing: numpy on the folders, one C-level pass over the paths (no
+    fixed-width copy of them: N x the longest path would be gigabytes at 10M rows with one long name)."""
+    if len(paths) < 2:
+        return True
+    ds = np.diff(src)  # [n-1]
+    lt = np.fromiter(map(operator.lt, paths[:-1], paths[1:]), bool, len(paths) - 1)  # [n-1] path[i] < path[i+1]
+    return bool(((ds > 0) | ((ds == 0) & lt)).all())
 
 
 def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list[Tombstone], prov: Provenance,
@@ -127,7 +135,7 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
     if classes is not None and classes != merged_classes:
         raise CacheError(f"{where} records the classes {printable(', '.join(classes))[:200]!r}, its shards label "
                          f"with {printable(', '.join(merged_classes))[:200]!r}: refusing a crafted cache")
-    src_parts, key_parts, lab_parts, sha_parts, path_parts, rows_of = [], [], [], [], [], []
+    src_parts, lab_parts, sha_parts, path_parts, rows_of = [], [], [], [], []
     for path, idx in shards:
         if check_prov:
             if idx.provenance != prov:
@@ -145,38 +153,37 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
                 sources.append(s)
         pos = np.array([sources.index(s) for s in idx.sources], np.int64)
         src_parts.append(pos[idx.source] if len(idx.source) else np.zeros(0, np.int64))
-        key_parts.append(_keys(idx.paths))
         lab_parts.append(idx.labels)
-        sha_parts.append(np.array(idx.sha256, dtype=object))
-        path_parts.append(np.array(idx.paths, dtype=object))
+        sha_parts.append(idx.sha256)
+        path_parts.append(idx.paths)
         rows_of.append(idx.shape[0])
     if len(sources) > np.iinfo(np.uint16).max:
         raise CacheError(f"{where} would hold {len(sources)} source folders; the schema allows 65,535")
     n_all = sum(rows_of)
     src = np.concatenate(src_parts) if src_parts else np.zeros(0, np.int64)  # [n_all]
-    key = np.concatenate(key_parts) if key_parts else np.zeros(0, "S1")  # [n_all]
+    key = [p for part in path_parts for p in part]  # [n_all] the paths, concatenated (references, no copy)
     shard_of = np.repeat(np.arange(len(shards)), rows_of)  # [n_all]
     row_of = np.concatenate([np.arange(n) for n in rows_of]) if rows_of else np.zeros(0, np.int64)
     # common case: keys already strictly increasing by (source, path) across the shards: no sort at all
-    if n_all < 2 or bool(((src[1:] > src[:-1]) | ((src[1:] == src[:-1]) & (key[1:] > key[:-1]))).all()):
+    ident = _increasing(src, key)
+    if ident:
         order = np.arange(n_all)
     else:  # per folder, a stable sort (earlier shard first among equal keys), then the last of each key wins
         order_parts = []
         for s in np.unique(src).tolist():
-            sel = np.flatnonzero(src == s)
-            o = sel[np.argsort(key[sel], kind="stable")]
-            k = key[o]
-            last = np.ones(len(o), bool)
-            last[:-1] = k[1:] != k[:-1]
-            order_parts.append(o[last])
+            sel = np.flatnonzero(src == s).tolist()
+            o = sorted(sel, key=key.__getitem__)  # timsort, stable: linear for a few sorted runs
+            last = [a for a, b in zip(o, o[1:], strict=False) if key[a] != key[b]] + o[-1:]
+            order_parts.append(np.array(last, np.int64))
         order = np.concatenate(order_parts) if order_parts else np.zeros(0, np.int64)
-    s_sorted, k_sorted = src[order], key[order]
+    s_sorted = src[order]
+    k_sorted = [key[i] for i in order.tolist()] if not ident else key  # sorted paths within each folder
 
     def find(s: int, p: bytes) -> int:
         """Position in `order` of key (s, p), or -1."""
-        lo, hi = np.searchsorted(s_sorted, s, "left"), np.searchsorted(s_sorted, s, "right")
-        j = lo + int(np.searchsorted(k_sorted[lo:hi], np.bytes_(p)))
-        return j if j < hi and k_sorted[j] == np.bytes_(p) else -1
+        lo, hi = int(np.searchsorted(s_sorted, s, "left")), int(np.searchsorted(s_sorted, s, "right"))
+        j = bisect.bisect_left(k_sorted, p, lo, hi)
+        return j if j < hi and k_sorted[j] == p else -1
 
     keep = np.ones(len(order), bool)
     failed: dict[tuple[str, bytes], tuple[int, str, str]] = {}  # key -> (shard, sha, reason); later wins
@@ -199,6 +206,7 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
         if (t.source, t.path) in failed and failed[(t.source, t.path)][0] < t.before:
             del failed[(t.source, t.path)]
     final = order[keep]  # [N] positions in the concatenated shards, logical order
+    sha = [h for part in sha_parts for h in part]  # [n_all]
     fs, fr = shard_of[final], row_of[final]
     brk = np.ones(len(final), bool)
     brk[1:] = (fs[1:] != fs[:-1]) | (fr[1:] != fr[:-1] + 1)
@@ -208,9 +216,9 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
         provenance=prov,
         sources=sources,
         source=src[final].astype(np.int64),
-        paths=np.concatenate(path_parts)[final].tolist() if path_parts else [],
+        paths=[key[i] for i in final.tolist()] if not (ident and len(final) == n_all) else key,
         labels=(np.concatenate(lab_parts)[final] if lab_parts else np.zeros(0, np.int64)).astype(np.int8),
-        sha256=np.concatenate(sha_parts)[final].tolist() if sha_parts else [],
+        sha256=[sha[i] for i in final.tolist()] if not (ident and len(final) == n_all) else sha,
         failed=[(src_id[k[0]], k[1], sha, reason) for k, (_, sha, reason) in sorted(failed.items())],
         shape=(len(final), *feature_shape),
         dtype=prov.dtype,
