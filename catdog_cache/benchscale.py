@@ -1,0 +1,142 @@
+"""`bench --only scale`: a head streamed from a large synthetic sharded cache (issue 18 item 4).
+
+Per size: a sharded cache of N x 1280 float16 rows written with the cache's own writer (shards of --shard-rows),
+labels from a fixed linear rule so the head has something to learn; then, in a fresh process each, the open time
+(index + every shard validated), the RSS the open index holds, and a streamed fit under --max-memory: seconds per
+epoch, us/row, peak RSS. At the smallest size two budgets must give the same head, bit for bit. The synthetic
+cache is deleted after each size (at 10M rows it is 25.6 GB)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+Row = tuple[str, str, str]
+DIM = 1280
+POOL = 65_536  # distinct random rows drawn once; each shard gathers from them (drawing 10M x 1280 normals is minutes)
+
+
+def synthetic_sharded(cache: Path, rows: int, shard_rows: int = 1024, seed: int = 0) -> float:
+    """A sharded cache of `rows` x 1 x 1280 float16, paths `{i:09d}.jpg`, label = [x . w > 0] for a fixed w.
+    Returns the seconds spent finishing (adopting every shard into the index)."""
+    from .backbone import IMAGENET
+    from .cache import Provenance, Rows, finish, write_part
+
+    prov = Provenance("synthetic", "pool", "random:seed=0", IMAGENET.spec(), "center", "float16", "fp32")
+    rng = np.random.default_rng(seed)
+    pool = rng.normal(0, 1, (POOL, 1, DIM)).astype(np.float16)  # [P, 1, D]
+    w = rng.normal(0, 1, DIM).astype(np.float32)  # [D] the rule the head can learn
+    pool_y = (pool[:, 0, :].astype(np.float32) @ w > 0).astype(np.int64)  # [P]
+    for j, s in enumerate(range(0, rows, shard_rows)):
+        n = min(shard_rows, rows - s)
+        pick = rng.integers(0, POOL, n)  # [n]
+        write_part(cache, f"part-{j:09d}-0-000000", prov, "/synthetic",
+                   Rows(features=list(pool[pick]), paths=[f"{s + i:09d}.jpg".encode() for i in range(n)],
+                        labels=pool_y[pick].tolist(), sha256=["0" * 64] * n), {}, (1, DIM))
+    t = time.perf_counter()
+    finish(cache, prov, {}, dim=DIM)
+    return time.perf_counter() - t
+
+
+CHILD = """
+import json, sys, time
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+from catdog_cache.cache import open_cache
+from catdog_cache.fit import FitConfig, fit
+open("/proc/self/clear_refs", "w").write("5")  # peak (VmHWM) from here: after the imports
+base = status("VmRSS")
+t = time.perf_counter()
+with open_cache(sys.argv[1]) as (view, index):
+    opened = time.perf_counter() - t
+    index_rss = status("VmRSS") - base
+del view, index
+r = fit(sys.argv[1], sys.argv[2], FitConfig(epochs=int(sys.argv[3])), max_memory=sys.argv[4], curve=False)
+print(json.dumps({"open_s": opened, "index_rss": index_rss, "base_rss": base, "peak_rss": status("VmHWM"),
+                  "streamed": r.streamed, "load_s": r.load_seconds, "epoch_s": [h.seconds for h in r.history],
+                  "val_acc": r.val_acc, "n_train": r.n_train, "n_val": r.n_val}))
+"""
+
+
+def fit_child(cache: Path, head: Path, epochs: int, budget: str) -> dict:
+    """One open + streamed fit in a fresh process (its RSS is this measurement's alone)."""
+    out = subprocess.run([sys.executable, "-c", CHILD, str(cache), str(head), str(epochs), budget], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def same_head(a: Path, b: Path) -> bool:
+    from .head import load_head
+
+    (ha, _), (hb, _) = load_head(a), load_head(b)
+    sa, sb = ha.state_dict(), hb.state_dict()
+    return sa.keys() == sb.keys() and all(bool((sa[k] == sb[k]).all()) for k in sa)
+
+
+def run(sizes: list[int], log: Callable[[Row], None], budget: str = "256M", shard_rows: int = 1024,
+        epochs: int = 2, folder: Path | None = None, budgets: tuple[str, str] = ("64M", "512M")) -> list[Row]:
+    from .files import require_space
+
+    out: list[Row] = []
+
+    def add(what: str, value: str, note: str = "") -> None:
+        out.append((what, value, note))
+        log(out[-1])
+
+    base = None
+    for k, n in enumerate(sizes):
+        tmp = Path(tempfile.mkdtemp(prefix="catdog-scale-", dir=folder))
+        try:
+            require_space(tmp, n * DIM * 2 + 200 * n + 2**30, tmp / "features.h5")
+            cache = tmp / "features.h5"
+            t = time.perf_counter()
+            finish_s = synthetic_sharded(cache, n, shard_rows)
+            shards = -(-n // shard_rows)
+            add(f"scale {n:,} rows: write {shards:,} shards", f"{time.perf_counter() - t:.1f} s",
+                f"finishing (index over every shard) {finish_s:.1f} s")
+            r = fit_child(cache, tmp / "h.pt", epochs, budget)
+            per_epoch = sum(r["epoch_s"]) / len(r["epoch_s"])
+            us = per_epoch / r["n_train"] * 1e6
+            base = base or us
+            add(f"scale {n:,} rows: open", f"{r['open_s']:.2f} s",
+                f"{r['open_s'] / shards * 1e3:.2f} ms/shard; index holds {r['index_rss'] / 2**20:.0f} MiB RSS")
+            add(f"scale {n:,} rows: streamed fit --max-memory {budget}", f"{us:.2f} us/row",
+                f"{per_epoch:.1f} s/epoch over {r['n_train']:,} training rows ({us / base:.2f}x the first size); "
+                f"val acc {r['val_acc']:.3f}; streamed {r['streamed']}")
+            add(f"scale {n:,} rows: peak RSS", f"{r['peak_rss'] / 2**20:.0f} MiB",
+                f"after imports {r['base_rss'] / 2**20:.0f} MiB + index {r['index_rss'] / 2**20:.0f} MiB + budget "
+                f"{budget}: growth {(r['peak_rss'] - r['base_rss']) / 2**20:.0f} MiB")
+            if k == 0:
+                heads = []
+                for b in budgets:
+                    heads.append(tmp / f"h-{b}.pt")
+                    fit_child(cache, heads[-1], epochs, b)
+                add(f"scale {n:,} rows: head at --max-memory {budgets[0]} vs {budgets[1]}",
+                    "identical" if same_head(*heads) else "DIFFERENT", "state_dict compared bit for bit")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m catdog_cache.benchscale 100000,1000000 [budget] [shard_rows] [folder]"""
+    argv = sys.argv[1:] if argv is None else argv
+    sizes = [int(x) for x in argv[0].split(",")]
+    run(sizes, lambda r: print(f"  {r[0]:<56} {r[1]:>12}  {r[2]}", flush=True), *(argv[1:2] or ["256M"]),
+        *([int(argv[2])] if len(argv) > 2 else []), folder=Path(argv[3]) if len(argv) > 3 else None)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
