@@ -138,7 +138,10 @@ def test_streaming_fit_learns_within_budget(tmp_path, cli):
         assert s.capacity == 2  # 1 MiB chunks (64 rows x 4096 float32): the floor of two in memory
         rows = torch.tensor([5, 690, 64, 3])
         torch.testing.assert_close(s(rows), torch.from_numpy(read_features_np(tmp_path / "c.h5")[rows.numpy()]))
-        assert len(s._chunks) <= s.capacity
+        assert len(s._slots) <= s.capacity  # three chunks through two slots: one chunk at a time
+        rows = torch.tensor([699, 5, 690, 7])  # two chunks: one gather from the slots
+        torch.testing.assert_close(s(rows), torch.from_numpy(read_features_np(tmp_path / "c.h5")[rows.numpy()]))
+        assert sorted(s._slots) == [0, 10]
     r = cli("fit", "--cache", tmp_path / "c.h5", "--max-memory", "lots", ok=False)
     assert r.exit_code == 1 and "--max-memory" in r.output
 

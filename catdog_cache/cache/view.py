@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import CacheError
 from ..files import printable
-from .format import Index, Provenance, merge_classes, require_same
+from .format import CHUNK_ROWS, Index, Provenance, merge_classes, require_same
 from .validate import _index, open_h5
 
 MAX_OPEN = 64  # shard files held open at once by one reader
@@ -52,6 +52,7 @@ class View:
     shard_bytes: list[int] = field(default_factory=list)  # size of each shard file when the view was built
     _open: OrderedDict[int, h5py.File] = field(default_factory=OrderedDict)
     _owned: dict[int, h5py.File] = field(default_factory=dict)  # handles given by the caller: never closed here
+    _scratch: dict[str, np.ndarray] = field(default_factory=dict)  # stored dtype -> a reused read buffer
 
     @property
     def rows(self) -> int:
@@ -90,12 +91,16 @@ class View:
             self._open.move_to_end(i)
         return f
 
-    def read(self, lo: int, hi: int, view: int | None = 0, dtype: np.dtype | str | None = np.float32) -> np.ndarray:
-        """Logical rows [lo, hi): [n, D] for one view, [n, V, D] for view=None; float32 unless dtype says."""
+    def read(self, lo: int, hi: int, view: int | None = 0, dtype: np.dtype | str | None = np.float32,
+             out: np.ndarray | None = None) -> np.ndarray:
+        """Logical rows [lo, hi): [n, D] for one view, [n, V, D] for view=None; float32 unless dtype says.
+        `out`: an array of that shape and dtype to fill (a streamed fit's reused slots: a fresh 320 KiB array per
+        chunk is a fresh mmap, and its page faults cost more than the read on this VM)."""
         hi = min(hi, self.rows)
         n = max(hi - lo, 0)
         _, v, d = self.index.shape
-        out = np.empty((n, d) if view is not None else (n, v, d), dtype=dtype or self.index.dtype)
+        if out is None:
+            out = np.empty((n, d) if view is not None else (n, v, d), dtype=dtype or self.index.dtype)
         for i, r0, start, length in self.runs(lo, hi):
             ds = self.handle(i)["features"]
             o = out[start - lo : start - lo + length]
@@ -103,6 +108,12 @@ class View:
                 o[...] = ds[r0 : r0 + length]
             elif v == 1 and ds.dtype == o.dtype:  # straight into the output: no temporary (the common case)
                 ds.read_direct(o.reshape(length, 1, d), np.s_[r0 : r0 + length])
+            elif v == 1:  # float16 on disk: into a reused buffer, converted by numpy (HDF5's own conversion is slow)
+                buf = self._scratch.get(ds.dtype.str)
+                if buf is None or len(buf) < length:
+                    buf = self._scratch[ds.dtype.str] = np.empty((max(length, CHUNK_ROWS), 1, d), ds.dtype)
+                ds.read_direct(buf[:length], np.s_[r0 : r0 + length])
+                o[...] = buf[:length, 0]
             else:
                 o[...] = ds[r0 : r0 + length, view, :]
         return out

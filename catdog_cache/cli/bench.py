@@ -26,7 +26,13 @@ def bench_cmd(
     backbones: str = typer.Option("", "--backbones", show_default="vgg16; the table: vgg16,efficientnet_lite0",
                                   help="Backbones for the extract rows, comma-separated."),
     markdown: bool = typer.Option(False, "--markdown", help="Also print a README-ready table."),
-    only: str = typer.Option("", "--only", help="'pipeline': only the extract-pipeline rows."),
+    only: str = typer.Option("", "--only", help="'pipeline': only the extract-pipeline rows; 'scale': only a head "
+                             "streamed from large synthetic sharded caches (--scale-rows)."),
+    scale_rows: str = typer.Option("100000,1000000", "--scale-rows", help="--only scale: synthetic cache sizes "
+                                   "(rows of 1280-d float16; 10M rows take 25.6 GB of disk, deleted afterwards)."),
+    scale_budget: str = typer.Option("256M", "--scale-budget", help="--only scale: fit's --max-memory."),
+    scale_dir: Path | None = typer.Option(None, "--scale-dir", show_default="the temp folder",
+                                          help="--only scale: where the synthetic caches are written."),
     pipeline: int = typer.Option(1000, "--pipeline-images", help="Drawn 500x375 JPEGs for the extract-pipeline "
                                  "rows (with --data: its images instead; 0 skips the rows)."),
     workers: int = typer.Option(-1, "--workers", help="Decode workers for the pipeline rows (-1: extract's default)."),
@@ -51,8 +57,8 @@ def bench_cmd(
     from ..bench import run
 
     check_device(device)
-    if only not in ("", "pipeline"):
-        raise CatdogError(f"--only: expected pipeline, got {only!r}")
+    if only not in ("", "pipeline", "scale"):
+        raise CatdogError(f"--only: expected pipeline or scale, got {only!r}")
     out.print(f"bench on {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {date.today()}")
     try:
         sizes = [int(x) for x in stream.split(",") if x.strip()]
@@ -65,7 +71,22 @@ def bench_cmd(
     if repeats < 0:
         raise CatdogError(f"--repeats must be at least 1 (or 0 for auto), got {repeats}")
     names = [b.strip() for b in backbones.split(",") if b.strip()]
-    table = [] if only else run(data, limit, rows, log, sizes, names or ["vgg16"])
+    if only == "scale":
+        from .. import benchscale
+        from ..fit.data import parse_size
+
+        try:
+            scale = [int(x) for x in scale_rows.split(",") if x.strip()]
+        except ValueError:
+            raise CatdogError(f"--scale-rows: expected comma-separated row counts, got {scale_rows!r}") from None
+        if not scale or min(scale) < 1000:
+            raise CatdogError(f"--scale-rows: give row counts of at least 1000, got {scale_rows!r}")
+        parse_size(scale_budget)  # a bad size is one line here, not a child's traceback
+        table = benchscale.run(scale, log, scale_budget, folder=scale_dir)
+        pipeline = 0
+    else:
+        table = []
+    table += [] if only else run(data, limit, rows, log, sizes, names or ["vgg16"])
     if pipeline and (table_rows or device.startswith("cuda")):
         table += benchpipe.table(data, pipeline, log, device, names or None, workers, batch_size, repeats or 1)
     elif pipeline:
