@@ -85,7 +85,7 @@ def same_head(a: Path, b: Path) -> bool:
 
 
 def run(sizes: list[int], log: Callable[[Row], None], budget: str = "256M", shard_rows: int = 1024,
-        epochs: int = 2, folder: Path | None = None, budgets: tuple[str, str] = ("64M", "512M")) -> list[Row]:
+        epochs: int = 1, folder: Path | None = None, budgets: tuple[str, str] = ("64M", "512M")) -> list[Row]:
     from .files import require_space
 
     out: list[Row] = []

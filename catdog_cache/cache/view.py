@@ -53,6 +53,7 @@ class View:
     _open: OrderedDict[int, h5py.File] = field(default_factory=OrderedDict)
     _owned: dict[int, h5py.File] = field(default_factory=dict)  # handles given by the caller: never closed here
     _scratch: dict[str, np.ndarray] = field(default_factory=dict)  # stored dtype -> a reused read buffer
+    _feats: dict[int, h5py.Dataset] = field(default_factory=dict)  # open shard -> its features (one lookup per open)
 
     @property
     def rows(self) -> int:
@@ -77,7 +78,9 @@ class View:
         f = self._open.get(i)
         if f is None:
             if len(self._open) >= MAX_OPEN:
-                self._open.popitem(last=False)[1].close()
+                j, old = self._open.popitem(last=False)
+                self._feats.pop(j, None)
+                old.close()
             try:
                 f = h5py.File(self.shards[i], "r")  # validated when the view was built; shards are immutable
             except OSError:
@@ -102,7 +105,11 @@ class View:
         if out is None:
             out = np.empty((n, d) if view is not None else (n, v, d), dtype=dtype or self.index.dtype)
         for i, r0, start, length in self.runs(lo, hi):
-            ds = self.handle(i)["features"]
+            ds = self._feats.get(i) if i in self._open or i in self._owned else None
+            if ds is None:
+                ds = self._feats[i] = self.handle(i)["features"]
+            else:
+                self.handle(i)  # most recently used
             o = out[start - lo : start - lo + length]
             if view is None:
                 o[...] = ds[r0 : r0 + length]
@@ -122,6 +129,7 @@ class View:
         for f in self._open.values():
             f.close()
         self._open.clear()
+        self._feats.clear()
 
 
 def _increasing(src: np.ndarray, paths: list[bytes]) -> bool:
