@@ -46,7 +46,7 @@ from .pipeline import (
     worker_init,
 )
 from .preprocess import DECODERS, MAX_FILE_BYTES, VIEWS, decoder_of
-from .shards import is_shard_input
+from .shardspec import is_shard_input
 
 PART_ROWS = 1024
 PART_SECONDS = 120.0
