@@ -82,7 +82,9 @@ class View:
                 self._feats.pop(j, None)
                 old.close()
             try:
-                f = h5py.File(self.shards[i], "r")  # validated when the view was built; shards are immutable
+                # validated when the view was built; shards are immutable. No chunk cache: each chunk is read once
+                # per epoch, whole, into its slot (64 open shards x 1 MiB of cache would be budget spent on nothing)
+                f = h5py.File(self.shards[i], "r", rdcc_nbytes=0)
             except OSError:
                 raise CacheError(f"{self.shards[i]} vanished or changed while reading (a compact or a new extract?):"
                                  " run again") from None
