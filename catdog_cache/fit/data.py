@@ -88,6 +88,8 @@ class Streamed:
         self._slab_np = self._slab.numpy()  # the same memory: chunks are read straight into their slot
         self._view = f
         self._slots: OrderedDict[int, int] = OrderedDict()  # chunk -> slot, least recently used first
+        self._out: dict[int, torch.Tensor] = {}  # batch size -> reused result (as Gather: a fresh one per step
+        # fragmented the heap: RSS grew by about a batch per step until the epoch ended, 3.5 GB at 1M rows)
 
     def slot(self, c: int) -> int:
         s = self._slots.get(c)
@@ -112,7 +114,11 @@ class Streamed:
         ids_l = ids.tolist()
         if len(ids_l) <= self.capacity:  # the common case: every chunk of the batch held at once
             slots = torch.tensor([self.slot(c) for c in ids_l], dtype=torch.long)  # [U]
-            return torch.index_select(self._slab, 0, slots[inv] * CHUNK_ROWS + rows % CHUNK_ROWS)  # [B, D]
+            out = self._out.get(len(rows))
+            if out is None:
+                out = self._out[len(rows)] = torch.empty(len(rows), self.reader.dim)  # [B, D]
+            # valid until the next call with as many rows (as Gather's)
+            return torch.index_select(self._slab, 0, slots[inv] * CHUNK_ROWS + rows % CHUNK_ROWS, out=out)
         out = torch.empty(len(rows), self.reader.dim)  # [B, D]: a tiny budget, one chunk at a time
         for j, c in enumerate(ids_l):
             sel = torch.nonzero(inv == j).flatten()

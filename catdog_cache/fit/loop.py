@@ -121,7 +121,12 @@ def train(features_of: Features, labels: torch.Tensor, train_rows: torch.Tensor,
     try:
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.perf_counter()
-            losses, seen, n = [], [], 0  # per-step results, reduced once per epoch (fewer small ops per step)
+            # per-step sums kept on the training device, read once per epoch (an int() per step would wait for a
+            # device); accumulated in place: a list of small per-step tensors fragmented the heap between the
+            # step's large temporaries, and RSS grew with the rows of the epoch (a streamed 1M-row fit: GBs)
+            loss_sum = torch.zeros((), device=labels_on.device)
+            correct_t = torch.zeros((), dtype=torch.long, device=labels_on.device)
+            n = 0
             for rows, rows_on in epoch_batches(train_rows, cfg.batch_size, g_order, device):
                 x, y = feed(rows, rows_on), labels_on[rows_on]  # [B, D], [B]
                 logits = head(x, masks)  # [B, K]
@@ -129,14 +134,11 @@ def train(features_of: Features, labels: torch.Tensor, train_rows: torch.Tensor,
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                losses.append(loss.detach())  # the mean over the batch; weighted by its size below
-                seen.append((logits.detach(), y))
+                loss_sum.add_(loss.detach(), alpha=len(rows))  # the batch mean, weighted by its size
+                correct_t.add_((logits.detach().argmax(1) == y).sum())
                 n += len(rows)
-            sizes = torch.tensor([len(y) for _, y in seen], dtype=torch.float32, device=labels_on.device)  # [steps]
-            train_loss = (torch.stack(losses) * sizes).sum().item() / max(n, 1) if losses else float("nan")
-            # one count per epoch, not per step: each int() would wait for a device
-            correct = int((torch.cat([lg for lg, _ in seen]).argmax(1) == torch.cat([y for _, y in seen])).sum()
-                          ) if seen else 0
+            train_loss = loss_sum.item() / n if n else float("nan")
+            correct = int(correct_t)
             if not math.isfinite(train_loss):  # checked once per epoch: NaN propagates, it cannot hide
                 raise Diverged(f"training diverged at epoch {epoch} (loss {train_loss}): lower --lr; no head saved")
             val_loss, val_acc, _ = evaluate(head, features_of, labels, val_rows)
