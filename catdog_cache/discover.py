@@ -6,8 +6,12 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 CLASSES: tuple[str, ...] = ("cat", "dog")  # class id = index: cat=0, dog=1, whatever else the folder holds
 UNLABELED = -1
@@ -31,6 +35,18 @@ class Discovery:
     samples: list[Sample]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (rel, reason)
     warnings: list[str] = field(default_factory=list)
+    # [len(samples), 4] int64: each sample's (size, mtime_ns, inode, device) as the walk saw it, links followed. A
+    # rerun compares it with what the cache recorded (rerun.py): the walk's stat is the only one taken per file.
+    stat: np.ndarray | None = None
+
+    def keep(self, rels: set[str]) -> None:
+        """Restrict the samples (and their stats) to these relative paths."""
+        import numpy as np
+
+        mask = [s.rel in rels for s in self.samples]
+        self.samples = [s for s, m in zip(self.samples, mask, strict=True) if m]
+        if self.stat is not None:
+            self.stat = self.stat[np.array(mask, dtype=bool).reshape(-1)]
 
     def subfolder_hint(self) -> str:
         """For "no images found": a parent of the image folders was probably given."""
@@ -45,10 +61,14 @@ def _is_junk(name: str) -> bool:
     return name.startswith(".") or name.lower() in JUNK_NAMES
 
 
-def _walk(root: Path, skipped: list[tuple[str, str]]) -> list[str]:
-    """All regular files under root (relative POSIX paths), skipping junk; symlinks to files are followed once,
-    symlinked folders are not entered (no loops, no double counting)."""
+Stat = tuple[int, int, int, int]  # (size, mtime_ns, inode, device)
+
+
+def _walk(root: Path, skipped: list[tuple[str, str]]) -> dict[str, Stat]:
+    """All regular files under root (relative POSIX path -> stat), skipping junk; symlinks to files are followed
+    once, symlinked folders are not entered (no loops, no double counting)."""
     found: dict[tuple[int, int], tuple[str, bool]] = {}  # (dev, inode) -> (rel, via symlink): each file once
+    stats: dict[tuple[int, int], Stat] = {}
     seen_dirs: set[tuple[int, int]] = set()
 
     def visit(folder: Path, rel: str) -> None:
@@ -92,11 +112,12 @@ def _walk(root: Path, skipped: list[tuple[str, str]]) -> list[str]:
                 skipped.append((sub, f"same file as {kept}"))
                 continue
             found[key] = (sub, link)
+            stats[key] = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
 
     pending: list[tuple[Path, str]] = [(root, "")]  # an explicit stack: any depth, no RecursionError
     while pending:
         visit(*pending.pop())
-    return sorted(rel for rel, _ in found.values())
+    return {rel: stats[key] for key, (rel, _) in found.items()}
 
 
 def _has_image_suffix(rel: str) -> bool:
@@ -119,7 +140,8 @@ def discover(root: str | os.PathLike[str]) -> Discovery:
     root = folder(root)
     skipped: list[tuple[str, str]] = []
     warnings: list[str] = []
-    files = _walk(root, skipped)
+    seen = _walk(root, skipped)
+    files = sorted(seen)
 
     top_dirs = {f.split("/", 1)[0] for f in files if "/" in f}
     class_dirs = {d for d in top_dirs if d.lower() in CLASSES}
@@ -152,7 +174,10 @@ def discover(root: str | os.PathLike[str]) -> Discovery:
             layout = "unlabeled"
             samples = [Sample(f, UNLABELED) for f in flat]
     samples.sort(key=lambda s: s.rel)
-    return Discovery(root, layout, samples, skipped, warnings)
+    import numpy as np  # here, not at import: the CLI checks folders before loading anything heavy
+
+    stat = np.array([seen[s.rel] for s in samples], dtype=np.int64).reshape(-1, 4)
+    return Discovery(root, layout, samples, skipped, warnings, stat)
 
 
 def _kaggle_label(name: str) -> int:

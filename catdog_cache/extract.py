@@ -13,15 +13,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import __version__
 from .backbone import DEFAULT_BACKBONE, Backbone, Preset, WeightsSpec, check_device, get_backbone, resolve_device
-from .cache import Provenance, Rows, assemble, encode_path, list_parts, locked, read_index, write_part
+from .cache import (
+    UNKNOWN_STAT,
+    Provenance,
+    Refresh,
+    Rows,
+    assemble,
+    encode_path,
+    list_parts,
+    locked,
+    read_index,
+    recorded,
+    write_part,
+)
 from .discover import Discovery, Sample, discover
 from .distributed import Dist, from_env
 from .errors import CacheBusy, CatdogError, InputError, Interrupted, ProvenanceMismatch
-from .files import sha256_regular
 from .pipeline import (
     Batch,
     Encoded,
@@ -33,7 +45,8 @@ from .pipeline import (
     extract_threads,
     worker_init,
 )
-from .preprocess import DECODERS, MAX_FILE_BYTES, VIEWS, decoder_of
+from .preprocess import DECODERS, VIEWS, decoder_of
+from .rerun import same_content, sha256_file, verdicts  # noqa: F401 (same_content, sha256_file: their old home)
 
 PART_ROWS = 1024
 PART_SECONDS = 120.0
@@ -87,18 +100,6 @@ def versions() -> dict[str, str]:
 
     return {"catdog_cache": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "h5py": h5py.__version__}
-
-
-def sha256_file(path: Path) -> str:
-    return sha256_regular(path, MAX_FILE_BYTES)
-
-
-def same_content(path: Path, sha: str) -> bool:
-    """Whether the file still hashes to `sha`; unreadable or too large now is 'changed' (extract records why)."""
-    try:
-        return sha256_file(path) == sha
-    except (OSError, ValueError):
-        return False
 
 
 def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.nn.Module | None = None,
@@ -183,6 +184,7 @@ class ExtractReport:
     found: int
     extracted: int = 0
     reused: int = 0
+    hashed: int = 0  # known files read to decide whether they changed (the others were decided by their stat)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (rel, reason) this run
     failed_before: list[tuple[str, str]] = field(default_factory=list)  # unchanged files an earlier run could not use
     skipped: list[tuple[str, str]] = field(default_factory=list)  # discovery skips
@@ -196,16 +198,19 @@ class ExtractReport:
 
 def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg: ExtractConfig,
             progress: Progress | None = None, prune: bool = False, strict: bool = False,
-            only: set[str] | None = None, model: torch.nn.Module | None = None) -> ExtractReport:
+            only: set[str] | None = None, model: torch.nn.Module | None = None, checksum: bool = False
+            ) -> ExtractReport:
     """Cache features for every image of a folder that the cache does not already hold with the same content.
-    `only` restricts the run to these relative paths; `model` reuses an already built backbone."""
+    `only` restricts the run to these relative paths; `model` reuses an already built backbone. Known files are
+    decided by their stat where it proves them unchanged (rerun.py), all by hashing with `checksum`."""
     t0 = time.perf_counter()
     cfg.check()
     spelled = Path(cache)
     cache = spelled.resolve()  # a symlinked cache is updated where it points; one lock however it is spelled
+    scan_ns = time.time_ns()  # before the walk: every stat it takes, and every read after it, is newer
     disc = discover(data_dir)
     if only is not None:
-        disc.samples = [s for s in disc.samples if s.rel in only]
+        disc.keep(only)
     if not disc.samples:
         raise InputError(f"no images found in {data_dir}" + (f" ({len(disc.skipped)} files skipped)"
                                                               if disc.skipped else "") + disc.subfolder_hint())
@@ -219,13 +224,20 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
     dist = from_env(cfg.device)
     with _lock_once(cache, dist):
         had_cache = cache.exists()
-        todo, drop = _plan(disc, source, cache, prov, report, prune, progress, dist)
+        if dist:  # the earliest rank's scan start: older than every rank's walk
+            scan_ns = min(dist.gather(scan_ns))
+        plan = _plan(disc, source, cache, prov, report, prune, progress, dist, checksum, scan_ns)
+        todo, drop = [disc.samples[i] for i in plan.todo], plan.drop
         if dist:
             dist.barrier()  # all ranks have planned (and cleared stale temp parts) before any writes a part
-        mine = dist.shard(todo) if dist else todo  # each rank a contiguous slice; parts are its resume units
+        if plan.refresh is not None and (dist is None or dist.main):  # a part older than this run's rows
+            write_part(cache, f"part-{scan_ns:020d}-{os.getpid()}-refresh", prov, source, Rows(refresh=plan.refresh),
+                       versions(), plan.shape, cfg.weights.path, scan_ns)
+        mine = dist.shard(plan.todo) if dist else plan.todo  # each rank a contiguous slice; parts are its resume units
         if mine:
-            _extract_parts(disc.root, source, mine, cache, cfg, prov, report, progress, model,
-                           tag=f"-r{dist.rank:04d}" if dist else "")
+            assert disc.stat is not None
+            _extract_parts(disc.root, source, [disc.samples[i] for i in mine], cache, cfg, prov, report, progress,
+                           model, tag=f"-r{dist.rank:04d}" if dist else "", stat=disc.stat[mine], scan_ns=scan_ns)
         if dist:  # every rank's parts are on disk before one rank assembles them
             gathered = dist.gather((report.extracted, report.failed))
             if dist.main:
@@ -294,11 +306,20 @@ def _lock_once(cache: Path, dist: Dist | None) -> Iterator[None]:
         yield
 
 
+@dataclass
+class Plan:
+    todo: list[int]  # indices into disc.samples: new or changed files
+    drop: set[tuple[str, bytes]]  # deleted files' keys (with --prune)
+    refresh: Refresh | None = None  # known files found unchanged by hashing, with the stat this run saw
+    shape: tuple[int, ...] = ()  # the cache's [V, D]: a refresh part's (empty) features match it
+
+
 def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: ExtractReport, prune: bool,
-          progress: Progress | None, dist: Dist | None = None) -> tuple[list[Sample], set[tuple[str, bytes]]]:
-    """What this run must extract (new or changed files) and drop (deleted files, with --prune). Under torchrun
-    each rank hashes a slice of the already-known files and the ranks share the verdicts."""
-    known: dict[bytes, str] = {}  # relative path -> sha256 already extracted (or failed) for this source
+          progress: Progress | None, dist: Dist | None = None, checksum: bool = False, scan_ns: int = 0) -> Plan:
+    """What this run must extract (new or changed files) and drop (deleted files, with --prune). Known files are
+    unchanged when their stat says so, else when their hash does (rerun.py). Under torchrun each rank decides a
+    slice of the already-known files (by its own walk's stats) and the ranks share the verdicts."""
+    indexes = []
     reasons: dict[bytes, str] = {}  # relative path -> why an earlier run could not use it (resume skips it)
     old_paths: set[bytes] = set()
     for path in ([cache] if cache.exists() else []) + list_parts(cache):
@@ -312,31 +333,37 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
                                      f"file for these settings (e.g. --cache {suggestion}), or leave out the options "
                                      "that differ: adding to a cache uses its own settings "
                                      f"({matching_flags(idx.provenance)})")
-        here = idx.known(source)
-        known |= here
+        indexes.append(idx)
         rows = {p for s, p in zip(idx.source.tolist(), idx.paths, strict=True) if idx.sources[s] == source}
         old_paths |= rows if path == cache else set()
         reasons = {p: why for p, why in reasons.items() if p not in rows}  # a later part holds it as a row: fixed
-        reasons |= {p: why for s, p, _, why in idx.failed if idx.sources[s] == source and p in here and p not in rows}
+        reasons |= {p: why for s, p, sha, why in idx.failed if idx.sources[s] == source and sha and p not in rows}
+    known = recorded(indexes, source)  # relative path -> (sha256, stat) already extracted (or failed)
     candidates = [i for i, s in enumerate(disc.samples) if encode_path(s.rel) in known]
-    mine = dist.shard(candidates) if dist else candidates
-    unchanged: set[int] = set()
-    for n, i in enumerate(mine):
-        if progress and (n % 256 == 0 or n == len(mine) - 1):
-            progress("hash", n + 1, len(mine))
-        if same_content(disc.root / disc.samples[i].rel, known[encode_path(disc.samples[i].rel)]):
-            unchanged.add(i)
+    found = verdicts(disc, known, dist.shard(candidates) if dist else candidates, scan_ns, checksum, progress)
     if dist:
-        unchanged = set().union(*dist.gather(unchanged))
-    todo = [s for i, s in enumerate(disc.samples) if i not in unchanged]
+        shared = dist.gather((found.unchanged, found.refresh, found.hashed))
+        found.unchanged = set().union(*(u for u, _, _ in shared))
+        found.refresh = {i: st for _, r, _ in shared for i, st in r.items()}
+        found.hashed = sum(h for _, _, h in shared)
+    unchanged = found.unchanged
+    todo = [i for i in range(len(disc.samples)) if i not in unchanged]
     report.reused = len(disc.samples) - len(todo)
+    report.hashed = found.hashed
     # --strict must see these too: skipped as known, they are still unusable files of the folder
     report.failed_before = [(disc.samples[i].rel, reasons[encode_path(disc.samples[i].rel)]) for i in sorted(unchanged)
                             if encode_path(disc.samples[i].rel) in reasons]
     present = {encode_path(s.rel) for s in disc.samples}
     report.removed = sorted(os.fsdecode(p) for p in old_paths - present)
     report.pruned = prune and bool(report.removed)
-    return todo, ({(source, encode_path(r)) for r in report.removed} if prune else set())
+    plan = Plan(todo, {(source, encode_path(r)) for r in report.removed} if prune else set())
+    if found.refresh:
+        keys = sorted(found.refresh)
+        paths = [encode_path(disc.samples[i].rel) for i in keys]
+        plan.refresh = Refresh(np.zeros(len(keys), np.int64), paths, [known[p][0] for p in paths],
+                               np.array([found.refresh[i] for i in keys], np.int64).reshape(-1, 4))
+        plan.shape = indexes[-1].shape[1:]
+    return plan
 
 
 def matching_flags(prov: Provenance) -> str:
@@ -351,8 +378,11 @@ def matching_flags(prov: Provenance) -> str:
 
 def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg: ExtractConfig,
                    prov: Provenance, report: ExtractReport, progress: Progress | None,
-                   model: torch.nn.Module | None = None, tag: str = "") -> None:
+                   model: torch.nn.Module | None = None, tag: str = "", stat: np.ndarray | None = None,
+                   scan_ns: int = 0) -> None:
+    """Extract `todo` into parts; `stat` [len(todo), 4]: their stats as this run's walk (after `scan_ns`) saw them."""
     rels = [s.rel for s in todo]
+    stats = stat.tolist() if stat is not None else [list(UNKNOWN_STAT)] * len(todo)
     run_id = f"{time.time_ns():020d}-{os.getpid()}{tag}"
     n_parts = 0
     delay = float(os.environ.get("CATDOG_BATCH_DELAY", "0"))  # test hook: slow a run down to kill it midway
@@ -369,10 +399,12 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
             rows.failed_paths += [encode_path(rels[i]) for i, _, _ in failures]
             rows.failed_sha256 += [sha for _, sha, _ in failures]
             rows.failed_reasons += [reason for _, _, reason in failures]
+            rows.stat += [stats[i] for i in idx]
+            rows.failed_stat += [stats[i] for i, _, _ in failures]
         # the feature size from the rows themselves; a part of failures only asks the backbone (a meta pass)
         dim = rows.features[0].shape[-1] if rows.features else cfg.resolve().dim
         write_part(cache, f"part-{run_id}-{n_parts:06d}", prov, source, rows, info, (len(cfg.views), dim),
-                   cfg.weights.path)
+                   cfg.weights.path, scan_ns)
         n_parts += 1
 
     writer = PartWriter(write, cfg.part_rows, PART_SECONDS)

@@ -2,7 +2,19 @@
 (opening and checking hostile files), read (index, features, blocks), parts (crash-safe parts, assembly), lock (one
 writer per cache), layouts (the benchmark's alternative layouts). See format.py for the layout."""
 
-from .format import CHUNK_ROWS, CLASS_MAP, SCHEMA_VERSION, Index, Provenance, Rows, encode_path, require_same
+from .format import (
+    CHUNK_ROWS,
+    CLASS_MAP,
+    SCHEMA_VERSION,
+    UNKNOWN_STAT,
+    Index,
+    Provenance,
+    Refresh,
+    Rows,
+    encode_path,
+    recorded,
+    require_same,
+)
 from .layouts import rewrite_features, time_full_read
 from .lock import locked
 from .parts import assemble, list_parts, parts_dir, write_part
@@ -10,7 +22,7 @@ from .read import BlockReader, open_cache, read_features, read_index
 from .validate import open_h5
 
 __all__ = [
-    "CHUNK_ROWS", "CLASS_MAP", "SCHEMA_VERSION", "BlockReader", "Index", "Provenance", "Rows", "assemble",
-    "encode_path", "list_parts", "locked", "open_cache", "open_h5", "parts_dir", "read_features", "read_index",
-    "require_same", "rewrite_features", "time_full_read", "write_part",
+    "CHUNK_ROWS", "CLASS_MAP", "SCHEMA_VERSION", "UNKNOWN_STAT", "BlockReader", "Index", "Provenance", "Refresh",
+    "Rows", "assemble", "encode_path", "list_parts", "locked", "open_cache", "open_h5", "parts_dir", "read_features",
+    "read_index", "recorded", "require_same", "rewrite_features", "time_full_read", "write_part",
 ]

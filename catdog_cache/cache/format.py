@@ -8,7 +8,13 @@ Layout (schema 1), one file, rows sorted by (source, relative path):
   source    [N] uint16 index into attrs["sources"]
   labels    [N] int8: 0 cat, 1 dog, -1 unlabeled
   sha256    [N] 64-char hex of the file's bytes
+  stat      [N, 4] int64 (optional): the file's (size, mtime_ns, inode, device) when the run saw it; -1 = unknown
   failures/{paths, source, sha256, reasons}: files that could not be decoded, with the reason
+  failures/stat [M, 4] int64 (optional): as `stat`
+  refresh/{source, paths, sha256, stat} (optional, parts only): known files a later run found unchanged by hashing,
+            with their newer stat (assembly folds them into `stat`; see Refresh)
+  attrs     scan_ns (optional int): time.time_ns() when the run that wrote the file started scanning its folder
+Caches written before stats have no `stat` columns and no scan_ns: their files are hashed once (see rerun.py).
 """
 
 from __future__ import annotations
@@ -24,6 +30,25 @@ from ..errors import CacheError, ProvenanceMismatch
 SCHEMA_VERSION = 1
 CHUNK_ROWS = 64  # 64 rows: 1 MiB at 4096-d float32 (320 KiB at 1280-d): large sequential reads, cheap streaming
 CLASS_MAP = {"cat": 0, "dog": 1}
+STAT_FIELDS = ("size", "mtime_ns", "inode", "device")  # the columns of a `stat` row
+UNKNOWN_STAT = (-1, -1, -1, -1)  # no stat recorded (older cache, racy file): never equals a real file's
+# git's racy rule: a file whose mtime is not older than the scan that recorded it may have changed again within the
+# same timestamp tick, so its stat proves nothing. The margin covers coarse timestamps: the kernel's clock for mtimes
+# lags time.time_ns() by up to a tick, some file systems keep whole seconds (ext3, HFS+, many NFS setups) or two
+# (FAT). Cost: files written in the last 2 s before a run are hashed once more by the next one.
+RACY_NS = 2_000_000_000
+
+
+def trusted(stat: np.ndarray, scan_ns: int) -> np.ndarray:
+    """[K, 4] recorded stats -> the same with every racy or unknown row set to UNKNOWN_STAT: a stat is evidence only
+    for a file last modified well before the scan that recorded it."""
+    out = np.array(stat, dtype=np.int64, copy=True).reshape(-1, 4)
+    out[(out[:, 0] < 0) | (out[:, 1] >= scan_ns - RACY_NS)] = UNKNOWN_STAT
+    return out
+
+
+def unknown_stats(n: int) -> np.ndarray:
+    return np.full((n, 4), -1, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -83,9 +108,33 @@ class Rows:
     failed_paths: list[bytes] = field(default_factory=list)
     failed_sha256: list[str] = field(default_factory=list)
     failed_reasons: list[str] = field(default_factory=list)
+    stat: list[tuple[int, int, int, int]] = field(default_factory=list)  # per row; empty: unknown
+    failed_stat: list[tuple[int, int, int, int]] = field(default_factory=list)  # per failure; empty: unknown
+    refresh: Refresh | None = None
 
     def __len__(self) -> int:
         return len(self.paths) + len(self.failed_paths)
+
+
+@dataclass
+class Refresh:
+    """Known files that a run found unchanged by hashing (a copy that changed every mtime, a cache older than stats,
+    a racy file), with the stat seen by that run. Recording it lets the next run skip them by stat without rewriting
+    their feature rows: a few dozen bytes per file in a part, where a new row would cost the features again. It
+    applies only to the row (or failure) holding the same sha256, so it can never vouch for other content; the
+    newest stat per key wins, as rows do."""
+
+    source: np.ndarray  # [K] int, index into the file's sources
+    paths: list[bytes]
+    sha256: list[str]
+    stat: np.ndarray  # [K, 4] int64
+
+    @classmethod
+    def empty(cls) -> Refresh:
+        return cls(np.zeros(0, np.int64), [], [], unknown_stats(0))
+
+    def __len__(self) -> int:
+        return len(self.paths)
 
 
 @dataclass
@@ -103,6 +152,14 @@ class Index:
     dtype: str
     weights_path: str = ""  # where the --weights FILE was when extracted (its sha256 is in the provenance)
     incomplete: list[str] = field(default_factory=list)  # sources whose last extract was interrupted (Ctrl-C)
+    stat: np.ndarray | None = None  # [N, 4] int64 as recorded (UNKNOWN_STAT rows where none was); None: all unknown
+    failed_stat: np.ndarray | None = None  # [M, 4] int64, as `stat`
+    scan_ns: int = 0  # when the run that wrote this file started its scan; 0: unknown (every stat is then racy)
+    refresh: Refresh = field(default_factory=Refresh.empty)
+
+    def __post_init__(self) -> None:
+        self.stat = unknown_stats(len(self.paths)) if self.stat is None else self.stat
+        self.failed_stat = unknown_stats(len(self.failed)) if self.failed_stat is None else self.failed_stat
 
     def keys(self) -> list[tuple[str, bytes]]:
         return [(self.sources[s], p) for s, p in zip(self.source.tolist(), self.paths, strict=True)]
@@ -114,6 +171,45 @@ class Index:
         known = {p: sha for (s, p), sha in zip(self.keys(), self.sha256, strict=True) if s == source}
         known |= {p: sha for s, p, sha, _ in self.failed if self.sources[s] == source and sha}
         return known
+
+    def recorded(self, source: str) -> dict[bytes, tuple[str, tuple[int, ...]]]:
+        """As `known`, with each file's trusted stat (UNKNOWN_STAT when racy or not recorded): relative path ->
+        (sha256, (size, mtime_ns, inode, device)). Refresh records are not applied: see `recorded` below."""
+        assert self.stat is not None and self.failed_stat is not None
+        sid = self._source_id(source)
+        if sid is None:
+            return {}
+        rows = np.flatnonzero(self.source == sid).tolist()
+        out = {self.paths[r]: (self.sha256[r], tuple(st))
+               for r, st in zip(rows, trusted(self.stat[rows], self.scan_ns).tolist(), strict=True)}
+        fails = [k for k, (s, _, sha, _) in enumerate(self.failed) if s == sid and sha]
+        out |= {self.failed[k][1]: (self.failed[k][2], tuple(st))
+                for k, st in zip(fails, trusted(self.failed_stat[fails], self.scan_ns).tolist(), strict=True)}
+        return out
+
+    def refreshed(self, source: str) -> list[tuple[bytes, str, tuple[int, ...]]]:
+        """This file's refresh records for folder `source`: (relative path, sha256, trusted stat)."""
+        sid = self._source_id(source)
+        if sid is None:
+            return []
+        mine = np.flatnonzero(self.refresh.source == sid).tolist()
+        return [(self.refresh.paths[k], self.refresh.sha256[k], tuple(st))
+                for k, st in zip(mine, trusted(self.refresh.stat[mine], self.scan_ns).tolist(), strict=True)]
+
+    def _source_id(self, source: str) -> int | None:
+        return self.sources.index(source) if source in self.sources else None
+
+
+def recorded(indexes: list[Index], source: str) -> dict[bytes, tuple[str, tuple[int, ...]]]:
+    """What a cache and its parts (oldest first) record of folder `source`'s files: relative path -> (sha256, trusted
+    stat). Later files win, as in assembly; a refresh record replaces the stat of the entry with its sha256 only."""
+    out: dict[bytes, tuple[str, tuple[int, ...]]] = {}
+    for idx in indexes:
+        out |= idx.recorded(source)
+        for p, sha, st in idx.refreshed(source):
+            if p in out and out[p][0] == sha:  # vouches only for the content it hashed
+                out[p] = (sha, st)
+    return out
 
 
 def encode_path(rel: str) -> bytes:

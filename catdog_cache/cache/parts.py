@@ -17,7 +17,19 @@ import numpy as np
 
 from ..errors import CacheError
 from ..files import fsync_dir, require_space, temp_beside, write_atomic
-from .format import CHUNK_ROWS, CLASS_MAP, SCHEMA_VERSION, Index, Provenance, Rows, require_same
+from .format import (
+    CHUNK_ROWS,
+    CLASS_MAP,
+    SCHEMA_VERSION,
+    UNKNOWN_STAT,
+    Index,
+    Provenance,
+    Refresh,
+    Rows,
+    require_same,
+    trusted,
+    unknown_stats,
+)
 from .read import read_index
 
 _BYTES = h5py.vlen_dtype(bytes)
@@ -27,8 +39,10 @@ _STR = h5py.string_dtype("utf-8")
 def _write(f: h5py.File, prov: Provenance, sources: list[str], features: np.ndarray | tuple[int, ...],
            paths: list[bytes], source: np.ndarray, labels: np.ndarray, sha256: list[str],
            failed: list[tuple[int, bytes, str, str]], versions: dict[str, str], weights_path: str = "",
-           incomplete: list[str] | None = None) -> h5py.Dataset:
+           incomplete: list[str] | None = None, stat: np.ndarray | None = None, failed_stat: np.ndarray | None = None,
+           scan_ns: int = 0, refresh: Refresh | None = None) -> h5py.Dataset:
     f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["scan_ns"] = np.int64(scan_ns)
     if incomplete:
         f.attrs["incomplete"] = json.dumps(incomplete)
     f.attrs["weights_path"] = weights_path
@@ -46,12 +60,29 @@ def _write(f: h5py.File, prov: Provenance, sources: list[str], features: np.ndar
     f.create_dataset("source", data=np.asarray(source, dtype=np.uint16))
     f.create_dataset("labels", data=np.asarray(labels, dtype=np.int8))
     f.create_dataset("sha256", data=np.array(sha256, dtype="S64"))
+    f.create_dataset("stat", data=_stat_column(stat, len(paths)))
     g = f.create_group("failures")
+    g.create_dataset("stat", data=_stat_column(failed_stat, len(failed)))
     g.create_dataset("source", data=np.array([x[0] for x in failed], dtype=np.uint16))
     g.create_dataset("paths", data=np.array([x[1] for x in failed], dtype=object), dtype=_BYTES)
     g.create_dataset("sha256", data=np.array([x[2] for x in failed], dtype="S64"))
     g.create_dataset("reasons", data=np.array([x[3] for x in failed], dtype=object), dtype=_STR)
+    if refresh is not None and len(refresh):
+        r = f.create_group("refresh")
+        r.create_dataset("source", data=np.asarray(refresh.source, dtype=np.uint16))
+        r.create_dataset("paths", data=np.array(refresh.paths, dtype=object), dtype=_BYTES)
+        r.create_dataset("sha256", data=np.array(refresh.sha256, dtype="S64"))
+        r.create_dataset("stat", data=_stat_column(refresh.stat, len(refresh)))
     return ds
+
+
+def _stat_column(stat: np.ndarray | list | None, n: int) -> np.ndarray:
+    """[n, 4] int64, unknown (-1) where the writer was given no stats (rows of a cache older than stats)."""
+    if stat is None or len(stat) == 0:
+        return unknown_stats(n)
+    out = np.asarray(stat, dtype=np.int64).reshape(-1, 4)
+    assert out.shape[0] == n, (out.shape, n)
+    return out
 
 
 def parts_dir(cache: Path) -> Path:
@@ -71,9 +102,10 @@ def _parts_folder(cache: Path, create: bool = False) -> Path | None:
 
 
 def write_part(cache: Path, name: str, prov: Provenance, source: str, rows: Rows, versions: dict[str, str],
-               feature_shape: tuple[int, int], weights_path: str = "") -> Path:
+               feature_shape: tuple[int, ...], weights_path: str = "", scan_ns: int = 0) -> Path:
     """Write rows as one complete part file. The HDF5 image is built in memory and written with plain file I/O, so
-    a full disk is an OSError we can report (HDF5 itself may crash on ENOSPC) and the temp file is removed."""
+    a full disk is an OSError we can report (HDF5 itself may crash on ENOSPC) and the temp file is removed.
+    `scan_ns`: when this run started scanning `source` (rows.stat were taken after it); 0 leaves every stat racy."""
     folder = _parts_folder(cache, create=True)
     assert folder is not None
     feats = np.stack(rows.features) if rows.features else np.zeros((0, *feature_shape), np.float32)
@@ -82,7 +114,8 @@ def write_part(cache: Path, name: str, prov: Provenance, source: str, rows: Rows
         _write(f, prov, [source], feats, rows.paths, np.zeros(n, np.uint16), np.array(rows.labels, np.int8),
                rows.sha256, [(0, p, s, r) for p, s, r in
                              zip(rows.failed_paths, rows.failed_sha256, rows.failed_reasons, strict=True)], versions,
-               weights_path)
+               weights_path, stat=np.array(rows.stat, np.int64), failed_stat=np.array(rows.failed_stat, np.int64),
+               scan_ns=scan_ns, refresh=rows.refresh)
         f.flush()
         image = f.id.get_file_image()
     return write_atomic(folder / f"{name}.h5", image)
@@ -110,6 +143,10 @@ def assemble(cache: Path, prov: Provenance, versions: dict[str, str], drop: set[
     inputs = ([cache] if cache.exists() else []) + parts
     where: dict[tuple[str, bytes], tuple[int, int, int, str]] = {}  # key -> (input, row, label, sha)
     failed: dict[tuple[str, bytes], tuple[str, str]] = {}
+    # key -> trusted stat: each input's racy stats are forgotten here, as its own scan time says, so the merged
+    # file needs one scan time only (the latest: every stat kept is older than its own scan, hence than that one)
+    stats: dict[tuple[str, bytes], tuple[int, ...]] = {}
+    scan_ns = 0
     feature_shape: tuple[int, ...] | None = None
     sources: list[str] = []
     marked: set[str] = set()
@@ -124,13 +161,25 @@ def assemble(cache: Path, prov: Provenance, versions: dict[str, str], drop: set[
         for s in idx.sources:
             if s not in sources:
                 sources.append(s)
-        for row, (key, lab, sha) in enumerate(zip(idx.keys(), idx.labels.tolist(), idx.sha256, strict=True)):
+        scan_ns = max(scan_ns, idx.scan_ns)
+        assert idx.stat is not None and idx.failed_stat is not None
+        for row, (key, lab, sha, st) in enumerate(zip(idx.keys(), idx.labels.tolist(), idx.sha256,
+                                                      trusted(idx.stat, idx.scan_ns).tolist(), strict=True)):
             where[key] = (i, row, lab, sha)
+            stats[key] = tuple(st)
             failed.pop(key, None)
-        for s, p, sha, reason in idx.failed:
+        for (s, p, sha, reason), st in zip(idx.failed, trusted(idx.failed_stat, idx.scan_ns).tolist(), strict=True):
             key = (idx.sources[s], p)
             failed[key] = (sha, reason)
+            stats[key] = tuple(st)
             where.pop(key, None)
+        refresh = idx.refresh
+        for s, p, sha, st in zip(refresh.source.tolist(), refresh.paths, refresh.sha256,
+                                 trusted(refresh.stat, idx.scan_ns).tolist(), strict=True):
+            key = (idx.sources[s], p)
+            held = where[key][3] if key in where else failed[key][0] if key in failed else None
+            if held == sha:  # vouches only for the content it hashed
+                stats[key] = tuple(st)
     for key in drop:
         where.pop(key, None)
         failed.pop(key, None)
@@ -157,7 +206,10 @@ def assemble(cache: Path, prov: Provenance, versions: dict[str, str], drop: set[
                             np.array([src_id[k[0]] for k in order], np.uint16),
                             np.array([where[k][2] for k in order], np.int8), [where[k][3] for k in order],
                             [(src_id[k[0]], k[1], v[0], v[1]) for k, v in sorted(failed.items())], versions,
-                            weights_path, [s for s in sources if s in marked])
+                            weights_path, [s for s in sources if s in marked],
+                            stat=np.array([stats.get(k, UNKNOWN_STAT) for k in order], np.int64),
+                            failed_stat=np.array([stats.get(k, UNKNOWN_STAT) for k in sorted(failed)], np.int64),
+                            scan_ns=scan_ns)
                 for start in range(0, n, block):
                     keys = order[start : start + block]
                     buf = np.empty((len(keys), *shape[1:]), dtype=prov.dtype)  # [b, V, D]
