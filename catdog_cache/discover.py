@@ -74,34 +74,35 @@ def _walk(root: Path, skipped: list[tuple[str, str]]) -> dict[str, Stat]:
     def visit(folder: Path, rel: str) -> None:
         try:
             st = folder.stat()
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            entries = list(os.scandir(folder))  # unsorted: a duplicate's kept name does not depend on order
         except OSError as e:
             skipped.append((rel or ".", f"unreadable folder: {e.strerror or e}"))
             return
         if (st.st_dev, st.st_ino) in seen_dirs:
             return
         seen_dirs.add((st.st_dev, st.st_ino))
-        for entry in entries:
+        for entry in entries:  # the hot loop of every rerun (one per file): DirEntry's cached type, one stat
             name = entry.name
-            sub = f"{rel}/{name}" if rel else name
-            if _is_junk(name):
+            if name[0] == "." or name.lower() in JUNK_NAMES:
                 continue
+            sub = f"{rel}/{name}" if rel else name
             try:
                 if entry.is_dir(follow_symlinks=False):
                     pending.append((Path(entry.path), sub))
                     continue
-                if entry.is_symlink() and Path(entry.path).is_dir():
+                link = entry.is_symlink()
+                if link and Path(entry.path).is_dir():
                     skipped.append((sub, "symlinked folder not followed"))
                     continue
                 st = os.stat(entry.path)  # follows a file symlink; a dangling one raises
-                link = entry.is_symlink()
             except OSError as e:
                 skipped.append((sub, f"unreadable: {e.strerror or e}"))
                 continue
             if not stat.S_ISREG(st.st_mode):
                 skipped.append((sub, "not a regular file"))  # FIFOs, sockets, devices: never opened
                 continue
-            if os.path.splitext(name)[1].lower() in NOT_IMAGE_SUFFIXES:
+            dot = name.rfind(".")  # os.path.splitext's suffix for a name without leading dots
+            if dot > 0 and name[dot:].lower() in NOT_IMAGE_SUFFIXES:
                 continue
             key = (st.st_dev, st.st_ino)
             if key in found:  # keep the real file over a symlink, then the first name in sorted order

@@ -20,6 +20,7 @@ from . import __version__
 from .backbone import DEFAULT_BACKBONE, Backbone, Preset, WeightsSpec, check_device, get_backbone, resolve_device
 from .cache import (
     UNKNOWN_STAT,
+    Index,
     Provenance,
     Refresh,
     Rows,
@@ -248,7 +249,7 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
             try:
                 # a whole-folder run that got here finished its folder: clear an earlier Ctrl-C's "incomplete"
                 report.rows = _finish(cache, prov, report, todo, drop, strict, had_cache, data_dir,
-                                      {source: False} if only is None else {})
+                                      {source: False} if only is None else {}, plan.cache)
             except CatdogError as e:
                 error = e
         if dist:  # the outcome reaches every rank: the assembled cache exists, or all fail with one message
@@ -264,7 +265,8 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
 
 
 def _finish(cache: Path, prov: Provenance, report: ExtractReport, todo: list[Sample], drop: set[tuple[str, bytes]],
-            strict: bool, had_cache: bool, data_dir: str | os.PathLike[str], finished: dict[str, bool]) -> int:
+            strict: bool, had_cache: bool, data_dir: str | os.PathLike[str], finished: dict[str, bool],
+            planned: Index | None = None) -> int:
     """Assemble the parts into the cache (or refuse under --strict); returns the cache's row count."""
     if strict:  # refuse to assemble; parts stay (they may hold an earlier run's saved work)
         failed = report.failed + [f for f in report.failed_before if f not in report.failed]
@@ -275,7 +277,7 @@ def _finish(cache: Path, prov: Provenance, report: ExtractReport, todo: list[Sam
             raise InputError(f"--strict: {len(failed)} files could not be decoded, first {rel!r}: {reason}; "
                              "nothing was added to the cache")
     if not (todo or drop or list_parts(cache)):
-        index = read_index(cache)
+        index = planned or read_index(cache)
         if not set(index.incomplete) & set(finished):
             return index.shape[0]
     index = assemble(cache, prov, versions(), drop, incomplete=finished)
@@ -312,6 +314,7 @@ class Plan:
     drop: set[tuple[str, bytes]]  # deleted files' keys (with --prune)
     refresh: Refresh | None = None  # known files found unchanged by hashing, with the stat this run saw
     shape: tuple[int, ...] = ()  # the cache's [V, D]: a refresh part's (empty) features match it
+    cache: Index | None = None  # the cache's index as planned (a run with nothing to do reads it once)
 
 
 def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: ExtractReport, prune: bool,
@@ -322,7 +325,8 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
     indexes = []
     reasons: dict[bytes, str] = {}  # relative path -> why an earlier run could not use it (resume skips it)
     old_paths: set[bytes] = set()
-    for path in ([cache] if cache.exists() else []) + list_parts(cache):
+    had = cache.exists()
+    for path in ([cache] if had else []) + list_parts(cache):
         idx = read_index(path)
         diffs = idx.provenance.differences(prov, "the cache", "this extract")
         if diffs:
@@ -334,13 +338,15 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
                                      "that differ: adding to a cache uses its own settings "
                                      f"({matching_flags(idx.provenance)})")
         indexes.append(idx)
-        rows = {p for s, p in zip(idx.source.tolist(), idx.paths, strict=True) if idx.sources[s] == source}
+        rows = set(idx.paths) if idx.sources == [source] else \
+            {p for s, p in zip(idx.source.tolist(), idx.paths, strict=True) if idx.sources[s] == source}
         old_paths |= rows if path == cache else set()
         reasons = {p: why for p, why in reasons.items() if p not in rows}  # a later part holds it as a row: fixed
         reasons |= {p: why for s, p, sha, why in idx.failed if idx.sources[s] == source and sha and p not in rows}
     known = recorded(indexes, source)  # relative path -> (sha256, stat) already extracted (or failed)
-    candidates = [i for i, s in enumerate(disc.samples) if encode_path(s.rel) in known]
-    found = verdicts(disc, known, dist.shard(candidates) if dist else candidates, scan_ns, checksum, progress)
+    keys = [encode_path(s.rel) for s in disc.samples]
+    candidates = [i for i, k in enumerate(keys) if k in known]
+    found = verdicts(disc, known, dist.shard(candidates) if dist else candidates, scan_ns, checksum, progress, keys)
     if dist:
         shared = dist.gather((found.unchanged, found.refresh, found.hashed))
         found.unchanged = set().union(*(u for u, _, _ in shared))
@@ -351,17 +357,17 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
     report.reused = len(disc.samples) - len(todo)
     report.hashed = found.hashed
     # --strict must see these too: skipped as known, they are still unusable files of the folder
-    report.failed_before = [(disc.samples[i].rel, reasons[encode_path(disc.samples[i].rel)]) for i in sorted(unchanged)
-                            if encode_path(disc.samples[i].rel) in reasons]
-    present = {encode_path(s.rel) for s in disc.samples}
-    report.removed = sorted(os.fsdecode(p) for p in old_paths - present)
+    report.failed_before = [(disc.samples[i].rel, reasons[keys[i]]) for i in sorted(unchanged)
+                            if keys[i] in reasons] if reasons else []
+    report.removed = sorted(os.fsdecode(p) for p in old_paths.difference(keys))
     report.pruned = prune and bool(report.removed)
     plan = Plan(todo, {(source, encode_path(r)) for r in report.removed} if prune else set())
+    plan.cache = indexes[0] if had else None
     if found.refresh:
-        keys = sorted(found.refresh)
-        paths = [encode_path(disc.samples[i].rel) for i in keys]
-        plan.refresh = Refresh(np.zeros(len(keys), np.int64), paths, [known[p][0] for p in paths],
-                               np.array([found.refresh[i] for i in keys], np.int64).reshape(-1, 4))
+        refreshed = sorted(found.refresh)
+        paths = [keys[i] for i in refreshed]
+        plan.refresh = Refresh(np.zeros(len(paths), np.int64), paths, [known[p][0] for p in paths],
+                               np.array([found.refresh[i] for i in refreshed], np.int64).reshape(-1, 4))
         plan.shape = indexes[-1].shape[1:]
     return plan
 

@@ -40,13 +40,14 @@ def same_content(path: Path, sha: str) -> bool:
         return False
 
 
-def by_stat(disc: Discovery, recorded: Recorded, items: list[int], checksum: bool = False
-            ) -> tuple[list[int], list[int]]:
+def by_stat(disc: Discovery, recorded: Recorded, items: list[int], checksum: bool = False,
+            keys: list[bytes] | None = None) -> tuple[list[int], list[int]]:
     """Known samples (indices into disc.samples) -> (unchanged by stat, to hash). Reads no file: the stats are the
-    ones the walk took."""
+    ones the walk took. `keys`: the samples' encoded paths, when the caller has them."""
     if checksum or not items or disc.stat is None:
         return [], list(items)
-    want = np.array([recorded[encode_path(disc.samples[i].rel)][1] for i in items], np.int64).reshape(-1, 4)
+    keys = keys if keys is not None else [encode_path(s.rel) for s in disc.samples]
+    want = np.array([recorded[keys[i]][1] for i in items], np.int64).reshape(-1, 4)
     same = (disc.stat[items] == want).all(axis=1)  # [K]; UNKNOWN_STAT rows never match a real stat
     return [i for i, s in zip(items, same.tolist(), strict=True) if s], \
         [i for i, s in zip(items, same.tolist(), strict=True) if not s]
@@ -60,18 +61,19 @@ class Verdicts:
 
 
 def verdicts(disc: Discovery, recorded: Recorded, items: list[int], scan_ns: int, checksum: bool = False,
-             progress: Callable[[str, int, int], None] | None = None) -> Verdicts:
+             progress: Callable[[str, int, int], None] | None = None, keys: list[bytes] | None = None) -> Verdicts:
     """Decide which known samples are unchanged: by stat, else by hashing (progress("hash", done, total)). A file
     found unchanged by hashing whose stat is not racy for this scan (started at `scan_ns`, before the walk) is
     returned in `refresh`."""
     out = Verdicts()
-    fast, slow = by_stat(disc, recorded, items, checksum)
+    keys = keys if keys is not None else [encode_path(s.rel) for s in disc.samples]
+    fast, slow = by_stat(disc, recorded, items, checksum, keys)
     out.unchanged.update(fast)
     out.hashed = len(slow)
     for n, i in enumerate(slow):
         if progress and (n % 256 == 0 or n == len(slow) - 1):
             progress("hash", n + 1, len(slow))
-        sha, had = recorded[encode_path(disc.samples[i].rel)]
+        sha, had = recorded[keys[i]]
         if same_content(disc.root / disc.samples[i].rel, sha):
             out.unchanged.add(i)
             now = tuple(disc.stat[i].tolist()) if disc.stat is not None else UNKNOWN_STAT

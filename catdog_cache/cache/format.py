@@ -20,7 +20,7 @@ Caches written before stats have no `stat` columns and no scan_ns: their files a
 from __future__ import annotations
 
 import json
-import os
+import sys
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -212,5 +212,8 @@ def recorded(indexes: list[Index], source: str) -> dict[bytes, tuple[str, tuple[
     return out
 
 
+_FS = (sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
+
+
 def encode_path(rel: str) -> bytes:
-    return os.fsencode(rel)  # surrogate-escaped bytes come back exactly
+    return rel.encode(*_FS)  # os.fsencode without its checks (once per file per rerun): surrogate escapes round-trip
