@@ -366,7 +366,7 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
     if found.refresh:
         refreshed = sorted(found.refresh)
         paths = [keys[i] for i in refreshed]
-        plan.refresh = Refresh(np.zeros(len(paths), np.int64), paths, [known[p][0] for p in paths],
+        plan.refresh = Refresh(np.zeros(len(paths), np.int64), paths, [known.sha256(p) for p in paths],
                                np.array([found.refresh[i] for i in refreshed], np.int64).reshape(-1, 4))
         plan.shape = indexes[-1].shape[1:]
     return plan

@@ -236,7 +236,7 @@ def up_to_date(data_dir: Path, cache: Path, cfg: ExtractConfig, progress: Progre
     for n, i in enumerate(slow):
         if progress and (n % 256 == 0 or n == len(slow) - 1):
             progress("hash", n + 1, len(slow))
-        if not same_content(disc.root / disc.samples[i].rel, known[encode_path(disc.samples[i].rel)][0]):
+        if not same_content(disc.root / disc.samples[i].rel, known.sha256(encode_path(disc.samples[i].rel))):
             return False
     return True
 

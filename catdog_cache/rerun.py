@@ -18,14 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from .cache.format import RACY_NS, UNKNOWN_STAT, encode_path
+from .cache.format import RACY_NS, UNKNOWN_STAT, Recorded, encode_path
 from .discover import Discovery, Stat
 from .files import sha256_regular
 from .preprocess import MAX_FILE_BYTES
-
-Recorded = dict[bytes, tuple[str, tuple[int, ...]]]  # relative path -> (sha256, trusted stat), cache.format.recorded
 
 
 def sha256_file(path: Path) -> str:
@@ -47,7 +43,7 @@ def by_stat(disc: Discovery, recorded: Recorded, items: list[int], checksum: boo
     if checksum or not items or disc.stat is None:
         return [], list(items)
     keys = keys if keys is not None else [encode_path(s.rel) for s in disc.samples]
-    want = np.array([recorded[keys[i]][1] for i in items], np.int64).reshape(-1, 4)
+    want = recorded.stats([keys[i] for i in items])  # [K, 4]
     same = (disc.stat[items] == want).all(axis=1)  # [K]; UNKNOWN_STAT rows never match a real stat
     return [i for i, s in zip(items, same.tolist(), strict=True) if s], \
         [i for i, s in zip(items, same.tolist(), strict=True) if not s]
@@ -73,7 +69,8 @@ def verdicts(disc: Discovery, recorded: Recorded, items: list[int], scan_ns: int
     for n, i in enumerate(slow):
         if progress and (n % 256 == 0 or n == len(slow) - 1):
             progress("hash", n + 1, len(slow))
-        sha, had = recorded[keys[i]]
+        sha = recorded.sha256(keys[i])
+        had = tuple(recorded.stats([keys[i]])[0].tolist())
         if same_content(disc.root / disc.samples[i].rel, sha):
             out.unchanged.add(i)
             now = tuple(disc.stat[i].tolist()) if disc.stat is not None else UNKNOWN_STAT

@@ -172,44 +172,59 @@ class Index:
         known |= {p: sha for s, p, sha, _ in self.failed if self.sources[s] == source and sha}
         return known
 
-    def recorded(self, source: str) -> dict[bytes, tuple[str, tuple[int, ...]]]:
-        """As `known`, with each file's trusted stat (UNKNOWN_STAT when racy or not recorded): relative path ->
-        (sha256, (size, mtime_ns, inode, device)). Refresh records are not applied: see `recorded` below."""
-        assert self.stat is not None and self.failed_stat is not None
-        sid = self._source_id(source)
-        if sid is None:
-            return {}
-        rows = np.flatnonzero(self.source == sid).tolist()
-        out = {self.paths[r]: (self.sha256[r], tuple(st))
-               for r, st in zip(rows, trusted(self.stat[rows], self.scan_ns).tolist(), strict=True)}
-        fails = [k for k, (s, _, sha, _) in enumerate(self.failed) if s == sid and sha]
-        out |= {self.failed[k][1]: (self.failed[k][2], tuple(st))
-                for k, st in zip(fails, trusted(self.failed_stat[fails], self.scan_ns).tolist(), strict=True)}
-        return out
-
-    def refreshed(self, source: str) -> list[tuple[bytes, str, tuple[int, ...]]]:
-        """This file's refresh records for folder `source`: (relative path, sha256, trusted stat)."""
-        sid = self._source_id(source)
-        if sid is None:
-            return []
-        mine = np.flatnonzero(self.refresh.source == sid).tolist()
-        return [(self.refresh.paths[k], self.refresh.sha256[k], tuple(st))
-                for k, st in zip(mine, trusted(self.refresh.stat[mine], self.scan_ns).tolist(), strict=True)]
-
     def _source_id(self, source: str) -> int | None:
         return self.sources.index(source) if source in self.sources else None
 
 
-def recorded(indexes: list[Index], source: str) -> dict[bytes, tuple[str, tuple[int, ...]]]:
-    """What a cache and its parts (oldest first) record of folder `source`'s files: relative path -> (sha256, trusted
-    stat). Later files win, as in assembly; a refresh record replaces the stat of the entry with its sha256 only."""
-    out: dict[bytes, tuple[str, tuple[int, ...]]] = {}
+@dataclass
+class Recorded:
+    """What a cache and its parts record of one folder's files: relative path -> (sha256, row of `stat`), and
+    `stat` [K, 4] int64 the trusted stats (UNKNOWN_STAT where racy or not recorded). Arrays, not a tuple per file:
+    a rerun of a large folder looks up every file."""
+
+    entries: dict[bytes, tuple[str, int]]
+    stat: np.ndarray
+
+    def __contains__(self, path: bytes) -> bool:
+        return path in self.entries
+
+    def sha256(self, path: bytes) -> str:
+        return self.entries[path][0]
+
+    def stats(self, paths: list[bytes]) -> np.ndarray:
+        """[len(paths), 4] the trusted stats of these recorded paths."""
+        return self.stat[[self.entries[p][1] for p in paths]]
+
+
+def recorded(indexes: list[Index], source: str) -> Recorded:
+    """What a cache and its parts (oldest first) record of folder `source`'s files. Later files win, as in
+    assembly; failures whose content was read count (as in Index.known); a refresh record replaces the stat of the
+    entry holding its sha256 only: it can vouch for no other content."""
+    entries: dict[bytes, tuple[str, int]] = {}
+    blocks: list[np.ndarray] = []
+    base = 0
     for idx in indexes:
-        out |= idx.recorded(source)
-        for p, sha, st in idx.refreshed(source):
-            if p in out and out[p][0] == sha:  # vouches only for the content it hashed
-                out[p] = (sha, st)
-    return out
+        assert idx.stat is not None and idx.failed_stat is not None
+        sid = idx._source_id(source)
+        if sid is None:
+            continue
+        rows = np.flatnonzero(idx.source == sid)
+        paths = idx.paths if len(rows) == len(idx.paths) else [idx.paths[r] for r in rows.tolist()]
+        shas = idx.sha256 if len(rows) == len(idx.paths) else [idx.sha256[r] for r in rows.tolist()]
+        entries.update(zip(paths, zip(shas, range(base, base + len(rows)), strict=True), strict=True))
+        blocks.append(trusted(idx.stat[rows], idx.scan_ns))
+        base += len(rows)
+        fails = [k for k, (s, _, sha, _) in enumerate(idx.failed) if s == sid and sha]
+        entries.update((idx.failed[k][1], (idx.failed[k][2], base + j)) for j, k in enumerate(fails))
+        blocks.append(trusted(idx.failed_stat[fails], idx.scan_ns))
+        base += len(fails)
+        mine = np.flatnonzero(idx.refresh.source == sid).tolist()
+        vouched = [k for k in mine if idx.refresh.paths[k] in entries and
+                   entries[idx.refresh.paths[k]][0] == idx.refresh.sha256[k]]
+        entries.update((idx.refresh.paths[k], (idx.refresh.sha256[k], base + j)) for j, k in enumerate(vouched))
+        blocks.append(trusted(idx.refresh.stat[vouched], idx.scan_ns))
+        base += len(vouched)
+    return Recorded(entries, np.concatenate(blocks) if blocks else unknown_stats(0))
 
 
 _FS = (sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
