@@ -1,0 +1,99 @@
+"""`catdog-cache extract`: run the frozen backbone over a folder once, store the features."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+
+from ..files import printable
+from .common import (
+    APPEND,
+    BACKBONE,
+    CACHE,
+    DEVICE,
+    JSON,
+    LAYER,
+    QUIET,
+    WEIGHTS,
+    WORKERS,
+    Bar,
+    _failures_hint,
+    _json,
+    _print_skips,
+    app,
+    err,
+    guarded,
+    out,
+    plural,
+)
+
+
+@app.command("extract")
+@guarded
+def extract_cmd(
+    data_dir: Path = typer.Argument(..., metavar="DATA_DIR",
+                                    help="Image folder: cat/ + dog/ sub-folders, cat.N.jpg files, or unlabeled."),
+    cache: Path = CACHE,
+    backbone: str | None = typer.Option(None, "--backbone", show_default="vgg16" + APPEND, help=BACKBONE.help),
+    layer: str | None = typer.Option(None, "--layer", show_default="the backbone's default (vgg16: fc7)" + APPEND,
+                                     help=LAYER.help),
+    weights: str | None = typer.Option(None, "--weights", show_default="imagenet" + APPEND, help=WEIGHTS.help),
+    seed: int | None = typer.Option(None, "--seed", show_default="0" + APPEND, help="Seed for --weights random."),
+    device: str = DEVICE,
+    batch_size: int = typer.Option(0, "--batch-size", help="Images per forward pass (0: 16 on CPU, 128 on GPU)."),
+    workers: int = WORKERS,
+    dtype: str | None = typer.Option(None, "--dtype", show_default="float32" + APPEND,
+                                     help="Storage dtype: float32 | float16 (half the file)."),
+    precision: str | None = typer.Option(None, "--precision", show_default="fp32" + APPEND,
+                                         help="Backbone compute: fp32 | bf16 | fp16."),
+    views: str | None = typer.Option(None, "--views", show_default="center" + APPEND,
+                                     help="Comma-separated views per image: center, flip."),
+    decoder: str | None = typer.Option(None, "--decoder", show_default="pil" + APPEND,
+                                       help="pil (CPU workers) | pil-draft (big JPEGs decoded at 1/2-1/8 scale in the "
+                                       "DCT, still >= the resize: faster, other pixels) | torchvision (JPEGs decoded "
+                                       "in batches on the extraction device: nvJPEG on a GPU). Recorded in the cache."),
+    prune: bool = typer.Option(False, "--prune", help="Remove rows of files no longer in the folder."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on any file that cannot be used."),
+    quiet: bool = QUIET,
+    as_json: bool = JSON,
+    part_rows: int = typer.Option(1024, "--part-rows", hidden=True, help="Rows per crash-safe part."),
+) -> None:
+    """Run the frozen backbone over every image once and store its features. Adding to an existing cache needs no
+    repeated flags: options left out take the cache's recorded settings; only contradicting ones are refused."""
+    from ..backbone import parse_weights
+    from ..precheck import extract_inputs
+
+    extract_inputs(data_dir, backbone, layer, device)  # before torch's import: mistakes answered at once
+    from ..extract import ExtractConfig, extract
+    from ..settings import resolve_settings
+
+    o = resolve_settings(cache, backbone=backbone, layer=layer, weights=weights, seed=seed, views=views, dtype=dtype,
+                         precision=precision, decoder=decoder)
+    cfg = ExtractConfig(weights=parse_weights(o.weights, o.seed), backbone=o.backbone, layer=o.layer, device=device,
+                        batch_size=batch_size, workers=workers, dtype=o.dtype, precision=o.precision,
+                        views=tuple(v.strip() for v in o.views.split(",") if v.strip()), decoder=o.decoder,
+                        part_rows=part_rows)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
+        extract(data_dir, cache, cfg, prune=prune, strict=strict)
+        return
+    with Bar(quiet or as_json) as bar:
+        r = extract(data_dir, cache, cfg, progress=bar, prune=prune, strict=strict)
+    if as_json:
+        print(_json({"cache": str(cache), "rows": r.rows, "found": r.found, "extracted": r.extracted,
+                     "reused": r.reused, "failed": r.failed, "skipped": r.skipped, "removed": r.removed,
+                     "pruned": r.pruned, "seconds": r.seconds, "layout": r.layout, "warnings": r.warnings}))
+        return
+    for w in r.warnings:
+        err.print(f"[yellow]warning:[/] {escape(printable(w))}")
+    _print_skips("skipped while scanning", r.skipped)
+    _print_skips("could not be decoded", r.failed, more=_failures_hint(cache))
+    if r.removed:
+        verb = "removed from the cache" if r.pruned else "cached but gone from the folder (--prune removes them)"
+        err.print(f"[yellow]{plural(len(r.removed), 'file')} {verb}[/]")
+    rate = f" ({r.extracted / r.seconds:.1f} img/s)" if r.extracted else ""
+    out.print(f"[green]extracted[/] {r.extracted:,} new, reused {r.reused:,}, failed {len(r.failed):,} -> "
+              f"{plural(r.rows, 'row')} in {escape(printable(str(cache)))} in {r.seconds:.1f}s{rate}", highlight=False)
+

@@ -1,0 +1,112 @@
+"""`catdog-cache info`: what a cache holds, its provenance and failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import CatdogError
+from ..files import printable
+from .common import (
+    JSON,
+    _json,
+    _print_skips,
+    app,
+    err,
+    guarded,
+    out,
+    plural,
+)
+
+
+@app.command("info")
+@guarded
+def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_default=False,
+                                               help="The cache (the same as --cache)."),
+             cache: Path | None = typer.Option(None, "--cache", show_default="cache/features.h5",
+                                               help="HDF5 feature cache."), as_json: bool = JSON,
+             failures: bool = typer.Option(False, "--failures", help="List every file that could not be decoded, "
+                                           "with the reason.")) -> None:
+    """Rows, classes and counts, provenance, failures and size on disk of a cache."""
+    from ..cache import parts_dir, read_index
+
+    if path is not None and cache is not None and path != cache:
+        raise CatdogError(f"info: the cache {path} and --cache {cache} differ; give one")
+    cache = path or cache or Path("cache/features.h5")
+    _not_a_head(cache)
+    idx = read_index(cache)
+    folder = parts_dir(cache)  # parts left by a killed extract: read only here (the next extract assembles them)
+    parts = len(list(folder.glob("*.h5"))) if folder.is_dir() and not folder.is_symlink() else 0
+    labels = idx.labels.tolist()
+    prov = json.loads(idx.provenance.to_json())
+    prov["transform"] = json.loads(prov["transform"])  # an object in JSON, not a string inside it
+    summary = {
+        "cache": str(cache), "rows": idx.shape[0], "views": idx.shape[1], "dim": idx.shape[2],
+        "dtype": idx.dtype, "cat": labels.count(0), "dog": labels.count(1), "unlabeled": labels.count(-1),
+        "failed": len(idx.failed), "size_bytes": cache.stat().st_size, "sources": idx.sources, "provenance": prov,
+        "incomplete": idx.incomplete, "unassembled_parts": parts,
+    }
+    if failures:
+        summary["failures"] = [{"source": idx.sources[s] if 0 <= s < len(idx.sources) else None,
+                                "path": os.fsdecode(p), "sha256": sha, "reason": reason}
+                               for s, p, sha, reason in idx.failed]
+    if as_json:
+        print(_json(summary))
+        return
+    t = Table(show_header=False, title=escape(printable(str(cache))))
+    t.add_row("rows", f"{summary['rows']:,} x {summary['views']} view(s) x {summary['dim']:,}")
+    for k in ("cat", "dog", "unlabeled", "failed"):
+        share = f" ({summary[k] / summary['rows']:.0%})" if summary["rows"] and k != "failed" else ""
+        t.add_row(k, f"{summary[k]:,}{share}")
+    t.add_row("size", f"{summary['size_bytes'] / 2**20:.1f} MiB")
+    for k, v in summary["provenance"].items():
+        t.add_row(k, escape(printable(json.dumps(v) if isinstance(v, dict) else str(v))))
+    t.add_row("sources", escape("\n".join(printable(s) for s in idx.sources)))
+    if idx.incomplete or parts:
+        t.add_row("[yellow]incomplete[/]", escape(_incomplete(idx.incomplete, parts)))
+    out.print(t)
+    if idx.incomplete or parts:
+        err.print(f"[yellow]warning:[/] {escape(_incomplete(idx.incomplete, parts))}", highlight=False)
+    if not failures:
+        _print_skips("could not be decoded", [(os.fsdecode(p), r) for _, p, _, r in idx.failed],
+                     more="--failures lists every one")
+        return
+    several = len(idx.sources) > 1
+    for s, p, _, reason in idx.failed:  # every record, in full, on stdout: `| grep`, `| head` work
+        where = f" (in {printable(idx.sources[s])})" if several and 0 <= s < len(idx.sources) else ""
+        out.print(f"failed {escape(printable(os.fsdecode(p)))}{escape(where)}: {escape(printable(reason))}",
+                  highlight=False, soft_wrap=True)
+
+
+def _incomplete(folders: list[str], parts: int) -> str:
+    what = [f"the extraction of {', '.join(printable(f) for f in folders)} was interrupted"] if folders else []
+    what += [f"{plural(parts, 'saved part')} not yet in the cache"] if parts else []
+    return f"{' and '.join(what)}: the counts above are partial; run extract again to finish"
+
+
+def _not_a_head(path: Path) -> None:
+    """`info --cache x.head.pt`: say it is a head (and where its features are), never "delete it"."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"PK\x03\x04" or not path.is_file():  # torch.save files are zip archives
+                return
+    except OSError:
+        return  # read_index says what is wrong
+    from ..head import load_head
+
+    try:
+        _, meta = load_head(path)
+    except CatdogError:
+        return
+    trained = [c for c in (meta.get("caches") or [meta.get("cache")]) if isinstance(c, str)]
+    where = (f"; it was trained on {', '.join(printable(c) for c in trained)}: catdog-cache info "
+             f"{shlex.quote(printable(trained[0]))}") if trained else ""
+    raise CatdogError(f"{path} is a head (written by fit), not a feature cache: give it to predict, preview or "
+                      f"export as --head{where}")
+

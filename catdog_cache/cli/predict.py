@@ -1,0 +1,86 @@
+"""`catdog-cache predict`: label a folder (and write a Kaggle submission) with a trained head."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+
+from ..files import printable
+from .common import (
+    DEVICE,
+    HEAD,
+    JSON,
+    QUIET,
+    WORKERS,
+    Bar,
+    _failures_hint,
+    _json,
+    _print_skips,
+    app,
+    err,
+    guarded,
+    out,
+    plural,
+)
+
+
+@app.command("predict")
+@guarded
+def predict_cmd(
+    data_dir: Path = typer.Argument(..., metavar="DATA_DIR", help="Folder of images to label."),
+    head: Path | None = HEAD,
+    cache: list[Path] | None = typer.Option(None, "--cache", metavar="PATH",
+                                            show_default="beside the head, named after the folder",
+                                            help="Where this folder's features are cached (reused by later "
+                                            "predicts); once per backbone for an ensemble head."),
+    out_csv: Path = typer.Option(Path("cache/predictions.csv"), "--out", help="CSV: path, p_cat, p_dog, label."),
+    submission: Path | None = typer.Option(None, "--submission", help="Also write Kaggle Redux `id,label`."),
+    weights: str | None = typer.Option(None, "--weights", help="The weights file, if the head was trained on one "
+                                       "that moved (its path and sha256 are recorded)."),
+    device: str = DEVICE,
+    batch_size: int = typer.Option(0, "--batch-size", help="Images per forward pass (0: auto)."),
+    workers: int = WORKERS,
+    tta: bool = typer.Option(False, "--tta", help="Average the probabilities of every cached view."),
+    model: Path | None = typer.Option(None, "--model", help="A file from `catdog-cache export` (no head, no cache)."),
+    quiet: bool = QUIET,
+    as_json: bool = JSON,
+) -> None:
+    """Label a folder with the head; the folder's features are cached, so the next head costs no backbone pass."""
+    from ..fit import DEFAULT_HEAD
+    from ..precheck import predict_inputs
+
+    predict_inputs(data_dir, head or DEFAULT_HEAD, out_csv, submission, model, cache or [])  # before torch's import
+    from ..predict import predict
+
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks (and writes) for all
+        predict(data_dir, head or DEFAULT_HEAD, out_csv, submission, weights, device, batch_size, workers, tta=tta,
+                model_path=model, cache=cache)
+        return
+    with Bar(quiet or as_json) as bar:
+        r = predict(data_dir, head or DEFAULT_HEAD, out_csv, submission, weights, device, batch_size,
+                    workers, progress=bar, tta=tta, model_path=model, cache=cache)
+    if as_json:
+        print(_json({"out": str(r.out), "rows": len(r.rows), "accuracy": r.accuracy, "log_loss": r.log_loss,
+                     "views": r.views, "cache": [str(c) for c in r.cache] if r.cache else None,
+                     "extracted": r.extracted,
+                     "submission": str(r.submission) if r.submission else None, "seconds": r.seconds,
+                     "failed": r.failed, "skipped": r.skipped, "neutral": r.neutral}))
+        return
+    _print_skips("skipped while scanning", r.skipped)
+    _print_skips("could not be decoded", r.failed, more=_failures_hint(r.cache))
+    if r.neutral:
+        err.print(f"[yellow]warning:[/] {plural(len(r.neutral), 'image')} could not be predicted and got the neutral "
+                  f"0.5 in the submission: {escape(printable(', '.join(r.neutral[:5])))}"
+                  + (" …" if len(r.neutral) > 5 else ""), highlight=False)
+    acc = (f", accuracy {r.accuracy:.4f} and log loss {r.log_loss:.4f} on the folder's labels"
+           if r.accuracy is not None else "")
+    sub = f" and {escape(printable(str(r.submission)))}" if r.submission else ""
+    neutral = f" ({len(r.neutral)} neutral)" if r.neutral else ""
+    where = (f"; features {'cached in' if r.extracted else 'read from'} "
+             f"{escape(printable(', '.join(map(str, r.cache))))} ({r.extracted:,} extracted now)") if r.cache else ""
+    out.print(f"[green]predicted[/] {plural(len(r.rows), 'image')} in {r.seconds:.1f}s{acc} -> "
+              f"{escape(printable(str(r.out)))}{sub}{neutral}{where}", highlight=False)
+
