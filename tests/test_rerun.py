@@ -184,3 +184,13 @@ def test_crafted_stat_columns_are_refused(tmp_path, kaggle_dir, column, bad):
             f.create_dataset(column, data=np.zeros((max(n, 1), 4), np.int64)[:n], chunks=(1, 4), maxshape=(None, 4))
     with pytest.raises(CacheError, match="stat"):
         read_index(cache)
+
+
+def test_cli_checksum_reads_every_known_file(cli, kaggle_dir):
+    from tests.conftest import TINY
+
+    backdate(kaggle_dir)
+    cli("extract", kaggle_dir, *TINY)
+    assert "read to check" not in cli("extract", kaggle_dir, *TINY).output
+    r = cli("extract", kaggle_dir, *TINY, "--checksum")
+    assert "reused 12 (12 read to check)" in r.output

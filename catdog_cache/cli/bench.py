@@ -26,7 +26,9 @@ def bench_cmd(
     backbones: str = typer.Option("", "--backbones", show_default="vgg16; the table: vgg16,efficientnet_lite0",
                                   help="Backbones for the extract rows, comma-separated."),
     markdown: bool = typer.Option(False, "--markdown", help="Also print a README-ready table."),
-    only: str = typer.Option("", "--only", help="'pipeline': only the extract-pipeline rows."),
+    only: str = typer.Option("", "--only", help="'pipeline': only the extract-pipeline rows; 'rerun': only the "
+                             "rerun of an unchanged folder against a plain scandir + stat walk of it."),
+    rerun_files: int = typer.Option(100_000, "--rerun-files", help="Files of the folder of the rerun rows."),
     pipeline: int = typer.Option(1000, "--pipeline-images", help="Drawn 500x375 JPEGs for the extract-pipeline "
                                  "rows (with --data: its images instead; 0 skips the rows)."),
     workers: int = typer.Option(-1, "--workers", help="Decode workers for the pipeline rows (-1: extract's default)."),
@@ -51,8 +53,10 @@ def bench_cmd(
     from ..bench import run
 
     check_device(device)
-    if only not in ("", "pipeline"):
-        raise CatdogError(f"--only: expected pipeline, got {only!r}")
+    if only not in ("", "pipeline", "rerun"):
+        raise CatdogError(f"--only: expected pipeline or rerun, got {only!r}")
+    if rerun_files < 1:
+        raise CatdogError(f"--rerun-files must be at least 1, got {rerun_files}")
     out.print(f"bench on {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {date.today()}")
     try:
         sizes = [int(x) for x in stream.split(",") if x.strip()]
@@ -66,7 +70,11 @@ def bench_cmd(
         raise CatdogError(f"--repeats must be at least 1 (or 0 for auto), got {repeats}")
     names = [b.strip() for b in backbones.split(",") if b.strip()]
     table = [] if only else run(data, limit, rows, log, sizes, names or ["vgg16"])
-    if pipeline and (table_rows or device.startswith("cuda")):
+    if only == "rerun":
+        from .. import benchrerun
+
+        table += benchrerun.run(rerun_files, log)
+    elif pipeline and (table_rows or device.startswith("cuda")):
         table += benchpipe.table(data, pipeline, log, device, names or None, workers, batch_size, repeats or 1)
     elif pipeline:
         table += benchpipe.run(data, pipeline, workers, batch_size, device, log, repeats or 3)
