@@ -13,8 +13,10 @@ from .errors import InputError
 if TYPE_CHECKING:
     import numpy as np
 
-CLASSES: tuple[str, ...] = ("cat", "dog")  # class id = index: cat=0, dog=1, whatever else the folder holds
+CLASSES: tuple[str, ...] = ("cat", "dog")  # the Kaggle classes: cat=0, dog=1 (Kaggle names, and cat/ + dog/ folders)
 UNLABELED = -1
+MAX_CLASSES = 127  # labels are stored as int8 (-1 unlabeled): 127 classes fit, and no image folder we know needs more
+MAX_CLASS_NAME = 255  # bytes of a folder name on the common file systems: a longer recorded name is crafted
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "__macosx", "@eadir", "$recycle.bin"}
 # Suffixes that are certainly not photos; anything else (including no suffix) is sniffed by the decoder.
@@ -25,7 +27,7 @@ NOT_IMAGE_SUFFIXES = {".txt", ".csv", ".json", ".md", ".py", ".xml", ".html", ".
 @dataclass(frozen=True)
 class Sample:
     rel: str  # POSIX relative path; may hold any character the file system allows (surrogate-escaped bytes)
-    label: int  # 0 cat, 1 dog, -1 unlabeled
+    label: int  # index into Discovery.classes (0 cat, 1 dog for cat/dog folders), -1 unlabeled
 
 
 @dataclass
@@ -35,6 +37,7 @@ class Discovery:
     samples: list[Sample]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (rel, reason)
     warnings: list[str] = field(default_factory=list)
+    classes: tuple[str, ...] = ()  # label i means classes[i]; () for an unlabeled folder
     # [len(samples), 4] int64: each sample's (size, mtime_ns, inode, device) as the walk saw it, links followed. A
     # rerun compares it with what the cache recorded (rerun.py): the walk's stat is the only one taken per file.
     stat: np.ndarray | None = None
@@ -135,9 +138,36 @@ def folder(root: str | os.PathLike[str]) -> Path:
     return root
 
 
+def class_names(folders: set[str]) -> tuple[str, ...]:
+    """Class folders -> class names, index = class id. Names are the folder names in lower case, sorted (as
+    torchvision's ImageFolder sorts them, less its case sensitivity: `Cat/` and `cat/` are one class, as they are on
+    case-insensitive file systems, and a cache appended from both spellings keeps one class). Folders named only
+    cat and dog are the Kaggle classes cat=0, dog=1 whether one or both are present, as before N classes existed:
+    a folder of dog/ alone appended to a cat/dog cache keeps dog=1."""
+    names = tuple(sorted({d.lower() for d in folders}))
+    if set(names) <= set(CLASSES):
+        return CLASSES
+    if len(names) > MAX_CLASSES:
+        raise InputError(f"{len(names)} class folders: the cache stores labels as int8, at most {MAX_CLASSES} "
+                         "classes; split the classes over several caches (or group them into fewer folders)")
+    return names
+
+
+def _nested_dataset(files: list[str], top: str) -> bool:
+    """Whether class folder `top` is itself a labeled image folder (cat/ + dog/ inside it, or Kaggle cat.N / dog.N
+    files): then the folder given is its parent, and its sub-folders would be taken for classes."""
+    inner = [f.split("/", 1)[1] for f in files if f.split("/", 1)[0] == top and "/" in f]
+    sub = {f.split("/", 1)[0].lower() for f in inner if "/" in f}
+    flat = {_kaggle_label(f) for f in inner if "/" not in f}
+    return set(CLASSES) <= sub or {0, 1} <= flat
+
+
 def discover(root: str | os.PathLike[str]) -> Discovery:
-    """Sorted samples of a folder. Labels come from class sub-folders (cat/, dog/, any case) or from the exact
-    Kaggle prefix (`cat.123.jpg`); a folder with neither is unlabeled. Content is sniffed later, at decode time."""
+    """Sorted samples of a folder. Labels come from class sub-folders (one per class, any number of them: the
+    ImageFolder layout) or from the exact Kaggle prefix (`cat.123.jpg`); a folder with neither is unlabeled.
+    Sub-folders define classes when they hold the images: a folder whose images lie at its top level is read as
+    before classes were folders (Kaggle-flat or unlabeled) and its sub-folders are ignored, unless one is named cat
+    or dog. Content is sniffed later, at decode time."""
     root = folder(root)
     skipped: list[tuple[str, str]] = []
     warnings: list[str] = []
@@ -145,26 +175,32 @@ def discover(root: str | os.PathLike[str]) -> Discovery:
     files = sorted(seen)
 
     top_dirs = {f.split("/", 1)[0] for f in files if "/" in f}
-    class_dirs = {d for d in top_dirs if d.lower() in CLASSES}
+    flat = [f for f in files if "/" not in f]
     samples: list[Sample] = []
-    if class_dirs:
+    classes: tuple[str, ...] = ()
+    if top_dirs and (not flat or any(d.lower() in CLASSES for d in top_dirs)):
+        nested = sorted(d for d in top_dirs if _nested_dataset(files, d))
+        if nested:
+            raise InputError(f"{root} has sub-folders that are image folders themselves ({', '.join(nested[:5])}), "
+                             "not classes: give one of them")
         layout = "imagefolder"
-        for extra in sorted(top_dirs - class_dirs):
-            warnings.append(f"folder '{extra}' is not a known class ({', '.join(CLASSES)}): its files are ignored")
+        classes = class_names(top_dirs)
         for f in files:
-            top = f.split("/", 1)[0]
             if "/" not in f:
                 skipped.append((f, "file beside the class folders: no class"))
-            elif top in class_dirs:
-                samples.append(Sample(f, CLASSES.index(top.lower())))
-        for cls in CLASSES:
-            if not any(s.label == CLASSES.index(cls) for s in samples):
+            else:
+                samples.append(Sample(f, classes.index(f.split("/", 1)[0].lower())))
+        for i, cls in enumerate(classes):
+            if not any(s.label == i for s in samples):
                 warnings.append(f"class '{cls}' has no images")
     else:
-        flat = [f for f in files if "/" not in f]
+        if top_dirs:
+            warnings.append(f"sub-folders ignored ({', '.join(sorted(top_dirs)[:5])}): {root} has images at its top "
+                            "level; put every image in a class folder to use the folders as classes")
         labels = [_kaggle_label(f) for f in flat]
         if any(lab != UNLABELED for lab in labels):
             layout = "kaggle"
+            classes = CLASSES
             for f, lab in zip(flat, labels, strict=True):
                 if lab == UNLABELED:
                     if _has_image_suffix(f):
@@ -178,7 +214,7 @@ def discover(root: str | os.PathLike[str]) -> Discovery:
     import numpy as np  # here, not at import: the CLI checks folders before loading anything heavy
 
     stat = np.array([seen[s.rel] for s in samples], dtype=np.int64).reshape(-1, 4)
-    return Discovery(root, layout, samples, skipped, warnings, stat)
+    return Discovery(root, layout, samples, skipped, warnings, classes, stat)
 
 
 def _kaggle_label(name: str) -> int:

@@ -1,5 +1,6 @@
-"""The trained part: Dropout(p) -> Linear(D, 2) by default, or an MLP (Linear, ReLU, Dropout per hidden layer, then
-Linear(., 2)); saved with the provenance of the features it was trained on, loaded as hostile input."""
+"""The trained part: Dropout(p) -> Linear(D, K) by default (K classes: 2 for cats and dogs), or an MLP (Linear, ReLU,
+Dropout per hidden layer, then Linear(., K)); saved with the provenance of the features it was trained on and its
+class names, loaded as hostile input."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from .files import stored_zip, write_atomic
 from .fit.config import MAX_DROPOUT  # defined torch-free: fit's options are checked before torch loads
 
 HEAD_FORMAT = 1
+CAT_DOG = ["cat", "dog"]  # the classes of a head that records none (written before heads had K classes)
+MAX_CLASSES, MAX_CLASS_NAME = 127, 255  # as a cache's class_map (int8 labels, a folder name)
 MAX_HEAD_BYTES = 2 * 2**30  # pool5 (25,088-d) + two 4096 hidden layers is about 0.5 GB
 
 
@@ -27,7 +30,7 @@ class Head(nn.Module):
     def __init__(self, dropout: float = 0.5, in_dim: int = 4096, hidden: tuple[int, ...] = (),
                  classes: int = 2) -> None:
         super().__init__()
-        self.dropout, self.in_dim, self.hidden_sizes = dropout, in_dim, tuple(hidden)
+        self.dropout, self.in_dim, self.hidden_sizes, self.n_classes = dropout, in_dim, tuple(hidden), classes
         dims = [in_dim, *hidden]
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
         self.linear = nn.Linear(dims[-1], classes)
@@ -37,24 +40,24 @@ class Head(nn.Module):
         if drop:
             masks = masks if masks is not None else MaskStream(int(torch.randint(2**62, ())))
         if not self.hidden:
-            w = self.linear.weight  # [2, D]
+            w = self.linear.weight  # [K, D]
             if drop and self.dropout == 0.5:  # the default: one random bit per feature, x is the step's own buffer
                 x = x.mul_(masks.keep_bits(x.shape))  # [B, D], half the features zeroed in place
-                w = w * 2.0  # inverted dropout's 1 / (1 - p) on the 2 x D weight instead of the B x D batch: exact
+                w = w * 2.0  # inverted dropout's 1 / (1 - p) on the K x D weight instead of the B x D batch: exact
             elif drop:
                 x = masks.scale(x.shape, self.dropout).mul_(x)  # [B, D] in the mask's buffer, inverted dropout
             # W @ x^T: BLAS is about 3x faster in this orientation than x @ W^T for a 2-row weight
-            return torch.mm(w, x.t()).t() + self.linear.bias  # [B, 2] logits
+            return torch.mm(w, x.t()).t() + self.linear.bias  # [B, K] logits
         for layer in self.hidden:
             x = torch.relu(layer(x))  # [B, H]
             if drop:  # autograd keeps the mask for backward: a private copy, not the reused buffer
                 x = x * masks.scale(x.shape, self.dropout).clone()
-        return self.linear(x)  # [B, 2] logits
+        return self.linear(x)  # [B, K] logits
 
     def describe(self) -> str:
         layers = [f"Linear({a}, {b}), ReLU, Dropout({self.dropout:g})"
                   for a, b in zip([self.in_dim, *self.hidden_sizes], self.hidden_sizes, strict=False)]
-        last = f"Linear({([self.in_dim, *self.hidden_sizes])[-1]}, 2)"
+        last = f"Linear({([self.in_dim, *self.hidden_sizes])[-1]}, {self.n_classes})"
         return " -> ".join(layers + [last]) if layers else f"Dropout({self.dropout:g}) -> {last}"
 
 
@@ -130,10 +133,26 @@ class DeviceMaskStream(MaskStream):
         return u.ge(cut).to(torch.float32).mul_(levels / (levels - cut))  # [B, D] 0 or 1 / (1 - p)
 
 
-def new_head(dropout: float, seed: int, in_dim: int = 4096, hidden: tuple[int, ...] = ()) -> Head:
+def new_head(dropout: float, seed: int, in_dim: int = 4096, hidden: tuple[int, ...] = (), classes: int = 2) -> Head:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # nn.Linear's default init, drawn from a seeded, private stream
-        return Head(dropout, in_dim, hidden)
+        return Head(dropout, in_dim, hidden, classes)
+
+
+def is_cat_dog(classes: list[str] | tuple[str, ...]) -> bool:
+    """The Kaggle Redux task: its submission, its P(dog) clip and its binary log loss apply."""
+    return list(classes) == CAT_DOG
+
+
+def check_classes(classes: Any, path: Path) -> list[str]:
+    """A head's recorded class names: 2 to 127 distinct non-empty strings of at most 255 characters."""
+    if classes is None:
+        return list(CAT_DOG)
+    if not (isinstance(classes, list) and 2 <= len(classes) <= MAX_CLASSES
+            and all(isinstance(c, str) and 0 < len(c) <= MAX_CLASS_NAME for c in classes)
+            and len(set(classes)) == len(classes)):
+        raise CacheError(f"{path}: its class names are not 2 to {MAX_CLASSES} distinct names; damaged or crafted")
+    return classes
 
 
 def save_head(path: str | os.PathLike[str], head: Head, meta: dict[str, Any]) -> Path:
@@ -201,6 +220,7 @@ def load_head(path: str | os.PathLike[str]) -> tuple[Head, dict[str, Any]]:
     _number(blob, "temperature", 1.0, lambda v: 0 < v <= 1e3, "a positive temperature", path)
     _number(blob, "clip", 0.0, lambda v: 0 <= v < 0.5, "a clip in [0, 0.5)", path)
     _check_config(blob.get("config", {}), path)
+    blob["classes"] = check_classes(blob.get("classes"), path)
     state = blob.get("state_dict")
     hidden, in_dim = blob.get("hidden", []), blob.get("in_dim")
     if in_dim is None and isinstance(state, dict) and isinstance(state.get("linear.weight"), torch.Tensor):
@@ -216,7 +236,7 @@ def load_head(path: str | os.PathLike[str]) -> tuple[Head, dict[str, Any]]:
         raise CacheError(f"{path}: weights are views into shared or smaller storage, not tensors of their own; "
                          "damaged or crafted")
     with torch.device("meta"):
-        head = Head(dropout, in_dim, tuple(hidden))  # shapes only: the file's tensors are assigned below
+        head = Head(dropout, in_dim, tuple(hidden), len(blob["classes"]))  # shapes only: tensors assigned below
     try:
         head.load_state_dict(state, assign=True)
     except Exception as e:

@@ -48,6 +48,10 @@ class ImageFiles(torch.utils.data.Dataset):
             return i, None, "", str(e)
         except OSError as e:
             return i, None, "", f"unreadable: {e.strerror or e}"
+        return self.decode(i, data)
+
+    def decode(self, i: Any, data: bytes) -> tuple[Any, Any, str, str]:
+        """Bytes -> (i, views or a "jpeg"/"rgb" item, sha256, failure reason): shared with tar input (tars.py)."""
         sha = hashlib.sha256(data).hexdigest()  # in the worker, from the bytes it decodes: no second read
         try:
             if self.decoder == "torchvision":

@@ -52,6 +52,12 @@ def _save_figure(fig: Any, path: Path) -> Path:
         fig.clear()  # no pyplot registry holds it; clearing just frees the artists sooner
 
 
+def _plain(text: str) -> str:
+    """Text from files (class folder names, file names) shown as written: a `$` would start matplotlib's mathtext,
+    and a name like `$\\frac{a$` raise a parse error while drawing."""
+    return text.replace("$", r"\$")
+
+
 def _finite(values: Sequence[float]) -> bool:
     return any(math.isfinite(v) for v in values)
 
@@ -247,9 +253,11 @@ def expected_calibration_error(p_dog: np.ndarray, y: np.ndarray, bins: int = 10)
     return float((np.abs(observed - mean_p)[used] * count[used]).sum() / max(count.sum(), 1))
 
 
-def reliability_figure(curves: dict[str, np.ndarray], y: np.ndarray, bins: int = 10, title: str = "") -> Any:
+def reliability_figure(curves: dict[str, np.ndarray], y: np.ndarray, bins: int = 10, title: str = "",
+                       what: tuple[str, str] = ("P(dog)", "share of dogs")) -> Any:
     """Reliability diagram: per bin of predicted P(dog), the observed share of dogs (on the diagonal: calibrated),
-    one curve per set of probabilities (e.g. as trained, calibrated); below, how many images each bin holds."""
+    one curve per set of probabilities (e.g. as trained, calibrated); below, how many images each bin holds.
+    what: (the probability, what y counts): for K classes, the predicted class's probability and the share right."""
     fig = _figure((6.4, 6.4), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1.3))
     top.plot([0, 1], [0, 1], ls=":", color="0.5", lw=1, label="perfectly calibrated")
@@ -275,11 +283,11 @@ def reliability_figure(curves: dict[str, np.ndarray], y: np.ndarray, bins: int =
         bottom.bar_label(bars, labels=[str(c) if c else "" for c in count], fontsize=7, padding=1)
     top.set_xlim(-0.03, 1.03)  # dots at 0 and 1 whole
     top.set_ylim(-0.06, 1.06)
-    top.set_ylabel("observed share of dogs")
-    top.set_title(title or f"reliability of P(dog) on {len(y):,} images ({bins} bins)", fontsize=10)
+    top.set_ylabel(f"observed {what[1]}")
+    top.set_title(title or f"reliability of {what[0]} on {len(y):,} images ({bins} bins)", fontsize=10)
     top.grid(True, alpha=0.3)
     top.legend(loc="upper left", fontsize=8, frameon=False)
-    bottom.set_xlabel("predicted P(dog)")
+    bottom.set_xlabel(f"predicted {what[0]}")
     bottom.set_ylabel("images")
     bottom.set_xticks(np.linspace(0, 1, bins + 1))
     bottom.set_ylim(0, max(1.0, bottom.get_ylim()[1] * 1.15))  # room for the counts above the bars
@@ -288,9 +296,45 @@ def reliability_figure(curves: dict[str, np.ndarray], y: np.ndarray, bins: int =
 
 
 def reliability_diagram(curves: dict[str, np.ndarray], y: np.ndarray, path: str | os.PathLike[str], bins: int = 10,
-                        title: str = "") -> Path:
+                        title: str = "", what: tuple[str, str] = ("P(dog)", "share of dogs")) -> Path:
     path = _target(path)
-    return _save_figure(reliability_figure(curves, y, bins, title), path)
+    return _save_figure(reliability_figure(curves, y, bins, title, what), path)
+
+
+def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str], title: str = "") -> Any:
+    """K x K counts, rows the true class, columns the predicted one, each cell shaded by its share of its row (so a
+    small class's mistakes show as plainly as a large one's); the row's accuracy beside each class name."""
+    from .files import printable
+
+    counts = np.asarray(confusion, dtype=float)  # [K, K]
+    k = len(classes)
+    rows = counts.sum(1, keepdims=True)
+    share = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)  # [K, K] row-normalised
+    side = min(max(4.0, 0.45 * k + 2.5), 24.0)
+    fig = _figure((side + 1.2, side), layout="constrained")
+    ax = fig.subplots()
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    names = [_plain(printable(c)[:16]) for c in classes]  # folder names: printable, cut to keep the axes readable
+    ax.set_xticks(range(k), names, rotation=90 if k > 6 else 0, fontsize=8)
+    ax.set_yticks(range(k), [f"{n} ({share[i, i]:.2f})" if rows[i, 0] else f"{n} (none)"
+                             for i, n in enumerate(names)], fontsize=8)
+    if k <= 30:  # past that the numbers no longer fit their cells: the shading still shows where mistakes go
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j]:
+                    ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 0.6 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class (accuracy)")
+    ax.set_title(title or f"confusion on {int(counts.sum()):,} images", fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="share of the true class")
+    return fig
+
+
+def confusion_matrix(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: str | os.PathLike[str],
+                     title: str = "") -> Path:
+    path = _target(path)
+    return _save_figure(confusion_figure(confusion, classes, title), path)
 
 
 def prediction_grid(images: Sequence[Any], captions: Sequence[str], wrong: Sequence[bool | None],
@@ -327,7 +371,7 @@ def prediction_grid_figure(images: Sequence[Any], captions: Sequence[str], wrong
     fig_h = rows * cell_h + pad + title_h
     fig = _figure((fig_w / DPI, fig_h / DPI))
     if title:
-        fig.text(0.5, 1 - (pad / 2) / fig_h, title, ha="center", va="top", fontsize=10, wrap=False)
+        fig.text(0.5, 1 - (pad / 2) / fig_h, _plain(title), ha="center", va="top", fontsize=10, wrap=False)
     for k, (px, text, bad) in enumerate(zip(pixels, captions, wrong, strict=True)):
         r, c = divmod(k, cols)
         left = pad + c * cell_w
@@ -342,5 +386,5 @@ def prediction_grid_figure(images: Sequence[Any], captions: Sequence[str], wrong
             else:
                 spine.set_color(WRONG if bad else RIGHT)
                 spine.set_linewidth(4)
-        ax.set_title(text, fontsize=8, color=WRONG if bad else "black", pad=4)
+        ax.set_title(_plain(text), fontsize=8, color=WRONG if bad else "black", pad=4)
     return fig

@@ -9,15 +9,44 @@ from pathlib import Path
 
 from .backbone import check_device, get_backbone
 from .discover import folder
-from .errors import CacheError
+from .errors import CacheError, InputError
 from .files import check_outputs
+from .shards import is_shard_input, is_url, remote_fs, resolve_inputs
 
 
-def extract_inputs(data_dir: Path, backbone: str | None, layer: str | None, device: str) -> None:
+def extract_inputs(data_dir: str | Path, backbone: str | None, layer: str | None, device: str) -> None:
+    """`data_dir` a folder, or tar shards (a .tar, a brace pattern, a listing, a URL: named and their fsspec
+    backend found here; each shard is read, or reported unreadable, by extract)."""
     check_device(device)
     if backbone:  # None: appending takes the cache's own (settings.resolve_settings), checked there
         get_backbone(backbone, layer or None)  # a description: imports no model library (timm:NAME aside)
+    if is_shard_input(data_dir):
+        urls = [s for s in resolve_inputs(data_dir) if is_url(s)]
+        if urls:
+            remote_fs(urls[0])
+        return
     folder(data_dir)
+
+
+RAY_MISSING = "--engine ray needs Ray, which is not installed: pip install 'catdog-cache[ray]'"
+
+
+def engine(name: str, ray_only: dict[str, object]) -> None:
+    """--engine local | ray; Ray importable (looked up, not imported); Ray's options only with --engine ray."""
+    import importlib.util
+    import os
+
+    if name not in ("local", "ray"):
+        raise InputError(f"--engine: expected local or ray, got {name!r}")
+    if name == "local":
+        given = [flag for flag, value in ray_only.items() if value is not None]
+        if given:
+            raise InputError(f"{given[0]} is an option of --engine ray (this run uses the local engine)")
+        return
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise InputError("--engine ray under torchrun: start one `extract --engine ray`, Ray places the work")
+    if importlib.util.find_spec("ray") is None:
+        raise InputError(RAY_MISSING)
 
 
 def caches_readable(caches: list[Path]) -> None:

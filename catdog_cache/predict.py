@@ -6,7 +6,6 @@ incremental adds as `extract`); later ones, with any head trained on the same fe
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,12 +15,21 @@ import numpy as np
 import torch
 
 from .backbone import Preset
-from .cache import Provenance, encode_path, open_cache, parts_dir, read_index, recorded
-from .discover import Discovery, discover
+from .cache import Provenance, encode_path, list_parts, open_cache, parts_dir, read_index, recorded
+from .discover import Discovery, Sample, discover
 from .errors import CacheBusy, CacheError, CatdogError, InputError, ProvenanceMismatch
 from .extract import ExtractConfig, Progress, extract, run_features
-from .files import as_paths, check_outputs, file_key, plausible_file, write_atomic
+from .files import as_paths, check_outputs, file_key, plausible_file, printable
 from .fit import DEFAULT_HEAD, log_loss
+from .head import CAT_DOG
+from .outputs import (  # noqa: F401 (re-exported: predict's outputs lived here)
+    check_submission,
+    kaggle_id,
+    submission_ids,
+    write_csv_atomic,
+    write_predictions,
+    write_submission,
+)
 from .rerun import by_stat, same_content, verdicts
 from .scorer import Loaded, load_exported, load_scorer
 
@@ -29,8 +37,8 @@ from .scorer import Loaded, load_exported, load_scorer
 @dataclass
 class PredictReport:
     out: Path
-    rows: list[tuple[str, float, float, str]]  # (relative path, p_cat, p_dog, label)
-    labels: list[int]  # -1 where the folder does not say
+    rows: list[tuple]  # (relative path, P(class) for each class in order, predicted class): p_cat, p_dog for two
+    labels: list[int]  # index into classes, -1 where the folder does not say
     failed: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     submission: Path | None = None
@@ -39,49 +47,33 @@ class PredictReport:
     cache: list[Path] | None = None  # where the folder's features are cached (None with --model)
     extracted: int = 0  # images that went through the backbone in this run
     neutral: list[str] = field(default_factory=list)  # files given 0.5 in the submission (could not be predicted)
+    classes: list[str] = field(default_factory=lambda: list(CAT_DOG))  # the head's classes
 
     @property
     def accuracy(self) -> float | None:
-        known = [(r[3], y) for r, y in zip(self.rows, self.labels, strict=True) if y >= 0]
-        return sum(lab == ("cat", "dog")[y] for lab, y in known) / len(known) if known else None
+        known = [(r[-1], y) for r, y in zip(self.rows, self.labels, strict=True) if y >= 0]
+        return sum(lab == self.classes[y] for lab, y in known) / len(known) if known else None
 
     @property
     def log_loss(self) -> float | None:
-        known = [(r[2], y) for r, y in zip(self.rows, self.labels, strict=True) if y >= 0]
+        known = [(r[1:-1], y) for r, y in zip(self.rows, self.labels, strict=True) if y >= 0]
         return log_loss(np.array([p for p, _ in known]), np.array([y for _, y in known])) if known else None
 
 
-def write_csv_atomic(path: Path, header: list[str], rows: list[tuple]) -> None:
-    """Exclusive temp file + fsync + rename. surrogateescape: a non-UTF-8 file name is written back as its original
-    bytes; text cells that a spreadsheet would run as a formula get a leading quote."""
-    import csv
-
-    from .files import csv_cell
-
-    buf = io.StringIO(newline="")
-    w = csv.writer(buf, lineterminator="\n")  # the csv module's default is \r\n
-    w.writerow(header)
-    w.writerows([tuple(csv_cell(c) if isinstance(c, str) else c for c in row) for row in rows])
-    write_atomic(path, buf.getvalue().encode("utf-8", errors="surrogateescape"))
-
-
-def kaggle_id(rel: str) -> int | None:
-    stem = Path(rel).name.split(".")[0]
-    return int(stem) if stem.isascii() and stem.isdigit() else None
-
-
-def submission_ids(disc: Discovery) -> dict[int, str]:
-    """Every image's Kaggle id, checked before any forward pass: numeric names only, each id once."""
-    ids: dict[int, str] = {}
-    names = [s.rel for s in disc.samples] + [rel for rel, _ in disc.skipped if kaggle_id(rel) is not None]
-    for rel in names:
-        i = kaggle_id(rel)
-        if i is None:
-            raise InputError(f"--submission needs numeric file names like 123.jpg; {rel!r} is not")
-        if i in ids:
-            raise InputError(f"--submission: {ids[i]!r} and {rel!r} have the same id {i}; keep one of them")
-        ids[i] = rel
-    return ids
+def onto_head_classes(disc: Discovery, classes: list[str], head_path: Path | str) -> None:
+    """Relabel a labeled folder's samples with the head's class ids, by name (a folder of some of the classes is
+    scored; its accuracy and log loss count those). A class the head has no output for cannot be scored: refused."""
+    if not disc.classes:
+        return
+    new = [c for c in disc.classes if c not in classes and any(s.label == disc.classes.index(c) for s in disc.samples)]
+    if new:
+        raise InputError(f"{disc.root} has images of classes head {head_path} was not trained on "
+                         f"({', '.join(printable(c) for c in new[:5])}); its classes are "
+                         f"{', '.join(printable(c) for c in classes)[:300]}: give a head trained on these classes, or "
+                         "a folder of its classes (or unlabeled images)")
+    ids = [classes.index(c) if c in classes else -1 for c in disc.classes]
+    disc.samples = [Sample(s.rel, ids[s.label]) if s.label >= 0 else s for s in disc.samples]
+    disc.classes = tuple(classes)
 
 
 def default_cache(loaded: Loaded, head_path: Path, data_dir: Path, member: int = 0) -> Path:
@@ -113,7 +105,7 @@ def unlinked(cache: Path) -> Path:
     """A cache chosen by default is never reached through a symbolic link, nor are its lock and parts: a link
     planted in the head's folder would make predict create folders, an HDF5 file and a lock wherever it points.
     (An explicit --cache is the user's own choice and is followed, as extract follows it.)"""
-    for p in (cache, cache.with_name(cache.name + ".lock"), parts_dir(cache)):
+    for p in (cache, cache.with_name(cache.name + ".lock"), parts_dir(cache), cache.with_name(cache.name + ".parts")):
         if p.is_symlink():
             raise InputError(f"{p} is a symbolic link; the default feature cache never follows one (remove it, or "
                              "give --cache PATH to use it on purpose)")
@@ -126,7 +118,7 @@ class Scored:
 
     rels: list[str]
     labels: list[int]
-    probs: np.ndarray  # [N, 2] (cat, dog), averaged over views with tta
+    probs: np.ndarray  # [N, K] (cat, dog for two classes), averaged over views with tta
     failed: list[tuple[str, str]]
     paths_all: list[bytes]  # every row of the (first) cache, for the training split
     rows: np.ndarray  # [N] row numbers in the (first) cache
@@ -142,7 +134,7 @@ def _folder_rows(cache: Path, disc: Discovery, views: tuple[str, ...] | None
         src = index.sources.index(folder) if folder in index.sources else -1
         rows = np.flatnonzero((index.source == src) & np.array([p in present for p in index.paths], bool))
         lo, hi = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
-        x = f["features"][lo:hi].astype(np.float32)[rows - lo]  # [N, V, D]
+        x = f.read(lo, hi, view=None)[rows - lo]  # [N, V, D] float32
         failed = [(os.fsdecode(p), reason) for s, p, _, reason in index.failed if s == src and p in present]
         paths = index.paths
         names = index.provenance.views.split(",")
@@ -175,9 +167,10 @@ def score_cached(loaded: Loaded, caches: list[Path], disc: Discovery, tta: bool)
             raise CacheError(f"the head takes {loaded.head.in_dim if loaded.head else '?'}-d features, but its "
                              f"provenance made {x.shape[-1]}-d ones in {', '.join(map(str, caches))}; the head or "
                              "the cache is damaged or crafted")
-        probs = loaded.probabilities(x.reshape(n * v, -1)).reshape(n, v, 2).mean(1)
+        k = len(loaded.classes)
+        probs = loaded.probabilities(x.reshape(n * v, -1)).reshape(n, v, k).mean(1)  # [N, K]
     else:
-        probs = torch.zeros(0, 2)
+        probs = torch.zeros(0, len(loaded.classes))
     return Scored([os.fsdecode(k) for k in keys], [label[k] for k in keys], probs.numpy(), failed, parts[0][2],
                   np.array([parts[0][3][k] for k in keys], np.int64))
 
@@ -220,8 +213,7 @@ def up_to_date(data_dir: Path, cache: Path, cfg: ExtractConfig, progress: Progre
         return False
     cfg.check()
     cache = cache.resolve()
-    parts = parts_dir(cache)
-    if not cache.is_file() or (parts.is_dir() and any(parts.glob("*.h5"))):
+    if not cache.is_file() or list_parts(cache, clean=False):  # shards not yet in the index: extract lists them
         return False
     disc = discover(data_dir)
     source = str(disc.root.resolve())
@@ -326,15 +318,22 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
     if not disc.samples:
         raise InputError(f"no images found in {data_dir}" + (f" ({len(disc.skipped)} files skipped)"
                                                               if disc.skipped else ""))
-    ids = submission_ids(disc) if submission else None  # before any forward pass
     if model_path:
         if caches:
             raise InputError("--cache and --model: an exported model reads images, not caches; drop --cache")
         loaded = load_exported(model_path)
+        if submission:
+            check_submission(loaded.classes, model_path)
+        ids = submission_ids(disc) if submission else None  # before any forward pass
+        onto_head_classes(disc, loaded.classes, model_path)
         views = _check_tta(loaded, tta)
         scored, used, extracted = _score_images(loaded, disc, views, device, batch_size, workers, progress), None, 0
     else:
         loaded = load_scorer(head_path, weights_file, backbone=False)
+        if submission:
+            check_submission(loaded.classes, head_path)
+        ids = submission_ids(disc) if submission else None  # before any forward pass
+        onto_head_classes(disc, loaded.classes, head_path)
         views = _check_tta(loaded, tta)
         planned = caches or [default_cache(loaded, head_path, data_dir, i) for i in range(len(loaded.members))]
         check_outputs({"--out": out, "--submission": submission}, {f"the feature cache {c}": c for c in planned})
@@ -344,8 +343,9 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
     if not scored.rels:
         first = f"; first failure: {scored.failed[0][0]!r}: {scored.failed[0][1]}" if scored.failed else ""
         raise InputError(f"no image in {data_dir} could be predicted{first}")
-    rows = [(rel, float(p[0]), float(p[1]), "dog" if p[1] > p[0] else "cat")
-            for rel, p in zip(scored.rels, scored.probs, strict=True)]
+    # the first of equal probabilities wins (argmax): cat on a 0.5 tie, as before K classes
+    rows = [(rel, *map(float, p), loaded.classes[int(np.argmax(p))]) for rel, p in zip(scored.rels, scored.probs,
+                                                                                      strict=True)]
     neutral: list[str] = []
     main = os.environ.get("RANK", "0") == "0"  # under torchrun every rank extracts a share; rank 0 alone writes
     if submission and ids is not None:
@@ -354,9 +354,9 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
         if main:
             write_submission(submission, {i: predicted.get(i, 0.5) for i in ids}, loaded.clip)
     if main:
-        write_predictions(out, rows, scored.labels)
+        write_predictions(out, rows, scored.labels, loaded.classes)
     return PredictReport(out, rows, scored.labels, scored.failed, disc.skipped, submission,
-                         time.perf_counter() - t0, views, used, extracted, neutral)
+                         time.perf_counter() - t0, views, used, extracted, neutral, loaded.classes)
 
 
 def _check_tta(loaded: Loaded, tta: bool) -> tuple[str, ...]:
@@ -382,30 +382,12 @@ def _score_images(loaded: Loaded, disc: Discovery, views: tuple[str, ...], devic
     preset = Preset.from_spec(loaded.provenance.transform)  # the export's own record, not today's plugin
     for idx, p, _, failures in run_features(disc.root, rels, cfg, model=loaded.scorer, progress=relabel,
                                             preset=preset):
+        if p.shape[-1] != len(loaded.classes):  # an export's program and its metadata disagree: before use
+            raise CacheError(f"the exported model outputs {p.shape[-1]} probabilities for its "
+                             f"{len(loaded.classes)} classes; damaged or crafted")
         for j, i in enumerate(idx):
-            probs[i] = p[j].mean(axis=0)  # [2]: the average over views
+            probs[i] = p[j].mean(axis=0)  # [K]: the average over views
         failed += [(rels[i], reason) for i, _, reason in failures]
     keep = sorted(probs)
     return Scored([rels[i] for i in keep], [disc.samples[i].label for i in keep],
-                  np.array([probs[i] for i in keep]).reshape(-1, 2), failed, [], np.array(keep))
-
-
-def write_predictions(path: Path, rows: list[tuple[str, float, float, str]], labels: list[int]) -> None:
-    """path, p_cat, p_dog, label; for a labeled folder also true_label and the image's log loss (the summary's log
-    loss is their mean): the images that cost the most are a sort away."""
-    if not any(y >= 0 for y in labels):
-        write_csv_atomic(path, ["path", "p_cat", "p_dog", "label"], rows)
-        return
-    extra = []
-    for (_, _, p_dog, _), y in zip(rows, labels, strict=True):
-        p = float(np.clip(p_dog if y == 1 else 1.0 - p_dog, 1e-15, 1 - 1e-15))  # the clip of fit.log_loss
-        extra.append((("cat", "dog")[y], -float(np.log(p))) if y >= 0 else ("", ""))
-    write_csv_atomic(path, ["path", "p_cat", "p_dog", "label", "true_label", "log_loss"],
-                     [(*r, *e) for r, e in zip(rows, extra, strict=True)])
-
-
-def write_submission(path: Path, p_dog: dict[int, float], clip: float = 0.0) -> None:
-    """Kaggle Redux format: `id,label` with label = P(dog) clipped to [clip, 1 - clip] (chosen by `fit --calibrate`),
-    one row per id, sorted by id."""
-    write_csv_atomic(path, ["id", "label"], [(i, min(max(float(p), clip), 1 - clip))  # as computed: repr, no rounding
-                                             for i, p in sorted(p_dog.items())])
+                  np.array([probs[i] for i in keep]).reshape(-1, len(loaded.classes)), failed, [], np.array(keep))

@@ -14,7 +14,7 @@ from .errors import InputError
 from .extract import Progress
 from .files import as_paths, check_outputs, printable, read_regular
 from .fit import split
-from .predict import cached_features, score_cached
+from .predict import cached_features, onto_head_classes, score_cached
 from .preprocess import MAX_FILE_BYTES, DecodeError, decode_rgb
 from .scorer import load_scorer
 
@@ -79,6 +79,7 @@ def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
     if not disc.samples:
         raise InputError(f"no images found in {data_dir}")
     loaded = load_scorer(head_path, weights_file, backbone=False)
+    onto_head_classes(disc, loaded.classes, head_path)
     used, _ = cached_features(loaded, head_path, data_dir, caches or None, device, 0, -1, progress, "preview")
     scored = score_cached(loaded, used, disc, tta=False)
     roles = splits_of(loaded.meta, used[0], scored)
@@ -90,7 +91,7 @@ def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
             if training else ""
     pred = scored.probs.argmax(1)
     labels = np.array(scored.labels)
-    p_true = np.where(labels >= 0, scored.probs[np.arange(len(labels)), np.clip(labels, 0, 1)], np.nan)
+    p_true = np.where(labels >= 0, scored.probs[np.arange(len(labels)), np.clip(labels, 0, None)], np.nan)
     loss = -np.log(np.clip(p_true, 1e-15, 1))
     if worst:
         wrong = [i for i in pool if labels[i] >= 0 and pred[i] != labels[i]]
@@ -113,10 +114,10 @@ def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
         except (OSError, ValueError, DecodeError):
             continue
         images.append(TF.pil_to_tensor(TF.center_crop(TF.resize(img, preset.resize), preset.crop)))  # [3, S, S]
-        label = ("cat", "dog")[pred[i]]
-        text = f"{label} {scored.probs[i][pred[i]]:.2f}"
+        names = loaded.classes  # a folder name: printable, and cut to keep the tile's caption on its tile
+        text = f"{printable(names[pred[i]])[:20]} {scored.probs[i][pred[i]]:.2f}"
         if labels[i] >= 0:
-            text += f" | true {('cat', 'dog')[labels[i]]}, loss {loss[i]:.2f}"
+            text += f" | true {printable(names[labels[i]])[:20]}, loss {loss[i]:.2f}"
         captions.append(f"{text}\n{printable(Path(scored.rels[i]).name)[:24]} [{roles[i]}]")
         marks.append(None if labels[i] < 0 else bool(pred[i] != labels[i]))
     if not images:

@@ -24,12 +24,12 @@ from .cache import Provenance, require_same
 from .errors import CacheError, InputError
 from .extract import ExtractConfig
 from .files import check_outputs, printable, stored_zip, temp_beside
-from .head import Head, load_head
+from .head import CAT_DOG, Head, check_classes, load_head
 from .preprocess import decoder_of
 
 
 class Scorer(nn.Module):
-    """[B, 3, S, S] normalised images -> [B, 2] calibrated probabilities (cat, dog)."""
+    """[B, 3, S, S] normalised images -> [B, K] calibrated probabilities, one per class (cat, dog for two)."""
 
     def __init__(self, backbone: nn.Module, head: Head, dtype: str, temperature: float) -> None:
         super().__init__()
@@ -42,7 +42,7 @@ class Scorer(nn.Module):
         if self.half:
             f = f.half().float()  # the head must see exactly what the cache stored
         with torch.autocast(f.device.type, enabled=False):  # head and softmax in fp32, as fit computed them
-            return (self.head(f) / self.temperature).softmax(1)  # [B, 2]
+            return (self.head(f) / self.temperature).softmax(1)  # [B, K]
 
 
 @dataclass
@@ -55,6 +55,7 @@ class Loaded:
     head: Head | None = None
     temperature: float = 1.0
     members: list[tuple[Provenance, WeightsSpec]] = field(default_factory=list)  # an ensemble's backbones
+    classes: list[str] = field(default_factory=lambda: list(CAT_DOG))  # output i is the probability of classes[i]
 
     @property
     def crop(self) -> int:
@@ -72,9 +73,9 @@ class Loaded:
         return Scorer(backbone, self.head, self.provenance.dtype, self.temperature).eval()
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """Cached features [N, D] (already rounded to the cache's dtype) -> [N, 2] calibrated probabilities."""
+        """Cached features [N, D] (already rounded to the cache's dtype) -> [N, K] calibrated probabilities."""
         with torch.no_grad():
-            return (self.head(x) / self.temperature).softmax(1)  # [N, 2]
+            return (self.head(x) / self.temperature).softmax(1)  # [N, K]
 
     def config(self, device: str = "auto", batch_size: int = 0, workers: int = -1,
                views: tuple[str, ...] | None = None, member: int = 0) -> ExtractConfig:
@@ -115,7 +116,7 @@ def load_scorer(head_path: str | os.PathLike[str], weights_file: str | None = No
         raise InputError(f"--weights {weights_file}: the head was trained on {prov.weights} features, not a weights "
                          "file; drop --weights")
     loaded = Loaded(None, prov, float(meta.get("clip", 0.0)), meta, spec, head, float(meta.get("temperature", 1.0)),
-                    members)
+                    members, meta["classes"])  # load_head checked the class names
     for i, (member, _) in enumerate(members):  # a changed transform or backbone definition
         require_same(member, loaded.config(member=i).provenance(), f"head {head_path}", "this catdog-cache")
     if backbone:
@@ -129,7 +130,7 @@ EXPORT_FORMAT = 1
 def export(head_path: str | os.PathLike[str], out: str | os.PathLike[str], weights_file: str | None = None) -> Path:
     """One file: the scorer as a torch.export program, with its provenance, temperature and clip as an extra file.
     Plain PyTorch runs it: `torch.export.load(path).module()(x)`, x: [B, 3, S, S] after the recorded transform,
-    output [B, 2] probabilities (cat, dog)."""
+    output [B, K] probabilities, one per class, in the order of the metadata's "classes"."""
     out = Path(out)
     if out.suffix != ".pt2":
         raise InputError(f"--out {out}: torch.export archives are named *.pt2")
@@ -141,7 +142,7 @@ def export(head_path: str | os.PathLike[str], out: str | os.PathLike[str], weigh
         program = torch.export.export(loaded.scorer, example, dynamic_shapes={"x": {0: batch}})
     extra = {"catdog_cache.json": json.dumps({"format": EXPORT_FORMAT, "provenance": json.loads(
         loaded.provenance.to_json()), "clip": loaded.clip, "temperature": loaded.temperature,
-        "classes": ["cat", "dog"]})}
+        "classes": loaded.classes})}
     with temp_beside(out, suffix=".pt2") as tmp:
         try:
             with warnings.catch_warnings():  # torch's note on weights that share storage: harmless for a CPU export
@@ -219,4 +220,5 @@ def load_exported(path: str | os.PathLike[str]) -> Loaded:
     if tuple(example[1:]) != (3, crop, crop):
         raise CacheError(f"--model {path}: the recorded transform crops to {crop} px but the program takes "
                          f"{tuple(example[1:])}; damaged or crafted")
-    return Loaded(module, prov, float(clip), info, spec_from_identity(prov.weights))
+    classes = check_classes(info.get("classes"), path)
+    return Loaded(module, prov, float(clip), info, spec_from_identity(prov.weights), classes=classes)

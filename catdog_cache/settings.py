@@ -30,7 +30,7 @@ def recorded_settings(cache: Path) -> Settings | None:
     from .cache import list_parts, read_index
     from .preprocess import decoder_of
 
-    found = [cache] if cache.exists() else list_parts(cache)[:1]
+    found = [cache] if cache.exists() else list_parts(cache, clean=False)[:1]
     if not found:
         return None
     index = read_index(found[0])

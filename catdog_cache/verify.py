@@ -55,19 +55,19 @@ class VerifyReport:
 
 
 def balanced_subset(data_dir: Path, limit: int | None) -> list[str]:
-    """The first limit/2 images of each class in sorted order (sorted Kaggle names would be all cats)."""
-    found = discover(data_dir).samples
+    """The first limit/K images of each of the K classes in sorted order (sorted Kaggle names would be all cats);
+    the first limit % K classes take one more (cats, for two)."""
+    disc = discover(data_dir)
+    found = disc.samples
     samples = [s for s in found if s.label >= 0]
     if found and not samples:
-        raise InputError(f"{data_dir} has {len(found)} images but no labels: verify needs cat/ and dog/ folders or "
-                         "cat.N.jpg / dog.N.jpg names")
+        raise InputError(f"{data_dir} has {len(found)} images but no labels: verify needs one folder per class "
+                         "(cat/ and dog/) or cat.N.jpg / dog.N.jpg names")
     if limit is None:
         return [s.rel for s in samples]
-    per_class = [[s.rel for s in samples if s.label == c] for c in (0, 1)]
-    take = [per_class[0][: limit - limit // 2], per_class[1][: limit // 2]]
-    if len(take[0]) < limit - limit // 2:
-        take = [per_class[0][: limit - len(take[1])], take[1]]
-    return sorted(take[0] + take[1])
+    k = len(disc.classes)
+    per_class = [[s.rel for s in samples if s.label == c] for c in range(k)]
+    return sorted(rel for c in range(k) for rel in per_class[c][: limit // k + (c < limit % k)])
 
 
 def network_features(data_dir: Path, paths: list[bytes], model: torch.nn.Module, preset: Preset) -> Features:
@@ -128,7 +128,7 @@ def verify(data_dir: str | os.PathLike[str], ecfg: ExtractConfig, fcfg: FitConfi
     e2e_cfg = fcfg if e2e_seed is None else replace(fcfg, seed=e2e_seed)
     on_epoch = (lambda s: progress("end-to-end epochs", s.epoch, fcfg.epochs)) if progress else None
     e2e_head, _, _ = train(through_network, labels, tr, va, e2e_cfg, on_epoch, in_dim=x_cached.shape[1],
-                           device=training_device(ecfg.device))
+                           device=training_device(ecfg.device), classes=len(index.classes))
     t4 = time.perf_counter()
 
     c_loss, c_acc, c_logits = evaluate(cached_head, lambda r: x_cached.index_select(0, r), labels, va)

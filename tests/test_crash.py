@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from catdog_cache.cache import parts_dir, read_features, read_index
+from catdog_cache.cache import list_parts, parts_dir, read_features, read_index
 from tests.conftest import TINY, draw
 
 # --device cpu: the reruns are compared bit for bit with one reference run; on a GPU, cudnn.benchmark may pick another
@@ -80,7 +80,7 @@ def test_sigkill_then_rerun_completes_without_redoing(big_dir, tmp_path, referen
     assert r.returncode == 0, r.stderr
     assert f"reused {done_before}" in r.stdout.replace("\n", " ") or (cache.exists() and done_before == 0)
     assert_same_as_reference(cache, reference)
-    assert not parts_dir(cache).exists()
+    assert list_parts(cache) == []  # every saved shard is listed in the index
     r = run(big_dir, cache)
     assert "extracted 0 new" in r.stdout
 

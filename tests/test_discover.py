@@ -31,12 +31,45 @@ def test_same_name_in_both_class_folders_kept(tmp_path):
     assert [(s.rel, s.label) for s in discover(tmp_path / "d").samples] == [("cat/1.jpg", 0), ("dog/1.jpg", 1)]
 
 
-def test_unknown_class_folder_warns_and_ids_stay(tmp_path):
+def test_any_class_folders_sorted_lower_case(tmp_path):
+    """Class folders define the classes, sorted (ImageFolder), one per name in any case."""
     draw(tmp_path / "d" / "dog" / "1.jpg", "dog", 1)
-    draw(tmp_path / "d" / "bird" / "1.jpg", "cat", 1)
+    draw(tmp_path / "d" / "Bird" / "1.jpg", "cat", 1)
+    draw(tmp_path / "d" / "ant" / "2.jpg", "cat", 2)
     d = discover(tmp_path / "d")
-    assert [(s.rel, s.label) for s in d.samples] == [("dog/1.jpg", 1)]
-    assert any("bird" in w for w in d.warnings) and any("'cat' has no images" in w for w in d.warnings)
+    assert d.classes == ("ant", "bird", "dog")
+    assert [(s.rel, s.label) for s in d.samples] == [("Bird/1.jpg", 1), ("ant/2.jpg", 0), ("dog/1.jpg", 2)]
+
+
+def test_cat_dog_subsets_keep_the_kaggle_ids(tmp_path):
+    draw(tmp_path / "d" / "DOG" / "1.jpg", "dog", 1)
+    d = discover(tmp_path / "d")
+    assert d.classes == ("cat", "dog") and [s.label for s in d.samples] == [1]
+    assert any("'cat' has no images" in w for w in d.warnings)
+
+
+def test_parent_of_image_folders_is_refused(tmp_path):
+    for split in ("train", "val"):
+        draw(tmp_path / "d" / split / "cat" / "1.jpg", "cat", 1)
+        draw(tmp_path / "d" / split / "dog" / "1.jpg", "dog", 1)
+    with pytest.raises(InputError, match=r"sub-folders that are image folders themselves \(train, val\)"):
+        discover(tmp_path / "d")
+
+
+def test_too_many_classes_refused(tmp_path):
+    for i in range(128):
+        (tmp_path / "d" / f"c{i:03d}").mkdir(parents=True)
+        (tmp_path / "d" / f"c{i:03d}" / "1.jpg").write_bytes(b"x")
+    with pytest.raises(InputError, match="at most 127 classes"):
+        discover(tmp_path / "d")
+
+
+def test_top_level_images_keep_the_folder_unlabeled(tmp_path):
+    draw(tmp_path / "d" / "1.jpg", "cat", 1)
+    draw(tmp_path / "d" / "extra" / "2.jpg", "cat", 2)
+    d = discover(tmp_path / "d")
+    assert d.layout == "unlabeled" and d.classes == () and [s.rel for s in d.samples] == ["1.jpg"]
+    assert any("extra" in w for w in d.warnings)
 
 
 def test_unlabeled_and_junk(tmp_path):

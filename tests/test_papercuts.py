@@ -14,7 +14,8 @@ def test_help_shows_flags_as_flags_and_usage_names(cli):
     for cmd in ("fit", "extract", "predict", "verify"):
         r = cli(cmd, "--help")
         assert "<bool>" not in r.output and "--json" in r.output or cmd == "verify"
-    assert "DATA_DIR" in cli("extract", "--help").output and "{data_dir}" not in cli("extract", "--help").output
+    assert "INPUT" in cli("extract", "--help").output and "{data_dir}" not in cli("extract", "--help").output
+    assert "DATA_DIR" in cli("predict", "--help").output and "{data_dir}" not in cli("predict", "--help").output
     r = cli("fit", "--json", "true", ok=False)
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) <= 4  # typer's usage error, short
     assert "[default: 128]" in cli("verify", "--help").output  # the same batch size as fit

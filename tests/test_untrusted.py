@@ -27,6 +27,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from catdog_cache.cache import compact
 from catdog_cache.cli import app
 from tests.conftest import TINY, draw
 
@@ -50,6 +51,7 @@ def build_base(root: Path, export: bool = True) -> SimpleNamespace:
     for args in steps + ([["export", "--head", head, "--out", model]] if export else []):
         r = runner.invoke(app, [str(a) for a in args])
         assert r.exit_code == 0, r.output
+    compact(cache, {}, single=True)  # one schema-1 file: the suites copy it and craft variants of it
     return SimpleNamespace(root=root, train=train, test=test, cache=cache, head=head,
                            model=model if export else None, rows=rows_of(cache))
 
@@ -375,7 +377,7 @@ def test_lock_dies_with_a_killed_extract(cli, base, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        parts = cache.with_name("features.h5.parts")
+        parts = cache.with_name("features.h5.shards")
         while not (cache.with_name("features.h5.lock").exists() and parts.is_dir() and any(parts.glob("*.h5"))):
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "the extract never started writing parts"
@@ -399,13 +401,18 @@ def test_lock_dies_with_a_killed_extract(cli, base, tmp_path):
 # ---------------------------------------------------------------- 8. a full disk
 
 def test_not_enough_space_keeps_the_old_cache(cli, base, tmp_path, monkeypatch):
+    """An append copies no rows (it needs room for its shard and the index only); compact, which does, checks the
+    free space first and leaves the cache as it was."""
     import catdog_cache.files as files_mod
 
     install(base, head=False)
-    before = Path("cache/features.h5").read_bytes()
     monkeypatch.setattr(files_mod, "free_bytes", lambda folder: 1000)
-    refused(cli("extract", small_folder(tmp_path / "more"), *TINY, ok=False), "not enough space")
+    cli("extract", small_folder(tmp_path / "more"), *TINY, "--quiet")
+    before = Path("cache/features.h5").read_bytes()
+    shards = sorted(p.name for p in Path("cache/features.h5.shards").iterdir())
+    refused(cli("compact", ok=False), "not enough space")
     assert Path("cache/features.h5").read_bytes() == before
+    assert sorted(p.name for p in Path("cache/features.h5.shards").iterdir()) == shards
     assert [p for p in Path("cache").rglob("*.tmp")] == []
 
 

@@ -145,7 +145,7 @@ def test_features_in_tiny_chunks_are_refused(cli, base, chunks):
 
 def test_what_the_writer_makes_is_accepted(cli, base, tmp_path):
     """One row (chunks of 1), no row at all (contiguous, a part of failures only), contiguous features."""
-    from catdog_cache.cache import read_index
+    from catdog_cache.cache import read_index, shards_dir
 
     craft_cache(base.cache, CACHE, {"features": lambda g, ds: g.create_dataset("features", data=ds[...])})
     assert read_index(CACHE).shape[0] == 8
@@ -154,7 +154,8 @@ def test_what_the_writer_makes_is_accepted(cli, base, tmp_path):
     (folder / "cat.0.jpg").write_bytes((base.train / "cat.0.jpg").read_bytes())
     (folder / "cat.1.jpg").write_bytes(b"not a jpeg")
     cli("extract", folder, *TINY, "--cache", "one.h5", "--quiet")
-    with h5py.File("one.h5", "r") as f:
+    (shard,) = shards_dir(Path("one.h5")).glob("*.h5")  # the rows live in the run's shard; one.h5 is its index
+    with h5py.File(shard, "r") as f:
         assert f["features"].chunks == (1, 1, 4096)
     bad = tmp_path / "bad"
     bad.mkdir()

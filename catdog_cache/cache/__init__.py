@@ -1,28 +1,36 @@
 """The HDF5 feature cache: the only package that imports h5py. format (schema, provenance, rows, index), validate
-(opening and checking hostile files), read (index, features, blocks), parts (crash-safe parts, assembly), lock (one
-writer per cache), layouts (the benchmark's alternative layouts). See format.py for the layout."""
+(opening and checking hostile files), view (shards merged into the logical rows; the one reader), read (index,
+features, blocks), shards (the sharded layout: index, append, adopt, convert, compact), parts (crash-safe parts,
+assembly into one file), lock (one writer per cache), layouts (the benchmark's alternative layouts). See format.py
+and shards.py for the layout."""
 
 from .format import (
     CHUNK_ROWS,
     CLASS_MAP,
+    INDEX_SCHEMA,
     SCHEMA_VERSION,
     UNKNOWN_STAT,
     Index,
     Provenance,
+    Recorded,
     Refresh,
     Rows,
     encode_path,
+    merge_classes,
     recorded,
     require_same,
 )
 from .layouts import rewrite_features, time_full_read
 from .lock import locked
-from .parts import assemble, list_parts, parts_dir, write_part
+from .parts import assemble, parts_dir, write_part
 from .read import BlockReader, open_cache, read_features, read_index
+from .shards import compact, finish, list_parts, listed, remove_cache, shards_dir
 from .validate import open_h5
+from .view import View
 
 __all__ = [
-    "CHUNK_ROWS", "CLASS_MAP", "SCHEMA_VERSION", "UNKNOWN_STAT", "BlockReader", "Index", "Provenance", "Refresh",
-    "Rows", "assemble", "encode_path", "list_parts", "locked", "open_cache", "open_h5", "parts_dir", "read_features",
-    "read_index", "recorded", "require_same", "rewrite_features", "time_full_read", "write_part",
+    "CHUNK_ROWS", "CLASS_MAP", "INDEX_SCHEMA", "SCHEMA_VERSION", "UNKNOWN_STAT", "BlockReader", "Index", "Provenance",
+    "Recorded", "Refresh", "Rows", "View", "assemble", "compact", "encode_path", "finish", "list_parts", "listed",
+    "locked", "merge_classes", "open_cache", "open_h5", "parts_dir", "read_features", "read_index", "recorded",
+    "remove_cache", "require_same", "rewrite_features", "shards_dir", "time_full_read", "write_part",
 ]

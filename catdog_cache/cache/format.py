@@ -6,7 +6,8 @@ Layout (schema 1), one file, rows sorted by (source, relative path):
   features  [N, V, 4096] float32|float16, chunks of 64 rows, uncompressed
   paths     [N] variable-length bytes: the relative path exactly as the file system spells it
   source    [N] uint16 index into attrs["sources"]
-  labels    [N] int8: 0 cat, 1 dog, -1 unlabeled
+  labels    [N] int8: an index into class_map ({"cat": 0, "dog": 1} for cat/dog; {} when no folder had labels),
+            -1 unlabeled
   sha256    [N] 64-char hex of the file's bytes
   stat      [N, 4] int64 (optional): the file's (size, mtime_ns, inode, device) when the run saw it; -1 = unknown
   failures/{paths, source, sha256, reasons}: files that could not be decoded, with the reason
@@ -15,6 +16,9 @@ Layout (schema 1), one file, rows sorted by (source, relative path):
             with their newer stat (assembly folds them into `stat`; see Refresh)
   attrs     scan_ns (optional int): time.time_ns() when the run that wrote the file started scanning its folder
 Caches written before stats have no `stat` columns and no scan_ns: their files are hashed once (see rerun.py).
+
+Sharded (schema 2, see shards.py): `features.h5` is a small index and the rows live in immutable schema-1 files
+`features.h5.shards/NAME.h5`; readers merge them (view.py) into exactly the rows the single file would hold.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ import numpy as np
 
 from ..errors import CacheError, ProvenanceMismatch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # a file of rows: a single-file cache, or one shard of a sharded cache
+INDEX_SCHEMA = 2  # a sharded cache's index (shards.py): the shard list and the cache-level attributes
 CHUNK_ROWS = 64  # 64 rows: 1 MiB at 4096-d float32 (320 KiB at 1280-d): large sequential reads, cheap streaming
-CLASS_MAP = {"cat": 0, "dog": 1}
+CLASS_MAP = {"cat": 0, "dog": 1}  # the Kaggle classes; any labeled image folder records its own (discover.class_names)
 STAT_FIELDS = ("size", "mtime_ns", "inode", "device")  # the columns of a `stat` row
 UNKNOWN_STAT = (-1, -1, -1, -1)  # no stat recorded (older cache, racy file): never equals a real file's
 # git's racy rule: a file whose mtime is not older than the scan that recorded it may have changed again within the
@@ -39,11 +44,11 @@ UNKNOWN_STAT = (-1, -1, -1, -1)  # no stat recorded (older cache, racy file): ne
 RACY_NS = 2_000_000_000
 
 
-def trusted(stat: np.ndarray, scan_ns: int) -> np.ndarray:
+def trusted(stat: np.ndarray, scan_ns: int | np.ndarray) -> np.ndarray:
     """[K, 4] recorded stats -> the same with every racy or unknown row set to UNKNOWN_STAT: a stat is evidence only
-    for a file last modified well before the scan that recorded it."""
+    for a file last modified well before the scan that recorded it. `scan_ns`: one time, or [K] (a row's own)."""
     out = np.array(stat, dtype=np.int64, copy=True).reshape(-1, 4)
-    out[(out[:, 0] < 0) | (out[:, 1] >= scan_ns - RACY_NS)] = UNKNOWN_STAT
+    out[(out[:, 0] < 0) | (out[:, 1] >= np.asarray(scan_ns, np.int64) - RACY_NS)] = UNKNOWN_STAT
     return out
 
 
@@ -152,14 +157,38 @@ class Index:
     dtype: str
     weights_path: str = ""  # where the --weights FILE was when extracted (its sha256 is in the provenance)
     incomplete: list[str] = field(default_factory=list)  # sources whose last extract was interrupted (Ctrl-C)
+    classes: list[str] = field(default_factory=lambda: list(CLASS_MAP))  # label i means classes[i]
     stat: np.ndarray | None = None  # [N, 4] int64 as recorded (UNKNOWN_STAT rows where none was); None: all unknown
     failed_stat: np.ndarray | None = None  # [M, 4] int64, as `stat`
     scan_ns: int = 0  # when the run that wrote this file started its scan; 0: unknown (every stat is then racy)
-    refresh: Refresh = field(default_factory=Refresh.empty)
+    refresh: Refresh = field(default_factory=Refresh.empty)  # a shard's own records; a merged view has folded them
+    # [N] / [M] int64: the scan time each row's stat was taken under. One file has one (scan_ns); a view merged from
+    # shards has its rows' shards' (or, for a stat a later shard refreshed, that shard's): per row, as arrays
+    stat_scan: np.ndarray | None = None
+    failed_scan: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.stat = unknown_stats(len(self.paths)) if self.stat is None else self.stat
         self.failed_stat = unknown_stats(len(self.failed)) if self.failed_stat is None else self.failed_stat
+        if self.stat_scan is None:
+            self.stat_scan = np.full(len(self.paths), self.scan_ns, np.int64)
+        if self.failed_scan is None:
+            self.failed_scan = np.full(len(self.failed), self.scan_ns, np.int64)
+
+    @property
+    def labeled(self) -> bool:
+        return bool((self.labels >= 0).any())
+
+    def folded(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """(stat, failed_stat, scan_ns) for writing these rows into ONE file (compact, assemble): each racy stat
+        set to UNKNOWN_STAT under its own scan time, and the latest scan time as the file's. One attribute suffices,
+        no per-row scan column: trust only grows with the scan time (mtime < scan - RACY_NS), so a stat trusted
+        under its own scan is trusted under any later one, and an untrusted one is UNKNOWN for good; every row
+        gets the same verdict from the file as it got from its shard."""
+        assert self.stat is not None and self.failed_stat is not None
+        scans = np.concatenate([self.stat_scan, self.failed_scan])
+        return (trusted(self.stat, self.stat_scan), trusted(self.failed_stat, self.failed_scan),
+                int(scans.max()) if len(scans) else self.scan_ns)
 
     def keys(self) -> list[tuple[str, bytes]]:
         return [(self.sources[s], p) for s, p in zip(self.source.tolist(), self.paths, strict=True)]
@@ -191,6 +220,11 @@ class Recorded:
     def sha256(self, path: bytes) -> str:
         return self.entries[path][0]
 
+    def subset(self, paths: list[bytes]) -> Recorded:
+        """The entries of these paths (those recorded) alone, e.g. one input shard's for a Ray task."""
+        mine = [p for p in paths if p in self.entries]
+        return Recorded({p: (self.entries[p][0], j) for j, p in enumerate(mine)}, self.stats(mine).reshape(-1, 4))
+
     def stats(self, paths: list[bytes]) -> np.ndarray:
         """[len(paths), 4] the trusted stats of these recorded paths."""
         return self.stat[[self.entries[p][1] for p in paths]]
@@ -212,11 +246,11 @@ def recorded(indexes: list[Index], source: str) -> Recorded:
         paths = idx.paths if len(rows) == len(idx.paths) else [idx.paths[r] for r in rows.tolist()]
         shas = idx.sha256 if len(rows) == len(idx.paths) else [idx.sha256[r] for r in rows.tolist()]
         entries.update(zip(paths, zip(shas, range(base, base + len(rows)), strict=True), strict=True))
-        blocks.append(trusted(idx.stat[rows], idx.scan_ns))
+        blocks.append(trusted(idx.stat[rows], idx.stat_scan[rows]))
         base += len(rows)
         fails = [k for k, (s, _, sha, _) in enumerate(idx.failed) if s == sid and sha]
         entries.update((idx.failed[k][1], (idx.failed[k][2], base + j)) for j, k in enumerate(fails))
-        blocks.append(trusted(idx.failed_stat[fails], idx.scan_ns))
+        blocks.append(trusted(idx.failed_stat[fails], idx.failed_scan[fails]))
         base += len(fails)
         mine = np.flatnonzero(idx.refresh.source == sid).tolist()
         vouched = [k for k in mine if idx.refresh.paths[k] in entries and
@@ -228,6 +262,21 @@ def recorded(indexes: list[Index], source: str) -> Recorded:
 
 
 _FS = (sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
+
+
+def merge_classes(inputs: list[tuple[list[str], bool]], where: str) -> list[str]:
+    """The classes of a cache assembled from inputs [(classes, holds labeled rows)]: those holding labels must name
+    the same classes in the same order (extract maps a folder's labels onto the cache's classes before writing);
+    the others' lists mean nothing. Labels index the list: merging two orders would silently relabel rows."""
+    labeled = [c for c, has in inputs if has]
+    for c in labeled[1:]:
+        if c != labeled[0]:
+            raise CacheError(f"{where}: the parts label with different classes ({', '.join(labeled[0])} vs "
+                             f"{', '.join(c)}); refusing to merge them")
+    if labeled:
+        return labeled[0]
+    named = [c for c, _ in inputs if c]
+    return named[-1] if named else []
 
 
 def encode_path(rel: str) -> bytes:

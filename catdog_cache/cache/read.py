@@ -1,4 +1,6 @@
-"""Reading a validated cache: its index, all features, or features in blocks of whole chunks."""
+"""Reading a validated cache (a single file or a sharded one): its index, all features, or features in blocks.
+One reader, the View (view.py), used by every command: it opens the shards the index lists, never the index's
+virtual datasets (those are for plain h5py)."""
 
 from __future__ import annotations
 
@@ -7,55 +9,51 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from .format import CHUNK_ROWS, Index
-from .validate import _index, open_h5
+from .format import CHUNK_ROWS, SCHEMA_VERSION, Index
+from .validate import open_h5, schema_of
+from .view import View, single_file
 
 
 def read_index(path: str | os.PathLike[str]) -> Index:
-    path = Path(path)
-    with open_h5(path) as f:
-        return _index(f, path)
+    with open_cache(path) as (_, index):
+        return index
 
 
 @contextlib.contextmanager
-def open_cache(path: str | os.PathLike[str]) -> Iterator[tuple[h5py.File, Index]]:
-    """One handle for index and features: an append between two opens cannot misalign labels and features."""
+def open_cache(path: str | os.PathLike[str]) -> Iterator[tuple[View, Index]]:
+    """One reader for index and features: a single file stays open; a sharded cache's shards are immutable and
+    checked against the index (an append between two opens cannot misalign labels and features)."""
+    from .shards import read_state, state_view
+
     path = Path(path)
     with open_h5(path) as f:
-        yield f, _index(f, path)
+        view = single_file(f, path) if schema_of(f, path) == SCHEMA_VERSION else state_view(path, read_state(f, path))
+        try:
+            yield view, view.index
+        finally:
+            view.close()
 
 
-def read_features(path: str | os.PathLike[str] | h5py.File, view: int | None = 0) -> np.ndarray:
+def read_features(path: str | os.PathLike[str] | View, view: int | None = 0) -> np.ndarray:
     """All features as float32: [N, D] for one view, [N, V, D] for view=None."""
     with contextlib.ExitStack() as stack:
-        if isinstance(path, h5py.File):
-            f = path
-        else:
-            f, _ = stack.enter_context(open_cache(path))
-        ds = f["features"]
-        out = np.empty(ds.shape if view is None else (ds.shape[0], ds.shape[2]), dtype=np.float32)
-        if out.shape[0] == 0:
-            return out
-        if view is None:
-            out[...] = ds[...]
-        elif ds.dtype == np.float32 and ds.shape[1] == 1:
-            ds.read_direct(out.reshape(ds.shape))  # no temporary copy for the common case
-        else:
-            for s in range(0, ds.shape[0], 4096):
-                out[s : s + 4096] = ds[s : s + 4096, view, :]
+        reader = path if isinstance(path, View) else stack.enter_context(open_cache(path))[0]
+        n = reader.rows
+        out = np.empty((n, *reader.index.shape[1:]) if view is None else (n, reader.index.shape[2]), np.float32)
+        for s in range(0, n, 4096):
+            out[s : s + 4096] = reader.read(s, s + 4096, view)
         return out
 
 
 class BlockReader:
-    """Features in blocks of whole HDF5 chunks, one block in memory at a time: for caches larger than memory.
-    Reads through the caller's open handle (the one its index came from)."""
+    """Features in blocks of whole 64-row chunks of the logical rows, one block in memory at a time: for caches
+    larger than memory. Reads through the caller's open reader (the one its index came from)."""
 
-    def __init__(self, f: h5py.File, block_rows: int, view: int = 0) -> None:
-        self._ds = f["features"]
-        self.rows, self.dim = self._ds.shape[0], self._ds.shape[2]
+    def __init__(self, reader: View, block_rows: int, view: int = 0) -> None:
+        self._reader = reader
+        self.rows, self.dim = reader.rows, reader.index.shape[2]
         self.block_rows = max(CHUNK_ROWS, block_rows // CHUNK_ROWS * CHUNK_ROWS)  # whole chunks only
         self.blocks = -(-self.rows // self.block_rows)
         self.view = view
@@ -66,5 +64,5 @@ class BlockReader:
         if self._current is None or self._current[0] != b:
             self._current = None  # free before reading the next one
             lo = b * self.block_rows
-            self._current = (b, self._ds[lo : lo + self.block_rows, self.view, :].astype(np.float32, copy=False))
+            self._current = (b, self._reader.read(lo, lo + self.block_rows, self.view))
         return self._current[1]

@@ -12,10 +12,24 @@ import numpy as np
 
 from ..errors import CacheBusy, CacheError
 from ..files import printable
-from .format import CHUNK_ROWS, SCHEMA_VERSION, Index, Provenance, Refresh
+from .format import CHUNK_ROWS, INDEX_SCHEMA, SCHEMA_VERSION, Index, Provenance, Refresh
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MAX_VIEWS, MAX_DIM = 16, 1 << 20  # sanity bounds on a cache's declared shape
+MAX_CLASSES, MAX_CLASS_NAME = 127, 255  # int8 labels; a folder name (as discover's bounds)
+
+
+def parse_classes(text: object) -> list[str]:
+    """class_map {name: index}: at most 127 classes (int8 labels), names non-empty strings of at most 255
+    characters, indices exactly 0..K-1 (ints, not bools). Returns the names in index order."""
+    data = json.loads(text)  # a str or bytes scalar (checked by _attr); anything else raises TypeError
+    if not isinstance(data, dict) or len(data) > MAX_CLASSES:
+        raise ValueError(f"class_map is not a mapping of at most {MAX_CLASSES} classes")
+    if not all(isinstance(k, str) and 0 < len(k) <= MAX_CLASS_NAME for k in data):
+        raise ValueError("class_map has an empty, overlong or non-text class name")
+    if not all(type(v) is int for v in data.values()) or sorted(data.values()) != list(range(len(data))):
+        raise ValueError("class_map indices are not 0..K-1")
+    return sorted(data, key=data.__getitem__)
 
 
 @contextlib.contextmanager
@@ -68,7 +82,8 @@ def _dataset(f: h5py.Group, name: str, path: Path) -> h5py.Dataset:
     return ds
 
 
-def _check_schema(f: h5py.File, path: Path) -> None:
+def schema_of(f: h5py.File, path: Path) -> int:
+    """1: a single-file cache (or one shard); 2: a sharded cache's index. Anything else is refused."""
     try:
         version = _attr(f, "schema_version")
     except (KeyError, ValueError):
@@ -77,15 +92,25 @@ def _check_schema(f: h5py.File, path: Path) -> None:
         raise CacheError(f"{path} is an HDF5 file but not a catdog-cache cache")
     if not isinstance(version, int | np.integer):
         raise CacheError(f"{path} has a schema_version of type {type(version).__name__}; not a catdog-cache cache")
-    if int(version) != SCHEMA_VERSION:
-        raise CacheError(f"{path} uses cache schema {int(version)}; this catdog-cache reads schema {SCHEMA_VERSION}: "
-                         "extract again into a new cache")
+    if int(version) not in (SCHEMA_VERSION, INDEX_SCHEMA):
+        raise CacheError(f"{path} uses cache schema {int(version)}; this catdog-cache reads schemas {SCHEMA_VERSION} "
+                         f"and {INDEX_SCHEMA}: extract again into a new cache")
+    return int(version)
+
+
+def _check_schema(f: h5py.File, path: Path) -> None:
+    """A file holding rows itself (schema 1: a single-file cache or a shard)."""
+    if schema_of(f, path) != SCHEMA_VERSION:
+        raise CacheError(f"{path} is a sharded cache's index, not a file of rows; refusing it here")
 
 
 # Each per-row column has exactly the type parts._write gives it (a crafted `S2147483647` sha256 column would be
 # allocated at 2 GiB per row; a vlen int one breaks every reader): a fixed dtype, or a variable-length kind.
 COLUMNS: dict[str, np.dtype | type] = {"source": np.dtype("u2"), "labels": np.dtype("i1"), "sha256": np.dtype("S64"),
-                                       "paths": bytes, "reasons": str}
+                                       "paths": bytes, "reasons": str,
+                                       # a sharded cache's index (shards.py): shard names, sizes, deletion records
+                                       "names": bytes, "rows": np.dtype("u8"), "bytes": np.dtype("u8"),
+                                       "before": np.dtype("u4")}
 MAX_CHUNK_BYTES = 64 << 20  # a features chunk larger than this is not one our writer makes for any sane width
 
 
@@ -212,6 +237,7 @@ def _index(f: h5py.File, path: Path) -> Index:
         incomplete = json.loads(_attr(f, "incomplete")) if "incomplete" in f.attrs else []
         if not isinstance(incomplete, list) or not all(isinstance(x, str) and x in sources for x in incomplete):
             raise ValueError("incomplete is not a list of its source folders")
+        classes = parse_classes(_attr(f, "class_map"))
         if "failures" not in f or not isinstance(f.get("failures", getlink=True), h5py.HardLink):
             raise ValueError("no failures group")
         fail = f["failures"]
@@ -245,6 +271,7 @@ def _index(f: h5py.File, path: Path) -> Index:
             dtype=str(feats.dtype),
             weights_path=str(_attr(f, "weights_path")) if "weights_path" in f.attrs else "",
             incomplete=incomplete,
+            classes=classes,
             stat=stat,
             failed_stat=failed_stat,
             scan_ns=int(scan_ns),
@@ -254,8 +281,9 @@ def _index(f: h5py.File, path: Path) -> Index:
         raise
     except (KeyError, ValueError, TypeError, OSError, UnicodeDecodeError) as e:
         raise CacheError(f"{path} is damaged ({printable(str(e))}): delete it and extract again") from None
-    if len(labels) and not np.isin(labels, (-1, 0, 1)).all():
-        raise CacheError(f"{path} holds labels outside -1 (unlabeled), 0 (cat), 1 (dog): refusing it")
+    if len(labels) and (labels.min() < -1 or labels.max() >= len(classes)):
+        raise CacheError(f"{path} holds labels outside -1 (unlabeled) and its {len(classes)} classes "
+                         f"({printable(', '.join(classes)[:200]) or 'none'}): refusing it")
     used = np.concatenate([source, np.array([s for s, *_ in index.failed], np.int64), index.refresh.source])
     if len(used) and (used.min() < 0 or used.max() >= len(sources)):
         raise CacheError(f"{path} has rows pointing at source folders it does not list: refusing it")

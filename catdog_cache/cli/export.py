@@ -29,6 +29,7 @@ def export_cmd(
 
     path = export(head or DEFAULT_HEAD, out_model, weights)
     out.print(f"[green]exported[/] {escape(printable(str(path)))} ({path.stat().st_size / 2**20:.1f} MiB): "
-              "torch.export.load(path).module()(x) -> [B, 2] probabilities (cat, dog), x after the recorded transform",
+              "torch.export.load(path).module()(x) -> [B, K] probabilities (cat, dog; the metadata's classes), x after "
+              "the recorded transform",
               highlight=False)
 

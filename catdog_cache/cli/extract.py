@@ -1,4 +1,4 @@
-"""`catdog-cache extract`: run the frozen backbone over a folder once, store the features."""
+"""`catdog-cache extract`: run the frozen backbone over a folder or tar shards once, store the features."""
 
 from __future__ import annotations
 
@@ -34,8 +34,11 @@ from .common import (
 @app.command("extract")
 @guarded
 def extract_cmd(
-    data_dir: Path = typer.Argument(..., metavar="DATA_DIR",
-                                    help="Image folder: cat/ + dog/ sub-folders, cat.N.jpg files, or unlabeled."),
+    data_dir: str = typer.Argument(..., metavar="INPUT",
+                                   help="Image folder (one sub-folder per class, e.g. cat/ + dog/; cat.N.jpg files; "
+                                   "or unlabeled), or WebDataset tar shards: a .tar, a brace pattern "
+                                   "(shards/train-{000000..000099}.tar), a text file listing shards, or URLs (s3://, "
+                                   "gs://, https://: pip install 'catdog-cache[remote]')."),
     cache: Path = CACHE,
     backbone: str | None = typer.Option(None, "--backbone", show_default="vgg16" + APPEND, help=BACKBONE.help),
     layer: str | None = typer.Option(None, "--layer", show_default="the backbone's default (vgg16: fc7)" + APPEND,
@@ -62,13 +65,28 @@ def extract_cmd(
     quiet: bool = QUIET,
     as_json: bool = JSON,
     part_rows: int = typer.Option(1024, "--part-rows", hidden=True, help="Rows per crash-safe part."),
+    engine: str = typer.Option("local", "--engine", help="local (this process; torchrun for several GPUs of one "
+                               "node) | ray (a Ray cluster: one retried task per input shard, resumable)."),
+    ray_address: str | None = typer.Option(None, "--ray-address", show_default="$RAY_ADDRESS, else a local Ray",
+                                           help="Ray cluster to run on (--engine ray)."),
+    shard_size: int | None = typer.Option(None, "--shard-size", show_default="1000",
+                                          help="Files per input shard: Ray's unit of work, retry and resume."),
+    actors: int | None = typer.Option(None, "--actors", show_default="as many as the GPUs (or CPUs) hold",
+                                      help="Backbone actors (--engine ray)."),
+    gpus_per_actor: float | None = typer.Option(None, "--gpus-per-actor", show_default="1 when there are GPUs",
+                                                help="GPU share per actor, e.g. 0.5: two actors per GPU."),
+    cpus_per_actor: float | None = typer.Option(None, "--cpus-per-actor", show_default="1",
+                                                help="CPUs per actor; beyond the first, decode workers."),
 ) -> None:
     """Run the frozen backbone over every image once and store its features. Adding to an existing cache needs no
     repeated flags: options left out take the cache's recorded settings; only contradicting ones are refused."""
     from ..backbone import parse_weights
+    from ..precheck import engine as check_engine
     from ..precheck import extract_inputs
 
     extract_inputs(data_dir, backbone, layer, device)  # before torch's import: mistakes answered at once
+    check_engine(engine, {"--ray-address": ray_address, "--shard-size": shard_size, "--actors": actors,
+                          "--gpus-per-actor": gpus_per_actor, "--cpus-per-actor": cpus_per_actor})
     from ..extract import ExtractConfig, extract
     from ..settings import resolve_settings
 
@@ -81,13 +99,24 @@ def extract_cmd(
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
         extract(data_dir, cache, cfg, prune=prune, strict=strict, checksum=checksum)
         return
+    ray: dict[str, int] = {}
     with Bar(quiet or as_json) as bar:
-        r = extract(data_dir, cache, cfg, progress=bar, prune=prune, strict=strict, checksum=checksum)
+        if engine == "ray":
+            from ..engine_ray import RayOptions, extract_ray
+
+            given = {k: v for k, v in {"address": ray_address, "shard_size": shard_size, "actors": actors,
+                                       "gpus_per_actor": gpus_per_actor, "cpus_per_actor": cpus_per_actor}.items()
+                     if v is not None}
+            opts = RayOptions(**given)  # type: ignore[arg-type]
+            r = extract_ray(data_dir, cache, cfg, opts, progress=bar, prune=prune, strict=strict, checksum=checksum)
+            ray = {"shards": r.shards, "shards_run": r.shards_run, "actors": r.actors}
+        else:
+            r = extract(data_dir, cache, cfg, progress=bar, prune=prune, strict=strict, checksum=checksum)
     if as_json:
         print(_json({"cache": str(cache), "rows": r.rows, "found": r.found, "extracted": r.extracted,
                      "reused": r.reused, "hashed": r.hashed, "failed": r.failed, "skipped": r.skipped,
                      "removed": r.removed, "pruned": r.pruned, "seconds": r.seconds, "layout": r.layout,
-                     "warnings": r.warnings}))
+                     "warnings": r.warnings, **ray}))
         return
     for w in r.warnings:
         err.print(f"[yellow]warning:[/] {escape(printable(w))}")
@@ -100,4 +129,9 @@ def extract_cmd(
     hashed = f" ({r.hashed:,} read to check)" if r.hashed else ""  # the others: unchanged by their stat
     out.print(f"[green]extracted[/] {r.extracted:,} new, reused {r.reused:,}{hashed}, failed {len(r.failed):,} -> "
               f"{plural(r.rows, 'row')} in {escape(printable(str(cache)))} in {r.seconds:.1f}s{rate}", highlight=False)
+    if ray and ray["shards_run"]:
+        out.print(f"ray: {ray['shards_run']:,} of {plural(ray['shards'], 'input shard')} run on "
+                  f"{plural(ray['actors'], 'actor')} (the others were done already)", highlight=False)
+    elif ray:
+        out.print(f"ray: all {plural(ray['shards'], 'input shard')} were done already; no task ran", highlight=False)
 

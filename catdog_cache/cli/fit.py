@@ -104,39 +104,38 @@ def fit_cmd(
     if as_json:
         print(_json({"head": str(head), "seconds": r.seconds, "n_train": r.n_train, "n_val": r.n_val,
                      "val_acc": r.val_acc, "val_log_loss": r.val_log_loss, "confusion": r.confusion,
-                     "per_class_acc": dict(zip(("cat", "dog"), r.per_class_acc, strict=True)),
+                     "classes": r.classes, "per_class_acc": dict(zip(r.classes, r.per_class_acc, strict=True)),
                      "calibration": r.calibration, "curve": str(r.curve) if r.curve else None,
                      "kept_epoch": r.kept_epoch, "head_shape": r.head_shape, "folds": r.folds,
                      "overfit": r.overfit or None, "fold_curve": str(r.fold_curve) if r.fold_curve else None,
                      "reliability": str(r.reliability) if r.reliability else None,
+                     "confusion_plot": str(r.confusion_plot) if r.confusion_plot else None,
                      "missing": r.missing, "sources": r.sources,
                      "history": [h.row() for h in r.history]}))
         return
     if not quiet:
         out.print(table)
         if r.n_val:
-            (tc, td), (fc, fd) = r.confusion
-            cm = Table("true \\ predicted", "cat", "dog", "class accuracy",
-                       title=f"{'out-of-fold' if folds else 'validation'}: {plural(r.n_val, 'image')}")
-            acc = [f"{a:.3f}" if a == a else "no images" for a in r.per_class_acc]  # nan: class absent
-            cm.add_row("cat", str(tc), str(td), acc[0])
-            cm.add_row("dog", str(fc), str(fd), acc[1])
-            out.print(cm)
+            out.print(confusion_table(r, folds))
         if r.calibration:
             c = r.calibration
             bound = (" (at the edge of its range 0.05-20: the validation set is too easy or too small to calibrate)"
                      if c.get("clamped") else "")
             where = (f"out-of-fold predictions of {plural(r.n_val, 'image')} (two numbers fitted on them: nearly "
                      "unbiased)" if folds else "the validation split they are scored on, so optimistic")
-            out.print(f"calibrated: temperature {c['temperature']:.3f}{bound}, clip {c['clip']:g}; "
-                      f"log loss {c['log_loss_before']:.4f} -> {c['log_loss_temperature']:.4f} (temperature) -> "
-                      f"{c['log_loss_after']:.4f} (clip); fitted on {where}")
+            clip = (f", clip {c['clip']:g}", f" -> {c['log_loss_after']:.4f} (clip)") if r.classes == ["cat", "dog"] \
+                else ("", "")  # the P(dog) clip is the Kaggle Redux trick: cat/dog heads only
+            out.print(f"calibrated: temperature {c['temperature']:.3f}{bound}{clip[0]}; "
+                      f"log loss {c['log_loss_before']:.4f} -> {c['log_loss_temperature']:.4f} (temperature)"
+                      f"{clip[1]}; fitted on {where}")
         if r.curve:
             out.print(f"training curve: {escape(str(r.curve))}", highlight=False)
         if r.fold_curve:
             out.print(f"fold curves: {escape(str(r.fold_curve))}", highlight=False)
         if r.reliability:
             out.print(f"reliability diagram: {escape(str(r.reliability))}", highlight=False)
+        if r.confusion_plot:
+            out.print(f"confusion matrix: {escape(str(r.confusion_plot))}", highlight=False)
     mode = " (streamed from disk)" if r.streamed else ""
     kept = f", kept epoch {r.kept_epoch} (lowest validation log loss)" if keep == "best" and not folds else ""
     val = (f"validation accuracy {r.val_acc:.4f}, log loss {r.val_log_loss:.4f}" if r.n_val
@@ -154,3 +153,22 @@ def fit_cmd(
     if r.overfit_note:  # after the summary line, so it is the last thing read
         err.print(f"[yellow]warning:[/] {escape(r.overfit_note)}", highlight=False)
 
+
+
+MAX_TABLE_CLASSES = 20  # a wider confusion matrix does not fit a terminal: --json has it whole
+
+
+def confusion_table(r, folds: int) -> Table:
+    """K x K: rows the true class, columns the predicted one, and each class's accuracy (the diagonal share)."""
+    names = [escape(printable(c))[:12] for c in r.classes]
+    acc = [f"{a:.3f}" if a == a else "no images" for a in r.per_class_acc]  # nan: class absent
+    title = f"{'out-of-fold' if folds else 'validation'}: {plural(r.n_val, 'image')}"
+    if len(names) > MAX_TABLE_CLASSES:
+        t = Table("class", "images", "class accuracy", title=f"{title} (the confusion matrix is in --json)")
+        for name, row, a in zip(names, r.confusion, acc, strict=True):
+            t.add_row(name, str(sum(row)), a)
+        return t
+    t = Table("true \\ predicted", *names, "class accuracy", title=title)
+    for name, row, a in zip(names, r.confusion, acc, strict=True):
+        t.add_row(name, *map(str, row), a)
+    return t

@@ -34,23 +34,29 @@ def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_defa
              failures: bool = typer.Option(False, "--failures", help="List every file that could not be decoded, "
                                            "with the reason.")) -> None:
     """Rows, classes and counts, provenance, failures and size on disk of a cache."""
-    from ..cache import parts_dir, read_index
+    from ..cache import list_parts, listed, open_cache
 
     if path is not None and cache is not None and path != cache:
         raise CatdogError(f"info: the cache {path} and --cache {cache} differ; give one")
     cache = path or cache or Path("cache/features.h5")
     _not_a_head(cache)
-    idx = read_index(cache)
-    folder = parts_dir(cache)  # parts left by a killed extract: read only here (the next extract assembles them)
-    parts = len(list(folder.glob("*.h5"))) if folder.is_dir() and not folder.is_symlink() else 0
+    with open_cache(cache) as (view, idx):
+        sharded = listed(cache)[0] == 2
+        shard_bytes = view.shard_bytes if sharded else []
+    parts = len(list_parts(cache, clean=False))  # a killed extract's shards: the next extract lists them
     labels = idx.labels.tolist()
+    classes = idx.classes or ["cat", "dog"]  # a cache without labeled folders reads as before classes were recorded
     prov = json.loads(idx.provenance.to_json())
     prov["transform"] = json.loads(prov["transform"])  # an object in JSON, not a string inside it
     summary = {
         "cache": str(cache), "rows": idx.shape[0], "views": idx.shape[1], "dim": idx.shape[2],
-        "dtype": idx.dtype, "cat": labels.count(0), "dog": labels.count(1), "unlabeled": labels.count(-1),
-        "failed": len(idx.failed), "size_bytes": cache.stat().st_size, "sources": idx.sources, "provenance": prov,
-        "incomplete": idx.incomplete, "unassembled_parts": parts,
+        "dtype": idx.dtype, **({"cat": labels.count(0), "dog": labels.count(1)} if classes == ["cat", "dog"]
+                               else {}), "unlabeled": labels.count(-1),
+        "classes": {c: labels.count(i) for i, c in enumerate(classes)},
+        "failed": len(idx.failed), "size_bytes": cache.stat().st_size + sum(shard_bytes), "sources": idx.sources,
+        "provenance": prov, "incomplete": idx.incomplete, "unassembled_parts": parts,
+        "layout": "sharded" if sharded else "single file", "shards": len(shard_bytes), "index_bytes":
+            cache.stat().st_size if sharded else 0, "shard_bytes": shard_bytes,
     }
     if failures:
         summary["failures"] = [{"source": idx.sources[s] if 0 <= s < len(idx.sources) else None,
@@ -61,10 +67,19 @@ def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_defa
         return
     t = Table(show_header=False, title=escape(printable(str(cache))))
     t.add_row("rows", f"{summary['rows']:,} x {summary['views']} view(s) x {summary['dim']:,}")
-    for k in ("cat", "dog", "unlabeled", "failed"):
-        share = f" ({summary[k] / summary['rows']:.0%})" if summary["rows"] and k != "failed" else ""
-        t.add_row(k, f"{summary[k]:,}{share}")
+    counts = {**summary["classes"], "unlabeled": summary["unlabeled"]}
+    if len(counts) > 21:  # a long list of classes in one row: the table stays readable, --json has the counts
+        shown = ", ".join(f"{printable(c)} {n:,}" for c, n in list(summary["classes"].items())[:20])
+        t.add_row("classes", escape(f"{len(summary['classes'])}: {shown}, …"))
+        counts = {"unlabeled": summary["unlabeled"]}
+    for k, n in [*counts.items(), ("failed", summary["failed"])]:
+        share = f" ({n / summary['rows']:.0%})" if summary["rows"] and k != "failed" else ""
+        t.add_row(escape(printable(k)), f"{n:,}{share}")
     t.add_row("size", f"{summary['size_bytes'] / 2**20:.1f} MiB")
+    if sharded:  # immutable shards + a small index (catdog-cache compact merges them)
+        t.add_row("shards", f"{len(shard_bytes):,} ({min(shard_bytes) / 2**20:.1f}-{max(shard_bytes) / 2**20:.1f} MiB "
+                  f"each), index {summary['index_bytes'] / 2**10:.0f} KiB" if shard_bytes else
+                  f"0, index {summary['index_bytes'] / 2**10:.0f} KiB")
     for k, v in summary["provenance"].items():
         t.add_row(k, escape(printable(json.dumps(v) if isinstance(v, dict) else str(v))))
     t.add_row("sources", escape("\n".join(printable(s) for s in idx.sources)))

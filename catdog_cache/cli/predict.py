@@ -36,7 +36,8 @@ def predict_cmd(
                                             show_default="beside the head, named after the folder",
                                             help="Where this folder's features are cached (reused by later "
                                             "predicts); once per backbone for an ensemble head."),
-    out_csv: Path = typer.Option(Path("cache/predictions.csv"), "--out", help="CSV: path, p_cat, p_dog, label."),
+    out_csv: Path = typer.Option(Path("cache/predictions.csv"), "--out",
+                                 help="CSV: path, p_<class> per class (p_cat, p_dog), label."),
     submission: Path | None = typer.Option(None, "--submission", help="Also write Kaggle Redux `id,label`."),
     weights: str | None = typer.Option(None, "--weights", help="The weights file, if the head was trained on one "
                                        "that moved (its path and sha256 are recorded)."),

@@ -18,7 +18,7 @@ def cross_fit(data: Data, cfg: FitConfig, k: int, on_fold: Callable[[int, float,
               device: torch.device | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[list[EpochStats]]]:
     """K-fold cross-fitting: each labeled row is predicted by a head that never saw it. Returns the out-of-fold
-    logits [n, 2], their labels [n], each fold's best epoch (by its held-out log loss) and each fold's history
+    logits [n, K], their labels [n], each fold's best epoch (by its held-out log loss) and each fold's history
     (its held-out curve: fit draws them)."""
     labeled = np.flatnonzero(data.raw_labels >= 0)
     fold = fold_of([data.paths[i] for i in labeled], k, cfg.seed)
@@ -30,7 +30,8 @@ def cross_fit(data: Data, cfg: FitConfig, k: int, on_fold: Callable[[int, float,
             raise InputError(f"--folds {k}: fold {j + 1} leaves too few images; use fewer folds")
         tr = torch.from_numpy((rest[:, None] * v + np.arange(v)).ravel())
         va = torch.from_numpy(held * v)
-        head, history, _ = train(data.features_of, data.labels, tr, va, cfg, None, data.dim, device)
+        head, history, _ = train(data.features_of, data.labels, tr, va, cfg, None, data.dim, device,
+                                 len(data.classes))
         loss, acc, logits = evaluate(head, data.features_of, data.labels, va)
         best.append(min(history, key=lambda h: h.val_loss).epoch)
         histories.append(history)

@@ -25,10 +25,14 @@ def labeled_rows(index: Index, cache: Path) -> np.ndarray:
                          + partial)
     rows = np.flatnonzero(index.labels >= 0)
     classes = set(index.labels[rows].tolist())
-    if classes != {0, 1}:
-        have = ", ".join(["cat", "dog"][c] for c in sorted(classes)) or "no labels"
-        raise InputError(f"{cache} needs labeled cats and dogs to fit, and holds {have}: "
-                         "extract a folder with cat/ and dog/ sub-folders or cat.N.jpg / dog.N.jpg files" + partial)
+    if len(classes) < 2:
+        have = ", ".join(index.classes[c] for c in sorted(classes)) or "no labels"
+        if index.classes == ["cat", "dog"] or not index.classes:
+            raise InputError(f"{cache} needs labeled cats and dogs to fit, and holds {have}: extract a folder with "
+                             "cat/ and dog/ sub-folders (or one sub-folder per class) or cat.N.jpg / dog.N.jpg files"
+                             + partial)
+        raise InputError(f"{cache} needs labeled images of at least two classes to fit, and holds {have}: extract "
+                         "a folder with one sub-folder per class" + partial)
     return rows
 
 
@@ -138,6 +142,7 @@ class Data:
     streamed: Streamed | None = None
     missing: list[str] = field(default_factory=list)  # images present in only some of the caches
     sources: list[str] = field(default_factory=list)  # the folders of the labeled rows: what training sees
+    classes: list[str] = field(default_factory=lambda: ["cat", "dog"])  # label i means classes[i]: the head's outputs
 
 
 def load(caches: list[Path], cfg: FitConfig, budget: int, stack: contextlib.ExitStack,
@@ -153,7 +158,8 @@ def load(caches: list[Path], cfg: FitConfig, budget: int, stack: contextlib.Exit
         v = cfg.views_of(index) if cfg.augment else 1
         data = Data(None, torch.from_numpy(index.labels.astype(np.int64)).repeat_interleave(v), index.paths,
                     index.labels, v, dim, [index.provenance.to_json()], caches, [index.weights_path],
-                    sources=[index.sources[s] for s in np.unique(index.source[index.labels >= 0]).tolist()])
+                    sources=[index.sources[s] for s in np.unique(index.source[index.labels >= 0]).tolist()],
+                    classes=index.classes)
         if n * v * dim * 4 <= budget:
             x_np = read_features(f, view=None if cfg.augment else 0)
             check_finite(x_np, str(caches[0]))
@@ -170,6 +176,10 @@ def load(caches: list[Path], cfg: FitConfig, budget: int, stack: contextlib.Exit
             if ix.provenance.views != index.provenance.views:
                 raise InputError(f"--augment: {c} holds the views {ix.provenance.views}, {caches[0]} holds "
                                  f"{index.provenance.views}; extract both with the same --views")
+    for (_, ix), c in zip(opened[1:], caches[1:], strict=True):
+        if ix.classes != index.classes:  # the same label number must name the same class in every cache
+            raise InputError(f"{c} has the classes {', '.join(ix.classes) or 'none'}, {caches[0]} has "
+                             f"{', '.join(index.classes)}: an ensemble joins caches of the same classes")
     keys = [dict(zip(ix.keys(), range(ix.shape[0]), strict=True)) for _, ix in opened]
     shared = [k for k in keys[0] if all(k in other for other in keys[1:])]  # the first cache's order
     missing = sorted({os.fsdecode(k[1]) for ks in keys for k in ks if k not in keys[0] or any(
@@ -194,4 +204,4 @@ def load(caches: list[Path], cfg: FitConfig, budget: int, stack: contextlib.Exit
                 [k[1] for k in shared], lab, v, x.shape[1],
                 [ix.provenance.to_json() for _, ix in opened], caches, [ix.weights_path for _, ix in opened], None,
                 missing, sorted({k[0] for k, y in zip(shared, lab.tolist(), strict=True) if y >= 0},
-                                key=index.sources.index))
+                                key=index.sources.index), index.classes)

@@ -21,9 +21,9 @@ from .splits import streams
 
 def evaluate(head: Head, features_of: Features, labels: torch.Tensor, rows: torch.Tensor,
              batch_size: int = 4096) -> tuple[float, float, torch.Tensor]:
-    """(mean cross-entropy, accuracy, logits [N, 2] on the CPU) with dropout off, on the head's device."""
+    """(mean cross-entropy, accuracy, logits [N, K] on the CPU) with dropout off, on the head's device."""
     if len(rows) == 0:
-        return float("nan"), float("nan"), torch.zeros(0, 2)
+        return float("nan"), float("nan"), torch.zeros(0, head.n_classes)
     was = head.training
     head.eval()
     on = head.linear.weight.device
@@ -90,7 +90,7 @@ def epoch_batches(train_rows: torch.Tensor, batch_size: int, g: torch.Generator,
 
 def train(features_of: Features, labels: torch.Tensor, train_rows: torch.Tensor, val_rows: torch.Tensor,
           cfg: FitConfig, on_epoch: Callable[[EpochStats], None] | None = None, in_dim: int = 4096,
-          device: torch.device | None = None) -> tuple[Head, list[EpochStats], int]:
+          device: torch.device | None = None, classes: int = 2) -> tuple[Head, list[EpochStats], int]:
     """Adam on CrossEntropy over the head. Only the head has parameters; features are constants.
     Returns the head (on the CPU), the history and the epoch whose weights the head holds (the last, or with
     keep="best" the one with the lowest validation loss; without validation rows, the last).
@@ -102,7 +102,8 @@ def train(features_of: Features, labels: torch.Tensor, train_rows: torch.Tensor,
         raise InputError(f"no training rows: every labeled image is in the validation split (--val-fraction "
                          f"{cfg.val_fraction}); lower --val-fraction")
     seeds = streams(cfg.seed)
-    head = new_head(cfg.dropout, seeds["init"], in_dim, cfg.hidden)  # initialised on the host, then moved: same init
+    # initialised on the host, then moved: the same init on any device
+    head = new_head(cfg.dropout, seeds["init"], in_dim, cfg.hidden, classes)
     g_order = torch.Generator().manual_seed(seeds["order"])
     masks = MaskStream(seeds["dropout"])
     labels_on = labels
@@ -123,7 +124,7 @@ def train(features_of: Features, labels: torch.Tensor, train_rows: torch.Tensor,
             losses, seen, n = [], [], 0  # per-step results, reduced once per epoch (fewer small ops per step)
             for rows, rows_on in epoch_batches(train_rows, cfg.batch_size, g_order, device):
                 x, y = feed(rows, rows_on), labels_on[rows_on]  # [B, D], [B]
-                logits = head(x, masks)  # [B, 2]
+                logits = head(x, masks)  # [B, K]
                 loss = F.cross_entropy(logits, y)
                 opt.zero_grad()
                 loss.backward()

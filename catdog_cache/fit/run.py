@@ -15,7 +15,7 @@ import torch
 
 from ..errors import InputError
 from ..files import as_paths, check_outputs, file_key
-from ..head import save_head
+from ..head import is_cat_dog, save_head
 from .calibration import calibrate, log_loss
 from .config import DEFAULT_HEAD, Diverged, EpochStats, FitConfig, default_head_path  # noqa: F401 (re-exported)
 from .crossfit import cross_fit
@@ -34,7 +34,7 @@ class FitReport:
     load_seconds: float
     val_log_loss: float = float("nan")
     val_acc: float = float("nan")
-    confusion: list[list[int]] = field(default_factory=list)  # rows: true cat/dog, cols: predicted cat/dog
+    confusion: list[list[int]] = field(default_factory=list)  # K x K, rows: true class, cols: predicted class
     streamed: bool = False
     calibration: dict[str, float] = field(default_factory=dict)
     curve: Path | None = None
@@ -47,6 +47,8 @@ class FitReport:
     overfit: dict[str, float] = field(default_factory=dict)  # the kept epoch clearly worse than the best (loop.overfit)
     fold_curve: Path | None = None  # --folds: each fold's held-out curve
     reliability: Path | None = None  # --calibrate: the reliability diagram
+    confusion_plot: Path | None = None  # K classes (not cat/dog) with a validation split: the confusion matrix
+    classes: list[str] = field(default_factory=lambda: ["cat", "dog"])  # the head's outputs, in order
 
     @property
     def per_class_acc(self) -> list[float]:
@@ -130,8 +132,10 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
     curve_path = head_path.with_suffix(".png") if curve else None
     fold_path = head_path.with_name(head_path.stem + ".folds.png") if curve and folds else None
     reliability_path = head_path.with_name(head_path.stem + ".reliability.png") if curve and calibrate_head else None
+    confusion_path = head_path.with_name(head_path.stem + ".confusion.png") if curve else None  # if K classes
     check_outputs({"--head": head_path, "the training curve": curve_path, "the fold curves": fold_path,
-                   "the reliability diagram": reliability_path}, {f"--cache {c}": c for c in caches})
+                   "the reliability diagram": reliability_path, "the confusion matrix": confusion_path},
+                  {f"--cache {c}": c for c in caches})
     # budget_bytes: an exact budget for verify and tests (below --max-memory's 1M floor: always streamed)
     budget = budget_bytes or (parse_size(max_memory) if max_memory else available_memory() // 2)
     t0 = time.perf_counter()
@@ -148,7 +152,7 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
             train_np = np.flatnonzero(data.raw_labels >= 0)
             train_rows = torch.from_numpy((train_np[:, None] * data.views + np.arange(data.views)).ravel())
             head, history, kept = train(data.features_of, data.labels, train_rows, torch.zeros(0, dtype=torch.long),
-                                        final_cfg, on_epoch, data.dim, on)
+                                        final_cfg, on_epoch, data.dim, on, len(data.classes))
             n_train, n_val = len(train_np), len(y)
             oof_note = {"folds": folds, "best_epochs": best_epochs, "final_epochs": final_cfg.epochs}
             # the folds' mean held-out curve stands for the final head's (which has no validation rows)
@@ -166,7 +170,7 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
             train_rows = torch.from_numpy((train_np[:, None] * data.views + np.arange(data.views)).ravel())
             val_rows = torch.from_numpy(val_np * data.views)  # [n_val]
             head, history, kept = train(data.features_of, data.labels, train_rows, val_rows, cfg, on_epoch, data.dim,
-                                        on)
+                                        on, len(data.classes))
             _, _, logits = evaluate(head, data.features_of, data.labels, val_rows)
             y = data.labels[val_rows]
             n_train, n_val = len(train_np), len(val_rows)
@@ -177,14 +181,18 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
     if calibrate_head:
         if len(y) < 2:
             raise InputError("--calibrate needs a validation split: raise --val-fraction (or use --folds)")
-        calibration = calibrate(logits, y)
-    confusion = [[int(((y_val == t) & (pred == p)).sum()) for p in (0, 1)] for t in (0, 1)]
+        calibration = calibrate(logits, y, clip_dog=is_cat_dog(data.classes))
+    k = len(data.classes)
+    confusion = np.zeros((k, k), np.int64)  # [true, predicted]
+    np.add.at(confusion, (y_val, pred), 1)
+    confusion = confusion.tolist()
     acc = float((pred == y_val).mean()) if len(y_val) else float("nan")
     report = FitReport(head_path, history, n_train, n_val, 0.0, load_seconds,
-                       log_loss(probs[:, 1].numpy(), y_val), acc, confusion,
+                       log_loss(probs.numpy(), y_val), acc, confusion,
                        streamed=data.streamed is not None, calibration=calibration if calibrate_head else {},
                        kept_epoch=kept, head_shape=head.describe(), folds=oof_note, missing=data.missing,
-                       unlabeled=int((data.raw_labels < 0).sum()), sources=data.sources, overfit=too_far or {})
+                       unlabeled=int((data.raw_labels < 0).sum()), sources=data.sources, overfit=too_far or {},
+                       classes=list(data.classes))
     if not all(torch.isfinite(p).all() for p in head.parameters()):
         raise Diverged("training produced NaN or infinite weights: lower --lr; no head saved")
     save_head(head_path, head, {
@@ -194,6 +202,7 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
         "cache": str(caches[0].resolve()),
         "caches": [str(c.resolve()) for c in caches],
         "sources": data.sources,
+        "classes": list(data.classes),
         "weights_path": data.weights_paths[0],
         "weights_paths": data.weights_paths,
         "history": [asdict(h) for h in history],
@@ -204,10 +213,14 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
         "clip": calibration["clip"],
     })
     if curve_path:
-        from ..plots import fold_curves, reliability_diagram, training_curve
+        from ..plots import confusion_matrix, fold_curves, reliability_diagram, training_curve
 
+        cat_dog = is_cat_dog(data.classes)
+        if cat_dog or not len(y_val):  # cat/dog: the report's 2 x 2 table says it all, and its files stay as they were
+            confusion_path = None
         # pictures of an earlier fit to this head that this one does not redraw would read as this head's
-        for kind, drawn in ((".folds.png", fold_path), (".reliability.png", reliability_path)):
+        for kind, drawn in ((".folds.png", fold_path), (".reliability.png", reliability_path),
+                            (".confusion.png", confusion_path)):
             old = head_path.with_name(head_path.stem + kind)
             if drawn is None and (old.is_file() or old.is_symlink()):
                 with contextlib.suppress(OSError):  # a picture left behind is no reason to fail the fit
@@ -216,19 +229,31 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
         report.curve = training_curve(history, curve_path, kept_epoch=kept)
         if fold_path:
             report.fold_curve = fold_curves(fold_histories, fold_path, final_epochs=oof_note["final_epochs"])
+        where = "out-of-fold" if folds else "validation"
         if reliability_path:
-            report.reliability = reliability_diagram(_reliability_curves(logits, calibration), y_val, reliability_path,
-                                                     title=f"reliability of P(dog) on {len(y_val):,} "
-                                                     f"{'out-of-fold' if folds else 'validation'} predictions")
+            what = ("P(dog)", "share of dogs") if cat_dog else ("top-class probability", "share right")
+            report.reliability = reliability_diagram(
+                _reliability_curves(logits, calibration, cat_dog), y_val if cat_dog else y_val == pred,
+                reliability_path, title=f"reliability of {what[0]} on {len(y_val):,} {where} predictions", what=what)
+        if confusion_path:
+            report.confusion_plot = confusion_matrix(confusion, data.classes, confusion_path,
+                                                     title=f"{len(y_val):,} {where} predictions of {head.describe()}")
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _reliability_curves(logits: torch.Tensor, calibration: dict[str, float]) -> dict[str, np.ndarray]:
-    """P(dog) as trained and, when calibration changed it, after temperature and clip (what predict writes)."""
-    curves = {"as trained": logits.softmax(1)[:, 1].numpy()}  # logits [n, 2]
+def _reliability_curves(logits: torch.Tensor, calibration: dict[str, float], cat_dog: bool = True
+                        ) -> dict[str, np.ndarray]:
+    """P(dog) as trained and, when calibration changed it, after temperature and clip (what predict writes). For K
+    classes, the probability of the predicted class (top-label reliability: observed = whether it was right);
+    temperature never changes which class is on top."""
+    def of(p: torch.Tensor) -> np.ndarray:
+        return (p[:, 1] if cat_dog else p.max(1).values).numpy()
+
+    curves = {"as trained": of(logits.softmax(1))}  # logits [n, K]
     t, clip = calibration["temperature"], calibration["clip"]
     if t != 1.0 or clip:
-        p = (logits / t).softmax(1)[:, 1].numpy()
-        curves[f"calibrated (T {t:.2f}, clip {clip:g})"] = np.clip(p, clip, 1 - clip)
+        p = of((logits / t).softmax(1))
+        curves[f"calibrated (T {t:.2f}, clip {clip:g})" if cat_dog else f"calibrated (T {t:.2f})"] = np.clip(
+            p, clip, 1 - clip)
     return curves

@@ -1,0 +1,293 @@
+"""The logical cache: immutable shards merged into one sorted view of rows, without copying any row.
+
+A reader sees rows sorted by (source order, relative path), one row per file: a later shard's row replaces an
+earlier one (a changed file), a later failure record removes an older row, a deletion record (--prune) removes the
+rows of the shards listed before it. This is exactly what assemble's single file holds, so a sharded cache, its
+compacted form and a schema-1 file give the same Index and the same features in the same order.
+
+Cost: one extract run writes shards in sorted, non-overlapping order, so the common case is a check that the
+concatenated keys increase (numpy, no sort); otherwise a stable sort per source folder (timsort: linear for a few
+sorted runs). The view maps logical rows to (shard, row) as runs of consecutive rows, one per shard in the common
+case, so reading logical rows [lo, hi) is one slice per run."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import CacheError
+from ..files import printable
+from .format import Index, Provenance, merge_classes, require_same
+from .validate import _index, open_h5
+
+MAX_OPEN = 64  # shard files held open at once by one reader
+
+
+@dataclass
+class Tombstone:
+    """Rows of `path` in folder `source` are removed from the shards listed before position `before`."""
+
+    source: str
+    path: bytes
+    before: int
+
+
+@dataclass
+class View:
+    """A merged cache: its Index, and where each logical row lies (runs of consecutive rows of one shard)."""
+
+    index: Index
+    shards: list[Path]
+    shard_rows: list[int]  # rows in each shard file
+    seg_start: np.ndarray  # [S+1] logical row where each run starts (last entry: N)
+    seg_shard: np.ndarray  # [S] shard of each run
+    seg_row: np.ndarray  # [S] first row of the run in its shard
+    shard_bytes: list[int] = field(default_factory=list)  # size of each shard file when the view was built
+    _open: OrderedDict[int, h5py.File] = field(default_factory=OrderedDict)
+    _owned: dict[int, h5py.File] = field(default_factory=dict)  # handles given by the caller: never closed here
+
+    @property
+    def rows(self) -> int:
+        return self.index.shape[0]
+
+    def runs(self, lo: int = 0, hi: int | None = None) -> list[tuple[int, int, int, int]]:
+        """(shard, first row in it, logical start, length) of each run that covers logical rows [lo, hi)."""
+        hi = self.rows if hi is None else min(hi, self.rows)
+        out = []
+        s = max(int(np.searchsorted(self.seg_start, lo, side="right")) - 1, 0)
+        while lo < hi and s < len(self.seg_shard):
+            start, end = int(self.seg_start[s]), int(self.seg_start[s + 1])
+            a, b = max(lo, start), min(hi, end)
+            if a < b:
+                out.append((int(self.seg_shard[s]), int(self.seg_row[s]) + a - start, a, b - a))
+            s += 1
+        return out
+
+    def handle(self, i: int) -> h5py.File:
+        if i in self._owned:
+            return self._owned[i]
+        f = self._open.get(i)
+        if f is None:
+            if len(self._open) >= MAX_OPEN:
+                self._open.popitem(last=False)[1].close()
+            try:
+                f = h5py.File(self.shards[i], "r")  # validated when the view was built; shards are immutable
+            except OSError:
+                raise CacheError(f"{self.shards[i]} vanished or changed while reading (a compact or a new extract?):"
+                                 " run again") from None
+            if f["features"].shape[0] != self.shard_rows[i]:
+                f.close()
+                raise CacheError(f"{self.shards[i]} changed while reading: run again")
+            self._open[i] = f
+        else:
+            self._open.move_to_end(i)
+        return f
+
+    def read(self, lo: int, hi: int, view: int | None = 0, dtype: np.dtype | str | None = np.float32) -> np.ndarray:
+        """Logical rows [lo, hi): [n, D] for one view, [n, V, D] for view=None; float32 unless dtype says."""
+        hi = min(hi, self.rows)
+        n = max(hi - lo, 0)
+        _, v, d = self.index.shape
+        out = np.empty((n, d) if view is not None else (n, v, d), dtype=dtype or self.index.dtype)
+        for i, r0, start, length in self.runs(lo, hi):
+            ds = self.handle(i)["features"]
+            o = out[start - lo : start - lo + length]
+            if view is None:
+                o[...] = ds[r0 : r0 + length]
+            elif v == 1 and ds.dtype == o.dtype:  # straight into the output: no temporary (the common case)
+                ds.read_direct(o.reshape(length, 1, d), np.s_[r0 : r0 + length])
+            else:
+                o[...] = ds[r0 : r0 + length, view, :]
+        return out
+
+    def close(self) -> None:
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
+
+
+def _keys(paths: list[bytes]) -> np.ndarray:
+    return np.array(paths, dtype=bytes) if paths else np.zeros(0, "S1")  # [n] fixed-width: numpy compares bytes
+
+
+def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list[Tombstone], prov: Provenance,
+          feature_shape: tuple[int, int], weights_path: str, incomplete: list[str], where: Path,
+          check_prov: bool = True, classes: list[str] | None = None) -> View:
+    """Shards (validated, in order) -> the View. `sources` is the cache's folder list; a shard folder it lacks is a
+    crafted or damaged index (check_prov False: a writer adding shards extends it in order, as assemble did).
+    Each shard keeps its own class_map; the cache's classes are merged as assemble merges them (labeled shards must
+    agree). `classes`: what the index recorded, which must be that merge (a crafted class_map would relabel rows)."""
+    sources = list(sources)
+    merged_classes = merge_classes([(idx.classes, idx.labeled) for _, idx in shards], str(where))
+    if classes is not None and classes != merged_classes:
+        raise CacheError(f"{where} records the classes {printable(', '.join(classes))[:200]!r}, its shards label "
+                         f"with {printable(', '.join(merged_classes))[:200]!r}: refusing a crafted cache")
+    src_parts, key_parts, lab_parts, sha_parts, path_parts, rows_of = [], [], [], [], [], []
+    stat_parts, scan_parts = [], []
+    for path, idx in shards:
+        if check_prov:
+            if idx.provenance != prov:
+                raise CacheError(f"{path}: its provenance differs from the index {where}; refusing a crafted cache")
+        else:
+            require_same(idx.provenance, prov, str(path), "this run")
+        if idx.shape[1:] != tuple(feature_shape) or idx.dtype != prov.dtype:
+            raise CacheError(f"{path} has features of shape {idx.shape[1:]} {idx.dtype}, the cache "
+                             f"{tuple(feature_shape)} {prov.dtype}: refusing it")
+        for s in idx.sources:
+            if s not in sources:
+                if check_prov:
+                    raise CacheError(f"{path} holds rows of folder {printable(s)!r} that {where} does not list: "
+                                     "refusing a crafted cache")
+                sources.append(s)
+        pos = np.array([sources.index(s) for s in idx.sources], np.int64)
+        src_parts.append(pos[idx.source] if len(idx.source) else np.zeros(0, np.int64))
+        key_parts.append(_keys(idx.paths))
+        lab_parts.append(idx.labels)
+        sha_parts.append(np.array(idx.sha256, dtype=object))
+        path_parts.append(np.array(idx.paths, dtype=object))
+        stat_parts.append(idx.stat)
+        scan_parts.append(idx.stat_scan)
+        rows_of.append(idx.shape[0])
+    if len(sources) > np.iinfo(np.uint16).max:
+        raise CacheError(f"{where} would hold {len(sources)} source folders; the schema allows 65,535")
+    n_all = sum(rows_of)
+    src = np.concatenate(src_parts) if src_parts else np.zeros(0, np.int64)  # [n_all]
+    key = np.concatenate(key_parts) if key_parts else np.zeros(0, "S1")  # [n_all]
+    shard_of = np.repeat(np.arange(len(shards)), rows_of)  # [n_all]
+    row_of = np.concatenate([np.arange(n) for n in rows_of]) if rows_of else np.zeros(0, np.int64)
+    # common case: keys already strictly increasing by (source, path) across the shards: no sort at all
+    if n_all < 2 or bool(((src[1:] > src[:-1]) | ((src[1:] == src[:-1]) & (key[1:] > key[:-1]))).all()):
+        order = np.arange(n_all)
+    else:  # per folder, a stable sort (earlier shard first among equal keys), then the last of each key wins
+        order_parts = []
+        for s in np.unique(src).tolist():
+            sel = np.flatnonzero(src == s)
+            o = sel[np.argsort(key[sel], kind="stable")]
+            k = key[o]
+            last = np.ones(len(o), bool)
+            last[:-1] = k[1:] != k[:-1]
+            order_parts.append(o[last])
+        order = np.concatenate(order_parts) if order_parts else np.zeros(0, np.int64)
+    s_sorted, k_sorted = src[order], key[order]
+
+    def find(s: int, p: bytes) -> int:
+        """Position in `order` of key (s, p), or -1."""
+        lo, hi = np.searchsorted(s_sorted, s, "left"), np.searchsorted(s_sorted, s, "right")
+        j = lo + int(np.searchsorted(k_sorted[lo:hi], np.bytes_(p)))
+        return j if j < hi and k_sorted[j] == np.bytes_(p) else -1
+
+    keep = np.ones(len(order), bool)
+    failed: dict[tuple[str, bytes], tuple[int, str, str]] = {}  # key -> (shard, sha, reason); later wins
+    failed_stat: dict[tuple[str, bytes], tuple[np.ndarray, int]] = {}  # key -> (stat [4], its scan time)
+    for i, (_, idx) in enumerate(shards):
+        assert idx.failed_stat is not None and idx.failed_scan is not None
+        for (s, p, sha, reason), st, scan in zip(idx.failed, idx.failed_stat, idx.failed_scan.tolist(), strict=True):
+            failed[(idx.sources[s], p)] = (i, sha, reason)
+            failed_stat[(idx.sources[s], p)] = (st, scan)
+    for k, (i, _, _) in list(failed.items()):
+        j = find(sources.index(k[0]), k[1])
+        if j >= 0:
+            if shard_of[order[j]] > i:  # a later row: the file was fixed
+                del failed[k]
+            else:  # a failure at or after the row's shard replaces it
+                keep[j] = False
+    for t in tombstones:
+        if t.source not in sources:
+            continue
+        j = find(sources.index(t.source), t.path)
+        if j >= 0 and shard_of[order[j]] < t.before:
+            keep[j] = False
+        if (t.source, t.path) in failed and failed[(t.source, t.path)][0] < t.before:
+            del failed[(t.source, t.path)]
+    final = order[keep]  # [N] positions in the concatenated shards, logical order
+    fs, fr = shard_of[final], row_of[final]
+    stat = np.concatenate(stat_parts)[final] if stat_parts else np.zeros((0, 4), np.int64)  # [N, 4]
+    scan = np.concatenate(scan_parts)[final] if scan_parts else np.zeros(0, np.int64)  # [N]
+    sha_final = np.concatenate(sha_parts)[final] if sha_parts else np.zeros(0, object)  # [N]
+    _refresh(shards, sources, src[final], key[final], fs.copy(), sha_final, stat, scan, failed, failed_stat)
+    brk = np.ones(len(final), bool)
+    brk[1:] = (fs[1:] != fs[:-1]) | (fr[1:] != fr[:-1] + 1)
+    starts = np.flatnonzero(brk)
+    src_id = {s: j for j, s in enumerate(sources)}
+    index = Index(
+        provenance=prov,
+        sources=sources,
+        source=src[final].astype(np.int64),
+        paths=np.concatenate(path_parts)[final].tolist() if path_parts else [],
+        labels=(np.concatenate(lab_parts)[final] if lab_parts else np.zeros(0, np.int64)).astype(np.int8),
+        sha256=sha_final.tolist(),
+        failed=[(src_id[k[0]], k[1], sha, reason) for k, (_, sha, reason) in sorted(failed.items())],
+        shape=(len(final), *feature_shape),
+        dtype=prov.dtype,
+        weights_path=weights_path,
+        incomplete=[s for s in sources if s in incomplete],
+        classes=merged_classes,
+        stat=stat,
+        stat_scan=scan,
+        failed_stat=np.array([failed_stat[k][0] for k in sorted(failed)], np.int64).reshape(-1, 4),
+        failed_scan=np.array([failed_stat[k][1] for k in sorted(failed)], np.int64),
+        scan_ns=int(max((idx.scan_ns for _, idx in shards), default=0)),
+    )
+    return View(index, [p for p, _ in shards], rows_of, np.append(starts, len(final)).astype(np.int64), fs[starts],
+                fr[starts])
+
+
+def _refresh(shards: list[tuple[Path, Index]], sources: list[str], src: np.ndarray, key: np.ndarray,
+             origin: np.ndarray, sha: np.ndarray, stat: np.ndarray, scan: np.ndarray,
+             failed: dict[tuple[str, bytes], tuple[int, str, str]],
+             failed_stat: dict[tuple[str, bytes], tuple[np.ndarray, int]]) -> None:
+    """Apply each shard's refresh records (cache.format.Refresh) to the live rows, in place: a record replaces the
+    stat (and its scan time) of the row with its key and its sha256 from the same or an earlier shard; shards in
+    order, so the newest stat wins. `src`, `key` [N] are the live rows' sorted keys, `origin` [N] the shard each
+    row's stat now comes from. Vectorised per folder: a cache older than stats gets a record for every file once."""
+    for i, (_, idx) in enumerate(shards):
+        ref = idx.refresh
+        if not len(ref):
+            continue
+        pos = np.array([sources.index(s) for s in idx.sources], np.int64)[ref.source]  # [K] folder in `sources`
+        rkey = _keys(ref.paths)
+        rsha = np.array(ref.sha256, dtype=object)
+        for s in np.unique(pos).tolist():
+            sel = np.flatnonzero(pos == s)
+            lo, hi = np.searchsorted(src, s, "left"), np.searchsorted(src, s, "right")
+            j = lo + np.searchsorted(key[lo:hi], rkey[sel])  # [k] candidate rows
+            ok = j < hi
+            ok[ok] = key[j[ok]] == rkey[sel][ok]
+            ok[ok] &= (sha[j[ok]] == rsha[sel][ok]) & (origin[j[ok]] <= i)
+            rows, recs = j[ok], sel[ok]
+            stat[rows], scan[rows], origin[rows] = ref.stat[recs], idx.scan_ns, i
+            for r in sel[~ok].tolist():  # not a live row: a failure record holding that content
+                k = (sources[s], ref.paths[r])
+                if k in failed and failed[k][1] == ref.sha256[r] and failed[k][0] <= i:
+                    failed_stat[k] = (ref.stat[r], idx.scan_ns)
+
+
+def single_file(f: h5py.File, path: Path) -> View:
+    """A schema-1 cache (or one shard) read as it is: one run over its own, already open file."""
+    idx = _index(f, path)
+    n = idx.shape[0]
+    view = View(idx, [path], [n], np.array([0, n] if n else [0], np.int64), np.zeros(1 if n else 0, np.int64),
+                np.zeros(1 if n else 0, np.int64))
+    view._owned[0] = f
+    view.shard_bytes = [path.stat().st_size]
+    return view
+
+
+def shard_index(path: Path) -> Index:
+    """One shard file's own index, validated as any cache file (not a link, not a FIFO: lstat before opening)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise CacheError(f"{path} is missing: the cache lists it; restore it or extract again into a new cache") \
+            from None
+    import stat
+
+    if not stat.S_ISREG(st.st_mode):
+        raise CacheError(f"{path} is not a regular file (a link or something else); refusing it")
+    with open_h5(path) as f:
+        return _index(f, path)

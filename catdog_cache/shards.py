@@ -1,0 +1,205 @@
+"""Tar-shard input (WebDataset): what `extract INPUT` names when INPUT is not a folder. One `.tar`, a brace pattern
+(`shards/train-{000000..000099}.tar`, `{a,b}`), or a text file listing shards (one per line, `#` comments); each a
+local path or an fsspec URL (`s3://`, `gs://`, `https://`, `memory://`; `file://` reads as a local path). Here:
+naming the shards, their identity (size + version: what a done marker records), and a stream to read each one."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import re
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import InputError
+from .files import printable, read_regular, short
+
+MAX_SHARDS = 100_000  # per input: a pattern or listing naming more is refused before anything is expanded or read
+MAX_LISTING_BYTES = 16 * 2**20  # a listing file of 100,000 URLs is ~10 MB
+TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz")
+REMOTE_EXTRA = "pip install 'catdog-cache[remote]'"
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+
+
+def is_url(text: str) -> bool:
+    return bool(_URL.match(text))
+
+
+def is_shard_input(spec: str | os.PathLike[str]) -> bool:
+    """Whether `extract` should read `spec` as tar shards (a URL, a pattern, a tar, a listing) rather than a folder."""
+    text = os.fspath(spec)
+    if is_url(text):
+        return not text.startswith("file://") or not Path(_local(text)).is_dir()
+    path = Path(text)
+    return not path.is_dir() and (path.is_file() or "{" in text or text.lower().endswith(TAR_SUFFIXES))
+
+
+def _group_values(body: str, where: str) -> list[str] | tuple[int, int, int]:
+    """One brace group: a `{a,b}` list, or a `{lo..hi}` range as (lo, hi, width); zero-padded when a bound is."""
+    m = _RANGE.match(body)
+    if m:
+        lo, hi = int(m[1]), int(m[2])
+        padded = any(len(b.lstrip("-")) > 1 and b.lstrip("-").startswith("0") for b in (m[1], m[2]))
+        return lo, hi, max(len(m[1]), len(m[2])) if padded else 0
+    if "," not in body:
+        raise InputError(f"{where}: brace group {{{body}}} is neither a list {{a,b}} nor a range {{000..099}}")
+    return body.split(",")
+
+
+def expand_braces(pattern: str, limit: int = MAX_SHARDS) -> list[str]:
+    """`train-{000..002}.tar` -> train-000.tar, train-001.tar, train-002.tar; several groups multiply. The count is
+    known before anything is expanded: a pattern naming more than `limit` names is refused."""
+    pieces = _BRACE.split(pattern)  # literal, group, literal, group, ..., literal
+    groups = [_group_values(body, short(printable(pattern))) for body in pieces[1::2]]
+    sizes = [abs(g[1] - g[0]) + 1 if isinstance(g, tuple) else len(g) for g in groups]
+    if math.prod(sizes) > limit:
+        raise InputError(f"{short(printable(pattern))} names {math.prod(sizes):,} shards; at most {limit:,} per "
+                         "input: split it into several runs")
+
+    def values(g: list[str] | tuple[int, int, int]) -> list[str]:
+        if isinstance(g, list):
+            return g
+        lo, hi, width = g
+        step = 1 if hi >= lo else -1
+        return [f"{v:0{width}d}" for v in range(lo, hi + step, step)]
+
+    out = []
+    for combo in itertools.product(*(values(g) for g in groups)):
+        out.append("".join(p for pair in itertools.zip_longest(pieces[0::2], combo, fillvalue="") for p in pair))
+    return out
+
+
+def _local(text: str) -> str:
+    return text[len("file://"):] if text.startswith("file://") else text
+
+
+def normalise(name: str, base: Path | None = None) -> str:
+    """A shard's source as the cache records it: a URL as given, a local path absolute (relative to `base`)."""
+    if is_url(name) and not name.startswith("file://"):
+        return name
+    path = Path(_local(name)).expanduser()
+    if not path.is_absolute():
+        path = (base or Path.cwd()) / path
+    return str(Path(os.path.abspath(path)))
+
+
+def _kind(path: Path) -> str:
+    """"tar" (ustar magic at 257, or a gzip stream), "listing" (text), or "other" (binary: an image, say)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return "listing"  # read_listing reports why
+    if head[257:262] == b"ustar" or head[:2] == b"\x1f\x8b":
+        return "tar"
+    return "other" if b"\0" in head else "listing"
+
+
+def read_listing(path: Path) -> list[str]:
+    """Shard names from a listing file: one per line, blank lines and `#` comments ignored; relative paths are
+    relative to the listing's folder. Read up to MAX_LISTING_BYTES (a regular file only)."""
+    try:
+        text = read_regular(path, MAX_LISTING_BYTES).decode("utf-8", "surrogateescape")
+    except ValueError as e:
+        raise InputError(f"listing {path}: {e}") from None
+    except OSError as e:
+        raise InputError(f"cannot read listing {path}: {e.strerror or e}") from None
+    names = [line.strip() for line in text.splitlines()]
+    names = [n for n in names if n and not n.startswith("#")]
+    if len(names) > MAX_SHARDS:
+        raise InputError(f"listing {path} names {len(names):,} shards; at most {MAX_SHARDS:,} per input")
+    return [normalise(n, path.parent) for n in names]
+
+
+def resolve_inputs(spec: str | os.PathLike[str]) -> list[str]:
+    """The shards an input names, normalised and without repeats, in the order given."""
+    text = os.fspath(spec)
+    if not text.strip():
+        raise InputError("no input given: name a folder, a .tar shard, a brace pattern or a listing file")
+    local = Path(_local(text))
+    if not is_url(text) or text.startswith("file://"):
+        if local.is_file():
+            kind = "tar" if text.lower().endswith(TAR_SUFFIXES) else _kind(local)
+            if kind == "other":
+                raise InputError(f"not a folder: {short(printable(text))} (nor a tar shard or a text file listing "
+                                 "shards)")
+            names = [normalise(text)] if kind == "tar" else read_listing(local)
+        elif "{" in text:
+            names = [normalise(n) for n in expand_braces(text)]
+        else:
+            raise InputError(f"not found: {short(printable(text))} (give a folder, a .tar shard, a brace pattern "
+                             "like shards/train-{000000..000099}.tar, or a text file listing shards)")
+    else:
+        names = expand_braces(text) if "{" in text else [text]
+    if not names:
+        raise InputError(f"{short(printable(text))} names no shards")
+    return list(dict.fromkeys(names))
+
+
+def remote_fs(url: str) -> tuple[Any, str]:
+    """(fsspec file system, path) for a URL; a missing fsspec or backend is one line naming what to install."""
+    try:
+        import fsspec
+    except ImportError:
+        raise InputError(f"{short(printable(url))}: reading URLs needs fsspec: {REMOTE_EXTRA}") from None
+    protocol = url.split("://", 1)[0].lower()
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        from fsspec.registry import known_implementations
+
+        hint = known_implementations.get(protocol, {}).get("err") or str(e)
+        raise InputError(f"{short(printable(url))}: no fsspec backend for {protocol}:// ({printable(hint)}; "
+                         f"{REMOTE_EXTRA} installs those for s3, gs and https)") from None
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What says a shard is unchanged: its size and version (mtime_ns locally, the ETag or modification time an
+    object store reports for a URL). Equal identity: the shard's done marker holds."""
+
+    size: int
+    version: str
+
+
+def identity(source: str) -> Identity:
+    """Raises OSError (missing, unreadable, not a regular file) or InputError (no backend for a URL)."""
+    if not is_url(source):
+        st = os.stat(source)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{source} is not a regular file")
+        return Identity(st.st_size, str(st.st_mtime_ns))
+    fs, path = remote_fs(source)
+    info = fs.info(path)
+    version = next((str(info[k]) for k in ("ETag", "etag", "generation", "md5Hash", "LastModified", "last_modified",
+                                           "mtime", "updated", "created") if info.get(k) is not None), "")
+    return Identity(int(info.get("size") or 0), version)
+
+
+@contextlib.contextmanager
+def open_shard(source: str) -> Iterator[IO[bytes]]:
+    """A shard as a binary stream, read front to back. A local one is opened non-blocking and checked to be a
+    regular file on the open descriptor (a FIFO named x.tar cannot hang the run)."""
+    if is_url(source):
+        fs, path = remote_fs(source)
+        with fs.open(path, "rb") as fh:
+            yield fh
+        return
+    fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{source} is not a regular file")
+        os.set_blocking(fd, True)
+        fh = os.fdopen(fd, "rb", buffering=1 << 20)
+    except BaseException:
+        os.close(fd)
+        raise
+    with fh:
+        yield fh

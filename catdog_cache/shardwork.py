@@ -1,0 +1,213 @@
+"""The per-shard protocol of a distributed extract (engine_ray; any engine that retries tasks can use it).
+
+An input shard is a slice of a folder's sorted file list (a tar shard is meant to be another kind of unit): its
+identity is a digest of what it holds (each file's path, label, size and mtime, the source and the provenance), so
+an added, removed or changed file gives its shard a new identity. A task extracts its shard's new or changed files
+with extract's own pipeline (run_features, rows_of, save_part), writes them as ONE crash-safe part (a shard of the
+cache, in its shards folder) named for the run, the shard and the attempt, and writes the shard's done marker last.
+A shard is done when its marker carries its identity, its part (if still there) holds the rows the marker counts,
+and every one of its files is a row or a failure record of the cache or its parts: a rerun skips it without reading
+a byte of its images. The cache keeps one row per (source, path), the later shard's, so even a task run twice
+cannot duplicate a row.
+
+Markers live in `<cache>.done/<shard name>.json`; they are small and read as hostile input (bounded, checked,
+anything odd means "not done", so the shard is simply redone)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cache import Provenance, Recorded, encode_path, read_index
+from .cache.shards import SHARD_NAME, shards_folder
+from .discover import Discovery, Sample
+from .errors import CacheError
+from .extract import ExtractConfig, Known, refresh_records, rows_of, run_features, save_part, versions
+from .files import write_atomic
+from .rerun import verdicts
+
+MARKER_VERSION = 1
+MARKER_MAX_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class InputShard:
+    """One unit of input and of resume: today a slice of a folder's sorted file list."""
+
+    index: int
+    name: str  # the marker's (and the part's) name: kind, source digest, index
+    identity: str  # sha256 of what the shard holds (see folder_shards)
+    samples: tuple[Sample, ...]
+    classes: tuple[str, ...] = ()  # what the labels index (the cache's classes; empty when unlabeled)
+    # [len(samples), 4] int64: the driver's walk's stats of the samples (rerun.py decides known files by them);
+    # None: unknown. Not part of the shard's identity (that is `identity`), nor of its equality or hash
+    stat: Any = field(default=None, compare=False)
+
+
+@dataclass
+class ShardResult:
+    """What one task did, for the driver's report."""
+
+    index: int
+    extracted: int = 0
+    reused: int = 0
+    hashed: int = 0  # known files read to decide (the others were decided by their stat)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (rel, reason) this run
+    failed_before: list[tuple[str, str]] = field(default_factory=list)  # unchanged files known to be unusable
+    part: str = ""
+
+
+def markers_dir(cache: Path) -> Path:
+    return cache.with_name(cache.name + ".done")
+
+
+def _markers_folder(cache: Path, create: bool = False) -> Path | None:
+    """The markers folder, never through a symlink (a planted link would send markers, and deletions, elsewhere)."""
+    folder = markers_dir(cache)
+    if folder.is_symlink():
+        raise CacheError(f"{folder} is a symbolic link; refusing to write or delete markers through it (remove it)")
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    elif not folder.is_dir():
+        return None
+    return folder
+
+
+def folder_shards(root: Path, samples: list[Sample], source: str, prov: Provenance, size: int,
+                  classes: tuple[str, ...] = (), stat: Any = None) -> list[InputShard]:
+    """The sorted samples in slices of `size` files. Costs one stat per file, never a read."""
+    prefix = "files-" + hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    shards = []
+    for i, start in enumerate(range(0, len(samples), size)):
+        chunk = tuple(samples[start : start + size])
+        listing = []
+        for s in chunk:
+            try:
+                st = os.stat(root / s.rel)
+                listing.append([s.rel, s.label, st.st_size, st.st_mtime_ns])
+            except OSError:  # gone or unreadable now: the task records why; the shard is never "done" by stat
+                listing.append([s.rel, s.label, -1, -1])
+        text = json.dumps([MARKER_VERSION, source, prov.to_json(), listing]  # ensure_ascii: any path encodes
+                          + ([list(classes)] if classes else []))  # cat/dog-era markers keep their identity
+        shards.append(InputShard(i, f"{prefix}-{i:06d}", hashlib.sha256(text.encode()).hexdigest(), chunk, classes,
+                                 stat[start : start + size] if stat is not None else None))
+    return shards
+
+
+def read_marker(cache: Path, name: str) -> dict | None:
+    """A shard's marker as a dict with the expected fields and types, or None (absent, damaged, foreign)."""
+    folder = _markers_folder(cache)
+    if folder is None:
+        return None
+    path = folder / f"{name}.json"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as fh:
+            text = fh.read(MARKER_MAX_BYTES + 1)
+        data = json.loads(text) if len(text) <= MARKER_MAX_BYTES else None
+    except (OSError, ValueError):
+        return None
+    types = {"version": int, "identity": str, "part": str, "rows": int, "failures": int}
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), t) for k, t in types.items()):
+        return None
+    part = data["part"]
+    if data["version"] != MARKER_VERSION or "/" in part or "\0" in part or part.startswith("."):
+        return None  # a part is a plain name inside the parts folder
+    return data
+
+
+def shard_done(cache: Path, shard: InputShard, known: Known) -> bool:
+    """Marker with this identity, its part (while not yet assembled) intact, every file recorded somewhere."""
+    marker = read_marker(cache, shard.name)
+    if marker is None or marker["identity"] != shard.identity:
+        return False
+    if not all(encode_path(s.rel) in known.recorded for s in shard.samples):
+        return False
+    if not marker["part"]:
+        return True
+    if not SHARD_NAME.fullmatch(f"{marker['part']}.h5"):
+        return False
+    # the part is a shard in the shards folder, listed in the index or not yet: immutable either way, so its counts
+    # are the marker's (a compact merges it away; then the rows recorded above are what counts)
+    folder = shards_folder(cache)
+    part = folder / f"{marker['part']}.h5" if folder is not None else None
+    if part is not None and part.is_file() and not part.is_symlink():
+        try:
+            idx = read_index(part)
+        except CacheError:
+            return False
+        return (len(idx.paths), len(idx.failed)) == (marker["rows"], marker["failures"])
+    return True
+
+
+def stale_markers(cache: Path, prefix: str, keep: set[str]) -> list[Path]:
+    """This source's markers for shards that no longer exist (the folder shrank)."""
+    folder = _markers_folder(cache)
+    if folder is None:
+        return []
+    return [p for p in folder.glob(f"{prefix}-*.json") if p.stem not in keep and not p.is_symlink()]
+
+
+def run_shard(shard: InputShard, root: Path, cache: Path, cfg: ExtractConfig, prov: Provenance, source: str,
+              run_id: str, known: Recorded, reasons: dict[bytes, str], model: torch.nn.Module | None = None,
+              kill_hook: str = "", scan_ns: int = 0, checksum: bool = False) -> ShardResult:
+    """Extract one input shard: decide the files the cache already knows by extract's rule (rerun.py: by stat, else
+    by hash; unchanged ones are reused), extract the rest, write them (and the refresh records of files found
+    unchanged by hashing) as one part, then the marker. `known`/`reasons` need only hold this shard's files;
+    `scan_ns`: when the driver's walk started."""
+    result = ShardResult(shard.index)
+    disc = Discovery(root, "", list(shard.samples), stat=shard.stat)
+    keys = [encode_path(s.rel) for s in shard.samples]
+    found = verdicts(disc, known, [i for i, k in enumerate(keys) if k in known], scan_ns, checksum, keys=keys)
+    result.reused, result.hashed = len(found.unchanged), found.hashed
+    result.failed_before = [(disc.samples[i].rel, reasons[keys[i]]) for i in sorted(found.unchanged)
+                            if keys[i] in reasons]
+    mine = [i for i in range(len(keys)) if i not in found.unchanged]
+    todo: list[Sample] = [shard.samples[i] for i in mine]
+    batches = []
+    for n, batch in enumerate(run_features(root, [s.rel for s in todo], cfg, model)):
+        batches.append(batch)
+        if n == 0:
+            _maybe_die(kill_hook, shard.index, "batch")
+    rows = rows_of(batches, todo, shard.stat[mine] if shard.stat is not None else None)
+    rows.refresh = refresh_records(found, keys, known) if found.refresh else None
+    result.extracted = len(rows.paths)
+    result.failed = [(os.fsdecode(p), why) for p, why in zip(rows.failed_paths, rows.failed_reasons, strict=True)]
+    if todo or rows.refresh is not None:
+        # A fresh name per attempt, never the same name twice: an attempt Ray gave up on (a lost node, a network
+        # split) may still be running and rename its part in after the driver listed the retry's in the index; with
+        # one name per shard that would change a listed shard under the index (every reader then refuses the
+        # cache). Two attempts' parts hold the same files: the later name sorts later and its rows win, the other's
+        # are superseded rows (no duplicate in any read; `compact` reclaims them). The marker names this attempt's.
+        result.part = f"part-{run_id}-{shard.name}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        save_part(cache, result.part, cfg, prov, source, rows, versions(), shard.classes, scan_ns)
+    marker = {"version": MARKER_VERSION, "kind": "files", "source": source, "shard": shard.index,
+              "identity": shard.identity, "part": result.part, "rows": len(rows.paths),
+              "failures": len(rows.failed_paths), "run": run_id}
+    _maybe_die(kill_hook, shard.index, "marker")
+    folder = _markers_folder(cache, create=True)
+    assert folder is not None
+    write_atomic(folder / f"{shard.name}.json", json.dumps(marker).encode())  # last: the shard is done
+    return result
+
+
+def _maybe_die(hook: str, index: int, stage: str) -> None:
+    """Test hook, "<shard index>:<stage>:<flag file>[,...]": the first attempt of that shard kills its own process
+    after one batch (stage "batch") or between its part and its marker ("marker"), as a lost node or the OOM killer
+    would; the flag file, created at the kill, lets later attempts live."""
+    for entry in filter(None, hook.split(",")):
+        which, at, flag = entry.split(":", 2)
+        if (which, at) == (str(index), stage):
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                os.kill(os.getpid(), signal.SIGKILL)
