@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from catdog_cache.backbone import WeightsSpec
-from catdog_cache.cache import read_index
+from catdog_cache.cache import compact, read_index, shards_dir
 from catdog_cache.discover import discover
 from catdog_cache.errors import CacheError
 from catdog_cache.extract import ExtractConfig, extract
@@ -126,6 +126,7 @@ def test_cache_without_stats_is_hashed_once_then_fast(tmp_path, kaggle_dir, hash
     backdate(kaggle_dir)
     cache = tmp_path / "c.h5"
     extract(kaggle_dir, cache, CFG)
+    compact(cache, {}, single=True)
     with h5py.File(cache, "a") as f:  # as a catdog-cache before stats wrote it
         del f["stat"], f["failures/stat"]
         del f.attrs["scan_ns"]
@@ -133,10 +134,38 @@ def test_cache_without_stats_is_hashed_once_then_fast(tmp_path, kaggle_dir, hash
     before = os.path.getsize(cache)
     r = extract(kaggle_dir, cache, CFG)
     assert (r.extracted, r.reused, r.hashed) == (0, 12, 12)
-    idx = read_index(cache)
-    assert idx.shape[0] == 12 and (idx.stat[:, 2] > 0).all() and os.path.getsize(cache) <= before + 4096
+    # the old file became shard 0 (hard-linked), the run added a shard of refresh records only: no row rewritten
+    shards = sorted(shards_dir(cache).iterdir())
+    assert len(shards) == 2 and shards[1].name.endswith("-refresh.h5")
+    assert read_index(shards[1]).shape[0] == 0 and len(read_index(shards[1]).refresh) == 12
+    idx = read_index(cache)  # the view applies the later shard's records to the rows holding the same sha256
+    assert idx.shape[0] == 12 and (idx.stat[:, 2] > 0).all() and (idx.stat_scan > 0).all()
+    assert sum(p.stat().st_size for p in shards) - before <= 16384 + os.path.getsize(cache)
     r = extract(kaggle_dir, cache, CFG)
     assert (r.extracted, r.reused, r.hashed) == (0, 12, 0)
+    for single in (False, True):  # compact and compact --single keep the refreshed stats
+        compact(cache, {}, single=single)
+        assert (read_index(cache).stat == idx.stat).all()
+        assert extract(kaggle_dir, cache, CFG).hashed == 0
+
+
+def test_refresh_applies_to_its_own_content_and_newest_wins(tmp_path, kaggle_dir, hashed):
+    backdate(kaggle_dir)
+    cache = tmp_path / "c.h5"
+    extract(kaggle_dir, cache, CFG)
+    victim = kaggle_dir / "cat.5.jpg"
+    for n in range(2):  # two touches: two refresh shards for the same file, the later one's stat wins
+        t = time.time_ns() - HOUR + (n + 1) * 10**9
+        os.utime(victim, ns=(t, t))
+        assert extract(kaggle_dir, cache, CFG).hashed == 1
+        row = read_index(cache).paths.index(b"cat.5.jpg")
+        assert read_index(cache).stat[row, 1] == t
+    victim.write_bytes(b"not an image any more")  # new content: the old row's records no longer vouch for it
+    t = time.time_ns() - HOUR
+    os.utime(victim, ns=(t, t))
+    r = extract(kaggle_dir, cache, CFG)
+    assert r.hashed == 1 and len(r.failed) == 1
+    assert extract(kaggle_dir, cache, CFG).hashed == 0  # the failure record carries its stat
 
 
 def test_a_copy_changes_the_inode_and_is_hashed(tmp_path, kaggle_dir, hashed):
@@ -173,6 +202,7 @@ def test_predict_checks_use_the_stat_rule(tmp_path, kaggle_dir, hashed):
 def test_crafted_stat_columns_are_refused(tmp_path, kaggle_dir, column, bad):
     cache = tmp_path / "c.h5"
     extract(kaggle_dir, cache, CFG)
+    compact(cache, {}, single=True)  # one file: what each shard is
     with h5py.File(cache, "a") as f:
         n = f[column].shape[0]
         del f[column]
