@@ -11,7 +11,7 @@ from .backbone import check_device, get_backbone
 from .discover import folder
 from .errors import CacheError, InputError
 from .files import check_outputs
-from .shards import is_shard_input, is_url, remote_fs, resolve_inputs
+from .shardspec import is_shard_input, is_url, remote_fs, resolve_inputs
 
 
 def extract_inputs(data_dir: str | Path, backbone: str | None, layer: str | None, device: str) -> None:

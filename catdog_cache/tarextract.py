@@ -34,7 +34,7 @@ from .extract import (
 )
 from .files import printable, read_regular, write_atomic
 from .pipeline import Batch, PartWriter, default_workers
-from .shards import Identity, identity, is_url, resolve_inputs
+from .shardspec import Identity, identity, is_url, resolve_inputs
 from .tars import End, TarShards
 
 MARKER_BYTES = 64 * 2**10

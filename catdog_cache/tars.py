@@ -23,7 +23,7 @@ from .discover import CLASSES, UNLABELED
 from .errors import InputError
 from .pipeline import ImageFiles
 from .preprocess import MAX_FILE_BYTES
-from .shards import open_shard
+from .shardspec import open_shard
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_HEADER_BYTES = 64 * 2**10  # a GNU long name or pax header larger than this is refused, never allocated

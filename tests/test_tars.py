@@ -22,7 +22,7 @@ from catdog_cache.backbone import WeightsSpec
 from catdog_cache.cache import read_features, read_index
 from catdog_cache.errors import InputError
 from catdog_cache.extract import ExtractConfig, extract
-from catdog_cache.shards import expand_braces, resolve_inputs
+from catdog_cache.shardspec import expand_braces, resolve_inputs
 from catdog_cache.tarextract import markers_dir
 from tests.conftest import TINY, draw
 
