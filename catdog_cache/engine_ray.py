@@ -30,10 +30,8 @@ from .extract import (
     Progress,
     _finish,
     inputs,
-    known_files,
-    onto_cache_classes,
-    removals,
 )
+from .plan import known_files, onto_cache_classes, removals
 from .precheck import RAY_MISSING
 from .shardwork import (
     InputShard,

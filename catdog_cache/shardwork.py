@@ -32,8 +32,9 @@ from .cache import Provenance, Recorded, encode_path, read_index
 from .cache.shards import SHARD_NAME, shards_folder
 from .discover import Discovery, Sample
 from .errors import CacheError
-from .extract import ExtractConfig, Known, refresh_records, rows_of, run_features, save_part, versions
+from .extract import ExtractConfig, rows_of, run_features, save_part, versions
 from .files import write_atomic
+from .plan import Known, refresh_records
 from .rerun import verdicts
 
 MARKER_VERSION = 1
