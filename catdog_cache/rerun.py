@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .cache.format import RACY_NS, UNKNOWN_STAT, Recorded, encode_path
 from .discover import Discovery, Stat
 from .files import sha256_regular
@@ -43,10 +45,11 @@ def by_stat(disc: Discovery, recorded: Recorded, items: list[int], checksum: boo
     if checksum or not items or disc.stat is None:
         return [], list(items)
     keys = keys if keys is not None else [encode_path(s.rel) for s in disc.samples]
-    want = recorded.stats([keys[i] for i in items])  # [K, 4]
-    same = (disc.stat[items] == want).all(axis=1)  # [K]; UNKNOWN_STAT rows never match a real stat
-    return [i for i, s in zip(items, same.tolist(), strict=True) if s], \
-        [i for i, s in zip(items, same.tolist(), strict=True) if not s]
+    entries = recorded.entries
+    want = recorded.stat[np.fromiter((entries[keys[i]][1] for i in items), np.int64, len(items))]  # [K, 4]
+    at = np.asarray(items, dtype=np.int64)  # [K]
+    same = (disc.stat[at] == want).all(axis=1)  # [K]; UNKNOWN_STAT rows never match a real stat
+    return at[same].tolist(), at[~same].tolist()
 
 
 @dataclass
