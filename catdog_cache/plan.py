@@ -143,7 +143,8 @@ def onto_cache_classes(disc: Discovery, have: list[str], cache: Path) -> None:
                          "labeled folder (heads trained on it have one output per class): extract every class folder "
                          "into a new cache (--cache NEW.h5) instead")
     ids = [have.index(c) for c in disc.classes]
-    disc.samples = [Sample(s.rel, ids[s.label]) if s.label >= 0 else s for s in disc.samples]
+    if ids != list(range(len(ids))):  # the same numbering (the common case) keeps every Sample: no per-file work
+        disc.samples = [Sample(s.rel, ids[s.label]) if s.label >= 0 else s for s in disc.samples]
     disc.classes = tuple(have)
 
 
