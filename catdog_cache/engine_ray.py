@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .cache import Provenance, encode_path, locked, merge_classes, require_same
+from .cache import Provenance, Recorded, encode_path, locked, merge_classes, require_same
 from .errors import CatdogError, InputError, Interrupted
 from .extract import (
     ExtractConfig,
@@ -30,10 +30,8 @@ from .extract import (
     Progress,
     _finish,
     inputs,
-    known_files,
-    onto_cache_classes,
-    removals,
 )
+from .plan import known_files, onto_cache_classes, removals
 from .precheck import RAY_MISSING
 from .shardwork import (
     InputShard,
@@ -87,7 +85,7 @@ def require_ray() -> Any:
 
 def extract_ray(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg: ExtractConfig,
                 opts: RayOptions, progress: Progress | None = None, prune: bool = False,
-                strict: bool = False) -> RayReport:
+                strict: bool = False, checksum: bool = False) -> RayReport:
     t0 = time.perf_counter()
     cfg.check()
     opts.check()
@@ -95,6 +93,7 @@ def extract_ray(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str],
         raise InputError(RAY_MISSING)
     spelled = Path(cache)
     cache = spelled.resolve()
+    scan_ns = time.time_ns()  # before the walk (rerun.py's racy rule): the tasks record the walk's stats
     disc = inputs(data_dir, strict)
     prov = cfg.provenance()
     source = str(disc.root.resolve())
@@ -104,8 +103,9 @@ def extract_ray(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str],
         had_cache = cache.exists()
         known = known_files(cache, prov, source)
         onto_cache_classes(disc, merge_classes(known.class_lists, str(cache)), cache)  # as the local engine
-        shards = folder_shards(disc.root, disc.samples, source, prov, opts.shard_size, disc.classes)
-        todo = [s for s in shards if not shard_done(cache, s, known)]
+        shards = folder_shards(disc.root, disc.samples, source, prov, opts.shard_size, disc.classes, disc.stat)
+        # --checksum: every shard runs, and its task hashes every known file
+        todo = [s for s in shards if checksum or not shard_done(cache, s, known)]
         report.shards, report.shards_run = len(shards), len(todo)
         skip = {s.index for s in shards} - {s.index for s in todo}
         for s in (s for s in shards if s.index in skip):  # done: counted from the indexes, nothing read
@@ -115,10 +115,12 @@ def extract_ray(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str],
         drop = removals(known, disc, source, prune, report)
         if todo:
             # absolute paths: a worker's current folder is not the driver's
-            results = _run(require_ray(), todo, Path(source), cache, cfg, prov, source, known, opts, report, progress)
+            results = _run(require_ray(), todo, Path(source), cache, cfg, prov, source, known, opts, report, progress,
+                           scan_ns, checksum)
             for r in sorted(results, key=lambda r: r.index):
                 report.extracted += r.extracted
                 report.reused += r.reused
+                report.hashed += r.hashed
                 report.failed += r.failed
                 report.failed_before += r.failed_before
         # the markers, not the tasks' return values, say what is finished (with the sharded cache: the index is
@@ -142,20 +144,20 @@ class ShardExtractor:
     """A Ray actor's state: the backbone, built once per actor process (again after a restart)."""
 
     def __init__(self, cfg: ExtractConfig, prov: Provenance, root: str, cache: str, source: str, run_id: str,
-                 workers: int, threads: int, kill_hook: str) -> None:
+                 workers: int, threads: int, kill_hook: str, scan_ns: int = 0, checksum: bool = False) -> None:
         os.environ.setdefault("CATDOG_EXTRACT_THREADS", str(threads))  # this actor's CPUs, not the whole node's
         self.cfg = dataclasses.replace(cfg, workers=workers)
         self.prov, self.root, self.cache, self.source, self.run_id = prov, Path(root), Path(cache), source, run_id
-        self.kill_hook = kill_hook
+        self.kill_hook, self.scan_ns, self.checksum = kill_hook, scan_ns, checksum
         self.model: torch.nn.Module | None = None
 
-    def run(self, shard: InputShard, known: dict[bytes, str], reasons: dict[bytes, str]) -> ShardResult:
+    def run(self, shard: InputShard, known: Recorded, reasons: dict[bytes, str]) -> ShardResult:
         if self.model is None:
             # this node's backbone must be the driver's (same weights file content, same plugin version)
             require_same(self.cfg.provenance(), self.prov, "this Ray worker's backbone", "the driver's")
             self.model = self.cfg.resolve().build(self.cfg.weights)
         return run_shard(shard, self.root, self.cache, self.cfg, self.prov, self.source, self.run_id, known,
-                         reasons, self.model, self.kill_hook)
+                         reasons, self.model, self.kill_hook, self.scan_ns, self.checksum)
 
 
 def connect(ray: Any, address: str) -> bool:
@@ -174,8 +176,8 @@ def connect(ray: Any, address: str) -> bool:
 
 
 def _run(ray: Any, shards: list[InputShard], root: Path, cache: Path, cfg: ExtractConfig, prov: Provenance,
-         source: str, known: Any, opts: RayOptions, report: RayReport, progress: Progress | None
-         ) -> list[ShardResult]:
+         source: str, known: Any, opts: RayOptions, report: RayReport, progress: Progress | None,
+         scan_ns: int = 0, checksum: bool = False) -> list[ShardResult]:
     started = connect(ray, opts.address)
     try:
         resources = ray.cluster_resources()
@@ -192,7 +194,7 @@ def _run(ray: Any, shards: list[InputShard], root: Path, cache: Path, cfg: Extra
         run_id = f"{time.time_ns():020d}-ray"
         threads = max(1, int(opts.cpus_per_actor) - workers)
         pool = [actor.remote(cfg, prov, str(root), str(cache), source, run_id, workers, threads,
-                             os.environ.get(KILL_HOOK, "")) for _ in range(n)]
+                             os.environ.get(KILL_HOOK, ""), scan_ns, checksum) for _ in range(n)]
         report.actors = n
         return _schedule(ray, pool, shards, known, progress)
     finally:
@@ -213,7 +215,7 @@ def _schedule(ray: Any, pool: list[Any], shards: list[InputShard], known: Any, p
     def submit(a: Any) -> None:
         s = queue.popleft()
         keys = [encode_path(x.rel) for x in s.samples]
-        mine = {k: known.sha[k] for k in keys if k in known.sha}
+        mine = known.files.subset(keys)  # this shard's files only: what goes over the wire
         why = {k: known.reasons[k] for k in keys if k in known.reasons}
         running[a.run.remote(s, mine, why)] = (a, s)
 

@@ -13,27 +13,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import __version__
 from .backbone import DEFAULT_BACKBONE, Backbone, Preset, WeightsSpec, check_device, get_backbone, resolve_device
 from .cache import (
     CLASS_MAP,
+    UNKNOWN_STAT,
+    Index,
     Provenance,
     Rows,
     encode_path,
     finish,
     list_parts,
     locked,
-    merge_classes,
     read_index,
     remove_cache,
     write_part,
 )
 from .discover import Discovery, Sample, discover
 from .distributed import Dist, from_env
-from .errors import CacheBusy, CatdogError, InputError, Interrupted, ProvenanceMismatch
-from .files import printable, sha256_regular
+from .errors import CacheBusy, CatdogError, InputError, Interrupted
 from .pipeline import (
     Batch,
     Encoded,
@@ -45,7 +46,19 @@ from .pipeline import (
     extract_threads,
     worker_init,
 )
-from .preprocess import DECODERS, MAX_FILE_BYTES, VIEWS, decoder_of
+from .plan import (  # noqa: F401 (re-exported: the engines and tests import them from extract)
+    Known,
+    Plan,
+    _plan,
+    failed_before,
+    known_files,
+    matching_flags,
+    onto_cache_classes,
+    refresh_records,
+    removals,
+)
+from .preprocess import DECODERS, VIEWS
+from .rerun import Verdicts, same_content, sha256_file, verdicts  # noqa: F401 (same_content, sha256_file: old home)
 from .shardspec import is_shard_input
 
 PART_ROWS = 1024
@@ -100,18 +113,6 @@ def versions() -> dict[str, str]:
 
     return {"catdog_cache": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "h5py": h5py.__version__}
-
-
-def sha256_file(path: Path) -> str:
-    return sha256_regular(path, MAX_FILE_BYTES)
-
-
-def same_content(path: Path, sha: str) -> bool:
-    """Whether the file still hashes to `sha`; unreadable or too large now is 'changed' (extract records why)."""
-    try:
-        return sha256_file(path) == sha
-    except (OSError, ValueError):
-        return False
 
 
 def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.nn.Module | None = None,
@@ -202,6 +203,7 @@ class ExtractReport:
     found: int
     extracted: int = 0
     reused: int = 0
+    hashed: int = 0  # known files read to decide whether they changed (the others were decided by their stat)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (rel, reason) this run
     failed_before: list[tuple[str, str]] = field(default_factory=list)  # unchanged files an earlier run could not use
     skipped: list[tuple[str, str]] = field(default_factory=list)  # discovery skips
@@ -215,10 +217,13 @@ class ExtractReport:
 
 def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg: ExtractConfig,
             progress: Progress | None = None, prune: bool = False, strict: bool = False,
-            only: set[str] | None = None, model: torch.nn.Module | None = None) -> ExtractReport:
+            only: set[str] | None = None, model: torch.nn.Module | None = None, checksum: bool = False
+            ) -> ExtractReport:
     """Cache features for every image of a folder that the cache does not already hold with the same content.
     `only` restricts the run to these relative paths; `model` reuses an already built backbone. A path that is not a
-    folder (a .tar, a brace pattern, a listing of shards, a URL) is read as WebDataset tar shards (tarextract.py)."""
+    folder (a .tar, a brace pattern, a listing of shards, a URL) is read as WebDataset tar shards (tarextract.py).
+    Known files are decided by their stat where it proves them unchanged (rerun.py), all by hashing with
+    `checksum`."""
     t0 = time.perf_counter()
     cfg.check()
     if is_shard_input(data_dir):
@@ -229,6 +234,7 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
         return extract_shards(data_dir, cache, cfg, progress=progress, strict=strict, model=model)
     spelled = Path(cache)
     cache = spelled.resolve()  # a symlinked cache is updated where it points; one lock however it is spelled
+    scan_ns = time.time_ns()  # before the walk: every stat it takes, and every read after it, is newer
     disc = inputs(data_dir, strict, only)
     prov = cfg.provenance()
     source = str(disc.root.resolve())
@@ -237,13 +243,21 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
     dist = from_env(cfg.device)
     with _lock_once(cache, dist):
         had_cache = cache.exists()
-        todo, drop = _plan(disc, source, cache, prov, report, prune, progress, dist)
+        if dist:  # the earliest rank's scan start: older than every rank's walk
+            scan_ns = min(dist.gather(scan_ns))
+        plan = _plan(disc, source, cache, prov, report, prune, progress, dist, checksum, scan_ns)
+        todo, drop = [disc.samples[i] for i in plan.todo], plan.drop
         if dist:
             dist.barrier()  # all ranks have planned (and cleared stale temp parts) before any writes a part
-        mine = dist.shard(todo) if dist else todo  # each rank a contiguous slice; parts are its resume units
+        if plan.refresh is not None and (dist is None or dist.main):  # a shard older than this run's rows
+            write_part(cache, f"part-{scan_ns:020d}-{os.getpid()}-refresh", prov, source, Rows(refresh=plan.refresh),
+                       versions(), plan.shape, cfg.weights.path, disc.classes, scan_ns)
+        mine = dist.shard(plan.todo) if dist else plan.todo  # each rank a contiguous slice; parts are its resume units
         if mine:
-            _extract_parts(disc.root, source, mine, cache, cfg, prov, report, progress, model,
-                           tag=f"-r{dist.rank:04d}" if dist else "", classes=disc.classes)
+            assert disc.stat is not None
+            _extract_parts(disc.root, source, [disc.samples[i] for i in mine], cache, cfg, prov, report, progress,
+                           model, tag=f"-r{dist.rank:04d}" if dist else "", classes=disc.classes,
+                           stat=disc.stat[mine], scan_ns=scan_ns)
         if dist:  # every rank's shards are on disk before rank 0 lists them in the index
             gathered = dist.gather((report.extracted, report.failed))
             if dist.main:
@@ -254,7 +268,7 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
             try:
                 # a whole-folder run that got here finished its folder: clear an earlier Ctrl-C's "incomplete"
                 report.rows = _finish(cache, prov, report, todo, drop, strict, had_cache, data_dir,
-                                      {source: False} if only is None else {})
+                                      {source: False} if only is None else {}, plan.cache)
             except CatdogError as e:
                 error = e
         if dist:  # the outcome reaches every rank: the cache's index exists, or all fail with one message
@@ -273,7 +287,7 @@ def inputs(data_dir: str | os.PathLike[str], strict: bool, only: set[str] | None
     """The folder's samples (restricted to `only`), refused when there are none or --strict meets a skip."""
     disc = discover(data_dir)
     if only is not None:
-        disc.samples = [s for s in disc.samples if s.rel in only]
+        disc.keep(only)
     if not disc.samples:
         raise InputError(f"no images found in {data_dir}" + (f" ({len(disc.skipped)} files skipped)"
                                                               if disc.skipped else "") + disc.subfolder_hint())
@@ -284,7 +298,8 @@ def inputs(data_dir: str | os.PathLike[str], strict: bool, only: set[str] | None
 
 
 def _finish(cache: Path, prov: Provenance, report: ExtractReport, todo: list[Sample], drop: set[tuple[str, bytes]],
-            strict: bool, had_cache: bool, data_dir: str | os.PathLike[str], finished: dict[str, bool]) -> int:
+            strict: bool, had_cache: bool, data_dir: str | os.PathLike[str], finished: dict[str, bool],
+            planned: Index | None = None) -> int:
     """List the run's shards in the cache's index (or refuse under --strict); returns the cache's row count."""
     if strict:  # refuse to add them; the shards stay unlisted (they may hold an earlier run's saved work)
         failed = report.failed + [f for f in report.failed_before if f not in report.failed]
@@ -295,7 +310,7 @@ def _finish(cache: Path, prov: Provenance, report: ExtractReport, todo: list[Sam
             raise InputError(f"--strict: {len(failed)} files could not be decoded, first {rel!r}: {reason}; "
                              "nothing was added to the cache")
     if not (todo or drop or list_parts(cache)):
-        index = read_index(cache)
+        index = planned or read_index(cache)
         if not set(index.incomplete) & set(finished):
             return index.shape[0]
     index = finish(cache, prov, versions(), drop, incomplete=finished)  # writes the index only: O(shards)
@@ -326,109 +341,11 @@ def _lock_once(cache: Path, dist: Dist | None) -> Iterator[None]:
         yield
 
 
-@dataclass
-class Known:
-    """What the cache and its parts hold for one source folder, from their indexes alone (no image is read)."""
-
-    sha: dict[bytes, str] = field(default_factory=dict)  # path -> sha256 extracted (or failed) for this source
-    reasons: dict[bytes, str] = field(default_factory=dict)  # path -> why an earlier run could not use it
-    cached: set[bytes] = field(default_factory=set)  # rows of the cache itself (not its parts): what --prune drops
-    recorded: set[bytes] = field(default_factory=set)  # rows and failure records anywhere, read or not
-    class_lists: list[tuple[list[str], bool]] = field(default_factory=list)  # per index: (classes, has labels)
-
-
-def known_files(cache: Path, prov: Provenance, source: str) -> Known:
-    """Read the cache's and its parts' indexes, refusing any made with another provenance."""
-    k = Known()
-    for path in ([cache] if cache.exists() else []) + list_parts(cache):
-        idx = read_index(path)
-        k.class_lists.append((idx.classes, idx.labeled))
-        diffs = idx.provenance.differences(prov, "the cache", "this extract")
-        if diffs:
-            if idx.provenance.arch != prov.arch or idx.provenance.layer != prov.layer:  # the rest follows from it
-                diffs = [d for d in diffs if d.startswith(("arch", "layer"))]
-            suggestion = cache.with_name(f"{prov.arch.replace(':', '-')}-{prov.layer}.h5")
-            raise ProvenanceMismatch(f"{path} holds features made differently ({'; '.join(diffs)}): give --cache a new "
-                                     f"file for these settings (e.g. --cache {suggestion}), or leave out the options "
-                                     "that differ: adding to a cache uses its own settings "
-                                     f"({matching_flags(idx.provenance)})")
-        here = idx.known(source)
-        k.sha |= here
-        rows = {p for s, p in zip(idx.source.tolist(), idx.paths, strict=True) if idx.sources[s] == source}
-        k.cached |= rows if path == cache else set()
-        k.reasons = {p: why for p, why in k.reasons.items() if p not in rows}  # a later part holds it as a row: fixed
-        k.reasons |= {p: why for s, p, _, why in idx.failed if idx.sources[s] == source and p in here and p not in rows}
-        k.recorded |= rows | {p for s, p, _, _ in idx.failed if idx.sources[s] == source}
-    return k
-
-
-def removals(k: Known, disc: Discovery, source: str, prune: bool, report: ExtractReport) -> set[tuple[str, bytes]]:
-    """Files the cache holds that the folder no longer has: reported, and dropped under --prune."""
-    present = {encode_path(s.rel) for s in disc.samples}
-    report.removed = sorted(os.fsdecode(p) for p in k.cached - present)
-    report.pruned = prune and bool(report.removed)
-    return {(source, encode_path(r)) for r in report.removed} if prune else set()
-
-
-def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: ExtractReport, prune: bool,
-          progress: Progress | None, dist: Dist | None = None) -> tuple[list[Sample], set[tuple[str, bytes]]]:
-    """What this run must extract (new or changed files) and drop (deleted files, with --prune). Under torchrun
-    each rank hashes a slice of the already-known files and the ranks share the verdicts."""
-    k = known_files(cache, prov, source)
-    onto_cache_classes(disc, merge_classes(k.class_lists, str(cache)), cache)
-    known, reasons = k.sha, k.reasons
-    candidates = [i for i, s in enumerate(disc.samples) if encode_path(s.rel) in known]
-    mine = dist.shard(candidates) if dist else candidates
-    unchanged: set[int] = set()
-    for n, i in enumerate(mine):
-        if progress and (n % 256 == 0 or n == len(mine) - 1):
-            progress("hash", n + 1, len(mine))
-        if same_content(disc.root / disc.samples[i].rel, known[encode_path(disc.samples[i].rel)]):
-            unchanged.add(i)
-    if dist:
-        unchanged = set().union(*dist.gather(unchanged))
-    todo = [s for i, s in enumerate(disc.samples) if i not in unchanged]
-    report.reused = len(disc.samples) - len(todo)
-    # --strict must see these too: skipped as known, they are still unusable files of the folder
-    report.failed_before = [(disc.samples[i].rel, reasons[encode_path(disc.samples[i].rel)]) for i in sorted(unchanged)
-                            if encode_path(disc.samples[i].rel) in reasons]
-    return todo, removals(k, disc, source, prune, report)
-
-
-def onto_cache_classes(disc: Discovery, have: list[str], cache: Path) -> None:
-    """Relabel the folder's samples with the cache's class ids (by name: a folder of dog/ alone, or of some of a
-    cache's classes, keeps the cache's numbering). A class the cache does not know is refused, not appended: the
-    heads already trained on the cache have one output per class and its labels index those classes, so a new
-    index would make every head of it unable to score its own training cache (predict and fit refuse mixed class
-    sets) while looking like it still fits."""
-    if not have or not disc.classes:  # a cache without labels takes the folder's classes; unlabeled rows need none
-        disc.classes = disc.classes or tuple(have)
-        return
-    new = [c for c in disc.classes if c not in have]
-    if new:
-        shown = ", ".join(printable(c) for c in new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
-        raise InputError(f"{disc.root} has classes the cache {cache} does not have ({shown}); its classes are "
-                         f"{', '.join(printable(c) for c in have)[:300]}. A cache's classes are fixed by its first "
-                         "labeled folder (heads trained on it have one output per class): extract every class folder "
-                         "into a new cache (--cache NEW.h5) instead")
-    ids = [have.index(c) for c in disc.classes]
-    disc.samples = [Sample(s.rel, ids[s.label]) if s.label >= 0 else s for s in disc.samples]
-    disc.classes = tuple(have)
-
-
-def matching_flags(prov: Provenance) -> str:
-    """The extract options that reproduce a cache's provenance (for the refusal message)."""
-    kind, _, rest = prov.weights.partition(":")
-    weights = {"imagenet": "--weights imagenet", "random": f"--weights random --seed {rest.partition('=')[2]}",
-               "file": f"--weights FILE (the file with sha256 {rest.partition('=')[2][:12]}…)"}.get(kind, prov.weights)
-    flags = [f"--backbone {prov.arch}", f"--layer {prov.layer}", weights, f"--views {prov.views}",
-             f"--dtype {prov.dtype}", f"--precision {prov.precision}", f"--decoder {decoder_of(prov.transform)}"]
-    return " ".join(flags)
-
-
 def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg: ExtractConfig,
                    prov: Provenance, report: ExtractReport, progress: Progress | None,
-                   model: torch.nn.Module | None = None, tag: str = "", classes: tuple[str, ...] = ()) -> None:
+                   model: torch.nn.Module | None = None, tag: str = "", classes: tuple[str, ...] = (),
+                   stat: np.ndarray | None = None, scan_ns: int = 0) -> None:
+    """Extract `todo` into shards; `stat` [len(todo), 4]: their stats as this run's walk (after `scan_ns`) saw them."""
     rels = [s.rel for s in todo]
     run_id = f"{time.time_ns():020d}-{os.getpid()}{tag}"
     n_parts = 0
@@ -437,8 +354,8 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
 
     def write(batches: list[Batch]) -> None:  # on the writer thread: one part, built a batch at a time
         nonlocal n_parts
-        save_part(cache, f"part-{run_id}-{n_parts:06d}", cfg, prov, source, rows_of(batches, todo), info,
-                  classes)
+        save_part(cache, f"part-{run_id}-{n_parts:06d}", cfg, prov, source, rows_of(batches, todo, stat), info,
+                  classes, scan_ns)
         n_parts += 1
 
     writer = PartWriter(write, cfg.part_rows, PART_SECONDS)
@@ -465,9 +382,11 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
             from None
 
 
-def rows_of(batches: Iterable[Batch], todo: list[Sample]) -> Rows:
-    """The rows (and failure records) of extracted batches; batch indices point into `todo`."""
+def rows_of(batches: Iterable[Batch], todo: list[Sample], stat: np.ndarray | None = None) -> Rows:
+    """The rows (and failure records) of extracted batches; batch indices point into `todo`, and into `stat`
+    [len(todo), 4] (the walk's stats of `todo`; None: unknown)."""
     rows = Rows()
+    stats = stat.tolist() if stat is not None else [list(UNKNOWN_STAT)] * len(todo)
     for idx, feats, shas, failures in batches:
         rows.features += list(feats)  # [V, D] views of the batch's array; write_part stacks them once
         rows.paths += [encode_path(todo[i].rel) for i in idx]
@@ -476,12 +395,15 @@ def rows_of(batches: Iterable[Batch], todo: list[Sample]) -> Rows:
         rows.failed_paths += [encode_path(todo[i].rel) for i, _, _ in failures]
         rows.failed_sha256 += [sha for _, sha, _ in failures]
         rows.failed_reasons += [reason for _, _, reason in failures]
+        rows.stat += [stats[i] for i in idx]
+        rows.failed_stat += [stats[i] for i, _, _ in failures]
     return rows
 
 
 def save_part(cache: Path, name: str, cfg: ExtractConfig, prov: Provenance, source: str, rows: Rows,
-              info: dict[str, str], classes: tuple[str, ...] | list[str] = tuple(CLASS_MAP)) -> Path:
-    """One crash-safe part (temp + rename) of the cache."""
+              info: dict[str, str], classes: tuple[str, ...] | list[str] = tuple(CLASS_MAP), scan_ns: int = 0) -> Path:
+    """One crash-safe part (temp + rename) of the cache; `scan_ns`: when the walk that took rows.stat started."""
     # the feature size from the rows themselves; a part of failures only asks the backbone (a meta pass)
     dim = rows.features[0].shape[-1] if rows.features else cfg.resolve().dim
-    return write_part(cache, name, prov, source, rows, info, (len(cfg.views), dim), cfg.weights.path, classes)
+    return write_part(cache, name, prov, source, rows, info, (len(cfg.views), dim), cfg.weights.path, classes,
+                      scan_ns)

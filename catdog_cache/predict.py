@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from .backbone import Preset
-from .cache import Provenance, encode_path, list_parts, open_cache, parts_dir, read_index
+from .cache import Provenance, encode_path, list_parts, open_cache, parts_dir, read_index, recorded
 from .discover import Discovery, Sample, discover
 from .errors import CacheBusy, CacheError, CatdogError, InputError, ProvenanceMismatch
-from .extract import ExtractConfig, Progress, extract, run_features, same_content
+from .extract import ExtractConfig, Progress, extract, run_features
 from .files import as_paths, check_outputs, file_key, plausible_file, printable
 from .fit import DEFAULT_HEAD, log_loss
 from .head import CAT_DOG
@@ -30,6 +30,7 @@ from .outputs import (  # noqa: F401 (re-exported: predict's outputs lived here)
     write_predictions,
     write_submission,
 )
+from .rerun import by_stat, same_content, verdicts
 from .scorer import Loaded, load_exported, load_scorer
 
 
@@ -219,12 +220,15 @@ def up_to_date(data_dir: Path, cache: Path, cfg: ExtractConfig, progress: Progre
     index = read_index(cache)
     if index.provenance != cfg.provenance():  # extract says how they differ
         return False
-    known = index.known(source)
-    for n, sample in enumerate(disc.samples):
-        if progress and (n % 256 == 0 or n == len(disc.samples) - 1):
-            progress("hash", n + 1, len(disc.samples))
-        want = known.get(encode_path(sample.rel))
-        if want is None or not same_content(disc.root / sample.rel, want):
+    known = recorded([index], source)
+    if any(encode_path(s.rel) not in known for s in disc.samples):
+        return False
+    # extract's rule (rerun.py): unchanged by stat, else by hash; stops at the first changed file
+    _, slow = by_stat(disc, known, list(range(len(disc.samples))))
+    for n, i in enumerate(slow):
+        if progress and (n % 256 == 0 or n == len(slow) - 1):
+            progress("hash", n + 1, len(slow))
+        if not same_content(disc.root / disc.samples[i].rel, known.sha256(encode_path(disc.samples[i].rel))):
             return False
     return True
 
@@ -277,14 +281,12 @@ def _check_covered(cache: Path, data_dir: Path, head_path: Path, explicit: bool,
     disc = discover(data_dir)
     folder = str(disc.root.resolve())
     index = read_index(cache)
-    known = index.known(folder)
+    known = recorded([index], folder)
     missing = [s.rel for s in disc.samples if encode_path(s.rel) not in known]
     changed: list[str] = []
-    for n, s in enumerate(disc.samples if not missing else []):
-        if progress and (n % 256 == 0 or n == len(disc.samples) - 1):
-            progress("hash", n + 1, len(disc.samples))
-        if not same_content(disc.root / s.rel, known[encode_path(s.rel)]):
-            changed.append(s.rel)
+    if not missing:  # extract's rule (rerun.py): unchanged by stat, else by hash
+        found = verdicts(disc, known, list(range(len(disc.samples))), 0, progress=progress)
+        changed = [s.rel for i, s in enumerate(disc.samples) if i not in found.unchanged]
     if not (missing or changed):
         return
     what = (f"{len(missing):,} of the {len(disc.samples):,} images of {data_dir} are not in it" if missing

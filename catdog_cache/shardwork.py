@@ -24,15 +24,18 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .cache import Provenance, encode_path, read_index
+from .cache import Provenance, Recorded, encode_path, read_index
 from .cache.shards import SHARD_NAME, shards_folder
-from .discover import Sample
+from .discover import Discovery, Sample
 from .errors import CacheError
-from .extract import ExtractConfig, Known, rows_of, run_features, same_content, save_part, versions
+from .extract import ExtractConfig, rows_of, run_features, save_part, versions
 from .files import write_atomic
+from .plan import Known, refresh_records
+from .rerun import verdicts
 
 MARKER_VERSION = 1
 MARKER_MAX_BYTES = 64 * 1024
@@ -47,6 +50,9 @@ class InputShard:
     identity: str  # sha256 of what the shard holds (see folder_shards)
     samples: tuple[Sample, ...]
     classes: tuple[str, ...] = ()  # what the labels index (the cache's classes; empty when unlabeled)
+    # [len(samples), 4] int64: the driver's walk's stats of the samples (rerun.py decides known files by them);
+    # None: unknown. Not part of the shard's identity (that is `identity`), nor of its equality or hash
+    stat: Any = field(default=None, compare=False)
 
 
 @dataclass
@@ -56,6 +62,7 @@ class ShardResult:
     index: int
     extracted: int = 0
     reused: int = 0
+    hashed: int = 0  # known files read to decide (the others were decided by their stat)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (rel, reason) this run
     failed_before: list[tuple[str, str]] = field(default_factory=list)  # unchanged files known to be unusable
     part: str = ""
@@ -78,7 +85,7 @@ def _markers_folder(cache: Path, create: bool = False) -> Path | None:
 
 
 def folder_shards(root: Path, samples: list[Sample], source: str, prov: Provenance, size: int,
-                  classes: tuple[str, ...] = ()) -> list[InputShard]:
+                  classes: tuple[str, ...] = (), stat: Any = None) -> list[InputShard]:
     """The sorted samples in slices of `size` files. Costs one stat per file, never a read."""
     prefix = "files-" + hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     shards = []
@@ -93,7 +100,8 @@ def folder_shards(root: Path, samples: list[Sample], source: str, prov: Provenan
                 listing.append([s.rel, s.label, -1, -1])
         text = json.dumps([MARKER_VERSION, source, prov.to_json(), listing]  # ensure_ascii: any path encodes
                           + ([list(classes)] if classes else []))  # cat/dog-era markers keep their identity
-        shards.append(InputShard(i, f"{prefix}-{i:06d}", hashlib.sha256(text.encode()).hexdigest(), chunk, classes))
+        shards.append(InputShard(i, f"{prefix}-{i:06d}", hashlib.sha256(text.encode()).hexdigest(), chunk, classes,
+                                 stat[start : start + size] if stat is not None else None))
     return shards
 
 
@@ -152,36 +160,38 @@ def stale_markers(cache: Path, prefix: str, keep: set[str]) -> list[Path]:
 
 
 def run_shard(shard: InputShard, root: Path, cache: Path, cfg: ExtractConfig, prov: Provenance, source: str,
-              run_id: str, known: dict[bytes, str], reasons: dict[bytes, str], model: torch.nn.Module | None = None,
-              kill_hook: str = "") -> ShardResult:
-    """Extract one input shard: hash the files the cache already knows (unchanged ones are reused), extract the
-    rest, write them as one part, then the marker. `known`/`reasons` need only hold this shard's files."""
+              run_id: str, known: Recorded, reasons: dict[bytes, str], model: torch.nn.Module | None = None,
+              kill_hook: str = "", scan_ns: int = 0, checksum: bool = False) -> ShardResult:
+    """Extract one input shard: decide the files the cache already knows by extract's rule (rerun.py: by stat, else
+    by hash; unchanged ones are reused), extract the rest, write them (and the refresh records of files found
+    unchanged by hashing) as one part, then the marker. `known`/`reasons` need only hold this shard's files;
+    `scan_ns`: when the driver's walk started."""
     result = ShardResult(shard.index)
-    todo: list[Sample] = []
-    for s in shard.samples:
-        key = encode_path(s.rel)
-        if key in known and same_content(root / s.rel, known[key]):
-            result.reused += 1
-            if key in reasons:
-                result.failed_before.append((s.rel, reasons[key]))
-        else:
-            todo.append(s)
+    disc = Discovery(root, "", list(shard.samples), stat=shard.stat)
+    keys = [encode_path(s.rel) for s in shard.samples]
+    found = verdicts(disc, known, [i for i, k in enumerate(keys) if k in known], scan_ns, checksum, keys=keys)
+    result.reused, result.hashed = len(found.unchanged), found.hashed
+    result.failed_before = [(disc.samples[i].rel, reasons[keys[i]]) for i in sorted(found.unchanged)
+                            if keys[i] in reasons]
+    mine = [i for i in range(len(keys)) if i not in found.unchanged]
+    todo: list[Sample] = [shard.samples[i] for i in mine]
     batches = []
     for n, batch in enumerate(run_features(root, [s.rel for s in todo], cfg, model)):
         batches.append(batch)
         if n == 0:
             _maybe_die(kill_hook, shard.index, "batch")
-    rows = rows_of(batches, todo)
+    rows = rows_of(batches, todo, shard.stat[mine] if shard.stat is not None else None)
+    rows.refresh = refresh_records(found, keys, known) if found.refresh else None
     result.extracted = len(rows.paths)
     result.failed = [(os.fsdecode(p), why) for p, why in zip(rows.failed_paths, rows.failed_reasons, strict=True)]
-    if todo:
+    if todo or rows.refresh is not None:
         # A fresh name per attempt, never the same name twice: an attempt Ray gave up on (a lost node, a network
         # split) may still be running and rename its part in after the driver listed the retry's in the index; with
         # one name per shard that would change a listed shard under the index (every reader then refuses the
         # cache). Two attempts' parts hold the same files: the later name sorts later and its rows win, the other's
         # are superseded rows (no duplicate in any read; `compact` reclaims them). The marker names this attempt's.
         result.part = f"part-{run_id}-{shard.name}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
-        save_part(cache, result.part, cfg, prov, source, rows, versions(), shard.classes)
+        save_part(cache, result.part, cfg, prov, source, rows, versions(), shard.classes, scan_ns)
     marker = {"version": MARKER_VERSION, "kind": "files", "source": source, "shard": shard.index,
               "identity": shard.identity, "part": result.part, "rows": len(rows.paths),
               "failures": len(rows.failed_paths), "run": run_id}

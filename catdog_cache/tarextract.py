@@ -28,12 +28,12 @@ from .extract import (
     Progress,
     _finish,
     _lock_once,
-    matching_flags,
     run_dataset,
     versions,
 )
 from .files import printable, read_regular, write_atomic
 from .pipeline import Batch, PartWriter, default_workers
+from .plan import matching_flags
 from .shardspec import Identity, identity, is_url, resolve_inputs
 from .tars import End, TarShards
 

@@ -65,6 +65,7 @@ def test_same_cache_as_one_process_and_a_rerun_reads_nothing(ray, data, referenc
     assert (r.shards, r.shards_run, r.extracted, len(r.failed)) == (5, 5, 18, 1)
     assert_same(reference, cache)
     assert not list_parts(cache, clean=False) and len(list(markers_dir(cache).glob("*.json"))) == 5
+    assert (read_index(cache).stat[:, 2] > 0).all()  # the tasks record the driver's walk's stats, as one process
 
     # same size and mtime, other bytes: a rerun that read this file would see it changed; the markers say "done"
     victim = data / "cat" / "5.jpg"
@@ -80,6 +81,7 @@ def test_same_cache_as_one_process_and_a_rerun_reads_nothing(ray, data, referenc
         os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
         changed = run(data, cache)
         assert (changed.shards_run, changed.extracted, changed.reused) == (1, 0, 18)
+        assert 1 <= changed.hashed <= 4  # the task decides by extract's rule: at most its own shard's files read
         assert [f[0] for f in changed.failed] == ["cat/5.jpg"]  # now a failure record, as one process would say
     finally:
         victim.write_bytes(original)

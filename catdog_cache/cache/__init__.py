@@ -9,11 +9,15 @@ from .format import (
     CLASS_MAP,
     INDEX_SCHEMA,
     SCHEMA_VERSION,
+    UNKNOWN_STAT,
     Index,
     Provenance,
+    Recorded,
+    Refresh,
     Rows,
     encode_path,
     merge_classes,
+    recorded,
     require_same,
 )
 from .layouts import rewrite_features, time_full_read
@@ -25,8 +29,8 @@ from .validate import open_h5
 from .view import View
 
 __all__ = [
-    "CHUNK_ROWS", "CLASS_MAP", "INDEX_SCHEMA", "SCHEMA_VERSION", "BlockReader", "Index", "Provenance", "Rows",
-    "View", "assemble", "compact", "encode_path", "finish", "list_parts", "listed", "locked", "merge_classes",
-    "open_cache", "open_h5", "parts_dir", "read_features", "read_index", "remove_cache", "require_same",
-    "rewrite_features", "shards_dir", "time_full_read", "write_part",
+    "CHUNK_ROWS", "CLASS_MAP", "INDEX_SCHEMA", "SCHEMA_VERSION", "UNKNOWN_STAT", "BlockReader", "Index", "Provenance",
+    "Recorded", "Refresh", "Rows", "View", "assemble", "compact", "encode_path", "finish", "list_parts", "listed",
+    "locked", "merge_classes", "open_cache", "open_h5", "parts_dir", "read_features", "read_index", "recorded",
+    "remove_cache", "require_same", "rewrite_features", "shards_dir", "time_full_read", "write_part",
 ]

@@ -9,7 +9,13 @@ Layout (schema 1), one file, rows sorted by (source, relative path):
   labels    [N] int8: an index into class_map ({"cat": 0, "dog": 1} for cat/dog; {} when no folder had labels),
             -1 unlabeled
   sha256    [N] 64-char hex of the file's bytes
+  stat      [N, 4] int64 (optional): the file's (size, mtime_ns, inode, device) when the run saw it; -1 = unknown
   failures/{paths, source, sha256, reasons}: files that could not be decoded, with the reason
+  failures/stat [M, 4] int64 (optional): as `stat`
+  refresh/{source, paths, sha256, stat} (optional, parts only): known files a later run found unchanged by hashing,
+            with their newer stat (assembly folds them into `stat`; see Refresh)
+  attrs     scan_ns (optional int): time.time_ns() when the run that wrote the file started scanning its folder
+Caches written before stats have no `stat` columns and no scan_ns: their files are hashed once (see rerun.py).
 
 Sharded (schema 2, see shards.py): `features.h5` is a small index and the rows live in immutable schema-1 files
 `features.h5.shards/NAME.h5`; readers merge them (view.py) into exactly the rows the single file would hold.
@@ -18,7 +24,7 @@ Sharded (schema 2, see shards.py): `features.h5` is a small index and the rows l
 from __future__ import annotations
 
 import json
-import os
+import sys
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -29,6 +35,25 @@ SCHEMA_VERSION = 1  # a file of rows: a single-file cache, or one shard of a sha
 INDEX_SCHEMA = 2  # a sharded cache's index (shards.py): the shard list and the cache-level attributes
 CHUNK_ROWS = 64  # 64 rows: 1 MiB at 4096-d float32 (320 KiB at 1280-d): large sequential reads, cheap streaming
 CLASS_MAP = {"cat": 0, "dog": 1}  # the Kaggle classes; any labeled image folder records its own (discover.class_names)
+STAT_FIELDS = ("size", "mtime_ns", "inode", "device")  # the columns of a `stat` row
+UNKNOWN_STAT = (-1, -1, -1, -1)  # no stat recorded (older cache, racy file): never equals a real file's
+# git's racy rule: a file whose mtime is not older than the scan that recorded it may have changed again within the
+# same timestamp tick, so its stat proves nothing. The margin covers coarse timestamps: the kernel's clock for mtimes
+# lags time.time_ns() by up to a tick, some file systems keep whole seconds (ext3, HFS+, many NFS setups) or two
+# (FAT). Cost: files written in the last 2 s before a run are hashed once more by the next one.
+RACY_NS = 2_000_000_000
+
+
+def trusted(stat: np.ndarray, scan_ns: int | np.ndarray) -> np.ndarray:
+    """[K, 4] recorded stats -> the same with every racy or unknown row set to UNKNOWN_STAT: a stat is evidence only
+    for a file last modified well before the scan that recorded it. `scan_ns`: one time, or [K] (a row's own)."""
+    out = np.array(stat, dtype=np.int64, copy=True).reshape(-1, 4)
+    out[(out[:, 0] < 0) | (out[:, 1] >= np.asarray(scan_ns, np.int64) - RACY_NS)] = UNKNOWN_STAT
+    return out
+
+
+def unknown_stats(n: int) -> np.ndarray:
+    return np.full((n, 4), -1, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -88,9 +113,33 @@ class Rows:
     failed_paths: list[bytes] = field(default_factory=list)
     failed_sha256: list[str] = field(default_factory=list)
     failed_reasons: list[str] = field(default_factory=list)
+    stat: list[tuple[int, int, int, int]] = field(default_factory=list)  # per row; empty: unknown
+    failed_stat: list[tuple[int, int, int, int]] = field(default_factory=list)  # per failure; empty: unknown
+    refresh: Refresh | None = None
 
     def __len__(self) -> int:
         return len(self.paths) + len(self.failed_paths)
+
+
+@dataclass
+class Refresh:
+    """Known files that a run found unchanged by hashing (a copy that changed every mtime, a cache older than stats,
+    a racy file), with the stat seen by that run. Recording it lets the next run skip them by stat without rewriting
+    their feature rows: a few dozen bytes per file in a part, where a new row would cost the features again. It
+    applies only to the row (or failure) holding the same sha256, so it can never vouch for other content; the
+    newest stat per key wins, as rows do."""
+
+    source: np.ndarray  # [K] int, index into the file's sources
+    paths: list[bytes]
+    sha256: list[str]
+    stat: np.ndarray  # [K, 4] int64
+
+    @classmethod
+    def empty(cls) -> Refresh:
+        return cls(np.zeros(0, np.int64), [], [], unknown_stats(0))
+
+    def __len__(self) -> int:
+        return len(self.paths)
 
 
 @dataclass
@@ -109,10 +158,37 @@ class Index:
     weights_path: str = ""  # where the --weights FILE was when extracted (its sha256 is in the provenance)
     incomplete: list[str] = field(default_factory=list)  # sources whose last extract was interrupted (Ctrl-C)
     classes: list[str] = field(default_factory=lambda: list(CLASS_MAP))  # label i means classes[i]
+    stat: np.ndarray | None = None  # [N, 4] int64 as recorded (UNKNOWN_STAT rows where none was); None: all unknown
+    failed_stat: np.ndarray | None = None  # [M, 4] int64, as `stat`
+    scan_ns: int = 0  # when the run that wrote this file started its scan; 0: unknown (every stat is then racy)
+    refresh: Refresh = field(default_factory=Refresh.empty)  # a shard's own records; a merged view has folded them
+    # [N] / [M] int64: the scan time each row's stat was taken under. One file has one (scan_ns); a view merged from
+    # shards has its rows' shards' (or, for a stat a later shard refreshed, that shard's): per row, as arrays
+    stat_scan: np.ndarray | None = None
+    failed_scan: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.stat = unknown_stats(len(self.paths)) if self.stat is None else self.stat
+        self.failed_stat = unknown_stats(len(self.failed)) if self.failed_stat is None else self.failed_stat
+        if self.stat_scan is None:
+            self.stat_scan = np.full(len(self.paths), self.scan_ns, np.int64)
+        if self.failed_scan is None:
+            self.failed_scan = np.full(len(self.failed), self.scan_ns, np.int64)
 
     @property
     def labeled(self) -> bool:
         return bool((self.labels >= 0).any())
+
+    def folded(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """(stat, failed_stat, scan_ns) for writing these rows into ONE file (compact, assemble): each racy stat
+        set to UNKNOWN_STAT under its own scan time, and the latest scan time as the file's. One attribute suffices,
+        no per-row scan column: trust only grows with the scan time (mtime < scan - RACY_NS), so a stat trusted
+        under its own scan is trusted under any later one, and an untrusted one is UNKNOWN for good; every row
+        gets the same verdict from the file as it got from its shard."""
+        assert self.stat is not None and self.failed_stat is not None
+        scans = np.concatenate([self.stat_scan, self.failed_scan])
+        return (trusted(self.stat, self.stat_scan), trusted(self.failed_stat, self.failed_scan),
+                int(scans.max()) if len(scans) else self.scan_ns)
 
     def keys(self) -> list[tuple[str, bytes]]:
         return [(self.sources[s], p) for s, p in zip(self.source.tolist(), self.paths, strict=True)]
@@ -124,6 +200,68 @@ class Index:
         known = {p: sha for (s, p), sha in zip(self.keys(), self.sha256, strict=True) if s == source}
         known |= {p: sha for s, p, sha, _ in self.failed if self.sources[s] == source and sha}
         return known
+
+    def _source_id(self, source: str) -> int | None:
+        return self.sources.index(source) if source in self.sources else None
+
+
+@dataclass
+class Recorded:
+    """What a cache and its parts record of one folder's files: relative path -> (sha256, row of `stat`), and
+    `stat` [K, 4] int64 the trusted stats (UNKNOWN_STAT where racy or not recorded). Arrays, not a tuple per file:
+    a rerun of a large folder looks up every file."""
+
+    entries: dict[bytes, tuple[str, int]]
+    stat: np.ndarray
+
+    def __contains__(self, path: bytes) -> bool:
+        return path in self.entries
+
+    def sha256(self, path: bytes) -> str:
+        return self.entries[path][0]
+
+    def subset(self, paths: list[bytes]) -> Recorded:
+        """The entries of these paths (those recorded) alone, e.g. one input shard's for a Ray task."""
+        mine = [p for p in paths if p in self.entries]
+        return Recorded({p: (self.entries[p][0], j) for j, p in enumerate(mine)}, self.stats(mine).reshape(-1, 4))
+
+    def stats(self, paths: list[bytes]) -> np.ndarray:
+        """[len(paths), 4] the trusted stats of these recorded paths."""
+        return self.stat[[self.entries[p][1] for p in paths]]
+
+
+def recorded(indexes: list[Index], source: str) -> Recorded:
+    """What a cache and its parts (oldest first) record of folder `source`'s files. Later files win, as in
+    assembly; failures whose content was read count (as in Index.known); a refresh record replaces the stat of the
+    entry holding its sha256 only: it can vouch for no other content."""
+    entries: dict[bytes, tuple[str, int]] = {}
+    blocks: list[np.ndarray] = []
+    base = 0
+    for idx in indexes:
+        assert idx.stat is not None and idx.failed_stat is not None
+        sid = idx._source_id(source)
+        if sid is None:
+            continue
+        rows = np.flatnonzero(idx.source == sid)
+        paths = idx.paths if len(rows) == len(idx.paths) else [idx.paths[r] for r in rows.tolist()]
+        shas = idx.sha256 if len(rows) == len(idx.paths) else [idx.sha256[r] for r in rows.tolist()]
+        entries.update(zip(paths, zip(shas, range(base, base + len(rows)), strict=True), strict=True))
+        blocks.append(trusted(idx.stat[rows], idx.stat_scan[rows]))
+        base += len(rows)
+        fails = [k for k, (s, _, sha, _) in enumerate(idx.failed) if s == sid and sha]
+        entries.update((idx.failed[k][1], (idx.failed[k][2], base + j)) for j, k in enumerate(fails))
+        blocks.append(trusted(idx.failed_stat[fails], idx.failed_scan[fails]))
+        base += len(fails)
+        mine = np.flatnonzero(idx.refresh.source == sid).tolist()
+        vouched = [k for k in mine if idx.refresh.paths[k] in entries and
+                   entries[idx.refresh.paths[k]][0] == idx.refresh.sha256[k]]
+        entries.update((idx.refresh.paths[k], (idx.refresh.sha256[k], base + j)) for j, k in enumerate(vouched))
+        blocks.append(trusted(idx.refresh.stat[vouched], idx.scan_ns))
+        base += len(vouched)
+    return Recorded(entries, np.concatenate(blocks) if blocks else unknown_stats(0))
+
+
+_FS = (sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
 
 
 def merge_classes(inputs: list[tuple[list[str], bool]], where: str) -> list[str]:
@@ -142,4 +280,4 @@ def merge_classes(inputs: list[tuple[list[str], bool]], where: str) -> list[str]
 
 
 def encode_path(rel: str) -> bytes:
-    return os.fsencode(rel)  # surrogate-escaped bytes come back exactly
+    return rel.encode(*_FS)  # os.fsencode without its checks (once per file per rerun): surrogate escapes round-trip

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import CacheError
 from ..files import fsync_dir, temp_beside, write_atomic
-from .format import CHUNK_ROWS, CLASS_MAP, INDEX_SCHEMA, SCHEMA_VERSION, Index, Provenance, Rows
+from .format import CHUNK_ROWS, CLASS_MAP, INDEX_SCHEMA, SCHEMA_VERSION, Index, Provenance, Refresh, Rows, unknown_stats
 from .read import read_index
 from .shards import (
     SHARD_NAME,
@@ -39,9 +39,11 @@ _STR = h5py.string_dtype("utf-8")
 def _write(f: h5py.File, prov: Provenance, sources: list[str], features: np.ndarray | tuple[int, ...],
            paths: list[bytes], source: np.ndarray, labels: np.ndarray, sha256: list[str],
            failed: list[tuple[int, bytes, str, str]], versions: dict[str, str], weights_path: str = "",
-           incomplete: list[str] | None = None, classes: list[str] | tuple[str, ...] = tuple(CLASS_MAP)
-           ) -> h5py.Dataset:
+           incomplete: list[str] | None = None, classes: list[str] | tuple[str, ...] = tuple(CLASS_MAP),
+           stat: np.ndarray | None = None, failed_stat: np.ndarray | None = None, scan_ns: int = 0,
+           refresh: Refresh | None = None) -> h5py.Dataset:
     f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["scan_ns"] = np.int64(scan_ns)
     if incomplete:
         f.attrs["incomplete"] = json.dumps(incomplete)
     f.attrs["weights_path"] = weights_path
@@ -59,12 +61,29 @@ def _write(f: h5py.File, prov: Provenance, sources: list[str], features: np.ndar
     f.create_dataset("source", data=np.asarray(source, dtype=np.uint16))
     f.create_dataset("labels", data=np.asarray(labels, dtype=np.int8))
     f.create_dataset("sha256", data=np.array(sha256, dtype="S64"))
+    f.create_dataset("stat", data=_stat_column(stat, len(paths)))
     g = f.create_group("failures")
+    g.create_dataset("stat", data=_stat_column(failed_stat, len(failed)))
     g.create_dataset("source", data=np.array([x[0] for x in failed], dtype=np.uint16))
     g.create_dataset("paths", data=np.array([x[1] for x in failed], dtype=object), dtype=_BYTES)
     g.create_dataset("sha256", data=np.array([x[2] for x in failed], dtype="S64"))
     g.create_dataset("reasons", data=np.array([x[3] for x in failed], dtype=object), dtype=_STR)
+    if refresh is not None and len(refresh):
+        r = f.create_group("refresh")
+        r.create_dataset("source", data=np.asarray(refresh.source, dtype=np.uint16))
+        r.create_dataset("paths", data=np.array(refresh.paths, dtype=object), dtype=_BYTES)
+        r.create_dataset("sha256", data=np.array(refresh.sha256, dtype="S64"))
+        r.create_dataset("stat", data=_stat_column(refresh.stat, len(refresh)))
     return ds
+
+
+def _stat_column(stat: np.ndarray | list | None, n: int) -> np.ndarray:
+    """[n, 4] int64, unknown (-1) where the writer was given no stats (rows of a cache older than stats)."""
+    if stat is None or len(stat) == 0:
+        return unknown_stats(n)
+    out = np.asarray(stat, dtype=np.int64).reshape(-1, 4)
+    assert out.shape[0] == n, (out.shape, n)
+    return out
 
 
 def parts_dir(cache: Path) -> Path:
@@ -74,9 +93,10 @@ def parts_dir(cache: Path) -> Path:
 
 def write_part(cache: Path, name: str, prov: Provenance, source: str, rows: Rows, versions: dict[str, str],
                feature_shape: tuple[int, int], weights_path: str = "",
-               classes: list[str] | tuple[str, ...] = tuple(CLASS_MAP)) -> Path:
+               classes: list[str] | tuple[str, ...] = tuple(CLASS_MAP), scan_ns: int = 0) -> Path:
     """Write rows as one complete shard file. The HDF5 image is built in memory and written with plain file I/O, so
-    a full disk is an OSError we can report (HDF5 itself may crash on ENOSPC) and the temp file is removed."""
+    a full disk is an OSError we can report (HDF5 itself may crash on ENOSPC) and the temp file is removed.
+    `scan_ns`: when this run started scanning `source` (rows.stat were taken after it); 0 leaves every stat racy."""
     folder = shards_folder(cache, create=True)
     assert folder is not None
     if not SHARD_NAME.fullmatch(f"{name}.h5"):
@@ -87,7 +107,8 @@ def write_part(cache: Path, name: str, prov: Provenance, source: str, rows: Rows
         _write(f, prov, [source], feats, rows.paths, np.zeros(n, np.uint16), np.array(rows.labels, np.int8),
                rows.sha256, [(0, p, s, r) for p, s, r in
                              zip(rows.failed_paths, rows.failed_sha256, rows.failed_reasons, strict=True)], versions,
-               weights_path, classes=classes)
+               weights_path, classes=classes, stat=np.array(rows.stat, np.int64),
+               failed_stat=np.array(rows.failed_stat, np.int64), scan_ns=scan_ns, refresh=rows.refresh)
         f.flush()
         image = f.id.get_file_image()
     return write_atomic(folder / f"{name}.h5", image)

@@ -342,8 +342,10 @@ def write_merged(out: Path, view: View, prov: Provenance, versions: dict[str, st
     n = idx.shape[0]
     require_space(out.parent, int(np.prod(idx.shape)) * np.dtype(prov.dtype).itemsize + 200 * n + 2**20, out)
     with h5py.File(out, "w") as f:
+        stat, failed_stat, scan_ns = idx.folded()  # each row's stat judged by its own shard's scan time
         ds = _write(f, prov, idx.sources, tuple(idx.shape), idx.paths, idx.source.astype(np.uint16), idx.labels,
-                    idx.sha256, idx.failed, versions, idx.weights_path, idx.incomplete, idx.classes)
+                    idx.sha256, idx.failed, versions, idx.weights_path, idx.incomplete, idx.classes, stat=stat,
+                    failed_stat=failed_stat, scan_ns=scan_ns)
         for lo in range(0, n, block):
             ds[lo : lo + block] = view.read(lo, lo + block, view=None, dtype=prov.dtype)  # [b, V, D]
 

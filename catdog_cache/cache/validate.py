@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import CacheBusy, CacheError
 from ..files import printable
-from .format import CHUNK_ROWS, INDEX_SCHEMA, SCHEMA_VERSION, Index, Provenance
+from .format import CHUNK_ROWS, INDEX_SCHEMA, SCHEMA_VERSION, Index, Provenance, Refresh
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MAX_VIEWS, MAX_DIM = 16, 1 << 20  # sanity bounds on a cache's declared shape
@@ -135,6 +135,41 @@ def _rows(f: h5py.Group, name: str, path: Path, n: int | None) -> h5py.Dataset:
     return ds
 
 
+def _stats(f: h5py.Group, path: Path, n: int) -> np.ndarray | None:
+    """A group's optional `stat` column: [n, 4] int64, contiguous, as parts._write stores it; None when absent (a
+    cache written before stats: its files are hashed)."""
+    if "stat" not in f:
+        return None
+    ds = _dataset(f, "stat", path)
+    if n * 32 > path.stat().st_size:  # stored contiguous and unfiltered: it must be in the file
+        raise CacheError(f"{path} declares {n} stat rows that its {path.stat().st_size}-byte file cannot hold: "
+                         "refusing it")
+    if ds.shape != (n, 4) or ds.dtype != np.dtype(np.int64) or ds.chunks is not None:
+        raise CacheError(f"{path} is damaged ({f.name.rstrip('/')}/stat has shape {ds.shape}, dtype {ds.dtype}"
+                         f"{', chunked' if ds.chunks is not None else ''}; expected [{n}, 4] int64, contiguous): "
+                         "extract again")
+    return ds[...]
+
+
+def _refresh(f: h5py.File, path: Path, size: int) -> Refresh:
+    """The optional refresh group of a part (see format.Refresh), checked like the failures."""
+    if "refresh" not in f:
+        return Refresh.empty()
+    if not isinstance(f.get("refresh", getlink=True), h5py.HardLink) or not isinstance(f["refresh"], h5py.Group):
+        raise CacheError(f"{path}: 'refresh' is a link or not a group; refusing a crafted cache")
+    g = f["refresh"]
+    k = _rows(g, "paths", path, None).shape[0]
+    if k * 40 > size:  # each record stores at least its stat and heap id
+        raise CacheError(f"{path} declares {k} refresh records that a {size}-byte file cannot hold: refusing it")
+    cols = {name: _rows(g, name, path, k) for name in ("source", "paths", "sha256")}
+    _vlen_bytes(cols["paths"], path, size)
+    stat = _stats(g, path, k)
+    if stat is None:
+        raise CacheError(f"{path} is damaged (refresh records without their stat): extract again")
+    return Refresh(cols["source"][:].astype(np.int64), [bytes(p) for p in cols["paths"][:]],
+                   [s.decode() for s in cols["sha256"][:]], stat)
+
+
 def _vlen_bytes(ds: h5py.Dataset, path: Path, size: int) -> int:
     """What a variable-length column expands to, read from the lengths stored in its elements before reading them:
     every row of a crafted file could point at the same large heap object (a 1 MB file, a terabyte read). On disk
@@ -219,6 +254,11 @@ def _index(f: h5py.File, path: Path) -> Index:
         failures = {name: _rows(fail, name, path, fn) for name in ("source", "paths", "sha256", "reasons")}
         for ds in (columns["paths"], failures["paths"], failures["reasons"]):
             _vlen_bytes(ds, path, size)  # before reading: their total is bounded by the file
+        stat, failed_stat = _stats(f, path, n), _stats(fail, path, fn)
+        refresh = _refresh(f, path, size)
+        scan_ns = _attr(f, "scan_ns") if "scan_ns" in f.attrs else 0
+        if not isinstance(scan_ns, int | np.integer) or isinstance(scan_ns, bool):
+            raise ValueError(f"scan_ns is a {type(scan_ns).__name__}, not a time")
         source = columns["source"][:].astype(np.int64)
         labels = columns["labels"][:].astype(np.int8)
         index = Index(
@@ -238,6 +278,10 @@ def _index(f: h5py.File, path: Path) -> Index:
             weights_path=str(_attr(attrs, "weights_path")) if "weights_path" in attrs else "",
             incomplete=incomplete,
             classes=classes,
+            stat=stat,
+            failed_stat=failed_stat,
+            scan_ns=int(scan_ns),
+            refresh=refresh,
         )
     except CacheError:
         raise
@@ -246,7 +290,7 @@ def _index(f: h5py.File, path: Path) -> Index:
     if len(labels) and (labels.min() < -1 or labels.max() >= len(classes)):
         raise CacheError(f"{path} holds labels outside -1 (unlabeled) and its {len(classes)} classes "
                          f"({printable(', '.join(classes)[:200]) or 'none'}): refusing it")
-    used = np.concatenate([source, np.array([s for s, *_ in index.failed], np.int64)])
+    used = np.concatenate([source, np.array([s for s, *_ in index.failed], np.int64), index.refresh.source])
     if len(used) and (used.min() < 0 or used.max() >= len(sources)):
         raise CacheError(f"{path} has rows pointing at source folders it does not list: refusing it")
     return index

@@ -134,6 +134,10 @@ class View:
         self._feats.clear()
 
 
+def _keys(paths: list[bytes]) -> np.ndarray:
+    return np.array(paths, dtype=bytes) if paths else np.zeros(0, "S1")  # [n] fixed-width: numpy compares bytes
+
+
 def _increasing(src: np.ndarray, paths: list[bytes]) -> bool:
     """Keys (src[i], paths[i]) strictly increasing: numpy on the folders, one C-level pass over the paths (no
     fixed-width copy of them: N x the longest path would be gigabytes at 10M rows with one long name)."""
@@ -157,6 +161,7 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
         raise CacheError(f"{where} records the classes {printable(', '.join(classes))[:200]!r}, its shards label "
                          f"with {printable(', '.join(merged_classes))[:200]!r}: refusing a crafted cache")
     src_parts, lab_parts, sha_parts, path_parts, rows_of = [], [], [], [], []
+    stat_parts, scan_parts = [], []
     for path, idx in shards:
         if check_prov:
             if idx.provenance != prov:
@@ -177,6 +182,8 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
         lab_parts.append(idx.labels)
         sha_parts.append(idx.sha256)
         path_parts.append(idx.paths)
+        stat_parts.append(idx.stat)
+        scan_parts.append(idx.stat_scan)
         rows_of.append(idx.shape[0])
     if len(sources) > np.iinfo(np.uint16).max:
         raise CacheError(f"{where} would hold {len(sources)} source folders; the schema allows 65,535")
@@ -208,9 +215,12 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
 
     keep = np.ones(len(order), bool)
     failed: dict[tuple[str, bytes], tuple[int, str, str]] = {}  # key -> (shard, sha, reason); later wins
+    failed_stat: dict[tuple[str, bytes], tuple[np.ndarray, int]] = {}  # key -> (stat [4], its scan time)
     for i, (_, idx) in enumerate(shards):
-        for s, p, sha, reason in idx.failed:
+        assert idx.failed_stat is not None and idx.failed_scan is not None
+        for (s, p, sha, reason), st, scan in zip(idx.failed, idx.failed_stat, idx.failed_scan.tolist(), strict=True):
             failed[(idx.sources[s], p)] = (i, sha, reason)
+            failed_stat[(idx.sources[s], p)] = (st, scan)
     for k, (i, _, _) in list(failed.items()):
         j = find(sources.index(k[0]), k[1])
         if j >= 0:
@@ -227,8 +237,16 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
         if (t.source, t.path) in failed and failed[(t.source, t.path)][0] < t.before:
             del failed[(t.source, t.path)]
     final = order[keep]  # [N] positions in the concatenated shards, logical order
+    whole = ident and len(final) == n_all  # every row in shard order: the concatenated lists as they are
     sha = [h for part in sha_parts for h in part]  # [n_all]
+    paths_final = key if whole else [key[i] for i in final.tolist()]  # [N]
+    sha_final = sha if whole else [sha[i] for i in final.tolist()]  # [N]
     fs, fr = shard_of[final], row_of[final]
+    stat = np.concatenate(stat_parts)[final] if stat_parts else np.zeros((0, 4), np.int64)  # [N, 4]
+    scan = np.concatenate(scan_parts)[final] if scan_parts else np.zeros(0, np.int64)  # [N]
+    if any(len(idx.refresh) for _, idx in shards):  # fixed-width keys only for a rerun's refresh records
+        _refresh(shards, sources, src[final], _keys(paths_final), fs.copy(), np.array(sha_final, dtype=object),
+                 stat, scan, failed, failed_stat)
     brk = np.ones(len(final), bool)
     brk[1:] = (fs[1:] != fs[:-1]) | (fr[1:] != fr[:-1] + 1)
     starts = np.flatnonzero(brk)
@@ -237,18 +255,53 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
         provenance=prov,
         sources=sources,
         source=src[final].astype(np.int64),
-        paths=[key[i] for i in final.tolist()] if not (ident and len(final) == n_all) else key,
+        paths=paths_final,
         labels=(np.concatenate(lab_parts)[final] if lab_parts else np.zeros(0, np.int64)).astype(np.int8),
-        sha256=[sha[i] for i in final.tolist()] if not (ident and len(final) == n_all) else sha,
+        sha256=sha_final,
         failed=[(src_id[k[0]], k[1], sha, reason) for k, (_, sha, reason) in sorted(failed.items())],
         shape=(len(final), *feature_shape),
         dtype=prov.dtype,
         weights_path=weights_path,
         incomplete=[s for s in sources if s in incomplete],
         classes=merged_classes,
+        stat=stat,
+        stat_scan=scan,
+        failed_stat=np.array([failed_stat[k][0] for k in sorted(failed)], np.int64).reshape(-1, 4),
+        failed_scan=np.array([failed_stat[k][1] for k in sorted(failed)], np.int64),
+        scan_ns=int(max((idx.scan_ns for _, idx in shards), default=0)),
     )
     return View(index, [p for p, _ in shards], rows_of, np.append(starts, len(final)).astype(np.int64), fs[starts],
                 fr[starts])
+
+
+def _refresh(shards: list[tuple[Path, Index]], sources: list[str], src: np.ndarray, key: np.ndarray,
+             origin: np.ndarray, sha: np.ndarray, stat: np.ndarray, scan: np.ndarray,
+             failed: dict[tuple[str, bytes], tuple[int, str, str]],
+             failed_stat: dict[tuple[str, bytes], tuple[np.ndarray, int]]) -> None:
+    """Apply each shard's refresh records (cache.format.Refresh) to the live rows, in place: a record replaces the
+    stat (and its scan time) of the row with its key and its sha256 from the same or an earlier shard; shards in
+    order, so the newest stat wins. `src`, `key` [N] are the live rows' sorted keys, `origin` [N] the shard each
+    row's stat now comes from. Vectorised per folder: a cache older than stats gets a record for every file once."""
+    for i, (_, idx) in enumerate(shards):
+        ref = idx.refresh
+        if not len(ref):
+            continue
+        pos = np.array([sources.index(s) for s in idx.sources], np.int64)[ref.source]  # [K] folder in `sources`
+        rkey = _keys(ref.paths)
+        rsha = np.array(ref.sha256, dtype=object)
+        for s in np.unique(pos).tolist():
+            sel = np.flatnonzero(pos == s)
+            lo, hi = np.searchsorted(src, s, "left"), np.searchsorted(src, s, "right")
+            j = lo + np.searchsorted(key[lo:hi], rkey[sel])  # [k] candidate rows
+            ok = j < hi
+            ok[ok] = key[j[ok]] == rkey[sel][ok]
+            ok[ok] &= (sha[j[ok]] == rsha[sel][ok]) & (origin[j[ok]] <= i)
+            rows, recs = j[ok], sel[ok]
+            stat[rows], scan[rows], origin[rows] = ref.stat[recs], idx.scan_ns, i
+            for r in sel[~ok].tolist():  # not a live row: a failure record holding that content
+                k = (sources[s], ref.paths[r])
+                if k in failed and failed[k][1] == ref.sha256[r] and failed[k][0] <= i:
+                    failed_stat[k] = (ref.stat[r], idx.scan_ns)
 
 
 def single_file(f: h5py.File, path: Path) -> View:

@@ -26,8 +26,10 @@ def bench_cmd(
     backbones: str = typer.Option("", "--backbones", show_default="vgg16; the table: vgg16,efficientnet_lite0",
                                   help="Backbones for the extract rows, comma-separated."),
     markdown: bool = typer.Option(False, "--markdown", help="Also print a README-ready table."),
-    only: str = typer.Option("", "--only", help="'pipeline': only the extract-pipeline rows; 'scale': only a head "
-                             "streamed from large synthetic sharded caches (--scale-rows)."),
+    only: str = typer.Option("", "--only", help="'pipeline': only the extract-pipeline rows; 'rerun': only the "
+                             "rerun of an unchanged folder against a plain scandir + stat walk of it; 'scale': only "
+                             "a head streamed from large synthetic sharded caches (--scale-rows)."),
+    rerun_files: int = typer.Option(100_000, "--rerun-files", help="Files of the folder of the rerun rows."),
     scale_rows: str = typer.Option("100000,1000000", "--scale-rows", help="--only scale: synthetic cache sizes "
                                    "(rows of 1280-d float16; 10M rows take 25.6 GB of disk, deleted afterwards)."),
     scale_budget: str = typer.Option("256M", "--scale-budget", help="--only scale: fit's --max-memory."),
@@ -57,8 +59,10 @@ def bench_cmd(
     from ..bench import run
 
     check_device(device)
-    if only not in ("", "pipeline", "scale"):
-        raise CatdogError(f"--only: expected pipeline or scale, got {only!r}")
+    if only not in ("", "pipeline", "rerun", "scale"):
+        raise CatdogError(f"--only: expected pipeline, rerun or scale, got {only!r}")
+    if rerun_files < 1:
+        raise CatdogError(f"--rerun-files must be at least 1, got {rerun_files}")
     out.print(f"bench on {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {date.today()}")
     try:
         sizes = [int(x) for x in stream.split(",") if x.strip()]
@@ -71,7 +75,12 @@ def bench_cmd(
     if repeats < 0:
         raise CatdogError(f"--repeats must be at least 1 (or 0 for auto), got {repeats}")
     names = [b.strip() for b in backbones.split(",") if b.strip()]
-    if only == "scale":
+    table = [] if only else run(data, limit, rows, log, sizes, names or ["vgg16"])
+    if only == "rerun":
+        from .. import benchrerun
+
+        table += benchrerun.run(rerun_files, log)
+    elif only == "scale":
         from .. import benchscale
         from ..fit.data import parse_size
 
@@ -82,12 +91,8 @@ def bench_cmd(
         if not scale or min(scale) < 1000:
             raise CatdogError(f"--scale-rows: give row counts of at least 1000, got {scale_rows!r}")
         parse_size(scale_budget)  # a bad size is one line here, not a child's traceback
-        table = benchscale.run(scale, log, scale_budget, folder=scale_dir)
-        pipeline = 0
-    else:
-        table = []
-    table += [] if only else run(data, limit, rows, log, sizes, names or ["vgg16"])
-    if pipeline and (table_rows or device.startswith("cuda")):
+        table += benchscale.run(scale, log, scale_budget, folder=scale_dir)
+    elif pipeline and (table_rows or device.startswith("cuda")):
         table += benchpipe.table(data, pipeline, log, device, names or None, workers, batch_size, repeats or 1)
     elif pipeline:
         table += benchpipe.run(data, pipeline, workers, batch_size, device, log, repeats or 3)

@@ -60,6 +60,8 @@ def extract_cmd(
                                        "in batches on the extraction device: nvJPEG on a GPU). Recorded in the cache."),
     prune: bool = typer.Option(False, "--prune", help="Remove rows of files no longer in the folder."),
     strict: bool = typer.Option(False, "--strict", help="Fail on any file that cannot be used."),
+    checksum: bool = typer.Option(False, "--checksum", help="Hash every already-cached file to find changes (as "
+                                  "rsync -c), instead of trusting an unchanged size, mtime, inode and device."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
     part_rows: int = typer.Option(1024, "--part-rows", hidden=True, help="Rows per crash-safe part."),
@@ -95,7 +97,7 @@ def extract_cmd(
                         views=tuple(v.strip() for v in o.views.split(",") if v.strip()), decoder=o.decoder,
                         part_rows=part_rows)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
-        extract(data_dir, cache, cfg, prune=prune, strict=strict)
+        extract(data_dir, cache, cfg, prune=prune, strict=strict, checksum=checksum)
         return
     ray: dict[str, int] = {}
     with Bar(quiet or as_json) as bar:
@@ -106,14 +108,15 @@ def extract_cmd(
                                        "gpus_per_actor": gpus_per_actor, "cpus_per_actor": cpus_per_actor}.items()
                      if v is not None}
             opts = RayOptions(**given)  # type: ignore[arg-type]
-            r = extract_ray(data_dir, cache, cfg, opts, progress=bar, prune=prune, strict=strict)
+            r = extract_ray(data_dir, cache, cfg, opts, progress=bar, prune=prune, strict=strict, checksum=checksum)
             ray = {"shards": r.shards, "shards_run": r.shards_run, "actors": r.actors}
         else:
-            r = extract(data_dir, cache, cfg, progress=bar, prune=prune, strict=strict)
+            r = extract(data_dir, cache, cfg, progress=bar, prune=prune, strict=strict, checksum=checksum)
     if as_json:
         print(_json({"cache": str(cache), "rows": r.rows, "found": r.found, "extracted": r.extracted,
-                     "reused": r.reused, "failed": r.failed, "skipped": r.skipped, "removed": r.removed,
-                     "pruned": r.pruned, "seconds": r.seconds, "layout": r.layout, "warnings": r.warnings, **ray}))
+                     "reused": r.reused, "hashed": r.hashed, "failed": r.failed, "skipped": r.skipped,
+                     "removed": r.removed, "pruned": r.pruned, "seconds": r.seconds, "layout": r.layout,
+                     "warnings": r.warnings, **ray}))
         return
     for w in r.warnings:
         err.print(f"[yellow]warning:[/] {escape(printable(w))}")
@@ -123,7 +126,8 @@ def extract_cmd(
         verb = "removed from the cache" if r.pruned else "cached but gone from the folder (--prune removes them)"
         err.print(f"[yellow]{plural(len(r.removed), 'file')} {verb}[/]")
     rate = f" ({r.extracted / r.seconds:.1f} img/s)" if r.extracted else ""
-    out.print(f"[green]extracted[/] {r.extracted:,} new, reused {r.reused:,}, failed {len(r.failed):,} -> "
+    hashed = f" ({r.hashed:,} read to check)" if r.hashed else ""  # the others: unchanged by their stat
+    out.print(f"[green]extracted[/] {r.extracted:,} new, reused {r.reused:,}{hashed}, failed {len(r.failed):,} -> "
               f"{plural(r.rows, 'row')} in {escape(printable(str(cache)))} in {r.seconds:.1f}s{rate}", highlight=False)
     if ray and ray["shards_run"]:
         out.print(f"ray: {ray['shards_run']:,} of {plural(ray['shards'], 'input shard')} run on "

@@ -1,0 +1,158 @@
+"""Planning an extract: what the cache already holds for a folder (from its indexes alone), which files are new or
+changed (by stat, else by hash: rerun.py), what to drop, and the folder's labels mapped onto the cache's classes.
+One planning path for the local engine, torchrun and the Ray driver; no image is read here except to hash."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .cache import Index, Provenance, Recorded, Refresh, encode_path, list_parts, merge_classes, read_index, recorded
+from .discover import Discovery, Sample
+from .distributed import Dist
+from .errors import InputError, ProvenanceMismatch
+from .files import printable
+from .preprocess import decoder_of
+from .rerun import Verdicts, verdicts
+
+if TYPE_CHECKING:  # extract imports this module; these names are only annotations here
+    from .extract import ExtractReport, Progress
+
+
+@dataclass
+class Known:
+    """What the cache and its parts hold for one source folder, from their indexes alone (no image is read)."""
+
+    files: Recorded = field(default_factory=lambda: recorded([], ""))  # path -> (sha256, trusted stat), this source
+    reasons: dict[bytes, str] = field(default_factory=dict)  # path -> why an earlier run could not use it
+    cached: set[bytes] = field(default_factory=set)  # rows of the cache itself (not its parts): what --prune drops
+    recorded: set[bytes] = field(default_factory=set)  # rows and failure records anywhere, read or not
+    class_lists: list[tuple[list[str], bool]] = field(default_factory=list)  # per index: (classes, has labels)
+    cache: Index | None = None  # the cache's own index as read (a run with nothing to do reads it once)
+    shape: tuple[int, ...] = ()  # the cache's [V, D] (a refresh shard's empty features match it)
+
+
+def known_files(cache: Path, prov: Provenance, source: str) -> Known:
+    """Read the cache's and its parts' indexes, refusing any made with another provenance. The one reading of what
+    is known, for extract's plan (local and torchrun) and the Ray driver."""
+    k = Known()
+    indexes = []
+    for path in ([cache] if cache.exists() else []) + list_parts(cache):
+        idx = read_index(path)
+        indexes.append(idx)
+        k.cache = idx if path == cache else k.cache
+        k.shape = idx.shape[1:]
+        k.class_lists.append((idx.classes, idx.labeled))
+        diffs = idx.provenance.differences(prov, "the cache", "this extract")
+        if diffs:
+            if idx.provenance.arch != prov.arch or idx.provenance.layer != prov.layer:  # the rest follows from it
+                diffs = [d for d in diffs if d.startswith(("arch", "layer"))]
+            suggestion = cache.with_name(f"{prov.arch.replace(':', '-')}-{prov.layer}.h5")
+            raise ProvenanceMismatch(f"{path} holds features made differently ({'; '.join(diffs)}): give --cache a new "
+                                     f"file for these settings (e.g. --cache {suggestion}), or leave out the options "
+                                     "that differ: adding to a cache uses its own settings "
+                                     f"({matching_flags(idx.provenance)})")
+        rows = set(idx.paths) if idx.sources == [source] else \
+            {p for s, p in zip(idx.source.tolist(), idx.paths, strict=True) if idx.sources[s] == source}
+        k.cached |= rows if path == cache else set()
+        k.reasons = {p: why for p, why in k.reasons.items() if p not in rows}  # a later part holds it as a row: fixed
+        k.reasons |= {p: why for s, p, sha, why in idx.failed if idx.sources[s] == source and sha and p not in rows}
+        k.recorded |= rows | {p for s, p, _, _ in idx.failed if idx.sources[s] == source}
+    k.files = recorded(indexes, source)
+    return k
+
+
+def removals(k: Known, disc: Discovery, source: str, prune: bool, report: ExtractReport,
+             keys: list[bytes] | None = None) -> set[tuple[str, bytes]]:
+    """Files the cache holds that the folder no longer has: reported, and dropped under --prune."""
+    keys = keys if keys is not None else [encode_path(s.rel) for s in disc.samples]
+    report.removed = sorted(os.fsdecode(p) for p in k.cached.difference(keys))
+    report.pruned = prune and bool(report.removed)
+    return {(source, encode_path(r)) for r in report.removed} if prune else set()
+
+
+@dataclass
+class Plan:
+    todo: list[int]  # indices into disc.samples: new or changed files
+    drop: set[tuple[str, bytes]]  # deleted files' keys (with --prune)
+    refresh: Refresh | None = None  # known files found unchanged by hashing, with the stat this run saw
+    shape: tuple[int, ...] = ()  # the cache's [V, D]: a refresh shard's (empty) features match it
+    cache: Index | None = None  # the cache's index as planned (a run with nothing to do reads it once)
+
+
+def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: ExtractReport, prune: bool,
+          progress: Progress | None, dist: Dist | None = None, checksum: bool = False, scan_ns: int = 0) -> Plan:
+    """What this run must extract (new or changed files) and drop (deleted files, with --prune). Known files are
+    unchanged when their stat says so, else when their hash does (rerun.py). Under torchrun each rank decides a
+    slice of the already-known files (by its own walk's stats) and the ranks share the verdicts."""
+    k = known_files(cache, prov, source)
+    onto_cache_classes(disc, merge_classes(k.class_lists, str(cache)), cache)
+    keys = [encode_path(s.rel) for s in disc.samples]
+    candidates = [i for i, key in enumerate(keys) if key in k.files]
+    found = verdicts(disc, k.files, dist.shard(candidates) if dist else candidates, scan_ns, checksum, progress, keys)
+    if dist:
+        shared = dist.gather((found.unchanged, found.refresh, found.hashed))
+        found = Verdicts(set().union(*(u for u, _, _ in shared)), {i: st for _, r, _ in shared for i, st in r.items()},
+                         sum(h for _, _, h in shared))
+    plan = Plan([i for i in range(len(disc.samples)) if i not in found.unchanged], set(), cache=k.cache)
+    report.reused = len(disc.samples) - len(plan.todo)
+    report.hashed = found.hashed
+    report.failed_before = failed_before(k, disc, found.unchanged, keys)
+    plan.drop = removals(k, disc, source, prune, report, keys)
+    if found.refresh:
+        plan.refresh = refresh_records(found, keys, k.files)
+        plan.shape = k.shape
+    return plan
+
+
+def failed_before(k: Known, disc: Discovery, unchanged: set[int] | list[int], keys: list[bytes]
+                  ) -> list[tuple[str, str]]:
+    """Unchanged files an earlier run could not use; --strict must see these too: skipped as known, they are still
+    unusable files of the folder."""
+    if not k.reasons:
+        return []
+    return [(disc.samples[i].rel, k.reasons[keys[i]]) for i in sorted(unchanged) if keys[i] in k.reasons]
+
+
+def refresh_records(found: Verdicts, keys: list[bytes], files: Recorded) -> Refresh:
+    """Known files found unchanged by hashing, with the stat this run saw (rerun.py): a record of a shard."""
+    done = sorted(found.refresh)
+    paths = [keys[i] for i in done]
+    return Refresh(np.zeros(len(paths), np.int64), paths, [files.sha256(p) for p in paths],
+                   np.array([found.refresh[i] for i in done], np.int64).reshape(-1, 4))
+
+
+def onto_cache_classes(disc: Discovery, have: list[str], cache: Path) -> None:
+    """Relabel the folder's samples with the cache's class ids (by name: a folder of dog/ alone, or of some of a
+    cache's classes, keeps the cache's numbering). A class the cache does not know is refused, not appended: the
+    heads already trained on the cache have one output per class and its labels index those classes, so a new
+    index would make every head of it unable to score its own training cache (predict and fit refuse mixed class
+    sets) while looking like it still fits."""
+    if not have or not disc.classes:  # a cache without labels takes the folder's classes; unlabeled rows need none
+        disc.classes = disc.classes or tuple(have)
+        return
+    new = [c for c in disc.classes if c not in have]
+    if new:
+        shown = ", ".join(printable(c) for c in new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+        raise InputError(f"{disc.root} has classes the cache {cache} does not have ({shown}); its classes are "
+                         f"{', '.join(printable(c) for c in have)[:300]}. A cache's classes are fixed by its first "
+                         "labeled folder (heads trained on it have one output per class): extract every class folder "
+                         "into a new cache (--cache NEW.h5) instead")
+    ids = [have.index(c) for c in disc.classes]
+    if ids != list(range(len(ids))):  # the same numbering (the common case) keeps every Sample: no per-file work
+        disc.samples = [Sample(s.rel, ids[s.label]) if s.label >= 0 else s for s in disc.samples]
+    disc.classes = tuple(have)
+
+
+def matching_flags(prov: Provenance) -> str:
+    """The extract options that reproduce a cache's provenance (for the refusal message)."""
+    kind, _, rest = prov.weights.partition(":")
+    weights = {"imagenet": "--weights imagenet", "random": f"--weights random --seed {rest.partition('=')[2]}",
+               "file": f"--weights FILE (the file with sha256 {rest.partition('=')[2][:12]}…)"}.get(kind, prov.weights)
+    flags = [f"--backbone {prov.arch}", f"--layer {prov.layer}", weights, f"--views {prov.views}",
+             f"--dtype {prov.dtype}", f"--precision {prov.precision}", f"--decoder {decoder_of(prov.transform)}"]
+    return " ".join(flags)
