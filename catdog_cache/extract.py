@@ -271,12 +271,7 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
                                       {source: False} if only is None else {}, plan.cache)
             except CatdogError as e:
                 error = e
-        if dist:  # the outcome reaches every rank: the cache's index exists, or all fail with one message
-            message = dist.gather(str(error) if error else "")[0]
-            if message and error is None:
-                error = InputError(message)
-        if error:
-            raise error
+        raise_shared(dist, error)
     if dist:
         dist.close()
     report.seconds = time.perf_counter() - t0
@@ -319,6 +314,16 @@ def _finish(cache: Path, prov: Provenance, report: ExtractReport, todo: list[Sam
         raise InputError(f"no image in {data_dir} could be decoded; first failure: "
                          f"{report.failed[0][0]!r}: {report.failed[0][1]}")
     return index.shape[0]
+
+
+def raise_shared(dist: Dist | None, error: CatdogError | None) -> None:
+    """Rank 0's outcome reaches every rank (the cache's index exists, or all fail with one message), then raise."""
+    if dist:
+        message = dist.gather(str(error) if error else "")[0]
+        if message and error is None:
+            error = InputError(message)
+    if error:
+        raise error
 
 
 @contextlib.contextmanager

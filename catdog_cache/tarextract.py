@@ -28,6 +28,7 @@ from .extract import (
     Progress,
     _finish,
     _lock_once,
+    raise_shared,
     run_dataset,
     versions,
 )
@@ -311,12 +312,7 @@ def extract_shards(spec: str | os.PathLike[str] | list[str], cache: str | os.Pat
                                       ) if (todo or cache.exists() or list_parts(cache)) else 0
             except CatdogError as e:
                 error = e
-        if dist:
-            message = dist.gather(str(error) if error else "")[0]
-            if message and error is None:
-                error = InputError(message)
-        if error:
-            raise error
+        raise_shared(dist, error)
     if dist:
         dist.close()
     if not report.rows and report.failed and not (report.extracted or report.reused):
