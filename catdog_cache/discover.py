@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import operator
 import os
 import stat
 from dataclasses import dataclass, field
@@ -14,6 +16,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 CLASSES: tuple[str, ...] = ("cat", "dog")  # the Kaggle classes: cat=0, dog=1 (Kaggle names, and cat/ + dog/ folders)
+KAGGLE_PREFIX = {"cat.": 0, "dog.": 1}  # a Kaggle name's label from its exact prefix up to the first dot, lowercased
 UNLABELED = -1
 MAX_CLASSES = 127  # labels are stored as int8 (-1 unlabeled): 127 classes fit, and no image folder we know needs more
 MAX_CLASS_NAME = 255  # bytes of a folder name on the common file systems: a longer recorded name is crafted
@@ -32,24 +35,62 @@ class Sample:
 
 @dataclass
 class Discovery:
+    """A folder's samples as columns: sorted relative paths, their labels and stats. The rerun of a large unchanged
+    folder needs no per-file object beyond the walk's own list of paths: `samples` (Sample objects, for the callers
+    that iterate them) is built on first use."""
+
     root: Path
     layout: str  # "imagefolder" | "kaggle" | "unlabeled"
-    samples: list[Sample]
+    rels: list[str]  # POSIX relative paths, sorted; any character the file system allows (surrogate-escaped bytes)
+    labels: np.ndarray  # [len(rels)] int64: index into classes (0 cat, 1 dog for cat/dog folders), -1 unlabeled
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (rel, reason)
     warnings: list[str] = field(default_factory=list)
     classes: tuple[str, ...] = ()  # label i means classes[i]; () for an unlabeled folder
-    # [len(samples), 4] int64: each sample's (size, mtime_ns, inode, device) as the walk saw it, links followed. A
+    # [len(rels), 4] int64: each sample's (size, mtime_ns, inode, device) as the walk saw it, links followed. A
     # rerun compares it with what the cache recorded (rerun.py): the walk's stat is the only one taken per file.
     stat: np.ndarray | None = None
+    _samples: list[Sample] | None = field(default=None, init=False, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, root: Path, layout: str, samples: list[Sample], stat: np.ndarray | None = None) -> Discovery:
+        import numpy as np
+
+        return cls(root, layout, [s.rel for s in samples], np.array([s.label for s in samples], np.int64), stat=stat)
+
+    @property
+    def samples(self) -> list[Sample]:
+        if self._samples is None:
+            self._samples = list(map(Sample, self.rels, self.labels.tolist()))
+        return self._samples
+
+    @samples.setter
+    def samples(self, samples: list[Sample]) -> None:
+        import numpy as np
+
+        self.rels = [s.rel for s in samples]
+        self.labels = np.array([s.label for s in samples], np.int64).reshape(-1)  # [N]
+        self._samples = list(samples)
+
+    def relabel(self, labels: np.ndarray) -> None:
+        """New labels [len(rels)] for the same files (e.g. onto a cache's class ids)."""
+        self.labels = labels
+        self._samples = None
+
+    def pick(self, at: list[int]) -> list[Sample]:
+        """The samples at these indices, without building the others."""
+        labels = self.labels[at].tolist() if len(at) else []
+        return list(map(Sample, [self.rels[i] for i in at], labels))
 
     def keep(self, rels: set[str]) -> None:
         """Restrict the samples (and their stats) to these relative paths."""
         import numpy as np
 
-        mask = [s.rel in rels for s in self.samples]
-        self.samples = [s for s, m in zip(self.samples, mask, strict=True) if m]
+        mask = np.array([r in rels for r in self.rels], dtype=bool).reshape(-1)  # [N]
+        self.rels = [r for r, m in zip(self.rels, mask.tolist(), strict=True) if m]
+        self.labels = self.labels[mask]
+        self._samples = None
         if self.stat is not None:
-            self.stat = self.stat[np.array(mask, dtype=bool).reshape(-1)]
+            self.stat = self.stat[mask]
 
     def subfolder_hint(self) -> str:
         """For "no images found": a parent of the image folders was probably given."""
@@ -67,68 +108,85 @@ def _is_junk(name: str) -> bool:
 Stat = tuple[int, int, int, int]  # (size, mtime_ns, inode, device)
 
 
-def _walk(root: Path, skipped: list[tuple[str, str]]) -> tuple[list[str], np.ndarray]:
-    """All regular files under root (relative POSIX paths, in walk order, and their stats [N, 4]), skipping junk;
-    symlinks to files are followed once, symlinked folders are not entered (no loops, no double counting). The hot
-    loop of every rerun: plain lists per file, the same-file check on the stat array afterwards (_dedup)."""
+def _walk(root: Path, skipped: list[tuple[str, str]]) -> tuple[list[str], np.ndarray, int]:
+    """All regular files under root (relative POSIX paths, in walk order, and their stats [N, 4]), skipping junk,
+    and how many of them lie at root's top level (the first ones: root is visited first); symlinks to files are
+    followed once, symlinked folders are not entered (no loops, no double counting). The hot loop of every rerun:
+    each folder is opened once and its files are stat'ed by name relative to it (the kernel resolves one name, not
+    the whole path, and a folder renamed mid-walk cannot redirect it), plain lists per file, the same-file check on
+    the stat array afterwards (_dedup)."""
     import numpy as np  # here, not at import: the CLI checks folders before loading anything heavy
 
     rels: list[str] = []
-    links: list[bool] = []
-    stats: list[Stat] = []
+    linked: list[int] = []  # indices into rels of the symlinks (rare: a list, not a flag per file)
+    stats: list[int] = []  # (size, mtime_ns, inode, device) of each file in turn, flat: [4 N]
     skips: list[tuple[int, str, str]] = []  # (files found before it, rel, reason): its place in walk order
     seen_dirs: set[tuple[int, int]] = set()
-    junk, not_image, isreg, stat_of = JUNK_NAMES, NOT_IMAGE_SUFFIXES, stat.S_ISREG, os.stat
+    junk, not_image, isreg, isdir, stat_of = JUNK_NAMES, NOT_IMAGE_SUFFIXES, stat.S_ISREG, stat.S_ISDIR, os.stat
+    fields = operator.attrgetter("st_size", "st_mtime_ns", "st_ino", "st_dev")  # one C call per file
+    add_stat = stats.extend
 
-    def visit(folder: Path, rel: str) -> None:
+    def visit(folder: str, rel: str) -> None:
         try:
-            st = folder.stat()
-            entries = list(os.scandir(folder))  # unsorted: a duplicate's kept name does not depend on order
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
             skips.append((len(rels), rel or ".", f"unreadable folder: {e.strerror or e}"))
             return
-        if (st.st_dev, st.st_ino) in seen_dirs:
-            return
-        seen_dirs.add((st.st_dev, st.st_ino))
-        prefix = f"{rel}/" if rel else ""
-        for entry in entries:  # one per file: DirEntry's cached type, one stat, three appends
-            name = entry.name
-            if name[0] == "." or name.lower() in junk:
-                continue
+        try:
             try:
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append((Path(entry.path), prefix + name))
-                    continue
-                link = entry.is_symlink()
-                if link and Path(entry.path).is_dir():
-                    skips.append((len(rels), prefix + name, "symlinked folder not followed"))
-                    continue
-                st = stat_of(entry.path)  # follows a file symlink; a dangling one raises
+                st = os.fstat(fd)
+                entries = list(os.scandir(fd))  # unsorted: a duplicate's kept name does not depend on order
             except OSError as e:
-                skips.append((len(rels), prefix + name, f"unreadable: {e.strerror or e}"))
-                continue
-            if not isreg(st.st_mode):
-                skips.append((len(rels), prefix + name, "not a regular file"))  # FIFOs, sockets, devices: never opened
-                continue
-            dot = name.rfind(".")  # os.path.splitext's suffix for a name without leading dots
-            if dot > 0 and name[dot:].lower() in not_image:
-                continue
-            rels.append(prefix + name)
-            links.append(link)
-            stats.append((st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev))
+                skips.append((len(rels), rel or ".", f"unreadable folder: {e.strerror or e}"))
+                return
+            if (st.st_dev, st.st_ino) in seen_dirs:
+                return
+            seen_dirs.add((st.st_dev, st.st_ino))
+            prefix = f"{rel}/" if rel else ""
+            for entry in entries:  # one per file: DirEntry's cached type, one stat, two appends
+                name = entry.name
+                if name[0] == "." or name.lower() in junk:
+                    continue
+                try:
+                    if entry.is_file(follow_symlinks=False):  # the usual case, from the type scandir reported
+                        link = False
+                    elif entry.is_dir(follow_symlinks=False):
+                        pending.append((os.path.join(folder, name), prefix + name))
+                        continue
+                    else:
+                        link = entry.is_symlink()
+                    st = stat_of(name, dir_fd=fd)  # follows a file symlink; a dangling one raises
+                except OSError as e:
+                    skips.append((len(rels), prefix + name, f"unreadable: {e.strerror or e}"))
+                    continue
+                if not isreg(st.st_mode):
+                    why = "symlinked folder not followed" if link and isdir(st.st_mode) else "not a regular file"
+                    skips.append((len(rels), prefix + name, why))  # FIFOs, sockets, devices: never opened
+                    continue
+                dot = name.rfind(".")  # os.path.splitext's suffix for a name without leading dots
+                if dot > 0 and name[dot:].lower() in not_image:
+                    continue
+                if link:
+                    linked.append(len(rels))
+                rels.append(prefix + name)
+                add_stat(fields(st))
+        finally:
+            os.close(fd)
 
-    pending: list[tuple[Path, str]] = [(root, "")]  # an explicit stack: any depth, no RecursionError
+    pending: list[tuple[str, str]] = []  # an explicit stack: any depth, no RecursionError
+    visit(str(root), "")
+    top = len(rels)
     while pending:
         visit(*pending.pop())
     arr = np.array(stats, dtype=np.int64).reshape(-1, 4)  # [N, 4]
-    keep = _dedup(rels, links, arr, skips)
+    keep = _dedup(rels, set(linked), arr, skips)
     skipped += [(rel, why) for _, rel, why in skips]
     if keep is None:
-        return rels, arr
-    return [rels[i] for i in keep], arr[keep]
+        return rels, arr, top
+    return [rels[i] for i in keep], arr[keep], bisect.bisect_left(keep, top)
 
 
-def _dedup(rels: list[str], links: list[bool], stat: np.ndarray, skips: list[tuple[int, str, str]]
+def _dedup(rels: list[str], linked: set[int], stat: np.ndarray, skips: list[tuple[int, str, str]]
            ) -> list[int] | None:
     """Indices of the files to keep when some are one file under several names (same device and inode), else None
     (the usual case, checked on the array). Keeps the real file over a symlink, then the first name in sorted
@@ -141,19 +199,21 @@ def _dedup(rels: list[str], links: list[bool], stat: np.ndarray, skips: list[tup
         return None
     found: dict[tuple[int, int], int] = {}  # (dev, inode) -> index of the name kept so far
     dups: list[tuple[int, str, str]] = []  # as skips; met while taking file i: after the walk's skips before it
-    for i, (rel, link, st) in enumerate(zip(rels, links, stat.tolist(), strict=True)):
+    for i, (rel, st) in enumerate(zip(rels, stat.tolist(), strict=True)):
         key = (st[3], st[2])
         k = found.get(key)
         if k is None:
             found[key] = i
             continue
-        loser, winner = (k, i) if (link, rel) < (links[k], rels[k]) else (i, k)
+        loser, winner = (k, i) if (i in linked, rel) < (k in linked, rels[k]) else (i, k)
         found[key] = winner
         dups.append((i, rels[loser], f"same file as {rels[winner]}"))
     merged = sorted([(p, 0, n, rel, why) for n, (p, rel, why) in enumerate(skips)] +
                     [(p, 1, n, rel, why) for n, (p, rel, why) in enumerate(dups)])
     skips[:] = [(p, rel, why) for p, _, _, rel, why in merged]
     return sorted(found.values())
+
+
 def _has_image_suffix(rel: str) -> bool:
     return os.path.splitext(rel)[1].lower() in IMAGE_SUFFIXES
 
@@ -198,63 +258,58 @@ def discover(root: str | os.PathLike[str]) -> Discovery:
     Sub-folders define classes when they hold the images: a folder whose images lie at its top level is read as
     before classes were folders (Kaggle-flat or unlabeled) and its sub-folders are ignored, unless one is named cat
     or dog. Content is sniffed later, at decode time."""
+    import numpy as np
+
     root = folder(root)
     skipped: list[tuple[str, str]] = []
     warnings: list[str] = []
-    rels, walked = _walk(root, skipped)
-    order = sorted(range(len(rels)), key=rels.__getitem__)
-    files = [rels[i] for i in order]
-    heads = [f.partition("/") for f in files]  # (top folder, "/", rest) or (name, "", "")
-
-    top_dirs = {h[0] for h in heads if h[1]}
-    flat = [f for f, h in zip(files, heads, strict=True) if not h[1]]
-    picked: list[int] = []  # indices into files of the samples, in order (files are sorted: so are the samples)
-    labels: list[int] = []
+    rels, walked, top = _walk(root, skipped)  # rels[:top] at the top level, the others in sub-folders
+    # The two groups never mix (one is the samples, the other skipped or ignored): each is sorted on its own.
+    flat_at = sorted(range(top), key=rels.__getitem__)
+    flat = [rels[i] for i in flat_at]
+    inner_at = sorted(range(top, len(rels)), key=rels.__getitem__)
+    inner = [rels[i] for i in inner_at]
+    runs = _runs(inner)
     classes: tuple[str, ...] = ()
-    if top_dirs and (not flat or any(d.lower() in CLASSES for d in top_dirs)):
-        inner: dict[str, list[str]] = {d: [] for d in top_dirs}
-        for top, sep, rest in heads:
-            if sep:
-                inner[top].append(rest)
-        nested = sorted(d for d in top_dirs if _nested_dataset(inner[d]))
+    if runs and (not flat or any(d.lower() in CLASSES for d in runs)):
+        nested = sorted(d for d, (a, b) in runs.items() if _nested_dataset([f[len(d) + 1:] for f in inner[a:b]]))
         if nested:
             raise InputError(f"{root} has sub-folders that are image folders themselves ({', '.join(nested[:5])}), "
                              "not classes: give one of them")
         layout = "imagefolder"
-        classes = class_names(top_dirs)
-        label_of = {d: classes.index(d.lower()) for d in top_dirs}
-        for n, (f, (top, sep, _)) in enumerate(zip(files, heads, strict=True)):
-            if not sep:
-                skipped.append((f, "file beside the class folders: no class"))
-            else:
-                picked.append(n)
-                labels.append(label_of[top])
-        have = set(labels)
+        classes = class_names(set(runs))
+        skipped += [(f, "file beside the class folders: no class") for f in flat]
+        labels = np.empty(len(inner), np.int64)  # [N]
+        for d, (a, b) in runs.items():
+            labels[a:b] = classes.index(d.lower())
+        have = {classes.index(d.lower()) for d in runs}
         warnings += [f"class '{cls}' has no images" for i, cls in enumerate(classes) if i not in have]
-    else:
-        if top_dirs:
-            warnings.append(f"sub-folders ignored ({', '.join(sorted(top_dirs)[:5])}): {root} has images at its top "
-                            "level; put every image in a class folder to use the folders as classes")
-        flat_at = [n for n, h in enumerate(heads) if not h[1]]
-        flat_labels = [_kaggle_label(f) for f in flat]
-        if any(lab != UNLABELED for lab in flat_labels):
-            layout = "kaggle"
-            classes = CLASSES
-            for n, f, lab in zip(flat_at, flat, flat_labels, strict=True):
-                if lab == UNLABELED:
-                    if _has_image_suffix(f):
-                        skipped.append((f, "no 'cat.' or 'dog.' prefix in a Kaggle-style folder"))
-                else:
-                    picked.append(n)
-                    labels.append(lab)
-        else:
-            layout = "unlabeled"
-            picked, labels = flat_at, [UNLABELED] * len(flat)
-    samples = list(map(Sample, [files[n] for n in picked], labels))
-    import numpy as np
+        return Discovery(root, layout, inner, labels, skipped, warnings, classes, walked[inner_at].reshape(-1, 4))
+    if runs:
+        warnings.append(f"sub-folders ignored ({', '.join(sorted(runs)[:5])}): {root} has images at its top "
+                        "level; put every image in a class folder to use the folders as classes")
+    labels = np.array([KAGGLE_PREFIX.get(f[:f.find(".") + 1].lower(), UNLABELED) for f in flat], np.int64)  # [N]
+    stat = walked[flat_at].reshape(-1, 4)  # [N, 4]
+    if not (labels != UNLABELED).any():
+        return Discovery(root, "unlabeled", flat, labels, skipped, warnings, classes, stat)
+    keep = labels != UNLABELED  # [N]
+    if not keep.all():
+        skipped += [(f, "no 'cat.' or 'dog.' prefix in a Kaggle-style folder")
+                    for f, k in zip(flat, keep.tolist(), strict=True) if not k and _has_image_suffix(f)]
+        flat, labels, stat = [f for f, k in zip(flat, keep.tolist(), strict=True) if k], labels[keep], stat[keep]
+    return Discovery(root, "kaggle", flat, labels, skipped, warnings, CLASSES, stat)
 
-    stat = walked[np.array(order, dtype=np.int64)[np.array(picked, dtype=np.int64)]].reshape(-1, 4)  # [N, 4]
-    return Discovery(root, layout, samples, skipped, warnings, classes, stat)
+
+def _runs(paths: list[str]) -> dict[str, tuple[int, int]]:
+    """Sorted paths, each below a top folder -> each top folder's [start, end) in them. A folder's files share the
+    prefix "top/", so they are contiguous in sorted order: one bisect per folder, not a look at every file."""
+    runs: dict[str, tuple[int, int]] = {}
+    i = 0
+    while i < len(paths):
+        top = paths[i][:paths[i].index("/")]
+        end = bisect.bisect_left(paths, top + "0", i)  # "0" follows "/": the first path past every "top/..."
+        runs[top], i = (i, end), end
+    return runs
 
 
 def _kaggle_label(name: str) -> int:

@@ -238,7 +238,7 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
     disc = inputs(data_dir, strict, only)
     prov = cfg.provenance()
     source = str(disc.root.resolve())
-    report = ExtractReport(cache=spelled, found=len(disc.samples), skipped=disc.skipped, warnings=disc.warnings,
+    report = ExtractReport(cache=spelled, found=len(disc.rels), skipped=disc.skipped, warnings=disc.warnings,
                            layout=disc.layout)
     dist = from_env(cfg.device)
     with _lock_once(cache, dist):
@@ -246,7 +246,7 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
         if dist:  # the earliest rank's scan start: older than every rank's walk
             scan_ns = min(dist.gather(scan_ns))
         plan = _plan(disc, source, cache, prov, report, prune, progress, dist, checksum, scan_ns)
-        todo, drop = [disc.samples[i] for i in plan.todo], plan.drop
+        todo, drop = disc.pick(plan.todo), plan.drop
         if dist:
             dist.barrier()  # all ranks have planned (and cleared stale temp parts) before any writes a part
         if plan.refresh is not None and (dist is None or dist.main):  # a shard older than this run's rows
@@ -255,7 +255,7 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
         mine = dist.shard(plan.todo) if dist else plan.todo  # each rank a contiguous slice; parts are its resume units
         if mine:
             assert disc.stat is not None
-            _extract_parts(disc.root, source, [disc.samples[i] for i in mine], cache, cfg, prov, report, progress,
+            _extract_parts(disc.root, source, disc.pick(mine), cache, cfg, prov, report, progress,
                            model, tag=f"-r{dist.rank:04d}" if dist else "", classes=disc.classes,
                            stat=disc.stat[mine], scan_ns=scan_ns)
         if dist:  # every rank's shards are on disk before rank 0 lists them in the index
@@ -283,7 +283,7 @@ def inputs(data_dir: str | os.PathLike[str], strict: bool, only: set[str] | None
     disc = discover(data_dir)
     if only is not None:
         disc.keep(only)
-    if not disc.samples:
+    if not disc.rels:
         raise InputError(f"no images found in {data_dir}" + (f" ({len(disc.skipped)} files skipped)"
                                                               if disc.skipped else "") + disc.subfolder_hint())
     if strict and disc.skipped:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache.format import RACY_NS, UNKNOWN_STAT, Recorded, encode_path
+from .cache.format import RACY_NS, UNKNOWN_STAT, Recorded, encode_paths
 from .discover import Discovery, Stat
 from .files import sha256_regular
 from .preprocess import MAX_FILE_BYTES
@@ -39,16 +39,20 @@ def same_content(path: Path, sha: str) -> bool:
 
 
 def by_stat(disc: Discovery, recorded: Recorded, items: list[int], checksum: bool = False,
-            keys: list[bytes] | None = None) -> tuple[list[int], list[int]]:
+            keys: list[bytes] | None = None, aligned: bool = False) -> tuple[list[int], list[int]]:
     """Known samples (indices into disc.samples) -> (unchanged by stat, to hash). Reads no file: the stats are the
-    ones the walk took. `keys`: the samples' encoded paths, when the caller has them."""
+    ones the walk took. `keys`: the samples' encoded paths, when the caller has them; `aligned`: they equal
+    recorded.paths (the caller compared them), so sample i is recorded in row i: no lookup per file."""
     if checksum or not items or disc.stat is None:
         return [], list(items)
-    keys = keys if keys is not None else [encode_path(s.rel) for s in disc.samples]
-    entries = recorded.entries
-    want = recorded.stat[np.fromiter((entries[keys[i]][1] for i in items), np.int64, len(items))]  # [K, 4]
     at = np.asarray(items, dtype=np.int64)  # [K]
-    same = (disc.stat[at] == want).all(axis=1)  # [K]; UNKNOWN_STAT rows never match a real stat
+    if aligned:
+        rows = at
+    else:
+        keys = keys if keys is not None else encode_paths(disc.rels)
+        entries = recorded.entries
+        rows = np.fromiter((entries[keys[i]][1] for i in items), np.int64, len(items))  # [K]
+    same = (disc.stat[at] == recorded.stat[rows]).all(axis=1)  # [K]; UNKNOWN_STAT rows never match a real stat
     return at[same].tolist(), at[~same].tolist()
 
 
@@ -60,13 +64,14 @@ class Verdicts:
 
 
 def verdicts(disc: Discovery, recorded: Recorded, items: list[int], scan_ns: int, checksum: bool = False,
-             progress: Callable[[str, int, int], None] | None = None, keys: list[bytes] | None = None) -> Verdicts:
+             progress: Callable[[str, int, int], None] | None = None, keys: list[bytes] | None = None,
+             aligned: bool = False) -> Verdicts:
     """Decide which known samples are unchanged: by stat, else by hashing (progress("hash", done, total)). A file
     found unchanged by hashing whose stat is not racy for this scan (started at `scan_ns`, before the walk) is
-    returned in `refresh`."""
+    returned in `refresh`. `keys`, `aligned`: as by_stat's."""
     out = Verdicts()
-    keys = keys if keys is not None else [encode_path(s.rel) for s in disc.samples]
-    fast, slow = by_stat(disc, recorded, items, checksum, keys)
+    keys = keys if keys is not None else encode_paths(disc.rels)
+    fast, slow = by_stat(disc, recorded, items, checksum, keys, aligned)
     out.unchanged.update(fast)
     out.hashed = len(slow)
     for n, i in enumerate(slow):
@@ -74,7 +79,7 @@ def verdicts(disc: Discovery, recorded: Recorded, items: list[int], scan_ns: int
             progress("hash", n + 1, len(slow))
         sha = recorded.sha256(keys[i])
         had = tuple(recorded.stats([keys[i]])[0].tolist())
-        if same_content(disc.root / disc.samples[i].rel, sha):
+        if same_content(disc.root / disc.rels[i], sha):
             out.unchanged.add(i)
             now = tuple(disc.stat[i].tolist()) if disc.stat is not None else UNKNOWN_STAT
             if now != had and now[0] >= 0 and now[1] < scan_ns - RACY_NS:

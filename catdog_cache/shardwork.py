@@ -167,7 +167,7 @@ def run_shard(shard: InputShard, root: Path, cache: Path, cfg: ExtractConfig, pr
     unchanged by hashing) as one part, then the marker. `known`/`reasons` need only hold this shard's files;
     `scan_ns`: when the driver's walk started."""
     result = ShardResult(shard.index)
-    disc = Discovery(root, "", list(shard.samples), stat=shard.stat)
+    disc = Discovery.of(root, "", list(shard.samples), stat=shard.stat)
     keys = [encode_path(s.rel) for s in shard.samples]
     found = verdicts(disc, known, [i for i, k in enumerate(keys) if k in known], scan_ns, checksum, keys=keys)
     result.reused, result.hashed = len(found.unchanged), found.hashed

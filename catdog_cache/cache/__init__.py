@@ -16,6 +16,7 @@ from .format import (
     Refresh,
     Rows,
     encode_path,
+    encode_paths,
     merge_classes,
     recorded,
     require_same,
@@ -30,7 +31,8 @@ from .view import View
 
 __all__ = [
     "CHUNK_ROWS", "CLASS_MAP", "INDEX_SCHEMA", "SCHEMA_VERSION", "UNKNOWN_STAT", "BlockReader", "Index", "Provenance",
-    "Recorded", "Refresh", "Rows", "View", "assemble", "compact", "encode_path", "finish", "list_parts", "listed",
-    "locked", "merge_classes", "open_cache", "open_h5", "parts_dir", "read_features", "read_index", "recorded",
-    "remove_cache", "require_same", "rewrite_features", "shards_dir", "time_full_read", "write_part",
+    "Recorded", "Refresh", "Rows", "View", "assemble", "compact", "encode_path", "encode_paths", "finish",
+    "list_parts", "listed", "locked", "merge_classes", "open_cache", "open_h5", "parts_dir", "read_features",
+    "read_index", "recorded", "remove_cache", "require_same", "rewrite_features", "shards_dir", "time_full_read",
+    "write_part",
 ]

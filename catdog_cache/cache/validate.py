@@ -265,7 +265,7 @@ def _index(f: h5py.File, path: Path) -> Index:
             provenance=prov,
             sources=sources,
             source=source,
-            paths=[bytes(p) for p in columns["paths"][:]],
+            paths=columns["paths"][:].tolist(),  # _rows checked the type: vlen bytes, read as bytes objects
             labels=labels,
             sha256=[s.decode() for s in columns["sha256"][:]],
             failed=list(zip(failures["source"][:].astype(np.int64).tolist(),
