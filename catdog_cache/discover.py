@@ -112,13 +112,12 @@ def _walk(root: Path, skipped: list[tuple[str, str]]) -> tuple[list[str], np.nda
     """All regular files under root (relative POSIX paths, in walk order, and their stats [N, 4]), skipping junk,
     and how many of them lie at root's top level (the first ones: root is visited first); symlinks to files are
     followed once, symlinked folders are not entered (no loops, no double counting). The hot loop of every rerun:
-    each folder is opened once and its files are stat'ed by name relative to it (the kernel resolves one name, not
-    the whole path, and a folder renamed mid-walk cannot redirect it), plain lists per file, the same-file check on
-    the stat array afterwards (_dedup)."""
+    each folder is opened once and its files are stat'ed by name relative to it (a folder renamed mid-walk cannot
+    redirect the stats), one stat per file that also tells a file from anything else (no per-file type checks),
+    plain lists per file, the same-file check on the stat array afterwards (_dedup)."""
     import numpy as np  # here, not at import: the CLI checks folders before loading anything heavy
 
     rels: list[str] = []
-    linked: list[int] = []  # indices into rels of the symlinks (rare: a list, not a flag per file)
     stats: list[int] = []  # (size, mtime_ns, inode, device) of each file in turn, flat: [4 N]
     skips: list[tuple[int, str, str]] = []  # (files found before it, rel, reason): its place in walk order
     seen_dirs: set[tuple[int, int]] = set()
@@ -143,35 +142,41 @@ def _walk(root: Path, skipped: list[tuple[str, str]]) -> tuple[list[str], np.nda
                 return
             seen_dirs.add((st.st_dev, st.st_ino))
             prefix = f"{rel}/" if rel else ""
-            for entry in entries:  # one per file: DirEntry's cached type, one stat, two appends
+            for entry in entries:  # one per file: one stat (links followed), two appends; others leave early
                 name = entry.name
                 if name[0] == "." or name.lower() in junk:
                     continue
                 try:
-                    if entry.is_file(follow_symlinks=False):  # the usual case, from the type scandir reported
-                        link = False
-                    elif entry.is_dir(follow_symlinks=False):
-                        pending.append((os.path.join(folder, name), prefix + name))
-                        continue
-                    else:
-                        link = entry.is_symlink()
-                    st = stat_of(name, dir_fd=fd)  # follows a file symlink; a dangling one raises
+                    st = stat_of(name, dir_fd=fd)  # follows a symlink; a dangling one raises
                 except OSError as e:
-                    skips.append((len(rels), prefix + name, f"unreadable: {e.strerror or e}"))
+                    other(entry, folder, prefix, e)
                     continue
                 if not isreg(st.st_mode):
-                    why = "symlinked folder not followed" if link and isdir(st.st_mode) else "not a regular file"
-                    skips.append((len(rels), prefix + name, why))  # FIFOs, sockets, devices: never opened
+                    other(entry, folder, prefix, st)
                     continue
                 dot = name.rfind(".")  # os.path.splitext's suffix for a name without leading dots
                 if dot > 0 and name[dot:].lower() in not_image:
                     continue
-                if link:
-                    linked.append(len(rels))
                 rels.append(prefix + name)
                 add_stat(fields(st))
         finally:
             os.close(fd)
+
+    def other(entry: os.DirEntry[str], folder: str, prefix: str, st: os.stat_result | OSError) -> None:
+        """An entry that is not a regular file (or a link to one): a folder to enter, else a skip."""
+        rel = prefix + entry.name
+        try:
+            real_dir = entry.is_dir(follow_symlinks=False)  # scandir's type: no stat
+        except OSError:
+            real_dir = False
+        if real_dir:  # entered (an unreadable one is a skip of its own there)
+            pending.append((os.path.join(folder, entry.name), rel))
+        elif isinstance(st, OSError):
+            skips.append((len(rels), rel, f"unreadable: {st.strerror or st}"))
+        elif isdir(st.st_mode):
+            skips.append((len(rels), rel, "symlinked folder not followed"))
+        else:
+            skips.append((len(rels), rel, "not a regular file"))  # FIFOs, sockets, devices: never opened
 
     pending: list[tuple[str, str]] = []  # an explicit stack: any depth, no RecursionError
     visit(str(root), "")
@@ -179,22 +184,26 @@ def _walk(root: Path, skipped: list[tuple[str, str]]) -> tuple[list[str], np.nda
     while pending:
         visit(*pending.pop())
     arr = np.array(stats, dtype=np.int64).reshape(-1, 4)  # [N, 4]
-    keep = _dedup(rels, set(linked), arr, skips)
+    keep = _dedup(root, rels, arr, skips)
     skipped += [(rel, why) for _, rel, why in skips]
     if keep is None:
         return rels, arr, top
     return [rels[i] for i in keep], arr[keep], bisect.bisect_left(keep, top)
 
 
-def _dedup(rels: list[str], linked: set[int], stat: np.ndarray, skips: list[tuple[int, str, str]]
-           ) -> list[int] | None:
+def _dedup(root: Path, rels: list[str], stat: np.ndarray, skips: list[tuple[int, str, str]]) -> list[int] | None:
     """Indices of the files to keep when some are one file under several names (same device and inode), else None
     (the usual case, checked on the array). Keeps the real file over a symlink, then the first name in sorted
     order; each other name is a skip, placed in `skips` where the walk met it."""
     import numpy as np
 
-    order = np.lexsort((stat[:, 2], stat[:, 3]))  # by (device, inode)
-    srt = stat[order]
+    def link(i: int) -> bool:  # asked only of a file met under several names: the walk keeps no flag per file
+        return os.path.islink(os.path.join(root, rels[i]))
+
+    inodes = np.sort(stat[:, 2])  # [N]; distinct inodes (the usual case) settle it with one sort
+    if not (inodes[1:] == inodes[:-1]).any():
+        return None
+    srt = stat[np.lexsort((stat[:, 2], stat[:, 3]))]  # by (device, inode)
     if not ((srt[1:, 2] == srt[:-1, 2]) & (srt[1:, 3] == srt[:-1, 3])).any():
         return None
     found: dict[tuple[int, int], int] = {}  # (dev, inode) -> index of the name kept so far
@@ -205,7 +214,7 @@ def _dedup(rels: list[str], linked: set[int], stat: np.ndarray, skips: list[tupl
         if k is None:
             found[key] = i
             continue
-        loser, winner = (k, i) if (i in linked, rel) < (k in linked, rels[k]) else (i, k)
+        loser, winner = (k, i) if (link(i), rel) < (link(k), rels[k]) else (i, k)
         found[key] = winner
         dups.append((i, rels[loser], f"same file as {rels[winner]}"))
     merged = sorted([(p, 0, n, rel, why) for n, (p, rel, why) in enumerate(skips)] +
@@ -288,7 +297,7 @@ def discover(root: str | os.PathLike[str]) -> Discovery:
     if runs:
         warnings.append(f"sub-folders ignored ({', '.join(sorted(runs)[:5])}): {root} has images at its top "
                         "level; put every image in a class folder to use the folders as classes")
-    labels = np.array([KAGGLE_PREFIX.get(f[:f.find(".") + 1].lower(), UNLABELED) for f in flat], np.int64)  # [N]
+    labels = _kaggle_labels(flat)  # [N]
     stat = walked[flat_at].reshape(-1, 4)  # [N, 4]
     if not (labels != UNLABELED).any():
         return Discovery(root, "unlabeled", flat, labels, skipped, warnings, classes, stat)
@@ -298,6 +307,26 @@ def discover(root: str | os.PathLike[str]) -> Discovery:
                     for f, k in zip(flat, keep.tolist(), strict=True) if not k and _has_image_suffix(f)]
         flat, labels, stat = [f for f, k in zip(flat, keep.tolist(), strict=True) if k], labels[keep], stat[keep]
     return Discovery(root, "kaggle", flat, labels, skipped, warnings, CLASSES, stat)
+
+
+def _kaggle_labels(names: list[str]) -> np.ndarray:
+    """Sorted file names -> their labels by _kaggle_label's rule, [N] int64. The names starting exactly `cat.` (or
+    `dog.`) are contiguous in sorted order: one bisect each labels them; only the others are looked at one by one."""
+    import numpy as np
+
+    labels = np.full(len(names), UNLABELED, np.int64)  # [N]
+    rest = []  # [start, end) of the names outside the exact-prefix runs
+    start = 0
+    for prefix, label in sorted(KAGGLE_PREFIX.items()):
+        a = bisect.bisect_left(names, prefix, start)
+        b = bisect.bisect_left(names, prefix[:-1] + "/", a)  # "/" follows ".": past every "cat." name
+        labels[a:b] = label
+        rest.append((start, a))
+        start = b
+    rest.append((start, len(names)))
+    for a, b in rest:  # other cases (CAT.1.jpg), other prefixes: the general rule
+        labels[a:b] = [KAGGLE_PREFIX.get(f[:f.find(".") + 1].lower(), UNLABELED) for f in names[a:b]]
+    return labels
 
 
 def _runs(paths: list[str]) -> dict[str, tuple[int, int]]:

@@ -4,6 +4,7 @@ One planning path for the local engine, torchrun and the Ray driver; no image is
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +41,23 @@ class Known:
 
     files: Recorded = field(default_factory=lambda: recorded([], ""))  # path -> (sha256, trusted stat), this source
     reasons: dict[bytes, str] = field(default_factory=dict)  # path -> why an earlier run could not use it
-    cached: set[bytes] = field(default_factory=set)  # rows of the cache itself (not its parts): what --prune drops
-    recorded: set[bytes] = field(default_factory=set)  # rows and failure records anywhere, read or not
     class_lists: list[tuple[list[str], bool]] = field(default_factory=list)  # per index: (classes, has labels)
     cache: Index | None = None  # the cache's own index as read (a run with nothing to do reads it once)
     shape: tuple[int, ...] = ()  # the cache's [V, D] (a refresh shard's empty features match it)
+    # Path lists, made sets on first use (a rerun of an unchanged folder needs neither): the cache's own rows, and
+    # each index's rows and failure records.
+    cached_rows: list[bytes] = field(default_factory=list)
+    recorded_lists: list[list[bytes]] = field(default_factory=list)
+
+    @functools.cached_property
+    def cached(self) -> set[bytes]:
+        """Rows of the cache itself (not its parts): what --prune drops."""
+        return set(self.cached_rows)
+
+    @functools.cached_property
+    def recorded(self) -> set[bytes]:
+        """Rows and failure records anywhere, read or not."""
+        return set().union(*self.recorded_lists)
 
 
 def known_files(cache: Path, prov: Provenance, source: str) -> Known:
@@ -67,21 +80,24 @@ def known_files(cache: Path, prov: Provenance, source: str) -> Known:
                                      f"file for these settings (e.g. --cache {suggestion}), or leave out the options "
                                      "that differ: adding to a cache uses its own settings "
                                      f"({matching_flags(idx.provenance)})")
-        rows = set(idx.paths) if idx.sources == [source] else \
-            {p for s, p in zip(idx.source.tolist(), idx.paths, strict=True) if idx.sources[s] == source}
-        k.cached |= rows if path == cache else set()
-        k.reasons = {p: why for p, why in k.reasons.items() if p not in rows}  # a later part holds it as a row: fixed
-        k.reasons |= {p: why for s, p, sha, why in idx.failed if idx.sources[s] == source and sha and p not in rows}
-        k.recorded |= rows | {p for s, p, _, _ in idx.failed if idx.sources[s] == source}
+        rows = idx.paths if idx.sources == [source] else \
+            [p for s, p in zip(idx.source.tolist(), idx.paths, strict=True) if idx.sources[s] == source]
+        k.cached_rows = rows if path == cache else k.cached_rows
+        if k.reasons or idx.failed:
+            held = set(rows)
+            k.reasons = {p: why for p, why in k.reasons.items() if p not in held}  # a later part holds it: fixed
+            k.reasons |= {p: why for s, p, sha, why in idx.failed if idx.sources[s] == source and sha and p not in held}
+        k.recorded_lists += [rows, [p for s, p, _, _ in idx.failed if idx.sources[s] == source]]
     k.files = recorded(indexes, source)
     return k
 
 
 def removals(k: Known, disc: Discovery, source: str, prune: bool, report: ExtractReport,
-             keys: list[bytes] | None = None) -> set[tuple[str, bytes]]:
-    """Files the cache holds that the folder no longer has: reported, and dropped under --prune."""
+             keys: list[bytes] | None = None, aligned: bool = False) -> set[tuple[str, bytes]]:
+    """Files the cache holds that the folder no longer has: reported, and dropped under --prune. `aligned`: keys
+    equal k.files.paths, every path recorded of this folder (the cache's rows among them): none was removed."""
     keys = keys if keys is not None else encode_paths(disc.rels)
-    report.removed = sorted(os.fsdecode(p) for p in k.cached.difference(keys))
+    report.removed = [] if aligned else sorted(os.fsdecode(p) for p in k.cached.difference(keys))
     report.pruned = prune and bool(report.removed)
     return {(source, encode_path(r)) for r in report.removed} if prune else set()
 
@@ -120,7 +136,7 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
     report.reused = len(keys) - len(plan.todo)
     report.hashed = found.hashed
     report.failed_before = failed_before(k, disc, found.unchanged, keys)
-    plan.drop = removals(k, disc, source, prune, report, keys)
+    plan.drop = removals(k, disc, source, prune, report, keys, aligned)
     if found.refresh:
         plan.refresh = refresh_records(found, keys, k.files)
         plan.shape = k.shape

@@ -129,7 +129,7 @@ def test_markers_are_checked_like_hostile_files(data, tmp_path):
     prov = CFG.provenance()
     shards = folder_shards(disc.root, disc.samples, str(disc.root), prov, 4)
     cache = tmp_path / "c.h5"
-    everything = Known(recorded={os.fsencode(s.rel) for s in disc.samples})
+    everything = Known(recorded_lists=[[os.fsencode(s.rel) for s in disc.samples]])
     folder = markers_dir(cache)
     folder.mkdir()
     marker = folder / f"{shards[0].name}.json"
