@@ -252,13 +252,24 @@ def class_names(folders: set[str]) -> tuple[str, ...]:
     return names
 
 
-def _nested_dataset(inner: list[str]) -> bool:
-    """Whether a class folder is itself a labeled image folder (cat/ + dog/ inside it, or Kaggle cat.N / dog.N
-    files), given the paths inside it: then the folder given is its parent, and its sub-folders would be taken for
-    classes."""
-    sub = {f.split("/", 1)[0].lower() for f in inner if "/" in f}
-    flat = {_kaggle_label(f) for f in inner if "/" not in f}
-    return set(CLASSES) <= sub or {0, 1} <= flat
+def _nested_dataset(top: str, paths: list[str]) -> bool:
+    """Whether class folder `top` is itself a labeled image folder (cat/ + dog/ inside it, or Kaggle cat.N / dog.N
+    files), given the paths in it, each "top/...": then the folder given is its parent, and its sub-folders would
+    be taken for classes. The paths are joined and lowercased once and searched in C, not looked at one by one."""
+    blob = "\0" + "\0".join(paths).lower() + "\0"  # NUL: in no file name
+    head = "\0" + top.lower() + "/"
+    return all(head + c + "/" in blob for c in CLASSES) or all(_has_file(blob, head + c + ".") for c in CLASSES)
+
+
+def _has_file(blob: str, start: str) -> bool:
+    """Whether a NUL-separated path in `blob` begins with `start` and has no "/" after it (a file, not a folder)."""
+    i = blob.find(start)
+    while i >= 0:
+        end = blob.index("\0", i + 1)
+        if blob.find("/", i + len(start), end) < 0:
+            return True
+        i = blob.find(start, end)
+    return False
 
 
 def discover(root: str | os.PathLike[str]) -> Discovery:
@@ -275,13 +286,13 @@ def discover(root: str | os.PathLike[str]) -> Discovery:
     rels, walked, top = _walk(root, skipped)  # rels[:top] at the top level, the others in sub-folders
     # The two groups never mix (one is the samples, the other skipped or ignored): each is sorted on its own.
     flat_at = sorted(range(top), key=rels.__getitem__)
-    flat = [rels[i] for i in flat_at]
+    flat = list(map(rels.__getitem__, flat_at))
     inner_at = sorted(range(top, len(rels)), key=rels.__getitem__)
-    inner = [rels[i] for i in inner_at]
+    inner = list(map(rels.__getitem__, inner_at))
     runs = _runs(inner)
     classes: tuple[str, ...] = ()
     if runs and (not flat or any(d.lower() in CLASSES for d in runs)):
-        nested = sorted(d for d, (a, b) in runs.items() if _nested_dataset([f[len(d) + 1:] for f in inner[a:b]]))
+        nested = sorted(d for d, (a, b) in runs.items() if _nested_dataset(d, inner[a:b]))
         if nested:
             raise InputError(f"{root} has sub-folders that are image folders themselves ({', '.join(nested[:5])}), "
                              "not classes: give one of them")
@@ -293,12 +304,13 @@ def discover(root: str | os.PathLike[str]) -> Discovery:
             labels[a:b] = classes.index(d.lower())
         have = {classes.index(d.lower()) for d in runs}
         warnings += [f"class '{cls}' has no images" for i, cls in enumerate(classes) if i not in have]
-        return Discovery(root, layout, inner, labels, skipped, warnings, classes, walked[inner_at].reshape(-1, 4))
+        stat = walked[np.array(inner_at, np.int64)].reshape(-1, 4)  # [N, 4]
+        return Discovery(root, layout, inner, labels, skipped, warnings, classes, stat)
     if runs:
         warnings.append(f"sub-folders ignored ({', '.join(sorted(runs)[:5])}): {root} has images at its top "
                         "level; put every image in a class folder to use the folders as classes")
     labels = _kaggle_labels(flat)  # [N]
-    stat = walked[flat_at].reshape(-1, 4)  # [N, 4]
+    stat = walked[np.array(flat_at, np.int64)].reshape(-1, 4)  # [N, 4]
     if not (labels != UNLABELED).any():
         return Discovery(root, "unlabeled", flat, labels, skipped, warnings, classes, stat)
     keep = labels != UNLABELED  # [N]

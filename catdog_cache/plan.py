@@ -123,7 +123,7 @@ def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: E
     # comparison (in C) then spares a lookup per file. Checked, not assumed: str order (the folder's) and byte order
     # differ for surrogate-escaped names, and a cache grown over several runs lists its parts' rows in turn.
     aligned = keys == k.files.paths
-    candidates = list(range(len(keys))) if aligned else [i for i, key in enumerate(keys) if key in k.files]
+    candidates = range(len(keys)) if aligned else [i for i, key in enumerate(keys) if key in k.files]
     found = verdicts(disc, k.files, dist.shard(candidates) if dist else candidates, scan_ns, checksum, progress, keys,
                      aligned)
     if dist:

@@ -14,7 +14,7 @@ features again; the refresh costs 40-odd bytes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,14 +38,15 @@ def same_content(path: Path, sha: str) -> bool:
         return False
 
 
-def by_stat(disc: Discovery, recorded: Recorded, items: list[int], checksum: bool = False,
+def by_stat(disc: Discovery, recorded: Recorded, items: Sequence[int], checksum: bool = False,
             keys: list[bytes] | None = None, aligned: bool = False) -> tuple[list[int], list[int]]:
     """Known samples (indices into disc.samples) -> (unchanged by stat, to hash). Reads no file: the stats are the
     ones the walk took. `keys`: the samples' encoded paths, when the caller has them; `aligned`: they equal
     recorded.paths (the caller compared them), so sample i is recorded in row i: no lookup per file."""
     if checksum or not items or disc.stat is None:
         return [], list(items)
-    at = np.asarray(items, dtype=np.int64)  # [K]
+    at = np.arange(items.start, items.stop, items.step) if isinstance(items, range) else \
+        np.asarray(items, dtype=np.int64)  # [K]
     if aligned:
         rows = at
     else:
@@ -63,7 +64,7 @@ class Verdicts:
     hashed: int = 0  # files read to decide
 
 
-def verdicts(disc: Discovery, recorded: Recorded, items: list[int], scan_ns: int, checksum: bool = False,
+def verdicts(disc: Discovery, recorded: Recorded, items: Sequence[int], scan_ns: int, checksum: bool = False,
              progress: Callable[[str, int, int], None] | None = None, keys: list[bytes] | None = None,
              aligned: bool = False) -> Verdicts:
     """Decide which known samples are unchanged: by stat, else by hashing (progress("hash", done, total)). A file
