@@ -140,3 +140,54 @@ def test_hard_linked_duplicate_keeps_the_first_name_whatever_the_walk_order(tmp_
     d = discover(root)
     assert [(s.rel, s.label) for s in d.samples] == [("cat/a.jpg", 0)]
     assert ("dog/b.jpg", "same file as cat/a.jpg") in d.skipped
+
+
+def test_kaggle_labels_by_bisect_follow_the_per_name_rule():
+    from catdog_cache.discover import _kaggle_label, _kaggle_labels
+
+    names = sorted(["cat.1.jpg", "cat.", "cat", "Cat.2.jpg", "CAT.3.png", "dog.4.jpg", "DoG.5.jpg", "dog", "dogs.6.jpg",
+                    "cat_7.jpg", "hotdog.8.jpg", "a.jpg", "z.jpg", "cat-9.jpg", "catdog.10.jpg", "dog..jpg", "c.jpg"])
+    assert _kaggle_labels(names).tolist() == [_kaggle_label(n) for n in names]
+    assert _kaggle_labels([]).tolist() == []
+
+
+def test_kaggle_folder_labels_any_case_and_skips_the_rest(tmp_path):
+    root = tmp_path / "k"
+    for name in ["cat.1.jpg", "CAT.2.jpg", "Dog.3.jpg", "dog.4.jpg", "cat_5.jpg", "hotdog.6.jpg"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    d = discover(root)
+    assert d.layout == "kaggle" and [(s.rel, s.label) for s in d.samples] == [
+        ("CAT.2.jpg", 0), ("Dog.3.jpg", 1), ("cat.1.jpg", 0), ("dog.4.jpg", 1)]
+    assert d.rels == [s.rel for s in d.samples] and d.labels.tolist() == [0, 1, 0, 1] and d.stat.shape == (4, 4)
+    assert sorted(r for r, _ in d.skipped) == ["cat_5.jpg", "hotdog.6.jpg"]
+    assert [(s.rel, s.label) for s in d.pick([3, 0])] == [("dog.4.jpg", 1), ("CAT.2.jpg", 0)]
+
+
+@pytest.mark.parametrize("inside", [["CAT/x.jpg", "Dog/y.jpg"], ["Cat.1.jpg", "dog.2.jpg"]])
+def test_a_class_folder_that_is_a_dataset_in_any_case_is_refused(tmp_path, inside):
+    root = tmp_path / "p"
+    for rel in ["other/z.jpg"] + [f"train/{r}" for r in inside]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    with pytest.raises(InputError, match="image folders themselves"):
+        discover(root)
+
+
+def test_folders_named_like_kaggle_files_are_classes_contents(tmp_path):
+    """`cat.x/` and `dog.y/` inside a class folder are folders, not Kaggle files: the class folder is a class."""
+    root = tmp_path / "p"
+    for rel in ["a/cat.x/1.jpg", "a/dog.y/2.jpg", "b/3.jpg"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    d = discover(root)
+    assert d.layout == "imagefolder" and [(s.rel, s.label) for s in d.samples] == [
+        ("a/cat.x/1.jpg", 0), ("a/dog.y/2.jpg", 0), ("b/3.jpg", 1)]
+
+
+def test_symlink_and_real_name_of_one_file_keep_the_real_one_in_any_walk_order(tmp_path):
+    root = tmp_path / "d"
+    draw(root / "z.jpg", "cat", 1)
+    os.symlink(root / "z.jpg", root / "a.jpg")  # sorts first, but a link: the real name is kept
+    d = discover(root)
+    assert [s.rel for s in d.samples] == ["z.jpg"] and ("a.jpg", "same file as z.jpg") in d.skipped

@@ -17,6 +17,7 @@ from catdog_cache.cache import compact, read_index, shards_dir
 from catdog_cache.discover import discover
 from catdog_cache.errors import CacheError
 from catdog_cache.extract import ExtractConfig, extract
+from tests.conftest import draw
 
 rerun = importlib.import_module("catdog_cache.rerun")
 CFG = ExtractConfig(weights=WeightsSpec("random", seed=0), backbone="tiny", workers=0, batch_size=4)
@@ -224,3 +225,39 @@ def test_cli_checksum_reads_every_known_file(cli, kaggle_dir):
     assert "read to check" not in cli("extract", kaggle_dir, *TINY).output
     r = cli("extract", kaggle_dir, *TINY, "--checksum")
     assert "reused 12 (12 read to check)" in r.output
+
+
+def test_encode_paths_is_encode_path_for_every_name():
+    from catdog_cache.cache import encode_path, encode_paths
+
+    rels = ["cat/a.jpg", "é.jpg", os.fsdecode(b"\x80\xff.jpg"), "日本/猫.png", "x"]
+    assert encode_paths(rels) == [encode_path(r) for r in rels] and encode_paths([]) == []
+
+
+def test_rerun_compares_lists_only_when_the_cache_lists_the_folder_in_order(tmp_path, monkeypatch, hashed):
+    """A cache grown over two runs lists its rows part by part, not in the folder's order; a name that is not UTF-8
+    sorts apart as str and as bytes. Either way every unchanged file is reused by its stat, none read."""
+    root = tmp_path / "d"
+    for name in ["b.jpg", "é.jpg"]:
+        draw(root / "cat" / name, "cat", len(name))
+    draw(root / "dog" / "c.jpg", "dog", 3)
+    backdate(root)
+    cache = tmp_path / "c.h5"
+    seen: list[bool] = []
+    real = rerun.by_stat
+
+    def spy(*args, **kwargs):
+        seen.append(bool(kwargs.get("aligned", args[5] if len(args) > 5 else False)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rerun, "by_stat", spy)
+    extract(root, cache, CFG)
+    assert extract(root, cache, CFG).reused == 3 and seen[-1] is True  # one run's rows: the folder's order
+    draw(root / "dog" / "a.jpg", "dog", 4)
+    odd = os.fsencode(root / "cat") + b"/\x80.jpg"  # str sorts it after é.jpg, bytes before
+    shutil.copy(root / "cat" / "b.jpg", os.fsdecode(odd))
+    backdate(root)
+    assert extract(root, cache, CFG).extracted == 2
+    hashed.clear()
+    r = extract(root, cache, CFG)
+    assert (r.extracted, r.reused, r.hashed) == (0, 5, 0) and seen[-1] is False and hashed == []
