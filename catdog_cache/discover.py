@@ -122,6 +122,7 @@ def _walk(root: Path, skipped: list[tuple[str, str]]) -> tuple[list[str], np.nda
     skips: list[tuple[int, str, str]] = []  # (files found before it, rel, reason): its place in walk order
     seen_dirs: set[tuple[int, int]] = set()
     junk, not_image, isreg, isdir, stat_of = JUNK_NAMES, NOT_IMAGE_SUFFIXES, stat.S_ISREG, stat.S_ISDIR, os.stat
+    usual = (".jpg", ".jpeg", ".png")  # in IMAGE_SUFFIXES, so never in not_image
     fields = operator.attrgetter("st_size", "st_mtime_ns", "st_ino", "st_dev")  # one C call per file
     add_stat = stats.extend
 
@@ -154,9 +155,10 @@ def _walk(root: Path, skipped: list[tuple[str, str]]) -> tuple[list[str], np.nda
                 if not isreg(st.st_mode):
                     other(entry, folder, prefix, st)
                     continue
-                dot = name.rfind(".")  # os.path.splitext's suffix for a name without leading dots
-                if dot > 0 and name[dot:].lower() in not_image:
-                    continue
+                if not name.endswith(usual):  # else the suffix is an image's: one C call for most photos
+                    dot = name.rfind(".")  # os.path.splitext's suffix for a name without leading dots
+                    if dot > 0 and name[dot:].lower() in not_image:
+                        continue
                 rels.append(prefix + name)
                 add_stat(fields(st))
         finally:
