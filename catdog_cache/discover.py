@@ -37,7 +37,8 @@ class Sample:
 class Discovery:
     """A folder's samples as columns: sorted relative paths, their labels and stats. The rerun of a large unchanged
     folder needs no per-file object beyond the walk's own list of paths: `samples` (Sample objects, for the callers
-    that iterate them) is built on first use."""
+    that iterate them) is built on first use. Change the files or labels through `samples`, `relabel` or `keep`,
+    which keep that list in step."""
 
     root: Path
     layout: str  # "imagefolder" | "kaggle" | "unlabeled"
@@ -53,6 +54,7 @@ class Discovery:
 
     @classmethod
     def of(cls, root: Path, layout: str, samples: list[Sample], stat: np.ndarray | None = None) -> Discovery:
+        """From Sample objects (e.g. one input shard's)."""
         import numpy as np
 
         return cls(root, layout, [s.rel for s in samples], np.array([s.label for s in samples], np.int64), stat=stat)
