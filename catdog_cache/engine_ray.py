@@ -32,7 +32,8 @@ from .extract import (
     inputs,
 )
 from .plan import known_files, onto_cache_classes, removals
-from .precheck import RAY_MISSING
+from .precheck import RAY_MISSING, RAY_TARS
+from .shardspec import is_shard_input
 from .shardwork import (
     InputShard,
     ShardResult,
@@ -89,6 +90,8 @@ def extract_ray(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str],
     t0 = time.perf_counter()
     cfg.check()
     opts.check()
+    if is_shard_input(data_dir):
+        raise InputError(RAY_TARS.format(data_dir))
     if importlib.util.find_spec("ray") is None:  # imported only when a shard needs running (about a second)
         raise InputError(RAY_MISSING)
     spelled = Path(cache)

@@ -89,7 +89,7 @@ def extract_cmd(
 
     extract_inputs(data_dir, backbone, layer, device)  # before torch's import: mistakes answered at once
     check_engine(engine, {"--ray-address": ray_address, "--shard-size": shard_size, "--actors": actors,
-                          "--gpus-per-actor": gpus_per_actor, "--cpus-per-actor": cpus_per_actor})
+                          "--gpus-per-actor": gpus_per_actor, "--cpus-per-actor": cpus_per_actor}, data_dir)
     from ..extract import ExtractConfig, extract
     from ..settings import resolve_settings
 
