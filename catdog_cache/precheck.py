@@ -29,14 +29,10 @@ def extract_inputs(data_dir: str | Path, backbone: str | None, layer: str | None
 
 
 RAY_MISSING = "--engine ray needs Ray, which is not installed: pip install 'catdog-cache[ray]'"
-# Ray's input shards are slices of a folder; tar shards run on the local engine (and torchrun)
-RAY_TARS = ("--engine ray reads image folders; {} names tar shards: extract them with --engine local (torchrun for "
-            "several GPUs), which resumes by shard as well")
 
 
-def engine(name: str, ray_only: dict[str, object], data_dir: str | Path = "") -> None:
-    """--engine local | ray; Ray importable (looked up, not imported); Ray's options only with --engine ray; Ray
-    reads folders, not tar shards."""
+def engine(name: str, ray_only: dict[str, object]) -> None:
+    """--engine local | ray; Ray importable (looked up, not imported); Ray's options only with --engine ray."""
     import importlib.util
     import os
 
@@ -49,8 +45,6 @@ def engine(name: str, ray_only: dict[str, object], data_dir: str | Path = "") ->
         return
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise InputError("--engine ray under torchrun: start one `extract --engine ray`, Ray places the work")
-    if data_dir and is_shard_input(data_dir):
-        raise InputError(RAY_TARS.format(data_dir))
     if importlib.util.find_spec("ray") is None:
         raise InputError(RAY_MISSING)
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,10 +101,12 @@ class _Shards:
     (a part holds one source), and a shard's marker written once its last part is on disk."""
 
     def __init__(self, sources: list[str], idents: list[Identity], cache: Path, cfg: ExtractConfig,
-                 prov: Provenance, track: set[int], tag: str, classes: tuple[str, ...]) -> None:
+                 prov: Provenance, track: set[int], tag: str, classes: tuple[str, ...],
+                 after_part: Callable[[], None] | None = None) -> None:
         self.sources, self.idents, self.cache, self.cfg, self.prov, self.track = sources, idents, cache, cfg, prov, \
             track
         self.classes = classes
+        self.after_part = after_part  # a Ray actor's test hook: dies between a part and the shard's marker
         self.results = [ShardResult(s) for s in sources]
         self.rows: dict[int, Rows] = {}
         self.ends: dict[int, int] = {}
@@ -163,6 +165,8 @@ class _Shards:
         write_part(self.cache, f"part-{self.run_id}-{self.n_parts:06d}", self.prov, self.sources[i], rows, self.info,
                    (len(self.cfg.views), dim), self.cfg.weights.path, self.classes)
         self.n_parts += 1
+        if self.after_part:
+            self.after_part()
 
     def flush(self) -> None:
         """At the end of a run (the writer thread has stopped): parts for what unfinished shards read so far."""
@@ -179,7 +183,8 @@ def default_tar_workers(idents: list[Identity]) -> int:
 def extract_shard_list(sources: list[str], idents: list[Identity], cache: Path, cfg: ExtractConfig,
                        progress: Progress | None = None, model: torch.nn.Module | None = None,
                        preset: Preset | None = None, track: set[int] = frozenset(), tag: str = "",
-                       classes: Sequence[str] = CLASSES) -> list[ShardResult]:
+                       classes: Sequence[str] = CLASSES, after_part: Callable[[], None] | None = None
+                       ) -> list[ShardResult]:
     """Read these shards (streamed, decoded in loader workers) into parts next to `cache`, and write the done
     marker of each shard read to its end. No lock, no index: the caller holds the cache's lock and lists the parts
     (extract_shards), or runs this as one task per shard and merges afterwards (e.g. a Ray engine). Rerunning a
@@ -191,7 +196,7 @@ def extract_shard_list(sources: list[str], idents: list[Identity], cache: Path, 
         backbone = cfg.resolve()
         model = model if model is not None else backbone.build(cfg.weights)
         preset = backbone.preset
-    state = _Shards(sources, idents, cache, cfg, prov, set(track), tag, tuple(classes))
+    state = _Shards(sources, idents, cache, cfg, prov, set(track), tag, tuple(classes), after_part)
     workers = cfg.workers if cfg.workers >= 0 else default_tar_workers(idents)
     delay = float(os.environ.get("CATDOG_BATCH_DELAY", "0"))  # test hook: slow a run down to kill it midway
     writer = PartWriter(state.write, cfg.part_rows, PART_SECONDS)

@@ -350,9 +350,3 @@ def test_classes_name_cls_indexes_and_class_folders(cli, tmp_path):
         extract(make_tar(tmp_path / "c.tar", [("u/1.jpg", jpeg("cat", 13, d)), ("u/1.cls", b"2")]), tmp_path / "d.h5",
                 CFG)
 
-
-def test_engine_ray_refuses_tar_input_in_one_line(cli, tmp_path, images):
-    shard = make_tar(tmp_path / "a.tar", sorted(images.items()))
-    result = cli("extract", shard, "--cache", tmp_path / "c.h5", *TINY, "--engine", "ray", ok=False)
-    assert result.exit_code != 0 and "--engine local" in result.output and "Traceback" not in result.output
-    assert not (tmp_path / "c.h5").exists()

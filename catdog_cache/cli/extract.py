@@ -89,7 +89,7 @@ def extract_cmd(
 
     extract_inputs(data_dir, backbone, layer, device)  # before torch's import: mistakes answered at once
     check_engine(engine, {"--ray-address": ray_address, "--shard-size": shard_size, "--actors": actors,
-                          "--gpus-per-actor": gpus_per_actor, "--cpus-per-actor": cpus_per_actor}, data_dir)
+                          "--gpus-per-actor": gpus_per_actor, "--cpus-per-actor": cpus_per_actor})
     from ..extract import ExtractConfig, extract
     from ..settings import resolve_settings
 
@@ -108,17 +108,12 @@ def extract_cmd(
         if engine == "ray":
             from ..engine_ray import RayOptions, extract_ray
 
-            if names is not None:  # the Ray engine reads folders, whose classes are their sub-folders
-                from ..errors import InputError
-
-                raise InputError("--classes names the classes of tar shards, which run on --engine local (and "
-                                 "torchrun); leave it out for a folder")
-
             given = {k: v for k, v in {"address": ray_address, "shard_size": shard_size, "actors": actors,
                                        "gpus_per_actor": gpus_per_actor, "cpus_per_actor": cpus_per_actor}.items()
                      if v is not None}
             opts = RayOptions(**given)  # type: ignore[arg-type]
-            r = extract_ray(data_dir, cache, cfg, opts, progress=bar, prune=prune, strict=strict, checksum=checksum)
+            r = extract_ray(data_dir, cache, cfg, opts, progress=bar, prune=prune, strict=strict, checksum=checksum,
+                            classes=names)
             ray = {"shards": r.shards, "shards_run": r.shards_run, "actors": r.actors}
         else:
             r = extract(data_dir, cache, cfg, progress=bar, prune=prune, strict=strict, checksum=checksum,
