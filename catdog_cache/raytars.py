@@ -19,12 +19,20 @@ from typing import Any
 import torch
 
 from .cache import Provenance, list_parts, require_same
-from .errors import CatdogError, InputError
+from .errors import CatdogError
 from .extract import ExtractConfig, Progress, _finish, _lock_once
-from .files import printable
 from .shardspec import Identity, resolve_inputs
 from .shardwork import _maybe_die
-from .tarextract import ShardResult, _plan, extract_shard_list, read_marker, tar_classes
+from .tarextract import (
+    ShardResult,
+    _plan,
+    extract_shard_list,
+    outcome,
+    read_marker,
+    refuse_nothing_read,
+    tally,
+    tar_classes,
+)
 
 
 class TarExtractor:
@@ -89,24 +97,15 @@ def extract_ray_tars(spec: str | os.PathLike[str], cache: str | os.PathLike[str]
                 if started:
                     ray.shutdown()
         # the markers, not the tasks' return values, say what is finished
-        drop: set[tuple[str, bytes]] = set()
         for r in results:
-            report.extracted += r.rows
-            report.failed += [(f"{r.source}#{key}", reason) for key, reason in r.failed]
-            report.failed += [(r.source, r.error)] if r.error else []
             done = read_marker(cache, r.source)
             if r.done and (done is None or done.identity != idents[shards.index(r.source)]):
                 raise CatdogError(f"tar shard {r.source} reported done but has no matching marker in "
                                   f"{cache.name}.inputs; nothing was finished: run extract again")
-            if r.done and r.source in held:  # keys a changed shard no longer holds
-                drop |= {(r.source, p) for p in held[r.source] - r.keys}
-        report.found = report.extracted + report.reused + sum(len(r.failed) for r in results)
+        drop = tally(report, [outcome(r, held) for r in results])
         report.rows = _finish(cache, prov, report, [shards[i] for i in todo], drop, strict, had_cache, str(spec),
                               {s: False for s in shards}) if (todo or cache.exists() or list_parts(cache)) else 0
-    if not report.rows and report.failed and not (report.extracted or report.reused):
-        source, reason = report.failed[0]
-        raise InputError(f"nothing could be read from {printable(str(spec))}; first failure: {printable(source)}: "
-                         f"{printable(reason)}")
+    refuse_nothing_read(report, spec)
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -328,16 +328,9 @@ def extract_shards(spec: str | os.PathLike[str] | list[str], cache: str | os.Pat
             if not dist:
                 finish(cache, prov, versions(), incomplete={shards[i]: True for i in todo})  # index only
             raise Interrupted(f"interrupted: finished shards saved to {cache}; run extract again to resume") from None
-        mine_out = ([(r.source, r.rows, r.failed, r.error, r.done,
-                      sorted(held[r.source] - r.keys) if r.done and r.source in held else []) for r in results])
+        mine_out = [outcome(r, held) for r in results]
         everyone = dist.gather(mine_out) if dist else [mine_out]
-        drop: set[tuple[str, bytes]] = set()
-        for source, rows, failed, error, _, stale in (x for part in everyone for x in part):
-            report.extracted += rows
-            report.failed += [(f"{source}#{key}", reason) for key, reason in failed]
-            report.failed += [(source, error)] if error else []
-            drop |= {(source, p) for p in stale}
-        report.found = report.extracted + report.reused + sum(len(x[2]) for part in everyone for x in part)
+        drop = tally(report, [x for part in everyone for x in part])
         error: CatdogError | None = None
         if dist is None or dist.main:
             try:
@@ -349,9 +342,33 @@ def extract_shards(spec: str | os.PathLike[str] | list[str], cache: str | os.Pat
         raise_shared(dist, error)
     if dist:
         dist.close()
+    refuse_nothing_read(report, spec)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+Outcome = tuple[str, int, list[tuple[str, str]], str, list[bytes]]  # source, rows, failures, error, stale keys
+
+
+def outcome(r: ShardResult, held: dict[str, set[bytes]]) -> Outcome:
+    """A shard's result as the driver (or rank 0) needs it; stale: keys the cache held that a redone shard lacks."""
+    return r.source, r.rows, r.failed, r.error, sorted(held[r.source] - r.keys) if r.done and r.source in held else []
+
+
+def tally(report: ExtractReport, outcomes: list[Outcome]) -> set[tuple[str, bytes]]:
+    """Count every shard's outcome into the report; returns the (source, key) rows to drop."""
+    drop: set[tuple[str, bytes]] = set()
+    for source, rows, failed, error, stale in outcomes:
+        report.extracted += rows
+        report.failed += [(f"{source}#{key}", reason) for key, reason in failed]
+        report.failed += [(source, error)] if error else []
+        drop |= {(source, p) for p in stale}
+    report.found = report.extracted + report.reused + sum(len(o[2]) for o in outcomes)
+    return drop
+
+
+def refuse_nothing_read(report: ExtractReport, spec: object) -> None:
     if not report.rows and report.failed and not (report.extracted or report.reused):
         source, reason = report.failed[0]
         raise InputError(f"nothing could be read from {printable(str(spec))}; first failure: {printable(source)}: "
                          f"{printable(reason)}")
-    report.seconds = time.perf_counter() - t0
-    return report
