@@ -6,6 +6,7 @@ rest to actors: one actor per GPU share (`num_gpus`, fractional allowed) or per 
 whose process dies is restarted by Ray (its backbone rebuilt) and its call retried, up to `max_retries` times; a
 retried shard writes a part of its own (shardwork.run_shard). When every shard is done the driver finishes the
 cache with extract's own `_finish`: the parts, shards in the cache's shards folder, are listed in its index.
+Tar shards (WebDataset input) are units of work as they are: one task per tar shard (raytars.py).
 Nothing here imports Ray until a run asks for it; the Ray-free protocol is in shardwork."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import importlib.util
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from .extract import (
 )
 from .plan import known_files, onto_cache_classes, removals
 from .precheck import RAY_MISSING
+from .shardspec import is_shard_input
 from .shardwork import (
     InputShard,
     ShardResult,
@@ -85,12 +88,19 @@ def require_ray() -> Any:
 
 def extract_ray(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg: ExtractConfig,
                 opts: RayOptions, progress: Progress | None = None, prune: bool = False,
-                strict: bool = False, checksum: bool = False) -> RayReport:
+                strict: bool = False, checksum: bool = False, classes: list[str] | None = None) -> RayReport:
     t0 = time.perf_counter()
     cfg.check()
     opts.check()
     if importlib.util.find_spec("ray") is None:  # imported only when a shard needs running (about a second)
         raise InputError(RAY_MISSING)
+    if is_shard_input(data_dir):  # a tar shard is already a unit of work and resume: one task each
+        from .raytars import extract_ray_tars
+
+        return extract_ray_tars(data_dir, cache, cfg, opts, progress, strict, classes)
+    if classes is not None:
+        raise InputError(f"--classes names the classes of tar shards; {data_dir} is a folder, whose classes are its "
+                         "sub-folders: leave --classes out")
     spelled = Path(cache)
     cache = spelled.resolve()
     scan_ns = time.time_ns()  # before the walk (rerun.py's racy rule): the tasks record the walk's stats
@@ -180,44 +190,57 @@ def _run(ray: Any, shards: list[InputShard], root: Path, cache: Path, cfg: Extra
          scan_ns: int = 0, checksum: bool = False) -> list[ShardResult]:
     started = connect(ray, opts.address)
     try:
-        resources = ray.cluster_resources()
-        gpus = resources.get("GPU", 0.0) if cfg.device != "cpu" else 0.0
-        if cfg.device.startswith("cuda") and not gpus:
-            raise InputError(f"--device {cfg.device}: the Ray cluster has no GPU; use --device auto or cpu")
-        per_gpu = (opts.gpus_per_actor or 1.0) if gpus else 0.0
-        fits = int(gpus / per_gpu) if gpus else int(resources.get("CPU", 1.0) / opts.cpus_per_actor)
-        n = max(1, min(opts.actors or fits, len(shards)))
-        # decode workers inside each actor: the CPUs it was given beyond the one that runs it
-        workers = cfg.workers if cfg.workers >= 0 else max(0, int(opts.cpus_per_actor) - 1)
+        per_gpu, n, workers, threads = resources_for(ray, cfg, opts, len(shards))
         actor = ray.remote(num_cpus=opts.cpus_per_actor, num_gpus=per_gpu, max_restarts=opts.max_retries,
                            max_task_retries=opts.max_retries)(ShardExtractor)
         run_id = f"{time.time_ns():020d}-ray"
-        threads = max(1, int(opts.cpus_per_actor) - workers)
         pool = [actor.remote(cfg, prov, str(root), str(cache), source, run_id, workers, threads,
                              os.environ.get(KILL_HOOK, ""), scan_ns, checksum) for _ in range(n)]
         report.actors = n
-        return _schedule(ray, pool, shards, known, progress)
+
+        def call(a: Any, s: InputShard) -> Any:
+            keys = [encode_path(x.rel) for x in s.samples]
+            mine = known.files.subset(keys)  # this shard's files only: what goes over the wire
+            why = {k: known.reasons[k] for k in keys if k in known.reasons}
+            return a.run.remote(s, mine, why)
+
+        return _schedule(ray, pool, shards, call, lambda s: f"input shard {s.index} (from {s.samples[0].rel!r})",
+                         lambda s: len(s.samples), progress)
     finally:
         if started:
             ray.shutdown()
 
 
-def _schedule(ray: Any, pool: list[Any], shards: list[InputShard], known: Any, progress: Progress | None
-              ) -> list[ShardResult]:
-    """Every shard to the next free actor, two in flight per actor (the next one waits in the actor's queue while
-    one runs). A shard that fails for good stops new submissions; the running ones finish (their work is saved)."""
-    queue = collections.deque(shards)
-    running: dict[Any, tuple[Any, InputShard]] = {}
-    results: list[ShardResult] = []
+def resources_for(ray: Any, cfg: ExtractConfig, opts: RayOptions, tasks: int) -> tuple[float, int, int, int]:
+    """(GPUs per actor, actors, decode workers per actor, torch threads per actor) for the cluster as it is."""
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0.0) if cfg.device != "cpu" else 0.0
+    if cfg.device.startswith("cuda") and not gpus:
+        raise InputError(f"--device {cfg.device}: the Ray cluster has no GPU; use --device auto or cpu")
+    per_gpu = (opts.gpus_per_actor or 1.0) if gpus else 0.0
+    fits = int(gpus / per_gpu) if gpus else int(resources.get("CPU", 1.0) / opts.cpus_per_actor)
+    n = max(1, min(opts.actors or fits, tasks))
+    # decode workers inside each actor: the CPUs it was given beyond the one that runs it
+    workers = cfg.workers if cfg.workers >= 0 else max(0, int(opts.cpus_per_actor) - 1)
+    return per_gpu, n, workers, max(1, int(opts.cpus_per_actor) - workers)
+
+
+def _schedule(ray: Any, pool: list[Any], items: list[Any], call: Callable[[Any, Any], Any],
+              describe: Callable[[Any], str], size: Callable[[Any], int], progress: Progress | None,
+              stage: str = "extract") -> list[Any]:
+    """Every item (an input shard) to the next free actor (`call(actor, item)` submits it), two in flight per actor
+    (the next one waits in the actor's queue while one runs). An item that fails for good stops new submissions;
+    the running ones finish (their work is saved). Progress (`stage`) counts `size(item)` per item done: images of
+    a folder's input shards, or tar shards."""
+    queue = collections.deque(items)
+    running: dict[Any, tuple[Any, Any]] = {}
+    results: list[Any] = []
     failure: str = ""
-    total, done = sum(len(s.samples) for s in shards), 0
+    total, done = sum(size(s) for s in items), 0
 
     def submit(a: Any) -> None:
         s = queue.popleft()
-        keys = [encode_path(x.rel) for x in s.samples]
-        mine = known.files.subset(keys)  # this shard's files only: what goes over the wire
-        why = {k: known.reasons[k] for k in keys if k in known.reasons}
-        running[a.run.remote(s, mine, why)] = (a, s)
+        running[call(a, s)] = (a, s)
 
     try:
         for _ in range(2):
@@ -230,16 +253,16 @@ def _schedule(ray: Any, pool: list[Any], shards: list[InputShard], known: Any, p
             try:
                 results.append(ray.get(ready[0]))
             except Exception as e:  # Ray wraps the task's error: its cause is the message
-                failure = failure or f"input shard {s.index} (from {s.samples[0].rel!r}) failed: {_cause(e)}"
+                failure = failure or f"{describe(s)} failed: {_cause(e)}"
                 queue.clear()
                 continue
-            done += len(s.samples)
+            done += size(s)
             if progress:
-                progress("extract", done, total)
+                progress(stage, done, total)
             if queue:
                 submit(a)
     except KeyboardInterrupt:  # the actors are killed below, their running shards with them (no marker: redone)
-        raise Interrupted(f"interrupted: {len(results)} of {len(shards)} input shards saved; run extract again to "
+        raise Interrupted(f"interrupted: {len(results)} of {len(items)} input shards saved; run extract again to "
                           "resume (done shards are skipped)") from None
     finally:
         for a in pool:

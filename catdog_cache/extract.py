@@ -217,13 +217,13 @@ class ExtractReport:
 
 def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg: ExtractConfig,
             progress: Progress | None = None, prune: bool = False, strict: bool = False,
-            only: set[str] | None = None, model: torch.nn.Module | None = None, checksum: bool = False
-            ) -> ExtractReport:
+            only: set[str] | None = None, model: torch.nn.Module | None = None, checksum: bool = False,
+            classes: list[str] | None = None) -> ExtractReport:
     """Cache features for every image of a folder that the cache does not already hold with the same content.
     `only` restricts the run to these relative paths; `model` reuses an already built backbone. A path that is not a
     folder (a .tar, a brace pattern, a listing of shards, a URL) is read as WebDataset tar shards (tarextract.py).
     Known files are decided by their stat where it proves them unchanged (rerun.py), all by hashing with
-    `checksum`."""
+    `checksum`. `classes` names the classes of tar shards' `.cls` indexes (a folder's are its class folders)."""
     t0 = time.perf_counter()
     cfg.check()
     if is_shard_input(data_dir):
@@ -231,7 +231,10 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
             raise InputError(f"--prune works on folders; {data_dir} names tar shards")
         from .tarextract import extract_shards
 
-        return extract_shards(data_dir, cache, cfg, progress=progress, strict=strict, model=model)
+        return extract_shards(data_dir, cache, cfg, progress=progress, strict=strict, model=model, classes=classes)
+    if classes is not None:
+        raise InputError(f"--classes names the classes of tar shards; {data_dir} is a folder, whose classes are its "
+                         "sub-folders: leave --classes out")
     spelled = Path(cache)
     cache = spelled.resolve()  # a symlinked cache is updated where it points; one lock however it is spelled
     scan_ns = time.time_ns()  # before the walk: every stat it takes, and every read after it, is newer

@@ -12,13 +12,15 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .backbone import Preset
-from .cache import Provenance, Rows, encode_path, finish, list_parts, read_index, write_part
+from .cache import Provenance, Rows, encode_path, finish, list_parts, merge_classes, read_index, write_part
+from .discover import CLASSES, MAX_CLASS_NAME, MAX_CLASSES
 from .distributed import from_env
 from .errors import CacheError, CatdogError, InputError, Interrupted, ProvenanceMismatch
 from .extract import (
@@ -99,9 +101,12 @@ class _Shards:
     (a part holds one source), and a shard's marker written once its last part is on disk."""
 
     def __init__(self, sources: list[str], idents: list[Identity], cache: Path, cfg: ExtractConfig,
-                 prov: Provenance, track: set[int], tag: str) -> None:
+                 prov: Provenance, track: set[int], tag: str, classes: tuple[str, ...],
+                 after_part: Callable[[], None] | None = None) -> None:
         self.sources, self.idents, self.cache, self.cfg, self.prov, self.track = sources, idents, cache, cfg, prov, \
             track
+        self.classes = classes
+        self.after_part = after_part  # a Ray actor's test hook: dies between a part and the shard's marker
         self.results = [ShardResult(s) for s in sources]
         self.rows: dict[int, Rows] = {}
         self.ends: dict[int, int] = {}
@@ -158,8 +163,10 @@ class _Shards:
             return
         dim = rows.features[0].shape[-1] if rows.features else self.cfg.resolve().dim
         write_part(self.cache, f"part-{self.run_id}-{self.n_parts:06d}", self.prov, self.sources[i], rows, self.info,
-                   (len(self.cfg.views), dim), self.cfg.weights.path)
+                   (len(self.cfg.views), dim), self.cfg.weights.path, self.classes)
         self.n_parts += 1
+        if self.after_part:
+            self.after_part()
 
     def flush(self) -> None:
         """At the end of a run (the writer thread has stopped): parts for what unfinished shards read so far."""
@@ -175,25 +182,28 @@ def default_tar_workers(idents: list[Identity]) -> int:
 
 def extract_shard_list(sources: list[str], idents: list[Identity], cache: Path, cfg: ExtractConfig,
                        progress: Progress | None = None, model: torch.nn.Module | None = None,
-                       preset: Preset | None = None, track: set[int] = frozenset(), tag: str = "") \
-        -> list[ShardResult]:
+                       preset: Preset | None = None, track: set[int] = frozenset(), tag: str = "",
+                       classes: Sequence[str] = CLASSES, after_part: Callable[[], None] | None = None
+                       ) -> list[ShardResult]:
     """Read these shards (streamed, decoded in loader workers) into parts next to `cache`, and write the done
     marker of each shard read to its end. No lock, no index: the caller holds the cache's lock and lists the parts
     (extract_shards), or runs this as one task per shard and merges afterwards (e.g. a Ray engine). Rerunning a
-    shard is harmless: its rows replace the earlier ones (later parts win), never duplicate them."""
+    shard is harmless: its rows replace the earlier ones (later parts win), never duplicate them. Labels index
+    `classes` (tar_classes: the cache's own when it has some)."""
     cfg.check()
     prov = cfg.provenance()
     if model is None or preset is None:
         backbone = cfg.resolve()
         model = model if model is not None else backbone.build(cfg.weights)
         preset = backbone.preset
-    state = _Shards(sources, idents, cache, cfg, prov, set(track), tag)
+    state = _Shards(sources, idents, cache, cfg, prov, set(track), tag, tuple(classes), after_part)
     workers = cfg.workers if cfg.workers >= 0 else default_tar_workers(idents)
     delay = float(os.environ.get("CATDOG_BATCH_DELAY", "0"))  # test hook: slow a run down to kill it midway
     writer = PartWriter(state.write, cfg.part_rows, PART_SECONDS)
     ended: dict[int, int] = {}
     try:
-        for batch in run_dataset(TarShards(sources, cfg.views, preset, cfg.decoder), 0, workers, cfg, model, preset):
+        dataset = TarShards(sources, cfg.views, preset, cfg.decoder, classes)
+        for batch in run_dataset(dataset, 0, workers, cfg, model, preset):
             writer.put(batch)
             for ref, _, _ in batch[3]:
                 if isinstance(ref, End):
@@ -209,10 +219,10 @@ def extract_shard_list(sources: list[str], idents: list[Identity], cache: Path, 
 
 
 def extract_shard(source: str, cache: Path, cfg: ExtractConfig, model: torch.nn.Module | None = None,
-                  tag: str = "") -> ShardResult:
+                  tag: str = "", classes: Sequence[str] = CLASSES) -> ShardResult:
     """One shard -> its parts and done marker (a task of a distributed engine: one per input shard). Raises OSError
     when the shard cannot be stat'ed; `tag` keeps part names apart between concurrent tasks."""
-    return extract_shard_list([source], [identity(source)], cache, cfg, model=model, tag=tag)[0]
+    return extract_shard_list([source], [identity(source)], cache, cfg, model=model, tag=tag, classes=classes)[0]
 
 
 def _check_provenance(path: Path, have: Provenance, prov: Provenance, cache: Path) -> None:
@@ -225,13 +235,16 @@ def _check_provenance(path: Path, have: Provenance, prov: Provenance, cache: Pat
 
 
 def _plan(shards: list[str], cache: Path, prov: Provenance, report: ExtractReport
-          ) -> tuple[list[int], list[Identity], dict[str, set[bytes]]]:
-    """Shards to read (indices), every shard's identity, and the keys the cache already holds for each shard to
-    read (to drop the ones a changed shard no longer has). Shards whose done marker matches are skipped unread."""
+          ) -> tuple[list[int], list[Identity], dict[str, set[bytes]], list[str]]:
+    """Shards to read (indices), every shard's identity, the keys the cache already holds for each shard to read
+    (to drop the ones a changed shard no longer has), and the cache's classes ([] when it holds no labels). Shards
+    whose done marker matches are skipped unread."""
     held: dict[str, set[bytes]] = {}  # source -> keys held as rows or failure records, in the cache and its parts
+    class_lists: list[tuple[list[str], bool]] = []
     for path in ([cache] if cache.exists() else []) + list_parts(cache):
         idx = read_index(path)
         _check_provenance(path, idx.provenance, prov, cache)
+        class_lists.append((idx.classes, idx.labeled))
         keys = idx.keys()
         for s, p in keys:
             held.setdefault(s, set()).add(p)
@@ -258,13 +271,33 @@ def _plan(shards: list[str], cache: Path, prov: Provenance, report: ExtractRepor
             report.reused += done.rows
             continue
         todo.append(i)
-    return todo, idents, {shards[i]: held[shards[i]] for i in todo if shards[i] in held}
+    have = merge_classes([c for c in class_lists if c[1]], str(cache)) if any(h for _, h in class_lists) else []
+    return todo, idents, {shards[i]: held[shards[i]] for i in todo if shards[i] in held}, have
+
+
+def tar_classes(given: Sequence[str] | None, have: list[str], cache: Path) -> tuple[str, ...]:
+    """The classes a run's labels index: `given` (extract --classes, in .cls index order), else the cache's own,
+    else cat, dog. Names are lower-cased as class folders are. A cache's classes are fixed by its first labeled
+    input (plan.onto_cache_classes says why): --classes that differ from them are refused, not merged."""
+    if given is None:
+        return tuple(have) or CLASSES
+    names = [c.strip().lower() for c in given]
+    bad = [c for c in names if not c or len(c.encode("utf-8", "surrogateescape")) > MAX_CLASS_NAME]
+    if bad or len(set(names)) != len(names) or not 1 <= len(names) <= MAX_CLASSES:
+        raise InputError(f"--classes: expected 1 to {MAX_CLASSES} distinct, non-empty class names (comma-separated, "
+                         f"in .cls index order), got {printable(','.join(given))[:200]!r}")
+    if have and names != have:
+        raise InputError(f"--classes {printable(','.join(names))[:200]}: the cache {cache} labels with "
+                         f"{printable(','.join(have))[:200]}; a cache's classes are fixed by its first labeled input: "
+                         "leave --classes out to use them, or extract into a new cache (--cache NEW.h5)")
+    return tuple(names)
 
 
 def extract_shards(spec: str | os.PathLike[str] | list[str], cache: str | os.PathLike[str], cfg: ExtractConfig,
-                   progress: Progress | None = None, strict: bool = False, model: torch.nn.Module | None = None
-                   ) -> ExtractReport:
-    """`extract` for tar shards: every shard the input names that the cache has not read as it is now."""
+                   progress: Progress | None = None, strict: bool = False, model: torch.nn.Module | None = None,
+                   classes: Sequence[str] | None = None) -> ExtractReport:
+    """`extract` for tar shards: every shard the input names that the cache has not read as it is now. `classes`:
+    what a `.cls` index or a key's class folder names (tar_classes)."""
     t0 = time.perf_counter()
     cfg.check()
     shards = [s if is_url(s) else os.path.abspath(s) for s in spec] if isinstance(spec, list) else \
@@ -276,7 +309,8 @@ def extract_shards(spec: str | os.PathLike[str] | list[str], cache: str | os.Pat
     dist = from_env(cfg.device)
     with _lock_once(cache, dist):
         had_cache = cache.exists()
-        todo, idents, held = _plan(shards, cache, prov, report)
+        todo, idents, held, have = _plan(shards, cache, prov, report)
+        names = tar_classes(classes, have, cache)
         if dist:
             dist.barrier()
         mine = dist.shard(todo) if dist else todo  # whole shards per rank
@@ -286,7 +320,7 @@ def extract_shards(spec: str | os.PathLike[str] | list[str], cache: str | os.Pat
         try:
             if mine:
                 results = extract_shard_list([shards[i] for i in mine], [idents[i] for i in mine], cache, cfg,
-                                             progress, model, track=track, tag=tag)
+                                             progress, model, track=track, tag=tag, classes=names)
         except RuntimeError as e:  # a loader worker killed (OOM killer, crashing decoder)
             raise CatdogError(f"extraction stopped ({str(e).splitlines()[0]}); the shards finished so far are saved: "
                               "run extract again to resume, with --workers 0 to isolate a bad shard") from None
@@ -294,16 +328,9 @@ def extract_shards(spec: str | os.PathLike[str] | list[str], cache: str | os.Pat
             if not dist:
                 finish(cache, prov, versions(), incomplete={shards[i]: True for i in todo})  # index only
             raise Interrupted(f"interrupted: finished shards saved to {cache}; run extract again to resume") from None
-        mine_out = ([(r.source, r.rows, r.failed, r.error, r.done,
-                      sorted(held[r.source] - r.keys) if r.done and r.source in held else []) for r in results])
+        mine_out = [outcome(r, held) for r in results]
         everyone = dist.gather(mine_out) if dist else [mine_out]
-        drop: set[tuple[str, bytes]] = set()
-        for source, rows, failed, error, _, stale in (x for part in everyone for x in part):
-            report.extracted += rows
-            report.failed += [(f"{source}#{key}", reason) for key, reason in failed]
-            report.failed += [(source, error)] if error else []
-            drop |= {(source, p) for p in stale}
-        report.found = report.extracted + report.reused + sum(len(x[2]) for part in everyone for x in part)
+        drop = tally(report, [x for part in everyone for x in part])
         error: CatdogError | None = None
         if dist is None or dist.main:
             try:
@@ -315,9 +342,33 @@ def extract_shards(spec: str | os.PathLike[str] | list[str], cache: str | os.Pat
         raise_shared(dist, error)
     if dist:
         dist.close()
+    refuse_nothing_read(report, spec)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+Outcome = tuple[str, int, list[tuple[str, str]], str, list[bytes]]  # source, rows, failures, error, stale keys
+
+
+def outcome(r: ShardResult, held: dict[str, set[bytes]]) -> Outcome:
+    """A shard's result as the driver (or rank 0) needs it; stale: keys the cache held that a redone shard lacks."""
+    return r.source, r.rows, r.failed, r.error, sorted(held[r.source] - r.keys) if r.done and r.source in held else []
+
+
+def tally(report: ExtractReport, outcomes: list[Outcome]) -> set[tuple[str, bytes]]:
+    """Count every shard's outcome into the report; returns the (source, key) rows to drop."""
+    drop: set[tuple[str, bytes]] = set()
+    for source, rows, failed, error, stale in outcomes:
+        report.extracted += rows
+        report.failed += [(f"{source}#{key}", reason) for key, reason in failed]
+        report.failed += [(source, error)] if error else []
+        drop |= {(source, p) for p in stale}
+    report.found = report.extracted + report.reused + sum(len(o[2]) for o in outcomes)
+    return drop
+
+
+def refuse_nothing_read(report: ExtractReport, spec: object) -> None:
     if not report.rows and report.failed and not (report.extracted or report.reused):
         source, reason = report.failed[0]
         raise InputError(f"nothing could be read from {printable(str(spec))}; first failure: {printable(source)}: "
                          f"{printable(reason)}")
-    report.seconds = time.perf_counter() - t0
-    return report

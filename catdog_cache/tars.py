@@ -4,15 +4,16 @@ seeking, nothing written to disk), decoded in loader workers exactly as files ar
 Conventions: a member's key is its dirname + basename up to the first dot (`a/000123.jpg` -> `a/000123`, extension
 `jpg`), except that a Kaggle name `cat.N.ext` / `dog.N.ext` keys at its second dot (`cat.123.jpg` -> `cat.123`), so a
 tar of a Kaggle folder reads as its files. Members of one sample are consecutive. The image is the group's first
-`.jpg/.jpeg/.png/.webp` member; the label is the `.cls` member (a class index as text), else the key's `cat.`/`dog.`
-prefix, else a class folder in the key's path; unlabeled otherwise. `__x__` metadata members, directories, links,
+`.jpg/.jpeg/.png/.webp` member; the label is the `.cls` member (a class index as text, into the run's classes: cat, dog
+unless `extract --classes` or the cache names others), else the key's `cat.`/`dog.` prefix, else a class folder in the
+key's path (its name one of the classes); unlabeled otherwise. `__x__` metadata members, directories, links,
 devices and members without an extension are ignored."""
 
 from __future__ import annotations
 
 import hashlib
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, NamedTuple
 
@@ -68,15 +69,16 @@ def split_key(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def key_label(key: str) -> int:
-    """The label a key's name gives: `cat.`/`dog.` prefix of its basename, else its nearest class folder."""
+def key_label(key: str, classes: Sequence[str] = CLASSES) -> int:
+    """The label a key's name gives: the Kaggle `cat.`/`dog.` prefix of its basename (when cat or dog is a class),
+    else its nearest folder named like a class (case-insensitively, as class folders are)."""
     *folders, base = key.split("/")
     prefix, dot, _ = base.partition(".")
-    if dot and prefix.lower() in CLASSES:
-        return CLASSES.index(prefix.lower())
+    if dot and prefix.lower() in CLASSES and prefix.lower() in classes:
+        return classes.index(prefix.lower())
     for part in reversed(folders):
-        if part.lower() in CLASSES:
-            return CLASSES.index(part.lower())
+        if part.lower() in classes:
+            return classes.index(part.lower())
     return UNLABELED
 
 
@@ -89,14 +91,15 @@ class TarSample:
     reason: str = ""  # why the sample cannot be used
 
 
-def _cls_label(text: bytes) -> int:
+def _cls_label(text: bytes, classes: Sequence[str]) -> int:
     value = text.decode("ascii", "replace").strip()
-    if not value.isdigit() or not 0 <= int(value) < len(CLASSES):
-        raise ValueError(f"bad .cls member: expected a class index 0..{len(CLASSES) - 1}, got {value[:20]!r}")
+    if not value.isdigit() or not 0 <= int(value) < len(classes):
+        more = " (name more classes with extract --classes)" if tuple(classes) == CLASSES else ""
+        raise ValueError(f"bad .cls member: expected a class index 0..{len(classes) - 1}{more}, got {value[:20]!r}")
     return int(value)
 
 
-def _add(tf: tarfile.TarFile, m: tarfile.TarInfo, ext: str, s: TarSample) -> None:
+def _add(tf: tarfile.TarFile, m: tarfile.TarInfo, ext: str, s: TarSample, classes: Sequence[str]) -> None:
     """One member into its sample; sizes checked from the header, before any byte is read."""
     if ext in IMAGE_EXTS and s.data is None and not s.reason:
         if m.sparse is not None:
@@ -109,15 +112,17 @@ def _add(tf: tarfile.TarFile, m: tarfile.TarInfo, ext: str, s: TarSample) -> Non
         try:
             if m.size > MAX_CLS_BYTES:
                 raise ValueError(f"bad .cls member: {m.size:,} bytes")
-            s.label = _cls_label(tf.extractfile(m).read())  # type: ignore[union-attr]
+            s.label = _cls_label(tf.extractfile(m).read(), classes)  # type: ignore[union-attr]
         except ValueError as e:
             s.reason = str(e)
 
 
-def read_samples(fh: IO[bytes], mine: Callable[[int], bool] = lambda n: True) -> Iterator[TarSample]:
+def read_samples(fh: IO[bytes], mine: Callable[[int], bool] = lambda n: True, classes: Sequence[str] = CLASSES
+                 ) -> Iterator[TarSample]:
     """Samples of a tar stream in member order; only those `mine(number)` accepts have their members read (the
-    others are skipped over). A damaged stream ends with a sample whose reason says so (the sample being read, or
-    an empty key); OSError (the stream could not be read) propagates: the shard is retried on the next run."""
+    others are skipped over); a `.cls` member indexes `classes`. A damaged stream ends with a sample whose reason
+    says so (the sample being read, or an empty key); OSError (the stream could not be read) propagates: the shard
+    is retried on the next run."""
     seen: set[str] = set()
     current: TarSample | None = None
     n = 0
@@ -141,7 +146,7 @@ def read_samples(fh: IO[bytes], mine: Callable[[int], bool] = lambda n: True) ->
                         current.reason = "key repeated in the shard (a sample's members must be consecutive)"
                     seen.add(key)
                 if mine(current.number):
-                    _add(tf, m, ext, current)
+                    _add(tf, m, ext, current, classes)
     except (tarfile.TarError, BadTar, EOFError) as e:
         reason = f"corrupt or truncated tar: {e}"
         if current is None:
@@ -177,8 +182,10 @@ class TarShards(torch.utils.data.IterableDataset):
     reader. With at least as many shards as workers each worker reads whole shards (worker w: shards w, w+W, ...);
     with fewer, every worker streams every shard and decodes every W-th sample, so decoding stays parallel."""
 
-    def __init__(self, shards: list[str], views: tuple[str, ...], preset: Preset, decoder: str = "pil") -> None:
+    def __init__(self, shards: list[str], views: tuple[str, ...], preset: Preset, decoder: str = "pil",
+                 classes: Sequence[str] = CLASSES) -> None:
         self.shards = shards
+        self.classes = tuple(classes)  # label i means classes[i]: the cache's numbering
         self.files = ImageFiles(None, [], views, preset, decoder)
 
     def __iter__(self) -> Iterator[tuple[Any, Any, str, str]]:
@@ -198,8 +205,8 @@ class TarShards(torch.utils.data.IterableDataset):
     def _shard(self, i: int, owns: Callable[[int], bool], readers: int) -> Iterator[tuple[Any, Any, str, str]]:
         try:
             with open_shard(self.shards[i]) as fh:
-                for s in read_samples(fh, owns):
-                    label = s.label if s.label is not None else key_label(s.key)
+                for s in read_samples(fh, owns, self.classes):
+                    label = s.label if s.label is not None else key_label(s.key, self.classes)
                     ref = Ref(i, s.key, label)
                     if s.data is None:
                         yield ref, None, "", s.reason or "no .jpg/.jpeg/.png/.webp member"

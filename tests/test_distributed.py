@@ -19,9 +19,9 @@ from tests.conftest import TINY, draw
 ARGS = [*TINY, "--quiet", "--part-rows", "4", "--batch-size", "2", "--workers", "0"]
 
 
-def torchrun(data, cache, env=None, device="auto"):
+def torchrun(data, cache, env=None, device="auto", extra=()):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "catdog_cache", "extract", str(data), "--cache", str(cache), *ARGS, "--device", device]
+           "-m", "catdog_cache", "extract", str(data), "--cache", str(cache), *ARGS, "--device", device, *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
 
 
@@ -113,3 +113,23 @@ def test_killed_rank_leaves_parts_and_rerun_completes(data, tmp_path):
     assert "reused 0" not in out.decode()
     single(data, tmp_path / "ref.h5")
     assert_same(tmp_path / "ref.h5", cache)
+
+
+def test_two_ranks_on_tar_shards_with_classes_equal_one_process(tmp_path):
+    """Tar input under torchrun: whole shards per rank, --classes on every rank, rank 0 writes the index."""
+    from tests.test_tars import jpeg, make_tar
+
+    for s in range(3):
+        members = []
+        for i in range(3):
+            members += [(f"s{s}/{i}.jpg", jpeg("cat" if i % 2 else "dog", 10 * s + i, tmp_path / "drawn")),
+                        (f"s{s}/{i}.cls", str((s + i) % 3).encode())]
+        make_tar(tmp_path / "shards" / f"t-{s}.tar", members)
+    spec = str(tmp_path / "shards" / "t-{0..2}.tar")
+    proc = torchrun(spec, tmp_path / "two.h5", extra=["--classes", "x,y,z"])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    subprocess.run([sys.executable, "-m", "catdog_cache", "extract", spec, "--cache", str(tmp_path / "one.h5"), *ARGS,
+                    "--classes", "x,y,z"], capture_output=True, text=True, check=True)
+    assert_same(tmp_path / "one.h5", tmp_path / "two.h5")
+    assert read_index(tmp_path / "two.h5").classes == ["x", "y", "z"] and read_index(tmp_path / "two.h5").shape[0] == 9

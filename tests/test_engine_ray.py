@@ -1,6 +1,7 @@
 """extract --engine ray on a local Ray (2 CPUs, shared by this module's tests): the same cache as one process, a
 killed worker process costs nothing, a rerun reads no image; the per-shard markers are checked like hostile files."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -180,3 +181,33 @@ def test_engine_options_are_checked_before_any_work(cli, kaggle_dir, monkeypatch
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))
     assert refused("--engine", "ray") == "error: --engine ray needs Ray, which is not installed: " \
         "pip install 'catdog-cache[ray]'"
+
+
+def test_tar_shards_one_task_each_killed_attempt_retried(ray, tmp_path, monkeypatch, cli):
+    """Tar input on Ray: one task per tar shard; shard 1's first attempt dies after writing a part (before its
+    marker), the retry supersedes those rows; the cache equals the local engine's row for row, and a rerun runs no
+    task. --classes reaches the actors."""
+    from catdog_cache.engine_ray import RayOptions, extract_ray
+    from tests.test_tars import jpeg, make_tar
+
+    drawn = tmp_path / "drawn"
+    shards = []
+    for s in range(3):
+        members = []
+        for i in range(4):
+            members += [(f"s{s}/{i}.jpg", jpeg("cat" if i % 2 else "dog", 10 * s + i, drawn)),
+                        (f"s{s}/{i}.cls", str((s + i) % 3).encode())]
+        shards.append(make_tar(tmp_path / "shards" / f"train-{s}.tar", members))
+    spec = str(tmp_path / "shards" / "train-{0..2}.tar")
+    cfg = dataclasses.replace(CFG, part_rows=2)
+    extract(spec, tmp_path / "local.h5", cfg, classes=["a", "b", "c"])
+    flag = tmp_path / "killed-1"
+    monkeypatch.setenv("CATDOG_RAY_KILL", f"1:part:{flag}")
+    cache = tmp_path / "ray.h5"
+    r = extract_ray(spec, cache, cfg, RayOptions(actors=1), classes=["a", "b", "c"])
+    assert flag.exists() and (r.shards, r.shards_run, r.extracted) == (3, 3, 12)
+    assert_same(tmp_path / "local.h5", cache)
+    assert read_index(cache).classes == ["a", "b", "c"]
+    out = cli("extract", spec, "--cache", cache, "--engine", "ray", "--json").output
+    r2 = json.loads(out)
+    assert (r2["shards_run"], r2["extracted"], r2["reused"], r2["rows"]) == (0, 0, 12, 12)

@@ -1,7 +1,9 @@
 """Sharded caches (schema 2): appends write O(new rows), old caches convert in O(1), orphans are adopted, compact
 changes nothing a reader sees, plain h5py reads the index's virtual datasets, and crafted indexes are refused."""
 
+import os
 import shutil
+import time
 
 import h5py
 import numpy as np
@@ -279,6 +281,11 @@ def test_cli_extract_appends_info_counts_shards_compact_merges(tmp_path, monkeyp
     for i in range(2):
         draw(tmp_path / f"train/cat.{i}.jpg", "cat", i)
         draw(tmp_path / f"train/dog.{i}.jpg", "dog", 100 + i)
+    # written an hour ago: outside the racy window, so the second run trusts their stats and adds no refresh shard
+    # (a run starting more than 2 s after the files were drawn, on a busy machine, would otherwise add a third)
+    old = time.time_ns() - 3600 * 10**9
+    for f in (tmp_path / "train").iterdir():
+        os.utime(f, ns=(old, old))
     run = CliRunner()
     assert run.invoke(app, ["extract", "train", *map(str, TINY), "--quiet"]).exit_code == 0
     draw(tmp_path / "train/cat.9.jpg", "cat", 9)

@@ -313,3 +313,56 @@ def test_cli_takes_shards_and_urls(cli, tmp_path, images):
     assert str(shard) in result.output
     result = cli("extract", "s3://bucket/x-{0..1}.tar", "--cache", tmp_path / "c.h5", ok=False)
     assert result.exit_code == 1 and "catdog-cache[remote]" in result.output and "Traceback" not in result.output
+
+
+def test_classes_name_cls_indexes_and_class_folders(cli, tmp_path):
+    """--classes: a .cls index and a key's class folder label into the names given (in .cls order, lower-cased);
+    later shards take the cache's classes without the option; contradicting ones and folders are refused."""
+    d = tmp_path / "drawn"
+    members = []
+    for i in range(6):
+        members += [(f"s/{i:06d}.jpg", jpeg("cat" if i % 2 else "dog", i, d)), (f"s/{i:06d}.cls", str(i % 3).encode())]
+    members += [("BIRD/x.jpg", jpeg("cat", 9, d)), ("s/bad.jpg", jpeg("dog", 8, d)), ("s/bad.cls", b"3")]
+    first = make_tar(tmp_path / "a.tar", members)
+    cache = tmp_path / "c.h5"
+    r = extract(first, cache, CFG, classes=["Bird", "cat", "dog"])
+    idx = read_index(cache)
+    assert idx.classes == ["bird", "cat", "dog"] and r.rows == 7
+    rows = dict(zip([p.decode() for p in idx.paths], idx.labels.tolist(), strict=True))
+    assert rows == {**{f"s/{i:06d}": i % 3 for i in range(6)}, "BIRD/x": 0}
+    assert "0..2" in dict((os.fsdecode(p), why) for _, p, _, why in idx.failed)["s/bad"]
+    second = make_tar(tmp_path / "b.tar", [("t/1.jpg", jpeg("dog", 11, d)), ("t/1.cls", b"2"),
+                                           ("dog/2.jpg", jpeg("dog", 12, d))])
+    extract(second, cache, CFG)  # no --classes: the cache's own (cat, dog would make .cls 2 a failure)
+    rows = dict(zip([p.decode() for p in read_index(cache).paths], read_index(cache).labels.tolist(), strict=True))
+    assert (rows["t/1"], rows["dog/2"]) == (2, 2)
+    with pytest.raises(InputError, match="fixed by its first labeled input"):
+        extract(second, cache, CFG, classes=["cat", "dog"])
+    with pytest.raises(InputError, match="distinct"):
+        extract(first, tmp_path / "other.h5", CFG, classes=["cat", "Cat"])
+    folder = tmp_path / "folder"
+    draw(folder / "cat.1.jpg", "cat", 1)
+    result = cli("extract", folder, "--cache", tmp_path / "f.h5", *TINY, "--classes", "a,b", ok=False)
+    assert result.exit_code != 0 and "--classes names the classes of tar shards" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "f.h5").exists()
+    # the default stays cat, dog: a .cls beyond it says how to name more
+    with pytest.raises(InputError, match=r"0\.\.1 \(name more classes with extract --classes\)"):
+        extract(make_tar(tmp_path / "c.tar", [("u/1.jpg", jpeg("cat", 13, d)), ("u/1.cls", b"2")]), tmp_path / "d.h5",
+                CFG)
+
+
+
+def test_bench_tars_rows(tmp_path, images):
+    """bench --only tars: three inputs, same images, ratios to the folder; an append writes a small part of the cache."""
+    from catdog_cache import benchtars
+
+    folder = tmp_path / "kaggle"
+    folder.mkdir()
+    for name, data in images.items():
+        (folder / name).write_bytes(data)
+    rows = benchtars.tars_vs_folder(folder, lambda r: None, repeats=1)
+    assert [r[0].split(" (")[0] for r in rows] == ["extract from folder", "extract from 1 tar", "extract from 4 tars"]
+    assert rows[0][2].startswith("1.00x") and all(float(r[1].split()[0]) > 0 for r in rows)
+    (what, written, note), = benchtars.append_bytes(lambda r: None, rows=2000, add=10, dim=256)
+    cache_mib = float(note.split("the cache is ")[1].split()[0])
+    assert "2,010 rows after" in note and float(written.split()[0]) < cache_mib / 20

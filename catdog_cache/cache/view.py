@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import operator
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,11 @@ class View:
         self._feats.clear()
 
 
+def _natural(name: str) -> list[str | int]:
+    """Sort key: digit runs compared as numbers (train-2.tar before train-10.tar, as a listing names them)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def _keys(paths: list[bytes]) -> np.ndarray:
     return np.array(paths, dtype=bytes) if paths else np.zeros(0, "S1")  # [n] fixed-width: numpy compares bytes
 
@@ -156,6 +162,9 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
     Each shard keeps its own class_map; the cache's classes are merged as assemble merges them (labeled shards must
     agree). `classes`: what the index recorded, which must be that merge (a crafted class_map would relabel rows)."""
     sources = list(sources)
+    if not check_prov:  # a writer adopting shards: new folders join in natural order, not in the order their parts
+        # were named (loader workers and torchrun ranks finish tar shards in any order; rows must not depend on it)
+        sources += sorted({s for _, idx in shards for s in idx.sources} - set(sources), key=_natural)
     merged_classes = merge_classes([(idx.classes, idx.labeled) for _, idx in shards], str(where))
     if classes is not None and classes != merged_classes:
         raise CacheError(f"{where} records the classes {printable(', '.join(classes))[:200]!r}, its shards label "

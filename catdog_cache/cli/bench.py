@@ -28,7 +28,9 @@ def bench_cmd(
     markdown: bool = typer.Option(False, "--markdown", help="Also print a README-ready table."),
     only: str = typer.Option("", "--only", help="'pipeline': only the extract-pipeline rows; 'rerun': only the "
                              "rerun of an unchanged folder against a plain scandir + stat walk of it; 'scale': only "
-                             "a head streamed from large synthetic sharded caches (--scale-rows)."),
+                             "a head streamed from large synthetic sharded caches (--scale-rows); 'tars': tar "
+                             "input against the same images as a folder (--pipeline-images or --data), and the bytes "
+                             "an append to a 20,000-row cache writes."),
     rerun_files: int = typer.Option(100_000, "--rerun-files", help="Files of the folder of the rerun rows."),
     scale_rows: str = typer.Option("100000,1000000", "--scale-rows", help="--only scale: synthetic cache sizes "
                                    "(rows of 1280-d float16; 10M rows take 25.6 GB of disk, deleted afterwards)."),
@@ -59,8 +61,8 @@ def bench_cmd(
     from ..bench import run
 
     check_device(device)
-    if only not in ("", "pipeline", "rerun", "scale"):
-        raise CatdogError(f"--only: expected pipeline, rerun or scale, got {only!r}")
+    if only not in ("", "pipeline", "rerun", "scale", "tars"):
+        raise CatdogError(f"--only: expected pipeline, rerun, scale or tars, got {only!r}")
     if rerun_files < 1:
         raise CatdogError(f"--rerun-files must be at least 1, got {rerun_files}")
     out.print(f"bench on {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {date.today()}")
@@ -92,6 +94,10 @@ def bench_cmd(
             raise CatdogError(f"--scale-rows: give row counts of at least 1000, got {scale_rows!r}")
         parse_size(scale_budget)  # a bad size is one line here, not a child's traceback
         table += benchscale.run(scale, log, scale_budget, folder=scale_dir)
+    elif only == "tars":
+        from .. import benchtars
+
+        table += benchtars.run(data, pipeline or 400, log, repeats or 3)
     elif pipeline and (table_rows or device.startswith("cuda")):
         table += benchpipe.table(data, pipeline, log, device, names or None, workers, batch_size, repeats or 1)
     elif pipeline:

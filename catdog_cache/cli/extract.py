@@ -77,6 +77,9 @@ def extract_cmd(
                                                 help="GPU share per actor, e.g. 0.5: two actors per GPU."),
     cpus_per_actor: float | None = typer.Option(None, "--cpus-per-actor", show_default="1",
                                                 help="CPUs per actor; beyond the first, decode workers."),
+    classes: str | None = typer.Option(None, "--classes", show_default="the cache's classes, else cat,dog",
+                                       help="Tar shards: the class names, comma-separated, in the order of the .cls "
+                                       "indexes (0 first); keys in folders of these names get their label too."),
 ) -> None:
     """Run the frozen backbone over every image once and store its features. Adding to an existing cache needs no
     repeated flags: options left out take the cache's recorded settings; only contradicting ones are refused."""
@@ -96,8 +99,9 @@ def extract_cmd(
                         batch_size=batch_size, workers=workers, dtype=o.dtype, precision=o.precision,
                         views=tuple(v.strip() for v in o.views.split(",") if v.strip()), decoder=o.decoder,
                         part_rows=part_rows)
+    names = classes.split(",") if classes is not None else None
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
-        extract(data_dir, cache, cfg, prune=prune, strict=strict, checksum=checksum)
+        extract(data_dir, cache, cfg, prune=prune, strict=strict, checksum=checksum, classes=names)
         return
     ray: dict[str, int] = {}
     with Bar(quiet or as_json) as bar:
@@ -108,10 +112,12 @@ def extract_cmd(
                                        "gpus_per_actor": gpus_per_actor, "cpus_per_actor": cpus_per_actor}.items()
                      if v is not None}
             opts = RayOptions(**given)  # type: ignore[arg-type]
-            r = extract_ray(data_dir, cache, cfg, opts, progress=bar, prune=prune, strict=strict, checksum=checksum)
+            r = extract_ray(data_dir, cache, cfg, opts, progress=bar, prune=prune, strict=strict, checksum=checksum,
+                            classes=names)
             ray = {"shards": r.shards, "shards_run": r.shards_run, "actors": r.actors}
         else:
-            r = extract(data_dir, cache, cfg, progress=bar, prune=prune, strict=strict, checksum=checksum)
+            r = extract(data_dir, cache, cfg, progress=bar, prune=prune, strict=strict, checksum=checksum,
+                        classes=names)
     if as_json:
         print(_json({"cache": str(cache), "rows": r.rows, "found": r.found, "extracted": r.extracted,
                      "reused": r.reused, "hashed": r.hashed, "failed": r.failed, "skipped": r.skipped,

@@ -1,0 +1,111 @@
+"""extract --engine ray over WebDataset tar shards: one Ray task per tar shard, on engine_ray's actor pool.
+
+A tar shard is already the unit of work, retry and resume (tarextract: its parts, then its done marker in
+`<cache>.inputs/`), so the driver plans exactly as the local engine does (tarextract._plan: provenance, markers, the
+cache's classes), hands each unfinished shard to an actor holding the backbone, and finishes the index from the
+markers with extract's own `_finish`. A retried shard writes parts of its own (a fresh run id per attempt); rows a
+killed attempt saved are superseded by the retry's (later parts win), never read twice. The shards are read where
+they are (local paths the workers share, or fsspec URLs); the cache must be on a file system every node shares."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cache import Provenance, list_parts, require_same
+from .errors import CatdogError
+from .extract import ExtractConfig, Progress, _finish, _lock_once
+from .shardspec import Identity, resolve_inputs
+from .shardwork import _maybe_die
+from .tarextract import (
+    ShardResult,
+    _plan,
+    extract_shard_list,
+    outcome,
+    read_marker,
+    refuse_nothing_read,
+    tally,
+    tar_classes,
+)
+
+
+class TarExtractor:
+    """A Ray actor's state: the backbone, built once per actor process (again after a restart)."""
+
+    def __init__(self, cfg: ExtractConfig, prov: Provenance, cache: str, workers: int, threads: int,
+                 classes: tuple[str, ...], kill_hook: str) -> None:
+        os.environ.setdefault("CATDOG_EXTRACT_THREADS", str(threads))  # this actor's CPUs, not the whole node's
+        self.cfg = dataclasses.replace(cfg, workers=workers)
+        self.prov, self.cache, self.classes, self.kill_hook = prov, Path(cache), classes, kill_hook
+        self.model: torch.nn.Module | None = None
+
+    def run(self, index: int, source: str, ident: Identity, track: bool) -> ShardResult:
+        if self.model is None:
+            # this node's backbone must be the driver's (same weights file content, same plugin version)
+            require_same(self.cfg.provenance(), self.prov, "this Ray worker's backbone", "the driver's")
+            self.model = self.cfg.resolve().build(self.cfg.weights)
+
+        def after_part() -> None:  # test hook: the first attempt dies between a part and the shard's marker
+            _maybe_die(self.kill_hook, index, "part")
+
+        return extract_shard_list([source], [ident], self.cache, self.cfg, model=self.model, track={0} if track else
+                                  set(), tag=f"-ray{index}", classes=self.classes, after_part=after_part)[0]
+
+
+def extract_ray_tars(spec: str | os.PathLike[str], cache: str | os.PathLike[str], cfg: ExtractConfig, opts: Any,
+                     progress: Progress | None = None, strict: bool = False,
+                     classes: Sequence[str] | None = None) -> Any:
+    """`extract --engine ray` for tar shards: every shard the input names that the cache has not read as it is now,
+    one task each; a rerun whose shards are all done starts no Ray."""
+    from .engine_ray import KILL_HOOK, RayReport, _schedule, connect, require_ray, resources_for
+
+    t0 = time.perf_counter()
+    shards = resolve_inputs(spec)
+    spelled = Path(cache)
+    cache = spelled.resolve()
+    prov = cfg.provenance()
+    report = RayReport(cache=spelled, found=0, layout="webdataset")
+    with _lock_once(cache, None):  # the driver holds the lock for the run; its tasks write parts and markers only
+        had_cache = cache.exists()
+        todo, idents, held, have = _plan(shards, cache, prov, report)
+        names = tar_classes(classes, have, cache)
+        report.shards, report.shards_run = len(shards), len(todo)
+        results: list[ShardResult] = []
+        if todo:
+            ray = require_ray()
+            started = connect(ray, opts.address)
+            try:
+                per_gpu, n, workers, threads = resources_for(ray, cfg, opts, len(todo))
+                actor = ray.remote(num_cpus=opts.cpus_per_actor, num_gpus=per_gpu, max_restarts=opts.max_retries,
+                                   max_task_retries=opts.max_retries)(TarExtractor)
+                pool = [actor.remote(cfg, prov, str(cache), workers, threads, names,
+                                     os.environ.get(KILL_HOOK, "")) for _ in range(n)]
+                report.actors = n
+
+                def call(a: Any, i: int) -> Any:
+                    return a.run.remote(i, shards[i], idents[i], shards[i] in held)
+
+                results = _schedule(ray, pool, todo, call, lambda i: f"tar shard {shards[i]}", lambda i: 1, progress,
+                                    "shards")
+            finally:
+                if started:
+                    ray.shutdown()
+        # the markers, not the tasks' return values, say what is finished
+        for r in results:
+            done = read_marker(cache, r.source)
+            if r.done and (done is None or done.identity != idents[shards.index(r.source)]):
+                raise CatdogError(f"tar shard {r.source} reported done but has no matching marker in "
+                                  f"{cache.name}.inputs; nothing was finished: run extract again")
+        drop = tally(report, [outcome(r, held) for r in results])
+        report.rows = _finish(cache, prov, report, [shards[i] for i in todo], drop, strict, had_cache, str(spec),
+                              {s: False for s in shards}) if (todo or cache.exists() or list_parts(cache)) else 0
+    refuse_nothing_read(report, spec)
+    report.seconds = time.perf_counter() - t0
+    return report
+
