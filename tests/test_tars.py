@@ -353,7 +353,7 @@ def test_classes_name_cls_indexes_and_class_folders(cli, tmp_path):
 
 
 def test_bench_tars_rows(tmp_path, images):
-    """bench --only tars: three inputs, same images, ratios to the folder; an append writes a small part of the cache."""
+    """bench --only tars: three inputs, same images, ratios to the folder; an append writes little of the cache."""
     from catdog_cache import benchtars
 
     folder = tmp_path / "kaggle"
