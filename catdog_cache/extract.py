@@ -108,11 +108,17 @@ class ExtractConfig:
 
 
 def versions() -> dict[str, str]:
-    import h5py
-    import torchvision
+    """Recorded in every shard. torchvision's from its installed metadata: importing it pulls in torch._dynamo
+    (4.5 s on this VM), which a rerun writing only a refresh shard would otherwise pay for a version string."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"catdog_cache": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "h5py": h5py.__version__}
+    import h5py
+
+    try:
+        vision = version("torchvision")
+    except PackageNotFoundError:
+        vision = "unknown"
+    return {"catdog_cache": __version__, "torch": torch.__version__, "torchvision": vision, "h5py": h5py.__version__}
 
 
 def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.nn.Module | None = None,
