@@ -49,3 +49,17 @@ def test_bench_scale_rows(tmp_path, monkeypatch):
 def test_bench_scale_bad_rows(cli):
     r = cli("bench", "--only", "scale", "--scale-rows", "10,x", ok=False)
     assert r.exit_code != 0 and "--scale-rows" in r.output and "Traceback" not in r.output
+
+
+def test_bench_scale_keep_reuses_a_finished_cache(tmp_path):
+    """--scale-keep: the cache stays (with its DONE marker) and a second run reuses it instead of writing; an
+    unfinished one (no DONE: a killed write) is written again."""
+    first = benchscale.run([1500], lambda r: None, "1M", folder=tmp_path, budgets=None, keep=True)
+    cache, done = benchscale.kept_cache(tmp_path, 1500, 1024)
+    assert done and cache.is_file() and first[0][1].endswith(" s")
+    assert not list(cache.parent.glob("*.pt"))  # the heads go, the cache stays
+    again = benchscale.run([1500], lambda r: None, "1M", folder=tmp_path, budgets=None, keep=True)
+    assert again[0][1] == "kept" and str(cache) in again[0][2]
+    (cache.parent / "DONE").unlink()
+    third = benchscale.run([1500], lambda r: None, "1M", folder=tmp_path, budgets=None, keep=True)
+    assert third[0][1] != "kept" and benchscale.kept_cache(tmp_path, 1500, 1024)[1]
