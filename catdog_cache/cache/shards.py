@@ -167,7 +167,7 @@ def state_view(cache: Path, state: State, check_prov: bool = True) -> View:
         if size is not None and st.st_size != size:
             raise CacheError(f"shard {p} has {st.st_size} bytes, the index recorded {size}: it was replaced or "
                              "truncated; restore it or extract again into a new cache")
-        idx = shard_index(p)
+        idx = shard_index(p, st)
         if rows is not None and idx.shape[0] != rows:
             raise CacheError(f"shard {p} holds {idx.shape[0]} rows, the index recorded {rows}: refusing it")
         shards.append((p, idx))

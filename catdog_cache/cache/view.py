@@ -315,16 +315,18 @@ def single_file(f: h5py.File, path: Path) -> View:
     return view
 
 
-def shard_index(path: Path) -> Index:
-    """One shard file's own index, validated as any cache file (not a link, not a FIFO: lstat before opening)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise CacheError(f"{path} is missing: the cache lists it; restore it or extract again into a new cache") \
-            from None
+def shard_index(path: Path, st: os.stat_result | None = None) -> Index:
+    """One shard file's own index, validated as any cache file (not a link, not a FIFO: lstat before opening).
+    `st`: the caller's lstat of it, just taken."""
     import stat
 
+    if st is None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise CacheError(f"{path} is missing: the cache lists it; restore it or extract again into a new cache") \
+                from None
     if not stat.S_ISREG(st.st_mode):
         raise CacheError(f"{path} is not a regular file (a link or something else); refusing it")
     with open_h5(path) as f:
-        return _index(f, path)
+        return _index(f, path, st.st_size)
