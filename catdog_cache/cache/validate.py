@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import CacheBusy, CacheError
 from ..files import printable
 from .format import CHUNK_ROWS, INDEX_SCHEMA, SCHEMA_VERSION, Index, Provenance, Refresh
+from .lean import PackedPaths, Unread, scan_view, unknown_stat_view
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MAX_VIEWS, MAX_DIM = 16, 1 << 20  # sanity bounds on a cache's declared shape
@@ -168,9 +169,10 @@ def _group(g: h5py.h5g.GroupID, name: str) -> h5py.h5g.GroupID | None:
     return oid
 
 
-def _stats(g: h5py.h5g.GroupID, path: Path, n: int, size: int, where: str) -> np.ndarray | None:
+def _stats(g: h5py.h5g.GroupID, path: Path, n: int, size: int, where: str, read: bool = True) -> np.ndarray | None:
     """A group's optional `stat` column: [n, 4] int64, contiguous, as parts._write stores it; None when absent (a
-    cache written before stats: its files are hashed). `where`: the group's name for messages ('' for the root)."""
+    cache written before stats: its files are hashed). `where`: the group's name for messages ('' for the root).
+    read False: checked, not read (a lean open): all unknown, without memory."""
     if not g.links.exists(b"stat"):
         return None
     oid, dcpl = _open_ds(g, "stat", path)
@@ -180,7 +182,7 @@ def _stats(g: h5py.h5g.GroupID, path: Path, n: int, size: int, where: str) -> np
     if oid.shape != (n, 4) or oid.dtype != np.dtype(np.int64) or chunked:
         raise CacheError(f"{path} is damaged ({where}/stat has shape {oid.shape}, dtype {oid.dtype}"
                          f"{', chunked' if chunked else ''}; expected [{n}, 4] int64, contiguous): extract again")
-    return _read(oid)
+    return _read(oid) if read else unknown_stat_view(n)
 
 
 def _refresh(f: h5py.File, path: Path, size: int, fh: BinaryIO) -> Refresh:
@@ -270,10 +272,11 @@ def _provenance(text: object, path: Path) -> Provenance:
     return prov
 
 
-def _index(f: h5py.File, path: Path, size: int | None = None) -> Index:
+def _index(f: h5py.File, path: Path, size: int | None = None, lean: bool = False) -> Index:
     """Read and validate everything but the features. Every length, dtype, range and attribute comes from a file
     that may be crafted: check it before allocating or indexing anything with it. `size`: the file's size when
-    the caller has just stat'ed it. Low-level h5py throughout: a 10M-row cache has ~10,000 shards to open."""
+    the caller has just stat'ed it. Low-level h5py throughout: a 10M-row cache has ~10,000 shards to open.
+    lean: what fit needs (lean.py): the paths packed, the sha256 and stat columns checked but not read."""
     _check_schema(f, path)
     feats, dcpl = _open_ds(f.id, "features", path)
     size = path.stat().st_size if size is None else size
@@ -309,7 +312,9 @@ def _index(f: h5py.File, path: Path, size: int | None = None) -> Index:
                               ("/failures/reasons", failures["reasons"])):
                 _vlen_total(oid, name, path, size, fh)
             refresh = _refresh(f, path, size, fh)
-        stat, failed_stat = _stats(f.id, path, n, size, ""), _stats(fail, path, fn, size, "/failures")
+        stat, failed_stat = _stats(f.id, path, n, size, "", not lean), _stats(fail, path, fn, size, "/failures")
+        if lean and stat is None:
+            stat = unknown_stat_view(n)
         scan_ns = _attr(attrs, "scan_ns") if "scan_ns" in attrs else 0
         if not isinstance(scan_ns, int | np.integer) or isinstance(scan_ns, bool):
             raise ValueError(f"scan_ns is a {type(scan_ns).__name__}, not a time")
@@ -319,9 +324,9 @@ def _index(f: h5py.File, path: Path, size: int | None = None) -> Index:
             provenance=prov,
             sources=sources,
             source=source,
-            paths=_read(columns["paths"]).tolist(),  # bytes objects already: no per-row copy
+            paths=PackedPaths.of(_read(columns["paths"]).tolist()) if lean else _read(columns["paths"]).tolist(),
             labels=labels,
-            sha256=[s.decode() for s in _read(columns["sha256"])],
+            sha256=Unread("sha256", n) if lean else [s.decode() for s in _read(columns["sha256"])],
             failed=list(zip(_read(failures["source"]).astype(np.int64).tolist(),
                             _read(failures["paths"]).tolist(),
                             [s.decode() for s in _read(failures["sha256"])],
@@ -336,6 +341,7 @@ def _index(f: h5py.File, path: Path, size: int | None = None) -> Index:
             failed_stat=failed_stat,
             scan_ns=int(scan_ns),
             refresh=refresh,
+            stat_scan=scan_view(n, int(scan_ns)) if lean else None,
         )
     except CacheError:
         raise

@@ -173,7 +173,7 @@ def load(caches: list[Path], cfg: FitConfig, budget: int, stack: contextlib.Exit
     """One cache: in memory when it fits the budget, else streamed (the handle stays open in `stack`). Several
     caches (an ensemble): the features of the images they share, side by side, in memory. The budget is host
     memory; with a training device, in-memory features are uploaded to it once (on_device), streamed ones per batch."""
-    opened = [stack.enter_context(open_cache(c)) for c in caches]
+    opened = [stack.enter_context(open_cache(c, lean=True)) for c in caches]  # paths packed, no sha256/stat
     f, index = opened[0]
     labeled_rows(index, caches[0])
     if len(caches) == 1:
