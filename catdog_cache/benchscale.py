@@ -2,11 +2,11 @@
 
 Per size: a sharded cache of N x 1280 float16 rows written with the cache's own writer (shards of --shard-rows),
 labels from a fixed linear rule so the head has something to learn; then, in a fresh process each, the open time
-(index + every shard validated), the RSS the open index holds, and a streamed fit under --max-memory: seconds per
-epoch, us/row, peak RSS. At the smallest size two budgets must give the same head, bit for bit. The synthetic
-cache is deleted after each size (at 10M rows it is 25.6 GB), unless `keep`: then it stays in the folder as
-`scale-{rows}x{shard_rows}/` with a DONE marker, and a later run with the same folder reuses a finished one (10M rows
-take about 11 minutes to write here)."""
+(index + every shard validated; lean, as fit opens it), the RSS the open index holds, and a streamed fit under
+--max-memory: seconds per epoch, us/row, peak RSS. At the smallest size two budgets must give the same head, bit
+for bit. The synthetic cache is deleted after each size (at 10M rows it is 25.6 GB), unless `keep`: then it stays
+in the folder as `scale-{rows}x{shard_rows}/` with a DONE marker, and a later run with the same folder reuses a
+finished one (10M rows take 11-15 minutes to write here)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ from catdog_cache.fit import FitConfig, fit
 open("/proc/self/clear_refs", "w").write("5")  # peak (VmHWM) from here: after the imports
 base = status("VmRSS")
 t = time.perf_counter()
-with open_cache(sys.argv[1]) as (view, index):
+with open_cache(sys.argv[1], lean=True) as (view, index):  # as fit opens it
     opened = time.perf_counter() - t
     index_rss = status("VmRSS") - base
 del view, index

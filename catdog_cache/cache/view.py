@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import CacheError
 from ..files import printable
+from .direct import Direct
 from .format import CHUNK_ROWS, Index, Provenance, merge_classes, require_same
 from .lean import PackedPaths, Unread, scan_view, unknown_stat_view
 from .validate import _index, open_h5
@@ -56,6 +57,7 @@ class View:
     _owned: dict[int, h5py.File] = field(default_factory=dict)  # handles given by the caller: never closed here
     _scratch: dict[str, np.ndarray] = field(default_factory=dict)  # stored dtype -> a reused read buffer
     _feats: dict[int, h5py.Dataset] = field(default_factory=dict)  # open shard -> its features (one lookup per open)
+    _direct: Direct | None = None  # pread past HDF5 (direct.py), made on the first read
 
     @property
     def rows(self) -> int:
@@ -108,13 +110,17 @@ class View:
         _, v, d = self.index.shape
         if out is None:
             out = np.empty((n, d) if view is not None else (n, v, d), dtype=dtype or self.index.dtype)
+        if self._direct is None:
+            self._direct = Direct(self.shards, self.shard_bytes)
         for i, r0, start, length in self.runs(lo, hi):
+            o = out[start - lo : start - lo + length]
+            if view is not None and v == 1 and self._direct.read(i, self.shard_rows[i], r0, o, self._scratch):
+                continue
             ds = self._feats.get(i) if i in self._open or i in self._owned else None
             if ds is None:
                 ds = self._feats[i] = self.handle(i)["features"]
             else:
                 self.handle(i)  # most recently used
-            o = out[start - lo : start - lo + length]
             if view is None:
                 o[...] = ds[r0 : r0 + length]
             elif v == 1 and ds.dtype == o.dtype:  # straight into the output: no temporary (the common case)
@@ -130,6 +136,8 @@ class View:
         return out
 
     def close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
         for f in self._open.values():
             f.close()
         self._open.clear()
