@@ -45,3 +45,19 @@ def test_changed_or_crafted_shard_is_refused(tmp_path):
         chunk_map(p, 130, size - 1000)
     with pytest.raises(CacheError, match="changed while reading"):  # rows other than the index's
         chunk_map(p, 131, size)
+
+
+def test_runs_cover_exactly_the_rows_asked_for():
+    """View.runs stops at the last run it needs (it walked every later run: O(shards) per chunk read)."""
+    from catdog_cache.cache.view import View
+
+    rows = [5, 0, 7, 3, 9]
+    seg_start = np.cumsum([0] + [r for r in rows if r])
+    view = View(None, [], rows, seg_start, np.array([0, 2, 3, 4]), np.zeros(4, np.int64))
+    view.index = type("I", (), {"shape": (24, 1, 4)})()
+    owner = np.concatenate([np.full(r, i) for i, r in enumerate(rows)])
+    for lo in range(25):
+        for hi in range(lo, 26):
+            got = view.runs(lo, hi)
+            assert sum(n for *_, n in got) == max(min(hi, 24) - lo, 0)
+            assert all(owner[start] == s for s, _, start, _ in got) and len(got) <= len(set(owner[lo:hi].tolist()))

@@ -70,6 +70,8 @@ class View:
         s = max(int(np.searchsorted(self.seg_start, lo, side="right")) - 1, 0)
         while lo < hi and s < len(self.seg_shard):
             start, end = int(self.seg_start[s]), int(self.seg_start[s + 1])
+            if start >= hi:  # past the rows asked for: a chunk read must not walk every later run
+                break
             a, b = max(lo, start), min(hi, end)
             if a < b:
                 out.append((int(self.seg_shard[s]), int(self.seg_row[s]) + a - start, a, b - a))
