@@ -63,3 +63,8 @@ def test_bench_scale_keep_reuses_a_finished_cache(tmp_path):
     (cache.parent / "DONE").unlink()
     third = benchscale.run([1500], lambda r: None, "1M", folder=tmp_path, budgets=None, keep=True)
     assert third[0][1] != "kept" and benchscale.kept_cache(tmp_path, 1500, 1024)[1]
+
+
+def test_bench_scale_keep_needs_a_folder(cli):
+    r = cli("bench", "--only", "scale", "--scale-rows", "1000", "--scale-keep", ok=False)
+    assert r.exit_code != 0 and "--scale-dir" in r.output and "Traceback" not in r.output
