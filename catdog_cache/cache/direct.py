@@ -107,14 +107,28 @@ class Direct:
         self._fds[i] = fd
         return fd
 
+    def map(self, i: int, rows: int) -> ChunkMap | None:
+        if i not in self._maps:
+            self._maps[i] = chunk_map(self.shards[i], rows, self.shard_bytes[i]) if i < len(self.shard_bytes) \
+                else None
+        return self._maps[i]
+
+    def advise(self, i: int, rows: int, r0: int, n: int) -> None:
+        """Ask the kernel to start reading rows [r0, r0 + n) of shard i now (POSIX_FADV_WILLNEED): the chunks of a
+        batch are then read from disk together rather than one synchronous pread after another (a cache larger
+        than memory, random chunks: one read in flight at a time leaves the disk mostly idle)."""
+        m = self.map(i, rows)
+        if m is None or not hasattr(os, "posix_fadvise"):
+            return
+        fd = self.fd(i)
+        for c in range(r0 // m.rows, (r0 + n - 1) // m.rows + 1):
+            lo = max(r0, c * m.rows) - c * m.rows
+            hi = min(r0 + n, (c + 1) * m.rows) - c * m.rows
+            os.posix_fadvise(fd, int(m.starts[c]) + lo * m.row_bytes, (hi - lo) * m.row_bytes, os.POSIX_FADV_WILLNEED)
+
     def read(self, i: int, rows: int, r0: int, out: np.ndarray, scratch: dict[str, np.ndarray]) -> bool:
         """Rows [r0, r0 + len(out)) of shard i (which holds `rows`) into out [n, D] (float32 or the stored dtype)."""
-        if i not in self._maps:
-            if i >= len(self.shard_bytes):
-                self._maps[i] = None
-            else:
-                self._maps[i] = chunk_map(self.shards[i], rows, self.shard_bytes[i])
-        m = self._maps[i]
+        m = self.map(i, rows)
         if m is None or not out.flags.c_contiguous:
             return False
         n = len(out)

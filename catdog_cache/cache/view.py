@@ -102,6 +102,14 @@ class View:
             self._open.move_to_end(i)
         return f
 
+    def prefetch(self, lo: int, hi: int) -> None:
+        """Logical rows [lo, hi) will be read soon: their reads start now, in the background (direct.Direct.advise)."""
+        if self._direct is None:
+            self._direct = Direct(self.shards, self.shard_bytes)
+        if self.index.shape[1] == 1:
+            for i, r0, _, length in self.runs(lo, hi):
+                self._direct.advise(i, self.shard_rows[i], r0, length)
+
     def read(self, lo: int, hi: int, view: int | None = 0, dtype: np.dtype | str | None = np.float32,
              out: np.ndarray | None = None) -> np.ndarray:
         """Logical rows [lo, hi): [n, D] for one view, [n, V, D] for view=None; float32 unless dtype says.
