@@ -62,3 +62,9 @@ def test_runs_cover_exactly_the_rows_asked_for():
             got = view.runs(lo, hi)
             assert sum(n for *_, n in got) == max(min(hi, 24) - lo, 0)
             assert all(owner[start] == s for s, _, start, _ in got) and len(got) <= len(set(owner[lo:hi].tolist()))
+
+
+def test_a_shard_of_another_width_is_refused(tmp_path):
+    p = shard(tmp_path / "s.h5", np.ones((64, 1, 16), np.float32))
+    with pytest.raises(CacheError, match="changed while reading"):
+        Direct([p], [p.stat().st_size]).read(0, 64, 0, np.empty((4, 32), np.float32), {})

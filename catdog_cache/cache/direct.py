@@ -57,7 +57,7 @@ def chunk_map(path: Path, n: int, size: int) -> ChunkMap | None:
             if start is None or start + n * row_bytes > size:
                 return None  # never written (HDF5 reads its fill value) or not ours
             return ChunkMap(np.array([start], np.int64), n, row_bytes, dtype)
-        if dcpl.get_layout() != h5py.h5d.CHUNKED:
+        if dcpl.get_layout() != h5py.h5d.CHUNKED or not hasattr(ds, "chunk_iter"):  # chunk_iter: h5py >= 3.8
             return None
         r = dcpl.get_chunk()[0]
         k = -(-n // r)
@@ -131,6 +131,8 @@ class Direct:
         m = self.map(i, rows)
         if m is None or not out.flags.c_contiguous:
             return False
+        if m.row_bytes != out.shape[-1] * m.dtype.itemsize or out.ndim != 2:  # not the width the index records
+            raise CacheError(f"{self.shards[i]} changed while reading: run again")
         n = len(out)
         same = out.dtype == m.dtype
         if same:
