@@ -31,6 +31,7 @@ def test_increasing_compares_folder_then_path():
     assert _increasing(src, [b"b", b"c", b"a", b"b"])  # a new folder may start lower
     assert not _increasing(src, [b"b", b"b", b"a", b"b"])  # a repeated key
     assert not _increasing(np.array([1, 0]), [b"a", b"b"])  # folders out of order
+    assert not _increasing(np.array([1, 0], np.uint16), [b"a", b"b"])  # a lean index's folders: no wrap-around
     assert not _increasing(np.array([0, 0]), [b"b", b"a"])
     assert _increasing(np.array([0]), [b"a"]) and _increasing(np.zeros(0, np.int64), [])
 

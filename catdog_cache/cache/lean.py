@@ -20,20 +20,21 @@ class PackedPaths(Sequence):
 
     def __init__(self, buf: bytes, off: np.ndarray) -> None:
         self.buf = buf
-        self.off = off  # [n+1] int64, off[0] == 0, off[-1] == len(buf)
+        self.off = off  # [n+1] int64 (uint32 for one shard's), off[0] == 0, off[-1] == len(buf)
 
     @classmethod
     def of(cls, paths: Sequence[bytes]) -> PackedPaths:
         off = np.zeros(len(paths) + 1, np.int64)
         np.cumsum(np.fromiter(map(len, paths), np.int64, len(paths)), out=off[1:])
-        return cls(b"".join(paths), off)
+        # one shard's paths: 4-byte offsets (each shard's index is held until the merge has concatenated them all)
+        return cls(b"".join(paths), off.astype(np.uint32) if off[-1] < 2**32 else off)
 
     @classmethod
     def concat(cls, parts: Sequence[PackedPaths]) -> PackedPaths:
         if not parts:
             return cls.of([])
         base = np.cumsum([0] + [len(p.buf) for p in parts[:-1]])  # [P] where each part's bytes start
-        off = np.concatenate([p.off[:-1] + b for p, b in zip(parts, base.tolist(), strict=True)]
+        off = np.concatenate([p.off[:-1].astype(np.int64) + b for p, b in zip(parts, base.tolist(), strict=True)]
                              + [np.array([int(base[-1]) + len(parts[-1].buf)], np.int64)])  # [n+1]
         return cls(b"".join(p.buf for p in parts), off)
 

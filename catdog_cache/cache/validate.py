@@ -318,7 +318,8 @@ def _index(f: h5py.File, path: Path, size: int | None = None, lean: bool = False
         scan_ns = _attr(attrs, "scan_ns") if "scan_ns" in attrs else 0
         if not isinstance(scan_ns, int | np.integer) or isinstance(scan_ns, bool):
             raise ValueError(f"scan_ns is a {type(scan_ns).__name__}, not a time")
-        source = _read(columns["source"]).astype(np.int64)
+        source = _read(columns["source"])  # [n] uint16 as stored; int64 for every caller but a lean one
+        source = source if lean else source.astype(np.int64)
         labels = _read(columns["labels"])
         index = Index(
             provenance=prov,

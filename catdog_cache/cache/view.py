@@ -164,11 +164,11 @@ def _increasing(src: np.ndarray, paths: Sequence[bytes]) -> bool:
     iterators, no slices: a lean index's packed paths are never all made into objects at once."""
     if len(paths) < 2:
         return True
-    ds = np.diff(src)  # [n-1]
     nxt = iter(paths)
     next(nxt)
     lt = np.fromiter(map(operator.lt, iter(paths), nxt), bool, len(paths) - 1)  # [n-1] path[i] < path[i+1]
-    return bool(((ds > 0) | ((ds == 0) & lt)).all())
+    # compared, not differenced: a lean index's folders are uint16, whose differences wrap around
+    return bool(((src[1:] > src[:-1]) | ((src[1:] == src[:-1]) & lt)).all())
 
 
 def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list[Tombstone], prov: Provenance,
@@ -201,8 +201,8 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
                     raise CacheError(f"{path} holds rows of folder {printable(s)!r} that {where} does not list: "
                                      "refusing a crafted cache")
                 sources.append(s)
-        pos = np.array([sources.index(s) for s in idx.sources], np.int64)
-        src_parts.append(pos[idx.source] if len(idx.source) else np.zeros(0, np.int64))
+        pos = np.array([sources.index(s) for s in idx.sources], np.uint16 if lean else np.int64)
+        src_parts.append(pos[idx.source] if len(idx.source) else np.zeros(0, pos.dtype))
         lab_parts.append(idx.labels)
         sha_parts.append(idx.sha256)
         path_parts.append(idx.paths)
@@ -306,7 +306,7 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
     index = Index(
         provenance=prov,
         sources=sources,
-        source=pick(src).astype(np.int64, copy=False),
+        source=pick(src).astype(np.uint16 if lean else np.int64, copy=False),  # lean: 2 bytes a row, as stored
         paths=paths_final,
         labels=pick(np.concatenate(lab_parts) if lab_parts else np.zeros(0, np.int64)).astype(np.int8, copy=False),
         sha256=sha_final,
