@@ -269,6 +269,8 @@ def test_schema1_file_with_virtual_features_is_still_refused(tmp_path):
 
 def test_cli_extract_appends_info_counts_shards_compact_merges(tmp_path, monkeypatch):
     import json
+    import os
+    import time
 
     from typer.testing import CliRunner
 
@@ -279,6 +281,9 @@ def test_cli_extract_appends_info_counts_shards_compact_merges(tmp_path, monkeyp
     for i in range(2):
         draw(tmp_path / f"train/cat.{i}.jpg", "cat", i)
         draw(tmp_path / f"train/dog.{i}.jpg", "dog", 100 + i)
+    old = time.time() - 60  # not racy: a scan within 2 s of the drawing would re-hash them and add a refresh shard
+    for p in (tmp_path / "train").iterdir():
+        os.utime(p, (old, old))
     run = CliRunner()
     assert run.invoke(app, ["extract", "train", *map(str, TINY), "--quiet"]).exit_code == 0
     draw(tmp_path / "train/cat.9.jpg", "cat", 9)
