@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .format import CHUNK_ROWS, SCHEMA_VERSION, Index
+from .lean import release_freed
 from .validate import open_h5, schema_of
 from .view import View, single_file
 
@@ -33,6 +34,8 @@ def open_cache(path: str | os.PathLike[str], lean: bool = False) -> Iterator[tup
     with open_h5(path) as f:
         view = single_file(f, path, lean) if schema_of(f, path) == SCHEMA_VERSION else \
             state_view(path, read_state(f, path), lean=lean)
+        if lean:
+            release_freed()
         try:
             yield view, view.index
         finally:
