@@ -2,9 +2,11 @@
 
 Per size: a sharded cache of N x 1280 float16 rows written with the cache's own writer (shards of --shard-rows),
 labels from a fixed linear rule so the head has something to learn; then, in a fresh process each, the open time
-(index + every shard validated), the RSS the open index holds, and a streamed fit under --max-memory: seconds per
-epoch, us/row, peak RSS. At the smallest size two budgets must give the same head, bit for bit. The synthetic
-cache is deleted after each size (at 10M rows it is 25.6 GB)."""
+(index + every shard validated; lean, as fit opens it), the RSS the open index holds, and a streamed fit under
+--max-memory: seconds per epoch, us/row, peak RSS. At the smallest size two budgets must give the same head, bit
+for bit. The synthetic cache is deleted after each size (at 10M rows it is 25.6 GB), unless `keep`: then it stays
+in the folder as `scale-{rows}x{shard_rows}/` with a DONE marker, and a later run with the same folder reuses a
+finished one (10M rows take 11-15 minutes to write here)."""
 
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ from catdog_cache.fit import FitConfig, fit
 open("/proc/self/clear_refs", "w").write("5")  # peak (VmHWM) from here: after the imports
 base = status("VmRSS")
 t = time.perf_counter()
-with open_cache(sys.argv[1]) as (view, index):
+with open_cache(sys.argv[1], lean=True) as (view, index):  # as fit opens it
     opened = time.perf_counter() - t
     index_rss = status("VmRSS") - base
 del view, index
@@ -84,8 +86,16 @@ def same_head(a: Path, b: Path) -> bool:
     return sa.keys() == sb.keys() and all(bool((sa[k] == sb[k]).all()) for k in sa)
 
 
+def kept_cache(folder: Path, rows: int, shard_rows: int) -> tuple[Path, bool]:
+    """(the cache, whether it is finished) of a kept synthetic cache: `DONE` is written after `finish` returns, so
+    a killed write is never reused (it is removed and written again)."""
+    tmp = folder / f"scale-{rows}x{shard_rows}"
+    return tmp / "features.h5", (tmp / "DONE").is_file()
+
+
 def run(sizes: list[int], log: Callable[[Row], None], budget: str = "256M", shard_rows: int = 1024,
-        epochs: int = 1, folder: Path | None = None, budgets: tuple[str, str] = ("64M", "512M")) -> list[Row]:
+        epochs: int = 1, folder: Path | None = None, budgets: tuple[str, str] | None = ("64M", "512M"),
+        keep: bool = False) -> list[Row]:
     from .files import require_space
 
     out: list[Row] = []
@@ -96,15 +106,27 @@ def run(sizes: list[int], log: Callable[[Row], None], budget: str = "256M", shar
 
     base = None
     for k, n in enumerate(sizes):
-        tmp = Path(tempfile.mkdtemp(prefix="catdog-scale-", dir=folder))
-        try:
-            require_space(tmp, n * DIM * 2 + 200 * n + 2**30, tmp / "features.h5")
+        if keep:
+            cache, done = kept_cache(folder or Path(tempfile.gettempdir()), n, shard_rows)
+            tmp = cache.parent
+            if not done:
+                shutil.rmtree(tmp, ignore_errors=True)  # a killed write's leftovers
+                tmp.mkdir(parents=True)
+        else:
+            tmp, done = Path(tempfile.mkdtemp(prefix="catdog-scale-", dir=folder)), False
             cache = tmp / "features.h5"
-            t = time.perf_counter()
-            finish_s = synthetic_sharded(cache, n, shard_rows)
-            shards = -(-n // shard_rows)
-            add(f"scale {n:,} rows: write {shards:,} shards", f"{time.perf_counter() - t:.1f} s",
-                f"finishing (index over every shard) {finish_s:.1f} s")
+        shards = -(-n // shard_rows)
+        try:
+            if done:
+                add(f"scale {n:,} rows: write {shards:,} shards", "kept", f"reused {cache}")
+            else:
+                require_space(tmp, n * DIM * 2 + 200 * n + 2**30, cache)
+                t = time.perf_counter()
+                finish_s = synthetic_sharded(cache, n, shard_rows)
+                if keep:
+                    (tmp / "DONE").write_text("finished\n")
+                add(f"scale {n:,} rows: write {shards:,} shards", f"{time.perf_counter() - t:.1f} s",
+                    f"finishing (index over every shard) {finish_s:.1f} s")
             r = fit_child(cache, tmp / "h.pt", epochs, budget)
             per_epoch = sum(r["epoch_s"]) / len(r["epoch_s"])
             us = per_epoch / r["n_train"] * 1e6
@@ -117,7 +139,7 @@ def run(sizes: list[int], log: Callable[[Row], None], budget: str = "256M", shar
             add(f"scale {n:,} rows: peak RSS", f"{r['peak_rss'] / 2**20:.0f} MiB",
                 f"after imports {r['base_rss'] / 2**20:.0f} MiB + index {r['index_rss'] / 2**20:.0f} MiB + budget "
                 f"{budget}: growth {(r['peak_rss'] - r['base_rss']) / 2**20:.0f} MiB")
-            if k == 0:
+            if k == 0 and budgets:
                 heads = []
                 for b in budgets:
                     heads.append(tmp / f"h-{b}.pt")
@@ -125,16 +147,21 @@ def run(sizes: list[int], log: Callable[[Row], None], budget: str = "256M", shar
                 add(f"scale {n:,} rows: head at --max-memory {budgets[0]} vs {budgets[1]}",
                     "identical" if same_head(*heads) else "DIFFERENT", "state_dict compared bit for bit")
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if keep:  # the cache stays; the heads go
+                for h in tmp.glob("h*.pt"):
+                    h.unlink()
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    """python -m catdog_cache.benchscale 100000,1000000 [budget] [shard_rows] [folder]"""
+    """python -m catdog_cache.benchscale 100000,1000000 [budget] [shard_rows] [folder] [keep]"""
     argv = sys.argv[1:] if argv is None else argv
     sizes = [int(x) for x in argv[0].split(",")]
     run(sizes, lambda r: print(f"  {r[0]:<56} {r[1]:>12}  {r[2]}", flush=True), *(argv[1:2] or ["256M"]),
-        *([int(argv[2])] if len(argv) > 2 else []), folder=Path(argv[3]) if len(argv) > 3 else None)
+        *([int(argv[2])] if len(argv) > 2 else []), folder=Path(argv[3]) if len(argv) > 3 else None,
+        keep=argv[4:5] == ["keep"])
 
 
 if __name__ == "__main__":

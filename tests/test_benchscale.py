@@ -31,6 +31,7 @@ def test_increasing_compares_folder_then_path():
     assert _increasing(src, [b"b", b"c", b"a", b"b"])  # a new folder may start lower
     assert not _increasing(src, [b"b", b"b", b"a", b"b"])  # a repeated key
     assert not _increasing(np.array([1, 0]), [b"a", b"b"])  # folders out of order
+    assert not _increasing(np.array([1, 0], np.uint16), [b"a", b"b"])  # a lean index's folders: no wrap-around
     assert not _increasing(np.array([0, 0]), [b"b", b"a"])
     assert _increasing(np.array([0]), [b"a"]) and _increasing(np.zeros(0, np.int64), [])
 
@@ -49,3 +50,22 @@ def test_bench_scale_rows(tmp_path, monkeypatch):
 def test_bench_scale_bad_rows(cli):
     r = cli("bench", "--only", "scale", "--scale-rows", "10,x", ok=False)
     assert r.exit_code != 0 and "--scale-rows" in r.output and "Traceback" not in r.output
+
+
+def test_bench_scale_keep_reuses_a_finished_cache(tmp_path):
+    """--scale-keep: the cache stays (with its DONE marker) and a second run reuses it instead of writing; an
+    unfinished one (no DONE: a killed write) is written again."""
+    first = benchscale.run([1500], lambda r: None, "1M", folder=tmp_path, budgets=None, keep=True)
+    cache, done = benchscale.kept_cache(tmp_path, 1500, 1024)
+    assert done and cache.is_file() and first[0][1].endswith(" s")
+    assert not list(cache.parent.glob("*.pt"))  # the heads go, the cache stays
+    again = benchscale.run([1500], lambda r: None, "1M", folder=tmp_path, budgets=None, keep=True)
+    assert again[0][1] == "kept" and str(cache) in again[0][2]
+    (cache.parent / "DONE").unlink()
+    third = benchscale.run([1500], lambda r: None, "1M", folder=tmp_path, budgets=None, keep=True)
+    assert third[0][1] != "kept" and benchscale.kept_cache(tmp_path, 1500, 1024)[1]
+
+
+def test_bench_scale_keep_needs_a_folder(cli):
+    r = cli("bench", "--only", "scale", "--scale-rows", "1000", "--scale-keep", ok=False)
+    assert r.exit_code != 0 and "--scale-dir" in r.output and "Traceback" not in r.output

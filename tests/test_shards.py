@@ -300,3 +300,42 @@ def test_cli_extract_appends_info_counts_shards_compact_merges(tmp_path, monkeyp
     assert r.exit_code == 0 and listed(tmp_path / "cache/features.h5")[0] == 1 and not shards_dir(
         tmp_path / "cache/features.h5").exists()
     np.testing.assert_array_equal(read_features("cache/features.h5"), x)
+
+
+def test_lean_open_has_the_full_opens_rows(tmp_path):
+    """open_cache(lean=True), what fit reads: the same rows, labels, folders, paths and features as a full open, on
+    a history with a changed file, a fixed failure, a deletion record and two folders (the merge's sorting path),
+    and on an in-order cache (its no-sort path); the unread sha256 column raises instead of answering."""
+    from catdog_cache.cache.lean import PackedPaths
+
+    sharded = tmp_path / "s" / "c.h5"
+    history(sharded)
+    plain = tmp_path / "p" / "c.h5"
+    part(plain, "part-001", [f"{i:03d}.jpg" for i in range(40)], 0)
+    part(plain, "part-002", [f"{i:03d}.jpg" for i in range(40, 70)], 40)
+    finish(plain, PROV, {})
+    for cache in (sharded, plain):
+        with open_cache(cache) as (full, a), open_cache(cache, lean=True) as (lean, b):
+            assert isinstance(b.paths, PackedPaths) and list(b.paths) == a.paths
+            assert b.source.tolist() == a.source.tolist() and b.labels.tolist() == a.labels.tolist()
+            assert b.failed == a.failed and b.shape == a.shape and b.sources == a.sources
+            assert full.seg_start.tolist() == lean.seg_start.tolist()
+            assert full.seg_shard.tolist() == lean.seg_shard.tolist() and full.seg_row.tolist() == lean.seg_row.tolist()
+            np.testing.assert_array_equal(full.read(0, a.shape[0]), lean.read(0, a.shape[0]))
+            assert len(b.sha256) == len(a.sha256) and b.stat.shape == a.stat.shape
+            with pytest.raises(RuntimeError, match="opened lean"):
+                b.sha256[0]
+
+
+def test_packed_paths_read_as_a_list_of_bytes():
+    import bisect
+
+    from catdog_cache.cache.lean import PackedPaths
+
+    names = [b"a.jpg", b"", b"cat/\xff.jpg", b"dog/z.jpg"]
+    p = PackedPaths.concat([PackedPaths.of(names[:2]), PackedPaths.of([]), PackedPaths.of(names[2:])])
+    assert len(p) == 4 and list(p) == names and p[-1] == names[-1] and p[1:3] == names[1:3]
+    assert bisect.bisect_left(p, b"cat/\xff.jpg", 2, 4) == 2 and list(p.take(np.array([3, 0]))) == [names[3], names[0]]
+    with pytest.raises(IndexError):
+        p[4]
+    assert list(PackedPaths.concat([])) == []

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .format import CHUNK_ROWS, SCHEMA_VERSION, Index
+from .lean import release_freed
 from .validate import open_h5, schema_of
 from .view import View, single_file
 
@@ -22,14 +23,19 @@ def read_index(path: str | os.PathLike[str]) -> Index:
 
 
 @contextlib.contextmanager
-def open_cache(path: str | os.PathLike[str]) -> Iterator[tuple[View, Index]]:
+def open_cache(path: str | os.PathLike[str], lean: bool = False) -> Iterator[tuple[View, Index]]:
     """One reader for index and features: a single file stays open; a sharded cache's shards are immutable and
-    checked against the index (an append between two opens cannot misalign labels and features)."""
+    checked against the index (an append between two opens cannot misalign labels and features).
+    lean: what fit needs, in tens of bytes a row (cache/lean.py): every column checked as always, the paths packed
+    into one buffer, the sha256 and stat columns not read (index.sha256 raises if used; stats read as unknown)."""
     from .shards import read_state, state_view
 
     path = Path(path)
     with open_h5(path) as f:
-        view = single_file(f, path) if schema_of(f, path) == SCHEMA_VERSION else state_view(path, read_state(f, path))
+        view = single_file(f, path, lean) if schema_of(f, path) == SCHEMA_VERSION else \
+            state_view(path, read_state(f, path), lean=lean)
+        if lean:
+            release_freed()
         try:
             yield view, view.index
         finally:

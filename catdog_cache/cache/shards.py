@@ -147,9 +147,10 @@ def read_state(f: h5py.File, path: Path) -> State:
                  retired, incomplete, weights_path, classes)
 
 
-def state_view(cache: Path, state: State, check_prov: bool = True) -> View:
+def state_view(cache: Path, state: State, check_prov: bool = True, lean: bool = False) -> View:
     """Open and validate every shard the state lists (sizes and row counts as recorded, same provenance and shape)
-    and merge them. check_prov False: a writer's check (each shard against this run, naming both)."""
+    and merge them. check_prov False: a writer's check (each shard against this run, naming both). lean: what fit
+    reads (validate._index)."""
     folder = shards_folder(cache) if state.names else None
     if state.names and folder is None:
         raise CacheError(f"{shards_dir(cache)} is missing: {cache} lists {len(state.names)} shards there; restore "
@@ -167,14 +168,14 @@ def state_view(cache: Path, state: State, check_prov: bool = True) -> View:
         if size is not None and st.st_size != size:
             raise CacheError(f"shard {p} has {st.st_size} bytes, the index recorded {size}: it was replaced or "
                              "truncated; restore it or extract again into a new cache")
-        idx = shard_index(p)
+        idx = shard_index(p, st, lean)
         if rows is not None and idx.shape[0] != rows:
             raise CacheError(f"shard {p} holds {idx.shape[0]} rows, the index recorded {rows}: refusing it")
         shards.append((p, idx))
         sizes.append(st.st_size)
     view = merge(shards, state.sources, state.tombstones, state.prov, state.feature_shape,
                  state.weights_path or next((i.weights_path for _, i in shards if i.weights_path), ""),
-                 state.incomplete, cache, check_prov, state.classes if check_prov else None)
+                 state.incomplete, cache, check_prov, state.classes if check_prov else None, lean)
     view.shard_bytes = sizes
     return view
 

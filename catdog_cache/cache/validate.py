@@ -6,6 +6,7 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import h5py
 import numpy as np
@@ -13,6 +14,7 @@ import numpy as np
 from ..errors import CacheBusy, CacheError
 from ..files import printable
 from .format import CHUNK_ROWS, INDEX_SCHEMA, SCHEMA_VERSION, Index, Provenance, Refresh
+from .lean import PackedPaths, Unread, scan_view, unknown_stat_view
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MAX_VIEWS, MAX_DIM = 16, 1 << 20  # sanity bounds on a cache's declared shape
@@ -66,23 +68,28 @@ def open_h5(path: Path, mode: str = "r") -> Iterator[h5py.File]:
         f.close()
 
 
-def _dataset(f: h5py.Group, name: str, path: Path) -> h5py.Dataset:
+def _open_ds(g: h5py.h5g.GroupID, name: str, path: Path) -> tuple[h5py.h5d.DatasetID, h5py.h5p.PropDCID]:
     """A dataset stored in this file: no links elsewhere, no external raw storage, no virtual mapping, no filters.
     Otherwise a crafted cache could make extract copy any readable file (or a bomb) into the next cache.
-    One link lookup and one creation property list per dataset: opening a cache of thousands of shards does this
-    for every column of every shard."""
+    Low-level calls only (a link lookup, an open, one creation property list): opening a cache of thousands of
+    shards does this for every column of every shard, and h5py's Dataset wrapper costs as much again."""
     bname = name.encode()
-    if not f.id.links.exists(bname):
+    if not g.links.exists(bname):
         raise CacheError(f"{path} is damaged (no {name!r}): delete it and extract again")
-    if f.id.links.get_info(bname).type != h5py.h5l.TYPE_HARD:
+    if g.links.get_info(bname).type != h5py.h5l.TYPE_HARD:
         raise CacheError(f"{path}: {name!r} is a link to another object or file; refusing a crafted cache")
-    oid = h5py.h5o.open(f.id, bname)
+    oid = h5py.h5o.open(g, bname)
     if not isinstance(oid, h5py.h5d.DatasetID):
         raise CacheError(f"{path} is damaged ({name!r} is not a dataset): delete it and extract again")
     dcpl = oid.get_create_plist()
     if dcpl.get_external_count() or dcpl.get_layout() == h5py.h5d.VIRTUAL or dcpl.get_nfilters():
         raise CacheError(f"{path}: {name!r} uses external, virtual or filtered storage; refusing a crafted cache")
-    return h5py.Dataset(oid)
+    return oid, dcpl
+
+
+def _dataset(f: h5py.Group, name: str, path: Path) -> h5py.Dataset:
+    """_open_ds, as an h5py Dataset (for the index file's few columns)."""
+    return h5py.Dataset(_open_ds(f.id, name, path)[0])
 
 
 def schema_of(f: h5py.File, path: Path) -> int:
@@ -117,81 +124,114 @@ COLUMNS: dict[str, np.dtype | type] = {"source": np.dtype("u2"), "labels": np.dt
 MAX_CHUNK_BYTES = 64 << 20  # a features chunk larger than this is not one our writer makes for any sane width
 
 
-def _rows(f: h5py.Group, name: str, path: Path, n: int | None) -> h5py.Dataset:
+def _column(g: h5py.h5g.GroupID, name: str, path: Path, n: int | None) -> h5py.h5d.DatasetID:
     """A 1-D per-row column of its exact type whose length matches the others, stored as our writer stores it:
     contiguous (a chunked column could hold one chunk per row, each a B-tree lookup)."""
-    ds = _dataset(f, name, path)
+    oid, dcpl = _open_ds(g, name, path)
     want = COLUMNS[name]
-    vlen = h5py.check_vlen_dtype(ds.dtype)
-    if ds.ndim != 1 or (vlen is not want if isinstance(want, type) else vlen is not None or ds.dtype != want):
-        raise CacheError(f"{path} is damaged ({name!r} has shape {ds.shape}, dtype {ds.dtype}"
+    dtype, shape = oid.dtype, oid.shape
+    vlen = h5py.check_vlen_dtype(dtype)
+    if len(shape) != 1 or (vlen is not want if isinstance(want, type) else vlen is not None or dtype != want):
+        raise CacheError(f"{path} is damaged ({name!r} has shape {shape}, dtype {dtype}"
                          f"{f' of {vlen}' if vlen is not None else ''}; expected {getattr(want, '__name__', want)})"
                          ": extract again")
-    if n is not None and ds.shape[0] != n:
-        raise CacheError(f"{path} is damaged ({name!r} has {ds.shape[0]} rows, features {n}): extract again")
-    if ds.chunks is not None:
-        raise CacheError(f"{path}: {name!r} is chunked (chunks {ds.chunks}); catdog-cache never writes it so: "
-                         "refusing a crafted cache")
-    return ds
+    if n is not None and shape[0] != n:
+        raise CacheError(f"{path} is damaged ({name!r} has {shape[0]} rows, features {n}): extract again")
+    if dcpl.get_layout() == h5py.h5d.CHUNKED:
+        raise CacheError(f"{path}: {name!r} is chunked (chunks {dcpl.get_chunk()}); catdog-cache never writes it "
+                         "so: refusing a crafted cache")
+    return oid
 
 
-def _stats(f: h5py.Group, path: Path, n: int) -> np.ndarray | None:
-    """A group's optional `stat` column: [n, 4] int64, contiguous, as parts._write stores it; None when absent (a
-    cache written before stats: its files are hashed)."""
-    if "stat" not in f:
+def _rows(f: h5py.Group, name: str, path: Path, n: int | None) -> h5py.Dataset:
+    """_column, as an h5py Dataset (the index file's columns)."""
+    return h5py.Dataset(_column(f.id, name, path, n))
+
+
+def _read(oid: h5py.h5d.DatasetID) -> np.ndarray:
+    """A whole (validated) dataset into a fresh array: one low-level read, none of h5py's selection machinery."""
+    out = np.empty(oid.shape, oid.dtype)
+    if out.size:
+        oid.read(h5py.h5s.ALL, h5py.h5s.ALL, out)
+    return out
+
+
+def _group(g: h5py.h5g.GroupID, name: str) -> h5py.h5g.GroupID | None:
+    """A sub-group stored here (a hard link to a group), None when absent; a link or a non-group is refused."""
+    bname = name.encode()
+    if not g.links.exists(bname):
         return None
-    ds = _dataset(f, "stat", path)
-    if n * 32 > path.stat().st_size:  # stored contiguous and unfiltered: it must be in the file
-        raise CacheError(f"{path} declares {n} stat rows that its {path.stat().st_size}-byte file cannot hold: "
-                         "refusing it")
-    if ds.shape != (n, 4) or ds.dtype != np.dtype(np.int64) or ds.chunks is not None:
-        raise CacheError(f"{path} is damaged ({f.name.rstrip('/')}/stat has shape {ds.shape}, dtype {ds.dtype}"
-                         f"{', chunked' if ds.chunks is not None else ''}; expected [{n}, 4] int64, contiguous): "
-                         "extract again")
-    return ds[...]
+    if g.links.get_info(bname).type != h5py.h5l.TYPE_HARD:
+        raise ValueError(f"{name!r} is a link")
+    oid = h5py.h5o.open(g, bname)
+    if not isinstance(oid, h5py.h5g.GroupID):
+        raise ValueError(f"{name!r} is not a group")
+    return oid
 
 
-def _refresh(f: h5py.File, path: Path, size: int) -> Refresh:
+def _stats(g: h5py.h5g.GroupID, path: Path, n: int, size: int, where: str, read: bool = True) -> np.ndarray | None:
+    """A group's optional `stat` column: [n, 4] int64, contiguous, as parts._write stores it; None when absent (a
+    cache written before stats: its files are hashed). `where`: the group's name for messages ('' for the root).
+    read False: checked, not read (a lean open): all unknown, without memory."""
+    if not g.links.exists(b"stat"):
+        return None
+    oid, dcpl = _open_ds(g, "stat", path)
+    if n * 32 > size:  # stored contiguous and unfiltered: it must be in the file
+        raise CacheError(f"{path} declares {n} stat rows that its {size}-byte file cannot hold: refusing it")
+    chunked = dcpl.get_layout() == h5py.h5d.CHUNKED
+    if oid.shape != (n, 4) or oid.dtype != np.dtype(np.int64) or chunked:
+        raise CacheError(f"{path} is damaged ({where}/stat has shape {oid.shape}, dtype {oid.dtype}"
+                         f"{', chunked' if chunked else ''}; expected [{n}, 4] int64, contiguous): extract again")
+    return _read(oid) if read else unknown_stat_view(n)
+
+
+def _refresh(f: h5py.File, path: Path, size: int, fh: BinaryIO) -> Refresh:
     """The optional refresh group of a part (see format.Refresh), checked like the failures."""
-    if "refresh" not in f:
+    try:
+        g = _group(f.id, "refresh")
+    except ValueError:
+        raise CacheError(f"{path}: 'refresh' is a link or not a group; refusing a crafted cache") from None
+    if g is None:
         return Refresh.empty()
-    if not isinstance(f.get("refresh", getlink=True), h5py.HardLink) or not isinstance(f["refresh"], h5py.Group):
-        raise CacheError(f"{path}: 'refresh' is a link or not a group; refusing a crafted cache")
-    g = f["refresh"]
-    k = _rows(g, "paths", path, None).shape[0]
+    k = _column(g, "paths", path, None).shape[0]
     if k * 40 > size:  # each record stores at least its stat and heap id
         raise CacheError(f"{path} declares {k} refresh records that a {size}-byte file cannot hold: refusing it")
-    cols = {name: _rows(g, name, path, k) for name in ("source", "paths", "sha256")}
-    _vlen_bytes(cols["paths"], path, size)
-    stat = _stats(g, path, k)
+    cols = {name: _column(g, name, path, k) for name in ("source", "paths", "sha256")}
+    _vlen_total(cols["paths"], "/refresh/paths", path, size, fh)
+    stat = _stats(g, path, k, size, "/refresh")
     if stat is None:
         raise CacheError(f"{path} is damaged (refresh records without their stat): extract again")
-    return Refresh(cols["source"][:].astype(np.int64), [bytes(p) for p in cols["paths"][:]],
-                   [s.decode() for s in cols["sha256"][:]], stat)
+    return Refresh(_read(cols["source"]).astype(np.int64), _read(cols["paths"]).tolist(),
+                   [s.decode() for s in _read(cols["sha256"])], stat)
+
+
+def _vlen_total(oid: h5py.h5d.DatasetID, name: str, path: Path, size: int, fh: BinaryIO) -> int:
+    """What a variable-length column expands to, read from the lengths stored in its elements before reading them:
+    every row of a crafted file could point at the same large heap object (a 1 MB file, a terabyte read). On disk
+    each element is a 4-byte length and a global heap id (an address and a 4-byte index). `fh`: the file, open."""
+    n = oid.shape[0]
+    if n == 0:
+        return 0
+    offset = oid.get_offset()
+    fcpl = h5py.h5i.get_file_id(oid).get_create_plist()
+    item = 4 + fcpl.get_sizes()[0] + 4
+    if oid.get_create_plist().get_layout() != h5py.h5d.CONTIGUOUS or offset is None or fcpl.get_userblock() or \
+            offset + n * item > size:
+        raise CacheError(f"{path}: {name!r} is not stored as catdog-cache stores it; refusing a crafted cache")
+    fh.seek(offset)
+    raw = fh.read(n * item)
+    if len(raw) != n * item:
+        raise CacheError(f"{path} is truncated ({name!r}): delete it and extract again")
+    total = int(np.frombuffer(raw, np.dtype([("len", "<u4"), ("heap", f"V{item - 4}")]))["len"].sum(dtype=np.int64))
+    if total > size:
+        raise CacheError(f"{path}: {name!r} declares {total} bytes that a {size}-byte file cannot hold: refusing it")
+    return total
 
 
 def _vlen_bytes(ds: h5py.Dataset, path: Path, size: int) -> int:
-    """What a variable-length column expands to, read from the lengths stored in its elements before reading them:
-    every row of a crafted file could point at the same large heap object (a 1 MB file, a terabyte read). On disk
-    each element is a 4-byte length and a global heap id (an address and a 4-byte index)."""
-    n = ds.shape[0]
-    if n == 0:
-        return 0
-    offset = ds.id.get_offset()
-    fcpl = ds.file.id.get_create_plist()
-    item = 4 + fcpl.get_sizes()[0] + 4
-    if ds.id.get_create_plist().get_layout() != h5py.h5d.CONTIGUOUS or offset is None or fcpl.get_userblock() or \
-            offset + n * item > size:
-        raise CacheError(f"{path}: {ds.name!r} is not stored as catdog-cache stores it; refusing a crafted cache")
+    """_vlen_total of an h5py Dataset (the index file's columns)."""
     with open(path, "rb") as fh:
-        fh.seek(offset)
-        raw = fh.read(n * item)
-    if len(raw) != n * item:
-        raise CacheError(f"{path} is truncated ({ds.name!r}): delete it and extract again")
-    total = int(np.frombuffer(raw, np.dtype([("len", "<u4"), ("heap", f"V{item - 4}")]))["len"].sum(dtype=np.int64))
-    if total > size:
-        raise CacheError(f"{path}: {ds.name!r} declares {total} bytes that a {size}-byte file cannot hold: refusing it")
-    return total
+        return _vlen_total(ds.id, ds.name, path, size, fh)
 
 
 def _attr(f: h5py.File | h5py.AttributeManager, name: str) -> object:
@@ -205,38 +245,53 @@ def _attr(f: h5py.File | h5py.AttributeManager, name: str) -> object:
     return attrs[name]
 
 
-def _check_chunks(feats: h5py.Dataset, path: Path) -> None:
+def _check_chunks(shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...] | None, path: Path) -> None:
     """Whole-row chunks of a sane size, as our writer makes them ((min(64, N), V, D); contiguous when empty).
     A crafted 1x1x1 chunking makes every read millions of B-tree lookups (fit: 30 s and 4.7 GB for a 63 MB file).
     Contiguous storage is one read, harmless at any size."""
-    if feats.chunks is None:
+    if chunks is None:
         return
-    n, v, d = feats.shape
-    r = feats.chunks[0]
-    row_bytes = v * d * feats.dtype.itemsize
+    n, v, d = shape
+    r = chunks[0]
+    row_bytes = v * d * dtype.itemsize
     most = max(CHUNK_ROWS, MAX_CHUNK_BYTES // row_bytes)
-    if tuple(feats.chunks[1:]) != (v, d) or not min(n, CHUNK_ROWS) <= r <= most:
-        raise CacheError(f"{path}: features are stored in chunks of {feats.chunks}; catdog-cache writes whole rows, "
+    if tuple(chunks[1:]) != (v, d) or not min(n, CHUNK_ROWS) <= r <= most:
+        raise CacheError(f"{path}: features are stored in chunks of {chunks}; catdog-cache writes whole rows, "
                          f"{CHUNK_ROWS} at a time ({(min(n, CHUNK_ROWS), v, d)}): refusing a crafted cache")
 
 
-def _index(f: h5py.File, path: Path) -> Index:
+_PROVENANCE: dict[str, Provenance] = {}  # recorded text -> parsed: thousands of shards record the same one
+
+
+def _provenance(text: object, path: Path) -> Provenance:
+    prov = _PROVENANCE.get(text) if isinstance(text, str) else None
+    if prov is None:
+        prov = Provenance.from_json(text, str(path))
+        if isinstance(text, str) and len(_PROVENANCE) < 64:
+            _PROVENANCE[text] = prov
+    return prov
+
+
+def _index(f: h5py.File, path: Path, size: int | None = None, lean: bool = False) -> Index:
     """Read and validate everything but the features. Every length, dtype, range and attribute comes from a file
-    that may be crafted: check it before allocating or indexing anything with it."""
+    that may be crafted: check it before allocating or indexing anything with it. `size`: the file's size when
+    the caller has just stat'ed it. Low-level h5py throughout: a 10M-row cache has ~10,000 shards to open.
+    lean: what fit needs (lean.py): the paths packed, the sha256 and stat columns checked but not read."""
     _check_schema(f, path)
-    feats = _dataset(f, "features", path)
-    size = path.stat().st_size
-    if feats.ndim != 3 or feats.dtype not in (np.float32, np.float16) or not 1 <= feats.shape[1] <= MAX_VIEWS \
-            or not 1 <= feats.shape[2] <= MAX_DIM:
-        raise CacheError(f"{path}: features have shape {feats.shape} and dtype {feats.dtype}; expected "
+    feats, dcpl = _open_ds(f.id, "features", path)
+    size = path.stat().st_size if size is None else size
+    shape, dtype = feats.shape, feats.dtype
+    if len(shape) != 3 or dtype not in (np.float32, np.float16) or not 1 <= shape[1] <= MAX_VIEWS \
+            or not 1 <= shape[2] <= MAX_DIM:
+        raise CacheError(f"{path}: features have shape {shape} and dtype {dtype}; expected "
                          "[rows, views, dim] float32 or float16. Extract again")
-    n = feats.shape[0]
-    if n * feats.shape[1] * feats.shape[2] * feats.dtype.itemsize > size:  # no filters: data must be in the file
+    n = shape[0]
+    if n * shape[1] * shape[2] * dtype.itemsize > size:  # no filters: data must be in the file
         raise CacheError(f"{path} declares {n} rows of features that a {size}-byte file cannot hold: refusing it")
-    _check_chunks(feats, path)
+    _check_chunks(shape, dtype, dcpl.get_chunk() if dcpl.get_layout() == h5py.h5d.CHUNKED else None, path)
     try:
         attrs = f.attrs  # one AttributeManager for every attribute read below
-        prov = Provenance.from_json(_attr(attrs, "provenance"), str(path))
+        prov = _provenance(_attr(attrs, "provenance"), path)
         sources = json.loads(_attr(attrs, "sources"))
         if not isinstance(sources, list) or not all(isinstance(x, str) for x in sources):
             raise ValueError("sources is not a list of folders")
@@ -244,37 +299,42 @@ def _index(f: h5py.File, path: Path) -> Index:
         if not isinstance(incomplete, list) or not all(isinstance(x, str) and x in sources for x in incomplete):
             raise ValueError("incomplete is not a list of its source folders")
         classes = parse_classes(_attr(attrs, "class_map"))
-        if "failures" not in f or not isinstance(f.get("failures", getlink=True), h5py.HardLink):
+        fail = _group(f.id, "failures")
+        if fail is None:
             raise ValueError("no failures group")
-        fail = f["failures"]
-        fn = _rows(fail, "paths", path, None).shape[0]
+        fn = _column(fail, "paths", path, None).shape[0]
         if fn > size:
             raise ValueError(f"{fn} failures declared")
-        columns = {name: _rows(f, name, path, n) for name in ("source", "labels", "paths", "sha256")}
-        failures = {name: _rows(fail, name, path, fn) for name in ("source", "paths", "sha256", "reasons")}
-        for ds in (columns["paths"], failures["paths"], failures["reasons"]):
-            _vlen_bytes(ds, path, size)  # before reading: their total is bounded by the file
-        stat, failed_stat = _stats(f, path, n), _stats(fail, path, fn)
-        refresh = _refresh(f, path, size)
-        scan_ns = _attr(f, "scan_ns") if "scan_ns" in f.attrs else 0
+        columns = {name: _column(f.id, name, path, n) for name in ("source", "labels", "paths", "sha256")}
+        failures = {name: _column(fail, name, path, fn) for name in ("source", "paths", "sha256", "reasons")}
+        with open(path, "rb") as fh:  # before reading them: their totals are bounded by the file
+            for name, oid in (("/paths", columns["paths"]), ("/failures/paths", failures["paths"]),
+                              ("/failures/reasons", failures["reasons"])):
+                _vlen_total(oid, name, path, size, fh)
+            refresh = _refresh(f, path, size, fh)
+        stat, failed_stat = _stats(f.id, path, n, size, "", not lean), _stats(fail, path, fn, size, "/failures")
+        if lean and stat is None:
+            stat = unknown_stat_view(n)
+        scan_ns = _attr(attrs, "scan_ns") if "scan_ns" in attrs else 0
         if not isinstance(scan_ns, int | np.integer) or isinstance(scan_ns, bool):
             raise ValueError(f"scan_ns is a {type(scan_ns).__name__}, not a time")
-        source = columns["source"][:].astype(np.int64)
-        labels = columns["labels"][:].astype(np.int8)
+        source = _read(columns["source"])  # [n] uint16 as stored; int64 for every caller but a lean one
+        source = source if lean else source.astype(np.int64)
+        labels = _read(columns["labels"])
         index = Index(
             provenance=prov,
             sources=sources,
             source=source,
-            paths=columns["paths"][:].tolist(),  # _rows checked the type: vlen bytes, read as bytes objects
+            paths=PackedPaths.of(_read(columns["paths"]).tolist()) if lean else _read(columns["paths"]).tolist(),
             labels=labels,
-            sha256=[s.decode() for s in columns["sha256"][:]],
-            failed=list(zip(failures["source"][:].astype(np.int64).tolist(),
-                            [bytes(p) for p in failures["paths"][:]],
-                            [s.decode() for s in failures["sha256"][:]],
-                            [r.decode() if isinstance(r, bytes) else str(r) for r in failures["reasons"][:]],
+            sha256=Unread("sha256", n) if lean else [s.decode() for s in _read(columns["sha256"])],
+            failed=list(zip(_read(failures["source"]).astype(np.int64).tolist(),
+                            _read(failures["paths"]).tolist(),
+                            [s.decode() for s in _read(failures["sha256"])],
+                            [r.decode() if isinstance(r, bytes) else str(r) for r in _read(failures["reasons"])],
                             strict=True)),
-            shape=tuple(feats.shape),
-            dtype=str(feats.dtype),
+            shape=tuple(shape),
+            dtype=str(dtype),
             weights_path=str(_attr(attrs, "weights_path")) if "weights_path" in attrs else "",
             incomplete=incomplete,
             classes=classes,
@@ -282,6 +342,7 @@ def _index(f: h5py.File, path: Path) -> Index:
             failed_stat=failed_stat,
             scan_ns=int(scan_ns),
             refresh=refresh,
+            stat_scan=scan_view(n, int(scan_ns)) if lean else None,
         )
     except CacheError:
         raise

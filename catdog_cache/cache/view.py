@@ -17,6 +17,7 @@ import operator
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,9 @@ import numpy as np
 
 from ..errors import CacheError
 from ..files import printable
+from .direct import Direct
 from .format import CHUNK_ROWS, Index, Provenance, merge_classes, require_same
+from .lean import PackedPaths, Unread, scan_view, unknown_stat_view
 from .validate import _index, open_h5
 
 MAX_OPEN = 64  # shard files held open at once by one reader
@@ -55,6 +58,7 @@ class View:
     _owned: dict[int, h5py.File] = field(default_factory=dict)  # handles given by the caller: never closed here
     _scratch: dict[str, np.ndarray] = field(default_factory=dict)  # stored dtype -> a reused read buffer
     _feats: dict[int, h5py.Dataset] = field(default_factory=dict)  # open shard -> its features (one lookup per open)
+    _direct: Direct | None = None  # pread past HDF5 (direct.py), made on the first read
 
     @property
     def rows(self) -> int:
@@ -67,6 +71,8 @@ class View:
         s = max(int(np.searchsorted(self.seg_start, lo, side="right")) - 1, 0)
         while lo < hi and s < len(self.seg_shard):
             start, end = int(self.seg_start[s]), int(self.seg_start[s + 1])
+            if start >= hi:  # past the rows asked for: a chunk read must not walk every later run
+                break
             a, b = max(lo, start), min(hi, end)
             if a < b:
                 out.append((int(self.seg_shard[s]), int(self.seg_row[s]) + a - start, a, b - a))
@@ -97,6 +103,14 @@ class View:
             self._open.move_to_end(i)
         return f
 
+    def prefetch(self, lo: int, hi: int) -> None:
+        """Logical rows [lo, hi) will be read soon: their reads start now, in the background (direct.Direct.advise)."""
+        if self._direct is None:
+            self._direct = Direct(self.shards, self.shard_bytes)
+        if self.index.shape[1] == 1:
+            for i, r0, _, length in self.runs(lo, hi):
+                self._direct.advise(i, self.shard_rows[i], r0, length)
+
     def read(self, lo: int, hi: int, view: int | None = 0, dtype: np.dtype | str | None = np.float32,
              out: np.ndarray | None = None) -> np.ndarray:
         """Logical rows [lo, hi): [n, D] for one view, [n, V, D] for view=None; float32 unless dtype says.
@@ -107,13 +121,17 @@ class View:
         _, v, d = self.index.shape
         if out is None:
             out = np.empty((n, d) if view is not None else (n, v, d), dtype=dtype or self.index.dtype)
+        if self._direct is None:
+            self._direct = Direct(self.shards, self.shard_bytes)
         for i, r0, start, length in self.runs(lo, hi):
+            o = out[start - lo : start - lo + length]
+            if view is not None and v == 1 and self._direct.read(i, self.shard_rows[i], r0, o, self._scratch):
+                continue
             ds = self._feats.get(i) if i in self._open or i in self._owned else None
             if ds is None:
                 ds = self._feats[i] = self.handle(i)["features"]
             else:
                 self.handle(i)  # most recently used
-            o = out[start - lo : start - lo + length]
             if view is None:
                 o[...] = ds[r0 : r0 + length]
             elif v == 1 and ds.dtype == o.dtype:  # straight into the output: no temporary (the common case)
@@ -129,6 +147,8 @@ class View:
         return out
 
     def close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
         for f in self._open.values():
             f.close()
         self._open.clear()
@@ -144,23 +164,27 @@ def _keys(paths: list[bytes]) -> np.ndarray:
     return np.array(paths, dtype=bytes) if paths else np.zeros(0, "S1")  # [n] fixed-width: numpy compares bytes
 
 
-def _increasing(src: np.ndarray, paths: list[bytes]) -> bool:
+def _increasing(src: np.ndarray, paths: Sequence[bytes]) -> bool:
     """Keys (src[i], paths[i]) strictly increasing: numpy on the folders, one C-level pass over the paths (no
-    fixed-width copy of them: N x the longest path would be gigabytes at 10M rows with one long name)."""
+    fixed-width copy of them: N x the longest path would be gigabytes at 10M rows with one long name). Two
+    iterators, no slices: a lean index's packed paths are never all made into objects at once."""
     if len(paths) < 2:
         return True
-    ds = np.diff(src)  # [n-1]
-    lt = np.fromiter(map(operator.lt, paths[:-1], paths[1:]), bool, len(paths) - 1)  # [n-1] path[i] < path[i+1]
-    return bool(((ds > 0) | ((ds == 0) & lt)).all())
+    nxt = iter(paths)
+    next(nxt)
+    lt = np.fromiter(map(operator.lt, iter(paths), nxt), bool, len(paths) - 1)  # [n-1] path[i] < path[i+1]
+    # compared, not differenced: a lean index's folders are uint16, whose differences wrap around
+    return bool(((src[1:] > src[:-1]) | ((src[1:] == src[:-1]) & lt)).all())
 
 
 def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list[Tombstone], prov: Provenance,
           feature_shape: tuple[int, int], weights_path: str, incomplete: list[str], where: Path,
-          check_prov: bool = True, classes: list[str] | None = None) -> View:
+          check_prov: bool = True, classes: list[str] | None = None, lean: bool = False) -> View:
     """Shards (validated, in order) -> the View. `sources` is the cache's folder list; a shard folder it lacks is a
     crafted or damaged index (check_prov False: a writer adding shards extends it in order, as assemble did).
     Each shard keeps its own class_map; the cache's classes are merged as assemble merges them (labeled shards must
-    agree). `classes`: what the index recorded, which must be that merge (a crafted class_map would relabel rows)."""
+    agree). `classes`: what the index recorded, which must be that merge (a crafted class_map would relabel rows).
+    lean: the shards were read lean (validate._index): the result is too (paths packed, sha256 and stat unread)."""
     sources = list(sources)
     if not check_prov:  # a writer adopting shards: new folders join in natural order, not in the order their parts
         # were named (loader workers and torchrun ranks finish tar shards in any order; rows must not depend on it)
@@ -186,8 +210,8 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
                     raise CacheError(f"{path} holds rows of folder {printable(s)!r} that {where} does not list: "
                                      "refusing a crafted cache")
                 sources.append(s)
-        pos = np.array([sources.index(s) for s in idx.sources], np.int64)
-        src_parts.append(pos[idx.source] if len(idx.source) else np.zeros(0, np.int64))
+        pos = np.array([sources.index(s) for s in idx.sources], np.uint16 if lean else np.int64)
+        src_parts.append(pos[idx.source] if len(idx.source) else np.zeros(0, pos.dtype))
         lab_parts.append(idx.labels)
         sha_parts.append(idx.sha256)
         path_parts.append(idx.paths)
@@ -198,14 +222,18 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
         raise CacheError(f"{where} would hold {len(sources)} source folders; the schema allows 65,535")
     n_all = sum(rows_of)
     src = np.concatenate(src_parts) if src_parts else np.zeros(0, np.int64)  # [n_all]
-    key = [p for part in path_parts for p in part]  # [n_all] the paths, concatenated (references, no copy)
-    shard_of = np.repeat(np.arange(len(shards)), rows_of)  # [n_all]
-    row_of = np.concatenate([np.arange(n) for n in rows_of]) if rows_of else np.zeros(0, np.int64)
+    # [n_all] the paths, concatenated: references, no copy (lean: one buffer, see lean.PackedPaths)
+    key = PackedPaths.concat(path_parts) if lean else [p for part in path_parts for p in part]
+    first = np.concatenate([[0], np.cumsum(rows_of)]).astype(np.int64)  # [S+1] where each shard's rows start
+
+    def shard_at(pos: np.ndarray) -> np.ndarray:
+        """Shard of each position in the concatenated rows (no [n_all] table of them: 80 MB at 10M rows)."""
+        return np.searchsorted(first, pos, side="right") - 1
+
     # common case: keys already strictly increasing by (source, path) across the shards: no sort at all
     ident = _increasing(src, key)
-    if ident:
-        order = np.arange(n_all)
-    else:  # per folder, a stable sort (earlier shard first among equal keys), then the last of each key wins
+    order = None  # positions in the concatenated shards, sorted by key; None: the identity
+    if not ident:  # per folder, a stable sort (earlier shard first among equal keys), then the last of each key wins
         order_parts = []
         for s in np.unique(src).tolist():
             sel = np.flatnonzero(src == s).tolist()
@@ -213,8 +241,8 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
             last = [a for a, b in zip(o, o[1:], strict=False) if key[a] != key[b]] + o[-1:]
             order_parts.append(np.array(last, np.int64))
         order = np.concatenate(order_parts) if order_parts else np.zeros(0, np.int64)
-    s_sorted = src[order]
-    k_sorted = [key[i] for i in order.tolist()] if not ident else key  # sorted paths within each folder
+    s_sorted = src if order is None else src[order]
+    k_sorted = key if order is None else [key[i] for i in order.tolist()]  # sorted paths within each folder
 
     def find(s: int, p: bytes) -> int:
         """Position in `order` of key (s, p), or -1."""
@@ -222,7 +250,10 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
         j = bisect.bisect_left(k_sorted, p, lo, hi)
         return j if j < hi and k_sorted[j] == p else -1
 
-    keep = np.ones(len(order), bool)
+    def shard_of(j: int) -> int:
+        return int(shard_at(np.array([j if order is None else order[j]]))[0])
+
+    drop: list[int] = []  # positions in `order` of rows a failure or a deletion record removes
     failed: dict[tuple[str, bytes], tuple[int, str, str]] = {}  # key -> (shard, sha, reason); later wins
     failed_stat: dict[tuple[str, bytes], tuple[np.ndarray, int]] = {}  # key -> (stat [4], its scan time)
     for i, (_, idx) in enumerate(shards):
@@ -233,42 +264,63 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
     for k, (i, _, _) in list(failed.items()):
         j = find(sources.index(k[0]), k[1])
         if j >= 0:
-            if shard_of[order[j]] > i:  # a later row: the file was fixed
+            if shard_of(j) > i:  # a later row: the file was fixed
                 del failed[k]
             else:  # a failure at or after the row's shard replaces it
-                keep[j] = False
+                drop.append(j)
     for t in tombstones:
         if t.source not in sources:
             continue
         j = find(sources.index(t.source), t.path)
-        if j >= 0 and shard_of[order[j]] < t.before:
-            keep[j] = False
+        if j >= 0 and shard_of(j) < t.before:
+            drop.append(j)
         if (t.source, t.path) in failed and failed[(t.source, t.path)][0] < t.before:
             del failed[(t.source, t.path)]
-    final = order[keep]  # [N] positions in the concatenated shards, logical order
-    whole = ident and len(final) == n_all  # every row in shard order: the concatenated lists as they are
-    sha = [h for part in sha_parts for h in part]  # [n_all]
-    paths_final = key if whole else [key[i] for i in final.tolist()]  # [N]
-    sha_final = sha if whole else [sha[i] for i in final.tolist()]  # [N]
-    fs, fr = shard_of[final], row_of[final]
-    stat = np.concatenate(stat_parts)[final] if stat_parts else np.zeros((0, 4), np.int64)  # [N, 4]
-    scan = np.concatenate(scan_parts)[final] if scan_parts else np.zeros(0, np.int64)  # [N]
-    if any(len(idx.refresh) for _, idx in shards):  # fixed-width keys only for a rerun's refresh records
-        _refresh(shards, sources, src[final], _keys(paths_final), fs.copy(), np.array(sha_final, dtype=object),
-                 stat, scan, failed, failed_stat)
-    brk = np.ones(len(final), bool)
-    brk[1:] = (fs[1:] != fs[:-1]) | (fr[1:] != fr[:-1] + 1)
-    starts = np.flatnonzero(brk)
+    whole = order is None and not drop  # every row in shard order: the concatenated columns as they are
+    if whole:
+        final = None
+        n = n_all
+        nonempty = np.flatnonzero(np.asarray(rows_of, np.int64) > 0)  # one run per shard holding rows
+        seg_start, seg_shard, seg_row = first[nonempty], nonempty, np.zeros(len(nonempty), np.int64)
+    else:
+        keep = np.ones(n_all if order is None else len(order), bool)
+        keep[drop] = False
+        final = np.flatnonzero(keep) if order is None else order[keep]  # [N] positions, logical order
+        n = len(final)
+        fs = shard_at(final)
+        fr = final - first[fs]
+        brk = np.ones(n, bool)
+        brk[1:] = (fs[1:] != fs[:-1]) | (fr[1:] != fr[:-1] + 1)
+        starts = np.flatnonzero(brk)
+        seg_start, seg_shard, seg_row = starts, fs[starts], fr[starts]
+
+    def pick(a: np.ndarray) -> np.ndarray:
+        return a if final is None else a[final]
+
+    if lean:  # not read (lean.Unread): fit needs neither, and no refresh record can change which rows live
+        paths_final = key if final is None else key.take(final)
+        sha_final = Unread("sha256", n)
+        stat, scan = unknown_stat_view(n), scan_view(n)
+    else:
+        sha = [h for part in sha_parts for h in part]  # [n_all]
+        paths_final = key if final is None else [key[i] for i in final.tolist()]  # [N]
+        sha_final = sha if final is None else [sha[i] for i in final.tolist()]  # [N]
+        stat = pick(np.concatenate(stat_parts)) if stat_parts else np.zeros((0, 4), np.int64)  # [N, 4]
+        scan = pick(np.concatenate(scan_parts)) if scan_parts else np.zeros(0, np.int64)  # [N]
+        if any(len(idx.refresh) for _, idx in shards):  # fixed-width keys only for a rerun's refresh records
+            origin = shard_at(np.arange(n_all) if final is None else final)  # [N] each row's shard
+            _refresh(shards, sources, pick(src), _keys(paths_final), origin, np.array(sha_final, dtype=object),
+                     stat, scan, failed, failed_stat)
     src_id = {s: j for j, s in enumerate(sources)}
     index = Index(
         provenance=prov,
         sources=sources,
-        source=src[final].astype(np.int64),
+        source=pick(src).astype(np.uint16 if lean else np.int64, copy=False),  # lean: 2 bytes a row, as stored
         paths=paths_final,
-        labels=(np.concatenate(lab_parts)[final] if lab_parts else np.zeros(0, np.int64)).astype(np.int8),
+        labels=pick(np.concatenate(lab_parts) if lab_parts else np.zeros(0, np.int64)).astype(np.int8, copy=False),
         sha256=sha_final,
         failed=[(src_id[k[0]], k[1], sha, reason) for k, (_, sha, reason) in sorted(failed.items())],
-        shape=(len(final), *feature_shape),
+        shape=(n, *feature_shape),
         dtype=prov.dtype,
         weights_path=weights_path,
         incomplete=[s for s in sources if s in incomplete],
@@ -279,8 +331,8 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
         failed_scan=np.array([failed_stat[k][1] for k in sorted(failed)], np.int64),
         scan_ns=int(max((idx.scan_ns for _, idx in shards), default=0)),
     )
-    return View(index, [p for p, _ in shards], rows_of, np.append(starts, len(final)).astype(np.int64), fs[starts],
-                fr[starts])
+    return View(index, [p for p, _ in shards], rows_of, np.append(seg_start, n).astype(np.int64),
+                np.asarray(seg_shard, np.int64), np.asarray(seg_row, np.int64))
 
 
 def _refresh(shards: list[tuple[Path, Index]], sources: list[str], src: np.ndarray, key: np.ndarray,
@@ -313,9 +365,9 @@ def _refresh(shards: list[tuple[Path, Index]], sources: list[str], src: np.ndarr
                     failed_stat[k] = (ref.stat[r], idx.scan_ns)
 
 
-def single_file(f: h5py.File, path: Path) -> View:
+def single_file(f: h5py.File, path: Path, lean: bool = False) -> View:
     """A schema-1 cache (or one shard) read as it is: one run over its own, already open file."""
-    idx = _index(f, path)
+    idx = _index(f, path, lean=lean)
     n = idx.shape[0]
     view = View(idx, [path], [n], np.array([0, n] if n else [0], np.int64), np.zeros(1 if n else 0, np.int64),
                 np.zeros(1 if n else 0, np.int64))
@@ -324,16 +376,18 @@ def single_file(f: h5py.File, path: Path) -> View:
     return view
 
 
-def shard_index(path: Path) -> Index:
-    """One shard file's own index, validated as any cache file (not a link, not a FIFO: lstat before opening)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise CacheError(f"{path} is missing: the cache lists it; restore it or extract again into a new cache") \
-            from None
+def shard_index(path: Path, st: os.stat_result | None = None, lean: bool = False) -> Index:
+    """One shard file's own index, validated as any cache file (not a link, not a FIFO: lstat before opening).
+    `st`: the caller's lstat of it, just taken. lean: see validate._index."""
     import stat
 
+    if st is None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise CacheError(f"{path} is missing: the cache lists it; restore it or extract again into a new cache") \
+                from None
     if not stat.S_ISREG(st.st_mode):
         raise CacheError(f"{path} is not a regular file (a link or something else); refusing it")
     with open_h5(path) as f:
-        return _index(f, path)
+        return _index(f, path, st.st_size, lean)

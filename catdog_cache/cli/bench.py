@@ -37,6 +37,8 @@ def bench_cmd(
     scale_budget: str = typer.Option("256M", "--scale-budget", help="--only scale: fit's --max-memory."),
     scale_dir: Path | None = typer.Option(None, "--scale-dir", show_default="the temp folder",
                                           help="--only scale: where the synthetic caches are written."),
+    scale_keep: bool = typer.Option(False, "--scale-keep", help="--only scale: keep the synthetic caches in "
+                                    "--scale-dir and reuse a finished one of the same size (10M rows: 25.6 GB)."),
     pipeline: int = typer.Option(1000, "--pipeline-images", help="Drawn 500x375 JPEGs for the extract-pipeline "
                                  "rows (with --data: its images instead; 0 skips the rows)."),
     workers: int = typer.Option(-1, "--workers", help="Decode workers for the pipeline rows (-1: extract's default)."),
@@ -93,7 +95,9 @@ def bench_cmd(
         if not scale or min(scale) < 1000:
             raise CatdogError(f"--scale-rows: give row counts of at least 1000, got {scale_rows!r}")
         parse_size(scale_budget)  # a bad size is one line here, not a child's traceback
-        table += benchscale.run(scale, log, scale_budget, folder=scale_dir)
+        if scale_keep and scale_dir is None:
+            raise CatdogError("--scale-keep keeps 25.6 GB per 10M rows: give the folder for them as --scale-dir")
+        table += benchscale.run(scale, log, scale_budget, folder=scale_dir, keep=scale_keep)
     elif only == "tars":
         from .. import benchtars
 

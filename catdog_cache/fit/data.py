@@ -112,6 +112,10 @@ class Streamed:
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         ids, inv = torch.unique(rows // CHUNK_ROWS, return_inverse=True)  # [U] chunks, [B] which of them
         ids_l = ids.tolist()
+        missing = [c for c in ids_l if c not in self._slots]
+        if len(missing) > 1:  # the disk reads them together (a window's first batch misses ~8 chunks)
+            for c in missing:
+                self._view.prefetch(c * CHUNK_ROWS, (c + 1) * CHUNK_ROWS)
         if len(ids_l) <= self.capacity:  # the common case: every chunk of the batch held at once
             slots = torch.tensor([self.slot(c) for c in ids_l], dtype=torch.long)  # [U]
             out = self._out.get(len(rows))
@@ -173,7 +177,7 @@ def load(caches: list[Path], cfg: FitConfig, budget: int, stack: contextlib.Exit
     """One cache: in memory when it fits the budget, else streamed (the handle stays open in `stack`). Several
     caches (an ensemble): the features of the images they share, side by side, in memory. The budget is host
     memory; with a training device, in-memory features are uploaded to it once (on_device), streamed ones per batch."""
-    opened = [stack.enter_context(open_cache(c)) for c in caches]
+    opened = [stack.enter_context(open_cache(c, lean=True)) for c in caches]  # paths packed, no sha256/stat
     f, index = opened[0]
     labeled_rows(index, caches[0])
     if len(caches) == 1:
