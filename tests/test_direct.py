@@ -68,3 +68,50 @@ def test_a_shard_of_another_width_is_refused(tmp_path):
     p = shard(tmp_path / "s.h5", np.ones((64, 1, 16), np.float32))
     with pytest.raises(CacheError, match="changed while reading"):
         Direct([p], [p.stat().st_size]).read(0, 64, 0, np.empty((4, 32), np.float32), {})
+
+
+def test_shard_swapped_after_open_is_refused(tmp_path):
+    """A shard replaced by another HDF5 file of the same size between reads: its rows were read silently (the cached
+    chunk map applied to the new file), and a FIFO in its place must not hang the reader."""
+    import os
+
+    from catdog_cache.cache.direct import identity
+
+    x = np.arange(128 * 16, dtype=np.float32).reshape(128, 1, 16)
+    p = shard(tmp_path / "s.h5", x)
+    size = p.stat().st_size
+    d = Direct([p], [size])
+    out = np.empty((4, 16), np.float32)
+    assert d.read(0, 128, 0, out, {})
+    d.close()  # descriptors dropped (as the LRU drops them), chunk map kept
+    os.replace(shard(tmp_path / "t.h5", -x), p)
+    assert p.stat().st_size == size
+    with pytest.raises(CacheError, match="changed while reading"):
+        d.read(0, 128, 0, out, {})
+    # swapped before the first read: the identity the view validated is what counts
+    with pytest.raises(CacheError, match="changed while reading"):
+        Direct([p], [size], [(0, 0, 0)]).read(0, 128, 0, out, {})
+    ident = identity(p.stat())
+    p.unlink()
+    os.mkfifo(p)
+    with pytest.raises(CacheError, match="changed while reading"):
+        Direct([p], [size], [ident]).read(0, 128, 0, out, {})
+
+
+def test_hdf5_reader_refuses_a_swapped_shard(tmp_path):
+    """View.handle (several views: read through HDF5) reopens a shard by name: a swapped file was read unvalidated."""
+    import os
+
+    from catdog_cache.cache.direct import identity
+    from catdog_cache.cache.view import View
+
+    x = np.ones((10, 2, 8), np.float32)
+    p = shard(tmp_path / "s.h5", x)
+    view = View(None, [p], [10], np.array([0, 10]), np.zeros(1, np.int64), np.zeros(1, np.int64),
+                [p.stat().st_size], [identity(p.stat())])
+    view.index = type("I", (), {"shape": (10, 2, 8), "dtype": np.float32})()
+    np.testing.assert_array_equal(view.read(0, 10, view=1), x[:, 1])
+    view.close()
+    os.replace(shard(tmp_path / "t.h5", -x), p)
+    with pytest.raises(CacheError, match="changed while reading"):
+        view.read(0, 10, view=1)

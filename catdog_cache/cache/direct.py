@@ -36,13 +36,22 @@ class ChunkMap:
     dtype: np.dtype
 
 
-def chunk_map(path: Path, n: int, size: int) -> ChunkMap | None:
+def identity(st: os.stat_result) -> tuple[int, int, int]:
+    """What says a shard is still the file validated at open (shards are written once: a rename or a rewrite in
+    place changes it even where the size is the same)."""
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
+def chunk_map(path: Path, n: int, size: int, fd: int | None = None) -> ChunkMap | None:
     """The map of a shard of `n` rows whose file has `size` bytes, or None where this reader does not apply.
     Every offset comes from a file that may be crafted: each chunk must be whole, unfiltered, inside the file, at a
-    row boundary, and every chunk present exactly once."""
+    row boundary, and every chunk present exactly once. `fd`: the descriptor the rows will be read through; the map
+    must come from that same file (a swap between the two opens would apply one file's offsets to another)."""
     if sys.byteorder != "little" or not hasattr(os, "preadv") or n == 0:
         return None
     with h5py.File(path, "r", rdcc_nbytes=0) as f:
+        if fd is not None and identity(os.fstat(f.id.get_vfd_handle())) != identity(os.fstat(fd)):
+            raise CacheError(f"{path} changed while reading: run again")
         ds = f["features"].id  # validated when the view was built (validate._index)
         dtype = ds.dtype
         _, v, d = ds.shape
@@ -83,8 +92,11 @@ def chunk_map(path: Path, n: int, size: int) -> ChunkMap | None:
 class Direct:
     """One reader's chunk maps and descriptors. read() returns False where the caller must read through HDF5."""
 
-    def __init__(self, shards: list[Path], shard_bytes: list[int]) -> None:
+    def __init__(self, shards: list[Path], shard_bytes: list[int],
+                 shard_ids: list[tuple[int, int, int]] | None = None) -> None:
         self.shards, self.shard_bytes = shards, shard_bytes
+        # identity() of each shard: as validated when the view was built, else as first opened here
+        self._ids: dict[int, tuple[int, int, int]] = dict(enumerate(shard_ids or []))
         self._maps: dict[int, ChunkMap | None] = {}
         self._fds: OrderedDict[int, int] = OrderedDict()
 
@@ -96,12 +108,15 @@ class Direct:
         if len(self._fds) >= MAX_FDS:
             os.close(self._fds.popitem(last=False)[1])
         try:
-            fd = os.open(self.shards[i], os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+            # O_NONBLOCK: a FIFO put in a shard's place opens at once (and is refused below) instead of hanging
+            fd = os.open(self.shards[i], os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+                         | getattr(os, "O_NONBLOCK", 0))
         except OSError:
             raise CacheError(f"{self.shards[i]} vanished or changed while reading (a compact or a new extract?): "
                              "run again") from None
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or (i < len(self.shard_bytes) and st.st_size != self.shard_bytes[i]):
+        if not stat.S_ISREG(st.st_mode) or (i < len(self.shard_bytes) and st.st_size != self.shard_bytes[i]) \
+                or self._ids.setdefault(i, identity(st)) != identity(st):
             os.close(fd)
             raise CacheError(f"{self.shards[i]} changed while reading: run again")
         self._fds[i] = fd
@@ -109,8 +124,9 @@ class Direct:
 
     def map(self, i: int, rows: int) -> ChunkMap | None:
         if i not in self._maps:
-            self._maps[i] = chunk_map(self.shards[i], rows, self.shard_bytes[i]) if i < len(self.shard_bytes) \
-                else None
+            # the descriptor first: the map is then checked to come from the file it reads
+            self._maps[i] = chunk_map(self.shards[i], rows, self.shard_bytes[i], self.fd(i)) \
+                if i < len(self.shard_bytes) else None
         return self._maps[i]
 
     def advise(self, i: int, rows: int, r0: int, n: int) -> None:

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import CacheError
 from ..files import fsync_dir, printable, require_space, temp_beside
+from .direct import identity
 from .format import INDEX_SCHEMA, SCHEMA_VERSION, Index, Provenance
 from .validate import _attr, _index, _rows, _vlen_bytes, open_h5, parse_classes, schema_of
 from .view import Tombstone, View, merge, shard_index
@@ -155,7 +156,7 @@ def state_view(cache: Path, state: State, check_prov: bool = True, lean: bool = 
     if state.names and folder is None:
         raise CacheError(f"{shards_dir(cache)} is missing: {cache} lists {len(state.names)} shards there; restore "
                          "the folder beside it (move a cache with its .shards folder) or extract again")
-    shards, sizes = [], []
+    shards, sizes, ids = [], [], []
     for name, rows, size in zip(state.names, state.rows, state.sizes, strict=True):
         p = folder / name  # type: ignore[operator]
         try:
@@ -173,10 +174,11 @@ def state_view(cache: Path, state: State, check_prov: bool = True, lean: bool = 
             raise CacheError(f"shard {p} holds {idx.shape[0]} rows, the index recorded {rows}: refusing it")
         shards.append((p, idx))
         sizes.append(st.st_size)
+        ids.append(identity(st))
     view = merge(shards, state.sources, state.tombstones, state.prov, state.feature_shape,
                  state.weights_path or next((i.weights_path for _, i in shards if i.weights_path), ""),
                  state.incomplete, cache, check_prov, state.classes if check_prov else None, lean)
-    view.shard_bytes = sizes
+    view.shard_bytes, view.shard_ids = sizes, ids
     return view
 
 

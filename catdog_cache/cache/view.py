@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import CacheError
 from ..files import printable
-from .direct import Direct
+from .direct import Direct, identity
 from .format import CHUNK_ROWS, Index, Provenance, merge_classes, require_same
 from .lean import PackedPaths, Unread, scan_view, unknown_stat_view
 from .validate import _index, open_h5
@@ -54,6 +54,7 @@ class View:
     seg_shard: np.ndarray  # [S] shard of each run
     seg_row: np.ndarray  # [S] first row of the run in its shard
     shard_bytes: list[int] = field(default_factory=list)  # size of each shard file when the view was built
+    shard_ids: list[tuple[int, int, int]] = field(default_factory=list)  # direct.identity() of each, validated
     _open: OrderedDict[int, h5py.File] = field(default_factory=OrderedDict)
     _owned: dict[int, h5py.File] = field(default_factory=dict)  # handles given by the caller: never closed here
     _scratch: dict[str, np.ndarray] = field(default_factory=dict)  # stored dtype -> a reused read buffer
@@ -88,14 +89,19 @@ class View:
                 j, old = self._open.popitem(last=False)
                 self._feats.pop(j, None)
                 old.close()
+            ident = self.shard_ids[i] if i < len(self.shard_ids) else None
             try:
                 # validated when the view was built; shards are immutable. No chunk cache: each chunk is read once
                 # per epoch, whole, into its slot (64 open shards x 1 MiB of cache would be budget spent on nothing)
+                if ident is not None and identity(os.lstat(self.shards[i])) != ident:  # a FIFO would hang the open
+                    raise CacheError(f"{self.shards[i]} changed while reading: run again")
                 f = h5py.File(self.shards[i], "r", rdcc_nbytes=0)
             except OSError:
                 raise CacheError(f"{self.shards[i]} vanished or changed while reading (a compact or a new extract?):"
                                  " run again") from None
-            if f["features"].shape[0] != self.shard_rows[i]:
+            # the file opened must be the one validated (a swap is never followed into its links or storage)
+            if (ident is not None and identity(os.fstat(f.id.get_vfd_handle())) != ident) \
+                    or f["features"].shape[0] != self.shard_rows[i]:
                 f.close()
                 raise CacheError(f"{self.shards[i]} changed while reading: run again")
             self._open[i] = f
@@ -106,7 +112,7 @@ class View:
     def prefetch(self, lo: int, hi: int) -> None:
         """Logical rows [lo, hi) will be read soon: their reads start now, in the background (direct.Direct.advise)."""
         if self._direct is None:
-            self._direct = Direct(self.shards, self.shard_bytes)
+            self._direct = Direct(self.shards, self.shard_bytes, self.shard_ids)
         if self.index.shape[1] == 1:
             for i, r0, _, length in self.runs(lo, hi):
                 self._direct.advise(i, self.shard_rows[i], r0, length)
@@ -122,7 +128,7 @@ class View:
         if out is None:
             out = np.empty((n, d) if view is not None else (n, v, d), dtype=dtype or self.index.dtype)
         if self._direct is None:
-            self._direct = Direct(self.shards, self.shard_bytes)
+            self._direct = Direct(self.shards, self.shard_bytes, self.shard_ids)
         for i, r0, start, length in self.runs(lo, hi):
             o = out[start - lo : start - lo + length]
             if view is not None and v == 1 and self._direct.read(i, self.shard_rows[i], r0, o, self._scratch):
@@ -372,7 +378,8 @@ def single_file(f: h5py.File, path: Path, lean: bool = False) -> View:
     view = View(idx, [path], [n], np.array([0, n] if n else [0], np.int64), np.zeros(1 if n else 0, np.int64),
                 np.zeros(1 if n else 0, np.int64))
     view._owned[0] = f
-    view.shard_bytes = [path.stat().st_size]
+    st = path.stat()
+    view.shard_bytes, view.shard_ids = [st.st_size], [identity(st)]
     return view
 
 
