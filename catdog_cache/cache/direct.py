@@ -61,6 +61,8 @@ def chunk_map(path: Path, n: int, size: int, fd: int | None = None) -> ChunkMap 
             return None
         row_bytes = v * d * dtype.itemsize
         dcpl = ds.get_create_plist()
+        if dcpl.get_nfilters():  # validation refuses filters already; stored bytes are not rows under any filter
+            return None
         if dcpl.get_layout() == h5py.h5d.CONTIGUOUS:
             start = ds.get_offset()
             if start is None or start + n * row_bytes > size:
