@@ -146,6 +146,33 @@ def test_streaming_fit_learns_within_budget(tmp_path, cli):
     assert r.exit_code == 1 and "--max-memory" in r.output
 
 
+def test_max_memory_covers_the_rows_beside_the_features(tmp_path):
+    """--max-memory holds the index and fit's per-row arrays too (at 10M rows they were 0.9 GB past the budget):
+    a budget they alone exceed is refused in one line; what is left of a budget goes to the streamed chunks."""
+    from catdog_cache.cache import open_cache
+    from catdog_cache.fit.data import fit_overhead
+
+    n, dim = 30_000, 8
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, n)
+    x = rng.normal(0, 1, (n, dim)).astype(np.float32) + 2 * y[:, None]
+    write_part(tmp_path / "c.h5", "p", PROV, "/synthetic", Rows(features=[r[None] for r in x], paths=[
+        f"{i:06d}.jpg".encode() for i in range(n)], labels=y.tolist(), sha256=[f"{i:064x}" for i in range(n)]), {},
+        (1, dim))
+    assemble(tmp_path / "c.h5", PROV, {})
+    with open_cache(tmp_path / "c.h5", lean=True) as (_, index):
+        rest = fit_overhead(index)
+    assert 2**20 < rest < 2 * 2**20 and n * dim * 4 < 2**20  # the rows outweigh the features here
+    with pytest.raises(InputError, match=r"--max-memory 1M: fitting 30,000 rows .* give at least 2M"):
+        fit(tmp_path / "c.h5", tmp_path / "h.pt", FitConfig(epochs=1), max_memory="1M", curve=False)
+    assert not (tmp_path / "h.pt").exists()
+    streamed = fit(tmp_path / "c.h5", tmp_path / "s.pt", FitConfig(epochs=2), max_memory="2M", curve=False)
+    in_memory = fit(tmp_path / "c.h5", tmp_path / "m.pt", FitConfig(epochs=2), max_memory="4M", curve=False)
+    assert streamed.streamed and not in_memory.streamed  # 0.9 MiB of features + the rows: over 2M, under 4M
+    a, b = load_head(tmp_path / "s.pt")[0].state_dict(), load_head(tmp_path / "m.pt")[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hidden", [(), (32,)])
 def test_same_head_for_any_memory_budget(tmp_path, hidden, device):

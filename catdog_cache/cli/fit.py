@@ -49,9 +49,9 @@ def fit_cmd(
     seed: int = SEED,
     hidden: str = HIDDEN,
     keep: str = typer.Option("last", "--keep", help="last | best (the epoch with the lowest validation log loss)."),
-    max_memory: str | None = typer.Option(None, "--max-memory", help="Feature memory budget, e.g. 2G; larger "
-                                          "caches are streamed from disk (default: half the available memory). "
-                                          "The head is the same either way."),
+    max_memory: str | None = typer.Option(None, "--max-memory", help="Memory budget, e.g. 2G: the features, the "
+                                          "index and the per-row arrays; larger caches are streamed from disk "
+                                          "(default: half the available memory). The head is the same either way."),
     calibrate: bool = typer.Option(False, "--calibrate", help="Fit temperature and a P(dog) clip on validation."),
     augment: bool = typer.Option(False, "--augment", help="Train on every cached view (extract --views center,flip)."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="L2 penalty on the head's weights (Adam's "

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from .batches import feature_rows
 from .config import EpochStats, FitConfig
 from .data import Data
 from .loop import evaluate, train
@@ -28,8 +29,8 @@ def cross_fit(data: Data, cfg: FitConfig, k: int, on_fold: Callable[[int, float,
         held, rest = labeled[fold == j], labeled[fold != j]
         if not len(held) or len(set(data.raw_labels[rest].tolist())) < 2:
             raise InputError(f"--folds {k}: fold {j + 1} leaves too few images; use fewer folds")
-        tr = torch.from_numpy((rest[:, None] * v + np.arange(v)).ravel())
-        va = torch.from_numpy(held * v)
+        tr = feature_rows(rest, v)
+        va = feature_rows(held, v, every_view=False)
         head, history, _ = train(data.features_of, data.labels, tr, va, cfg, None, data.dim, device,
                                  len(data.classes))
         loss, acc, logits = evaluate(head, data.features_of, data.labels, va)

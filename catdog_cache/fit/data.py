@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..cache import CHUNK_ROWS, BlockReader, Index, open_cache, read_features
+from ..cache.lean import PackedPaths
 from ..errors import InputError
 from .config import Features, FitConfig
 
@@ -146,6 +147,30 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+# Bytes a row that a plain fit holds beside the features and the index, at its peak (the epoch's shuffle): int64
+# labels, the train/validation rows, the epoch's order and the shuffle's temporaries. Measured 33.7 at 1M rows
+# (peak RSS growth at 1M minus 100k rows, minus the index's, glibc's mmap threshold pinned so freed arrays leave);
+# rounded up for the split's transient hash and --folds' out-of-fold logits.
+FIT_ROW_BYTES = 40
+
+
+def index_bytes(index: Index) -> int:
+    """What the open index holds in memory, measured against RSS: the lean open's packed paths, labels and
+    folders (1M rows: 22.9 MiB of arrays, 30 MiB of RSS; 10M: 229 and 264), x1.25 for the allocator and the
+    shards' records. A full open's lists of Python objects: ~280 bytes a row."""
+    paths = index.paths.nbytes() if isinstance(index.paths, PackedPaths) else 280 * len(index.paths)
+    return int((paths + index.labels.nbytes + np.asarray(index.source).nbytes) * 1.25)
+
+
+def fit_overhead(index: Index) -> int:
+    """What --max-memory must hold beside the features: the open index and fit's per-row arrays."""
+    return index_bytes(index) + FIT_ROW_BYTES * index.shape[0]
+
+
+def mib(n: int) -> str:
+    return f"{-(-n // 2**20):,}M"
+
+
 def available_memory() -> int:
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -173,28 +198,40 @@ class Data:
 
 
 def load(caches: list[Path], cfg: FitConfig, budget: int, stack: contextlib.ExitStack,
-         device: torch.device | None = None) -> Data:
+         device: torch.device | None = None, strict_budget: bool = False) -> Data:
     """One cache: in memory when it fits the budget, else streamed (the handle stays open in `stack`). Several
     caches (an ensemble): the features of the images they share, side by side, in memory. The budget is host
-    memory; with a training device, in-memory features are uploaded to it once (on_device), streamed ones per batch."""
+    memory; with a training device, in-memory features are uploaded to it once (on_device), streamed ones per batch.
+    strict_budget: a budget the user gave (--max-memory), refused when the rows alone would exceed it; the default
+    (half the available memory) and verify's 1-byte budget stream with two chunks instead."""
     opened = [stack.enter_context(open_cache(c, lean=True)) for c in caches]  # paths packed, no sha256/stat
     f, index = opened[0]
     labeled_rows(index, caches[0])
     if len(caches) == 1:
         n, dim = index.shape[0], index.shape[2]
         v = cfg.views_of(index) if cfg.augment else 1
-        data = Data(None, torch.from_numpy(index.labels.astype(np.int64)).repeat_interleave(v), index.paths,
+        labels = torch.from_numpy(index.labels.astype(np.int64))  # [N]
+        data = Data(None, labels.repeat_interleave(v) if v > 1 else labels, index.paths,
                     index.labels, v, dim, [index.provenance.to_json()], caches, [index.weights_path],
                     sources=[index.sources[s] for s in np.unique(index.source[index.labels >= 0]).tolist()],
                     classes=index.classes)
-        if n * v * dim * 4 <= budget:
+        # --max-memory covers the features and what grows with the rows beside them (fit_overhead); left out, it
+        # was 0.9 GB past a 256M budget at 10M rows. What stays constant is not counted (the runtime, ~45 MiB, and
+        # one validation batch, 4096 x D floats).
+        rest = fit_overhead(index)
+        if n * v * dim * 4 + rest <= budget:
             x_np = read_features(f, view=None if cfg.augment else 0)
             check_finite(x_np, str(caches[0]))
             data.features_of = Gather(on_device(torch.from_numpy(x_np).reshape(n * v, -1), device))  # [N*V, D]
         elif cfg.augment:
             raise InputError("--augment needs every view in memory; raise --max-memory or fit without --augment")
         else:
-            data.streamed = data.features_of = Streamed(f, budget, str(caches[0]))
+            slots = 2 * CHUNK_ROWS * dim * 4  # the least streaming holds, whatever the budget: two 64-row chunks
+            if rest > budget and strict_budget:
+                raise InputError(f"--max-memory {mib(budget)}: fitting {n:,} rows of {caches[0]} needs {mib(rest)} "
+                                 "beside the features (the open index and fit's per-row arrays); give at least "
+                                 f"{mib(rest + slots)}")
+            data.streamed = data.features_of = Streamed(f, budget - rest, str(caches[0]))
         return data
     v = 1
     if cfg.augment:  # view j of every cache side by side: the same flip of the same image (predict --tta joins so)

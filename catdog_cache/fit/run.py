@@ -16,6 +16,7 @@ import torch
 from ..errors import InputError
 from ..files import as_paths, check_outputs, file_key
 from ..head import is_cat_dog, save_head
+from .batches import feature_rows
 from .calibration import calibrate, log_loss
 from .config import DEFAULT_HEAD, Diverged, EpochStats, FitConfig, default_head_path  # noqa: F401 (re-exported)
 from .crossfit import cross_fit
@@ -140,7 +141,7 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
     budget = budget_bytes or (parse_size(max_memory) if max_memory else available_memory() // 2)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:  # cache handles stay open while streaming
-        data = load(caches, cfg, budget, stack, on)
+        data = load(caches, cfg, budget, stack, on, strict_budget=bool(max_memory) and not budget_bytes)
         if not overwrite:
             check_replace(head_path, data.provenances, caches)
         load_seconds = time.perf_counter() - t0
@@ -150,7 +151,7 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
             final_cfg = replace(cfg, val_fraction=0.0, keep="last",
                                 epochs=int(np.median(best_epochs)) if cfg.keep == "best" else cfg.epochs)
             train_np = np.flatnonzero(data.raw_labels >= 0)
-            train_rows = torch.from_numpy((train_np[:, None] * data.views + np.arange(data.views)).ravel())
+            train_rows = feature_rows(train_np, data.views)
             head, history, kept = train(data.features_of, data.labels, train_rows, torch.zeros(0, dtype=torch.long),
                                         final_cfg, on_epoch, data.dim, on, len(data.classes))
             n_train, n_val = len(train_np), len(y)
@@ -165,10 +166,8 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
                 raise InputError(f"--keep best picks the epoch with the lowest validation log loss, and --val-fraction "
                                  f"{cfg.val_fraction} leaves no validation image: raise --val-fraction, use --folds, "
                                  "or keep the last epoch")
-            # Row r's view j is feature row r * V + j: every view of a training image trains, validation sees the
-            # center view.
-            train_rows = torch.from_numpy((train_np[:, None] * data.views + np.arange(data.views)).ravel())
-            val_rows = torch.from_numpy(val_np * data.views)  # [n_val]
+            train_rows = feature_rows(train_np, data.views)
+            val_rows = feature_rows(val_np, data.views, every_view=False)  # [n_val]
             head, history, kept = train(data.features_of, data.labels, train_rows, val_rows, cfg, on_epoch, data.dim,
                                         on, len(data.classes))
             _, _, logits = evaluate(head, data.features_of, data.labels, val_rows)
