@@ -57,15 +57,19 @@ def status(key):
             return int(line.split()[1]) * 1024
 from catdog_cache.cache import open_cache
 from catdog_cache.fit import FitConfig, fit
+from catdog_cache.fit.data import fit_overhead, parse_size
 open("/proc/self/clear_refs", "w").write("5")  # peak (VmHWM) from here: after the imports
 base = status("VmRSS")
 t = time.perf_counter()
 with open_cache(sys.argv[1], lean=True) as (view, index):  # as fit opens it
     opened = time.perf_counter() - t
     index_rss = status("VmRSS") - base
+    # the chunk allowance asked for + what --max-memory holds beside the features (the index, per-row arrays)
+    budget = f"{-(-(parse_size(sys.argv[4]) + fit_overhead(index)) // 2**20)}M"
 del view, index
-r = fit(sys.argv[1], sys.argv[2], FitConfig(epochs=int(sys.argv[3])), max_memory=sys.argv[4], curve=False)
+r = fit(sys.argv[1], sys.argv[2], FitConfig(epochs=int(sys.argv[3])), max_memory=budget, curve=False)
 print(json.dumps({"open_s": opened, "index_rss": index_rss, "base_rss": base, "peak_rss": status("VmHWM"),
+                  "max_memory": budget,
                   "streamed": r.streamed, "load_s": r.load_seconds, "epoch_s": [h.seconds for h in r.history],
                   "val_acc": r.val_acc, "n_train": r.n_train, "n_val": r.n_val}))
 """
@@ -133,18 +137,20 @@ def run(sizes: list[int], log: Callable[[Row], None], budget: str = "256M", shar
             base = base or us
             add(f"scale {n:,} rows: open", f"{r['open_s']:.2f} s",
                 f"{r['open_s'] / shards * 1e3:.2f} ms/shard; index holds {r['index_rss'] / 2**20:.0f} MiB RSS")
-            add(f"scale {n:,} rows: streamed fit --max-memory {budget}", f"{us:.2f} us/row",
+            add(f"scale {n:,} rows: streamed fit, {budget} of chunks", f"{us:.2f} us/row",
                 f"{per_epoch:.1f} s/epoch over {r['n_train']:,} training rows ({us / base:.2f}x the first size); "
                 f"val acc {r['val_acc']:.3f}; streamed {r['streamed']}")
-            add(f"scale {n:,} rows: peak RSS", f"{r['peak_rss'] / 2**20:.0f} MiB",
-                f"after imports {r['base_rss'] / 2**20:.0f} MiB + index {r['index_rss'] / 2**20:.0f} MiB + budget "
-                f"{budget}: growth {(r['peak_rss'] - r['base_rss']) / 2**20:.0f} MiB")
+            growth = (r["peak_rss"] - r["base_rss"]) / 2**20
+            add(f"scale {n:,} rows: peak RSS growth", f"{growth:.0f} MiB",
+                f"--max-memory {r['max_memory']} ({budget} of chunks + the index and per-row arrays): "
+                f"{growth / int(r['max_memory'][:-1]):.2f}x it; index {r['index_rss'] / 2**20:.0f} MiB of RSS, "
+                f"{r['base_rss'] / 2**20:.0f} MiB after imports")
             if k == 0 and budgets:
                 heads = []
                 for b in budgets:
                     heads.append(tmp / f"h-{b}.pt")
                     fit_child(cache, heads[-1], epochs, b)
-                add(f"scale {n:,} rows: head at --max-memory {budgets[0]} vs {budgets[1]}",
+                add(f"scale {n:,} rows: head with {budgets[0]} vs {budgets[1]} of chunks",
                     "identical" if same_head(*heads) else "DIFFERENT", "state_dict compared bit for bit")
         finally:
             if keep:  # the cache stays; the heads go

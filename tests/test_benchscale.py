@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from catdog_cache import benchscale
@@ -40,9 +42,11 @@ def test_bench_scale_rows(tmp_path, monkeypatch):
     """One small size end to end (fresh processes): every row reported, the two budgets' heads compared."""
     rows = benchscale.run([3000], lambda r: None, "1M", epochs=1, folder=tmp_path, budgets=("1M", "512M"))
     got = {what: (value, note) for what, value, note in rows}
-    assert got["scale 3,000 rows: head at --max-memory 1M vs 512M"][0] == "identical"
-    fit_value, fit_note = got["scale 3,000 rows: streamed fit --max-memory 1M"]
+    assert got["scale 3,000 rows: head with 1M vs 512M of chunks"][0] == "identical"
+    fit_value, fit_note = got["scale 3,000 rows: streamed fit, 1M of chunks"]
     assert fit_value.endswith("us/row") and "streamed True" in fit_note
+    growth, note = got["scale 3,000 rows: peak RSS growth"]
+    assert growth.endswith(" MiB") and re.search(r"--max-memory 2M \(1M of chunks \+ the index", note)
     assert "ms/shard" in got["scale 3,000 rows: open"][1]
     assert list(tmp_path.iterdir()) == []  # the synthetic cache is deleted
 

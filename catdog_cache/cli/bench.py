@@ -34,7 +34,8 @@ def bench_cmd(
     rerun_files: int = typer.Option(100_000, "--rerun-files", help="Files of the folder of the rerun rows."),
     scale_rows: str = typer.Option("100000,1000000", "--scale-rows", help="--only scale: synthetic cache sizes "
                                    "(rows of 1280-d float16; 10M rows take 25.6 GB of disk, deleted afterwards)."),
-    scale_budget: str = typer.Option("256M", "--scale-budget", help="--only scale: fit's --max-memory."),
+    scale_budget: str = typer.Option("256M", "--scale-budget", help="--only scale: memory for the streamed "
+                                     "chunks (fit's --max-memory: this + the index and the per-row arrays)."),
     scale_dir: Path | None = typer.Option(None, "--scale-dir", show_default="the temp folder",
                                           help="--only scale: where the synthetic caches are written."),
     scale_keep: bool = typer.Option(False, "--scale-keep", help="--only scale: keep the synthetic caches in "
