@@ -123,3 +123,27 @@ def test_info_json_transform_is_an_object(cli, kaggle_dir):
     data = json.loads(cli("info", "--json").output)
     assert isinstance(data["provenance"]["transform"], dict) and data["provenance"]["transform"]["crop"] == 224
     assert data["dim"] == 4096
+
+
+def test_many_sources_are_summarised_not_listed(cli, tmp_path):
+    """A cache of thousands of tar shards has as many sources: info's table and fit's summary line name a few and
+    count the rest (info lists 10, fit 5); --json keeps every one."""
+    import numpy as np
+
+    from catdog_cache.cache import Rows, finish, write_part
+    from tests.test_fit import PROV
+
+    rng = np.random.default_rng(0)
+    for j in range(12):
+        y = np.arange(8) % 2
+        x = rng.normal(0, 1, (8, 1, 16)).astype(np.float32) + y[:, None, None]
+        write_part(tmp_path / "c.h5", f"part-{j:09d}-0-000000", PROV, f"/data/train-{j:06d}.tar",
+                   Rows(features=list(x), paths=[f"k{i}".encode() for i in range(8)], labels=y.tolist(),
+                        sha256=[f"{j:032x}{i:032x}" for i in range(8)]), {}, (1, 16))
+    finish(tmp_path / "c.h5", PROV, {}, dim=16)
+    r = cli("info", "--cache", tmp_path / "c.h5")
+    assert "train-000009.tar" in r.output and "train-000010.tar" not in r.output and "and 2 more" in r.output
+    assert len(json.loads(cli("info", "--cache", tmp_path / "c.h5", "--json").output)["sources"]) == 12
+    r = cli("fit", "--cache", tmp_path / "c.h5", "--epochs", "1", "--quiet")
+    assert "from 12 shards: /data/train-000000.tar," in r.output and "and 7 more" in r.output
+    assert "train-000005.tar" not in r.output

@@ -68,6 +68,21 @@ def plural(n: int, word: str) -> str:
     return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
 
 
+def first_few(items: list[str], limit: int = 5, sep: str = ", ") -> str:
+    """'a, b' or 'a, b, c, d, e and 9,995 more': a cache of 10,000 tar shards has 10,000 sources, and a summary
+    line (or `info`'s table) listing all of them is 300 KB nobody reads; --json keeps every one."""
+    shown = sep.join(printable(s) for s in items[:limit])
+    return shown if len(items) <= limit else f"{shown}{sep}and {len(items) - limit:,} more"
+
+
+def source_noun(sources: list[str], n: int | None = None) -> str:
+    """'folder' / 'shard' / 'input' (a mix), pluralised for n (default: len(sources)): a cache's sources are
+    folders of files or tar shards (a path or URL ending in .tar)."""
+    tars = sum(s.endswith(".tar") for s in sources)
+    word = "shard" if tars == len(sources) and sources else "folder" if tars == 0 else "input"
+    return plural(len(sources) if n is None else n, word)
+
+
 def hidden_sizes(text: str) -> tuple[int, ...]:
     from ..errors import InputError
 

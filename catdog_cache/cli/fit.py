@@ -26,10 +26,12 @@ from .common import (
     _json,
     app,
     err,
+    first_few,
     guarded,
     hidden_sizes,
     out,
     plural,
+    source_noun,
 )
 
 
@@ -145,7 +147,7 @@ def fit_cmd(
                f"{r.n_train:,} labeled images for {r.folds['final_epochs']} epochs")
     if r.calibration:  # the number a Kaggle submission scores, kept under --quiet
         val += f" ({r.calibration['log_loss_after']:.4f} calibrated)"
-    folders = r.sources[0] if len(r.sources) == 1 else f"{len(r.sources)} folders: {', '.join(r.sources)}"
+    folders = r.sources[0] if len(r.sources) == 1 else f"{source_noun(r.sources)}: {first_few(r.sources)}"
     out.print(f"[green]fit[/] {r.head_shape} on {plural(r.n_train, 'train row')} from "
               f"{escape(printable(folders))}{mode}, "
               f"{plural(len(r.history), 'epoch')} in {r.seconds:.2f}s (load {r.load_seconds:.2f}s){kept}: {val} -> "

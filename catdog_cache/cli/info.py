@@ -19,6 +19,7 @@ from .common import (
     _print_skips,
     app,
     err,
+    first_few,
     guarded,
     out,
     plural,
@@ -82,7 +83,8 @@ def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_defa
                   f"0, index {summary['index_bytes'] / 2**10:.0f} KiB")
     for k, v in summary["provenance"].items():
         t.add_row(k, escape(printable(json.dumps(v) if isinstance(v, dict) else str(v))))
-    t.add_row("sources", escape("\n".join(printable(s) for s in idx.sources)))
+    more = "\n(--json lists every one)" if len(idx.sources) > 10 else ""
+    t.add_row("sources", escape(first_few(idx.sources, 10, sep="\n") + more))
     if idx.incomplete or parts:
         t.add_row("[yellow]incomplete[/]", escape(_incomplete(idx.incomplete, parts)))
     out.print(t)
@@ -100,7 +102,7 @@ def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_defa
 
 
 def _incomplete(folders: list[str], parts: int) -> str:
-    what = [f"the extraction of {', '.join(printable(f) for f in folders)} was interrupted"] if folders else []
+    what = [f"the extraction of {first_few(folders)} was interrupted"] if folders else []
     what += [f"{plural(parts, 'saved part')} not yet in the cache"] if parts else []
     return f"{' and '.join(what)}: the counts above are partial; run extract again to finish"
 
