@@ -147,3 +147,13 @@ def test_many_sources_are_summarised_not_listed(cli, tmp_path):
     r = cli("fit", "--cache", tmp_path / "c.h5", "--epochs", "1", "--quiet")
     assert "from 12 shards: /data/train-000000.tar," in r.output and "and 7 more" in r.output
     assert "train-000005.tar" not in r.output
+
+
+def test_os_errors_say_what_to_change(cli, kaggle_dir, tmp_path):
+    """An OSError names a file the user may never have named (the cache's lock, a head's temp file): the line also
+    says what to change."""
+    (tmp_path / "afile").write_text("x")
+    r = cli("extract", kaggle_dir, *TINY, "--cache", tmp_path / "afile" / "f.h5", ok=False)
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and "Traceback" not in r.output
+    assert "afile" in lines[0] and "give another path" in lines[0]

@@ -119,6 +119,15 @@ def pipe_closed() -> int:
     return PIPE_CLOSED
 
 
+# The file in an OSError is often one the user never named (a cache's lock or shard, a head's temp file, beside
+# the path they gave): say what to change.
+_WRITE = " (check that location's permissions, or give --cache / --head / the output elsewhere)"
+OS_HINTS = {errno.EACCES: _WRITE, errno.EPERM: _WRITE, errno.EROFS: " (a read-only file system: give --cache / "
+            "--head / the output elsewhere)", errno.EEXIST: " (a file has the name a folder needs: give another path)",
+            errno.ENOTDIR: " (a file stands where the path needs a folder: give another path)",
+            errno.ENOSPC: " (free some space, or give --cache / the output on another disk)"}
+
+
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     """User mistakes become one clear line and a non-zero exit, never a traceback."""
 
@@ -134,8 +143,8 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(130) from None
         except BrokenPipeError:  # `catdog-cache ... | head`: the reader left; quiet, as other Unix tools
             raise typer.Exit(pipe_closed()) from None
-        except OSError as e:  # disk full, read-only or missing location: the OS's words and the file
-            where = f": {e.filename}" if e.filename else ""
+        except OSError as e:  # disk full, read-only or missing location: the OS's words, the file, what to do
+            where = f": {e.filename}{OS_HINTS.get(e.errno, '')}" if e.filename else ""
             err.print(f"[bold red]error:[/] {escape(printable(e.strerror or str(e)))}{escape(printable(where))}",
                       highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
