@@ -157,3 +157,11 @@ def test_os_errors_say_what_to_change(cli, kaggle_dir, tmp_path):
     lines = r.output.strip().splitlines()
     assert r.exit_code == 1 and len(lines) == 1 and "Traceback" not in r.output
     assert "afile" in lines[0] and "give another path" in lines[0]
+
+
+def test_an_unquoted_pattern_gets_a_hint(cli, tmp_path):
+    """bash expands an unquoted shards/train-{000000..000001}.tar into two words: one line saying to quote it."""
+    r = cli("extract", tmp_path / "train-000000.tar", tmp_path / "train-000001.tar", ok=False)
+    assert r.exit_code == 1 and "quote the brace pattern" in r.output and len(r.output.strip().splitlines()) == 1
+    r = cli("extract", tmp_path / "a", tmp_path / "b", ok=False)
+    assert r.exit_code == 1 and "extract each folder in its own run" in r.output

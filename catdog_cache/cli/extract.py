@@ -34,7 +34,7 @@ from .common import (
 @app.command("extract")
 @guarded
 def extract_cmd(
-    data_dir: str = typer.Argument(..., metavar="INPUT",
+    inputs: list[str] = typer.Argument(..., metavar="INPUT",
                                    help="Image folder (one sub-folder per class, e.g. cat/ + dog/; cat.N.jpg files; "
                                    "or unlabeled), or WebDataset tar shards: a .tar, a brace pattern "
                                    "(shards/train-{000000..000099}.tar), a text file listing shards, or URLs (s3://, "
@@ -87,6 +87,7 @@ def extract_cmd(
     from ..precheck import engine as check_engine
     from ..precheck import extract_inputs
 
+    data_dir = one_input(inputs)
     extract_inputs(data_dir, backbone, layer, device)  # before torch's import: mistakes answered at once
     check_engine(engine, {"--ray-address": ray_address, "--shard-size": shard_size, "--actors": actors,
                           "--gpus-per-actor": gpus_per_actor, "--cpus-per-actor": cpus_per_actor})
@@ -141,3 +142,18 @@ def extract_cmd(
     elif ray:
         out.print(f"ray: all {plural(ray['shards'], 'input shard')} were done already; no task ran", highlight=False)
 
+
+def one_input(inputs: list[str]) -> str:
+    """extract takes one INPUT. Several are most often an unquoted brace pattern the shell expanded (bash turns
+    shards/train-{000000..000099}.tar into 100 words) or a folder glob: say how to give them as one."""
+    if len(inputs) == 1:
+        return inputs[0]
+    from ..errors import InputError
+
+    shown = ", ".join(printable(i) for i in inputs[:3]) + (", ..." if len(inputs) > 3 else "")
+    if all(i.endswith(".tar") for i in inputs):
+        raise InputError(f"extract takes one INPUT and got {len(inputs):,} tar shards ({shown}): quote the brace "
+                         "pattern so the shell leaves it alone ('shards/train-{000000..000099}.tar'), or list the "
+                         "shards in a text file, one per line, and give that")
+    raise InputError(f"extract takes one INPUT (a folder, a tar shard, a quoted brace pattern or a listing) and got "
+                     f"{len(inputs):,} ({shown}): extract each folder in its own run (the same --cache adds to it)")
