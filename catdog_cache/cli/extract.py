@@ -31,10 +31,11 @@ from .common import (
 )
 
 
-@app.command("extract")
+@app.command("extract", context_settings={"allow_extra_args": True})  # several INPUTs: see one_input
 @guarded
 def extract_cmd(
-    inputs: list[str] = typer.Argument(..., metavar="INPUT",
+    ctx: typer.Context,
+    data_dir: str = typer.Argument(..., metavar="INPUT",
                                    help="Image folder (one sub-folder per class, e.g. cat/ + dog/; cat.N.jpg files; "
                                    "or unlabeled), or WebDataset tar shards: a .tar, a brace pattern "
                                    "(shards/train-{000000..000099}.tar), a text file listing shards, or URLs (s3://, "
@@ -87,7 +88,7 @@ def extract_cmd(
     from ..precheck import engine as check_engine
     from ..precheck import extract_inputs
 
-    data_dir = one_input(inputs)
+    data_dir = one_input([data_dir, *ctx.args])
     extract_inputs(data_dir, backbone, layer, device)  # before torch's import: mistakes answered at once
     check_engine(engine, {"--ray-address": ray_address, "--shard-size": shard_size, "--actors": actors,
                           "--gpus-per-actor": gpus_per_actor, "--cpus-per-actor": cpus_per_actor})
