@@ -35,6 +35,7 @@ from .cache import (
 from .discover import Discovery, Sample, discover
 from .distributed import Dist, from_env
 from .errors import CacheBusy, CatdogError, InputError, Interrupted
+from .files import plural, printable
 from .pipeline import (
     Batch,
     Encoded,
@@ -209,6 +210,7 @@ class ExtractReport:
     found: int
     extracted: int = 0
     reused: int = 0
+    reused_failed: int = 0  # tar shards skipped as done: the failure records their markers count
     hashed: int = 0  # known files read to decide whether they changed (the others were decided by their stat)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (rel, reason) this run
     failed_before: list[tuple[str, str]] = field(default_factory=list)  # unchanged files an earlier run could not use
@@ -320,9 +322,18 @@ def _finish(cache: Path, prov: Provenance, report: ExtractReport, todo: list[Sam
     index = finish(cache, prov, versions(), drop, incomplete=finished)  # writes the index only: O(shards)
     if index.shape[0] == 0 and not had_cache:
         remove_cache(cache)
-        raise InputError(f"no image in {data_dir} could be decoded; first failure: "
-                         f"{report.failed[0][0]!r}: {report.failed[0][1]}")
+        raise InputError(no_rows(data_dir, report.failed))
     return index.shape[0]
+
+
+def no_rows(data_dir: str | os.PathLike[str], failed: list[tuple[str, str]]) -> str:
+    """Why an input gave no row: none of its images decoded, or (tar shards, empty or of other files) it has none."""
+    from .tars import NO_IMAGE
+
+    if not failed or all(reason == NO_IMAGE for _, reason in failed):
+        return f"no images in {printable(str(data_dir))}: it holds no .jpg/.jpeg/.png/.webp files" + (
+            f" ({plural(len(failed), 'sample')} of other files, first {printable(failed[0][0])!r})" if failed else "")
+    return f"no image in {data_dir} could be decoded; first failure: {failed[0][0]!r}: {failed[0][1]}"
 
 
 def raise_shared(dist: Dist | None, error: CatdogError | None) -> None:

@@ -30,6 +30,7 @@ from .extract import (
     Progress,
     _finish,
     _lock_once,
+    no_rows,
     raise_shared,
     run_dataset,
     versions,
@@ -38,7 +39,7 @@ from .files import printable, read_regular, write_atomic
 from .pipeline import Batch, PartWriter, default_workers
 from .plan import matching_flags
 from .shardspec import Identity, identity, is_url, resolve_inputs
-from .tars import End, TarShards
+from .tars import NO_IMAGE, End, TarShards
 
 MARKER_BYTES = 64 * 2**10
 
@@ -269,6 +270,7 @@ def _plan(shards: list[str], cache: Path, prov: Provenance, report: ExtractRepor
         if done and done.identity == ident and done.provenance == prov.to_json() and \
                 (source in held or done.rows + done.failed == 0):
             report.reused += done.rows
+            report.reused_failed += done.failed
             continue
         todo.append(i)
     have = merge_classes([c for c in class_lists if c[1]], str(cache)) if any(h for _, h in class_lists) else []
@@ -368,7 +370,13 @@ def tally(report: ExtractReport, outcomes: list[Outcome]) -> set[tuple[str, byte
 
 
 def refuse_nothing_read(report: ExtractReport, spec: object) -> None:
-    if not report.rows and report.failed and not (report.extracted or report.reused):
+    """An input that gave no row is an error, into a new cache or an existing one: it holds no images (an empty
+    tar, one of other files), or nothing could be read from it."""
+    if report.extracted or report.reused or report.reused_failed:
+        return
+    if all(reason == NO_IMAGE for _, reason in report.failed):  # none at all, too
+        raise InputError(no_rows(spec if not isinstance(spec, list) else "the shards", report.failed))
+    if not report.rows:
         source, reason = report.failed[0]
         raise InputError(f"nothing could be read from {printable(str(spec))}; first failure: {printable(source)}: "
                          f"{printable(reason)}")
