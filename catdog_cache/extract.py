@@ -328,11 +328,14 @@ def _finish(cache: Path, prov: Provenance, report: ExtractReport, todo: list[Sam
 
 def no_rows(data_dir: str | os.PathLike[str], failed: list[tuple[str, str]]) -> str:
     """Why an input gave no row: none of its images decoded, or (tar shards, empty or of other files) it has none."""
-    from .tars import NO_IMAGE
+    from .tars import NO_IMAGE, UNREADABLE
 
     if not failed or all(reason == NO_IMAGE for _, reason in failed):
         return f"no images in {printable(str(data_dir))}: it holds no .jpg/.jpeg/.png/.webp files" + (
             f" ({plural(len(failed), 'sample')} of other files, first {printable(failed[0][0])!r})" if failed else "")
+    if all(reason.startswith(UNREADABLE) for _, reason in failed):
+        return f"nothing could be read from {printable(str(data_dir))}; first failure: {printable(failed[0][0])}: " \
+               f"{printable(failed[0][1])}"
     return f"no image in {data_dir} could be decoded; first failure: {failed[0][0]!r}: {failed[0][1]}"
 
 

@@ -143,6 +143,27 @@ def resolve_inputs(spec: str | os.PathLike[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def refuse_missing(shards: list[str]) -> None:
+    """Refuse, before any work, local shards that do not exist: a typo in a pattern or listing, not a failure to
+    record (a URL's object store is asked only when the shard is read: remote failures are recorded there)."""
+    missing = []
+    for source in shards:
+        if is_url(source):
+            continue
+        try:
+            os.stat(source)
+        except (FileNotFoundError, NotADirectoryError):
+            missing.append(source)
+        except OSError:
+            pass  # there but unreadable (permissions): recorded when read, as a remote failure is
+    if missing:
+        first = ", ".join(short(printable(m)) for m in missing[:3]) + (f" and {len(missing) - 3:,} more"
+                                                                       if len(missing) > 3 else "")
+        raise InputError(f"{len(missing):,} of {len(shards):,} shards not found: {first}; nothing was extracted: "
+                         "check the pattern or listing (quote a brace pattern so the shell leaves it alone, e.g. "
+                         "'shards/train-{000000..000099}.tar')")
+
+
 def remote_fs(url: str) -> tuple[Any, str]:
     """(fsspec file system, path) for a URL; a missing fsspec or backend is one line naming what to install."""
     try:

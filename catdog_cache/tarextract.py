@@ -35,11 +35,11 @@ from .extract import (
     run_dataset,
     versions,
 )
-from .files import printable, read_regular, write_atomic
+from .files import plural, printable, read_regular, write_atomic
 from .pipeline import Batch, PartWriter, default_workers
 from .plan import matching_flags
-from .shardspec import Identity, identity, is_url, resolve_inputs
-from .tars import NO_IMAGE, End, TarShards
+from .shardspec import Identity, identity, is_url, refuse_missing, resolve_inputs
+from .tars import NO_IMAGE, UNREADABLE, End, TarShards
 
 MARKER_BYTES = 64 * 2**10
 
@@ -239,7 +239,8 @@ def _plan(shards: list[str], cache: Path, prov: Provenance, report: ExtractRepor
           ) -> tuple[list[int], list[Identity], dict[str, set[bytes]], list[str]]:
     """Shards to read (indices), every shard's identity, the keys the cache already holds for each shard to read
     (to drop the ones a changed shard no longer has), and the cache's classes ([] when it holds no labels). Shards
-    whose done marker matches are skipped unread."""
+    whose done marker matches are skipped unread. Local shards that do not exist are refused first."""
+    refuse_missing(shards)
     held: dict[str, set[bytes]] = {}  # source -> keys held as rows or failure records, in the cache and its parts
     class_lists: list[tuple[list[str], bool]] = []
     for path in ([cache] if cache.exists() else []) + list_parts(cache):
@@ -263,7 +264,7 @@ def _plan(shards: list[str], cache: Path, prov: Provenance, report: ExtractRepor
             ident = identity(source)
         except OSError as e:
             idents.append(Identity(-1, ""))
-            report.failed.append((source, f"unreadable shard: {e.strerror or e}"))
+            report.failed.append((source, f"{UNREADABLE}: {e.strerror or e}"))
             continue
         idents.append(ident)
         done = read_marker(cache, source)
@@ -344,7 +345,7 @@ def extract_shards(spec: str | os.PathLike[str] | list[str], cache: str | os.Pat
         raise_shared(dist, error)
     if dist:
         dist.close()
-    refuse_nothing_read(report, spec)
+    refuse_nothing_read(report, spec, len(shards))
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -369,14 +370,21 @@ def tally(report: ExtractReport, outcomes: list[Outcome]) -> set[tuple[str, byte
     return drop
 
 
-def refuse_nothing_read(report: ExtractReport, spec: object) -> None:
-    """An input that gave no row is an error, into a new cache or an existing one: it holds no images (an empty
-    tar, one of other files), or nothing could be read from it."""
-    if report.extracted or report.reused or report.reused_failed:
-        return
-    if all(reason == NO_IMAGE for _, reason in report.failed):  # none at all, too
-        raise InputError(no_rows(spec if not isinstance(spec, list) else "the shards", report.failed))
-    if not report.rows:
-        source, reason = report.failed[0]
-        raise InputError(f"nothing could be read from {printable(str(spec))}; first failure: {printable(source)}: "
-                         f"{printable(reason)}")
+def refuse_nothing_read(report: ExtractReport, spec: object, shards: int) -> None:
+    """After the index is written: an input that gave no row is an error, into a new cache or an existing one (it
+    holds no images: an empty tar, one of other files; or nothing could be read from it), and so is any of its
+    `shards` that could not be read at all (the others' rows stay saved; a rerun retries only that shard)."""
+    unread = [(source, reason) for source, reason in report.failed if reason.startswith(UNREADABLE)]
+    if not (report.extracted or report.reused or report.reused_failed):
+        if all(reason == NO_IMAGE for _, reason in report.failed):  # none at all, too
+            raise InputError(no_rows(spec if not isinstance(spec, list) else "the shards", report.failed))
+        if not report.rows:
+            source, reason = report.failed[0]
+            raise InputError(f"nothing could be read from {printable(str(spec))}; first failure: "
+                             f"{printable(source)}: {printable(reason)}")
+    if unread:
+        source, reason = unread[0]
+        raise InputError(f"{len(unread):,} of {plural(shards, 'shard')} could not be read, first {printable(source)}: "
+                         f"{printable(reason.removeprefix(UNREADABLE + ': '))}; the other shards' rows are saved "
+                         f"({plural(report.rows, 'row')} in {printable(str(report.cache))}): run extract again to "
+                         "retry the unread ones")

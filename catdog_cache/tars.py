@@ -30,6 +30,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_HEADER_BYTES = 64 * 2**10  # a GNU long name or pax header larger than this is refused, never allocated
 MAX_GLOBAL_KEYS = 256  # global pax records kept by tarfile across the whole stream
 MAX_CLS_BYTES = 64
+UNREADABLE = "unreadable shard"  # a shard's failure reason (what follows: why): it could not be read at all
 NO_IMAGE = "no .jpg/.jpeg/.png/.webp member"  # a sample's failure reason; all of them: the input holds no images
 
 
@@ -216,6 +217,6 @@ class TarShards(torch.utils.data.IterableDataset):
                     else:
                         yield self.files.decode(ref, s.data)
         except (OSError, InputError) as e:  # unreadable now (network, permissions): not done, retried next run
-            yield End(i, readers, f"unreadable shard: {getattr(e, 'strerror', None) or e}"), None, "", ""
+            yield End(i, readers, f"{UNREADABLE}: {getattr(e, 'strerror', None) or e}"), None, "", ""
             return
         yield End(i, readers), None, "", ""

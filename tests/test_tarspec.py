@@ -4,13 +4,33 @@ incomplete marks and the messages' counts."""
 from __future__ import annotations
 
 import tarfile
+from pathlib import Path
 
 import pytest
 
+from catdog_cache import tars
+from catdog_cache.cache import read_index
 from catdog_cache.errors import InputError
 from catdog_cache.extract import extract
+from catdog_cache.tarextract import markers_dir
 from tests.conftest import TINY
-from tests.test_tars import CFG, images, jpeg, make_tar  # noqa: F401 (images: a fixture)
+from tests.test_tars import CFG, jpeg, make_tar
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> dict[str, bytes]:
+    """Kaggle names -> JPEG bytes, 4 cats and 4 dogs (as test_tars' fixture)."""
+    return {f"{kind}.{i}.jpg": jpeg(kind, 10 * i + (kind == "dog"), tmp_path / "drawn")
+            for i in range(4) for kind in ("cat", "dog")}
+
+
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every shard the tar reader opens (workers=0: the reader runs in this process)."""
+    seen: list[str] = []
+    real = tars.open_shard
+    monkeypatch.setattr(tars, "open_shard", lambda source: (seen.append(source), real(source))[1])
+    return seen
 
 
 def test_empty_tar_and_tar_without_images_are_one_line(cli, tmp_path):
@@ -29,3 +49,44 @@ def test_empty_tar_and_tar_without_images_are_one_line(cli, tmp_path):
     for _ in range(2):
         with pytest.raises(InputError, match="no images in"):
             extract(empty, cache, CFG)
+
+
+def test_missing_local_shards_refused_before_any_work(cli, tmp_path, images, opened):
+    names = sorted(images)
+    cache = tmp_path / "c.h5"
+    make_tar(tmp_path / "s" / "train-000000.tar", [(n, images[n]) for n in names[:4]])
+    extract(tmp_path / "s" / "train-000000.tar", cache, CFG)
+    before, opened[:] = cache.read_bytes(), []
+    pattern = tmp_path / "shard" / "train-{000000..000003}.tar"  # a typo: shard/, not s/
+    result = cli("extract", pattern, "--cache", cache, *TINY, "--workers", "0", ok=False)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    line = " ".join(result.output.split())
+    assert "4 of 4 shards not found:" in line and "train-000000.tar" in line and "and 1 more" in line
+    assert "quote a brace pattern" in line and opened == [] and cache.read_bytes() == before
+    # a listing naming one missing shard, into a new cache: refused too, nothing written
+    make_tar(tmp_path / "s" / "train-000001.tar", [(n, images[n]) for n in names[4:]])
+    listing = tmp_path / "list.txt"
+    listing.write_text("s/train-000000.tar\ns/train-000001.tar\ns/train-000002.tar\n")
+    with pytest.raises(InputError, match=r"1 of 3 shards not found: .*train-000002\.tar; nothing was extracted"):
+        extract(listing, tmp_path / "new.h5", CFG)
+    assert not (tmp_path / "new.h5").exists() and not markers_dir(tmp_path / "new.h5").exists() and opened == []
+
+
+def test_unreadable_remote_shard_saves_the_others_and_exits_nonzero(cli, tmp_path, images, opened):
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bkt/x-0.tar", make_tar(tmp_path / "x.tar", sorted(images.items())).read_bytes())
+    try:
+        for cache in (tmp_path / "new.h5", tmp_path / "new.h5", tmp_path / "other.h5"):  # new, then existing
+            result = cli("extract", "memory://bkt/x-{0..1}.tar", "--cache", cache, *TINY, "--workers", "0", ok=False)
+            line = " ".join(result.output.split())
+            assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+            assert "1 of 2 shards could not be read, first memory://bkt/x-1.tar" in line
+            assert "(8 rows in" in line and "run extract again" in line
+            assert read_index(cache).shape[0] == 8
+        assert opened.count("memory://bkt/x-0.tar") == 2  # the rerun into new.h5 skipped the shard it had read
+        with pytest.raises(InputError, match=r"nothing could be read from memory://bkt/y-\{0\.\.1\}\.tar"):
+            extract("memory://bkt/y-{0..1}.tar", tmp_path / "none.h5", CFG)
+        assert not (tmp_path / "none.h5").exists()
+    finally:
+        fs.rm("/bkt", recursive=True)
