@@ -26,6 +26,7 @@ REMOTE_EXTRA = "pip install 'catdog-cache[remote]'"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+_COMMENT = re.compile(r"\s#.*")  # a listing line's trailing comment
 
 
 def is_url(text: str) -> bool:
@@ -103,15 +104,17 @@ def _kind(path: Path) -> str:
 
 
 def read_listing(path: Path) -> list[str]:
-    """Shard names from a listing file: one per line, blank lines and `#` comments ignored; relative paths are
-    relative to the listing's folder. Read up to MAX_LISTING_BYTES (a regular file only)."""
+    """Shard names from a listing file: one per line, blank lines and `#` comments (a whole line, or from a `#`
+    after whitespace) ignored; relative paths are relative to the listing's folder. Read up to MAX_LISTING_BYTES (a
+    regular file only)."""
     try:
         text = read_regular(path, MAX_LISTING_BYTES).decode("utf-8", "surrogateescape")
     except ValueError as e:
         raise InputError(f"listing {path}: {e}") from None
     except OSError as e:
         raise InputError(f"cannot read listing {path}: {e.strerror or e}") from None
-    names = [line.strip() for line in text.splitlines()]
+    # a `#` after whitespace starts a comment (a `#` inside a name, as in a URL's fragment, does not)
+    names = [_COMMENT.sub("", line).strip() for line in text.splitlines()]
     names = [n for n in names if n and not n.startswith("#")]
     if len(names) > MAX_SHARDS:
         raise InputError(f"listing {path} names {len(names):,} shards; at most {MAX_SHARDS:,} per input")

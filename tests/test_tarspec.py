@@ -12,6 +12,7 @@ from catdog_cache import tars
 from catdog_cache.cache import read_index
 from catdog_cache.errors import InputError
 from catdog_cache.extract import extract
+from catdog_cache.shardspec import resolve_inputs
 from catdog_cache.tarextract import markers_dir
 from tests.conftest import TINY
 from tests.test_tars import CFG, jpeg, make_tar
@@ -90,3 +91,9 @@ def test_unreadable_remote_shard_saves_the_others_and_exits_nonzero(cli, tmp_pat
         assert not (tmp_path / "none.h5").exists()
     finally:
         fs.rm("/bkt", recursive=True)
+
+
+def test_listing_trailing_comments_are_stripped(tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text("# shards\na.tar  # the cats\nb.tar\t# tab\nhttps://h/c.tar#frag\n  # indented\n")
+    assert resolve_inputs(listing) == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar"), "https://h/c.tar#frag"]
