@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .backbone import Preset
-from .cache import Provenance, Rows, encode_path, finish, list_parts, merge_classes, read_index, write_part
+from .cache import MAX_SOURCES, Provenance, Rows, encode_path, finish, list_parts, merge_classes, read_index, write_part
 from .discover import CLASSES, MAX_CLASS_NAME, MAX_CLASSES
 from .distributed import from_env
 from .errors import CacheError, CatdogError, InputError, Interrupted, ProvenanceMismatch
@@ -239,19 +239,27 @@ def _plan(shards: list[str], cache: Path, prov: Provenance, report: ExtractRepor
           ) -> tuple[list[int], list[Identity], dict[str, set[bytes]], list[str]]:
     """Shards to read (indices), every shard's identity, the keys the cache already holds for each shard to read
     (to drop the ones a changed shard no longer has), and the cache's classes ([] when it holds no labels). Shards
-    whose done marker matches are skipped unread. Local shards that do not exist are refused first."""
-    refuse_missing(shards)
+    whose done marker matches are skipped unread. Refused before any is read: more sources than a cache holds,
+    local shards that do not exist."""
     held: dict[str, set[bytes]] = {}  # source -> keys held as rows or failure records, in the cache and its parts
     class_lists: list[tuple[list[str], bool]] = []
+    known: set[str] = set()  # the sources the cache and its parts list already
     for path in ([cache] if cache.exists() else []) + list_parts(cache):
         idx = read_index(path)
         _check_provenance(path, idx.provenance, prov, cache)
         class_lists.append((idx.classes, idx.labeled))
+        known.update(idx.sources)
         keys = idx.keys()
         for s, p in keys:
             held.setdefault(s, set()).add(p)
         for s, p, _, _ in idx.failed:
             held.setdefault(idx.sources[s], set()).add(p)
+    new = len(set(shards) - known)  # each shard becomes a source, a failure record's too
+    if len(known) + new > MAX_SOURCES:  # else found only when the index is written, after all the work
+        raise InputError(f"{printable(str(cache))} would hold {len(known) + new:,} sources ({len(known):,} already, "
+                         f"{plural(new, 'new shard')}); a cache holds at most {MAX_SOURCES:,}: extract these into "
+                         "another cache (--cache OTHER.h5), or pack the shards into fewer, larger tars")
+    refuse_missing(shards)
     folder = markers_dir(cache)
     if folder.is_dir() and not folder.is_symlink():
         for stale in folder.glob(".*.tmp"):  # a marker being written when a run was killed

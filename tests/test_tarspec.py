@@ -97,3 +97,23 @@ def test_listing_trailing_comments_are_stripped(tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("# shards\na.tar  # the cats\nb.tar\t# tab\nhttps://h/c.tar#frag\n  # indented\n")
     assert resolve_inputs(listing) == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar"), "https://h/c.tar#frag"]
+
+
+def test_more_sources_than_a_cache_holds_refused_before_any_work(tmp_path, images, opened, monkeypatch):
+    from catdog_cache import tarextract
+
+    monkeypatch.setattr(tarextract, "MAX_SOURCES", 3, raising=False)  # 65,535 in earnest
+    names = sorted(images)
+    for k in range(4):
+        make_tar(tmp_path / f"s-{k}.tar", [(n, images[n]) for n in names[2 * k:2 * k + 2]])
+    with pytest.raises(InputError, match=r"would hold 4 sources \(0 already, 4 new shards\); a cache holds at most 3"):
+        extract(str(tmp_path / "s-{0..3}.tar"), tmp_path / "new.h5", CFG)
+    assert opened == [] and not (tmp_path / "new.h5").exists()
+    cache = tmp_path / "c.h5"
+    extract(str(tmp_path / "s-{0..1}.tar"), cache, CFG)
+    before, opened[:] = cache.read_bytes(), []
+    extract(str(tmp_path / "s-{1..2}.tar"), cache, CFG)  # 3 sources: s-1 is one already
+    with pytest.raises(InputError, match=r"would hold 4 sources \(3 already, 1 new shard\)"):
+        extract(str(tmp_path / "s-{0..3}.tar"), cache, CFG)
+    assert opened == [str(tmp_path / "s-2.tar")]
+    assert read_index(cache).shape[0] == 6 and before != cache.read_bytes()
