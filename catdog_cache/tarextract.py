@@ -85,6 +85,12 @@ def read_marker(cache: Path, source: str) -> Done | None:
         return None
 
 
+def marked(cache: Path, source: str, ident: Identity, prov: Provenance) -> bool:
+    """Whether the shard, as it is now, has its done marker for these features."""
+    done = read_marker(cache, source)
+    return done is not None and done.identity == ident and done.provenance == prov.to_json()
+
+
 @dataclass
 class ShardResult:
     """One shard's outcome in this run: rows and failure records written, and whether it is done (marked)."""
@@ -337,7 +343,9 @@ def extract_shards(spec: str | os.PathLike[str] | list[str], cache: str | os.Pat
                               "run extract again to resume, with --workers 0 to isolate a bad shard") from None
         except KeyboardInterrupt:
             if not dist:
-                finish(cache, prov, versions(), incomplete={shards[i]: True for i in todo})  # index only
+                # index only; a shard whose done marker was written before the Ctrl-C is finished, not partial
+                finish(cache, prov, versions(), incomplete={shards[i]: not marked(cache, shards[i], idents[i], prov)
+                                                            for i in todo})
             raise Interrupted(f"interrupted: finished shards saved to {cache}; run extract again to resume") from None
         mine_out = [outcome(r, held) for r in results]
         everyone = dist.gather(mine_out) if dist else [mine_out]

@@ -3,7 +3,13 @@ incomplete marks and the messages' counts."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -117,3 +123,27 @@ def test_more_sources_than_a_cache_holds_refused_before_any_work(tmp_path, image
         extract(str(tmp_path / "s-{0..3}.tar"), cache, CFG)
     assert opened == [str(tmp_path / "s-2.tar")]
     assert read_index(cache).shape[0] == 6 and before != cache.read_bytes()
+
+
+def test_ctrl_c_marks_only_unfinished_shards_incomplete(tmp_path, images):
+    names = sorted(images)
+    shards = [str(make_tar(tmp_path / f"s-{k}.tar", [(n, images[n]) for n in names[2 * k:2 * k + 2]]))
+              for k in range(4)]
+    script = ("import sys; from catdog_cache.extract import ExtractConfig, extract; "
+              "from catdog_cache.backbone import WeightsSpec; "
+              "extract(sys.argv[1], sys.argv[2], ExtractConfig(WeightsSpec('random'), backbone='tiny', workers=0, "
+              "batch_size=1, device='cpu', part_rows=1))")
+    cache = tmp_path / "c.h5"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "s-{0..3}.tar"), str(cache)],
+                            env={**os.environ, "CATDOG_BATCH_DELAY": "0.3"}, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(markers_dir(cache).glob("*.json")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "interrupted: finished shards saved" in err
+    done = {json.loads(m.read_text())["source"] for m in markers_dir(cache).glob("*.json")}
+    assert 1 <= len(done) < 4
+    assert read_index(cache).incomplete == sorted(set(shards) - done)
+    extract(str(tmp_path / "s-{0..3}.tar"), cache, CFG)  # the rerun finishes them and clears the marks
+    assert read_index(cache).incomplete == [] and read_index(cache).shape[0] == 8
