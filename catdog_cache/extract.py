@@ -295,25 +295,32 @@ def inputs(data_dir: str | os.PathLike[str], strict: bool, only: set[str] | None
     if only is not None:
         disc.keep(only)
     if not disc.rels:
-        raise InputError(f"no images found in {data_dir}" + (f" ({len(disc.skipped)} files skipped)"
+        raise InputError(f"no images found in {data_dir}" + (f" ({plural(len(disc.skipped), 'file')} skipped)"
                                                               if disc.skipped else "") + disc.subfolder_hint())
     if strict and disc.skipped:
         rel, reason = disc.skipped[0]
-        raise InputError(f"--strict: {len(disc.skipped)} files skipped, first {rel!r}: {reason}")
+        raise InputError(f"--strict: {plural(len(disc.skipped), 'file')} skipped, first {rel!r}: {reason}")
     return disc
 
 
 def _finish(cache: Path, prov: Provenance, report: ExtractReport, todo: list[Sample], drop: set[tuple[str, bytes]],
             strict: bool, had_cache: bool, data_dir: str | os.PathLike[str], finished: dict[str, bool],
-            planned: Index | None = None) -> int:
-    """List the run's shards in the cache's index (or refuse under --strict); returns the cache's row count."""
+            planned: Index | None = None, name: Callable[[str, bytes], str] = lambda source, p: os.fsdecode(p)
+            ) -> int:
+    """List the run's shards in the cache's index (or refuse under --strict); returns the cache's row count. `name`
+    spells a part's failure record (source, path) as the report does, so --strict counts each failure once."""
     if strict:  # refuse to add them; the shards stay unlisted (they may hold an earlier run's saved work)
         failed = report.failed + [f for f in report.failed_before if f not in report.failed]
-        failed += [(os.fsdecode(p), reason) for part in list_parts(cache)
-                   for _, p, _, reason in read_index(part).failed if (os.fsdecode(p), reason) not in failed]
+        seen = set(failed)
+        for part in list_parts(cache):
+            idx = read_index(part)
+            for s, p, _, reason in idx.failed:
+                if (name(idx.sources[s], p), reason) not in seen:
+                    seen.add((name(idx.sources[s], p), reason))
+                    failed.append((name(idx.sources[s], p), reason))
         if failed:
             rel, reason = failed[0]
-            raise InputError(f"--strict: {len(failed)} files could not be decoded, first {rel!r}: {reason}; "
+            raise InputError(f"--strict: {plural(len(failed), 'file')} could not be decoded, first {rel!r}: {reason}; "
                              "nothing was added to the cache")
     if not (todo or drop or list_parts(cache)):
         index = planned or read_index(cache)
@@ -400,14 +407,14 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
     except RuntimeError as e:  # a loader worker killed (e.g. by the OOM killer or a crashing decoder)
         if e is writer.error:
             raise
-        raise CatdogError(f"extraction stopped after {report.extracted} images ({str(e).splitlines()[0]}); the work "
-                          "so far is saved: run extract again to resume, with --workers 0 to isolate a bad file") \
-            from None
+        raise CatdogError(f"extraction stopped after {plural(report.extracted, 'image')} ({str(e).splitlines()[0]}); "
+                          "the work so far is saved: run extract again to resume, with --workers 0 to isolate a bad "
+                          "file") from None
     except KeyboardInterrupt:
         if not tag:  # under torchrun the next run lists the shards; ranks must not write the index concurrently
             finish(cache, prov, versions(), incomplete={source: True})  # `info` and `fit` say it is partial
-        raise Interrupted(f"interrupted: {report.extracted} images saved to {cache}; run extract again to resume") \
-            from None
+        raise Interrupted(f"interrupted: {plural(report.extracted, 'image')} saved to {cache}; run extract again to "
+                          "resume") from None
 
 
 def rows_of(batches: Iterable[Batch], todo: list[Sample], stat: np.ndarray | None = None) -> Rows:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import InputError
-from .files import printable, read_regular, short
+from .files import plural, printable, read_regular, short
 
 MAX_SHARDS = 100_000  # per input: a pattern or listing naming more is refused before anything is expanded or read
 MAX_LISTING_BYTES = 16 * 2**20  # a listing file of 100,000 URLs is ~10 MB
@@ -162,9 +162,9 @@ def refuse_missing(shards: list[str]) -> None:
     if missing:
         first = ", ".join(short(printable(m)) for m in missing[:3]) + (f" and {len(missing) - 3:,} more"
                                                                        if len(missing) > 3 else "")
-        raise InputError(f"{len(missing):,} of {len(shards):,} shards not found: {first}; nothing was extracted: "
-                         "check the pattern or listing (quote a brace pattern so the shell leaves it alone, e.g. "
-                         "'shards/train-{000000..000099}.tar')")
+        raise InputError(f"{len(missing):,} of {plural(len(shards), 'shard')} not found: {first}; nothing was "
+                         "extracted: check the pattern or listing (quote a brace pattern so the shell leaves it "
+                         "alone, e.g. 'shards/train-{000000..000099}.tar')")
 
 
 def remote_fs(url: str) -> tuple[Any, str]:

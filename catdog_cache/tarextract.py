@@ -354,8 +354,8 @@ def extract_shards(spec: str | os.PathLike[str] | list[str], cache: str | os.Pat
         if dist is None or dist.main:
             try:
                 report.rows = _finish(cache, prov, report, [shards[i] for i in todo], drop, strict, had_cache,
-                                      spec if not isinstance(spec, list) else "the shards", {s: False for s in shards}
-                                      ) if (todo or cache.exists() or list_parts(cache)) else 0
+                                      spec if not isinstance(spec, list) else "the shards", {s: False for s in shards},
+                                      name=failure_name) if (todo or cache.exists() or list_parts(cache)) else 0
             except CatdogError as e:
                 error = e
         raise_shared(dist, error)
@@ -379,11 +379,16 @@ def tally(report: ExtractReport, outcomes: list[Outcome]) -> set[tuple[str, byte
     drop: set[tuple[str, bytes]] = set()
     for source, rows, failed, error, stale in outcomes:
         report.extracted += rows
-        report.failed += [(f"{source}#{key}", reason) for key, reason in failed]
+        report.failed += [(failure_name(source, encode_path(key)), reason) for key, reason in failed]
         report.failed += [(source, error)] if error else []
         drop |= {(source, p) for p in stale}
     report.found = report.extracted + report.reused + sum(len(o[2]) for o in outcomes)
     return drop
+
+
+def failure_name(source: str, key: bytes) -> str:
+    """A failure record as reports name it: `shard#key`, or the shard alone when it could not be read."""
+    return f"{source}#{os.fsdecode(key)}" if key else source
 
 
 def refuse_nothing_read(report: ExtractReport, spec: object, shards: int) -> None:

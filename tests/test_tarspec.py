@@ -19,7 +19,7 @@ from catdog_cache.cache import read_index
 from catdog_cache.errors import InputError
 from catdog_cache.extract import extract
 from catdog_cache.shardspec import resolve_inputs
-from catdog_cache.tarextract import markers_dir
+from catdog_cache.tarextract import extract_shards, markers_dir
 from tests.conftest import TINY
 from tests.test_tars import CFG, jpeg, make_tar
 
@@ -147,3 +147,11 @@ def test_ctrl_c_marks_only_unfinished_shards_incomplete(tmp_path, images):
     assert read_index(cache).incomplete == sorted(set(shards) - done)
     extract(str(tmp_path / "s-{0..3}.tar"), cache, CFG)  # the rerun finishes them and clears the marks
     assert read_index(cache).incomplete == [] and read_index(cache).shape[0] == 8
+
+
+def test_counts_of_one_read_singular(tmp_path, images):
+    shard = make_tar(tmp_path / "a.tar", [("cat.1.jpg", images["cat.1.jpg"]), ("dog.2.jpg", b"not a jpeg")])
+    with pytest.raises(InputError, match=r"^--strict: 1 file could not be decoded, first '.*dog\.2'"):
+        extract(shard, tmp_path / "c.h5", CFG, strict=True)
+    with pytest.raises(InputError, match=r"^1 of 1 shard not found"):
+        extract_shards([str(tmp_path / "gone.tar")], tmp_path / "c.h5", CFG)
