@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from catdog_cache import tars
-from catdog_cache.cache import read_index
+from catdog_cache.cache import read_index, shards_dir
 from catdog_cache.errors import InputError
 from catdog_cache.extract import extract
 from catdog_cache.shardspec import resolve_inputs
@@ -155,3 +155,24 @@ def test_counts_of_one_read_singular(tmp_path, images):
         extract(shard, tmp_path / "c.h5", CFG, strict=True)
     with pytest.raises(InputError, match=r"^1 of 1 shard not found"):
         extract_shards([str(tmp_path / "gone.tar")], tmp_path / "c.h5", CFG)
+
+
+def test_moved_single_file_cache_needs_its_inputs_folder(cli, tmp_path, images, opened):
+    """docs/cache.md: compact --single leaves the done markers in <cache>.inputs/; moved along, nothing is re-read."""
+    names = sorted(images)
+    for k in range(2):
+        make_tar(tmp_path / f"s-{k}.tar", [(n, images[n]) for n in names[4 * k:4 * k + 4]])
+    pattern, cache = str(tmp_path / "s-{0..1}.tar"), tmp_path / "c.h5"
+    extract(pattern, cache, CFG)
+    extract(make_tar(tmp_path / "more.tar", [("x/cat.9.jpg", images["cat.0.jpg"])]), cache, CFG)  # two shards
+    cli("compact", "--cache", cache, "--single")
+    assert not shards_dir(cache).exists()  # one file...
+    (tmp_path / "moved").mkdir()
+    cache.rename(tmp_path / "moved" / "d.h5")
+    markers_dir(cache).rename(markers_dir(tmp_path / "moved" / "d.h5"))
+    opened.clear()
+    assert extract(pattern, tmp_path / "moved" / "d.h5", CFG).reused == 8 and opened == []
+    cache = tmp_path / "moved" / "d.h5"
+    cache.rename(tmp_path / "e.h5")  # without its markers: every shard is read again, rows replaced
+    r = extract(pattern, tmp_path / "e.h5", CFG)
+    assert (r.extracted, r.rows, len(opened)) == (8, 9, 2)
