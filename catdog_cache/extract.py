@@ -35,6 +35,7 @@ from .cache import (
 from .discover import Discovery, Sample, discover
 from .distributed import Dist, from_env
 from .errors import CacheBusy, CatdogError, InputError, Interrupted
+from .files import plural, printable
 from .pipeline import (
     Batch,
     Encoded,
@@ -209,6 +210,7 @@ class ExtractReport:
     found: int
     extracted: int = 0
     reused: int = 0
+    reused_failed: int = 0  # tar shards skipped as done: the failure records their markers count
     hashed: int = 0  # known files read to decide whether they changed (the others were decided by their stat)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (rel, reason) this run
     failed_before: list[tuple[str, str]] = field(default_factory=list)  # unchanged files an earlier run could not use
@@ -293,25 +295,32 @@ def inputs(data_dir: str | os.PathLike[str], strict: bool, only: set[str] | None
     if only is not None:
         disc.keep(only)
     if not disc.rels:
-        raise InputError(f"no images found in {data_dir}" + (f" ({len(disc.skipped)} files skipped)"
+        raise InputError(f"no images found in {data_dir}" + (f" ({plural(len(disc.skipped), 'file')} skipped)"
                                                               if disc.skipped else "") + disc.subfolder_hint())
     if strict and disc.skipped:
         rel, reason = disc.skipped[0]
-        raise InputError(f"--strict: {len(disc.skipped)} files skipped, first {rel!r}: {reason}")
+        raise InputError(f"--strict: {plural(len(disc.skipped), 'file')} skipped, first {rel!r}: {reason}")
     return disc
 
 
 def _finish(cache: Path, prov: Provenance, report: ExtractReport, todo: list[Sample], drop: set[tuple[str, bytes]],
             strict: bool, had_cache: bool, data_dir: str | os.PathLike[str], finished: dict[str, bool],
-            planned: Index | None = None) -> int:
-    """List the run's shards in the cache's index (or refuse under --strict); returns the cache's row count."""
+            planned: Index | None = None, name: Callable[[str, bytes], str] = lambda source, p: os.fsdecode(p)
+            ) -> int:
+    """List the run's shards in the cache's index (or refuse under --strict); returns the cache's row count. `name`
+    spells a part's failure record (source, path) as the report does, so --strict counts each failure once."""
     if strict:  # refuse to add them; the shards stay unlisted (they may hold an earlier run's saved work)
         failed = report.failed + [f for f in report.failed_before if f not in report.failed]
-        failed += [(os.fsdecode(p), reason) for part in list_parts(cache)
-                   for _, p, _, reason in read_index(part).failed if (os.fsdecode(p), reason) not in failed]
+        seen = set(failed)
+        for part in list_parts(cache):
+            idx = read_index(part)
+            for s, p, _, reason in idx.failed:
+                if (name(idx.sources[s], p), reason) not in seen:
+                    seen.add((name(idx.sources[s], p), reason))
+                    failed.append((name(idx.sources[s], p), reason))
         if failed:
             rel, reason = failed[0]
-            raise InputError(f"--strict: {len(failed)} files could not be decoded, first {rel!r}: {reason}; "
+            raise InputError(f"--strict: {plural(len(failed), 'file')} could not be decoded, first {rel!r}: {reason}; "
                              "nothing was added to the cache")
     if not (todo or drop or list_parts(cache)):
         index = planned or read_index(cache)
@@ -320,9 +329,21 @@ def _finish(cache: Path, prov: Provenance, report: ExtractReport, todo: list[Sam
     index = finish(cache, prov, versions(), drop, incomplete=finished)  # writes the index only: O(shards)
     if index.shape[0] == 0 and not had_cache:
         remove_cache(cache)
-        raise InputError(f"no image in {data_dir} could be decoded; first failure: "
-                         f"{report.failed[0][0]!r}: {report.failed[0][1]}")
+        raise InputError(no_rows(data_dir, report.failed))
     return index.shape[0]
+
+
+def no_rows(data_dir: str | os.PathLike[str], failed: list[tuple[str, str]]) -> str:
+    """Why an input gave no row: none of its images decoded, or (tar shards, empty or of other files) it has none."""
+    from .tars import NO_IMAGE, UNREADABLE
+
+    if not failed or all(reason == NO_IMAGE for _, reason in failed):
+        return f"no images in {printable(str(data_dir))}: it holds no .jpg/.jpeg/.png/.webp files" + (
+            f" ({plural(len(failed), 'sample')} of other files, first {printable(failed[0][0])!r})" if failed else "")
+    if all(reason.startswith(UNREADABLE) for _, reason in failed):
+        return f"nothing could be read from {printable(str(data_dir))}; first failure: {printable(failed[0][0])}: " \
+               f"{printable(failed[0][1])}"
+    return f"no image in {data_dir} could be decoded; first failure: {failed[0][0]!r}: {failed[0][1]}"
 
 
 def raise_shared(dist: Dist | None, error: CatdogError | None) -> None:
@@ -386,14 +407,14 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
     except RuntimeError as e:  # a loader worker killed (e.g. by the OOM killer or a crashing decoder)
         if e is writer.error:
             raise
-        raise CatdogError(f"extraction stopped after {report.extracted} images ({str(e).splitlines()[0]}); the work "
-                          "so far is saved: run extract again to resume, with --workers 0 to isolate a bad file") \
-            from None
+        raise CatdogError(f"extraction stopped after {plural(report.extracted, 'image')} ({str(e).splitlines()[0]}); "
+                          "the work so far is saved: run extract again to resume, with --workers 0 to isolate a bad "
+                          "file") from None
     except KeyboardInterrupt:
         if not tag:  # under torchrun the next run lists the shards; ranks must not write the index concurrently
             finish(cache, prov, versions(), incomplete={source: True})  # `info` and `fit` say it is partial
-        raise Interrupted(f"interrupted: {report.extracted} images saved to {cache}; run extract again to resume") \
-            from None
+        raise Interrupted(f"interrupted: {plural(report.extracted, 'image')} saved to {cache}; run extract again to "
+                          "resume") from None
 
 
 def rows_of(batches: Iterable[Batch], todo: list[Sample], stat: np.ndarray | None = None) -> Rows:

@@ -205,6 +205,11 @@ def check_outputs(outputs: dict[str, Path | None], inputs: dict[str, Path | None
                 raise InputError(f"{name} and {other} are the same file ({p}): one would overwrite the other")
 
 
+def plural(n: int, word: str) -> str:
+    """`1 file`, `2 files`: counts in messages read right for one."""
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
+
+
 def printable(text: str) -> str:
     """Control characters (ESC, newlines, OSC sequences...) from files shown escaped, never sent to the terminal."""
     if text.isprintable():

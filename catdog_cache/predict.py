@@ -19,7 +19,7 @@ from .cache import Provenance, encode_path, list_parts, open_cache, parts_dir, r
 from .discover import Discovery, Sample, discover
 from .errors import CacheBusy, CacheError, CatdogError, InputError, ProvenanceMismatch
 from .extract import ExtractConfig, Progress, extract, run_features
-from .files import as_paths, check_outputs, file_key, plausible_file, printable
+from .files import as_paths, check_outputs, file_key, plausible_file, plural, printable
 from .fit import DEFAULT_HEAD, log_loss
 from .head import CAT_DOG
 from .outputs import (  # noqa: F401 (re-exported: predict's outputs lived here)
@@ -316,7 +316,7 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
                    **{f"--cache {c}": c for c in caches}})
     disc = discover(data_dir)
     if not disc.samples:
-        raise InputError(f"no images found in {data_dir}" + (f" ({len(disc.skipped)} files skipped)"
+        raise InputError(f"no images found in {data_dir}" + (f" ({plural(len(disc.skipped), 'file')} skipped)"
                                                               if disc.skipped else ""))
     if model_path:
         if caches:

@@ -27,6 +27,7 @@ from .tarextract import (
     ShardResult,
     _plan,
     extract_shard_list,
+    failure_name,
     outcome,
     read_marker,
     refuse_nothing_read,
@@ -104,8 +105,9 @@ def extract_ray_tars(spec: str | os.PathLike[str], cache: str | os.PathLike[str]
                                   f"{cache.name}.inputs; nothing was finished: run extract again")
         drop = tally(report, [outcome(r, held) for r in results])
         report.rows = _finish(cache, prov, report, [shards[i] for i in todo], drop, strict, had_cache, str(spec),
-                              {s: False for s in shards}) if (todo or cache.exists() or list_parts(cache)) else 0
-    refuse_nothing_read(report, spec)
+                              {s: False for s in shards}, name=failure_name
+                              ) if (todo or cache.exists() or list_parts(cache)) else 0
+    refuse_nothing_read(report, spec, len(shards))
     report.seconds = time.perf_counter() - t0
     return report
 

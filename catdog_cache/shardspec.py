@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import InputError
-from .files import printable, read_regular, short
+from .files import plural, printable, read_regular, short
 
 MAX_SHARDS = 100_000  # per input: a pattern or listing naming more is refused before anything is expanded or read
 MAX_LISTING_BYTES = 16 * 2**20  # a listing file of 100,000 URLs is ~10 MB
@@ -26,6 +26,7 @@ REMOTE_EXTRA = "pip install 'catdog-cache[remote]'"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+_COMMENT = re.compile(r"\s#.*")  # a listing line's trailing comment
 
 
 def is_url(text: str) -> bool:
@@ -103,15 +104,17 @@ def _kind(path: Path) -> str:
 
 
 def read_listing(path: Path) -> list[str]:
-    """Shard names from a listing file: one per line, blank lines and `#` comments ignored; relative paths are
-    relative to the listing's folder. Read up to MAX_LISTING_BYTES (a regular file only)."""
+    """Shard names from a listing file: one per line, blank lines and `#` comments (a whole line, or from a `#`
+    after whitespace) ignored; relative paths are relative to the listing's folder. Read up to MAX_LISTING_BYTES (a
+    regular file only)."""
     try:
         text = read_regular(path, MAX_LISTING_BYTES).decode("utf-8", "surrogateescape")
     except ValueError as e:
         raise InputError(f"listing {path}: {e}") from None
     except OSError as e:
         raise InputError(f"cannot read listing {path}: {e.strerror or e}") from None
-    names = [line.strip() for line in text.splitlines()]
+    # a `#` after whitespace starts a comment (a `#` inside a name, as in a URL's fragment, does not)
+    names = [_COMMENT.sub("", line).strip() for line in text.splitlines()]
     names = [n for n in names if n and not n.startswith("#")]
     if len(names) > MAX_SHARDS:
         raise InputError(f"listing {path} names {len(names):,} shards; at most {MAX_SHARDS:,} per input")
@@ -141,6 +144,27 @@ def resolve_inputs(spec: str | os.PathLike[str]) -> list[str]:
     if not names:
         raise InputError(f"{short(printable(text))} names no shards")
     return list(dict.fromkeys(names))
+
+
+def refuse_missing(shards: list[str]) -> None:
+    """Refuse, before any work, local shards that do not exist: a typo in a pattern or listing, not a failure to
+    record (a URL's object store is asked only when the shard is read: remote failures are recorded there)."""
+    missing = []
+    for source in shards:
+        if is_url(source):
+            continue
+        try:
+            os.stat(source)
+        except (FileNotFoundError, NotADirectoryError):
+            missing.append(source)
+        except OSError:
+            pass  # there but unreadable (permissions): recorded when read, as a remote failure is
+    if missing:
+        first = ", ".join(short(printable(m)) for m in missing[:3]) + (f" and {len(missing) - 3:,} more"
+                                                                       if len(missing) > 3 else "")
+        raise InputError(f"{len(missing):,} of {plural(len(shards), 'shard')} not found: {first}; nothing was "
+                         "extracted: check the pattern or listing (quote a brace pattern so the shell leaves it "
+                         "alone, e.g. 'shards/train-{000000..000099}.tar')")
 
 
 def remote_fs(url: str) -> tuple[Any, str]:

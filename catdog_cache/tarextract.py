@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .backbone import Preset
-from .cache import Provenance, Rows, encode_path, finish, list_parts, merge_classes, read_index, write_part
+from .cache import MAX_SOURCES, Provenance, Rows, encode_path, finish, list_parts, merge_classes, read_index, write_part
 from .discover import CLASSES, MAX_CLASS_NAME, MAX_CLASSES
 from .distributed import from_env
 from .errors import CacheError, CatdogError, InputError, Interrupted, ProvenanceMismatch
@@ -30,15 +30,16 @@ from .extract import (
     Progress,
     _finish,
     _lock_once,
+    no_rows,
     raise_shared,
     run_dataset,
     versions,
 )
-from .files import printable, read_regular, write_atomic
+from .files import plural, printable, read_regular, write_atomic
 from .pipeline import Batch, PartWriter, default_workers
 from .plan import matching_flags
-from .shardspec import Identity, identity, is_url, resolve_inputs
-from .tars import End, TarShards
+from .shardspec import Identity, identity, is_url, refuse_missing, resolve_inputs
+from .tars import NO_IMAGE, UNREADABLE, End, TarShards
 
 MARKER_BYTES = 64 * 2**10
 
@@ -82,6 +83,12 @@ def read_marker(cache: Path, source: str) -> Done | None:
         return d if ok and d.source == source else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def marked(cache: Path, source: str, ident: Identity, prov: Provenance) -> bool:
+    """Whether the shard, as it is now, has its done marker for these features."""
+    done = read_marker(cache, source)
+    return done is not None and done.identity == ident and done.provenance == prov.to_json()
 
 
 @dataclass
@@ -238,18 +245,27 @@ def _plan(shards: list[str], cache: Path, prov: Provenance, report: ExtractRepor
           ) -> tuple[list[int], list[Identity], dict[str, set[bytes]], list[str]]:
     """Shards to read (indices), every shard's identity, the keys the cache already holds for each shard to read
     (to drop the ones a changed shard no longer has), and the cache's classes ([] when it holds no labels). Shards
-    whose done marker matches are skipped unread."""
+    whose done marker matches are skipped unread. Refused before any is read: more sources than a cache holds,
+    local shards that do not exist."""
     held: dict[str, set[bytes]] = {}  # source -> keys held as rows or failure records, in the cache and its parts
     class_lists: list[tuple[list[str], bool]] = []
+    known: set[str] = set()  # the sources the cache and its parts list already
     for path in ([cache] if cache.exists() else []) + list_parts(cache):
         idx = read_index(path)
         _check_provenance(path, idx.provenance, prov, cache)
         class_lists.append((idx.classes, idx.labeled))
+        known.update(idx.sources)
         keys = idx.keys()
         for s, p in keys:
             held.setdefault(s, set()).add(p)
         for s, p, _, _ in idx.failed:
             held.setdefault(idx.sources[s], set()).add(p)
+    new = len(set(shards) - known)  # each shard becomes a source, a failure record's too
+    if len(known) + new > MAX_SOURCES:  # else found only when the index is written, after all the work
+        raise InputError(f"{printable(str(cache))} would hold {len(known) + new:,} sources ({len(known):,} already, "
+                         f"{plural(new, 'new shard')}); a cache holds at most {MAX_SOURCES:,}: extract these into "
+                         "another cache (--cache OTHER.h5), or pack the shards into fewer, larger tars")
+    refuse_missing(shards)
     folder = markers_dir(cache)
     if folder.is_dir() and not folder.is_symlink():
         for stale in folder.glob(".*.tmp"):  # a marker being written when a run was killed
@@ -262,13 +278,14 @@ def _plan(shards: list[str], cache: Path, prov: Provenance, report: ExtractRepor
             ident = identity(source)
         except OSError as e:
             idents.append(Identity(-1, ""))
-            report.failed.append((source, f"unreadable shard: {e.strerror or e}"))
+            report.failed.append((source, f"{UNREADABLE}: {e.strerror or e}"))
             continue
         idents.append(ident)
         done = read_marker(cache, source)
         if done and done.identity == ident and done.provenance == prov.to_json() and \
                 (source in held or done.rows + done.failed == 0):
             report.reused += done.rows
+            report.reused_failed += done.failed
             continue
         todo.append(i)
     have = merge_classes([c for c in class_lists if c[1]], str(cache)) if any(h for _, h in class_lists) else []
@@ -326,7 +343,9 @@ def extract_shards(spec: str | os.PathLike[str] | list[str], cache: str | os.Pat
                               "run extract again to resume, with --workers 0 to isolate a bad shard") from None
         except KeyboardInterrupt:
             if not dist:
-                finish(cache, prov, versions(), incomplete={shards[i]: True for i in todo})  # index only
+                # index only; a shard whose done marker was written before the Ctrl-C is finished, not partial
+                finish(cache, prov, versions(), incomplete={shards[i]: not marked(cache, shards[i], idents[i], prov)
+                                                            for i in todo})
             raise Interrupted(f"interrupted: finished shards saved to {cache}; run extract again to resume") from None
         mine_out = [outcome(r, held) for r in results]
         everyone = dist.gather(mine_out) if dist else [mine_out]
@@ -335,14 +354,14 @@ def extract_shards(spec: str | os.PathLike[str] | list[str], cache: str | os.Pat
         if dist is None or dist.main:
             try:
                 report.rows = _finish(cache, prov, report, [shards[i] for i in todo], drop, strict, had_cache,
-                                      spec if not isinstance(spec, list) else "the shards", {s: False for s in shards}
-                                      ) if (todo or cache.exists() or list_parts(cache)) else 0
+                                      spec if not isinstance(spec, list) else "the shards", {s: False for s in shards},
+                                      name=failure_name) if (todo or cache.exists() or list_parts(cache)) else 0
             except CatdogError as e:
                 error = e
         raise_shared(dist, error)
     if dist:
         dist.close()
-    refuse_nothing_read(report, spec)
+    refuse_nothing_read(report, spec, len(shards))
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -360,15 +379,33 @@ def tally(report: ExtractReport, outcomes: list[Outcome]) -> set[tuple[str, byte
     drop: set[tuple[str, bytes]] = set()
     for source, rows, failed, error, stale in outcomes:
         report.extracted += rows
-        report.failed += [(f"{source}#{key}", reason) for key, reason in failed]
+        report.failed += [(failure_name(source, encode_path(key)), reason) for key, reason in failed]
         report.failed += [(source, error)] if error else []
         drop |= {(source, p) for p in stale}
     report.found = report.extracted + report.reused + sum(len(o[2]) for o in outcomes)
     return drop
 
 
-def refuse_nothing_read(report: ExtractReport, spec: object) -> None:
-    if not report.rows and report.failed and not (report.extracted or report.reused):
-        source, reason = report.failed[0]
-        raise InputError(f"nothing could be read from {printable(str(spec))}; first failure: {printable(source)}: "
-                         f"{printable(reason)}")
+def failure_name(source: str, key: bytes) -> str:
+    """A failure record as reports name it: `shard#key`, or the shard alone when it could not be read."""
+    return f"{source}#{os.fsdecode(key)}" if key else source
+
+
+def refuse_nothing_read(report: ExtractReport, spec: object, shards: int) -> None:
+    """After the index is written: an input that gave no row is an error, into a new cache or an existing one (it
+    holds no images: an empty tar, one of other files; or nothing could be read from it), and so is any of its
+    `shards` that could not be read at all (the others' rows stay saved; a rerun retries only that shard)."""
+    unread = [(source, reason) for source, reason in report.failed if reason.startswith(UNREADABLE)]
+    if not (report.extracted or report.reused or report.reused_failed):
+        if all(reason == NO_IMAGE for _, reason in report.failed):  # none at all, too
+            raise InputError(no_rows(spec if not isinstance(spec, list) else "the shards", report.failed))
+        if not report.rows:
+            source, reason = report.failed[0]
+            raise InputError(f"nothing could be read from {printable(str(spec))}; first failure: "
+                             f"{printable(source)}: {printable(reason)}")
+    if unread:
+        source, reason = unread[0]
+        raise InputError(f"{len(unread):,} of {plural(shards, 'shard')} could not be read, first {printable(source)}: "
+                         f"{printable(reason.removeprefix(UNREADABLE + ': '))}; the other shards' rows are saved "
+                         f"({plural(report.rows, 'row')} in {printable(str(report.cache))}): run extract again to "
+                         "retry the unread ones")

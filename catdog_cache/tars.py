@@ -30,6 +30,8 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_HEADER_BYTES = 64 * 2**10  # a GNU long name or pax header larger than this is refused, never allocated
 MAX_GLOBAL_KEYS = 256  # global pax records kept by tarfile across the whole stream
 MAX_CLS_BYTES = 64
+UNREADABLE = "unreadable shard"  # a shard's failure reason (what follows: why): it could not be read at all
+NO_IMAGE = "no .jpg/.jpeg/.png/.webp member"  # a sample's failure reason; all of them: the input holds no images
 
 
 class BadTar(Exception):
@@ -209,12 +211,12 @@ class TarShards(torch.utils.data.IterableDataset):
                     label = s.label if s.label is not None else key_label(s.key, self.classes)
                     ref = Ref(i, s.key, label)
                     if s.data is None:
-                        yield ref, None, "", s.reason or "no .jpg/.jpeg/.png/.webp member"
+                        yield ref, None, "", s.reason or NO_IMAGE
                     elif s.reason:
                         yield ref, None, hashlib.sha256(s.data).hexdigest(), s.reason
                     else:
                         yield self.files.decode(ref, s.data)
         except (OSError, InputError) as e:  # unreadable now (network, permissions): not done, retried next run
-            yield End(i, readers, f"unreadable shard: {getattr(e, 'strerror', None) or e}"), None, "", ""
+            yield End(i, readers, f"{UNREADABLE}: {getattr(e, 'strerror', None) or e}"), None, "", ""
             return
         yield End(i, readers), None, "", ""

@@ -8,6 +8,7 @@ from .format import (
     CHUNK_ROWS,
     CLASS_MAP,
     INDEX_SCHEMA,
+    MAX_SOURCES,
     SCHEMA_VERSION,
     UNKNOWN_STAT,
     Index,
@@ -30,8 +31,8 @@ from .validate import open_h5
 from .view import View
 
 __all__ = [
-    "CHUNK_ROWS", "CLASS_MAP", "INDEX_SCHEMA", "SCHEMA_VERSION", "UNKNOWN_STAT", "BlockReader", "Index", "Provenance",
-    "Recorded", "Refresh", "Rows", "View", "assemble", "compact", "encode_path", "encode_paths", "finish",
+    "CHUNK_ROWS", "CLASS_MAP", "INDEX_SCHEMA", "MAX_SOURCES", "SCHEMA_VERSION", "UNKNOWN_STAT", "BlockReader", "Index",
+    "Provenance", "Recorded", "Refresh", "Rows", "View", "assemble", "compact", "encode_path", "encode_paths", "finish",
     "list_parts", "listed", "locked", "merge_classes", "open_cache", "open_h5", "parts_dir", "read_features",
     "read_index", "recorded", "remove_cache", "require_same", "rewrite_features", "shards_dir", "time_full_read",
     "write_part",

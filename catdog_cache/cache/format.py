@@ -37,6 +37,7 @@ INDEX_SCHEMA = 2  # a sharded cache's index (shards.py): the shard list and the 
 CHUNK_ROWS = 64  # 64 rows: 1 MiB at 4096-d float32 (320 KiB at 1280-d): large sequential reads, cheap streaming
 CLASS_MAP = {"cat": 0, "dog": 1}  # the Kaggle classes; any labeled image folder records its own (discover.class_names)
 STAT_FIELDS = ("size", "mtime_ns", "inode", "device")  # the columns of a `stat` row
+MAX_SOURCES = 65_535  # folders or tar shards per cache: `source` is uint16
 UNKNOWN_STAT = (-1, -1, -1, -1)  # no stat recorded (older cache, racy file): never equals a real file's
 # git's racy rule: a file whose mtime is not older than the scan that recorded it may have changed again within the
 # same timestamp tick, so its stat proves nothing. The margin covers coarse timestamps: the kernel's clock for mtimes

@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import CacheError
 from ..files import fsync_dir, printable, require_space, temp_beside
 from .direct import identity
-from .format import INDEX_SCHEMA, SCHEMA_VERSION, Index, Provenance
+from .format import INDEX_SCHEMA, MAX_SOURCES, SCHEMA_VERSION, Index, Provenance
 from .validate import _attr, _index, _rows, _vlen_bytes, open_h5, parse_classes, schema_of
 from .view import Tombstone, View, merge, shard_index
 
@@ -101,7 +101,7 @@ def read_state(f: h5py.File, path: Path) -> State:
     try:
         prov = Provenance.from_json(_attr(f, "provenance"), str(path))
         sources = json.loads(_attr(f, "sources"))
-        if not isinstance(sources, list) or not all(isinstance(x, str) for x in sources) or len(sources) > 65535:
+        if not isinstance(sources, list) or not all(isinstance(x, str) for x in sources) or len(sources) > MAX_SOURCES:
             raise ValueError("sources is not a list of folders")
         incomplete = json.loads(_attr(f, "incomplete")) if "incomplete" in f.attrs else []
         if not isinstance(incomplete, list) or not all(isinstance(x, str) and x in sources for x in incomplete):

@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import CacheError
 from ..files import printable
 from .direct import Direct, identity
-from .format import CHUNK_ROWS, Index, Provenance, merge_classes, require_same
+from .format import CHUNK_ROWS, MAX_SOURCES, Index, Provenance, merge_classes, require_same
 from .lean import PackedPaths, Unread, scan_view, unknown_stat_view
 from .validate import _index, open_h5
 
@@ -224,8 +224,8 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
         stat_parts.append(idx.stat)
         scan_parts.append(idx.stat_scan)
         rows_of.append(idx.shape[0])
-    if len(sources) > np.iinfo(np.uint16).max:
-        raise CacheError(f"{where} would hold {len(sources)} source folders; the schema allows 65,535")
+    if len(sources) > MAX_SOURCES:
+        raise CacheError(f"{where} would hold {len(sources)} source folders; the schema allows {MAX_SOURCES:,}")
     n_all = sum(rows_of)
     src = np.concatenate(src_parts) if src_parts else np.zeros(0, np.int64)  # [n_all]
     # [n_all] the paths, concatenated: references, no copy (lean: one buffer, see lean.PackedPaths)

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressC
 
 from .. import __version__
 from ..errors import CatdogError
-from ..files import json_text, printable, short
+from ..files import json_text, plural, printable, short
 
 # Plain click help: flags shown as flags (typer's rich help prints <bool> for them with click 8.5), short usage
 # errors, no box drawing in logs.
@@ -62,10 +62,6 @@ DROPOUT = typer.Option(0.5, "--dropout", help="Dropout probability (before the f
 VAL_FRACTION = typer.Option(0.2, "--val-fraction", help="Share of each class held out (hash of the path).")
 SEED = typer.Option(0, "--seed", help="Seed for init, batch order, dropout masks and the split.")
 HIDDEN = typer.Option("", "--hidden", help="MLP head: hidden sizes, e.g. 512 or 1024,256 (default: linear head).")
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
 
 
 def first_few(items: list[str], limit: int = 5, sep: str = ", ") -> str:
