@@ -70,3 +70,30 @@ def cli():
         return result
 
     return invoke
+
+
+def jpeg(kind: str, seed: int, tmp: Path) -> bytes:
+    return draw(tmp / f"{kind}-{seed}.jpg", kind, seed).read_bytes()
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> dict[str, bytes]:
+    """Kaggle names -> JPEG bytes, 4 cats and 4 dogs (tar shards' members)."""
+    return {f"{kind}.{i}.jpg": jpeg(kind, 10 * i + (kind == "dog"), tmp_path / "drawn")
+            for i in range(4) for kind in ("cat", "dog")}
+
+
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every shard the tar reader opens (workers=0: the reader runs in this process)."""
+    from catdog_cache import tars
+
+    seen: list[str] = []
+    real = tars.open_shard
+
+    def spy(source: str):
+        seen.append(source)
+        return real(source)
+
+    monkeypatch.setattr(tars, "open_shard", spy)
+    return seen

@@ -188,7 +188,8 @@ def test_tar_shards_one_task_each_killed_attempt_retried(ray, tmp_path, monkeypa
     marker), the retry supersedes those rows; the cache equals the local engine's row for row, and a rerun runs no
     task. --classes reaches the actors."""
     from catdog_cache.engine_ray import RayOptions, extract_ray
-    from tests.test_tars import jpeg, make_tar
+    from tests.conftest import jpeg
+    from tests.test_tars import make_tar
 
     drawn = tmp_path / "drawn"
     shards = []

@@ -24,13 +24,9 @@ from catdog_cache.errors import InputError
 from catdog_cache.extract import ExtractConfig, extract
 from catdog_cache.shardspec import expand_braces, resolve_inputs
 from catdog_cache.tarextract import markers_dir
-from tests.conftest import TINY, draw
+from tests.conftest import TINY, draw, jpeg
 
 CFG = ExtractConfig(WeightsSpec("random"), backbone="tiny", workers=0, batch_size=4, device="cpu")
-
-
-def jpeg(kind: str, seed: int, tmp: Path) -> bytes:
-    return draw(tmp / f"{kind}-{seed}.jpg", kind, seed).read_bytes()
 
 
 def make_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
@@ -41,27 +37,6 @@ def make_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     return path
-
-
-@pytest.fixture
-def images(tmp_path: Path) -> dict[str, bytes]:
-    """Kaggle names -> JPEG bytes, 4 cats and 4 dogs."""
-    return {f"{kind}.{i}.jpg": jpeg(kind, 10 * i + (kind == "dog"), tmp_path / "drawn")
-            for i in range(4) for kind in ("cat", "dog")}
-
-
-@pytest.fixture
-def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every shard the tar reader opens (workers=0: the reader runs in this process)."""
-    seen: list[str] = []
-    real = tars.open_shard
-
-    def spy(source: str):
-        seen.append(source)
-        return real(source)
-
-    monkeypatch.setattr(tars, "open_shard", spy)
-    return seen
 
 
 def test_tar_equals_folder_bitwise_and_rerun_reads_nothing(tmp_path, images, opened):

@@ -10,34 +10,16 @@ import subprocess
 import sys
 import tarfile
 import time
-from pathlib import Path
 
 import pytest
 
-from catdog_cache import tars
 from catdog_cache.cache import read_index, shards_dir
 from catdog_cache.errors import InputError
 from catdog_cache.extract import extract
 from catdog_cache.shardspec import resolve_inputs
 from catdog_cache.tarextract import extract_shards, markers_dir
-from tests.conftest import TINY
-from tests.test_tars import CFG, jpeg, make_tar
-
-
-@pytest.fixture
-def images(tmp_path: Path) -> dict[str, bytes]:
-    """Kaggle names -> JPEG bytes, 4 cats and 4 dogs (as test_tars' fixture)."""
-    return {f"{kind}.{i}.jpg": jpeg(kind, 10 * i + (kind == "dog"), tmp_path / "drawn")
-            for i in range(4) for kind in ("cat", "dog")}
-
-
-@pytest.fixture
-def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every shard the tar reader opens (workers=0: the reader runs in this process)."""
-    seen: list[str] = []
-    real = tars.open_shard
-    monkeypatch.setattr(tars, "open_shard", lambda source: (seen.append(source), real(source))[1])
-    return seen
+from tests.conftest import TINY, jpeg
+from tests.test_tars import CFG, make_tar
 
 
 def test_empty_tar_and_tar_without_images_are_one_line(cli, tmp_path):
