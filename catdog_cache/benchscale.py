@@ -57,7 +57,7 @@ def status(key):
             return int(line.split()[1]) * 1024
 from catdog_cache.cache import open_cache
 from catdog_cache.fit import FitConfig, fit
-from catdog_cache.fit.data import fit_overhead, parse_size
+from catdog_cache.fit.data import fit_overhead, mib, parse_size
 open("/proc/self/clear_refs", "w").write("5")  # peak (VmHWM) from here: after the imports
 base = status("VmRSS")
 t = time.perf_counter()
@@ -65,7 +65,7 @@ with open_cache(sys.argv[1], lean=True) as (view, index):  # as fit opens it
     opened = time.perf_counter() - t
     index_rss = status("VmRSS") - base
     # the chunk allowance asked for + what --max-memory holds beside the features (the index, per-row arrays)
-    budget = f"{-(-(parse_size(sys.argv[4]) + fit_overhead(index)) // 2**20)}M"
+    budget = mib(parse_size(sys.argv[4]) + fit_overhead(index))
 del view, index
 r = fit(sys.argv[1], sys.argv[2], FitConfig(epochs=int(sys.argv[3])), max_memory=budget, curve=False)
 print(json.dumps({"open_s": opened, "index_rss": index_rss, "base_rss": base, "peak_rss": status("VmHWM"),

@@ -315,9 +315,10 @@ def _finish(cache: Path, prov: Provenance, report: ExtractReport, todo: list[Sam
         for part in list_parts(cache):
             idx = read_index(part)
             for s, p, _, reason in idx.failed:
-                if (name(idx.sources[s], p), reason) not in seen:
-                    seen.add((name(idx.sources[s], p), reason))
-                    failed.append((name(idx.sources[s], p), reason))
+                record = (name(idx.sources[s], p), reason)
+                if record not in seen:
+                    seen.add(record)
+                    failed.append(record)
         if failed:
             rel, reason = failed[0]
             raise InputError(f"--strict: {plural(len(failed), 'file')} could not be decoded, first {rel!r}: {reason}; "

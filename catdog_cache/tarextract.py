@@ -85,10 +85,10 @@ def read_marker(cache: Path, source: str) -> Done | None:
         return None
 
 
-def marked(cache: Path, source: str, ident: Identity, prov: Provenance) -> bool:
-    """Whether the shard, as it is now, has its done marker for these features."""
+def matching_marker(cache: Path, source: str, ident: Identity, prov: Provenance) -> Done | None:
+    """The shard's done marker if it is for the shard as it is now and for these features, else None."""
     done = read_marker(cache, source)
-    return done is not None and done.identity == ident and done.provenance == prov.to_json()
+    return done if done is not None and done.identity == ident and done.provenance == prov.to_json() else None
 
 
 @dataclass
@@ -281,9 +281,8 @@ def _plan(shards: list[str], cache: Path, prov: Provenance, report: ExtractRepor
             report.failed.append((source, f"{UNREADABLE}: {e.strerror or e}"))
             continue
         idents.append(ident)
-        done = read_marker(cache, source)
-        if done and done.identity == ident and done.provenance == prov.to_json() and \
-                (source in held or done.rows + done.failed == 0):
+        done = matching_marker(cache, source, ident, prov)
+        if done and (source in held or done.rows + done.failed == 0):
             report.reused += done.rows
             report.reused_failed += done.failed
             continue
@@ -344,8 +343,8 @@ def extract_shards(spec: str | os.PathLike[str] | list[str], cache: str | os.Pat
         except KeyboardInterrupt:
             if not dist:
                 # index only; a shard whose done marker was written before the Ctrl-C is finished, not partial
-                finish(cache, prov, versions(), incomplete={shards[i]: not marked(cache, shards[i], idents[i], prov)
-                                                            for i in todo})
+                partial = {shards[i]: not matching_marker(cache, shards[i], idents[i], prov) for i in todo}
+                finish(cache, prov, versions(), incomplete=partial)
             raise Interrupted(f"interrupted: finished shards saved to {cache}; run extract again to resume") from None
         mine_out = [outcome(r, held) for r in results]
         everyone = dist.gather(mine_out) if dist else [mine_out]

@@ -150,7 +150,7 @@ def test_max_memory_covers_the_rows_beside_the_features(tmp_path):
     """--max-memory holds the index and fit's per-row arrays too (at 10M rows they were 0.9 GB past the budget):
     a budget they alone exceed is refused in one line; what is left of a budget goes to the streamed chunks."""
     from catdog_cache.cache import open_cache
-    from catdog_cache.fit.data import fit_overhead
+    from catdog_cache.fit.data import fit_overhead, mib, parse_size
 
     n, dim = 30_000, 8
     rng = np.random.default_rng(0)
@@ -163,6 +163,7 @@ def test_max_memory_covers_the_rows_beside_the_features(tmp_path):
     with open_cache(tmp_path / "c.h5", lean=True) as (_, index):
         rest = fit_overhead(index)
     assert 2**20 < rest < 2 * 2**20 and n * dim * 4 < 2**20  # the rows outweigh the features here
+    assert parse_size(mib(1025 * 2**20 + 1)) == 1026 * 2**20  # the suggested budget pastes back: no "1,026M"
     with pytest.raises(InputError, match=r"--max-memory 1M: fitting 30,000 rows .* give at least 2M"):
         fit(tmp_path / "c.h5", tmp_path / "h.pt", FitConfig(epochs=1), max_memory="1M", curve=False)
     assert not (tmp_path / "h.pt").exists()

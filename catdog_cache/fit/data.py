@@ -168,7 +168,9 @@ def fit_overhead(index: Index) -> int:
 
 
 def mib(n: int) -> str:
-    return f"{-(-n // 2**20):,}M"
+    """Bytes as --max-memory takes them, rounded up: '669M' (no thousands separator: the text is meant to be
+    pasted back into --max-memory, and parse_size reads no commas)."""
+    return f"{-(-n // 2**20)}M"
 
 
 def available_memory() -> int:
