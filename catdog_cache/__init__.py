@@ -15,14 +15,14 @@ __version__ = "0.1.0"
 # package resolves these names itself: `catdog_cache.extract` is the function, `catdog_cache.extract` in
 # sys.modules (and `from catdog_cache.extract import ...`) the module.
 _API = {
-    "extract": ("extract", "extract"),
+    "extract": ("engines.dispatch", "extract"),
     "fit": ("fit", "fit"),
-    "predict": ("predict", "predict"),
+    "predict": ("score.predict", "predict"),
     "verify": ("verify", "verify"),
-    "export": ("scorer", "export"),
-    "preview": ("preview", "preview"),
+    "export": ("score.scorer", "export"),
+    "preview": ("score.preview", "preview"),
     "get_backbone": ("backbone", "get_backbone"),
-    "ExtractConfig": ("extract", "ExtractConfig"),
+    "ExtractConfig": ("extract.config", "ExtractConfig"),
     "FitConfig": ("fit", "FitConfig"),
     "parse_weights": ("backbone", "parse_weights"),
 }

@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import InputError, WeightsUnavailable
 from .files import plausible_file, sha256_regular
-from .preprocess import DECODERS
+
+DECODERS = ("pil", "pil-draft", "torchvision")  # how a preset's images are decoded (recorded in its spec)
+
 
 if TYPE_CHECKING:  # torch is imported where a model is built or run, never to describe one
     import torch

@@ -183,10 +183,11 @@ def run_demo(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> DemoReport:
     from .backbone import parse_weights
-    from .extract import ExtractConfig, extract
+    from .engines.dispatch import extract
+    from .extract.config import ExtractConfig
     from .fit import FitConfig, fit
-    from .predict import predict
-    from .preview import preview
+    from .score.predict import predict
+    from .score.preview import preview
 
     if backbone is None:
         backbone, auto_weights = default_backbone()

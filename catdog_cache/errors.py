@@ -33,3 +33,6 @@ class Interrupted(CatdogError):
     """Ctrl-C: work done so far was saved."""
 
     exit_code = 130
+
+
+RAY_MISSING = "--engine ray needs Ray, which is not installed: pip install 'catdog-cache[ray]'"

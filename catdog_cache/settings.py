@@ -28,7 +28,7 @@ def recorded_settings(cache: Path) -> Settings | None:
     when there is no cache yet."""
     from .backbone import spec_from_identity
     from .cache import list_parts, read_index
-    from .preprocess import decoder_of
+    from .sources.decode import decoder_of
 
     found = [cache] if cache.exists() else list_parts(cache, clean=False)[:1]
     if not found:

@@ -18,11 +18,13 @@ import torch
 
 from .backbone import Preset
 from .cache import read_features, read_index
-from .discover import discover
+from .engines.dispatch import extract
 from .errors import InputError
-from .extract import ExtractConfig, ImageFiles, extract
+from .extract.config import ExtractConfig
+from .extract.loader import ImageFiles
 from .fit import Features, FitConfig, evaluate, fit, labeled_rows, split, train, training_device
-from .head import load_head
+from .fit.head import load_head
+from .sources.folder import discover
 
 
 @dataclass

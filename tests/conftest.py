@@ -86,7 +86,7 @@ def images(tmp_path: Path) -> dict[str, bytes]:
 @pytest.fixture
 def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every shard the tar reader opens (workers=0: the reader runs in this process)."""
-    from catdog_cache import tars
+    from catdog_cache.sources import tars
 
     seen: list[str] = []
     real = tars.open_shard

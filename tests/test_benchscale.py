@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 
-from catdog_cache import benchscale
+from catdog_cache.bench import scale as benchscale
 from catdog_cache.cache import open_cache, shards_dir
 from catdog_cache.cache.view import _increasing
 

@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from catdog_cache.discover import discover
 from catdog_cache.errors import InputError
+from catdog_cache.sources.folder import discover
 from tests.conftest import draw
 
 
@@ -131,7 +131,7 @@ def test_dangling_symlink_reported(tmp_path):
 
 
 def test_hard_linked_duplicate_keeps_the_first_name_whatever_the_walk_order(tmp_path):
-    from catdog_cache.discover import discover
+    from catdog_cache.sources.folder import discover
 
     root = tmp_path / "d"
     draw(root / "cat" / "a.jpg", "cat", 1)
@@ -143,7 +143,7 @@ def test_hard_linked_duplicate_keeps_the_first_name_whatever_the_walk_order(tmp_
 
 
 def test_kaggle_labels_by_bisect_follow_the_per_name_rule():
-    from catdog_cache.discover import _kaggle_label, _kaggle_labels
+    from catdog_cache.sources.folder import _kaggle_label, _kaggle_labels
 
     names = sorted(["cat.1.jpg", "cat.", "cat", "Cat.2.jpg", "CAT.3.png", "dog.4.jpg", "DoG.5.jpg", "dog", "dogs.6.jpg",
                     "cat_7.jpg", "hotdog.8.jpg", "a.jpg", "z.jpg", "cat-9.jpg", "catdog.10.jpg", "dog..jpg", "c.jpg"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from catdog_cache.cache import list_parts, parts_dir, read_features, read_index
-from catdog_cache.distributed import Dist, placement
+from catdog_cache.engines.torchrun import Dist, placement
 from tests.conftest import TINY, draw
 
 ARGS = [*TINY, "--quiet", "--part-rows", "4", "--batch-size", "2", "--workers", "0"]

@@ -13,9 +13,11 @@ import pytest
 
 from catdog_cache.backbone import parse_weights
 from catdog_cache.cache import list_parts, listed, parts_dir, read_features, read_index
+from catdog_cache.engines.dispatch import extract
 from catdog_cache.errors import CacheError, InputError
-from catdog_cache.extract import ExtractConfig, Known, extract
-from catdog_cache.shardwork import folder_shards, markers_dir, read_marker, shard_done
+from catdog_cache.extract.config import ExtractConfig
+from catdog_cache.extract.folder_units import folder_shards, markers_dir, read_marker, shard_done
+from catdog_cache.extract.plan import Known
 from tests.conftest import TINY, draw
 
 CFG = ExtractConfig(weights=parse_weights("random", 0), backbone="tiny", batch_size=2, workers=0, device="cpu")
@@ -47,9 +49,9 @@ def reference(data, tmp_path_factory):
 
 
 def run(data, cache, **opts):
-    from catdog_cache.engine_ray import RayOptions, extract_ray
+    from catdog_cache.engines.ray_pool import RayOptions
 
-    return extract_ray(data, cache, CFG, RayOptions(**{"shard_size": 4, "actors": 1, **opts}))
+    return extract(data, cache, CFG, engine="ray", ray=RayOptions(**{"shard_size": 4, "actors": 1, **opts}))
 
 
 def assert_same(a: Path, b: Path):
@@ -104,14 +106,14 @@ def test_killed_worker_process_is_retried_without_loss_or_duplicates(ray, data, 
 def test_finished_parts_are_kept_and_skipped_until_assembled(ray, data, reference, tmp_path, monkeypatch, cli):
     """A driver that died after its tasks: parts and markers are on disk, nothing assembled. The rerun runs no task
     and assembles them."""
-    from catdog_cache import engine_ray
+    from catdog_cache.engines import ray_folder as engine_ray
 
     def driver_dies(*args, **kwargs):
         raise RuntimeError("driver died")
 
     cache = tmp_path / "ray.h5"
     with monkeypatch.context() as m:
-        m.setattr(engine_ray, "_finish", driver_dies)
+        m.setattr(engine_ray, "finish_run", driver_dies)
         with pytest.raises(RuntimeError, match="driver died"):
             run(data, cache)
     assert len(list(parts_dir(cache).glob("*.h5"))) == 5 and not cache.exists()
@@ -124,7 +126,7 @@ def test_finished_parts_are_kept_and_skipped_until_assembled(ray, data, referenc
 
 def test_markers_are_checked_like_hostile_files(data, tmp_path):
     """No Ray needed: a damaged, foreign or oversized marker means 'not done'; a symlinked folder is refused."""
-    from catdog_cache.discover import discover
+    from catdog_cache.sources.folder import discover
 
     disc = discover(data)
     prov = CFG.provenance()
@@ -158,7 +160,7 @@ def test_markers_are_checked_like_hostile_files(data, tmp_path):
 
 
 def test_missing_ray_is_one_line_naming_the_extra(monkeypatch):
-    from catdog_cache.engine_ray import require_ray
+    from catdog_cache.engines.ray_pool import require_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(InputError, match=r"pip install 'catdog-cache\[ray\]'"):
@@ -187,7 +189,7 @@ def test_tar_shards_one_task_each_killed_attempt_retried(ray, tmp_path, monkeypa
     """Tar input on Ray: one task per tar shard; shard 1's first attempt dies after writing a part (before its
     marker), the retry supersedes those rows; the cache equals the local engine's row for row, and a rerun runs no
     task. --classes reaches the actors."""
-    from catdog_cache.engine_ray import RayOptions, extract_ray
+    from catdog_cache.engines.ray_pool import RayOptions
     from tests.conftest import jpeg
     from tests.test_tars import make_tar
 
@@ -205,7 +207,7 @@ def test_tar_shards_one_task_each_killed_attempt_retried(ray, tmp_path, monkeypa
     flag = tmp_path / "killed-1"
     monkeypatch.setenv("CATDOG_RAY_KILL", f"1:part:{flag}")
     cache = tmp_path / "ray.h5"
-    r = extract_ray(spec, cache, cfg, RayOptions(actors=1), classes=["a", "b", "c"])
+    r = extract(spec, cache, cfg, classes=["a", "b", "c"], engine="ray", ray=RayOptions(actors=1))
     assert flag.exists() and (r.shards, r.shards_run, r.extracted) == (3, 3, 12)
     assert_same(tmp_path / "local.h5", cache)
     assert read_index(cache).classes == ["a", "b", "c"]

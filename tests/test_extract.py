@@ -6,11 +6,12 @@ import pytest
 
 from catdog_cache.backbone import WeightsSpec
 from catdog_cache.cache import read_features, read_index
+from catdog_cache.engines.dispatch import extract
 from catdog_cache.errors import ProvenanceMismatch
-from catdog_cache.extract import ExtractConfig, extract
+from catdog_cache.extract.config import ExtractConfig
 from tests.conftest import TINY, draw
 
-extract_mod = importlib.import_module("catdog_cache.extract")  # the module; `catdog_cache.extract` is the function
+extract_mod = importlib.import_module("catdog_cache.extract.folder")  # the folder runner: run_features as it calls it
 CFG = ExtractConfig(weights=WeightsSpec("random", seed=0), backbone="tiny", workers=0, batch_size=4)
 
 
@@ -45,7 +46,7 @@ def test_rows_match_a_direct_forward_pass(tmp_path, folder_dir):
     from dataclasses import replace
 
     from catdog_cache.backbone import build
-    from catdog_cache.preprocess import decode_rgb
+    from catdog_cache.sources.decode import decode_rgb
 
     extract(folder_dir, tmp_path / "c.h5", replace(CFG, device="cpu"))  # compared with a CPU forward below
     idx = read_index(tmp_path / "c.h5")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from catdog_cache.head import load_head
+from catdog_cache.fit.head import load_head
 from tests.conftest import TINY
 
 
@@ -87,7 +87,7 @@ def test_export_equals_predict_and_loads_in_plain_pytorch(cli, trained, tmp_path
     # the documented few lines of plain PyTorch
     from torchvision.models import VGG16_Weights
 
-    from catdog_cache.preprocess import decode_rgb
+    from catdog_cache.sources.decode import decode_rgb
 
     model = torch.export.load("model.pt2").module()
     x = VGG16_Weights.IMAGENET1K_V1.transforms()(decode_rgb((trained / "cat.0.jpg").read_bytes()))[None]

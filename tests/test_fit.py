@@ -8,7 +8,7 @@ from catdog_cache.backbone import IMAGENET
 from catdog_cache.cache import Provenance, Rows, assemble, write_part
 from catdog_cache.errors import CacheError, InputError
 from catdog_cache.fit import FitConfig, fit, split, streams
-from catdog_cache.head import load_head
+from catdog_cache.fit.head import load_head
 from tests.conftest import TINY
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -9,12 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from catdog_cache import benchpipe, pipeline
 from catdog_cache.backbone import IMAGENET, Preset, WeightsSpec
+from catdog_cache.bench import pipeline as benchpipe
 from catdog_cache.cache import read_features, read_index
+from catdog_cache.engines.dispatch import extract
 from catdog_cache.errors import ProvenanceMismatch
-from catdog_cache.extract import ExtractConfig, extract, matching_flags
-from catdog_cache.preprocess import decode_rgb, decoder_of, jpeg_end, jpeg_payload, tensor_views
+from catdog_cache.extract import loader as pipeline
+from catdog_cache.extract.config import ExtractConfig
+from catdog_cache.extract.plan import matching_flags
+from catdog_cache.sources.decode import decode_rgb, decoder_of, jpeg_end, jpeg_payload, tensor_views
 from tests.conftest import TINY
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from catdog_cache.head import Head, MaskStream
+from catdog_cache.fit.head import Head, MaskStream
 
 
 @pytest.mark.parametrize("p", [0.1, 0.25, 0.5, 0.9])
@@ -34,7 +34,7 @@ def test_device_masks_are_the_host_masks(device, monkeypatch):
     """fit --device cuda unpacks the dropout words on the device: the same numbers as the host's numpy masks, for
     every mask kind (bits for p = 0.5, bytes for p on the 1/256 grid, 16-bit values otherwise), for widths that are
     not whole words, and across the boundary of an uploaded block."""
-    from catdog_cache.head import DeviceMaskStream
+    from catdog_cache.fit.head import DeviceMaskStream
 
     monkeypatch.setattr(DeviceMaskStream, "BLOCK_WORDS", 50)  # several refills, one mid-request
     host, dev = MaskStream(3), DeviceMaskStream(3, torch.device(device))

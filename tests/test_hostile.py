@@ -66,7 +66,7 @@ def test_garbage_cache_is_one_line(cli, kaggle_dir, tmp_path):
 def test_oversized_file_refused_before_reading(cli, kaggle_dir, monkeypatch):
     import importlib
 
-    for mod in ("catdog_cache.rerun", "catdog_cache.pipeline"):  # the rehash and the loader workers' read
+    for mod in ("catdog_cache.extract.rerun", "catdog_cache.extract.loader"):  # the rehash and the loader workers' read
         monkeypatch.setattr(importlib.import_module(mod), "MAX_FILE_BYTES", 1000)  # every drawn JPEG is larger
     (kaggle_dir / "cat.90.jpg").write_bytes(b"\xff" * 500)  # small enough to be read (and rejected as not an image)
     r = cli("extract", kaggle_dir, *TINY, ok=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from catdog_cache.head import load_head
+from catdog_cache.fit.head import load_head
 from tests.conftest import TINY, draw
 
 

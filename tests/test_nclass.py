@@ -15,11 +15,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 from catdog_cache.backbone import WeightsSpec
 from catdog_cache.cache import assemble, compact, listed, read_features, read_index
+from catdog_cache.engines.dispatch import extract
 from catdog_cache.errors import CacheError, InputError
-from catdog_cache.extract import ExtractConfig, extract
+from catdog_cache.extract.config import ExtractConfig
 from catdog_cache.fit import FitConfig, fit
-from catdog_cache.head import load_head
-from catdog_cache.predict import predict
+from catdog_cache.fit.head import load_head
+from catdog_cache.score.predict import predict
 from tests.conftest import draw
 
 TINY = ExtractConfig(weights=WeightsSpec("random", seed=0), backbone="tiny", workers=0)

@@ -132,7 +132,7 @@ def test_interrupted_extract_is_said_by_info_and_fit(cli, kaggle_dir, monkeypatc
     """Item 4: after Ctrl-C `info` showed "cat 4 (100%)" and fit failed without a word of the interruption."""
     import importlib
 
-    ex = importlib.import_module("catdog_cache.extract")  # the package re-exports a function of that name
+    ex = importlib.import_module("catdog_cache.extract.folder")  # the folder runner
     real = ex.run_features
 
     def one_batch_then_ctrl_c(*args, **kwargs):

@@ -112,9 +112,9 @@ def test_recorded_descriptions_match_the_models() -> None:
 
 
 def test_early_head_check_says_what_load_head_says(tmp_path: Path) -> None:
+    from catdog_cache.cli.precheck import head_file
     from catdog_cache.errors import CacheError
-    from catdog_cache.head import load_head
-    from catdog_cache.precheck import head_file
+    from catdog_cache.fit.head import load_head
 
     for path in (tmp_path / "missing.pt", tmp_path):
         with pytest.raises(CacheError) as early:

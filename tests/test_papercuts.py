@@ -89,7 +89,7 @@ def test_weights_file_path_is_remembered(cli, kaggle_dir, tmp_path):
 
 
 def test_progress_is_labelled_by_the_command(cli, kaggle_dir, test_dir):
-    from catdog_cache import predict
+    from catdog_cache.score.predict import predict
 
     cli("extract", kaggle_dir, *TINY)
     cli("fit", "--epochs", "1")
@@ -103,7 +103,7 @@ def test_kaggle_prefix_any_case(cli, tmp_path):
     draw(root / "Cat.1.jpg", "cat", 1)
     draw(root / "DOG.2.jpg", "dog", 2)
     draw(root / "hotdog.3.jpg", "dog", 3)
-    from catdog_cache.discover import discover
+    from catdog_cache.sources.folder import discover
 
     d = discover(root)
     assert {s.rel: s.label for s in d.samples} == {"Cat.1.jpg": 0, "DOG.2.jpg": 1}

@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from catdog_cache import benchpipe, pipeline
 from catdog_cache.backbone import WeightsSpec, build
+from catdog_cache.bench import pipeline as benchpipe
 from catdog_cache.cache import list_parts, read_features, read_index
+from catdog_cache.engines.dispatch import extract
 from catdog_cache.errors import CatdogError
-from catdog_cache.extract import ExtractConfig, extract
-from catdog_cache.preprocess import decode_rgb, views_of
+from catdog_cache.extract import loader as pipeline
+from catdog_cache.extract.config import ExtractConfig
+from catdog_cache.sources.decode import decode_rgb, views_of
 
-extract_mod = importlib.import_module("catdog_cache.extract")
+extract_mod = importlib.import_module("catdog_cache.extract.folder")
 
 
 def serial_features(root, rels, cfg):

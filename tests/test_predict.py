@@ -5,7 +5,7 @@ import torch
 
 from catdog_cache.cache import read_features, read_index
 from catdog_cache.fit import FitConfig, fit
-from catdog_cache.head import load_head
+from catdog_cache.fit.head import load_head
 from tests.conftest import TINY
 
 

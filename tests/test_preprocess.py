@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from catdog_cache.backbone import get_backbone
-from catdog_cache.preprocess import DecodeError, decode_rgb, views_of
+from catdog_cache.sources.decode import DecodeError, decode_rgb, views_of
 
 
 def encode(im: Image.Image, fmt: str, **kw) -> bytes:

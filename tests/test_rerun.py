@@ -14,12 +14,13 @@ import pytest
 
 from catdog_cache.backbone import WeightsSpec
 from catdog_cache.cache import compact, read_index, shards_dir
-from catdog_cache.discover import discover
+from catdog_cache.engines.dispatch import extract
 from catdog_cache.errors import CacheError
-from catdog_cache.extract import ExtractConfig, extract
+from catdog_cache.extract.config import ExtractConfig
+from catdog_cache.sources.folder import discover
 from tests.conftest import draw
 
-rerun = importlib.import_module("catdog_cache.rerun")
+rerun = importlib.import_module("catdog_cache.extract.rerun")
 CFG = ExtractConfig(weights=WeightsSpec("random", seed=0), backbone="tiny", workers=0, batch_size=4)
 HOUR = 3600 * 10**9
 
@@ -182,7 +183,7 @@ def test_a_copy_changes_the_inode_and_is_hashed(tmp_path, kaggle_dir, hashed):
 
 
 def test_predict_checks_use_the_stat_rule(tmp_path, kaggle_dir, hashed):
-    from catdog_cache.predict import _check_covered, up_to_date
+    from catdog_cache.score.predict import _check_covered, up_to_date
 
     backdate(kaggle_dir)
     cache = tmp_path / "c.h5"

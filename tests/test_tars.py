@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from catdog_cache import tars
 from catdog_cache.backbone import WeightsSpec
 from catdog_cache.cache import read_features, read_index
+from catdog_cache.engines.dispatch import extract
 from catdog_cache.errors import InputError
-from catdog_cache.extract import ExtractConfig, extract
-from catdog_cache.shardspec import expand_braces, resolve_inputs
-from catdog_cache.tarextract import markers_dir
+from catdog_cache.extract.config import ExtractConfig
+from catdog_cache.extract.tar_units import markers_dir
+from catdog_cache.sources import tars
+from catdog_cache.sources.spec import expand_braces, resolve_inputs
 from tests.conftest import TINY, draw, jpeg
 
 CFG = ExtractConfig(WeightsSpec("random"), backbone="tiny", workers=0, batch_size=4, device="cpu")
@@ -247,7 +248,8 @@ def test_resume_after_kill_skips_finished_shards(tmp_path, images):
         make_tar(tmp_path / f"s-{k}.tar", [(n, images[n]) for n in names[2 * k:2 * k + 2]])
     pattern = str(tmp_path / "s-{0..3}.tar")
     extract(pattern, tmp_path / "ref.h5", CFG)
-    script = ("import sys; from catdog_cache.extract import ExtractConfig, extract; "
+    script = ("import sys; from catdog_cache.extract.config import ExtractConfig; "
+              "from catdog_cache.engines.dispatch import extract; "
               "from catdog_cache.backbone import WeightsSpec; "
               "extract(sys.argv[1], sys.argv[2], ExtractConfig(WeightsSpec('random'), backbone='tiny', workers=0, "
               "batch_size=1, device='cpu', part_rows=1))")
@@ -329,7 +331,7 @@ def test_classes_name_cls_indexes_and_class_folders(cli, tmp_path):
 
 def test_bench_tars_rows(tmp_path, images):
     """bench --only tars: three inputs, same images, ratios to the folder; an append writes little of the cache."""
-    from catdog_cache import benchtars
+    from catdog_cache.bench import tars as benchtars
 
     folder = tmp_path / "kaggle"
     folder.mkdir()

@@ -14,10 +14,11 @@ import time
 import pytest
 
 from catdog_cache.cache import read_index, shards_dir
+from catdog_cache.engines.dispatch import extract
 from catdog_cache.errors import InputError
-from catdog_cache.extract import extract
-from catdog_cache.shardspec import resolve_inputs
-from catdog_cache.tarextract import extract_shards, markers_dir
+from catdog_cache.extract.tar_units import markers_dir
+from catdog_cache.extract.tars import extract_tars
+from catdog_cache.sources.spec import resolve_inputs
 from tests.conftest import TINY, jpeg
 from tests.test_tars import CFG, make_tar
 
@@ -88,7 +89,7 @@ def test_listing_trailing_comments_are_stripped(tmp_path):
 
 
 def test_more_sources_than_a_cache_holds_refused_before_any_work(tmp_path, images, opened, monkeypatch):
-    from catdog_cache import tarextract
+    from catdog_cache.extract import plan as tarextract
 
     monkeypatch.setattr(tarextract, "MAX_SOURCES", 3, raising=False)  # 65,535 in earnest
     names = sorted(images)
@@ -111,7 +112,8 @@ def test_ctrl_c_marks_only_unfinished_shards_incomplete(tmp_path, images):
     names = sorted(images)
     shards = [str(make_tar(tmp_path / f"s-{k}.tar", [(n, images[n]) for n in names[2 * k:2 * k + 2]]))
               for k in range(4)]
-    script = ("import sys; from catdog_cache.extract import ExtractConfig, extract; "
+    script = ("import sys; from catdog_cache.extract.config import ExtractConfig; "
+              "from catdog_cache.engines.dispatch import extract; "
               "from catdog_cache.backbone import WeightsSpec; "
               "extract(sys.argv[1], sys.argv[2], ExtractConfig(WeightsSpec('random'), backbone='tiny', workers=0, "
               "batch_size=1, device='cpu', part_rows=1))")
@@ -136,7 +138,7 @@ def test_counts_of_one_read_singular(tmp_path, images):
     with pytest.raises(InputError, match=r"^--strict: 1 file could not be decoded, first '.*dog\.2'"):
         extract(shard, tmp_path / "c.h5", CFG, strict=True)
     with pytest.raises(InputError, match=r"^1 of 1 shard not found"):
-        extract_shards([str(tmp_path / "gone.tar")], tmp_path / "c.h5", CFG)
+        extract_tars([str(tmp_path / "gone.tar")], tmp_path / "c.h5", CFG)
 
 
 def test_moved_single_file_cache_needs_its_inputs_folder(cli, tmp_path, images, opened):

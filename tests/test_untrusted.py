@@ -233,7 +233,7 @@ def test_planted_temp_symlinks_are_never_followed(cli, base, tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("victim content")
     from catdog_cache.cache import Provenance
-    from catdog_cache.head import load_head
+    from catdog_cache.fit.head import load_head
 
     prov = Provenance.from_json(load_head(base.head)[1]["provenance"]).to_json()
     test_cache = f"test1.{hashlib.sha256(prov.encode()).hexdigest()[:8]}.h5"  # where predict caches base.test
@@ -346,7 +346,8 @@ def test_crafted_cache_storage_is_refused(cli, base, tmp_path, kind):
 def test_strict_keeps_parts_of_an_earlier_run(cli, base, tmp_path):
     from catdog_cache.backbone import WeightsSpec
     from catdog_cache.cache import Rows, parts_dir, write_part
-    from catdog_cache.extract import ExtractConfig, sha256_file, versions
+    from catdog_cache.extract.config import ExtractConfig, versions
+    from catdog_cache.extract.rerun import sha256_file
 
     data = tmp_path / "data"
     data.mkdir()
@@ -498,7 +499,7 @@ def test_bounded_reads_of_regular_files_only(tmp_path):
 
 def test_image_that_became_a_fifo_is_a_failure_not_a_hang(tmp_path):
     from catdog_cache.backbone import IMAGENET
-    from catdog_cache.extract import ImageFiles
+    from catdog_cache.extract.loader import ImageFiles
 
     root = tmp_path / "data"
     draw(root / "cat.0.jpg", "cat", 1)
@@ -785,7 +786,7 @@ def test_formula_file_names_are_quoted_in_the_csv(cli, base, tmp_path):
 
 def test_bf16_extraction_head_scores_in_float32(cli, base):
     from catdog_cache.cache import read_features, read_index
-    from catdog_cache.head import load_head
+    from catdog_cache.fit.head import load_head
 
     cli("extract", base.train, *TINY, "--precision", "bf16", "--quiet")
     cli("fit", *FIT)

@@ -263,7 +263,7 @@ def two_heads(cli, base):
 def test_nothing_to_extract_takes_no_lock(cli, base, two_heads, monkeypatch):
     """A head on read-only media failed ("Read-only file system: ...lock") even with every feature cached: once
     the folder is cached, predict and preview never open the lock (here: opening it fails the test)."""
-    extract_module = importlib.import_module("catdog_cache.extract")  # the package exports a function of that name
+    extract_module = importlib.import_module("catdog_cache.extract.finish")  # where the run takes the lock
 
     a, b = two_heads
     cli("predict", base.test, "--head", a, "--out", "a.csv")  # caches test1 beside the heads
@@ -279,7 +279,7 @@ def test_nothing_to_extract_takes_no_lock(cli, base, two_heads, monkeypatch):
     cli("preview", base.train, "--head", b, "--out", "t.png")
     draw(base.test.parent / "more" / "1.jpg", "cat", 1)  # a new image still needs the lock: the error says so
     with pytest.raises(AssertionError, match="the lock"):
-        from catdog_cache.predict import predict
+        from catdog_cache.score.predict import predict
 
         predict(base.test.parent / "more", b, "m.csv")
 
@@ -290,7 +290,7 @@ def test_predict_waits_for_another_extract(cli, base, two_heads, tmp_path, monke
     import threading
 
     from catdog_cache.cache import locked
-    from catdog_cache.predict import predict
+    from catdog_cache.score.predict import predict
 
     a, b = two_heads
     cli("predict", base.test, "--head", a, "--out", "a.csv")

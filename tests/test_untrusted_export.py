@@ -231,7 +231,7 @@ def _wide_images() -> dict[str, tuple[Image.Image, str]]:
 
 @pytest.mark.parametrize("kind", list(_wide_images()))
 def test_wide_images_convert_to_the_same_rgb(kind):
-    from catdog_cache.preprocess import BAND_PIXELS, decode_rgb
+    from catdog_cache.sources.decode import BAND_PIXELS, decode_rgb
 
     im, fmt = _wide_images()[kind]
     buf = io.BytesIO()
@@ -239,7 +239,7 @@ def test_wide_images_convert_to_the_same_rgb(kind):
     with Image.open(io.BytesIO(buf.getvalue())) as src:
         src.load()
         want = _old_gray8(src)
-    with mock.patch("catdog_cache.preprocess.BAND_PIXELS", 200):  # several bands even on a small image
+    with mock.patch("catdog_cache.sources.decode.BAND_PIXELS", 200):  # several bands even on a small image
         got = np.asarray(decode_rgb(buf.getvalue()))  # [H, W, 3]
     assert BAND_PIXELS > 200 and got.shape == (*want.shape, 3)
     assert (got == want[..., None]).all()
@@ -251,7 +251,7 @@ def test_wide_image_conversion_memory_is_bounded(mode):
     output byte plus one band."""
     import tracemalloc
 
-    from catdog_cache.preprocess import _to_rgb
+    from catdog_cache.sources.decode import _to_rgb
 
     side = 2048
     a = np.arange(side * side, dtype=np.uint32).reshape(side, side) % 60000
@@ -273,7 +273,7 @@ def test_wide_image_conversion_memory_is_bounded(mode):
 def _shipped(folder: Path, name: str):
     """What a loader worker hands the main process for one file with --decoder torchvision."""
     from catdog_cache.backbone import IMAGENET
-    from catdog_cache.extract import ImageFiles
+    from catdog_cache.extract.loader import ImageFiles
 
     _, item, _, reason = ImageFiles(folder, [name], ("center",), IMAGENET, "torchvision")[0]
     assert not reason, reason
@@ -293,7 +293,7 @@ def test_bloated_jpeg_ships_decoded_pixels(tmp_path):
     im = Image.open(tu.draw(tmp_path / "cat.0.jpg", "cat", 1)).convert("RGB")
     im.save(tmp_path / "cat.1.jpg", "JPEG", quality=90, comment=b"x" * 60000)
     assert (tmp_path / "cat.1.jpg").stat().st_size > 60000 > 3 * im.width * im.height
-    with mock.patch("catdog_cache.preprocess.JPEG_SLACK", 1024, create=True):
+    with mock.patch("catdog_cache.sources.decode.JPEG_SLACK", 1024, create=True):
         kind, data = _shipped(tmp_path, "cat.1.jpg")
         assert _shipped(tmp_path, "cat.0.jpg")[0] == "jpeg"
     assert kind == "rgb" and tuple(data.shape) == (3, im.height, im.width)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import importlib
 import json
 import os
 import subprocess
@@ -36,7 +37,7 @@ FILE_WEIGHTS = "file:sha256=" + "ab" * 32  # a head trained on features from a w
 def default_test_cache(base) -> str:
     """The name predict gives base.test's features beside the head (folder name + provenance digest)."""
     from catdog_cache.cache import Provenance
-    from catdog_cache.head import load_head
+    from catdog_cache.fit.head import load_head
 
     prov = Provenance.from_json(load_head(base.head)[1]["provenance"]).to_json()
     return f"test1.{hashlib.sha256(prov.encode()).hexdigest()[:8]}.h5"
@@ -93,7 +94,7 @@ def test_explicit_cache_link_is_still_followed(cli, base, tmp_path):
 # ---------------------------------------------------------------- 3. the demo in a folder someone else prepared
 
 def _stop_after_drawing(monkeypatch):
-    extract_mod = sys.modules["catdog_cache.extract"]  # the package re-exports a function of the same name
+    extract_mod = importlib.import_module("catdog_cache.engines.dispatch")  # the demo calls extract from there
 
     def stop(*a, **k):  # the demo drew its images into the folder: enough to see what it overwrote
         raise AssertionError("the demo claimed a folder it did not make")
@@ -183,8 +184,8 @@ def test_recorded_weights_path_is_no_content_oracle(cli, base, tmp_path):
 
 
 def test_recorded_training_cache_at_kmsg_is_not_read(base, tmp_path):
-    from catdog_cache.predict import default_cache
-    from catdog_cache.scorer import load_scorer
+    from catdog_cache.score.predict import default_cache
+    from catdog_cache.score.scorer import load_scorer
 
     kmsg = proc_file("kmsg")
     head = crafted_head(base, tmp_path / "crafted.pt", lambda blob: blob.update(cache=kmsg, caches=[kmsg]))

@@ -1,7 +1,7 @@
 import pytest
 
 from catdog_cache.backbone import WeightsSpec
-from catdog_cache.extract import ExtractConfig
+from catdog_cache.extract.config import ExtractConfig
 from catdog_cache.fit import FitConfig
 from catdog_cache.verify import balanced_subset, verify
 from tests.conftest import SHARED_DATA, TINY

@@ -9,10 +9,10 @@ from ..errors import CatdogError
 from ..files import printable
 from .common import (
     JSON,
-    _json,
     app,
     guarded,
     out,
+    to_json,
 )
 
 
@@ -37,7 +37,7 @@ def backbones_cmd(as_json: bool = JSON) -> None:
                 rows.append({"backbone": name, "plugin": plugin_name, "layer": "", "dim": None, "gflops": None,
                              "imagenet_offline": False, "note": str(e)})
     if as_json:
-        print(_json(rows))
+        print(to_json(rows))
         return
     t = Table("backbone", "layer", "features", "GFLOP/image", "ImageNet weights here", "note", title="backbones")
     for r in rows:

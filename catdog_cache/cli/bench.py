@@ -59,9 +59,9 @@ def bench_cmd(
 
     import torch
 
-    from .. import benchpipe
     from ..backbone import check_device
-    from ..bench import run
+    from ..bench import pipeline as benchpipe
+    from ..bench.suite import run
 
     check_device(device)
     if only not in ("", "pipeline", "rerun", "scale", "tars"):
@@ -82,11 +82,11 @@ def bench_cmd(
     names = [b.strip() for b in backbones.split(",") if b.strip()]
     table = [] if only else run(data, limit, rows, log, sizes, names or ["vgg16"])
     if only == "rerun":
-        from .. import benchrerun
+        from ..bench import rerun as benchrerun
 
         table += benchrerun.run(rerun_files, log)
     elif only == "scale":
-        from .. import benchscale
+        from ..bench import scale as benchscale
         from ..fit.data import parse_size
 
         try:
@@ -100,7 +100,7 @@ def bench_cmd(
             raise CatdogError("--scale-keep keeps 25.6 GB per 10M rows: give the folder for them as --scale-dir")
         table += benchscale.run(scale, log, scale_budget, folder=scale_dir, keep=scale_keep)
     elif only == "tars":
-        from .. import benchtars
+        from ..bench import tars as benchtars
 
         table += benchtars.run(data, pipeline or 400, log, repeats or 3)
     elif pipeline and (table_rows or device.startswith("cuda")):

@@ -207,7 +207,7 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def _json(obj: Any) -> str:
+def to_json(obj: Any) -> str:
     """Strict JSON for scripts: NaN (e.g. no validation images of a class) becomes null; a file name that is not
     UTF-8 is escaped recoverably (files.json_text), never emitted as lone surrogates."""
 
@@ -225,7 +225,7 @@ def _json(obj: Any) -> str:
     return json.dumps(clean(obj), allow_nan=False)
 
 
-def _print_skips(title: str, items: list[tuple[str, str]], limit: int = 10, more: str = "--json lists every one"
+def print_skips(title: str, items: list[tuple[str, str]], limit: int = 10, more: str = "--json lists every one"
                  ) -> None:
     """The first `limit` files and why; paths shortened in the middle (a 4 KB path is not a useful log line)."""
     if not items:
@@ -238,7 +238,7 @@ def _print_skips(title: str, items: list[tuple[str, str]], limit: int = 10, more
         err.print(f"  … and {len(items) - limit} more ({escape(more)})", highlight=False)
 
 
-def _failures_hint(cache: Path | list[Path] | None) -> str:
+def failures_hint(cache: Path | list[Path] | None) -> str:
     caches = cache if isinstance(cache, list) else [cache] if cache else []
     if not caches:  # predict --model keeps no cache
         return "--json lists every one"
@@ -249,6 +249,6 @@ APPEND = "; appending: the cache's own"  # a flag left out when adding to a cach
 
 
 
-def _fmt(x: float, digits: int = 4) -> str:
+def fmt_number(x: float, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if x == x else "-"  # NaN: no validation rows
 

@@ -24,7 +24,7 @@ def compact_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_d
     """Merge a cache's shards into one (crash-safe: the old shards are deleted only after the new index lists the
     merged one). Readers see the same rows, in the same order, before and after."""
     from ..cache import compact, locked
-    from ..extract import versions
+    from ..extract.config import versions
 
     if path is not None and cache is not None and path != cache:
         raise CatdogError(f"compact: the cache {path} and --cache {cache} differ; give one")

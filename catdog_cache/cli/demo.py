@@ -13,8 +13,8 @@ from .common import (
     EPOCHS,
     QUIET,
     Bar,
-    _fmt,
     app,
+    fmt_number,
     guarded,
     out,
     plural,
@@ -53,7 +53,8 @@ def demo_cmd(
     t.add_row("extract", f"{r.stages['extract']:.2f}",
               f"{r.extract.extracted} images -> {r.extract.rows} rows in {shown(r.extract.cache)}")
     t.add_row("fit", f"{r.stages['fit']:.2f}", f"{plural(len(r.fit.history), 'epoch')}, val accuracy "
-              f"{_fmt(r.fit.val_acc, 3)}, log loss {_fmt(r.fit.val_log_loss, 3)} -> {shown(r.fit.head_path)}")
+              f"{fmt_number(r.fit.val_acc, 3)}, log loss {fmt_number(r.fit.val_log_loss, 3)} -> "
+              f"{shown(r.fit.head_path)}")
     t.add_row("predict", f"{r.stages['predict']:.2f}", f"{len(r.predict.rows)} images -> {shown(r.predict.out)}")
     t.add_row("preview", f"{r.stages['preview']:.2f}", f"{r.preview.shown} training images -> {shown(r.preview.out)}")
     out.print(t)

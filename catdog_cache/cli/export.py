@@ -25,7 +25,7 @@ def export_cmd(
 ) -> None:
     """Save frozen backbone + head + calibration as one torch.export file, runnable without the cache."""
     from ..fit import DEFAULT_HEAD
-    from ..scorer import export
+    from ..score.scorer import export
 
     path = export(head or DEFAULT_HEAD, out_model, weights)
     out.print(f"[green]exported[/] {escape(printable(str(path)))} ({path.stat().st_size / 2**20:.1f} MiB): "

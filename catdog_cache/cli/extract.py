@@ -20,14 +20,14 @@ from .common import (
     WEIGHTS,
     WORKERS,
     Bar,
-    _failures_hint,
-    _json,
-    _print_skips,
     app,
     err,
+    failures_hint,
     guarded,
     out,
     plural,
+    print_skips,
+    to_json,
 )
 
 
@@ -85,14 +85,15 @@ def extract_cmd(
     """Run the frozen backbone over every image once and store its features. Adding to an existing cache needs no
     repeated flags: options left out take the cache's recorded settings; only contradicting ones are refused."""
     from ..backbone import parse_weights
-    from ..precheck import engine as check_engine
-    from ..precheck import extract_inputs
+    from .precheck import engine as check_engine
+    from .precheck import extract_inputs
 
     data_dir = one_input([data_dir, *ctx.args])
     extract_inputs(data_dir, backbone, layer, device)  # before torch's import: mistakes answered at once
     check_engine(engine, {"--ray-address": ray_address, "--shard-size": shard_size, "--actors": actors,
                           "--gpus-per-actor": gpus_per_actor, "--cpus-per-actor": cpus_per_actor})
-    from ..extract import ExtractConfig, extract
+    from ..engines.dispatch import extract
+    from ..extract.config import ExtractConfig
     from ..settings import resolve_settings
 
     o = resolve_settings(cache, backbone=backbone, layer=layer, weights=weights, seed=seed, views=views, dtype=dtype,
@@ -105,31 +106,28 @@ def extract_cmd(
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
         extract(data_dir, cache, cfg, prune=prune, strict=strict, checksum=checksum, classes=names)
         return
-    ray: dict[str, int] = {}
-    with Bar(quiet or as_json) as bar:
-        if engine == "ray":
-            from ..engine_ray import RayOptions, extract_ray
+    opts = None
+    if engine == "ray":
+        from ..engines.ray_pool import RayOptions
 
-            given = {k: v for k, v in {"address": ray_address, "shard_size": shard_size, "actors": actors,
-                                       "gpus_per_actor": gpus_per_actor, "cpus_per_actor": cpus_per_actor}.items()
-                     if v is not None}
-            opts = RayOptions(**given)  # type: ignore[arg-type]
-            r = extract_ray(data_dir, cache, cfg, opts, progress=bar, prune=prune, strict=strict, checksum=checksum,
-                            classes=names)
-            ray = {"shards": r.shards, "shards_run": r.shards_run, "actors": r.actors}
-        else:
-            r = extract(data_dir, cache, cfg, progress=bar, prune=prune, strict=strict, checksum=checksum,
-                        classes=names)
+        given = {k: v for k, v in {"address": ray_address, "shard_size": shard_size, "actors": actors,
+                                   "gpus_per_actor": gpus_per_actor, "cpus_per_actor": cpus_per_actor}.items()
+                 if v is not None}
+        opts = RayOptions(**given)  # type: ignore[arg-type]
+    with Bar(quiet or as_json) as bar:
+        r = extract(data_dir, cache, cfg, progress=bar, prune=prune, strict=strict, checksum=checksum, classes=names,
+                    engine=engine, ray=opts)
+    ray = {"shards": r.shards, "shards_run": r.shards_run, "actors": r.actors} if engine == "ray" else {}
     if as_json:
-        print(_json({"cache": str(cache), "rows": r.rows, "found": r.found, "extracted": r.extracted,
-                     "reused": r.reused, "hashed": r.hashed, "failed": r.failed, "skipped": r.skipped,
+        print(to_json({"cache": str(cache), "rows": r.rows, "found": r.found, "extracted": r.extracted,
+                       "reused": r.reused, "hashed": r.hashed, "failed": r.failed, "skipped": r.skipped,
                      "removed": r.removed, "pruned": r.pruned, "seconds": r.seconds, "layout": r.layout,
                      "warnings": r.warnings, **ray}))
         return
     for w in r.warnings:
         err.print(f"[yellow]warning:[/] {escape(printable(w))}")
-    _print_skips("skipped while scanning", r.skipped)
-    _print_skips("could not be decoded", r.failed, more=_failures_hint(cache))
+    print_skips("skipped while scanning", r.skipped)
+    print_skips("could not be decoded", r.failed, more=failures_hint(cache))
     if r.removed:
         verb = "removed from the cache" if r.pruned else "cached but gone from the folder (--prune removes them)"
         err.print(f"[yellow]{plural(len(r.removed), 'file')} {verb}[/]")

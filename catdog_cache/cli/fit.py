@@ -22,16 +22,16 @@ from .common import (
     SEED,
     VAL_FRACTION,
     Bar,
-    _fmt,
-    _json,
     app,
     err,
     first_few,
+    fmt_number,
     guarded,
     hidden_sizes,
     out,
     plural,
     source_noun,
+    to_json,
 )
 
 
@@ -69,7 +69,7 @@ def fit_cmd(
 ) -> None:
     """Train the head (Dropout -> Linear(D, 2), or an MLP with --hidden) on the cached features."""
     from ..fit import FitConfig, default_head_path
-    from ..precheck import caches_readable
+    from .precheck import caches_readable
 
     cfg = FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed, augment, hidden_sizes(hidden), keep,
                     weight_decay)
@@ -83,8 +83,8 @@ def fit_cmd(
 
     def on_epoch(s: Any) -> None:
         bar("fit", s.epoch, epochs)
-        table.add_row(str(s.epoch), f"{s.train_loss:.4f}", f"{s.train_acc:.3f}", _fmt(s.val_loss),
-                      _fmt(s.val_acc, 3), f"{s.seconds:.2f}")
+        table.add_row(str(s.epoch), f"{s.train_loss:.4f}", f"{s.train_acc:.3f}", fmt_number(s.val_loss),
+                      fmt_number(s.val_acc, 3), f"{s.seconds:.2f}")
 
     head = head or default_head_path(cache[0])
     fold_rows: list[str] = []
@@ -104,7 +104,7 @@ def fit_cmd(
                   f"{escape(printable(', '.join(r.missing[:5])))}" + (" …" if len(r.missing) > 5 else ""),
                   highlight=False)
     if as_json:
-        print(_json({"head": str(head), "seconds": r.seconds, "n_train": r.n_train, "n_val": r.n_val,
+        print(to_json({"head": str(head), "seconds": r.seconds, "n_train": r.n_train, "n_val": r.n_val,
                      "val_acc": r.val_acc, "val_log_loss": r.val_log_loss, "confusion": r.confusion,
                      "classes": r.classes, "per_class_acc": dict(zip(r.classes, r.per_class_acc, strict=True)),
                      "calibration": r.calibration, "curve": str(r.curve) if r.curve else None,

@@ -15,14 +15,14 @@ from ..errors import CatdogError
 from ..files import printable
 from .common import (
     JSON,
-    _json,
-    _print_skips,
     app,
     err,
     first_few,
     guarded,
     out,
     plural,
+    print_skips,
+    to_json,
 )
 
 
@@ -64,7 +64,7 @@ def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_defa
                                 "path": os.fsdecode(p), "sha256": sha, "reason": reason}
                                for s, p, sha, reason in idx.failed]
     if as_json:
-        print(_json(summary))
+        print(to_json(summary))
         return
     t = Table(show_header=False, title=escape(printable(str(cache))))
     t.add_row("rows", f"{summary['rows']:,} x {summary['views']} view(s) x {summary['dim']:,}")
@@ -91,7 +91,7 @@ def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_defa
     if idx.incomplete or parts:
         err.print(f"[yellow]warning:[/] {escape(_incomplete(idx.incomplete, parts))}", highlight=False)
     if not failures:
-        _print_skips("could not be decoded", [(os.fsdecode(p), r) for _, p, _, r in idx.failed],
+        print_skips("could not be decoded", [(os.fsdecode(p), r) for _, p, _, r in idx.failed],
                      more="--failures lists every one")
         return
     several = len(idx.sources) > 1
@@ -115,7 +115,7 @@ def _not_a_head(path: Path) -> None:
                 return
     except OSError:
         return  # read_index says what is wrong
-    from ..head import load_head
+    from ..fit.head import load_head
 
     try:
         _, meta = load_head(path)

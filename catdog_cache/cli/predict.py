@@ -16,14 +16,14 @@ from .common import (
     QUIET,
     WORKERS,
     Bar,
-    _failures_hint,
-    _json,
-    _print_skips,
     app,
     err,
+    failures_hint,
     guarded,
     out,
     plural,
+    print_skips,
+    to_json,
 )
 
 
@@ -51,10 +51,10 @@ def predict_cmd(
 ) -> None:
     """Label a folder with the head; the folder's features are cached, so the next head costs no backbone pass."""
     from ..fit import DEFAULT_HEAD
-    from ..precheck import predict_inputs
+    from .precheck import predict_inputs
 
     predict_inputs(data_dir, head or DEFAULT_HEAD, out_csv, submission, model, cache or [])  # before torch's import
-    from ..predict import predict
+    from ..score.predict import predict
 
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks (and writes) for all
         predict(data_dir, head or DEFAULT_HEAD, out_csv, submission, weights, device, batch_size, workers, tta=tta,
@@ -64,14 +64,14 @@ def predict_cmd(
         r = predict(data_dir, head or DEFAULT_HEAD, out_csv, submission, weights, device, batch_size,
                     workers, progress=bar, tta=tta, model_path=model, cache=cache)
     if as_json:
-        print(_json({"out": str(r.out), "rows": len(r.rows), "accuracy": r.accuracy, "log_loss": r.log_loss,
+        print(to_json({"out": str(r.out), "rows": len(r.rows), "accuracy": r.accuracy, "log_loss": r.log_loss,
                      "views": r.views, "cache": [str(c) for c in r.cache] if r.cache else None,
                      "extracted": r.extracted,
                      "submission": str(r.submission) if r.submission else None, "seconds": r.seconds,
                      "failed": r.failed, "skipped": r.skipped, "neutral": r.neutral}))
         return
-    _print_skips("skipped while scanning", r.skipped)
-    _print_skips("could not be decoded", r.failed, more=_failures_hint(r.cache))
+    print_skips("skipped while scanning", r.skipped)
+    print_skips("could not be decoded", r.failed, more=failures_hint(r.cache))
     if r.neutral:
         err.print(f"[yellow]warning:[/] {plural(len(r.neutral), 'image')} could not be predicted and got the neutral "
                   f"0.5 in the submission: {escape(printable(', '.join(r.neutral[:5])))}"

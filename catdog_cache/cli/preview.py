@@ -41,7 +41,7 @@ def preview_cmd(
 ) -> None:
     """A picture grid of images with their predicted label and probability; wrong ones framed red."""
     from ..fit import DEFAULT_HEAD
-    from ..preview import preview
+    from ..score.preview import preview
 
     with Bar(quiet) as bar:
         r = preview(data_dir, head or DEFAULT_HEAD, out_png, n, weights, device, worst, split, cache,

@@ -52,7 +52,7 @@ def verify_cmd(
 ) -> None:
     """Train the head end-to-end through the frozen network and on the cache; show they agree."""
     from ..backbone import parse_weights
-    from ..extract import ExtractConfig
+    from ..extract.config import ExtractConfig
     from ..fit import FitConfig
     from ..verify import verify
 

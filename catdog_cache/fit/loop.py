@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from ..backbone import resolve_device
 from ..errors import InputError
-from ..head import DeviceMaskStream, Head, MaskStream, new_head
 from .batches import windowed_batches
 from .config import Diverged, EpochStats, Features, FitConfig
+from .head import DeviceMaskStream, Head, MaskStream, new_head
 from .optim import Adam
 from .splits import streams
 

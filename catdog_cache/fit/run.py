@@ -15,12 +15,12 @@ import torch
 
 from ..errors import InputError
 from ..files import as_paths, check_outputs, file_key
-from ..head import is_cat_dog, save_head
 from .batches import feature_rows
 from .calibration import calibrate, log_loss
 from .config import DEFAULT_HEAD, Diverged, EpochStats, FitConfig, default_head_path  # noqa: F401 (re-exported)
 from .crossfit import cross_fit
 from .data import available_memory, load, parse_size
+from .head import is_cat_dog, save_head
 from .loop import evaluate, overfit, train, training_device
 from .splits import split
 
@@ -79,7 +79,7 @@ def check_replace(head_path: Path, provenances: list[str], caches: list[Path]) -
     is no head, is someone's work: refused unless --overwrite."""
     from ..cache import Provenance
     from ..errors import CatdogError
-    from ..head import load_head
+    from .head import load_head
 
     if not head_path.exists():
         return

@@ -14,23 +14,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbone import Preset
-from .cache import Provenance, encode_path, list_parts, open_cache, parts_dir, read_index, recorded
-from .discover import Discovery, Sample, discover
-from .errors import CacheBusy, CacheError, CatdogError, InputError, ProvenanceMismatch
-from .extract import ExtractConfig, Progress, extract, run_features
-from .files import as_paths, check_outputs, file_key, plausible_file, plural, printable
-from .fit import DEFAULT_HEAD, log_loss
-from .head import CAT_DOG
-from .outputs import (  # noqa: F401 (re-exported: predict's outputs lived here)
+from ..backbone import Preset
+from ..cache import Provenance, encode_path, list_parts, open_cache, parts_dir, read_index, recorded
+from ..engines.dispatch import extract
+from ..errors import CacheBusy, CacheError, CatdogError, InputError, ProvenanceMismatch
+from ..extract.config import ExtractConfig, Progress
+from ..extract.forward import run_features
+from ..extract.rerun import by_stat, same_content, verdicts
+from ..files import as_paths, check_outputs, file_key, plausible_file, plural, printable
+from ..fit import DEFAULT_HEAD, log_loss
+from ..fit.head import CAT_DOG
+from ..sources.folder import Discovery, Sample, discover
+from .outputs import (
     check_submission,
     kaggle_id,
     submission_ids,
-    write_csv_atomic,
     write_predictions,
     write_submission,
 )
-from .rerun import by_stat, same_content, verdicts
 from .scorer import Loaded, load_exported, load_scorer
 
 

@@ -35,8 +35,8 @@ def plain_loop(data_dir: Path, backbone: str, workers: int, batch: int, device: 
     import torch
     from PIL import Image
 
-    from .backbone import WeightsSpec, get_backbone
-    from .discover import discover
+    from ..backbone import WeightsSpec, get_backbone
+    from ..sources.folder import discover
 
     bb = get_backbone(backbone)
     transform = bb.preset.transform()
@@ -67,8 +67,9 @@ def plain_loop(data_dir: Path, backbone: str, workers: int, batch: int, device: 
 
 def extract_run(data_dir: Path, backbone: str, workers: int, batch: int, device: str, precision: str = "fp32",
                 tick: Tick | None = None, decoder: str = "pil") -> int:
-    from .backbone import WeightsSpec
-    from .extract import ExtractConfig, extract
+    from ..backbone import WeightsSpec
+    from ..engines.dispatch import extract
+    from ..extract.config import ExtractConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         r = extract(data_dir, Path(tmp) / "f.h5", ExtractConfig(
@@ -84,9 +85,9 @@ def decode_run(data_dir: Path, backbone: str, workers: int, batch: int, device: 
     workers read bytes, the batch is decoded and preprocessed on the device), no model."""
     import torch
 
-    from .backbone import get_backbone
-    from .discover import discover
-    from .pipeline import Encoded, ImageFiles, collate, device_batch, worker_init
+    from ..backbone import get_backbone
+    from ..extract.loader import Encoded, ImageFiles, collate, device_batch, worker_init
+    from ..sources.folder import discover
 
     preset, disc, dev = get_backbone(backbone).preset, discover(data_dir), torch.device(device)
     loader = torch.utils.data.DataLoader(
@@ -112,7 +113,7 @@ def model_run(backbone: str, batch: int, device: str, precision: str = "fp32", t
     """The model-only ceiling: preprocessed batches already on the device, channels-last, as extract runs them."""
     import torch
 
-    from .backbone import WeightsSpec, get_backbone
+    from ..backbone import WeightsSpec, get_backbone
 
     bb = get_backbone(backbone)
     model = bb.build(WeightsSpec("random")).to(device, memory_format=torch.channels_last)
@@ -164,7 +165,7 @@ def child(argv: list[str]) -> None:
     import torch  # noqa: F401  imports before the clock starts: all modes pay them alike
     import torchvision  # noqa: F401
 
-    from . import extract as _  # noqa: F401
+    from ..engines import dispatch  # noqa: F401  (the extract path's own imports, also before the clock)
 
     print(json.dumps(run_mode(json.loads(argv[0]))))
 
@@ -202,7 +203,7 @@ def photo_like(root: Path, n: int, seed: int = 0) -> Path:
     import numpy as np
     from PIL import Image
 
-    from .demo import draw_animal
+    from ..demo import draw_animal
 
     rng, noise = random.Random(seed), np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -221,8 +222,8 @@ def extract_vs_loop(data_dir: Path, workers: int, batch: int, log: Callable[[Row
                     backbone: str = "tiny", repeats: int = 3) -> list[Row]:
     """Interleaved A/B runs (a shared machine drifts), medians reported. The device is an option so that GPU rows
     (batch 128, pinned memory) come from the same code. workers -1 and batch 0: extract's defaults."""
-    from .discover import discover
-    from .pipeline import default_workers
+    from ..extract.loader import default_workers
+    from ..sources.folder import discover
 
     n = len(discover(data_dir).samples)
     workers = workers if workers >= 0 else default_workers(n)
@@ -269,8 +270,8 @@ def device_table(data_dir: Path, log: Callable[[Row], None], device: str = "cuda
     half of them, e.g. 20,000 on 16 cores), medians of `repeats` interleaved fresh-process runs. Ratios: extract
     / the plain loop of the same backbone and precision, and extract / min(its decoder's decode ceiling, its
     model ceiling)."""
-    from .discover import discover
-    from .pipeline import cores
+    from ..extract.loader import cores
+    from ..sources.folder import discover
 
     backbones = backbones or ["vgg16", "efficientnet_lite0"]
     n = len(discover(data_dir).samples)

@@ -28,12 +28,14 @@ from typing import Any
 
 import torch
 
-from .cache import Provenance, Recorded, encode_path, read_index
-from .cache.shards import SHARD_NAME, shards_folder
-from .discover import Discovery, Sample
-from .errors import CacheError
-from .extract import ExtractConfig, rows_of, run_features, save_part, versions
-from .files import write_atomic
+from ..cache import Provenance, Recorded, encode_path, read_index
+from ..cache.shards import SHARD_NAME, shards_folder
+from ..errors import CacheError
+from ..files import write_atomic
+from ..sources.folder import Discovery, Sample
+from .config import ExtractConfig, versions
+from .folder import rows_of, save_part
+from .forward import run_features
 from .plan import Known, refresh_records
 from .rerun import verdicts
 
@@ -179,7 +181,7 @@ def run_shard(shard: InputShard, root: Path, cache: Path, cfg: ExtractConfig, pr
     for n, batch in enumerate(run_features(root, [s.rel for s in todo], cfg, model)):
         batches.append(batch)
         if n == 0:
-            _maybe_die(kill_hook, shard.index, "batch")
+            maybe_die(kill_hook, shard.index, "batch")
     rows = rows_of(batches, todo, shard.stat[mine] if shard.stat is not None else None)
     rows.refresh = refresh_records(found, keys, known) if found.refresh else None
     result.extracted = len(rows.paths)
@@ -195,14 +197,14 @@ def run_shard(shard: InputShard, root: Path, cache: Path, cfg: ExtractConfig, pr
     marker = {"version": MARKER_VERSION, "kind": "files", "source": source, "shard": shard.index,
               "identity": shard.identity, "part": result.part, "rows": len(rows.paths),
               "failures": len(rows.failed_paths), "run": run_id}
-    _maybe_die(kill_hook, shard.index, "marker")
+    maybe_die(kill_hook, shard.index, "marker")
     folder = _markers_folder(cache, create=True)
     assert folder is not None
     write_atomic(folder / f"{shard.name}.json", json.dumps(marker).encode())  # last: the shard is done
     return result
 
 
-def _maybe_die(hook: str, index: int, stage: str) -> None:
+def maybe_die(hook: str, index: int, stage: str) -> None:
     """Test hook, "<shard index>:<stage>:<flag file>[,...]": the first attempt of that shard kills its own process
     after one batch (stage "batch") or between its part and its marker ("marker"), as a lost node or the OOM killer
     would; the flag file, created at the kill, lets later attempts live."""

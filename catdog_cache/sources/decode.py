@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..backbone import Preset
+
 if TYPE_CHECKING:
     import torch
-
-    from .backbone import Preset
 
 # Documented limits, checked from the header before any pixel is decoded (Pillow's globals stay untouched).
 MAX_PIXELS = 64_000_000  # 64 MP: an 8000x8000 photo passes; a decompression bomb does not
@@ -30,7 +30,6 @@ VIEWS = ("center", "flip")  # deterministic views per image; "flip" is the mirro
 # torchvision.io.decode_jpeg on the extraction device (nvJPEG on a GPU, batched) and resized there; other formats
 # via Pillow. Each changes pixels (resampling rounding, DCT scaling), so the decoder is part of the recorded
 # transform; "pil" is recorded as nothing at all, so caches made before the choice existed keep matching.
-DECODERS = ("pil", "pil-draft", "torchvision")
 
 
 class DecodeError(Exception):

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .discover import Discovery
-from .errors import InputError
-from .files import printable, write_atomic
-from .head import CAT_DOG, is_cat_dog
+from ..errors import InputError
+from ..files import printable, write_atomic
+from ..fit.head import CAT_DOG, is_cat_dog
+from ..sources.folder import Discovery
 
 
 def check_submission(classes: list[str], head_path: Path | str) -> None:
@@ -25,7 +25,7 @@ def write_csv_atomic(path: Path, header: list[str], rows: list[tuple]) -> None:
     bytes; text cells that a spreadsheet would run as a formula get a leading quote."""
     import csv
 
-    from .files import csv_cell
+    from ..files import csv_cell
 
     buf = io.StringIO(newline="")
     w = csv.writer(buf, lineterminator="\n")  # the csv module's default is \r\n

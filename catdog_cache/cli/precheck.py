@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .backbone import check_device, get_backbone
-from .discover import folder
-from .errors import CacheError, InputError
-from .files import check_outputs
-from .shardspec import is_shard_input, is_url, remote_fs, resolve_inputs
+from ..backbone import check_device, get_backbone
+from ..errors import RAY_MISSING, CacheError, InputError
+from ..files import check_outputs
+from ..sources.folder import folder
+from ..sources.spec import is_shard_input, is_url, remote_fs, resolve_inputs
 
 
 def extract_inputs(data_dir: str | Path, backbone: str | None, layer: str | None, device: str) -> None:
@@ -26,9 +26,6 @@ def extract_inputs(data_dir: str | Path, backbone: str | None, layer: str | None
             remote_fs(urls[0])
         return
     folder(data_dir)
-
-
-RAY_MISSING = "--engine ray needs Ray, which is not installed: pip install 'catdog-cache[ray]'"
 
 
 def engine(name: str, ray_only: dict[str, object]) -> None:
@@ -51,7 +48,7 @@ def engine(name: str, ray_only: dict[str, object]) -> None:
 
 def caches_readable(caches: list[Path]) -> None:
     """Each cache exists and opens as HDF5 (the core's open_h5, so the same messages)."""
-    from .cache.validate import open_h5
+    from ..cache.validate import open_h5
 
     for cache in caches:
         with open_h5(cache):

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import InputError
-from .files import plural, printable, read_regular, short
+from ..errors import InputError
+from ..files import plural, printable, read_regular, short
 
 MAX_SHARDS = 100_000  # per input: a pattern or listing naming more is refused before anything is expanded or read
 MAX_LISTING_BYTES = 16 * 2**20  # a listing file of 100,000 URLs is ~10 MB

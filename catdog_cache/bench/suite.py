@@ -40,7 +40,7 @@ def copy_gbs(mib: int = 256) -> float:
 
 
 def model_images_per_s(batch: int, backbone: str = "vgg16", device: str = "cpu") -> float:
-    from .backbone import WeightsSpec, get_backbone
+    from ..backbone import WeightsSpec, get_backbone
 
     b = get_backbone(backbone)
     model = b.build(WeightsSpec("random")).to(device, memory_format=torch.channels_last)
@@ -57,9 +57,10 @@ def model_images_per_s(batch: int, backbone: str = "vgg16", device: str = "cpu")
 
 
 def extract_images_per_s(data_dir: Path, limit: int, batch: int, backbone: str = "vgg16") -> tuple[float, int]:
-    from .backbone import WeightsSpec
-    from .extract import ExtractConfig, extract
-    from .verify import balanced_subset
+    from ..backbone import WeightsSpec
+    from ..engines.dispatch import extract
+    from ..extract.config import ExtractConfig
+    from ..verify import balanced_subset
 
     rels = set(balanced_subset(data_dir, limit))
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,15 +71,15 @@ def extract_images_per_s(data_dir: Path, limit: int, batch: int, backbone: str =
 
 def drawn_images(root: Path, n: int) -> Path:
     """A folder of n drawn cat/dog JPEGs (256 px) when no real photos are given: the bench runs anywhere."""
-    from .demo import make_sample_set
+    from ..demo import make_sample_set
 
     train, _ = make_sample_set(root, per_class=-(-n // 2), n_test=0)
     return train
 
 
 def synthetic_cache(path: Path, rows: int, dtype: str = "float32") -> None:
-    from .backbone import IMAGENET
-    from .cache import Provenance, Rows, assemble, write_part
+    from ..backbone import IMAGENET
+    from ..cache import Provenance, Rows, assemble, write_part
 
     prov = Provenance("synthetic", "fc7", "random:seed=0", IMAGENET.spec(), "center", dtype, "fp32")
     rng = np.random.default_rng(0)
@@ -138,8 +139,8 @@ def step_floor(rows: int, batch: int = 128) -> tuple[float, dict[str, float]]:
     """One training step of the default head, timed by part on one thread: what 20 epochs are made of."""
     import torch.nn.functional as F
 
-    from .fit import Adam, Gather
-    from .head import MaskStream, new_head
+    from ..fit import Adam, Gather
+    from ..fit.head import MaskStream, new_head
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -185,11 +186,12 @@ def help_seconds() -> float:
 def cache_vs_end_to_end(data_dir: Path, limit: int, log: Callable[[Row], None]) -> list[Row]:
     """Extract + fit for E epochs versus training through the frozen network for E epochs (1 measured,
     5 and 20 extrapolated from it), on the same images, same model, same training loop."""
-    from .backbone import WeightsSpec, get_backbone
-    from .cache import read_index
-    from .extract import ExtractConfig, extract
-    from .fit import FitConfig, fit, split, train
-    from .verify import balanced_subset, network_features
+    from ..backbone import WeightsSpec, get_backbone
+    from ..cache import read_index
+    from ..engines.dispatch import extract
+    from ..extract.config import ExtractConfig
+    from ..fit import FitConfig, fit, split, train
+    from ..verify import balanced_subset, network_features
 
     backbone = get_backbone("vgg16")
     model = backbone.build(WeightsSpec("random"))
@@ -225,7 +227,7 @@ def cache_vs_end_to_end(data_dir: Path, limit: int, log: Callable[[Row], None]) 
 
 def layouts(cache: Path, log: Callable[[Row], None]) -> list[Row]:
     """The cache layout, justified: full-read time and size for the default and the alternatives."""
-    from .cache import rewrite_features, time_full_read
+    from ..cache import rewrite_features, time_full_read
 
     out: list[Row] = []
     for name, dtype, comp, chunk in [("float32, 64-row chunks, uncompressed (default)", "float32", None, 64),
@@ -247,7 +249,7 @@ def layouts(cache: Path, log: Callable[[Row], None]) -> list[Row]:
 def streaming_epochs(sizes: list[int], log: Callable[[Row], None], budget: str = "64M") -> list[Row]:
     """Seconds per epoch of a streamed fit (a 64 MiB budget, so every size streams) at several cache sizes:
     the growth should be linear."""
-    from .fit import FitConfig, fit
+    from ..fit import FitConfig, fit
 
     out: list[Row] = []
     base = None
@@ -267,7 +269,7 @@ def streaming_epochs(sizes: list[int], log: Callable[[Row], None], budget: str =
 
 def run(data_dir: Path | None, limit: int, rows: int, log: Callable[[Row], None],
         stream_sizes: list[int] | None = None, backbones: list[str] | None = None) -> list[Row]:
-    from .backbone import get_backbone
+    from ..backbone import get_backbone
 
     table: list[Row] = []
 

@@ -30,8 +30,8 @@ POOL = 65_536  # distinct random rows drawn once; each shard gathers from them (
 def synthetic_sharded(cache: Path, rows: int, shard_rows: int = 1024, seed: int = 0) -> float:
     """A sharded cache of `rows` x 1 x 1280 float16, paths `{i:09d}.jpg`, label = [x . w > 0] for a fixed w.
     Returns the seconds spent finishing (adopting every shard into the index)."""
-    from .backbone import IMAGENET
-    from .cache import Provenance, Rows, finish, write_part
+    from ..backbone import IMAGENET
+    from ..cache import Provenance, Rows, finish, write_part
 
     prov = Provenance("synthetic", "pool", "random:seed=0", IMAGENET.spec(), "center", "float16", "fp32")
     rng = np.random.default_rng(seed)
@@ -83,7 +83,7 @@ def fit_child(cache: Path, head: Path, epochs: int, budget: str) -> dict:
 
 
 def same_head(a: Path, b: Path) -> bool:
-    from .head import load_head
+    from ..fit.head import load_head
 
     (ha, _), (hb, _) = load_head(a), load_head(b)
     sa, sb = ha.state_dict(), hb.state_dict()
@@ -100,7 +100,7 @@ def kept_cache(folder: Path, rows: int, shard_rows: int) -> tuple[Path, bool]:
 def run(sizes: list[int], log: Callable[[Row], None], budget: str = "256M", shard_rows: int = 1024,
         epochs: int = 1, folder: Path | None = None, budgets: tuple[str, str] | None = ("64M", "512M"),
         keep: bool = False) -> list[Row]:
-    from .files import require_space
+    from ..files import require_space
 
     out: list[Row] = []
 

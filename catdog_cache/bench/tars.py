@@ -32,7 +32,7 @@ def _wchar() -> int:
 
 def tar_inputs(folder: Path, where: Path) -> dict[str, str]:
     """The folder's images as one tar and as four (every 4th name each), members named as the files."""
-    from .discover import discover
+    from ..sources.folder import discover
 
     names = [s.rel for s in discover(folder).samples]
     with tarfile.open(where / "one.tar", "w") as tf:
@@ -47,8 +47,9 @@ def tar_inputs(folder: Path, where: Path) -> dict[str, str]:
 
 def tars_vs_folder(folder: Path, log: Callable[[Row], None], backbone: str = "tiny", repeats: int = 3
                    ) -> list[Row]:
-    from .backbone import WeightsSpec
-    from .extract import ExtractConfig, extract
+    from ..backbone import WeightsSpec
+    from ..engines.dispatch import extract
+    from ..extract.config import ExtractConfig
 
     cfg = ExtractConfig(WeightsSpec("random"), backbone=backbone, device="cpu")
     model = cfg.resolve().build(cfg.weights)
@@ -72,8 +73,8 @@ def tars_vs_folder(folder: Path, log: Callable[[Row], None], backbone: str = "ti
 
 def append_bytes(log: Callable[[Row], None], rows: int = 20_000, add: int = 10, dim: int = 4096) -> list[Row]:
     """Write `rows` synthetic rows as shards, finish, then time and count the bytes of adding `add` more."""
-    from .backbone import IMAGENET
-    from .cache import Provenance, Rows, finish, write_part
+    from ..backbone import IMAGENET
+    from ..cache import Provenance, Rows, finish, write_part
 
     prov = Provenance("synthetic", "fc7", "random:seed=0", IMAGENET.spec(), "center", "float32", "fp32")
     rng = np.random.default_rng(0)
@@ -102,7 +103,7 @@ def append_bytes(log: Callable[[Row], None], rows: int = 20_000, add: int = 10, 
 
 
 def run(data_dir: Path | None, n: int, log: Callable[[Row], None], repeats: int = 3) -> list[Row]:
-    from .benchpipe import photo_like
+    from .pipeline import photo_like
 
     rows = append_bytes(log)
     if data_dir is not None:

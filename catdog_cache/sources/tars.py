@@ -19,12 +19,12 @@ from typing import IO, Any, NamedTuple
 
 import torch
 
-from .backbone import Preset
-from .discover import CLASSES, UNLABELED
-from .errors import InputError
-from .pipeline import ImageFiles
-from .preprocess import MAX_FILE_BYTES
-from .shardspec import open_shard
+from ..backbone import Preset
+from ..errors import InputError
+from ..extract.loader import ImageFiles
+from .decode import MAX_FILE_BYTES
+from .folder import CLASSES, UNLABELED
+from .spec import open_shard
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_HEADER_BYTES = 64 * 2**10  # a GNU long name or pax header larger than this is refused, never allocated

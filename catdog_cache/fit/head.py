@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CacheError
-from .files import stored_zip, write_atomic
-from .fit.config import MAX_DROPOUT  # defined torch-free: fit's options are checked before torch loads
+from ..errors import CacheError
+from ..files import stored_zip, write_atomic
+from .config import MAX_DROPOUT  # defined torch-free: fit's options are checked before torch loads
 
 HEAD_FORMAT = 1
 CAT_DOG = ["cat", "dog"]  # the classes of a head that records none (written before heads had K classes)
@@ -196,7 +196,7 @@ def _owns_its_bytes(t: torch.Tensor) -> bool:
 
 def load_head(path: str | os.PathLike[str]) -> tuple[Head, dict[str, Any]]:
     """A head file from anywhere: size and archive checked, tensors only (weights_only), every field validated."""
-    from .cache import Provenance
+    from ..cache import Provenance
 
     path = Path(path)
     if path.is_dir():

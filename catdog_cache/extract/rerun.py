@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache.format import RACY_NS, UNKNOWN_STAT, Recorded, encode_paths
-from .discover import Discovery, Stat
-from .files import sha256_regular
-from .preprocess import MAX_FILE_BYTES
+from ..cache.format import RACY_NS, UNKNOWN_STAT, Recorded, encode_paths
+from ..files import sha256_regular
+from ..sources.decode import MAX_FILE_BYTES
+from ..sources.folder import Discovery, Stat
 
 
 def sha256_file(path: Path) -> str:

@@ -46,10 +46,10 @@ def make_folder(root: Path, n: int, size: int = FILE_BYTES) -> Path:
 def synthetic_cache(root: Path, cache: Path, cfg: object, dim: int = 16) -> None:
     """A cache of every file of `root` as extract would leave it (sha256, stat, this scan's time), features of
     width `dim` (a rerun never reads them)."""
-    from .cache import Rows, assemble, encode_path, write_part
-    from .discover import discover
-    from .extract import versions
-    from .rerun import sha256_file
+    from ..cache import Rows, assemble, encode_path, write_part
+    from ..extract.config import versions
+    from ..extract.rerun import sha256_file
+    from ..sources.folder import discover
 
     scan_ns = time.time_ns()
     disc = discover(root)
@@ -73,9 +73,10 @@ def walk(root: Path) -> int:
 
 
 def run(n: int, log: Callable[[Row], None], repeats: int = 3, where: Path | None = None) -> list[Row]:
-    from . import rerun
-    from .backbone import WeightsSpec
-    from .extract import ExtractConfig, extract
+    from ..backbone import WeightsSpec
+    from ..engines.dispatch import extract
+    from ..extract import rerun
+    from ..extract.config import ExtractConfig
 
     cfg = ExtractConfig(weights=WeightsSpec("random", seed=0), backbone="tiny", workers=0)
     table: list[Row] = []

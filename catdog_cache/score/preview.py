@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .discover import discover
-from .errors import InputError
-from .extract import Progress
-from .files import as_paths, check_outputs, printable, read_regular
-from .fit import split
+from ..errors import InputError
+from ..extract.config import Progress
+from ..files import as_paths, check_outputs, printable, read_regular
+from ..fit import split
+from ..sources.decode import MAX_FILE_BYTES, DecodeError, decode_rgb
+from ..sources.folder import discover
 from .predict import cached_features, onto_head_classes, score_cached
-from .preprocess import MAX_FILE_BYTES, DecodeError, decode_rgb
 from .scorer import load_scorer
 
 SPLITS = ("val", "train", "all")
@@ -66,8 +66,8 @@ def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
     the model saw them (resize, center crop), without the normalisation."""
     from torchvision.transforms.v2 import functional as TF
 
-    from .backbone import Preset
-    from .plots import prediction_grid
+    from ..backbone import Preset
+    from ..plots import prediction_grid
 
     if n < 1 or worst < 0:
         raise InputError(f"--n must be at least 1 and --worst at least 0, got {n} and {worst}")

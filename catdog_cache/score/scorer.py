@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbone import Preset, WeightsSpec, spec_from_identity
-from .cache import Provenance, require_same
-from .errors import CacheError, InputError
-from .extract import ExtractConfig
-from .files import check_outputs, printable, stored_zip, temp_beside
-from .head import CAT_DOG, Head, check_classes, load_head
-from .preprocess import decoder_of
+from ..backbone import Preset, WeightsSpec, spec_from_identity
+from ..cache import Provenance, require_same
+from ..errors import CacheError, InputError
+from ..extract.config import ExtractConfig
+from ..files import check_outputs, printable, stored_zip, temp_beside
+from ..fit.head import CAT_DOG, Head, check_classes, load_head
+from ..sources.decode import decoder_of
 
 
 class Scorer(nn.Module):

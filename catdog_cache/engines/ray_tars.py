@@ -1,9 +1,9 @@
 """extract --engine ray over WebDataset tar shards: one Ray task per tar shard, on engine_ray's actor pool.
 
 A tar shard is already the unit of work, retry and resume (tarextract: its parts, then its done marker in
-`<cache>.inputs/`), so the driver plans exactly as the local engine does (tarextract._plan: provenance, markers, the
+`<cache>.inputs/`), so the driver plans exactly as the local engine does (tarextract.plan_tars: provenance, markers, the
 cache's classes), hands each unfinished shard to an actor holding the backbone, and finishes the index from the
-markers with extract's own `_finish`. A retried shard writes parts of its own (a fresh run id per attempt); rows a
+markers with extract's own `finish_run`. A retried shard writes parts of its own (a fresh run id per attempt); rows a
 killed attempt saved are superseded by the retry's (later parts win), never read twice. The shards are read where
 they are (local paths the workers share, or fsspec URLs); the cache must be on a file system every node shares."""
 
@@ -18,22 +18,16 @@ from typing import Any
 
 import torch
 
-from .cache import Provenance, list_parts, require_same
-from .errors import CatdogError
-from .extract import ExtractConfig, Progress, _finish, _lock_once
-from .shardspec import Identity, resolve_inputs
-from .shardwork import _maybe_die
-from .tarextract import (
-    ShardResult,
-    _plan,
-    extract_shard_list,
-    failure_name,
-    outcome,
-    read_marker,
-    refuse_nothing_read,
-    tally,
-    tar_classes,
-)
+from ..cache import Provenance, list_parts, require_same
+from ..errors import CatdogError
+from ..extract.config import ExtractConfig, Progress
+from ..extract.finish import finish_run, lock_once
+from ..extract.folder_units import maybe_die
+from ..extract.plan import plan_tars, tar_classes
+from ..extract.tar_units import ShardResult, extract_tar_list, read_marker
+from ..extract.tars import failure_name, outcome, refuse_nothing_read, tally
+from ..sources.spec import Identity, resolve_inputs
+from .ray_pool import KILL_HOOK, RayReport, connect, require_ray, resources_for, schedule
 
 
 class TarExtractor:
@@ -53,9 +47,9 @@ class TarExtractor:
             self.model = self.cfg.resolve().build(self.cfg.weights)
 
         def after_part() -> None:  # test hook: the first attempt dies between a part and the shard's marker
-            _maybe_die(self.kill_hook, index, "part")
+            maybe_die(self.kill_hook, index, "part")
 
-        return extract_shard_list([source], [ident], self.cache, self.cfg, model=self.model, track={0} if track else
+        return extract_tar_list([source], [ident], self.cache, self.cfg, model=self.model, track={0} if track else
                                   set(), tag=f"-ray{index}", classes=self.classes, after_part=after_part)[0]
 
 
@@ -64,7 +58,6 @@ def extract_ray_tars(spec: str | os.PathLike[str], cache: str | os.PathLike[str]
                      classes: Sequence[str] | None = None) -> Any:
     """`extract --engine ray` for tar shards: every shard the input names that the cache has not read as it is now,
     one task each; a rerun whose shards are all done starts no Ray."""
-    from .engine_ray import KILL_HOOK, RayReport, _schedule, connect, require_ray, resources_for
 
     t0 = time.perf_counter()
     shards = resolve_inputs(spec)
@@ -72,9 +65,9 @@ def extract_ray_tars(spec: str | os.PathLike[str], cache: str | os.PathLike[str]
     cache = spelled.resolve()
     prov = cfg.provenance()
     report = RayReport(cache=spelled, found=0, layout="webdataset")
-    with _lock_once(cache, None):  # the driver holds the lock for the run; its tasks write parts and markers only
+    with lock_once(cache, None):  # the driver holds the lock for the run; its tasks write parts and markers only
         had_cache = cache.exists()
-        todo, idents, held, have = _plan(shards, cache, prov, report)
+        todo, idents, held, have = plan_tars(shards, cache, prov, report)
         names = tar_classes(classes, have, cache)
         report.shards, report.shards_run = len(shards), len(todo)
         results: list[ShardResult] = []
@@ -92,7 +85,7 @@ def extract_ray_tars(spec: str | os.PathLike[str], cache: str | os.PathLike[str]
                 def call(a: Any, i: int) -> Any:
                     return a.run.remote(i, shards[i], idents[i], shards[i] in held)
 
-                results = _schedule(ray, pool, todo, call, lambda i: f"tar shard {shards[i]}", lambda i: 1, progress,
+                results = schedule(ray, pool, todo, call, lambda i: f"tar shard {shards[i]}", lambda i: 1, progress,
                                     "shards")
             finally:
                 if started:
@@ -104,7 +97,7 @@ def extract_ray_tars(spec: str | os.PathLike[str], cache: str | os.PathLike[str]
                 raise CatdogError(f"tar shard {r.source} reported done but has no matching marker in "
                                   f"{cache.name}.inputs; nothing was finished: run extract again")
         drop = tally(report, [outcome(r, held) for r in results])
-        report.rows = _finish(cache, prov, report, [shards[i] for i in todo], drop, strict, had_cache, str(spec),
+        report.rows = finish_run(cache, prov, report, [shards[i] for i in todo], drop, strict, had_cache, str(spec),
                               {s: False for s in shards}, name=failure_name
                               ) if (todo or cache.exists() or list_parts(cache)) else 0
     refuse_nothing_read(report, spec, len(shards))

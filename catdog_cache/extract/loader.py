@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backbone import Preset
-from .files import read_regular
-from .preprocess import MAX_FILE_BYTES, DecodeError, decode_rgb, jpeg_payload, tensor_views, views_of
+from ..backbone import Preset
+from ..files import read_regular
+from ..sources.decode import MAX_FILE_BYTES, DecodeError, decode_rgb, jpeg_payload, tensor_views, views_of
 
 Failure = tuple[int, str, str]  # (item index, sha256 or "", reason)
 Batch = tuple[list[int], np.ndarray, list[str], list[Failure]]  # (item indices, features [B, V, D], sha256s, failures)

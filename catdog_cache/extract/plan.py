@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .cache import (
+from ..cache import (
+    MAX_SOURCES,
     Index,
     Provenance,
     Recorded,
@@ -24,15 +25,16 @@ from .cache import (
     read_index,
     recorded,
 )
-from .discover import UNLABELED, Discovery
-from .distributed import Dist
-from .errors import InputError, ProvenanceMismatch
-from .files import printable
-from .preprocess import decoder_of
+from ..engines.torchrun import Dist
+from ..errors import InputError, ProvenanceMismatch
+from ..files import plural, printable
+from ..sources.decode import decoder_of
+from ..sources.folder import CLASSES, MAX_CLASS_NAME, MAX_CLASSES, UNLABELED, Discovery
+from ..sources.spec import Identity, identity, refuse_missing
+from ..sources.tars import UNREADABLE
+from .config import ExtractReport, Progress
 from .rerun import Verdicts, verdicts
-
-if TYPE_CHECKING:  # extract imports this module; these names are only annotations here
-    from .extract import ExtractReport, Progress
+from .tar_units import markers_dir, matching_marker
 
 
 @dataclass
@@ -111,7 +113,7 @@ class Plan:
     cache: Index | None = None  # the cache's index as planned (a run with nothing to do reads it once)
 
 
-def _plan(disc: Discovery, source: str, cache: Path, prov: Provenance, report: ExtractReport, prune: bool,
+def plan_folder(disc: Discovery, source: str, cache: Path, prov: Provenance, report: ExtractReport, prune: bool,
           progress: Progress | None, dist: Dist | None = None, checksum: bool = False, scan_ns: int = 0) -> Plan:
     """What this run must extract (new or changed files) and drop (deleted files, with --prune). Known files are
     unchanged when their stat says so, else when their hash does (rerun.py). Under torchrun each rank decides a
@@ -191,3 +193,81 @@ def matching_flags(prov: Provenance) -> str:
     flags = [f"--backbone {prov.arch}", f"--layer {prov.layer}", weights, f"--views {prov.views}",
              f"--dtype {prov.dtype}", f"--precision {prov.precision}", f"--decoder {decoder_of(prov.transform)}"]
     return " ".join(flags)
+
+
+def _check_provenance(path: Path, have: Provenance, prov: Provenance, cache: Path) -> None:
+    diffs = have.differences(prov, "the cache", "this extract")
+    if diffs:
+        suggestion = cache.with_name(f"{prov.arch.replace(':', '-')}-{prov.layer}.h5")
+        raise ProvenanceMismatch(f"{path} holds features made differently ({'; '.join(diffs)}): give --cache a new "
+                                 f"file for these settings (e.g. --cache {suggestion}), or leave out the options that "
+                                 f"differ: adding to a cache uses its own settings ({matching_flags(have)})")
+
+
+def plan_tars(shards: list[str], cache: Path, prov: Provenance, report: ExtractReport
+          ) -> tuple[list[int], list[Identity], dict[str, set[bytes]], list[str]]:
+    """Shards to read (indices), every shard's identity, the keys the cache already holds for each shard to read
+    (to drop the ones a changed shard no longer has), and the cache's classes ([] when it holds no labels). Shards
+    whose done marker matches are skipped unread. Refused before any is read: more sources than a cache holds,
+    local shards that do not exist."""
+    held: dict[str, set[bytes]] = {}  # source -> keys held as rows or failure records, in the cache and its parts
+    class_lists: list[tuple[list[str], bool]] = []
+    known: set[str] = set()  # the sources the cache and its parts list already
+    for path in ([cache] if cache.exists() else []) + list_parts(cache):
+        idx = read_index(path)
+        _check_provenance(path, idx.provenance, prov, cache)
+        class_lists.append((idx.classes, idx.labeled))
+        known.update(idx.sources)
+        keys = idx.keys()
+        for s, p in keys:
+            held.setdefault(s, set()).add(p)
+        for s, p, _, _ in idx.failed:
+            held.setdefault(idx.sources[s], set()).add(p)
+    new = len(set(shards) - known)  # each shard becomes a source, a failure record's too
+    if len(known) + new > MAX_SOURCES:  # else found only when the index is written, after all the work
+        raise InputError(f"{printable(str(cache))} would hold {len(known) + new:,} sources ({len(known):,} already, "
+                         f"{plural(new, 'new shard')}); a cache holds at most {MAX_SOURCES:,}: extract these into "
+                         "another cache (--cache OTHER.h5), or pack the shards into fewer, larger tars")
+    refuse_missing(shards)
+    folder = markers_dir(cache)
+    if folder.is_dir() and not folder.is_symlink():
+        for stale in folder.glob(".*.tmp"):  # a marker being written when a run was killed
+            if stale.is_file() and not stale.is_symlink():
+                stale.unlink(missing_ok=True)
+    todo: list[int] = []
+    idents: list[Identity] = []
+    for i, source in enumerate(shards):
+        try:
+            ident = identity(source)
+        except OSError as e:
+            idents.append(Identity(-1, ""))
+            report.failed.append((source, f"{UNREADABLE}: {e.strerror or e}"))
+            continue
+        idents.append(ident)
+        done = matching_marker(cache, source, ident, prov)
+        if done and (source in held or done.rows + done.failed == 0):
+            report.reused += done.rows
+            report.reused_failed += done.failed
+            continue
+        todo.append(i)
+    have = merge_classes([c for c in class_lists if c[1]], str(cache)) if any(h for _, h in class_lists) else []
+    return todo, idents, {shards[i]: held[shards[i]] for i in todo if shards[i] in held}, have
+
+
+def tar_classes(given: Sequence[str] | None, have: list[str], cache: Path) -> tuple[str, ...]:
+    """The classes a run's labels index: `given` (extract --classes, in .cls index order), else the cache's own,
+    else cat, dog. Names are lower-cased as class folders are. A cache's classes are fixed by its first labeled
+    input (plan.onto_cache_classes says why): --classes that differ from them are refused, not merged."""
+    if given is None:
+        return tuple(have) or CLASSES
+    names = [c.strip().lower() for c in given]
+    bad = [c for c in names if not c or len(c.encode("utf-8", "surrogateescape")) > MAX_CLASS_NAME]
+    if bad or len(set(names)) != len(names) or not 1 <= len(names) <= MAX_CLASSES:
+        raise InputError(f"--classes: expected 1 to {MAX_CLASSES} distinct, non-empty class names (comma-separated, "
+                         f"in .cls index order), got {printable(','.join(given))[:200]!r}")
+    if have and names != have:
+        raise InputError(f"--classes {printable(','.join(names))[:200]}: the cache {cache} labels with "
+                         f"{printable(','.join(have))[:200]}; a cache's classes are fixed by its first labeled input: "
+                         "leave --classes out to use them, or extract into a new cache (--cache NEW.h5)")
+    return tuple(names)
+

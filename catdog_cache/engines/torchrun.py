@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 T = TypeVar("T")
 

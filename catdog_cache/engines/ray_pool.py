@@ -1,0 +1,137 @@
+"""TODO"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import RAY_MISSING, CatdogError, InputError, Interrupted
+from ..extract.config import ExtractConfig, ExtractReport, Progress
+
+KILL_HOOK = "CATDOG_RAY_KILL"  # test hook: "<shard index>:<stage>:<flag file>[,...]" (shardwork.maybe_die)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str = ""  # "": $RAY_ADDRESS if set, else a local Ray started for this run
+    shard_size: int = 1000  # files per input shard: the unit of work, retry and resume
+    actors: int = 0  # 0: as many as the cluster's GPUs (or CPUs) hold
+    gpus_per_actor: float = 0.0  # 0: 1 when the cluster has GPUs (and --device is not cpu); may be fractional
+    cpus_per_actor: float = 1.0
+    max_retries: int = 3  # actor restarts, and retries of the call it was running
+
+    def check(self) -> None:
+        if self.shard_size < 1:
+            raise InputError(f"--shard-size must be at least 1 file, got {self.shard_size}")
+        if self.actors < 0:
+            raise InputError(f"--actors must be 0 (as many as the cluster holds) or more, got {self.actors}")
+        if self.gpus_per_actor < 0 or self.gpus_per_actor > 1 and self.gpus_per_actor != int(self.gpus_per_actor):
+            raise InputError(f"--gpus-per-actor must be a fraction of one GPU or a whole number, got "
+                             f"{self.gpus_per_actor}")
+        if self.cpus_per_actor <= 0:
+            raise InputError(f"--cpus-per-actor must be more than 0, got {self.cpus_per_actor}")
+
+
+@dataclass
+class RayReport(ExtractReport):
+    shards: int = 0  # input shards of the folder
+    shards_run: int = 0  # of them, run by a task this time (the others were done already)
+    actors: int = 0
+
+
+def require_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise InputError(RAY_MISSING) from None
+    return ray
+
+
+def connect(ray: Any, address: str) -> bool:
+    """Join the cluster named by `address` or $RAY_ADDRESS, else start a local Ray. True when this call connected
+    (the caller disconnects at the end; a local Ray stops then), False when the process was already connected."""
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=address or None, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = address or os.environ.get("RAY_ADDRESS", "")
+        raise InputError(f"--ray-address {where or '(local)'}: cannot start or reach Ray "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return True
+
+
+def resources_for(ray: Any, cfg: ExtractConfig, opts: RayOptions, tasks: int) -> tuple[float, int, int, int]:
+    """(GPUs per actor, actors, decode workers per actor, torch threads per actor) for the cluster as it is."""
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0.0) if cfg.device != "cpu" else 0.0
+    if cfg.device.startswith("cuda") and not gpus:
+        raise InputError(f"--device {cfg.device}: the Ray cluster has no GPU; use --device auto or cpu")
+    per_gpu = (opts.gpus_per_actor or 1.0) if gpus else 0.0
+    fits = int(gpus / per_gpu) if gpus else int(resources.get("CPU", 1.0) / opts.cpus_per_actor)
+    n = max(1, min(opts.actors or fits, tasks))
+    # decode workers inside each actor: the CPUs it was given beyond the one that runs it
+    workers = cfg.workers if cfg.workers >= 0 else max(0, int(opts.cpus_per_actor) - 1)
+    return per_gpu, n, workers, max(1, int(opts.cpus_per_actor) - workers)
+
+
+def schedule(ray: Any, pool: list[Any], items: list[Any], call: Callable[[Any, Any], Any],
+              describe: Callable[[Any], str], size: Callable[[Any], int], progress: Progress | None,
+              stage: str = "extract") -> list[Any]:
+    """Every item (an input shard) to the next free actor (`call(actor, item)` submits it), two in flight per actor
+    (the next one waits in the actor's queue while one runs). An item that fails for good stops new submissions;
+    the running ones finish (their work is saved). Progress (`stage`) counts `size(item)` per item done: images of
+    a folder's input shards, or tar shards."""
+    queue = collections.deque(items)
+    running: dict[Any, tuple[Any, Any]] = {}
+    results: list[Any] = []
+    failure: str = ""
+    total, done = sum(size(s) for s in items), 0
+
+    def submit(a: Any) -> None:
+        s = queue.popleft()
+        running[call(a, s)] = (a, s)
+
+    try:
+        for _ in range(2):
+            for a in pool:
+                if queue:
+                    submit(a)
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1)
+            a, s = running.pop(ready[0])
+            try:
+                results.append(ray.get(ready[0]))
+            except Exception as e:  # Ray wraps the task's error: its cause is the message
+                failure = failure or f"{describe(s)} failed: {_cause(e)}"
+                queue.clear()
+                continue
+            done += size(s)
+            if progress:
+                progress(stage, done, total)
+            if queue:
+                submit(a)
+    except KeyboardInterrupt:  # the actors are killed below, their running shards with them (no marker: redone)
+        raise Interrupted(f"interrupted: {len(results)} of {len(items)} input shards saved; run extract again to "
+                          "resume (done shards are skipped)") from None
+    finally:
+        for a in pool:
+            ray.kill(a)
+    if failure:
+        raise CatdogError(f"{failure}; the other shards are saved: run extract again to resume")
+    return results
+
+
+def _cause(e: BaseException) -> str:
+    """One line: the task's own error (a CatdogError's message), or what Ray says happened to its process."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
+    text = str(e).strip().splitlines()
+    return text[0] if isinstance(e, CatdogError) and text else f"{type(e).__name__}: {text[-1] if text else ''}"
+

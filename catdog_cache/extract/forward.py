@@ -1,0 +1,105 @@
+"""TODO"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..backbone import Preset, resolve_device
+from .config import ExtractConfig, Progress
+from .loader import (
+    Batch,
+    Encoded,
+    ImageFiles,
+    collate,
+    default_workers,
+    device_batch,
+    extract_threads,
+    worker_init,
+)
+
+
+def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.nn.Module | None = None,
+                 progress: Progress | None = None, preset: Preset | None = None) -> Iterator[Batch]:
+    """Yield per batch: (item indices, features [B, V, D] float32, sha256s, failures (index, sha, reason)).
+    With a model and a preset given (an exported scorer), no backbone plugin is consulted.
+
+    Stages overlap: loader workers decode ahead (prefetch); on a GPU the batch arrives pinned, goes over with a
+    non-blocking copy, and its features come back into pinned memory while the next batch is fetched and run, so a
+    batch is yielded one step late. The caller's work on a batch (the writer) overlaps the same way."""
+    cfg.check()
+    if model is None or preset is None:
+        backbone = cfg.resolve()
+        model = model if model is not None else backbone.build(cfg.weights)
+        preset = backbone.preset
+    workers = cfg.workers if cfg.workers >= 0 else default_workers(len(rels))
+    dataset = ImageFiles(root, rels, cfg.views, preset, cfg.decoder)
+    yield from run_dataset(dataset, len(rels), workers, cfg, model, preset, progress)
+
+
+def run_dataset(dataset: torch.utils.data.Dataset, total: int, workers: int, cfg: ExtractConfig,
+                model: torch.nn.Module, preset: Preset, progress: Progress | None = None) -> Iterator[Batch]:
+    """run_features on any dataset of ImageFiles' items (a map-style one, or tars.TarShards); `total` for progress."""
+    device = resolve_device(cfg.device)  # under torchrun, "cuda" is this rank's GPU (distributed.from_env)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    model = model.to(device, memory_format=torch.channels_last)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size or (128 if cuda else 16), shuffle=False, num_workers=workers,
+        collate_fn=collate, pin_memory=cuda, worker_init_fn=worker_init if workers else None,
+        persistent_workers=False, prefetch_factor=4 if workers else None,
+    )
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    done, pending = 0, None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(extract_threads(workers))  # set before the workers fork: they start from 1 thread anyway
+    try:
+        for x, idx, shas, failures in loader:
+            with torch.inference_mode():  # not held across the yield: the caller's code runs in its own mode
+                out, ready = _forward(x, idx, shas, failures, model, cfg, device, preset, autocast_dtype)
+            if pending is not None:
+                done = yield from _emit(pending, done, total, progress)
+            pending = (*out, ready)
+        if pending is not None:
+            yield from _emit(pending, done, total, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _forward(x: Any, idx: list[int], shas: list[str], failures: list[tuple[int, str, str]], model: torch.nn.Module,
+             cfg: ExtractConfig, device: torch.device, preset: Preset, autocast_dtype: torch.dtype | None) -> tuple[
+                 tuple[list[int], torch.Tensor, list[str], list[tuple[int, str, str]]], Any]:
+    """One loader batch -> ((indices, features [B, V, D] on the host, sha256s, failures), a CUDA event or None)."""
+    if isinstance(x, Encoded):
+        x, idx, shas, late = device_batch(x, idx, shas, cfg.views, device, preset)
+        failures = failures + late
+    out, ready = torch.zeros((0, len(cfg.views), 0)), None
+    if x is not None:
+        b, v = x.shape[:2]
+        # [B*V, 3, S, S]; already channels-last from the workers, so on a CPU this is no copy at all
+        x = x.flatten(0, 1).to(device, non_blocking=True, memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            y = model(x)  # [B*V, D]
+        out = y.float().reshape(b, v, -1)  # [B, V, D]
+        if out.is_cuda:  # back into pinned memory without waiting; `ready` says when it has landed
+            out = torch.empty(out.shape, pin_memory=True).copy_(out, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+    return (idx, out, shas, failures), ready
+
+
+def _emit(pending: tuple[list[int], torch.Tensor, list[str], list[tuple[int, str, str]], Any], done: int,
+          total: int, progress: Progress | None) -> Iterator[Batch]:
+    idx, out, shas, failures, ready = pending
+    if ready is not None:
+        ready.synchronize()
+    done += len(idx) + len(failures)
+    if progress:
+        progress("extract", done, total)
+    yield idx, out.numpy(), shas, failures
+    return done
+

@@ -1,0 +1,219 @@
+"""Runner for tar-shard input: which shards are done -> extract the others into parts -> done markers -> the index.
+
+A row's source is its shard (absolute local path or URL) and its path the sample's key. A shard is the resume unit:
+when its last part is on disk, a done marker `<cache>.inputs/<hash>.json` records its identity (size + mtime_ns, or
+size + ETag/mtime for a URL; see shards.Identity); a rerun skips a shard whose marker matches without opening it.
+A shard cut short by a kill has no marker and is read again; its new rows supersede those saved before (later
+parts win), and when a changed shard is redone, keys it no longer holds are dropped."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..backbone import Preset
+from ..cache import (
+    Provenance,
+    Rows,
+    encode_path,
+    write_part,
+)
+from ..errors import CacheError
+from ..files import read_regular, write_atomic
+from ..sources.folder import CLASSES
+from ..sources.spec import Identity
+from ..sources.tars import End, TarShards
+from .config import PART_SECONDS, ExtractConfig, Progress, versions
+from .forward import run_dataset
+from .loader import Batch, PartWriter, default_workers
+
+MARKER_BYTES = 64 * 2**10
+
+
+def markers_dir(cache: Path) -> Path:
+    return cache.with_name(cache.name + ".inputs")
+
+
+def _marker(cache: Path, source: str, create: bool = False) -> Path:
+    folder = markers_dir(cache)
+    if folder.is_symlink():  # a planted link would send markers elsewhere
+        raise CacheError(f"{folder} is a symbolic link; refusing to write done markers through it (remove it)")
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{hashlib.sha256(source.encode('utf-8', 'surrogateescape')).hexdigest()[:40]}.json"
+
+
+@dataclass(frozen=True)
+class Done:
+    """A shard's done marker: which shard, as what identity, with which features, holding how many rows."""
+
+    source: str
+    identity: Identity
+    provenance: str
+    rows: int
+    failed: int
+
+    def to_json(self) -> str:
+        return json.dumps({"source": self.source, "size": self.identity.size, "version": self.identity.version,
+                           "provenance": self.provenance, "rows": self.rows, "failed": self.failed})
+
+
+def read_marker(cache: Path, source: str) -> Done | None:
+    """The shard's marker, or None when absent, unreadable or not one of ours (the shard is then redone)."""
+    try:
+        data = json.loads(read_regular(_marker(cache, source), MARKER_BYTES))
+        d = Done(data["source"], Identity(data["size"], data["version"]), data["provenance"], data["rows"],
+                 data["failed"])
+        ok = all(isinstance(v, t) for v, t in ((d.source, str), (d.identity.size, int), (d.identity.version, str),
+                                                (d.provenance, str), (d.rows, int), (d.failed, int)))
+        return d if ok and d.source == source else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def matching_marker(cache: Path, source: str, ident: Identity, prov: Provenance) -> Done | None:
+    """The shard's done marker if it is for the shard as it is now and for these features, else None."""
+    done = read_marker(cache, source)
+    return done if done is not None and done.identity == ident and done.provenance == prov.to_json() else None
+
+
+@dataclass
+class ShardResult:
+    """One shard's outcome in this run: rows and failure records written, and whether it is done (marked)."""
+
+    source: str
+    rows: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
+    done: bool = False
+    error: str = ""  # the shard could not be read: retried by the next run
+    keys: set[bytes] = field(default_factory=set)  # every key seen (kept only when asked: stale-key dropping)
+
+
+class _Shards:
+    """Writer-thread state: batches routed into per-shard rows, a part written per shard every `part_rows` rows
+    (a part holds one source), and a shard's marker written once its last part is on disk."""
+
+    def __init__(self, sources: list[str], idents: list[Identity], cache: Path, cfg: ExtractConfig,
+                 prov: Provenance, track: set[int], tag: str, classes: tuple[str, ...],
+                 after_part: Callable[[], None] | None = None) -> None:
+        self.sources, self.idents, self.cache, self.cfg, self.prov, self.track = sources, idents, cache, cfg, prov, \
+            track
+        self.classes = classes
+        self.after_part = after_part  # a Ray actor's test hook: dies between a part and the shard's marker
+        self.results = [ShardResult(s) for s in sources]
+        self.rows: dict[int, Rows] = {}
+        self.ends: dict[int, int] = {}
+        self.run_id = f"{time.time_ns():020d}-{os.getpid()}{tag}"
+        self.n_parts = 0
+        self.info = versions()
+
+    def _buffer(self, i: int, key: str) -> Rows:
+        if i in self.track:
+            self.results[i].keys.add(encode_path(key))
+        return self.rows.setdefault(i, Rows())
+
+    def write(self, batches: list[Batch]) -> None:
+        for refs, feats, shas, failures in batches:
+            for ref, row, sha in zip(refs, feats, shas, strict=True):
+                rows = self._buffer(ref.shard, ref.key)
+                rows.features.append(row)  # [V, D]
+                rows.paths.append(encode_path(ref.key))
+                rows.labels.append(ref.label)
+                rows.sha256.append(sha)
+                self.results[ref.shard].rows += 1
+            for ref, sha, reason in failures:
+                if isinstance(ref, End):
+                    self._end(ref)
+                    continue
+                rows = self._buffer(ref.shard, ref.key)
+                rows.failed_paths.append(encode_path(ref.key))
+                rows.failed_sha256.append(sha)
+                rows.failed_reasons.append(reason)
+                self.results[ref.shard].failed.append((ref.key, reason))
+        for i in [i for i, r in self.rows.items() if len(r) >= self.cfg.part_rows]:
+            self._part(i)
+
+    def _end(self, end: End) -> None:
+        result = self.results[end.shard]
+        if end.error and not result.error:
+            result.error = end.error
+            rows = self._buffer(end.shard, "")  # listed by `info --failures`; dropped once the shard is read
+            rows.failed_paths.append(b"")
+            rows.failed_sha256.append("")
+            rows.failed_reasons.append(end.error)
+        self.ends[end.shard] = self.ends.get(end.shard, 0) + 1
+        if self.ends[end.shard] < end.readers:
+            return
+        self._part(end.shard)
+        if not result.error:
+            marker = Done(result.source, self.idents[end.shard], self.prov.to_json(), result.rows, len(result.failed))
+            write_atomic(_marker(self.cache, result.source, create=True), marker.to_json().encode())
+            result.done = True
+
+    def _part(self, i: int) -> None:
+        rows = self.rows.pop(i, None)
+        if not rows:
+            return
+        dim = rows.features[0].shape[-1] if rows.features else self.cfg.resolve().dim
+        write_part(self.cache, f"part-{self.run_id}-{self.n_parts:06d}", self.prov, self.sources[i], rows, self.info,
+                   (len(self.cfg.views), dim), self.cfg.weights.path, self.classes)
+        self.n_parts += 1
+        if self.after_part:
+            self.after_part()
+
+    def flush(self) -> None:
+        """At the end of a run (the writer thread has stopped): parts for what unfinished shards read so far."""
+        for i in list(self.rows):
+            self._part(i)
+
+
+def default_tar_workers(idents: list[Identity]) -> int:
+    """As for folders (pipeline.default_workers), the image count estimated from the shards' bytes: at 16 KiB per
+    image (small for a photo: the estimate errs towards workers), under 1 MiB in all decodes in process."""
+    return default_workers(sum(max(x.size, 0) for x in idents) // (16 * 2**10))
+
+
+def extract_tar_list(sources: list[str], idents: list[Identity], cache: Path, cfg: ExtractConfig,
+                       progress: Progress | None = None, model: torch.nn.Module | None = None,
+                       preset: Preset | None = None, track: set[int] = frozenset(), tag: str = "",
+                       classes: Sequence[str] = CLASSES, after_part: Callable[[], None] | None = None
+                       ) -> list[ShardResult]:
+    """Read these shards (streamed, decoded in loader workers) into parts next to `cache`, and write the done
+    marker of each shard read to its end. No lock, no index: the caller holds the cache's lock and lists the parts
+    (extract_tars), or runs this as one task per shard and merges afterwards (e.g. a Ray engine). Rerunning a
+    shard is harmless: its rows replace the earlier ones (later parts win), never duplicate them. Labels index
+    `classes` (tar_classes: the cache's own when it has some)."""
+    cfg.check()
+    prov = cfg.provenance()
+    if model is None or preset is None:
+        backbone = cfg.resolve()
+        model = model if model is not None else backbone.build(cfg.weights)
+        preset = backbone.preset
+    state = _Shards(sources, idents, cache, cfg, prov, set(track), tag, tuple(classes), after_part)
+    workers = cfg.workers if cfg.workers >= 0 else default_tar_workers(idents)
+    delay = float(os.environ.get("CATDOG_BATCH_DELAY", "0"))  # test hook: slow a run down to kill it midway
+    writer = PartWriter(state.write, cfg.part_rows, PART_SECONDS)
+    ended: dict[int, int] = {}
+    try:
+        dataset = TarShards(sources, cfg.views, preset, cfg.decoder, classes)
+        for batch in run_dataset(dataset, 0, workers, cfg, model, preset):
+            writer.put(batch)
+            for ref, _, _ in batch[3]:
+                if isinstance(ref, End):
+                    ended[ref.shard] = ended.get(ref.shard, 0) + 1
+                    if progress and ended[ref.shard] == ref.readers:
+                        progress("shards", sum(ended[i] == ref.readers for i in ended), len(sources))
+            if delay:
+                time.sleep(delay)
+    finally:
+        writer.close()  # every batch received is written (or the write's error raised)
+    state.flush()
+    return state.results
+
