@@ -26,9 +26,9 @@ def make(name: str, spec: WeightsSpec):
 
 
 def make_meta(name: str):
-    from .lite_net import Pooled, _net
+    from .lite_net import make_meta
 
-    return Pooled(_net(name))
+    return make_meta(name)
 
 
 class LitePlugin:

@@ -47,6 +47,11 @@ def checkpoint(name: str):
     return Path(cls.get_model_file_path())
 
 
+def make_meta(name: str) -> nn.Module:
+    """The model without its weights, for Backbone's meta-device pass (feature size, GFLOP)."""
+    return Pooled(_net(name))
+
+
 def make(name: str, spec: WeightsSpec) -> nn.Module:
     if spec.kind == "random":
         return Pooled(seeded(spec.seed, lambda: _net(name)))
