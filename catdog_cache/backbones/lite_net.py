@@ -1,6 +1,7 @@
 """The EfficientNet-Lite plugin's models (torch and efficientnet_lite_pytorch imported here; the plugin itself,
-lite, imports neither): the global average pool of the last conv block, with the packaged ImageNet checkpoint,
-seeded random weights or a state-dict file."""
+lite, imports neither, and nothing here imports lite: the checkpoints' names come from lite_weights): the global
+average pool of the last conv block, with the packaged ImageNet checkpoint, seeded random weights or a state-dict
+file."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from ..backbone import WeightsSpec, load_state_file, seeded
 from ..errors import InputError, WeightsUnavailable
-from .lite import CHECKPOINT, package
+from .lite_weights import CHECKPOINT, package
 
 
 class Pooled(nn.Module):
@@ -44,6 +45,11 @@ def checkpoint(name: str):
 
     cls = getattr(importlib.import_module(module), f"EfficientnetLite{name[-1]}ModelFile")
     return Path(cls.get_model_file_path())
+
+
+def make_meta(name: str) -> nn.Module:
+    """The model without its weights, for Backbone's meta-device pass (feature size, GFLOP)."""
+    return Pooled(_net(name))
 
 
 def make(name: str, spec: WeightsSpec) -> nn.Module:

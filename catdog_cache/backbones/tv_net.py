@@ -1,5 +1,6 @@
-"""The torchvision plugin's models (torch imported here; the plugin itself, tvmodels, imports none): the network
-cut at the input of its final Linear or at a graph node, with torchvision's DEFAULT weights or a state-dict file."""
+"""The torchvision plugin's models (torch imported here; the plugin itself, tvmodels, imports none, and nothing
+here imports tvmodels: FINAL comes from tv_layers): the network cut at the input of its final Linear or at a graph
+node, with torchvision's DEFAULT weights or a state-dict file."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from ..backbone import WeightsSpec, load_state_file, missing_weights, seeded
 from ..errors import InputError
-from .tvmodels import FINAL
+from .tv_layers import FINAL
 
 
 def final_linear(model: nn.Module) -> str:

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..backbone import Backbone, Preset, WeightsSpec
-
-FINAL = "logits-input"  # the layer name recorded for "input of the final Linear"
+from .tv_layers import FINAL
 
 
 @dataclass(frozen=True)
