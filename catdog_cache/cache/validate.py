@@ -87,11 +87,6 @@ def _open_ds(g: h5py.h5g.GroupID, name: str, path: Path) -> tuple[h5py.h5d.Datas
     return oid, dcpl
 
 
-def _dataset(f: h5py.Group, name: str, path: Path) -> h5py.Dataset:
-    """_open_ds, as an h5py Dataset (for the index file's few columns)."""
-    return h5py.Dataset(_open_ds(f.id, name, path)[0])
-
-
 def schema_of(f: h5py.File, path: Path) -> int:
     """1: a single-file cache (or one shard); 2: a sharded cache's index. Anything else is refused."""
     try:
