@@ -5,9 +5,12 @@ assembly into one file), lock (one writer per cache), layouts (the benchmark's a
 and shards.py for the layout."""
 
 from .format import (
+    CAT_DOG,
     CHUNK_ROWS,
     CLASS_MAP,
     INDEX_SCHEMA,
+    MAX_CLASS_NAME,
+    MAX_CLASSES,
     MAX_SOURCES,
     SCHEMA_VERSION,
     UNKNOWN_STAT,
@@ -31,9 +34,9 @@ from .validate import open_h5
 from .view import View
 
 __all__ = [
-    "CHUNK_ROWS", "CLASS_MAP", "INDEX_SCHEMA", "MAX_SOURCES", "SCHEMA_VERSION", "UNKNOWN_STAT", "BlockReader", "Index",
-    "Provenance", "Recorded", "Refresh", "Rows", "View", "assemble", "compact", "encode_path", "encode_paths", "finish",
-    "list_parts", "listed", "locked", "merge_classes", "open_cache", "open_h5", "parts_dir", "read_features",
-    "read_index", "recorded", "remove_cache", "require_same", "rewrite_features", "shards_dir", "time_full_read",
-    "write_part",
+    "CAT_DOG", "CHUNK_ROWS", "CLASS_MAP", "INDEX_SCHEMA", "MAX_CLASSES", "MAX_CLASS_NAME", "MAX_SOURCES",
+    "SCHEMA_VERSION", "UNKNOWN_STAT", "BlockReader", "Index", "Provenance", "Recorded", "Refresh", "Rows", "View",
+    "assemble", "compact", "encode_path", "encode_paths", "finish", "list_parts", "listed", "locked", "merge_classes",
+    "open_cache", "open_h5", "parts_dir", "read_features", "read_index", "recorded", "remove_cache", "require_same",
+    "rewrite_features", "shards_dir", "time_full_read", "write_part",
 ]

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import CacheError
 from ..files import fsync_dir, temp_beside, write_atomic
-from .format import CHUNK_ROWS, CLASS_MAP, INDEX_SCHEMA, SCHEMA_VERSION, Index, Provenance, Refresh, Rows, unknown_stats
+from .format import CAT_DOG, CHUNK_ROWS, INDEX_SCHEMA, SCHEMA_VERSION, Index, Provenance, Refresh, Rows, unknown_stats
 from .read import read_index
 from .shards import (
     SHARD_NAME,
@@ -39,7 +39,7 @@ _STR = h5py.string_dtype("utf-8")
 def _write(f: h5py.File, prov: Provenance, sources: list[str], features: np.ndarray | tuple[int, ...],
            paths: list[bytes], source: np.ndarray, labels: np.ndarray, sha256: list[str],
            failed: list[tuple[int, bytes, str, str]], versions: dict[str, str], weights_path: str = "",
-           incomplete: list[str] | None = None, classes: list[str] | tuple[str, ...] = tuple(CLASS_MAP),
+           incomplete: list[str] | None = None, classes: list[str] | tuple[str, ...] = CAT_DOG,
            stat: np.ndarray | None = None, failed_stat: np.ndarray | None = None, scan_ns: int = 0,
            refresh: Refresh | None = None) -> h5py.Dataset:
     f.attrs["schema_version"] = SCHEMA_VERSION
@@ -93,7 +93,7 @@ def parts_dir(cache: Path) -> Path:
 
 def write_part(cache: Path, name: str, prov: Provenance, source: str, rows: Rows, versions: dict[str, str],
                feature_shape: tuple[int, int], weights_path: str = "",
-               classes: list[str] | tuple[str, ...] = tuple(CLASS_MAP), scan_ns: int = 0) -> Path:
+               classes: list[str] | tuple[str, ...] = CAT_DOG, scan_ns: int = 0) -> Path:
     """Write rows as one complete shard file. The HDF5 image is built in memory and written with plain file I/O, so
     a full disk is an OSError we can report (HDF5 itself may crash on ENOSPC) and the temp file is removed.
     `scan_ns`: when this run started scanning `source` (rows.stat were taken after it); 0 leaves every stat racy."""

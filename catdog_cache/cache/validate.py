@@ -13,12 +13,11 @@ import numpy as np
 
 from ..errors import CacheBusy, CacheError
 from ..files import printable
-from .format import CHUNK_ROWS, INDEX_SCHEMA, SCHEMA_VERSION, Index, Provenance, Refresh
+from .format import CHUNK_ROWS, INDEX_SCHEMA, MAX_CLASS_NAME, MAX_CLASSES, SCHEMA_VERSION, Index, Provenance, Refresh
 from .lean import PackedPaths, Unread, scan_view, unknown_stat_view
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MAX_VIEWS, MAX_DIM = 16, 1 << 20  # sanity bounds on a cache's declared shape
-MAX_CLASSES, MAX_CLASS_NAME = 127, 255  # int8 labels; a folder name (as discover's bounds)
 
 
 def parse_classes(text: object) -> list[str]:
