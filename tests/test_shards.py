@@ -306,7 +306,7 @@ def test_lean_open_has_the_full_opens_rows(tmp_path):
     """open_cache(lean=True), what fit reads: the same rows, labels, folders, paths and features as a full open, on
     a history with a changed file, a fixed failure, a deletion record and two folders (the merge's sorting path),
     and on an in-order cache (its no-sort path); the unread sha256 column raises instead of answering."""
-    from catdog_cache.cache.lean import PackedPaths
+    from catdog_cache.cache.packed_index import PackedPaths
 
     sharded = tmp_path / "s" / "c.h5"
     history(sharded)
@@ -330,7 +330,7 @@ def test_lean_open_has_the_full_opens_rows(tmp_path):
 def test_packed_paths_read_as_a_list_of_bytes():
     import bisect
 
-    from catdog_cache.cache.lean import PackedPaths
+    from catdog_cache.cache.packed_index import PackedPaths
 
     names = [b"a.jpg", b"", b"cat/\xff.jpg", b"dog/z.jpg"]
     p = PackedPaths.concat([PackedPaths.of(names[:2]), PackedPaths.of([]), PackedPaths.of(names[2:])])

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import CacheError
 from ..files import fsync_dir, printable, require_space, temp_beside
-from .direct import identity
+from .chunk_reads import identity
 from .format import INDEX_SCHEMA, MAX_SOURCES, SCHEMA_VERSION, Index, Provenance
 from .validate import _attr, _index, _rows, _vlen_bytes, open_h5, parse_classes, schema_of
 from .view import Tombstone, View, merge, shard_index

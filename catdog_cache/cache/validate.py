@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import CacheBusy, CacheError
 from ..files import printable
 from .format import CHUNK_ROWS, INDEX_SCHEMA, MAX_CLASS_NAME, MAX_CLASSES, SCHEMA_VERSION, Index, Provenance, Refresh
-from .lean import PackedPaths, Unread, scan_view, unknown_stat_view
+from .packed_index import PackedPaths, Unread, scan_view, unknown_stat_view
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MAX_VIEWS, MAX_DIM = 16, 1 << 20  # sanity bounds on a cache's declared shape
@@ -270,7 +270,7 @@ def _index(f: h5py.File, path: Path, size: int | None = None, lean: bool = False
     """Read and validate everything but the features. Every length, dtype, range and attribute comes from a file
     that may be crafted: check it before allocating or indexing anything with it. `size`: the file's size when
     the caller has just stat'ed it. Low-level h5py throughout: a 10M-row cache has ~10,000 shards to open.
-    lean: what fit needs (lean.py): the paths packed, the sha256 and stat columns checked but not read."""
+    lean: what fit needs (packed_index.py): the paths packed, the sha256 and stat columns checked but not read."""
     _check_schema(f, path)
     feats, dcpl = _open_ds(f.id, "features", path)
     size = path.stat().st_size if size is None else size
