@@ -34,7 +34,7 @@ from ..errors import CacheError
 from ..files import fsync_dir, printable, require_space, temp_beside
 from .chunk_reads import identity
 from .format import INDEX_SCHEMA, MAX_SOURCES, SCHEMA_VERSION, Index, Provenance
-from .validate import _attr, _index, _rows, _vlen_bytes, open_h5, parse_classes, schema_of
+from .validate import attr, file_index, index_column, open_h5, parse_classes, schema_of, vlen_bytes
 from .view import Tombstone, View, merge, shard_index
 
 SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.h5")  # a plain file name: no '/', no leading '.'
@@ -86,7 +86,7 @@ class State:
 
 
 def _names(ds: h5py.Dataset, path: Path, size: int) -> list[str]:
-    _vlen_bytes(ds, path, size)
+    vlen_bytes(ds, path, size)
     names = [bytes(x).decode("ascii", "replace") for x in ds[:]]
     for n in names:
         if not SHARD_NAME.fullmatch(n):
@@ -99,15 +99,15 @@ def read_state(f: h5py.File, path: Path) -> State:
     """Validate an index file (every field comes from a file that may be crafted) without opening any shard."""
     size = path.stat().st_size
     try:
-        prov = Provenance.from_json(_attr(f, "provenance"), str(path))
-        sources = json.loads(_attr(f, "sources"))
+        prov = Provenance.from_json(attr(f, "provenance"), str(path))
+        sources = json.loads(attr(f, "sources"))
         if not isinstance(sources, list) or not all(isinstance(x, str) for x in sources) or len(sources) > MAX_SOURCES:
             raise ValueError("sources is not a list of folders")
-        incomplete = json.loads(_attr(f, "incomplete")) if "incomplete" in f.attrs else []
+        incomplete = json.loads(attr(f, "incomplete")) if "incomplete" in f.attrs else []
         if not isinstance(incomplete, list) or not all(isinstance(x, str) and x in sources for x in incomplete):
             raise ValueError("incomplete is not a list of its source folders")
-        classes = parse_classes(_attr(f, "class_map"))
-        shape = json.loads(_attr(f, "feature_shape"))
+        classes = parse_classes(attr(f, "class_map"))
+        shape = json.loads(attr(f, "feature_shape"))
         if not (isinstance(shape, list) and len(shape) == 2 and all(type(x) is int for x in shape)
                 and 1 <= shape[0] <= 16 and 1 <= shape[1] <= 1 << 20):
             raise ValueError("feature_shape is not [views, dim]")
@@ -115,24 +115,24 @@ def read_state(f: h5py.File, path: Path) -> State:
             if g not in f or not isinstance(f.get(g, getlink=True), h5py.HardLink) or \
                     not isinstance(f[g], h5py.Group):
                 raise ValueError(f"no {g} group")
-        k = _rows(f["shards"], "names", path, None).shape[0]
+        k = index_column(f["shards"], "names", path, None).shape[0]
         if k > MAX_SHARDS or k > size:
             raise ValueError(f"{k} shards declared")
         names = _names(f["shards"]["names"], path, size)
-        rows = _rows(f["shards"], "rows", path, k)[:].tolist()
-        sizes = _rows(f["shards"], "bytes", path, k)[:].tolist()
-        t = _rows(f["deleted"], "paths", path, None).shape[0]
+        rows = index_column(f["shards"], "rows", path, k)[:].tolist()
+        sizes = index_column(f["shards"], "bytes", path, k)[:].tolist()
+        t = index_column(f["deleted"], "paths", path, None).shape[0]
         if t > size:
             raise ValueError(f"{t} deletion records declared")
-        _vlen_bytes(f["deleted"]["paths"], path, size)
-        t_src = _rows(f["deleted"], "source", path, t)[:].astype(np.int64)
-        t_before = _rows(f["deleted"], "before", path, t)[:].astype(np.int64)
+        vlen_bytes(f["deleted"]["paths"], path, size)
+        t_src = index_column(f["deleted"], "source", path, t)[:].astype(np.int64)
+        t_before = index_column(f["deleted"], "before", path, t)[:].astype(np.int64)
         t_paths = [bytes(p) for p in f["deleted"]["paths"][:]]
-        r = _rows(f["retired"], "names", path, None).shape[0]
+        r = index_column(f["retired"], "names", path, None).shape[0]
         if r > MAX_SHARDS:
             raise ValueError(f"{r} retired shards declared")
         retired = _names(f["retired"]["names"], path, size)
-        weights_path = str(_attr(f, "weights_path")) if "weights_path" in f.attrs else ""
+        weights_path = str(attr(f, "weights_path")) if "weights_path" in f.attrs else ""
     except CacheError:
         raise
     except (KeyError, ValueError, TypeError, OSError, UnicodeDecodeError) as e:
@@ -151,7 +151,7 @@ def read_state(f: h5py.File, path: Path) -> State:
 def state_view(cache: Path, state: State, check_prov: bool = True, lean: bool = False) -> View:
     """Open and validate every shard the state lists (sizes and row counts as recorded, same provenance and shape)
     and merge them. check_prov False: a writer's check (each shard against this run, naming both). lean: what fit
-    reads (validate._index)."""
+    reads (validate.file_index)."""
     folder = shards_folder(cache) if state.names else None
     if state.names and folder is None:
         raise CacheError(f"{shards_dir(cache)} is missing: {cache} lists {len(state.names)} shards there; restore "
@@ -214,7 +214,7 @@ def _convert(cache: Path, folder: Path) -> State:
     """A schema-1 cache becomes shard 0 in O(1): a hard link in the shards folder (the old file stays a valid
     cache until the index replaces it; a kill in between leaves the same file twice, one inode)."""
     with open_h5(cache) as f:
-        idx = _index(f, cache)
+        idx = file_index(f, cache)
     st = os.stat(cache)
     target = folder / f"part-{st.st_mtime_ns:020d}-legacy.h5"  # older than any part written after it
     if not (target.exists() and os.path.samefile(target, cache)):
@@ -364,7 +364,7 @@ def compact(cache: Path, versions: dict[str, str], single: bool = False) -> tupl
     if schema == 1 and not list_parts(cache, clean=False):
         return 1, 1  # a single file already
     with open_h5(cache) as f:
-        prov = Provenance.from_json(_attr(f, "provenance"), str(cache))
+        prov = Provenance.from_json(attr(f, "provenance"), str(cache))
     state = writer_state(cache, prov)
     before = len(state.names)
     if before > 1 or state.tombstones or state.retired or single:  # single: the merged shard carries every attr

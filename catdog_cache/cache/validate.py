@@ -23,7 +23,7 @@ MAX_VIEWS, MAX_DIM = 16, 1 << 20  # sanity bounds on a cache's declared shape
 def parse_classes(text: object) -> list[str]:
     """class_map {name: index}: at most 127 classes (int8 labels), names non-empty strings of at most 255
     characters, indices exactly 0..K-1 (ints, not bools). Returns the names in index order."""
-    data = json.loads(text)  # a str or bytes scalar (checked by _attr); anything else raises TypeError
+    data = json.loads(text)  # a str or bytes scalar (checked by attr); anything else raises TypeError
     if not isinstance(data, dict) or len(data) > MAX_CLASSES:
         raise ValueError(f"class_map is not a mapping of at most {MAX_CLASSES} classes")
     if not all(isinstance(k, str) and 0 < len(k) <= MAX_CLASS_NAME for k in data):
@@ -89,7 +89,7 @@ def _open_ds(g: h5py.h5g.GroupID, name: str, path: Path) -> tuple[h5py.h5d.Datas
 def schema_of(f: h5py.File, path: Path) -> int:
     """1: a single-file cache (or one shard); 2: a sharded cache's index. Anything else is refused."""
     try:
-        version = _attr(f, "schema_version")
+        version = attr(f, "schema_version")
     except (KeyError, ValueError):
         version = None
     if version is None or "features" not in f:
@@ -137,8 +137,9 @@ def _column(g: h5py.h5g.GroupID, name: str, path: Path, n: int | None) -> h5py.h
     return oid
 
 
-def _rows(f: h5py.Group, name: str, path: Path, n: int | None) -> h5py.Dataset:
-    """_column, as an h5py Dataset (the index file's columns)."""
+def index_column(f: h5py.Group, name: str, path: Path, n: int | None) -> h5py.Dataset:
+    """A per-row column of a sharded cache's index file, as an h5py Dataset, checked as `_column` checks a file of
+    rows' columns: its exact type, `n` rows (None: any), stored contiguous."""
     return h5py.Dataset(_column(f.id, name, path, n))
 
 
@@ -222,13 +223,14 @@ def _vlen_total(oid: h5py.h5d.DatasetID, name: str, path: Path, size: int, fh: B
     return total
 
 
-def _vlen_bytes(ds: h5py.Dataset, path: Path, size: int) -> int:
-    """_vlen_total of an h5py Dataset (the index file's columns)."""
+def vlen_bytes(ds: h5py.Dataset, path: Path, size: int) -> int:
+    """The bytes a variable-length column of the index file expands to, bounded by the file's `size` before any
+    element is read (see _vlen_total)."""
     with open(path, "rb") as fh:
         return _vlen_total(ds.id, ds.name, path, size, fh)
 
 
-def _attr(f: h5py.File | h5py.AttributeManager, name: str) -> object:
+def attr(f: h5py.File | h5py.AttributeManager, name: str) -> object:
     """One scalar attribute (an array of variable-length strings could point every element at one large object).
     `f` may be a file's AttributeManager, fetched once by a caller reading several."""
     attrs = f if isinstance(f, h5py.AttributeManager) else f.attrs
@@ -266,10 +268,11 @@ def _provenance(text: object, path: Path) -> Provenance:
     return prov
 
 
-def _index(f: h5py.File, path: Path, size: int | None = None, lean: bool = False) -> Index:
-    """Read and validate everything but the features. Every length, dtype, range and attribute comes from a file
-    that may be crafted: check it before allocating or indexing anything with it. `size`: the file's size when
-    the caller has just stat'ed it. Low-level h5py throughout: a 10M-row cache has ~10,000 shards to open.
+def file_index(f: h5py.File, path: Path, size: int | None = None, lean: bool = False) -> Index:
+    """The Index of one file of rows (a single-file cache or one shard): everything but the features, read and
+    validated. Every length, dtype, range and attribute comes from a file that may be crafted: check it before
+    allocating or indexing anything with it. `size`: the file's size when the caller has just stat'ed it.
+    Low-level h5py throughout: a 10M-row cache has ~10,000 shards to open.
     lean: what fit needs (packed_index.py): the paths packed, the sha256 and stat columns checked but not read."""
     _check_schema(f, path)
     feats, dcpl = _open_ds(f.id, "features", path)
@@ -285,14 +288,14 @@ def _index(f: h5py.File, path: Path, size: int | None = None, lean: bool = False
     _check_chunks(shape, dtype, dcpl.get_chunk() if dcpl.get_layout() == h5py.h5d.CHUNKED else None, path)
     try:
         attrs = f.attrs  # one AttributeManager for every attribute read below
-        prov = _provenance(_attr(attrs, "provenance"), path)
-        sources = json.loads(_attr(attrs, "sources"))
+        prov = _provenance(attr(attrs, "provenance"), path)
+        sources = json.loads(attr(attrs, "sources"))
         if not isinstance(sources, list) or not all(isinstance(x, str) for x in sources):
             raise ValueError("sources is not a list of folders")
-        incomplete = json.loads(_attr(attrs, "incomplete")) if "incomplete" in attrs else []
+        incomplete = json.loads(attr(attrs, "incomplete")) if "incomplete" in attrs else []
         if not isinstance(incomplete, list) or not all(isinstance(x, str) and x in sources for x in incomplete):
             raise ValueError("incomplete is not a list of its source folders")
-        classes = parse_classes(_attr(attrs, "class_map"))
+        classes = parse_classes(attr(attrs, "class_map"))
         fail = _group(f.id, "failures")
         if fail is None:
             raise ValueError("no failures group")
@@ -309,7 +312,7 @@ def _index(f: h5py.File, path: Path, size: int | None = None, lean: bool = False
         stat, failed_stat = _stats(f.id, path, n, size, "", not lean), _stats(fail, path, fn, size, "/failures")
         if lean and stat is None:
             stat = unknown_stat_view(n)
-        scan_ns = _attr(attrs, "scan_ns") if "scan_ns" in attrs else 0
+        scan_ns = attr(attrs, "scan_ns") if "scan_ns" in attrs else 0
         if not isinstance(scan_ns, int | np.integer) or isinstance(scan_ns, bool):
             raise ValueError(f"scan_ns is a {type(scan_ns).__name__}, not a time")
         source = _read(columns["source"])  # [n] uint16 as stored; int64 for every caller but a lean one
@@ -329,7 +332,7 @@ def _index(f: h5py.File, path: Path, size: int | None = None, lean: bool = False
                             strict=True)),
             shape=tuple(shape),
             dtype=str(dtype),
-            weights_path=str(_attr(attrs, "weights_path")) if "weights_path" in attrs else "",
+            weights_path=str(attr(attrs, "weights_path")) if "weights_path" in attrs else "",
             incomplete=incomplete,
             classes=classes,
             stat=stat,

@@ -29,7 +29,7 @@ from ..files import printable
 from .chunk_reads import Direct, identity
 from .format import CHUNK_ROWS, MAX_SOURCES, Index, Provenance, merge_classes, require_same
 from .packed_index import PackedPaths, Unread, scan_view, unknown_stat_view
-from .validate import _index, open_h5
+from .validate import file_index, open_h5
 
 MAX_OPEN = 64  # shard files held open at once by one reader
 
@@ -190,7 +190,7 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
     crafted or damaged index (check_prov False: a writer adding shards extends it in order, as assemble did).
     Each shard keeps its own class_map; the cache's classes are merged as assemble merges them (labeled shards must
     agree). `classes`: what the index recorded, which must be that merge (a crafted class_map would relabel rows).
-    lean: the shards were read lean (validate._index): the result is too (paths packed, sha256 and stat unread)."""
+    lean: the shards were read lean (validate.file_index): the result is too (paths packed, sha256 and stat unread)."""
     sources = list(sources)
     if not check_prov:  # a writer adopting shards: new folders join in natural order, not in the order their parts
         # were named (loader workers and torchrun ranks finish tar shards in any order; rows must not depend on it)
@@ -373,7 +373,7 @@ def _refresh(shards: list[tuple[Path, Index]], sources: list[str], src: np.ndarr
 
 def single_file(f: h5py.File, path: Path, lean: bool = False) -> View:
     """A schema-1 cache (or one shard) read as it is: one run over its own, already open file."""
-    idx = _index(f, path, lean=lean)
+    idx = file_index(f, path, lean=lean)
     n = idx.shape[0]
     view = View(idx, [path], [n], np.array([0, n] if n else [0], np.int64), np.zeros(1 if n else 0, np.int64),
                 np.zeros(1 if n else 0, np.int64))
@@ -385,7 +385,7 @@ def single_file(f: h5py.File, path: Path, lean: bool = False) -> View:
 
 def shard_index(path: Path, st: os.stat_result | None = None, lean: bool = False) -> Index:
     """One shard file's own index, validated as any cache file (not a link, not a FIFO: lstat before opening).
-    `st`: the caller's lstat of it, just taken. lean: see validate._index."""
+    `st`: the caller's lstat of it, just taken. lean: see validate.file_index."""
     import stat
 
     if st is None:
@@ -397,4 +397,4 @@ def shard_index(path: Path, st: os.stat_result | None = None, lean: bool = False
     if not stat.S_ISREG(st.st_mode):
         raise CacheError(f"{path} is not a regular file (a link or something else); refusing it")
     with open_h5(path) as f:
-        return _index(f, path, st.st_size, lean)
+        return file_index(f, path, st.st_size, lean)
