@@ -34,6 +34,7 @@ from ..errors import CacheError
 from ..files import fsync_dir, printable, require_space, temp_beside
 from .chunk_reads import identity
 from .format import INDEX_SCHEMA, MAX_SOURCES, SCHEMA_VERSION, Index, Provenance
+from .rowfile import write_rows
 from .validate import attr, file_index, index_column, open_h5, parse_classes, schema_of, vlen_bytes
 from .view import Tombstone, View, merge, shard_index
 
@@ -339,14 +340,12 @@ def remove_cache(cache: Path) -> None:
 
 def write_merged(out: Path, view: View, prov: Provenance, versions: dict[str, str], block: int = 1024) -> None:
     """Every live row of a view into one schema-1 file, `block` rows in memory at a time."""
-    from .parts import _write
-
     idx = view.index
     n = idx.shape[0]
     require_space(out.parent, int(np.prod(idx.shape)) * np.dtype(prov.dtype).itemsize + 200 * n + 2**20, out)
     with h5py.File(out, "w") as f:
         stat, failed_stat, scan_ns = idx.folded()  # each row's stat judged by its own shard's scan time
-        ds = _write(f, prov, idx.sources, tuple(idx.shape), idx.paths, idx.source.astype(np.uint16), idx.labels,
+        ds = write_rows(f, prov, idx.sources, tuple(idx.shape), idx.paths, idx.source.astype(np.uint16), idx.labels,
                     idx.sha256, idx.failed, versions, idx.weights_path, idx.incomplete, idx.classes, stat=stat,
                     failed_stat=failed_stat, scan_ns=scan_ns)
         for lo in range(0, n, block):

@@ -108,7 +108,7 @@ def _check_schema(f: h5py.File, path: Path) -> None:
         raise CacheError(f"{path} is a sharded cache's index, not a file of rows; refusing it here")
 
 
-# Each per-row column has exactly the type parts._write gives it (a crafted `S2147483647` sha256 column would be
+# Each per-row column has exactly the type rowfile.write_rows gives it (a crafted `S2147483647` sha256 column would be
 # allocated at 2 GiB per row; a vlen int one breaks every reader): a fixed dtype, or a variable-length kind.
 COLUMNS: dict[str, np.dtype | type] = {"source": np.dtype("u2"), "labels": np.dtype("i1"), "sha256": np.dtype("S64"),
                                        "paths": bytes, "reasons": str,
@@ -165,7 +165,7 @@ def _group(g: h5py.h5g.GroupID, name: str) -> h5py.h5g.GroupID | None:
 
 
 def _stats(g: h5py.h5g.GroupID, path: Path, n: int, size: int, where: str, read: bool = True) -> np.ndarray | None:
-    """A group's optional `stat` column: [n, 4] int64, contiguous, as parts._write stores it; None when absent (a
+    """A group's optional `stat` column: [n, 4] int64, contiguous, as rowfile.write_rows stores it; None when absent (a
     cache written before stats: its files are hashed). `where`: the group's name for messages ('' for the root).
     read False: checked, not read (a lean open): all unknown, without memory."""
     if not g.links.exists(b"stat"):
