@@ -25,7 +25,8 @@ from catdog_cache.cache import (
     shards_dir,
     write_part,
 )
-from catdog_cache.cache.shards import _convert, read_state, shards_folder, state_view, write_index, writer_state
+from catdog_cache.cache.shard_state import read_state, shards_folder, state_view
+from catdog_cache.cache.shards import _convert, write_index, writer_state
 from catdog_cache.errors import CacheError
 
 PROV = Provenance("tiny", "fc7", "random:seed=0", IMAGENET.spec(), "center", "float32", "fp32")

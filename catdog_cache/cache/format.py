@@ -17,7 +17,7 @@ Layout (schema 1), one file, rows sorted by (source, relative path):
   attrs     scan_ns (optional int): time.time_ns() when the run that wrote the file started scanning its folder
 Caches written before stats have no `stat` columns and no scan_ns: their files are hashed once (see rerun.py).
 
-Sharded (schema 2, see shards.py): `features.h5` is a small index and the rows live in immutable schema-1 files
+Sharded (schema 2, see shard_state.py): `features.h5` is a small index and the rows live in immutable schema-1 files
 `features.h5.shards/NAME.h5`; readers merge them (view.py) into exactly the rows the single file would hold.
 """
 
@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import CacheError, ProvenanceMismatch
 
 SCHEMA_VERSION = 1  # a file of rows: a single-file cache, or one shard of a sharded cache
-INDEX_SCHEMA = 2  # a sharded cache's index (shards.py): the shard list and the cache-level attributes
+INDEX_SCHEMA = 2  # a sharded cache's index (shard_state.py): the shard list and the cache-level attributes
 CHUNK_ROWS = 64  # 64 rows: 1 MiB at 4096-d float32 (320 KiB at 1280-d): large sequential reads, cheap streaming
 # the Kaggle classes, label i = CAT_DOG[i]; any labeled image folder records its own (discover.class_names)
 CAT_DOG: tuple[str, ...] = ("cat", "dog")

@@ -19,18 +19,9 @@ from ..files import fsync_dir, temp_beside, write_atomic
 from .format import CAT_DOG, INDEX_SCHEMA, Index, Provenance, Rows
 from .read import read_index
 from .rowfile import write_rows
-from .shards import (
-    SHARD_NAME,
-    State,
-    legacy_parts_dir,
-    list_parts,
-    listed,
-    shard_index,
-    shards_dir,
-    shards_folder,
-    write_merged,
-)
-from .view import Tombstone, merge
+from .shard_state import SHARD_NAME, State, legacy_parts_dir, listed, shards_dir, shards_folder
+from .shards import list_parts, write_merged
+from .view import Tombstone, merge, shard_index
 
 
 def parts_dir(cache: Path) -> Path:

@@ -13,6 +13,7 @@ import numpy as np
 
 from .format import CHUNK_ROWS, SCHEMA_VERSION, Index
 from .packed_index import release_freed
+from .shard_state import read_state, state_view
 from .validate import open_h5, schema_of
 from .view import View, single_file
 
@@ -29,8 +30,6 @@ def open_cache(path: str | os.PathLike[str], lean: bool = False) -> Iterator[tup
     lean: what fit needs, in tens of bytes a row (cache/packed_index.py): every column checked as always, the paths
     packed into one buffer, the sha256 and stat columns not read (index.sha256 raises if used; stats read as
     unknown)."""
-    from .shards import read_state, state_view
-
     path = Path(path)
     with open_h5(path) as f:
         view = single_file(f, path, lean) if schema_of(f, path) == SCHEMA_VERSION else \

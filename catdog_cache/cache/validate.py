@@ -112,7 +112,7 @@ def _check_schema(f: h5py.File, path: Path) -> None:
 # allocated at 2 GiB per row; a vlen int one breaks every reader): a fixed dtype, or a variable-length kind.
 COLUMNS: dict[str, np.dtype | type] = {"source": np.dtype("u2"), "labels": np.dtype("i1"), "sha256": np.dtype("S64"),
                                        "paths": bytes, "reasons": str,
-                                       # a sharded cache's index (shards.py): shard names, sizes, deletion records
+                                       # a sharded cache's index (shard_state.py): shard names, sizes, deletion records
                                        "names": bytes, "rows": np.dtype("u8"), "bytes": np.dtype("u8"),
                                        "before": np.dtype("u4")}
 MAX_CHUNK_BYTES = 64 << 20  # a features chunk larger than this is not one our writer makes for any sane width
