@@ -1,11 +1,11 @@
-"""Feature rows read with pread past HDF5 (cache/direct.py): the same values as HDF5 reads, every layout our writer
+"""Feature rows read with pread past HDF5 (cache/chunk_reads.py): the same values as HDF5 reads, every layout our writer
 makes, a fallback for what it does not cover, and a crafted or changed file refused."""
 
 import h5py
 import numpy as np
 import pytest
 
-from catdog_cache.cache.direct import Direct, chunk_map
+from catdog_cache.cache.chunk_reads import Direct, chunk_map
 from catdog_cache.errors import CacheError
 
 
@@ -75,7 +75,7 @@ def test_shard_swapped_after_open_is_refused(tmp_path):
     chunk map applied to the new file), and a FIFO in its place must not hang the reader."""
     import os
 
-    from catdog_cache.cache.direct import identity
+    from catdog_cache.cache.chunk_reads import identity
 
     x = np.arange(128 * 16, dtype=np.float32).reshape(128, 1, 16)
     p = shard(tmp_path / "s.h5", x)
@@ -102,7 +102,7 @@ def test_hdf5_reader_refuses_a_swapped_shard(tmp_path):
     """View.handle (several views: read through HDF5) reopens a shard by name: a swapped file was read unvalidated."""
     import os
 
-    from catdog_cache.cache.direct import identity
+    from catdog_cache.cache.chunk_reads import identity
     from catdog_cache.cache.view import View
 
     x = np.ones((10, 2, 8), np.float32)

@@ -25,7 +25,8 @@ from catdog_cache.cache import (
     shards_dir,
     write_part,
 )
-from catdog_cache.cache.shards import _convert, read_state, shards_folder, state_view, write_index, writer_state
+from catdog_cache.cache.shard_state import read_state, shards_folder, state_view
+from catdog_cache.cache.shards import _convert, write_index, writer_state
 from catdog_cache.errors import CacheError
 
 PROV = Provenance("tiny", "fc7", "random:seed=0", IMAGENET.spec(), "center", "float32", "fp32")
@@ -306,7 +307,7 @@ def test_lean_open_has_the_full_opens_rows(tmp_path):
     """open_cache(lean=True), what fit reads: the same rows, labels, folders, paths and features as a full open, on
     a history with a changed file, a fixed failure, a deletion record and two folders (the merge's sorting path),
     and on an in-order cache (its no-sort path); the unread sha256 column raises instead of answering."""
-    from catdog_cache.cache.lean import PackedPaths
+    from catdog_cache.cache.packed_index import PackedPaths
 
     sharded = tmp_path / "s" / "c.h5"
     history(sharded)
@@ -330,7 +331,7 @@ def test_lean_open_has_the_full_opens_rows(tmp_path):
 def test_packed_paths_read_as_a_list_of_bytes():
     import bisect
 
-    from catdog_cache.cache.lean import PackedPaths
+    from catdog_cache.cache.packed_index import PackedPaths
 
     names = [b"a.jpg", b"", b"cat/\xff.jpg", b"dog/z.jpg"]
     p = PackedPaths.concat([PackedPaths.of(names[:2]), PackedPaths.of([]), PackedPaths.of(names[2:])])

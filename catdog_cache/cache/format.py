@@ -17,7 +17,7 @@ Layout (schema 1), one file, rows sorted by (source, relative path):
   attrs     scan_ns (optional int): time.time_ns() when the run that wrote the file started scanning its folder
 Caches written before stats have no `stat` columns and no scan_ns: their files are hashed once (see rerun.py).
 
-Sharded (schema 2, see shards.py): `features.h5` is a small index and the rows live in immutable schema-1 files
+Sharded (schema 2, see shard_state.py): `features.h5` is a small index and the rows live in immutable schema-1 files
 `features.h5.shards/NAME.h5`; readers merge them (view.py) into exactly the rows the single file would hold.
 """
 
@@ -33,9 +33,13 @@ import numpy as np
 from ..errors import CacheError, ProvenanceMismatch
 
 SCHEMA_VERSION = 1  # a file of rows: a single-file cache, or one shard of a sharded cache
-INDEX_SCHEMA = 2  # a sharded cache's index (shards.py): the shard list and the cache-level attributes
+INDEX_SCHEMA = 2  # a sharded cache's index (shard_state.py): the shard list and the cache-level attributes
 CHUNK_ROWS = 64  # 64 rows: 1 MiB at 4096-d float32 (320 KiB at 1280-d): large sequential reads, cheap streaming
-CLASS_MAP = {"cat": 0, "dog": 1}  # the Kaggle classes; any labeled image folder records its own (discover.class_names)
+# the Kaggle classes, label i = CAT_DOG[i]; any labeled image folder records its own (discover.class_names)
+CAT_DOG: tuple[str, ...] = ("cat", "dog")
+CLASS_MAP = {c: i for i, c in enumerate(CAT_DOG)}  # CAT_DOG as a recorded class_map: {"cat": 0, "dog": 1}
+MAX_CLASSES = 127  # labels are stored as int8 (-1 unlabeled): 127 classes fit
+MAX_CLASS_NAME = 255  # a class name is a folder name: the common file systems allow 255; a longer one is crafted
 STAT_FIELDS = ("size", "mtime_ns", "inode", "device")  # the columns of a `stat` row
 MAX_SOURCES = 65_535  # folders or tar shards per cache: `source` is uint16
 UNKNOWN_STAT = (-1, -1, -1, -1)  # no stat recorded (older cache, racy file): never equals a real file's
@@ -159,7 +163,7 @@ class Index:
     dtype: str
     weights_path: str = ""  # where the --weights FILE was when extracted (its sha256 is in the provenance)
     incomplete: list[str] = field(default_factory=list)  # sources whose last extract was interrupted (Ctrl-C)
-    classes: list[str] = field(default_factory=lambda: list(CLASS_MAP))  # label i means classes[i]
+    classes: list[str] = field(default_factory=lambda: list(CAT_DOG))  # label i means classes[i]
     stat: np.ndarray | None = None  # [N, 4] int64 as recorded (UNKNOWN_STAT rows where none was); None: all unknown
     failed_stat: np.ndarray | None = None  # [M, 4] int64, as `stat`
     scan_ns: int = 0  # when the run that wrote this file started its scan; 0: unknown (every stat is then racy)

@@ -9,7 +9,6 @@ file renamed over the cache: every file under a final name is always complete.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import h5py
@@ -17,73 +16,12 @@ import numpy as np
 
 from ..errors import CacheError
 from ..files import fsync_dir, temp_beside, write_atomic
-from .format import CHUNK_ROWS, CLASS_MAP, INDEX_SCHEMA, SCHEMA_VERSION, Index, Provenance, Refresh, Rows, unknown_stats
+from .format import CAT_DOG, INDEX_SCHEMA, Index, Provenance, Rows
 from .read import read_index
-from .shards import (
-    SHARD_NAME,
-    State,
-    legacy_parts_dir,
-    list_parts,
-    listed,
-    shard_index,
-    shards_dir,
-    shards_folder,
-    write_merged,
-)
-from .view import Tombstone, merge
-
-_BYTES = h5py.vlen_dtype(bytes)
-_STR = h5py.string_dtype("utf-8")
-
-
-def _write(f: h5py.File, prov: Provenance, sources: list[str], features: np.ndarray | tuple[int, ...],
-           paths: list[bytes], source: np.ndarray, labels: np.ndarray, sha256: list[str],
-           failed: list[tuple[int, bytes, str, str]], versions: dict[str, str], weights_path: str = "",
-           incomplete: list[str] | None = None, classes: list[str] | tuple[str, ...] = tuple(CLASS_MAP),
-           stat: np.ndarray | None = None, failed_stat: np.ndarray | None = None, scan_ns: int = 0,
-           refresh: Refresh | None = None) -> h5py.Dataset:
-    f.attrs["schema_version"] = SCHEMA_VERSION
-    f.attrs["scan_ns"] = np.int64(scan_ns)
-    if incomplete:
-        f.attrs["incomplete"] = json.dumps(incomplete)
-    f.attrs["weights_path"] = weights_path
-    f.attrs["provenance"] = prov.to_json()
-    f.attrs["class_map"] = json.dumps({c: i for i, c in enumerate(classes)})  # label i means classes[i]
-    f.attrs["sources"] = json.dumps(sources)
-    f.attrs["versions"] = json.dumps(versions)
-    shape = features if isinstance(features, tuple) else features.shape
-    chunks = (min(CHUNK_ROWS, shape[0]), *shape[1:]) if shape[0] else None
-    if isinstance(features, tuple):
-        ds = f.create_dataset("features", shape=shape, dtype=prov.dtype, chunks=chunks)
-    else:
-        ds = f.create_dataset("features", data=features.astype(prov.dtype, copy=False), chunks=chunks)
-    f.create_dataset("paths", data=np.array(paths, dtype=object), dtype=_BYTES)
-    f.create_dataset("source", data=np.asarray(source, dtype=np.uint16))
-    f.create_dataset("labels", data=np.asarray(labels, dtype=np.int8))
-    f.create_dataset("sha256", data=np.array(sha256, dtype="S64"))
-    f.create_dataset("stat", data=_stat_column(stat, len(paths)))
-    g = f.create_group("failures")
-    g.create_dataset("stat", data=_stat_column(failed_stat, len(failed)))
-    g.create_dataset("source", data=np.array([x[0] for x in failed], dtype=np.uint16))
-    g.create_dataset("paths", data=np.array([x[1] for x in failed], dtype=object), dtype=_BYTES)
-    g.create_dataset("sha256", data=np.array([x[2] for x in failed], dtype="S64"))
-    g.create_dataset("reasons", data=np.array([x[3] for x in failed], dtype=object), dtype=_STR)
-    if refresh is not None and len(refresh):
-        r = f.create_group("refresh")
-        r.create_dataset("source", data=np.asarray(refresh.source, dtype=np.uint16))
-        r.create_dataset("paths", data=np.array(refresh.paths, dtype=object), dtype=_BYTES)
-        r.create_dataset("sha256", data=np.array(refresh.sha256, dtype="S64"))
-        r.create_dataset("stat", data=_stat_column(refresh.stat, len(refresh)))
-    return ds
-
-
-def _stat_column(stat: np.ndarray | list | None, n: int) -> np.ndarray:
-    """[n, 4] int64, unknown (-1) where the writer was given no stats (rows of a cache older than stats)."""
-    if stat is None or len(stat) == 0:
-        return unknown_stats(n)
-    out = np.asarray(stat, dtype=np.int64).reshape(-1, 4)
-    assert out.shape[0] == n, (out.shape, n)
-    return out
+from .rowfile import write_rows
+from .shard_state import SHARD_NAME, State, legacy_parts_dir, listed, shards_dir, shards_folder
+from .shards import list_parts, write_merged
+from .view import Tombstone, merge, shard_index
 
 
 def parts_dir(cache: Path) -> Path:
@@ -93,7 +31,7 @@ def parts_dir(cache: Path) -> Path:
 
 def write_part(cache: Path, name: str, prov: Provenance, source: str, rows: Rows, versions: dict[str, str],
                feature_shape: tuple[int, int], weights_path: str = "",
-               classes: list[str] | tuple[str, ...] = tuple(CLASS_MAP), scan_ns: int = 0) -> Path:
+               classes: list[str] | tuple[str, ...] = CAT_DOG, scan_ns: int = 0) -> Path:
     """Write rows as one complete shard file. The HDF5 image is built in memory and written with plain file I/O, so
     a full disk is an OSError we can report (HDF5 itself may crash on ENOSPC) and the temp file is removed.
     `scan_ns`: when this run started scanning `source` (rows.stat were taken after it); 0 leaves every stat racy."""
@@ -104,7 +42,7 @@ def write_part(cache: Path, name: str, prov: Provenance, source: str, rows: Rows
     feats = np.stack(rows.features) if rows.features else np.zeros((0, *feature_shape), np.float32)
     n = len(rows.paths)
     with h5py.File(f"{name}.h5", "w", driver="core", backing_store=False) as f:
-        _write(f, prov, [source], feats, rows.paths, np.zeros(n, np.uint16), np.array(rows.labels, np.int8),
+        write_rows(f, prov, [source], feats, rows.paths, np.zeros(n, np.uint16), np.array(rows.labels, np.int8),
                rows.sha256, [(0, p, s, r) for p, s, r in
                              zip(rows.failed_paths, rows.failed_sha256, rows.failed_reasons, strict=True)], versions,
                weights_path, classes=classes, stat=np.array(rows.stat, np.int64),

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from .format import CHUNK_ROWS, SCHEMA_VERSION, Index
-from .lean import release_freed
+from .packed_index import release_freed
+from .shard_state import read_state, state_view
 from .validate import open_h5, schema_of
 from .view import View, single_file
 
@@ -26,10 +27,9 @@ def read_index(path: str | os.PathLike[str]) -> Index:
 def open_cache(path: str | os.PathLike[str], lean: bool = False) -> Iterator[tuple[View, Index]]:
     """One reader for index and features: a single file stays open; a sharded cache's shards are immutable and
     checked against the index (an append between two opens cannot misalign labels and features).
-    lean: what fit needs, in tens of bytes a row (cache/lean.py): every column checked as always, the paths packed
-    into one buffer, the sha256 and stat columns not read (index.sha256 raises if used; stats read as unknown)."""
-    from .shards import read_state, state_view
-
+    lean: what fit needs, in tens of bytes a row (cache/packed_index.py): every column checked as always, the paths
+    packed into one buffer, the sha256 and stat columns not read (index.sha256 raises if used; stats read as
+    unknown)."""
     path = Path(path)
     with open_h5(path) as f:
         view = single_file(f, path, lean) if schema_of(f, path) == SCHEMA_VERSION else \

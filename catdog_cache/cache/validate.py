@@ -13,18 +13,17 @@ import numpy as np
 
 from ..errors import CacheBusy, CacheError
 from ..files import printable
-from .format import CHUNK_ROWS, INDEX_SCHEMA, SCHEMA_VERSION, Index, Provenance, Refresh
-from .lean import PackedPaths, Unread, scan_view, unknown_stat_view
+from .format import CHUNK_ROWS, INDEX_SCHEMA, MAX_CLASS_NAME, MAX_CLASSES, SCHEMA_VERSION, Index, Provenance, Refresh
+from .packed_index import PackedPaths, Unread, scan_view, unknown_stat_view
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MAX_VIEWS, MAX_DIM = 16, 1 << 20  # sanity bounds on a cache's declared shape
-MAX_CLASSES, MAX_CLASS_NAME = 127, 255  # int8 labels; a folder name (as discover's bounds)
 
 
 def parse_classes(text: object) -> list[str]:
     """class_map {name: index}: at most 127 classes (int8 labels), names non-empty strings of at most 255
     characters, indices exactly 0..K-1 (ints, not bools). Returns the names in index order."""
-    data = json.loads(text)  # a str or bytes scalar (checked by _attr); anything else raises TypeError
+    data = json.loads(text)  # a str or bytes scalar (checked by attr); anything else raises TypeError
     if not isinstance(data, dict) or len(data) > MAX_CLASSES:
         raise ValueError(f"class_map is not a mapping of at most {MAX_CLASSES} classes")
     if not all(isinstance(k, str) and 0 < len(k) <= MAX_CLASS_NAME for k in data):
@@ -87,15 +86,10 @@ def _open_ds(g: h5py.h5g.GroupID, name: str, path: Path) -> tuple[h5py.h5d.Datas
     return oid, dcpl
 
 
-def _dataset(f: h5py.Group, name: str, path: Path) -> h5py.Dataset:
-    """_open_ds, as an h5py Dataset (for the index file's few columns)."""
-    return h5py.Dataset(_open_ds(f.id, name, path)[0])
-
-
 def schema_of(f: h5py.File, path: Path) -> int:
     """1: a single-file cache (or one shard); 2: a sharded cache's index. Anything else is refused."""
     try:
-        version = _attr(f, "schema_version")
+        version = attr(f, "schema_version")
     except (KeyError, ValueError):
         version = None
     if version is None or "features" not in f:
@@ -114,11 +108,11 @@ def _check_schema(f: h5py.File, path: Path) -> None:
         raise CacheError(f"{path} is a sharded cache's index, not a file of rows; refusing it here")
 
 
-# Each per-row column has exactly the type parts._write gives it (a crafted `S2147483647` sha256 column would be
+# Each per-row column has exactly the type rowfile.write_rows gives it (a crafted `S2147483647` sha256 column would be
 # allocated at 2 GiB per row; a vlen int one breaks every reader): a fixed dtype, or a variable-length kind.
 COLUMNS: dict[str, np.dtype | type] = {"source": np.dtype("u2"), "labels": np.dtype("i1"), "sha256": np.dtype("S64"),
                                        "paths": bytes, "reasons": str,
-                                       # a sharded cache's index (shards.py): shard names, sizes, deletion records
+                                       # a sharded cache's index (shard_state.py): shard names, sizes, deletion records
                                        "names": bytes, "rows": np.dtype("u8"), "bytes": np.dtype("u8"),
                                        "before": np.dtype("u4")}
 MAX_CHUNK_BYTES = 64 << 20  # a features chunk larger than this is not one our writer makes for any sane width
@@ -143,8 +137,9 @@ def _column(g: h5py.h5g.GroupID, name: str, path: Path, n: int | None) -> h5py.h
     return oid
 
 
-def _rows(f: h5py.Group, name: str, path: Path, n: int | None) -> h5py.Dataset:
-    """_column, as an h5py Dataset (the index file's columns)."""
+def index_column(f: h5py.Group, name: str, path: Path, n: int | None) -> h5py.Dataset:
+    """A per-row column of a sharded cache's index file, as an h5py Dataset, checked as `_column` checks a file of
+    rows' columns: its exact type, `n` rows (None: any), stored contiguous."""
     return h5py.Dataset(_column(f.id, name, path, n))
 
 
@@ -170,7 +165,7 @@ def _group(g: h5py.h5g.GroupID, name: str) -> h5py.h5g.GroupID | None:
 
 
 def _stats(g: h5py.h5g.GroupID, path: Path, n: int, size: int, where: str, read: bool = True) -> np.ndarray | None:
-    """A group's optional `stat` column: [n, 4] int64, contiguous, as parts._write stores it; None when absent (a
+    """A group's optional `stat` column: [n, 4] int64, contiguous, as rowfile.write_rows stores it; None when absent (a
     cache written before stats: its files are hashed). `where`: the group's name for messages ('' for the root).
     read False: checked, not read (a lean open): all unknown, without memory."""
     if not g.links.exists(b"stat"):
@@ -228,13 +223,14 @@ def _vlen_total(oid: h5py.h5d.DatasetID, name: str, path: Path, size: int, fh: B
     return total
 
 
-def _vlen_bytes(ds: h5py.Dataset, path: Path, size: int) -> int:
-    """_vlen_total of an h5py Dataset (the index file's columns)."""
+def vlen_bytes(ds: h5py.Dataset, path: Path, size: int) -> int:
+    """The bytes a variable-length column of the index file expands to, bounded by the file's `size` before any
+    element is read (see _vlen_total)."""
     with open(path, "rb") as fh:
         return _vlen_total(ds.id, ds.name, path, size, fh)
 
 
-def _attr(f: h5py.File | h5py.AttributeManager, name: str) -> object:
+def attr(f: h5py.File | h5py.AttributeManager, name: str) -> object:
     """One scalar attribute (an array of variable-length strings could point every element at one large object).
     `f` may be a file's AttributeManager, fetched once by a caller reading several."""
     attrs = f if isinstance(f, h5py.AttributeManager) else f.attrs
@@ -272,11 +268,12 @@ def _provenance(text: object, path: Path) -> Provenance:
     return prov
 
 
-def _index(f: h5py.File, path: Path, size: int | None = None, lean: bool = False) -> Index:
-    """Read and validate everything but the features. Every length, dtype, range and attribute comes from a file
-    that may be crafted: check it before allocating or indexing anything with it. `size`: the file's size when
-    the caller has just stat'ed it. Low-level h5py throughout: a 10M-row cache has ~10,000 shards to open.
-    lean: what fit needs (lean.py): the paths packed, the sha256 and stat columns checked but not read."""
+def file_index(f: h5py.File, path: Path, size: int | None = None, lean: bool = False) -> Index:
+    """The Index of one file of rows (a single-file cache or one shard): everything but the features, read and
+    validated. Every length, dtype, range and attribute comes from a file that may be crafted: check it before
+    allocating or indexing anything with it. `size`: the file's size when the caller has just stat'ed it.
+    Low-level h5py throughout: a 10M-row cache has ~10,000 shards to open.
+    lean: what fit needs (packed_index.py): the paths packed, the sha256 and stat columns checked but not read."""
     _check_schema(f, path)
     feats, dcpl = _open_ds(f.id, "features", path)
     size = path.stat().st_size if size is None else size
@@ -291,14 +288,14 @@ def _index(f: h5py.File, path: Path, size: int | None = None, lean: bool = False
     _check_chunks(shape, dtype, dcpl.get_chunk() if dcpl.get_layout() == h5py.h5d.CHUNKED else None, path)
     try:
         attrs = f.attrs  # one AttributeManager for every attribute read below
-        prov = _provenance(_attr(attrs, "provenance"), path)
-        sources = json.loads(_attr(attrs, "sources"))
+        prov = _provenance(attr(attrs, "provenance"), path)
+        sources = json.loads(attr(attrs, "sources"))
         if not isinstance(sources, list) or not all(isinstance(x, str) for x in sources):
             raise ValueError("sources is not a list of folders")
-        incomplete = json.loads(_attr(attrs, "incomplete")) if "incomplete" in attrs else []
+        incomplete = json.loads(attr(attrs, "incomplete")) if "incomplete" in attrs else []
         if not isinstance(incomplete, list) or not all(isinstance(x, str) and x in sources for x in incomplete):
             raise ValueError("incomplete is not a list of its source folders")
-        classes = parse_classes(_attr(attrs, "class_map"))
+        classes = parse_classes(attr(attrs, "class_map"))
         fail = _group(f.id, "failures")
         if fail is None:
             raise ValueError("no failures group")
@@ -315,7 +312,7 @@ def _index(f: h5py.File, path: Path, size: int | None = None, lean: bool = False
         stat, failed_stat = _stats(f.id, path, n, size, "", not lean), _stats(fail, path, fn, size, "/failures")
         if lean and stat is None:
             stat = unknown_stat_view(n)
-        scan_ns = _attr(attrs, "scan_ns") if "scan_ns" in attrs else 0
+        scan_ns = attr(attrs, "scan_ns") if "scan_ns" in attrs else 0
         if not isinstance(scan_ns, int | np.integer) or isinstance(scan_ns, bool):
             raise ValueError(f"scan_ns is a {type(scan_ns).__name__}, not a time")
         source = _read(columns["source"])  # [n] uint16 as stored; int64 for every caller but a lean one
@@ -335,7 +332,7 @@ def _index(f: h5py.File, path: Path, size: int | None = None, lean: bool = False
                             strict=True)),
             shape=tuple(shape),
             dtype=str(dtype),
-            weights_path=str(_attr(attrs, "weights_path")) if "weights_path" in attrs else "",
+            weights_path=str(attr(attrs, "weights_path")) if "weights_path" in attrs else "",
             incomplete=incomplete,
             classes=classes,
             stat=stat,

@@ -26,10 +26,10 @@ import numpy as np
 
 from ..errors import CacheError
 from ..files import printable
-from .direct import Direct, identity
+from .chunk_reads import Direct, identity
 from .format import CHUNK_ROWS, MAX_SOURCES, Index, Provenance, merge_classes, require_same
-from .lean import PackedPaths, Unread, scan_view, unknown_stat_view
-from .validate import _index, open_h5
+from .packed_index import PackedPaths, Unread, scan_view, unknown_stat_view
+from .validate import file_index, open_h5
 
 MAX_OPEN = 64  # shard files held open at once by one reader
 
@@ -54,12 +54,12 @@ class View:
     seg_shard: np.ndarray  # [S] shard of each run
     seg_row: np.ndarray  # [S] first row of the run in its shard
     shard_bytes: list[int] = field(default_factory=list)  # size of each shard file when the view was built
-    shard_ids: list[tuple[int, int, int]] = field(default_factory=list)  # direct.identity() of each, validated
+    shard_ids: list[tuple[int, int, int]] = field(default_factory=list)  # chunk_reads.identity() of each, validated
     _open: OrderedDict[int, h5py.File] = field(default_factory=OrderedDict)
     _owned: dict[int, h5py.File] = field(default_factory=dict)  # handles given by the caller: never closed here
     _scratch: dict[str, np.ndarray] = field(default_factory=dict)  # stored dtype -> a reused read buffer
     _feats: dict[int, h5py.Dataset] = field(default_factory=dict)  # open shard -> its features (one lookup per open)
-    _direct: Direct | None = None  # pread past HDF5 (direct.py), made on the first read
+    _direct: Direct | None = None  # pread past HDF5 (chunk_reads.py), made on the first read
 
     @property
     def rows(self) -> int:
@@ -110,7 +110,7 @@ class View:
         return f
 
     def prefetch(self, lo: int, hi: int) -> None:
-        """Logical rows [lo, hi) will be read soon: their reads start now, in the background (direct.Direct.advise)."""
+        """Logical rows [lo, hi) will be read soon: their reads start now, in the background (Direct.advise)."""
         if self._direct is None:
             self._direct = Direct(self.shards, self.shard_bytes, self.shard_ids)
         if self.index.shape[1] == 1:
@@ -190,7 +190,7 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
     crafted or damaged index (check_prov False: a writer adding shards extends it in order, as assemble did).
     Each shard keeps its own class_map; the cache's classes are merged as assemble merges them (labeled shards must
     agree). `classes`: what the index recorded, which must be that merge (a crafted class_map would relabel rows).
-    lean: the shards were read lean (validate._index): the result is too (paths packed, sha256 and stat unread)."""
+    lean: the shards were read lean (validate.file_index): the result is too (paths packed, sha256 and stat unread)."""
     sources = list(sources)
     if not check_prov:  # a writer adopting shards: new folders join in natural order, not in the order their parts
         # were named (loader workers and torchrun ranks finish tar shards in any order; rows must not depend on it)
@@ -228,7 +228,7 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
         raise CacheError(f"{where} would hold {len(sources)} source folders; the schema allows {MAX_SOURCES:,}")
     n_all = sum(rows_of)
     src = np.concatenate(src_parts) if src_parts else np.zeros(0, np.int64)  # [n_all]
-    # [n_all] the paths, concatenated: references, no copy (lean: one buffer, see lean.PackedPaths)
+    # [n_all] the paths, concatenated: references, no copy (lean: one buffer, see packed_index.PackedPaths)
     key = PackedPaths.concat(path_parts) if lean else [p for part in path_parts for p in part]
     first = np.concatenate([[0], np.cumsum(rows_of)]).astype(np.int64)  # [S+1] where each shard's rows start
 
@@ -303,7 +303,7 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
     def pick(a: np.ndarray) -> np.ndarray:
         return a if final is None else a[final]
 
-    if lean:  # not read (lean.Unread): fit needs neither, and no refresh record can change which rows live
+    if lean:  # not read (packed_index.Unread): fit needs neither, and no refresh record can change which rows live
         paths_final = key if final is None else key.take(final)
         sha_final = Unread("sha256", n)
         stat, scan = unknown_stat_view(n), scan_view(n)
@@ -373,7 +373,7 @@ def _refresh(shards: list[tuple[Path, Index]], sources: list[str], src: np.ndarr
 
 def single_file(f: h5py.File, path: Path, lean: bool = False) -> View:
     """A schema-1 cache (or one shard) read as it is: one run over its own, already open file."""
-    idx = _index(f, path, lean=lean)
+    idx = file_index(f, path, lean=lean)
     n = idx.shape[0]
     view = View(idx, [path], [n], np.array([0, n] if n else [0], np.int64), np.zeros(1 if n else 0, np.int64),
                 np.zeros(1 if n else 0, np.int64))
@@ -385,7 +385,7 @@ def single_file(f: h5py.File, path: Path, lean: bool = False) -> View:
 
 def shard_index(path: Path, st: os.stat_result | None = None, lean: bool = False) -> Index:
     """One shard file's own index, validated as any cache file (not a link, not a FIFO: lstat before opening).
-    `st`: the caller's lstat of it, just taken. lean: see validate._index."""
+    `st`: the caller's lstat of it, just taken. lean: see validate.file_index."""
     import stat
 
     if st is None:
@@ -397,4 +397,4 @@ def shard_index(path: Path, st: os.stat_result | None = None, lean: bool = False
     if not stat.S_ISREG(st.st_mode):
         raise CacheError(f"{path} is not a regular file (a link or something else); refusing it")
     with open_h5(path) as f:
-        return _index(f, path, st.st_size, lean)
+        return file_index(f, path, st.st_size, lean)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..cache import (
-    CLASS_MAP,
+    CAT_DOG,
     UNKNOWN_STAT,
     Provenance,
     Rows,
@@ -168,7 +168,7 @@ def rows_of(batches: Iterable[Batch], todo: list[Sample], stat: np.ndarray | Non
 
 
 def save_part(cache: Path, name: str, cfg: ExtractConfig, prov: Provenance, source: str, rows: Rows,
-              info: dict[str, str], classes: tuple[str, ...] | list[str] = tuple(CLASS_MAP), scan_ns: int = 0) -> Path:
+              info: dict[str, str], classes: tuple[str, ...] | list[str] = CAT_DOG, scan_ns: int = 0) -> Path:
     """One crash-safe part (temp + rename) of the cache; `scan_ns`: when the walk that took rows.stat started."""
     # the feature size from the rows themselves; a part of failures only asks the backbone (a meta pass)
     dim = rows.features[0].shape[-1] if rows.features else cfg.resolve().dim

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..cache import Provenance, Recorded, encode_path, read_index
-from ..cache.shards import SHARD_NAME, shards_folder
+from ..cache.shard_state import SHARD_NAME, shards_folder
 from ..errors import CacheError
 from ..files import write_atomic
 from ..sources.folder import Discovery, Sample

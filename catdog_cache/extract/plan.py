@@ -25,11 +25,12 @@ from ..cache import (
     read_index,
     recorded,
 )
+from ..cache.format import CAT_DOG, MAX_CLASS_NAME, MAX_CLASSES
 from ..engines.torchrun import Dist
 from ..errors import InputError, ProvenanceMismatch
 from ..files import plural, printable
 from ..sources.decode import decoder_of
-from ..sources.folder import CLASSES, MAX_CLASS_NAME, MAX_CLASSES, UNLABELED, Discovery
+from ..sources.folder import UNLABELED, Discovery
 from ..sources.spec import Identity, identity, refuse_missing
 from ..sources.tars import UNREADABLE
 from .config import ExtractReport, Progress
@@ -259,7 +260,7 @@ def tar_classes(given: Sequence[str] | None, have: list[str], cache: Path) -> tu
     else cat, dog. Names are lower-cased as class folders are. A cache's classes are fixed by its first labeled
     input (plan.onto_cache_classes says why): --classes that differ from them are refused, not merged."""
     if given is None:
-        return tuple(have) or CLASSES
+        return tuple(have) or CAT_DOG
     names = [c.strip().lower() for c in given]
     bad = [c for c in names if not c or len(c.encode("utf-8", "surrogateescape")) > MAX_CLASS_NAME]
     if bad or len(set(names)) != len(names) or not 1 <= len(names) <= MAX_CLASSES:

@@ -25,9 +25,9 @@ from ..cache import (
     encode_path,
     write_part,
 )
+from ..cache.format import CAT_DOG
 from ..errors import CacheError
 from ..files import read_regular, write_atomic
-from ..sources.folder import CLASSES
 from ..sources.spec import Identity
 from ..sources.tars import End, TarShards
 from .config import PART_SECONDS, ExtractConfig, Progress, versions
@@ -183,7 +183,7 @@ def default_tar_workers(idents: list[Identity]) -> int:
 def extract_tar_list(sources: list[str], idents: list[Identity], cache: Path, cfg: ExtractConfig,
                        progress: Progress | None = None, model: torch.nn.Module | None = None,
                        preset: Preset | None = None, track: set[int] = frozenset(), tag: str = "",
-                       classes: Sequence[str] = CLASSES, after_part: Callable[[], None] | None = None
+                       classes: Sequence[str] = CAT_DOG, after_part: Callable[[], None] | None = None
                        ) -> list[ShardResult]:
     """Read these shards (streamed, decoded in loader workers) into parts next to `cache`, and write the done
     marker of each shard read to its end. No lock, no index: the caller holds the cache's lock and lists the parts

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..cache import CHUNK_ROWS, BlockReader, Index, open_cache, read_features
-from ..cache.lean import PackedPaths
+from ..cache.packed_index import PackedPaths
 from ..errors import InputError
 from .config import Features, FitConfig
 

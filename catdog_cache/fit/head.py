@@ -14,13 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..cache.format import CAT_DOG, MAX_CLASS_NAME, MAX_CLASSES
 from ..errors import CacheError
 from ..files import stored_zip, write_atomic
 from .config import MAX_DROPOUT  # defined torch-free: fit's options are checked before torch loads
 
 HEAD_FORMAT = 1
-CAT_DOG = ["cat", "dog"]  # the classes of a head that records none (written before heads had K classes)
-MAX_CLASSES, MAX_CLASS_NAME = 127, 255  # as a cache's class_map (int8 labels, a folder name)
 MAX_HEAD_BYTES = 2 * 2**30  # pool5 (25,088-d) + two 4096 hidden layers is about 0.5 GB
 
 
@@ -141,7 +140,7 @@ def new_head(dropout: float, seed: int, in_dim: int = 4096, hidden: tuple[int, .
 
 def is_cat_dog(classes: list[str] | tuple[str, ...]) -> bool:
     """The Kaggle Redux task: its submission, its P(dog) clip and its binary log loss apply."""
-    return list(classes) == CAT_DOG
+    return list(classes) == list(CAT_DOG)
 
 
 def check_classes(classes: Any, path: Path) -> list[str]:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache.format import CAT_DOG
 from ..errors import InputError
 from ..files import printable, write_atomic
-from ..fit.head import CAT_DOG, is_cat_dog
+from ..fit.head import is_cat_dog
 from ..sources.folder import Discovery
 
 
@@ -56,7 +57,7 @@ def submission_ids(disc: Discovery) -> dict[int, str]:
 def write_predictions(path: Path, rows: list[tuple], labels: list[int], classes: list[str] | None = None) -> None:
     """path, p_<class> for each class (p_cat, p_dog), label; for a labeled folder also true_label and the image's
     log loss (the summary's log loss is their mean): the images that cost the most are a sort away."""
-    classes = classes or CAT_DOG
+    classes = classes or list(CAT_DOG)
     header = ["path", *(f"p_{c}" for c in classes), "label"]
     if not any(y >= 0 for y in labels):
         write_csv_atomic(path, header, rows)

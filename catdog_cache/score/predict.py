@@ -16,6 +16,7 @@ import torch
 
 from ..backbone import Preset
 from ..cache import Provenance, encode_path, list_parts, open_cache, parts_dir, read_index, recorded
+from ..cache.format import CAT_DOG
 from ..engines.dispatch import extract
 from ..errors import CacheBusy, CacheError, CatdogError, InputError, ProvenanceMismatch
 from ..extract.config import ExtractConfig, Progress
@@ -23,7 +24,6 @@ from ..extract.forward import run_features
 from ..extract.rerun import by_stat, same_content, verdicts
 from ..files import as_paths, check_outputs, file_key, plausible_file, plural, printable
 from ..fit import DEFAULT_HEAD, log_loss
-from ..fit.head import CAT_DOG
 from ..sources.folder import Discovery, Sample, discover
 from .outputs import (
     check_submission,

@@ -21,10 +21,11 @@ from torch import nn
 
 from ..backbone import Preset, WeightsSpec, spec_from_identity
 from ..cache import Provenance, require_same
+from ..cache.format import CAT_DOG
 from ..errors import CacheError, InputError
 from ..extract.config import ExtractConfig
 from ..files import check_outputs, printable, stored_zip, temp_beside
-from ..fit.head import CAT_DOG, Head, check_classes, load_head
+from ..fit.head import Head, check_classes, load_head
 from ..sources.decode import decoder_of
 
 

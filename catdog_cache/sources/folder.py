@@ -10,16 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..cache.format import CAT_DOG, MAX_CLASSES
 from ..errors import InputError
 
 if TYPE_CHECKING:
     import numpy as np
 
-CLASSES: tuple[str, ...] = ("cat", "dog")  # the Kaggle classes: cat=0, dog=1 (Kaggle names, and cat/ + dog/ folders)
 KAGGLE_PREFIX = {"cat.": 0, "dog.": 1}  # a Kaggle name's label from its exact prefix up to the first dot, lowercased
 UNLABELED = -1
-MAX_CLASSES = 127  # labels are stored as int8 (-1 unlabeled): 127 classes fit, and no image folder we know needs more
-MAX_CLASS_NAME = 255  # bytes of a folder name on the common file systems: a longer recorded name is crafted
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini", "__macosx", "@eadir", "$recycle.bin"}
 # Suffixes that are certainly not photos; anything else (including no suffix) is sniffed by the decoder.
@@ -248,8 +246,8 @@ def class_names(folders: set[str]) -> tuple[str, ...]:
     cat and dog are the Kaggle classes cat=0, dog=1 whether one or both are present, as before N classes existed:
     a folder of dog/ alone appended to a cat/dog cache keeps dog=1."""
     names = tuple(sorted({d.lower() for d in folders}))
-    if set(names) <= set(CLASSES):
-        return CLASSES
+    if set(names) <= set(CAT_DOG):
+        return CAT_DOG
     if len(names) > MAX_CLASSES:
         raise InputError(f"{len(names)} class folders: the cache stores labels as int8, at most {MAX_CLASSES} "
                          "classes; split the classes over several caches (or group them into fewer folders)")
@@ -262,7 +260,7 @@ def _nested_dataset(top: str, paths: list[str]) -> bool:
     be taken for classes. The paths are joined and lowercased once and searched in C, not looked at one by one."""
     blob = "\0" + "\0".join(paths).lower() + "\0"  # NUL: in no file name
     head = "\0" + top.lower() + "/"
-    return all(head + c + "/" in blob for c in CLASSES) or all(_has_file(blob, head + c + ".") for c in CLASSES)
+    return all(head + c + "/" in blob for c in CAT_DOG) or all(_has_file(blob, head + c + ".") for c in CAT_DOG)
 
 
 def _has_file(blob: str, start: str) -> bool:
@@ -295,7 +293,7 @@ def discover(root: str | os.PathLike[str]) -> Discovery:
     inner = list(map(rels.__getitem__, inner_at))
     runs = _runs(inner)
     classes: tuple[str, ...] = ()
-    if runs and (not flat or any(d.lower() in CLASSES for d in runs)):
+    if runs and (not flat or any(d.lower() in CAT_DOG for d in runs)):
         nested = sorted(d for d, (a, b) in runs.items() if _nested_dataset(d, inner[a:b]))
         if nested:
             raise InputError(f"{root} has sub-folders that are image folders themselves ({', '.join(nested[:5])}), "
@@ -322,7 +320,7 @@ def discover(root: str | os.PathLike[str]) -> Discovery:
         skipped += [(f, "no 'cat.' or 'dog.' prefix in a Kaggle-style folder")
                     for f, k in zip(flat, keep.tolist(), strict=True) if not k and _has_image_suffix(f)]
         flat, labels, stat = [f for f, k in zip(flat, keep.tolist(), strict=True) if k], labels[keep], stat[keep]
-    return Discovery(root, "kaggle", flat, labels, skipped, warnings, CLASSES, stat)
+    return Discovery(root, "kaggle", flat, labels, skipped, warnings, CAT_DOG, stat)
 
 
 def _kaggle_labels(names: list[str]) -> np.ndarray:
@@ -360,6 +358,6 @@ def _runs(paths: list[str]) -> dict[str, tuple[int, int]]:
 def _kaggle_label(name: str) -> int:
     """Label from the exact prefix before the first dot: `cat.1.jpg` -> 0; `hotdog.2.jpg`, `cat_11.jpg` -> -1."""
     prefix, dot, _ = name.partition(".")
-    if dot and prefix.lower() in CLASSES:
-        return CLASSES.index(prefix.lower())
+    if dot and prefix.lower() in CAT_DOG:
+        return CAT_DOG.index(prefix.lower())
     return UNLABELED

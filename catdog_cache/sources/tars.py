@@ -20,10 +20,11 @@ from typing import IO, Any, NamedTuple
 import torch
 
 from ..backbone import Preset
+from ..cache.format import CAT_DOG
 from ..errors import InputError
 from ..extract.loader import ImageFiles
 from .decode import MAX_FILE_BYTES
-from .folder import CLASSES, UNLABELED
+from .folder import UNLABELED
 from .spec import open_shard
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -63,7 +64,7 @@ def split_key(name: str) -> tuple[str, str] | None:
     if not base or (base.startswith("__") and base.endswith("__")):
         return None
     stem, dot, ext = base.partition(".")
-    if stem.lower() in CLASSES and "." in ext:  # Kaggle: cat.123.jpg -> key cat.123
+    if stem.lower() in CAT_DOG and "." in ext:  # Kaggle: cat.123.jpg -> key cat.123
         n, _, ext = ext.partition(".")
         stem = f"{stem}.{n}"
     if not dot or not stem or not ext:
@@ -71,12 +72,12 @@ def split_key(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def key_label(key: str, classes: Sequence[str] = CLASSES) -> int:
+def key_label(key: str, classes: Sequence[str] = CAT_DOG) -> int:
     """The label a key's name gives: the Kaggle `cat.`/`dog.` prefix of its basename (when cat or dog is a class),
     else its nearest folder named like a class (case-insensitively, as class folders are)."""
     *folders, base = key.split("/")
     prefix, dot, _ = base.partition(".")
-    if dot and prefix.lower() in CLASSES and prefix.lower() in classes:
+    if dot and prefix.lower() in CAT_DOG and prefix.lower() in classes:
         return classes.index(prefix.lower())
     for part in reversed(folders):
         if part.lower() in classes:
@@ -96,7 +97,7 @@ class TarSample:
 def _cls_label(text: bytes, classes: Sequence[str]) -> int:
     value = text.decode("ascii", "replace").strip()
     if not value.isdigit() or not 0 <= int(value) < len(classes):
-        more = " (name more classes with extract --classes)" if tuple(classes) == CLASSES else ""
+        more = " (name more classes with extract --classes)" if tuple(classes) == CAT_DOG else ""
         raise ValueError(f"bad .cls member: expected a class index 0..{len(classes) - 1}{more}, got {value[:20]!r}")
     return int(value)
 
@@ -119,7 +120,7 @@ def _add(tf: tarfile.TarFile, m: tarfile.TarInfo, ext: str, s: TarSample, classe
             s.reason = str(e)
 
 
-def read_samples(fh: IO[bytes], mine: Callable[[int], bool] = lambda n: True, classes: Sequence[str] = CLASSES
+def read_samples(fh: IO[bytes], mine: Callable[[int], bool] = lambda n: True, classes: Sequence[str] = CAT_DOG
                  ) -> Iterator[TarSample]:
     """Samples of a tar stream in member order; only those `mine(number)` accepts have their members read (the
     others are skipped over); a `.cls` member indexes `classes`. A damaged stream ends with a sample whose reason
@@ -185,7 +186,7 @@ class TarShards(torch.utils.data.IterableDataset):
     with fewer, every worker streams every shard and decodes every W-th sample, so decoding stays parallel."""
 
     def __init__(self, shards: list[str], views: tuple[str, ...], preset: Preset, decoder: str = "pil",
-                 classes: Sequence[str] = CLASSES) -> None:
+                 classes: Sequence[str] = CAT_DOG) -> None:
         self.shards = shards
         self.classes = tuple(classes)  # label i means classes[i]: the cache's numbering
         self.files = ImageFiles(None, [], views, preset, decoder)

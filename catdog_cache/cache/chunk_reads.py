@@ -52,7 +52,7 @@ def chunk_map(path: Path, n: int, size: int, fd: int | None = None) -> ChunkMap 
     with h5py.File(path, "r", rdcc_nbytes=0) as f:
         if fd is not None and identity(os.fstat(f.id.get_vfd_handle())) != identity(os.fstat(fd)):
             raise CacheError(f"{path} changed while reading: run again")
-        ds = f["features"].id  # validated when the view was built (validate._index)
+        ds = f["features"].id  # validated when the view was built (validate.file_index)
         dtype = ds.dtype
         _, v, d = ds.shape
         if ds.shape[0] != n:
