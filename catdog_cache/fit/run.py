@@ -17,7 +17,7 @@ from ..errors import InputError
 from ..files import as_paths, check_outputs, file_key
 from .batches import feature_rows
 from .calibration import calibrate, log_loss
-from .config import DEFAULT_HEAD, Diverged, EpochStats, FitConfig, default_head_path  # noqa: F401 (re-exported)
+from .config import Diverged, EpochStats, FitConfig, default_head_path
 from .crossfit import cross_fit
 from .data import available_memory, load, parse_size
 from .head import is_cat_dog, save_head
