@@ -16,7 +16,8 @@ from catdog_cache.cache import list_parts, listed, parts_dir, read_features, rea
 from catdog_cache.engines.dispatch import extract
 from catdog_cache.errors import CacheError, InputError
 from catdog_cache.extract.config import ExtractConfig
-from catdog_cache.extract.folder_units import folder_shards, markers_dir, read_marker, shard_done
+from catdog_cache.extract.folder_units import folder_shards, shard_done
+from catdog_cache.extract.markers import markers_dir, read_marker
 from catdog_cache.extract.plan import Known
 from tests.conftest import TINY, draw
 

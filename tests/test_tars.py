@@ -22,7 +22,7 @@ from catdog_cache.cache import read_features, read_index
 from catdog_cache.engines.dispatch import extract
 from catdog_cache.errors import InputError
 from catdog_cache.extract.config import ExtractConfig
-from catdog_cache.extract.tar_units import markers_dir
+from catdog_cache.extract.markers import markers_dir
 from catdog_cache.sources import tars
 from catdog_cache.sources.spec import expand_braces, resolve_inputs
 from tests.conftest import TINY, draw, jpeg

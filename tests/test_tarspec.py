@@ -16,7 +16,7 @@ import pytest
 from catdog_cache.cache import read_index, shards_dir
 from catdog_cache.engines.dispatch import extract
 from catdog_cache.errors import InputError
-from catdog_cache.extract.tar_units import markers_dir
+from catdog_cache.extract.markers import markers_dir
 from catdog_cache.extract.tars import extract_tars
 from catdog_cache.sources.spec import resolve_inputs
 from tests.conftest import TINY, jpeg
@@ -160,3 +160,30 @@ def test_moved_single_file_cache_needs_its_inputs_folder(cli, tmp_path, images, 
     cache.rename(tmp_path / "e.h5")  # without its markers: every shard is read again, rows replaced
     r = extract(pattern, tmp_path / "e.h5", CFG)
     assert (r.extracted, r.rows, len(opened)) == (8, 9, 2)
+
+
+def test_tar_markers_of_the_old_layout_still_count(tmp_path, images, opened):
+    """Caches made before the one marker protocol kept tar markers in <cache>.inputs/<digest>.json with fields of
+    their own: a rerun reads them (extract.markers.legacy_tar_marker) and opens no tar; a damaged one means redo."""
+    from catdog_cache.extract.markers import legacy_tar_dir, source_digest
+    from catdog_cache.sources.spec import identity
+
+    names = sorted(images)
+    tars = [make_tar(tmp_path / f"s-{k}.tar", [(n, images[n]) for n in names[4 * k:4 * k + 4]]) for k in range(2)]
+    pattern, cache = str(tmp_path / "s-{0..1}.tar"), tmp_path / "c.h5"
+    extract(pattern, cache, CFG)
+    legacy = legacy_tar_dir(cache)
+    legacy.mkdir()
+    for marker in markers_dir(cache).glob("tar-*.json"):
+        new = json.loads(marker.read_text())
+        ident = identity(new["source"])
+        (legacy / f"{source_digest(new['source'])[:40]}.json").write_text(json.dumps(
+            {"source": new["source"], "size": ident.size, "version": ident.version,
+             "provenance": CFG.provenance().to_json(), "rows": new["rows"], "failed": new["failures"]}))
+        marker.unlink()
+    opened.clear()
+    assert extract(pattern, cache, CFG).reused == 8 and opened == []
+    first = legacy / f"{source_digest(str(tars[0]))[:40]}.json"
+    first.write_text(first.read_text().replace('"rows"', '"rowz"'))  # damaged: that tar is read again
+    r = extract(pattern, cache, CFG)
+    assert (r.extracted, r.reused, len(opened)) == (4, 4, 1) and read_index(cache).shape[0] == 8

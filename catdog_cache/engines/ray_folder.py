@@ -28,12 +28,10 @@ from ..extract.folder_units import (
     InputShard,
     ShardResult,
     folder_shards,
-    markers_dir,
-    read_marker,
     run_shard,
     shard_done,
-    stale_markers,
 )
+from ..extract.markers import markers_dir, read_marker, stale_markers
 from ..extract.plan import known_files, onto_cache_classes, removals
 from .ray_pool import KILL_HOOK, RayOptions, RayReport, connect, require_ray, resources_for, schedule
 
@@ -79,7 +77,7 @@ def extract_ray_folder(data_dir: str | os.PathLike[str], cache: str | os.PathLik
                 report.failed_before += r.failed_before
         # the markers, not the tasks' return values, say what is finished (with the sharded cache: the index is
         # written from them); a shard without its marker is never finished over
-        missing = [s for s in todo if (read_marker(cache, s.name) or {}).get("identity") != s.identity]
+        missing = [s for s in todo if getattr(read_marker(cache, s.name), "identity", None) != s.identity]
         if missing:
             raise CatdogError(f"input shard {missing[0].index} reported done but has no marker in "
                               f"{markers_dir(cache)}; nothing was finished: run extract again")

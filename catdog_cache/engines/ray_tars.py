@@ -23,8 +23,9 @@ from ..errors import CatdogError
 from ..extract.config import ExtractConfig, Progress
 from ..extract.finish import finish_run, lock_once
 from ..extract.folder_units import maybe_die
+from ..extract.markers import markers_dir, matching_tar_marker
 from ..extract.plan import plan_tars, tar_classes
-from ..extract.tar_units import ShardResult, extract_tar_list, read_marker
+from ..extract.tar_units import ShardResult, extract_tar_list
 from ..extract.tars import failure_name, outcome, refuse_nothing_read, tally
 from ..sources.spec import Identity, resolve_inputs
 from .ray_pool import KILL_HOOK, RayReport, connect, require_ray, resources_for, schedule
@@ -92,10 +93,9 @@ def extract_ray_tars(spec: str | os.PathLike[str], cache: str | os.PathLike[str]
                     ray.shutdown()
         # the markers, not the tasks' return values, say what is finished
         for r in results:
-            done = read_marker(cache, r.source)
-            if r.done and (done is None or done.identity != idents[shards.index(r.source)]):
+            if r.done and matching_tar_marker(cache, r.source, idents[shards.index(r.source)], prov) is None:
                 raise CatdogError(f"tar shard {r.source} reported done but has no matching marker in "
-                                  f"{cache.name}.inputs; nothing was finished: run extract again")
+                                  f"{markers_dir(cache)}; nothing was finished: run extract again")
         drop = tally(report, [outcome(r, held) for r in results])
         report.rows = finish_run(cache, prov, report, [shards[i] for i in todo], drop, strict, had_cache, str(spec),
                               {s: False for s in shards}, name=failure_name

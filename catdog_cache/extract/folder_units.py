@@ -31,16 +31,13 @@ import torch
 from ..cache import Provenance, Recorded, encode_path, read_index
 from ..cache.shard_state import SHARD_NAME, shards_folder
 from ..errors import CacheError
-from ..files import write_atomic
 from ..sources.folder import Discovery, Sample
 from .config import ExtractConfig, versions
 from .folder import rows_of, save_part
 from .forward import run_features
+from .markers import MARKER_VERSION, Marker, read_marker, write_marker
 from .plan import Known, refresh_records
 from .rerun import verdicts
-
-MARKER_VERSION = 1
-MARKER_MAX_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -70,22 +67,6 @@ class ShardResult:
     part: str = ""
 
 
-def markers_dir(cache: Path) -> Path:
-    return cache.with_name(cache.name + ".done")
-
-
-def _markers_folder(cache: Path, create: bool = False) -> Path | None:
-    """The markers folder, never through a symlink (a planted link would send markers, and deletions, elsewhere)."""
-    folder = markers_dir(cache)
-    if folder.is_symlink():
-        raise CacheError(f"{folder} is a symbolic link; refusing to write or delete markers through it (remove it)")
-    if create:
-        folder.mkdir(parents=True, exist_ok=True)
-    elif not folder.is_dir():
-        return None
-    return folder
-
-
 def folder_shards(root: Path, samples: list[Sample], source: str, prov: Provenance, size: int,
                   classes: tuple[str, ...] = (), stat: Any = None) -> list[InputShard]:
     """The sorted samples in slices of `size` files. Costs one stat per file, never a read."""
@@ -107,58 +88,28 @@ def folder_shards(root: Path, samples: list[Sample], source: str, prov: Provenan
     return shards
 
 
-def read_marker(cache: Path, name: str) -> dict | None:
-    """A shard's marker as a dict with the expected fields and types, or None (absent, damaged, foreign)."""
-    folder = _markers_folder(cache)
-    if folder is None:
-        return None
-    path = folder / f"{name}.json"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, "rb") as fh:
-            text = fh.read(MARKER_MAX_BYTES + 1)
-        data = json.loads(text) if len(text) <= MARKER_MAX_BYTES else None
-    except (OSError, ValueError):
-        return None
-    types = {"version": int, "identity": str, "part": str, "rows": int, "failures": int}
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), t) for k, t in types.items()):
-        return None
-    part = data["part"]
-    if data["version"] != MARKER_VERSION or "/" in part or "\0" in part or part.startswith("."):
-        return None  # a part is a plain name inside the parts folder
-    return data
-
-
 def shard_done(cache: Path, shard: InputShard, known: Known) -> bool:
     """Marker with this identity, its part (while not yet assembled) intact, every file recorded somewhere."""
     marker = read_marker(cache, shard.name)
-    if marker is None or marker["identity"] != shard.identity:
+    if marker is None or marker.identity != shard.identity:
         return False
     if not all(encode_path(s.rel) in known.recorded for s in shard.samples):
         return False
-    if not marker["part"]:
+    if not marker.part:
         return True
-    if not SHARD_NAME.fullmatch(f"{marker['part']}.h5"):
+    if not SHARD_NAME.fullmatch(f"{marker.part}.h5"):
         return False
     # the part is a shard in the shards folder, listed in the index or not yet: immutable either way, so its counts
     # are the marker's (a compact merges it away; then the rows recorded above are what counts)
     folder = shards_folder(cache)
-    part = folder / f"{marker['part']}.h5" if folder is not None else None
+    part = folder / f"{marker.part}.h5" if folder is not None else None
     if part is not None and part.is_file() and not part.is_symlink():
         try:
             idx = read_index(part)
         except CacheError:
             return False
-        return (len(idx.paths), len(idx.failed)) == (marker["rows"], marker["failures"])
+        return (len(idx.paths), len(idx.failed)) == (marker.rows, marker.failures)
     return True
-
-
-def stale_markers(cache: Path, prefix: str, keep: set[str]) -> list[Path]:
-    """This source's markers for shards that no longer exist (the folder shrank)."""
-    folder = _markers_folder(cache)
-    if folder is None:
-        return []
-    return [p for p in folder.glob(f"{prefix}-*.json") if p.stem not in keep and not p.is_symlink()]
 
 
 def run_shard(shard: InputShard, root: Path, cache: Path, cfg: ExtractConfig, prov: Provenance, source: str,
@@ -194,13 +145,10 @@ def run_shard(shard: InputShard, root: Path, cache: Path, cfg: ExtractConfig, pr
         # are superseded rows (no duplicate in any read; `compact` reclaims them). The marker names this attempt's.
         result.part = f"part-{run_id}-{shard.name}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         save_part(cache, result.part, cfg, prov, source, rows, versions(), shard.classes, scan_ns)
-    marker = {"version": MARKER_VERSION, "kind": "files", "source": source, "shard": shard.index,
-              "identity": shard.identity, "part": result.part, "rows": len(rows.paths),
-              "failures": len(rows.failed_paths), "run": run_id}
+    marker = Marker(shard.name, shard.identity, len(rows.paths), len(rows.failed_paths), "files", source,
+                    result.part, run_id)
     maybe_die(kill_hook, shard.index, "marker")
-    folder = _markers_folder(cache, create=True)
-    assert folder is not None
-    write_atomic(folder / f"{shard.name}.json", json.dumps(marker).encode())  # last: the shard is done
+    write_marker(cache, marker)  # last: the unit is done
     return result
 
 

@@ -34,8 +34,8 @@ from ..sources.folder import UNLABELED, Discovery
 from ..sources.spec import Identity, identity, refuse_missing
 from ..sources.tars import UNREADABLE
 from .config import ExtractReport, Progress
+from .markers import clear_temps, matching_tar_marker
 from .rerun import Verdicts, verdicts
-from .tar_units import markers_dir, matching_marker
 
 
 @dataclass
@@ -230,11 +230,7 @@ def plan_tars(shards: list[str], cache: Path, prov: Provenance, report: ExtractR
                          f"{plural(new, 'new shard')}); a cache holds at most {MAX_SOURCES:,}: extract these into "
                          "another cache (--cache OTHER.h5), or pack the shards into fewer, larger tars")
     refuse_missing(shards)
-    folder = markers_dir(cache)
-    if folder.is_dir() and not folder.is_symlink():
-        for stale in folder.glob(".*.tmp"):  # a marker being written when a run was killed
-            if stale.is_file() and not stale.is_symlink():
-                stale.unlink(missing_ok=True)
+    clear_temps(cache)  # a marker being written when a run was killed
     todo: list[int] = []
     idents: list[Identity] = []
     for i, source in enumerate(shards):
@@ -245,10 +241,10 @@ def plan_tars(shards: list[str], cache: Path, prov: Provenance, report: ExtractR
             report.failed.append((source, f"{UNREADABLE}: {e.strerror or e}"))
             continue
         idents.append(ident)
-        done = matching_marker(cache, source, ident, prov)
-        if done and (source in held or done.rows + done.failed == 0):
+        done = matching_tar_marker(cache, source, ident, prov)
+        if done and (source in held or done.rows + done.failures == 0):
             report.reused += done.rows
-            report.reused_failed += done.failed
+            report.reused_failed += done.failures
             continue
         todo.append(i)
     have = merge_classes([c for c in class_lists if c[1]], str(cache)) if any(h for _, h in class_lists) else []

@@ -8,8 +8,6 @@ parts win), and when a changed shard is redone, keys it no longer holds are drop
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -26,62 +24,12 @@ from ..cache import (
     write_part,
 )
 from ..cache.format import CAT_DOG
-from ..errors import CacheError
-from ..files import read_regular, write_atomic
 from ..sources.spec import Identity
 from ..sources.tars import End, TarShards
 from .config import PART_SECONDS, ExtractConfig, Progress, versions
 from .forward import run_dataset
 from .loader import Batch, PartWriter, default_workers
-
-MARKER_BYTES = 64 * 2**10
-
-
-def markers_dir(cache: Path) -> Path:
-    return cache.with_name(cache.name + ".inputs")
-
-
-def _marker(cache: Path, source: str, create: bool = False) -> Path:
-    folder = markers_dir(cache)
-    if folder.is_symlink():  # a planted link would send markers elsewhere
-        raise CacheError(f"{folder} is a symbolic link; refusing to write done markers through it (remove it)")
-    if create:
-        folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{hashlib.sha256(source.encode('utf-8', 'surrogateescape')).hexdigest()[:40]}.json"
-
-
-@dataclass(frozen=True)
-class Done:
-    """A shard's done marker: which shard, as what identity, with which features, holding how many rows."""
-
-    source: str
-    identity: Identity
-    provenance: str
-    rows: int
-    failed: int
-
-    def to_json(self) -> str:
-        return json.dumps({"source": self.source, "size": self.identity.size, "version": self.identity.version,
-                           "provenance": self.provenance, "rows": self.rows, "failed": self.failed})
-
-
-def read_marker(cache: Path, source: str) -> Done | None:
-    """The shard's marker, or None when absent, unreadable or not one of ours (the shard is then redone)."""
-    try:
-        data = json.loads(read_regular(_marker(cache, source), MARKER_BYTES))
-        d = Done(data["source"], Identity(data["size"], data["version"]), data["provenance"], data["rows"],
-                 data["failed"])
-        ok = all(isinstance(v, t) for v, t in ((d.source, str), (d.identity.size, int), (d.identity.version, str),
-                                                (d.provenance, str), (d.rows, int), (d.failed, int)))
-        return d if ok and d.source == source else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def matching_marker(cache: Path, source: str, ident: Identity, prov: Provenance) -> Done | None:
-    """The shard's done marker if it is for the shard as it is now and for these features, else None."""
-    done = read_marker(cache, source)
-    return done if done is not None and done.identity == ident and done.provenance == prov.to_json() else None
+from .markers import Marker, tar_identity, tar_unit, write_marker
 
 
 @dataclass
@@ -153,8 +101,10 @@ class _Shards:
             return
         self._part(end.shard)
         if not result.error:
-            marker = Done(result.source, self.idents[end.shard], self.prov.to_json(), result.rows, len(result.failed))
-            write_atomic(_marker(self.cache, result.source, create=True), marker.to_json().encode())
+            source = result.source
+            write_marker(self.cache, Marker(tar_unit(source), tar_identity(source, self.idents[end.shard],
+                                                                           self.prov.to_json()),
+                                            result.rows, len(result.failed), "tar", source))
             result.done = True
 
     def _part(self, i: int) -> None:

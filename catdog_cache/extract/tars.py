@@ -21,8 +21,9 @@ from ..sources.spec import is_url, resolve_inputs
 from ..sources.tars import NO_IMAGE, UNREADABLE
 from .config import ExtractConfig, ExtractReport, Progress, versions
 from .finish import finish_run, lock_once, no_rows, raise_shared
+from .markers import matching_tar_marker
 from .plan import plan_tars, tar_classes
-from .tar_units import ShardResult, extract_tar_list, matching_marker
+from .tar_units import ShardResult, extract_tar_list
 
 
 def extract_tars(spec: str | os.PathLike[str] | list[str], cache: str | os.PathLike[str], cfg: ExtractConfig,
@@ -59,7 +60,7 @@ def extract_tars(spec: str | os.PathLike[str] | list[str], cache: str | os.PathL
         except KeyboardInterrupt:
             if not dist:
                 # index only; a shard whose done marker was written before the Ctrl-C is finished, not partial
-                partial = {shards[i]: not matching_marker(cache, shards[i], idents[i], prov) for i in todo}
+                partial = {shards[i]: not matching_tar_marker(cache, shards[i], idents[i], prov) for i in todo}
                 finish(cache, prov, versions(), incomplete=partial)
             raise Interrupted(f"interrupted: finished shards saved to {cache}; run extract again to resume") from None
         mine_out = [outcome(r, held) for r in results]
