@@ -1,12 +1,12 @@
 """Feature rows read straight from a shard file with pread, past HDF5: a streamed epoch over thousands of shards.
 
 A streamed fit reads 64-row chunks in random order across every shard. Through HDF5 each read needs the shard's file
-open, and an open HDF5 file holds ~560 KiB (measured on 977 shards), so a reader keeps 64 and reopens (~1.3 ms, i.e.
-~20 us a row) for nearly every chunk of a cache of more shards. Our writer stores features unfiltered, in whole-row
-chunks (validate._check_chunks) or contiguous, so a row range is a byte range: the shard's chunk map (where each
-chunk starts) is read once, checked like everything else in the file, and later reads are one pread each, through a
-pool of plain file descriptors (no HDF5 state: thousands cost nothing). Anything this does not cover (another byte
-order, several views, a chunk never written) falls back to HDF5, which reads it as before."""
+open, and an open HDF5 file holds hundreds of KiB, so a reader keeps 64 and reopens (about a millisecond, tens of us
+a row; docs/scale.md) for nearly every chunk of a cache of more shards. Our writer stores features unfiltered, in
+whole-row chunks (validate's check of chunks) or contiguous, so a row range is a byte range: the shard's chunk map
+(where each chunk starts) is read once, checked like everything else in the file, and later reads are one pread
+each, through a pool of plain file descriptors (no HDF5 state: thousands cost nothing). Anything this does not cover
+(another byte order, several views, a chunk never written) falls back to HDF5, which reads it as before."""
 
 from __future__ import annotations
 

@@ -121,7 +121,7 @@ class View:
              out: np.ndarray | None = None) -> np.ndarray:
         """Logical rows [lo, hi): [n, D] for one view, [n, V, D] for view=None; float32 unless dtype says.
         `out`: an array of that shape and dtype to fill (a streamed fit's reused slots: a fresh 320 KiB array per
-        chunk is a fresh mmap, and its page faults cost more than the read on this VM)."""
+        chunk is a fresh mmap, and its page faults can cost more than the read)."""
         hi = min(hi, self.rows)
         n = max(hi - lo, 0)
         _, v, d = self.index.shape

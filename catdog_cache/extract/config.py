@@ -27,7 +27,7 @@ class ExtractConfig:
     backbone: str = DEFAULT_BACKBONE
     layer: str = ""  # "": the backbone's default (VGG16: fc7)
     device: str = "auto"
-    batch_size: int = 0  # 0: auto, 16 on CPU (fastest measured on 2 cores), 128 on a GPU
+    batch_size: int = 0  # 0: auto, 16 on CPU (docs/performance.md), 128 on a GPU
     workers: int = -1  # -1: sized to the cores
     dtype: str = "float32"
     precision: str = "fp32"
@@ -64,7 +64,7 @@ class ExtractConfig:
 
 def versions() -> dict[str, str]:
     """Recorded in every shard. torchvision's from its installed metadata: importing it pulls in torch._dynamo
-    (4.5 s on this VM), which a rerun writing only a refresh shard would otherwise pay for a version string."""
+    (seconds), which a rerun writing only a refresh shard would otherwise pay for a version string."""
     from importlib.metadata import PackageNotFoundError, version
 
     import h5py

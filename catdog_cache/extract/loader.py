@@ -204,8 +204,8 @@ def default_workers(n_items: int) -> int:
 def extract_threads(workers: int) -> int:
     """Intra-op threads of the main process, chosen as fit chooses its own (fit.train_threads): the cores the
     decode workers leave, at least 1. More threads than free cores make every forward op wait on a descheduled
-    thread (a new-user trial: EfficientNet-Lite2 3.2 img/s with the defaults, 5.4-6.0 with OMP_NUM_THREADS=1 beside
-    other jobs). CATDOG_EXTRACT_THREADS overrides (e.g. a CPU-only box extracting a heavy backbone from few files)."""
+    thread (a new user's trial lost nearly half the rate that way beside other jobs). CATDOG_EXTRACT_THREADS
+    overrides (e.g. a CPU-only box extracting a heavy backbone from few files)."""
     forced = os.environ.get("CATDOG_EXTRACT_THREADS")
     if forced:
         return max(1, int(forced))

@@ -37,8 +37,8 @@ def evaluate(head: Head, features_of: Features, labels: torch.Tensor, rows: torc
 
 def train_threads(hidden: tuple[int, ...]) -> int:
     """Intra-op threads for the training loop. A linear head's steps are many tiny ops: with 2+ threads they spend
-    their time waiting for each other, and a busy neighbour on one core stalls every step (measured on 2 cores:
-    0.2 s/epoch with 1 thread vs 2-5 s with 2, bit-identical heads). An MLP head's hidden GEMMs are large enough
+    their time waiting for each other, and a busy neighbour on one core stalls every step (docs/performance.md;
+    the heads are bit-identical either way). An MLP head's hidden GEMMs are large enough
     to use the cores. CATDOG_FIT_THREADS overrides (bench uses it to compare)."""
     forced = os.environ.get("CATDOG_FIT_THREADS")
     if forced:
@@ -160,10 +160,9 @@ def train(features_of: Features, labels: torch.Tensor, train_rows: torch.Tensor,
 
 
 # A kept epoch is flagged as overfit when its validation log loss is both 20% above the lowest and 0.005 above it
-# in absolute terms. The ratio alone flags noise at the tiny losses real features reach (measured: an MLP head went
-# from 0.0010 to 0.0023, 2.4x, a few images' worth); the margin alone flags ordinary wobble at the ~0.3 losses of
-# weak features. On EfficientNet-Lite0 features of 400 photos (README, "Keeping the best epoch"), linear heads were
-# still at their lowest at epochs 20 and 40 (never flagged), MLP(512) heads ended 1.2-2.4x above theirs.
+# in absolute terms. The ratio alone flags noise at the tiny losses real features reach (a few images' worth can
+# double a loss of 0.001); the margin alone flags ordinary wobble at the ~0.3 losses of weak features. The figures
+# that chose the two thresholds: README, fit, "--keep best".
 OVERFIT_RATIO, OVERFIT_MARGIN = 1.2, 0.005
 
 
