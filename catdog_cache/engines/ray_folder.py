@@ -22,7 +22,7 @@ import torch
 from ..cache import Provenance, Recorded, encode_path, locked, merge_classes, require_same
 from ..errors import CatdogError
 from ..extract.config import ExtractConfig, Progress
-from ..extract.finish import finish_run
+from ..extract.finish import finish_interrupted, finish_run
 from ..extract.folder import inputs
 from ..extract.folder_units import (
     InputShard,
@@ -31,7 +31,7 @@ from ..extract.folder_units import (
     run_shard,
     shard_done,
 )
-from ..extract.markers import markers_dir, read_marker, stale_markers
+from ..extract.markers import marked, markers_dir, stale_markers
 from ..extract.plan import known_files, onto_cache_classes, removals
 from .ray_pool import KILL_HOOK, RayOptions, RayReport, connect, require_ray, resources_for, schedule
 
@@ -66,9 +66,13 @@ def extract_ray_folder(data_dir: str | os.PathLike[str], cache: str | os.PathLik
                                      if encode_path(x.rel) in known.reasons]
         drop = removals(known, disc, source, prune, report)
         if todo:
-            # absolute paths: a worker's current folder is not the driver's
-            results = _run(require_ray(), todo, Path(source), cache, cfg, prov, source, known, opts, report, progress,
-                           scan_ns, checksum)
+            try:  # absolute paths: a worker's current folder is not the driver's
+                results = _run(require_ray(), todo, Path(source), cache, cfg, prov, source, known, opts, report,
+                               progress, scan_ns, checksum)
+            except KeyboardInterrupt:  # as the local engine: the done shards' parts listed, the folder marked partial
+                done = len(shards) - sum(not marked(cache, s.name, s.identity) for s in todo)
+                raise finish_interrupted(cache, prov, {source: True}, f"{done} of {len(shards)} input shards"
+                                         ) from None
             for r in sorted(results, key=lambda r: r.index):
                 report.extracted += r.extracted
                 report.reused += r.reused
@@ -77,7 +81,7 @@ def extract_ray_folder(data_dir: str | os.PathLike[str], cache: str | os.PathLik
                 report.failed_before += r.failed_before
         # the markers, not the tasks' return values, say what is finished (with the sharded cache: the index is
         # written from them); a shard without its marker is never finished over
-        missing = [s for s in todo if getattr(read_marker(cache, s.name), "identity", None) != s.identity]
+        missing = [s for s in todo if not marked(cache, s.name, s.identity)]
         if missing:
             raise CatdogError(f"input shard {missing[0].index} reported done but has no marker in "
                               f"{markers_dir(cache)}; nothing was finished: run extract again")
@@ -108,6 +112,8 @@ class ShardExtractor:
             # this node's backbone must be the driver's (same weights file content, same plugin version)
             require_same(self.cfg.provenance(), self.prov, "this Ray worker's backbone", "the driver's")
             self.model = self.cfg.resolve().build(self.cfg.weights)
+        delay = float(os.environ.get("CATDOG_BATCH_DELAY", "0"))  # test hook, as the tar runner's: a slower shard
+        time.sleep(delay * -(-len(shard.samples) // self.cfg.batch_size))  # one delay per batch, as one process
         return run_shard(shard, self.root, self.cache, self.cfg, self.prov, self.source, self.run_id, known,
                          reasons, self.model, self.kill_hook, self.scan_ns, self.checksum)
 

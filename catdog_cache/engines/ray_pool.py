@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import RAY_MISSING, CatdogError, InputError, Interrupted
+from ..errors import RAY_MISSING, CatdogError, InputError
 from ..extract.config import ExtractConfig, ExtractReport, Progress
 
 KILL_HOOK = "CATDOG_RAY_KILL"  # test hook: "<shard index>:<stage>:<flag file>[,...]" (shardwork.maybe_die)
@@ -86,7 +86,8 @@ def schedule(ray: Any, pool: list[Any], items: list[Any], call: Callable[[Any, A
     """Every item (an input shard) to the next free actor (`call(actor, item)` submits it), two in flight per actor
     (the next one waits in the actor's queue while one runs). An item that fails for good stops new submissions;
     the running ones finish (their work is saved). Progress (`stage`) counts `size(item)` per item done: images of
-    a folder's input shards, or tar shards."""
+    a folder's input shards, or tar shards. A KeyboardInterrupt kills the actors and goes on to the driver, which
+    lists what is saved (extract.finish.finish_interrupted)."""
     queue = collections.deque(items)
     running: dict[Any, tuple[Any, Any]] = {}
     results: list[Any] = []
@@ -116,10 +117,7 @@ def schedule(ray: Any, pool: list[Any], items: list[Any], call: Callable[[Any, A
                 progress(stage, done, total)
             if queue:
                 submit(a)
-    except KeyboardInterrupt:  # the actors are killed below, their running shards with them (no marker: redone)
-        raise Interrupted(f"interrupted: {len(results)} of {len(items)} input shards saved; run extract again to "
-                          "resume (done shards are skipped)") from None
-    finally:
+    finally:  # Ctrl-C too: the running units die with their actors (no marker: redone); the driver finishes the rest
         for a in pool:
             ray.kill(a)
     if failure:

@@ -21,12 +21,12 @@ import torch
 from ..cache import Provenance, list_parts, require_same
 from ..errors import CatdogError
 from ..extract.config import ExtractConfig, Progress
-from ..extract.finish import finish_run, lock_once
+from ..extract.finish import finish_interrupted, finish_run, lock_once
 from ..extract.folder_units import maybe_die
 from ..extract.markers import markers_dir, matching_tar_marker
 from ..extract.plan import plan_tars, tar_classes
 from ..extract.tar_units import ShardResult, extract_tar_list
-from ..extract.tars import failure_name, outcome, refuse_nothing_read, tally
+from ..extract.tars import failure_name, outcome, refuse_nothing_read, tally, unfinished
 from ..sources.spec import Identity, resolve_inputs
 from .ray_pool import KILL_HOOK, RayReport, connect, require_ray, resources_for, schedule
 
@@ -73,24 +73,13 @@ def extract_ray_tars(spec: str | os.PathLike[str], cache: str | os.PathLike[str]
         report.shards, report.shards_run = len(shards), len(todo)
         results: list[ShardResult] = []
         if todo:
-            ray = require_ray()
-            started = connect(ray, opts.address)
             try:
-                per_gpu, n, workers, threads = resources_for(ray, cfg, opts, len(todo))
-                actor = ray.remote(num_cpus=opts.cpus_per_actor, num_gpus=per_gpu, max_restarts=opts.max_retries,
-                                   max_task_retries=opts.max_retries)(TarExtractor)
-                pool = [actor.remote(cfg, prov, str(cache), workers, threads, names,
-                                     os.environ.get(KILL_HOOK, "")) for _ in range(n)]
-                report.actors = n
-
-                def call(a: Any, i: int) -> Any:
-                    return a.run.remote(i, shards[i], idents[i], shards[i] in held)
-
-                results = schedule(ray, pool, todo, call, lambda i: f"tar shard {shards[i]}", lambda i: 1, progress,
-                                    "shards")
-            finally:
-                if started:
-                    ray.shutdown()
+                results = _run(require_ray(), shards, todo, idents, held, cache, cfg, prov, names, opts, report,
+                               progress)
+            except KeyboardInterrupt:  # as the local engine: finished shards listed, the others marked incomplete
+                raise finish_interrupted(cache, prov, unfinished(cache, prov, [shards[i] for i in todo],
+                                                                 [idents[i] for i in todo]), "finished shards"
+                                         ) from None
         # the markers, not the tasks' return values, say what is finished
         for r in results:
             if r.done and matching_tar_marker(cache, r.source, idents[shards.index(r.source)], prov) is None:
@@ -104,3 +93,24 @@ def extract_ray_tars(spec: str | os.PathLike[str], cache: str | os.PathLike[str]
     report.seconds = time.perf_counter() - t0
     return report
 
+
+def _run(ray: Any, shards: list[str], todo: list[int], idents: list[Identity], held: dict[str, set[bytes]],
+         cache: Path, cfg: ExtractConfig, prov: Provenance, names: tuple[str, ...], opts: Any, report: RayReport,
+         progress: Progress | None) -> list[ShardResult]:
+    """The shards `todo` (indexes into `shards`) on a pool of actors, one task each."""
+    started = connect(ray, opts.address)
+    try:
+        per_gpu, n, workers, threads = resources_for(ray, cfg, opts, len(todo))
+        actor = ray.remote(num_cpus=opts.cpus_per_actor, num_gpus=per_gpu, max_restarts=opts.max_retries,
+                           max_task_retries=opts.max_retries)(TarExtractor)
+        pool = [actor.remote(cfg, prov, str(cache), workers, threads, names,
+                             os.environ.get(KILL_HOOK, "")) for _ in range(n)]
+        report.actors = n
+
+        def call(a: Any, i: int) -> Any:
+            return a.run.remote(i, shards[i], idents[i], shards[i] in held)
+
+        return schedule(ray, pool, todo, call, lambda i: f"tar shard {shards[i]}", lambda i: 1, progress, "shards")
+    finally:
+        if started:
+            ray.shutdown()

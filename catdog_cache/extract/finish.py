@@ -1,9 +1,12 @@
-"""TODO"""
+"""The end of every engine's run: the cache shards on disk listed in the index (finish_run), also when Ctrl-C ends
+it early (finish_interrupted: the inputs not finished are marked incomplete); one lock per run (lock_once); rank 0's
+outcome shared with every torchrun rank (raise_shared)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,8 +19,9 @@ from ..cache import (
     read_index,
     remove_cache,
 )
+from ..cache.shards import shards_folder
 from ..engines.torchrun import Dist
-from ..errors import CacheBusy, CatdogError, InputError
+from ..errors import CacheBusy, CatdogError, InputError, Interrupted
 from ..files import plural, printable
 from ..sources.folder import Sample
 from ..sources.tars import NO_IMAGE, UNREADABLE
@@ -53,6 +57,23 @@ def finish_run(cache: Path, prov: Provenance, report: ExtractReport, todo: list[
         remove_cache(cache)
         raise InputError(no_rows(data_dir, report.failed))
     return index.shape[0]
+
+
+def finish_interrupted(cache: Path, prov: Provenance, partial: dict[str, bool], saved: str, dist: Dist | None = None,
+                       settle: float = 5.0) -> Interrupted:
+    """Ctrl-C, on every engine and source: list the cache shards on disk in the index and mark the inputs not
+    finished incomplete (`partial`: source -> True; False clears an earlier mark), so `info` and `fit` describe the
+    partial cache and the next run resumes (done units skipped, rows redone supersede the listed ones). Under torchrun
+    rank 0 alone writes the index, as at the end of a run, after waiting up to `settle` seconds for the other ranks'
+    parts in flight (their temp files; the index write would remove them). Returns the error to raise; `saved` says
+    what was saved."""
+    if dist is None or dist.main:
+        folder = shards_folder(cache) if dist else None
+        deadline = time.monotonic() + settle
+        while folder is not None and any(folder.glob(".*.tmp")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        finish(cache, prov, versions(), incomplete=partial)
+    return Interrupted(f"interrupted: {saved} saved to {cache}; run extract again to resume")
 
 
 def no_rows(data_dir: str | os.PathLike[str], failed: list[tuple[str, str]]) -> str:

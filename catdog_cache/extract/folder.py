@@ -19,15 +19,14 @@ from ..cache import (
     Provenance,
     Rows,
     encode_path,
-    finish,
     write_part,
 )
 from ..engines.torchrun import from_env
-from ..errors import CatdogError, InputError, Interrupted
+from ..errors import CatdogError, InputError
 from ..files import plural
 from ..sources.folder import Discovery, Sample, discover
 from .config import PART_SECONDS, ExtractConfig, ExtractReport, Progress, versions
-from .finish import finish_run, lock_once, raise_shared
+from .finish import finish_interrupted, finish_run, lock_once, raise_shared
 from .forward import run_features
 from .loader import (
     Batch,
@@ -69,11 +68,14 @@ def extract_folder(data_dir: str | os.PathLike[str], cache: str | os.PathLike[st
             write_part(cache, f"part-{scan_ns:020d}-{os.getpid()}-refresh", prov, source, Rows(refresh=plan.refresh),
                        versions(), plan.shape, cfg.weights.path, disc.classes, scan_ns)
         mine = dist.shard(plan.todo) if dist else plan.todo  # each rank a contiguous slice; parts are its resume units
-        if mine:
-            assert disc.stat is not None
-            _extract_parts(disc.root, source, disc.pick(mine), cache, cfg, prov, report, progress,
-                           model, tag=f"-r{dist.rank:04d}" if dist else "", classes=disc.classes,
-                           stat=disc.stat[mine], scan_ns=scan_ns)
+        try:
+            if mine:
+                assert disc.stat is not None
+                _extract_parts(disc.root, source, disc.pick(mine), cache, cfg, prov, report, progress,
+                               model, tag=f"-r{dist.rank:04d}" if dist else "", classes=disc.classes,
+                               stat=disc.stat[mine], scan_ns=scan_ns)
+        except KeyboardInterrupt:  # every batch received is in a part by now: list them, mark the folder partial
+            raise finish_interrupted(cache, prov, {source: True}, plural(report.extracted, "image"), dist) from None
         if dist:  # every rank's shards are on disk before rank 0 lists them in the index
             gathered = dist.gather((report.extracted, report.failed))
             if dist.main:
@@ -142,11 +144,6 @@ def _extract_parts(root: Path, source: str, todo: list[Sample], cache: Path, cfg
         raise CatdogError(f"extraction stopped after {plural(report.extracted, 'image')} ({str(e).splitlines()[0]}); "
                           "the work so far is saved: run extract again to resume, with --workers 0 to isolate a bad "
                           "file") from None
-    except KeyboardInterrupt:
-        if not tag:  # under torchrun the next run lists the shards; ranks must not write the index concurrently
-            finish(cache, prov, versions(), incomplete={source: True})  # `info` and `fit` say it is partial
-        raise Interrupted(f"interrupted: {plural(report.extracted, 'image')} saved to {cache}; run extract again to "
-                          "resume") from None
 
 
 def rows_of(batches: Iterable[Batch], todo: list[Sample], stat: np.ndarray | None = None) -> Rows:

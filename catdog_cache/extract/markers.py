@@ -112,6 +112,12 @@ def read_marker(cache: Path, unit: str) -> Marker | None:
                   part, text["run"])
 
 
+def marked(cache: Path, unit: str, identity: str) -> bool:
+    """Whether the unit's marker is there and carries this identity (the unit is done as it is now)."""
+    marker = read_marker(cache, unit)
+    return marker is not None and marker.identity == identity
+
+
 def legacy_tar_marker(cache: Path, unit: str) -> Marker | None:
     """A tar's marker as caches before the one protocol wrote it: `<cache>.inputs/<digest>.json` holding source,
     size, version (the tar's identity), provenance, rows and failed."""

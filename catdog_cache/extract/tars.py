@@ -10,17 +10,17 @@ from pathlib import Path
 import torch
 
 from ..cache import (
+    Provenance,
     encode_path,
-    finish,
     list_parts,
 )
 from ..engines.torchrun import from_env
-from ..errors import CatdogError, InputError, Interrupted
+from ..errors import CatdogError, InputError
 from ..files import plural, printable
-from ..sources.spec import is_url, resolve_inputs
+from ..sources.spec import Identity, is_url, resolve_inputs
 from ..sources.tars import NO_IMAGE, UNREADABLE
-from .config import ExtractConfig, ExtractReport, Progress, versions
-from .finish import finish_run, lock_once, no_rows, raise_shared
+from .config import ExtractConfig, ExtractReport, Progress
+from .finish import finish_interrupted, finish_run, lock_once, no_rows, raise_shared
 from .markers import matching_tar_marker
 from .plan import plan_tars, tar_classes
 from .tar_units import ShardResult, extract_tar_list
@@ -58,11 +58,9 @@ def extract_tars(spec: str | os.PathLike[str] | list[str], cache: str | os.PathL
             raise CatdogError(f"extraction stopped ({str(e).splitlines()[0]}); the shards finished so far are saved: "
                               "run extract again to resume, with --workers 0 to isolate a bad shard") from None
         except KeyboardInterrupt:
-            if not dist:
-                # index only; a shard whose done marker was written before the Ctrl-C is finished, not partial
-                partial = {shards[i]: not matching_tar_marker(cache, shards[i], idents[i], prov) for i in todo}
-                finish(cache, prov, versions(), incomplete=partial)
-            raise Interrupted(f"interrupted: finished shards saved to {cache}; run extract again to resume") from None
+            raise finish_interrupted(cache, prov, unfinished(cache, prov, [shards[i] for i in todo],
+                                                             [idents[i] for i in todo]), "finished shards", dist
+                                     ) from None
         mine_out = [outcome(r, held) for r in results]
         everyone = dist.gather(mine_out) if dist else [mine_out]
         drop = tally(report, [x for part in everyone for x in part])
@@ -80,6 +78,11 @@ def extract_tars(spec: str | os.PathLike[str] | list[str], cache: str | os.PathL
     refuse_nothing_read(report, spec, len(shards))
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def unfinished(cache: Path, prov: Provenance, sources: list[str], idents: list[Identity]) -> dict[str, bool]:
+    """After a Ctrl-C: each shard of this run, True (incomplete) unless its done marker was written before it."""
+    return {s: not matching_tar_marker(cache, s, ident, prov) for s, ident in zip(sources, idents, strict=True)}
 
 
 Outcome = tuple[str, int, list[tuple[str, str]], str, list[bytes]]  # source, rows, failures, error, stale keys
