@@ -21,7 +21,7 @@ from ..errors import CacheBusy, CacheError, CatdogError, InputError, ProvenanceM
 from ..extract.config import ExtractConfig, Progress
 from ..extract.forward import run_features
 from ..extract.rerun import by_stat, same_content, verdicts
-from ..files import as_paths, check_outputs, file_key, plausible_file, plural, printable
+from ..files import as_paths, check_outputs, plausible_file, plural, printable, same_file
 from ..fit import DEFAULT_HEAD, log_loss
 from ..fit.head import CAT_DOG
 from ..sources.folder import Discovery, Sample, discover
@@ -259,10 +259,6 @@ def training_caches(meta: dict) -> list[Path]:
     """The caches a head was trained on, as its meta records them (a file from outside: strings only)."""
     recorded = meta.get("caches") if isinstance(meta.get("caches"), list) else [meta.get("cache")]
     return [Path(c) for c in recorded if isinstance(c, str) and c]
-
-
-def same_file(a: Path, b: Path) -> bool:
-    return a.resolve() == b.resolve() or (a.exists() and b.exists() and file_key(a) == file_key(b))
 
 
 def _check_provenance(cache: Path, want: Provenance, head_path: Path, stage: str) -> None:

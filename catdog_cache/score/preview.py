@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..extract.config import Progress
-from ..files import as_paths, check_outputs, printable, read_regular
+from ..files import as_paths, check_outputs, printable, read_regular, same_file
 from ..fit import split
 from ..sources.decode import MAX_FILE_BYTES, DecodeError, decode_rgb
 from ..sources.folder import discover
@@ -34,7 +34,7 @@ def splits_of(meta: dict, cache: Path, scored) -> list[str]:
     """Each row's role in the head's training: val / train when this is its training cache, new otherwise."""
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     trained_on = meta.get("cache")
-    if not (isinstance(trained_on, str) and Path(trained_on).resolve() == cache.resolve()):
+    if not (isinstance(trained_on, str) and same_file(Path(trained_on), cache)):
         return ["new"] * len(scored.rels)
     metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
     if metrics.get("folds"):  # --folds: the saved head was trained on every labeled image
