@@ -146,6 +146,20 @@ def test_preview_reads_tiles_from_the_shards(cli, head, tmp_path, photos):
     assert "preview 4 images" in r.output and Path("grid.png").stat().st_size > 1000
 
 
+def test_verify_takes_labeled_shards(cli, tmp_path, images):
+    from catdog_cache.fit import FitConfig
+    from catdog_cache.verify import verify
+
+    make_tar(tmp_path / "v" / "v-000000.tar", sorted(images.items())[:4])  # cat.N / dog.N keys: labeled by prefix
+    dogs = [data for _, data in sorted(images.items())[4:]]
+    make_tar(tmp_path / "v" / "v-000001.tar", [m for i, data in enumerate(dogs)
+                                               for m in ((f"s/{i}.jpg", data), (f"s/{i}.cls", b"1"))])  # .cls labels
+    r = verify("v/v-{000000..000001}.tar", CFG, FitConfig(epochs=2, batch_size=4), limit=6)
+    assert r.identity_expected and r.agree and r.n_images == 6 and r.max_streamed_diff == 0
+    out = cli("verify", "v/v-{000000..000001}.tar", *TINY, "--epochs", "2", "--batch-size", "4").output
+    assert "agree within" in out and "8 images" in out
+
+
 def test_exported_model_on_shards_equals_it_on_the_files(cli, head, tmp_path, photos):
     folder = as_files_and_shards(tmp_path, photos)
     cli("export", "--out", "m.pt2")
