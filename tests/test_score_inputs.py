@@ -174,6 +174,20 @@ def test_exported_model_on_shards_equals_it_on_the_files(cli, head, tmp_path, ph
     assert rows("tars-sub.csv") == rows("files-sub.csv")
 
 
+def test_a_folder_is_walked_once_per_command(cli, head, test_dir, monkeypatch):
+    from catdog_cache.sources import folder
+
+    walks: list[Path] = []
+    real = folder._walk
+    monkeypatch.setattr(folder, "_walk", lambda root, skipped: walks.append(root) or real(root, skipped))
+    cli("predict", test_dir)
+    assert len(walks) == 2  # predict's own, passed along; and extract's, which runs only when there is work
+    walks.clear()
+    cli("predict", test_dir)
+    cli("preview", test_dir, "--n", "2")
+    assert len(walks) == 2  # cached: one walk each, decided by extract's plan read-only
+
+
 def test_same_file_follows_links_and_never_raises(tmp_path: Path) -> None:
     a = tmp_path / "a.h5"
     a.write_bytes(b"x")

@@ -157,6 +157,8 @@ def read_rows(f: View, rows: np.ndarray) -> np.ndarray:
     order = np.argsort(rows, kind="stable")
     srt = rows[order]  # [N]
     out = np.empty((len(rows), *f.index.shape[1:]), np.float32)  # [N, V, D]
+    if not len(rows):
+        return out
     cuts = (np.flatnonzero(np.diff(srt) > GAP_ROWS) + 1).tolist()
     for a, b in zip([0, *cuts], [*cuts, len(srt)], strict=True):
         lo, hi = int(srt[a]), int(srt[b - 1]) + 1
