@@ -188,6 +188,38 @@ def test_a_folder_is_walked_once_per_command(cli, head, test_dir, monkeypatch):
     assert len(walks) == 2  # cached: one walk each, decided by extract's plan read-only
 
 
+def test_predict_and_preview_on_a_url(cli, head, tmp_path, photos):
+    fsspec = pytest.importorskip("fsspec")
+    as_files_and_shards(tmp_path, photos)
+    fs = fsspec.filesystem("memory")
+    for s in range(2):
+        fs.pipe(f"/bucket/x-{s:06d}.tar", (tmp_path / "shards" / f"x-{s:06d}.tar").read_bytes())
+    try:
+        cli("predict", PATTERN, "--out", "local.csv")
+        url = json.loads(cli("predict", "memory://bucket/x-{000000..000001}.tar", "--out", "url.csv", "--json").output)
+        assert url["extracted"] == 6 and Path(url["cache"][0]).name.startswith("x.")
+        assert rows("url.csv") == rows("local.csv")  # named by the shard's file name, the same probabilities
+        assert "preview 2 images" in cli("preview", "memory://bucket/x-000001.tar", "--n", "2").output
+    finally:
+        fs.rm("/bucket", recursive=True)
+
+
+def test_cls_members_index_a_k_class_heads_classes(cli, tmp_path):
+    from tests.test_nclass import three_classes
+
+    folder = three_classes(tmp_path / "three")
+    cli("extract", folder, *TINY)
+    cli("fit", "--epochs", "1")
+    members = [m for c, name in enumerate(("ant", "Bee", "cow")) for i in range(4)
+               for m in ((f"{c}{i}.jpg", (folder / name / f"{i}.jpg").read_bytes()), (f"{c}{i}.cls", str(c).encode()))]
+    make_tar(tmp_path / "three.tar", members)
+    files = json.loads(cli("predict", folder, "--out", "files.csv", "--json").output)
+    tars = json.loads(cli("predict", tmp_path / "three.tar", "--out", "tars.csv", "--json").output)
+    assert tars["rows"] == 12 and tars["failed"] == [] and tars["accuracy"] == files["accuracy"]
+    assert rows("tars.csv")[0] == ["path", "p_ant", "p_bee", "p_cow", "label", "true_label", "log_loss"]
+    assert [r[-2] for r in rows("tars.csv")[1:]] == ["ant"] * 4 + ["bee"] * 4 + ["cow"] * 4  # .cls 2 is cow
+
+
 def test_same_file_follows_links_and_never_raises(tmp_path: Path) -> None:
     a = tmp_path / "a.h5"
     a.write_bytes(b"x")
