@@ -181,12 +181,19 @@ def file_key(path: Path) -> tuple[int, int] | Path:
 
 
 def same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
+    """Whether two paths are one file: the same path once links are resolved, or the same (device, inode) (a hard
+    link, a bind mount). The one test for outputs against inputs and for a training cache spelled another way. A
+    symbolic-link loop is compared by stat (it has none: not the same), never raised as a traceback."""
     try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
+        if a.resolve() == b.resolve():
+            return True
+    except (OSError, RuntimeError):  # a link loop (RuntimeError before Python 3.13)
+        pass
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:  # missing, a loop, or unreadable: nothing there to be the same file
         return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def check_outputs(outputs: dict[str, Path | None], inputs: dict[str, Path | None]) -> None:

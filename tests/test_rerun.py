@@ -183,7 +183,7 @@ def test_a_copy_changes_the_inode_and_is_hashed(tmp_path, kaggle_dir, hashed):
 
 
 def test_predict_checks_use_the_stat_rule(tmp_path, kaggle_dir, hashed):
-    from catdog_cache.score.predict import _check_covered, up_to_date
+    from catdog_cache.score.features import _check_covered, up_to_date
 
     backdate(kaggle_dir)
     cache = tmp_path / "c.h5"

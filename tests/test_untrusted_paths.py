@@ -184,7 +184,7 @@ def test_recorded_weights_path_is_no_content_oracle(cli, base, tmp_path):
 
 
 def test_recorded_training_cache_at_kmsg_is_not_read(base, tmp_path):
-    from catdog_cache.score.predict import default_cache
+    from catdog_cache.score.features import default_cache
     from catdog_cache.score.scorer import load_scorer
 
     kmsg = proc_file("kmsg")

@@ -11,7 +11,7 @@ from ..backbone import check_device, get_backbone
 from ..errors import RAY_MISSING, CacheError, InputError
 from ..files import check_outputs
 from ..sources.folder import folder
-from ..sources.spec import is_shard_input, is_url, remote_fs, resolve_inputs
+from ..sources.spec import is_shard_input, is_url, refuse_missing, remote_fs, resolve_inputs
 
 
 def extract_inputs(data_dir: str | Path, backbone: str | None, layer: str | None, device: str) -> None:
@@ -63,11 +63,23 @@ def head_file(path: Path) -> None:
         raise CacheError(f"no head at {path}: run `catdog-cache fit` first (or pass --head PATH)")
 
 
-def predict_inputs(data_dir: Path, head: Path, out: Path, submission: Path | None, model: Path | None,
+def score_input(data_dir: str | Path) -> None:
+    """A folder, or tar shards that exist (local ones) with a backend for their URLs: the core's own checks."""
+    if is_shard_input(data_dir):
+        shards = resolve_inputs(data_dir)
+        refuse_missing(shards)
+        urls = [s for s in shards if is_url(s)]
+        if urls:
+            remote_fs(urls[0])
+        return
+    folder(data_dir)
+
+
+def predict_inputs(data_dir: str | Path, head: Path, out: Path, submission: Path | None, model: Path | None,
                    caches: list[Path]) -> None:
-    """predict's order: outputs, folder, then the head (an exported --model is checked when it is loaded)."""
+    """predict's order: outputs, input, then the head (an exported --model is checked when it is loaded)."""
     check_outputs({"--out": out, "--submission": submission},
                   {"--head": head, "--model": model, **{f"--cache {c}": c for c in caches}})
-    folder(data_dir)
+    score_input(data_dir)
     if model is None:
         head_file(head)

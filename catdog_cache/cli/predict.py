@@ -1,4 +1,4 @@
-"""`catdog-cache predict`: label a folder (and write a Kaggle submission) with a trained head."""
+"""`catdog-cache predict`: label a folder or tar shards (and write a Kaggle submission) with a trained head."""
 
 from __future__ import annotations
 
@@ -30,14 +30,16 @@ from .common import (
 @app.command("predict")
 @guarded
 def predict_cmd(
-    data_dir: Path = typer.Argument(..., metavar="DATA_DIR", help="Folder of images to label."),
+    data_dir: str = typer.Argument(..., metavar="DATA_DIR",
+                                   help="Folder of images to label, or tar shards as extract takes them: a .tar, a "
+                                   "quoted brace pattern ('shards/test-{000000..000009}.tar'), a listing, a URL."),
     head: Path | None = HEAD,
     cache: list[Path] | None = typer.Option(None, "--cache", metavar="PATH",
-                                            show_default="beside the head, named after the folder",
-                                            help="Where this folder's features are cached (reused by later "
+                                            show_default="beside the head, named after the input",
+                                            help="Where the input's features are cached (reused by later "
                                             "predicts); once per backbone for an ensemble head."),
     out_csv: Path = typer.Option(Path("cache/predictions.csv"), "--out",
-                                 help="CSV: path, p_<class> per class (p_cat, p_dog), label."),
+                                 help="CSV: path (tar input: SHARD#KEY), p_<class> per class (p_cat, p_dog), label."),
     submission: Path | None = typer.Option(None, "--submission", help="Also write Kaggle Redux `id,label`."),
     weights: str | None = typer.Option(None, "--weights", help="The weights file, if the head was trained on one "
                                        "that moved (its path and sha256 are recorded)."),
@@ -49,7 +51,8 @@ def predict_cmd(
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
-    """Label a folder with the head; the folder's features are cached, so the next head costs no backbone pass."""
+    """Label a folder or tar shards with the head; their features are cached, so the next head costs no backbone
+    pass."""
     from ..fit import DEFAULT_HEAD
     from .precheck import predict_inputs
 
@@ -76,7 +79,7 @@ def predict_cmd(
         err.print(f"[yellow]warning:[/] {plural(len(r.neutral), 'image')} could not be predicted and got the neutral "
                   f"0.5 in the submission: {escape(printable(', '.join(r.neutral[:5])))}"
                   + (" …" if len(r.neutral) > 5 else ""), highlight=False)
-    acc = (f", accuracy {r.accuracy:.4f} and log loss {r.log_loss:.4f} on the folder's labels"
+    acc = (f", accuracy {r.accuracy:.4f} and log loss {r.log_loss:.4f} on the input's labels"
            if r.accuracy is not None else "")
     sub = f" and {escape(printable(str(r.submission)))}" if r.submission else ""
     neutral = f" ({len(r.neutral)} neutral)" if r.neutral else ""

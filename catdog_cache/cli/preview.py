@@ -24,7 +24,8 @@ from .common import (
 @app.command("preview")
 @guarded
 def preview_cmd(
-    data_dir: Path = typer.Argument(..., metavar="DATA_DIR", help="Image folder to look at."),
+    data_dir: str = typer.Argument(..., metavar="DATA_DIR", help="Image folder to look at, or tar shards as extract "
+                                   "takes them (a .tar, a quoted brace pattern, a listing, a URL)."),
     head: Path | None = HEAD,
     cache: list[Path] | None = typer.Option(None, "--cache", metavar="PATH",
                                             show_default="the head's training cache if it holds "

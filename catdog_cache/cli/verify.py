@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 from rich.table import Table
 
@@ -31,7 +29,8 @@ from .common import (
 @app.command("verify")
 @guarded
 def verify_cmd(
-    data_dir: Path = typer.Argument(..., metavar="DATA_DIR", help="Labeled image folder."),
+    data_dir: str = typer.Argument(..., metavar="DATA_DIR", help="Labeled image folder, or labeled tar shards as "
+                                   "extract takes them (the chosen samples are then held in memory: use --limit)."),
     backbone: str = BACKBONE,
     layer: str = LAYER,
     weights: str = WEIGHTS,

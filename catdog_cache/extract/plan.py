@@ -1,6 +1,7 @@
 """Planning an extract: what the cache already holds for a folder (from its indexes alone), which files are new or
 changed (by stat, else by hash: rerun.py), what to drop, and the folder's labels mapped onto the cache's classes.
-One planning path for the local engine, torchrun and the Ray driver; no image is read here except to hash."""
+One planning path for the local engine, torchrun and the Ray driver; no image is read here except to hash. The same
+rules, decided read-only (up_to_date), tell predict and preview whether an input is already cached."""
 
 from __future__ import annotations
 
@@ -30,11 +31,11 @@ from ..engines.torchrun import Dist
 from ..errors import InputError, ProvenanceMismatch
 from ..files import plural, printable
 from ..sources.decode import decoder_of
-from ..sources.folder import UNLABELED, Discovery
-from ..sources.spec import Identity, identity, refuse_missing
+from ..sources.folder import UNLABELED, Discovery, discover
+from ..sources.spec import Identity, identity, is_shard_input, refuse_missing, resolve_inputs
 from ..sources.tars import UNREADABLE
 from .config import ExtractReport, Progress
-from .markers import clear_temps, matching_tar_marker
+from .markers import Marker, clear_temps, matching_tar_marker
 from .rerun import Verdicts, verdicts
 
 
@@ -63,12 +64,13 @@ class Known:
         return set().union(*self.recorded_lists)
 
 
-def known_files(cache: Path, prov: Provenance, source: str) -> Known:
+def known_files(cache: Path, prov: Provenance, source: str, parts: bool = True) -> Known:
     """Read the cache's and its parts' indexes, refusing any made with another provenance. The one reading of what
-    is known, for extract's plan (local and torchrun) and the Ray driver."""
+    is known, for extract's plan (local and torchrun), the Ray driver and the read-only pending(). `parts`: False
+    reads the cache's own index alone and removes nothing (list_parts clears unfinished temp parts)."""
     k = Known()
     indexes = []
-    for path in ([cache] if cache.exists() else []) + list_parts(cache):
+    for path in ([cache] if cache.exists() else []) + (list_parts(cache) if parts else []):
         idx = read_index(path)
         indexes.append(idx)
         k.cache = idx if path == cache else k.cache
@@ -122,17 +124,7 @@ def plan_folder(disc: Discovery, source: str, cache: Path, prov: Provenance, rep
     k = known_files(cache, prov, source)
     onto_cache_classes(disc, merge_classes(k.class_lists, str(cache)), cache)
     keys = encode_paths(disc.rels)
-    # The usual rerun: the folder holds exactly the files the cache recorded, in the order recorded. One list
-    # comparison (in C) then spares a lookup per file. Checked, not assumed: str order (the folder's) and byte order
-    # differ for surrogate-escaped names, and a cache grown over several runs lists its parts' rows in turn.
-    aligned = keys == k.files.paths
-    candidates = range(len(keys)) if aligned else [i for i, key in enumerate(keys) if key in k.files]
-    found = verdicts(disc, k.files, dist.shard(candidates) if dist else candidates, scan_ns, checksum, progress, keys,
-                     aligned)
-    if dist:
-        shared = dist.gather((found.unchanged, found.refresh, found.hashed))
-        found = Verdicts(set().union(*(u for u, _, _ in shared)), {i: st for _, r, _ in shared for i, st in r.items()},
-                         sum(h for _, _, h in shared))
+    found, aligned = folder_verdicts(disc, k, keys, scan_ns, checksum, progress, dist)
     todo = np.ones(len(keys), dtype=bool)  # [N]
     todo[list(found.unchanged)] = False
     plan = Plan(np.flatnonzero(todo).tolist(), set(), cache=k.cache)
@@ -144,6 +136,26 @@ def plan_folder(disc: Discovery, source: str, cache: Path, prov: Provenance, rep
         plan.refresh = refresh_records(found, keys, k.files)
         plan.shape = k.shape
     return plan
+
+
+def folder_verdicts(disc: Discovery, k: Known, keys: list[bytes], scan_ns: int = 0, checksum: bool = False,
+                    progress: Progress | None = None, dist: Dist | None = None) -> tuple[Verdicts, bool]:
+    """Which of the folder's files (`keys`: their encoded paths) the cache holds unchanged: recorded, and the same by
+    stat, else by hash (rerun.py); and whether `keys` are exactly the recorded paths in order (`aligned`). The one
+    rule for extract's plan and for the read-only check (up_to_date); under torchrun each rank decides a slice of
+    the known files (by its own walk's stats) and the ranks share the verdicts."""
+    # The usual rerun: the folder holds exactly the files the cache recorded, in the order recorded. One list
+    # comparison (in C) then spares a lookup per file. Checked, not assumed: str order (the folder's) and byte order
+    # differ for surrogate-escaped names, and a cache grown over several runs lists its parts' rows in turn.
+    aligned = keys == k.files.paths
+    candidates = range(len(keys)) if aligned else [i for i, key in enumerate(keys) if key in k.files]
+    found = verdicts(disc, k.files, dist.shard(candidates) if dist else candidates, scan_ns, checksum, progress, keys,
+                     aligned)
+    if dist:
+        shared = dist.gather((found.unchanged, found.refresh, found.hashed))
+        found = Verdicts(set().union(*(u for u, _, _ in shared)), {i: st for _, r, _ in shared for i, st in r.items()},
+                         sum(h for _, _, h in shared))
+    return found, aligned
 
 
 def failed_before(k: Known, disc: Discovery, unchanged: set[int] | list[int], keys: list[bytes]
@@ -211,19 +223,7 @@ def plan_tars(shards: list[str], cache: Path, prov: Provenance, report: ExtractR
     (to drop the ones a changed shard no longer has), and the cache's classes ([] when it holds no labels). Shards
     whose done marker matches are skipped unread. Refused before any is read: more sources than a cache holds,
     local shards that do not exist."""
-    held: dict[str, set[bytes]] = {}  # source -> keys held as rows or failure records, in the cache and its parts
-    class_lists: list[tuple[list[str], bool]] = []
-    known: set[str] = set()  # the sources the cache and its parts list already
-    for path in ([cache] if cache.exists() else []) + list_parts(cache):
-        idx = read_index(path)
-        _check_provenance(path, idx.provenance, prov, cache)
-        class_lists.append((idx.classes, idx.labeled))
-        known.update(idx.sources)
-        keys = idx.keys()
-        for s, p in keys:
-            held.setdefault(s, set()).add(p)
-        for s, p, _, _ in idx.failed:
-            held.setdefault(idx.sources[s], set()).add(p)
+    held, class_lists, known = tar_known(cache, prov)
     new = len(set(shards) - known)  # each shard becomes a source, a failure record's too
     if len(known) + new > MAX_SOURCES:  # else found only when the index is written, after all the work
         raise InputError(f"{printable(str(cache))} would hold {len(known) + new:,} sources ({len(known):,} already, "
@@ -241,14 +241,108 @@ def plan_tars(shards: list[str], cache: Path, prov: Provenance, report: ExtractR
             report.failed.append((source, f"{UNREADABLE}: {e.strerror or e}"))
             continue
         idents.append(ident)
-        done = matching_tar_marker(cache, source, ident, prov)
-        if done and (source in held or done.rows + done.failures == 0):
+        done = tar_done(cache, source, ident, prov, held)
+        if done:
             report.reused += done.rows
             report.reused_failed += done.failures
             continue
         todo.append(i)
     have = merge_classes([c for c in class_lists if c[1]], str(cache)) if any(h for _, h in class_lists) else []
     return todo, idents, {shards[i]: held[shards[i]] for i in todo if shards[i] in held}, have
+
+
+def tar_known(cache: Path, prov: Provenance, parts: bool = True
+              ) -> tuple[dict[str, set[bytes]], list[tuple[list[str], bool]], set[str]]:
+    """What the cache and its parts hold of tar shards, from their indexes alone: each source's keys (as rows or
+    failure records), each index's (classes, has labels), and every source listed. Refuses indexes made with
+    another provenance. `parts`: as known_files'."""
+    held: dict[str, set[bytes]] = {}
+    class_lists: list[tuple[list[str], bool]] = []
+    known: set[str] = set()
+    for path in ([cache] if cache.exists() else []) + (list_parts(cache) if parts else []):
+        idx = read_index(path)
+        _check_provenance(path, idx.provenance, prov, cache)
+        class_lists.append((idx.classes, idx.labeled))
+        known.update(idx.sources)
+        keys = idx.keys()
+        for s, p in keys:
+            held.setdefault(s, set()).add(p)
+        for s, p, _, _ in idx.failed:
+            held.setdefault(idx.sources[s], set()).add(p)
+    return held, class_lists, known
+
+
+def tar_done(cache: Path, source: str, ident: Identity, prov: Provenance, held: dict[str, set[bytes]]
+             ) -> Marker | None:
+    """The shard's done marker when a run need not read the shard: the marker matches the shard as it is now and
+    these features, and the cache holds its rows (or the shard had none)."""
+    done = matching_tar_marker(cache, source, ident, prov)
+    return done if done and (source in held or done.rows + done.failures == 0) else None
+
+
+@dataclass
+class Pending:
+    """What extract(data, cache) would still read, decided read-only (pending()): nothing when falsy."""
+
+    new: int = 0  # files (tar shards) the cache does not hold (as they are now, for shards)
+    changed: int = 0  # files held, but changed since (counted only when none is new)
+    total: int = 0  # files (shards) the input has
+    other: str = ""  # another reason: no cache yet, parts waiting for assembly, other features
+
+    def __bool__(self) -> bool:
+        return bool(self.new or self.changed or self.other)
+
+
+def pending(data: str | os.PathLike[str], cache: Path, prov: Provenance, progress: Progress | None = None,
+            disc: Discovery | None = None, shards: list[str] | None = None, parts: bool = True) -> Pending:
+    """extract's plan for `data` into `cache`, decided read-only: no lock taken, no folder made, no stale part or
+    marker removed, so checking an already cached input works on read-only media and beside a running extract.
+    A folder: every file recorded with these features and unchanged (folder_verdicts' rule); tar shards: every
+    shard done (tar_done's rule). `parts`: parts waiting for assembly count as work (False: the cache's own index
+    is all that counts, as for scoring from it). `disc` (a folder's walk) or `shards` (resolved tar input) spare a
+    second walk or listing read."""
+    cache = cache.resolve()
+    if not cache.is_file():
+        return Pending(other="no cache yet")
+    if parts and list_parts(cache, clean=False):  # shards not yet in the index: extract lists them
+        return Pending(other="saved parts wait for assembly")
+    if disc is None and shards is None and is_shard_input(data):
+        shards = resolve_inputs(data)
+    try:
+        if shards is not None:
+            return _shards_pending(shards, cache, prov)
+        disc = disc if disc is not None else discover(data)
+        k = known_files(cache, prov, str(disc.root.resolve()), parts=False)
+    except ProvenanceMismatch as e:  # extract says how they differ
+        return Pending(other=str(e))
+    keys = encode_paths(disc.rels)
+    new = 0 if keys == k.files.paths else sum(key not in k.files for key in keys)
+    if new:  # nothing need be hashed to know extract has work
+        return Pending(new=new, total=len(keys))
+    found, _ = folder_verdicts(disc, k, keys, progress=progress)
+    return Pending(changed=len(keys) - len(found.unchanged), total=len(keys))
+
+
+def up_to_date(data: str | os.PathLike[str], cache: Path, prov: Provenance, progress: Progress | None = None,
+               disc: Discovery | None = None, shards: list[str] | None = None) -> bool:
+    """Whether extract(data, cache) would read nothing (pending() is empty). Under torchrun the ranks decide
+    together, in extract itself: False."""
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        return False
+    return not pending(data, cache, prov, progress, disc, shards)
+
+
+def _shards_pending(shards: list[str], cache: Path, prov: Provenance) -> Pending:
+    held, _, _ = tar_known(cache, prov, parts=False)
+    new = 0
+    for source in shards:
+        try:
+            ident = identity(source)
+        except OSError:  # missing or unreadable: extract refuses or records it
+            new += 1
+            continue
+        new += tar_done(cache, source, ident, prov, held) is None
+    return Pending(new=new, total=len(shards))
 
 
 def tar_classes(given: Sequence[str] | None, have: list[str], cache: Path) -> tuple[str, ...]:

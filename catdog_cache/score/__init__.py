@@ -1,3 +1,4 @@
-"""Scoring a trained head: predict.py (an input's features, cached through extract's planner, scored into a CSV and
-a Kaggle submission), scorer.py (the head with or without its backbone; export), outputs.py (CSV and submission
-files), preview.py (picture grids of predictions). Nothing is imported here."""
+"""Scoring a trained head on any input extract takes (a folder, tar shards): inputs.py (the input resolved once),
+features.py (its features in the head's caches, extracted through extract's read-only plan when missing), rows.py
+(the cached rows scored), predict.py (CSV and submission rows), scorer.py (the head with or without its backbone;
+export), outputs.py (CSV and submission files), preview.py (picture grids). Nothing is imported here."""

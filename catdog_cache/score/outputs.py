@@ -36,21 +36,31 @@ def write_csv_atomic(path: Path, header: list[str], rows: list[tuple]) -> None:
 
 
 def kaggle_id(rel: str) -> int | None:
+    """A file's (or tar key's) Kaggle id: its base name's numeric stem (`test1/123.jpg`, key `123`: 123), else None."""
     stem = Path(rel).name.split(".")[0]
     return int(stem) if stem.isascii() and stem.isdigit() else None
 
 
 def submission_ids(disc: Discovery) -> dict[int, str]:
     """Every image's Kaggle id, checked before any forward pass: numeric names only, each id once."""
-    ids: dict[int, str] = {}
     names = [s.rel for s in disc.samples] + [rel for rel, _ in disc.skipped if kaggle_id(rel) is not None]
-    for rel in names:
-        i = kaggle_id(rel)
+    return key_ids([(rel, rel) for rel in names])
+
+
+def key_ids(names: list[tuple[str, str]]) -> dict[int, str]:
+    """(path or tar key, the name outputs show) -> {Kaggle id: shown name}: a numeric stem each (`123.jpg`, key `123`
+    or `test1/123`), each id once. A failure record's empty key (a shard that could not be read) has no id."""
+    ids: dict[int, str] = {}
+    for key, shown in names:
+        if not key:
+            continue
+        i = kaggle_id(key)
         if i is None:
-            raise InputError(f"--submission needs numeric file names like 123.jpg; {rel!r} is not")
+            raise InputError(f"--submission needs numeric file names like 123.jpg (tar keys like 123 or test1/123); "
+                             f"{shown!r} is not")
         if i in ids:
-            raise InputError(f"--submission: {ids[i]!r} and {rel!r} have the same id {i}; keep one of them")
-        ids[i] = rel
+            raise InputError(f"--submission: {ids[i]!r} and {shown!r} have the same id {i}; keep one of them")
+        ids[i] = shown
     return ids
 
 

@@ -1,5 +1,6 @@
 """Pictures from cached features: a grid of images with the head's prediction, or its N most confident mistakes
-(fastai's "top losses"), each tile marked with its split (val / train / new)."""
+(fastai's "top losses"), each tile marked with its split (val / train / new). Takes every input extract takes: a
+folder's tiles are read from its files, tar shards' from the shards themselves (each streamed once)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import numpy as np
 
 from ..errors import InputError
 from ..extract.config import Progress
-from ..files import as_paths, check_outputs, printable, read_regular
+from ..files import as_paths, check_outputs, printable, read_regular, same_file
 from ..fit import split
 from ..sources.decode import MAX_FILE_BYTES, DecodeError, decode_rgb
-from ..sources.folder import discover
-from .predict import cached_features, onto_head_classes, score_cached
+from ..sources.spec import open_shard
+from ..sources.tars import read_samples
+from .features import cached_features
+from .inputs import ScoreInput, folder_samples, score_input
+from .rows import Scored, onto_head_classes, score_cached
 from .scorer import load_scorer
 
 SPLITS = ("val", "train", "all")
@@ -34,7 +38,7 @@ def splits_of(meta: dict, cache: Path, scored) -> list[str]:
     """Each row's role in the head's training: val / train when this is its training cache, new otherwise."""
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     trained_on = meta.get("cache")
-    if not (isinstance(trained_on, str) and Path(trained_on).resolve() == cache.resolve()):
+    if not (isinstance(trained_on, str) and same_file(Path(trained_on), cache)):
         return ["new"] * len(scored.rels)
     metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
     if metrics.get("folds"):  # --folds: the saved head was trained on every labeled image
@@ -47,6 +51,36 @@ def splits_of(meta: dict, cache: Path, scored) -> list[str]:
         return ["new"] * len(scored.rels)
     role = dict.fromkeys(va.tolist(), "val") | dict.fromkeys(tr.tolist(), "train")
     return [role.get(int(r), "new") for r in scored.rows]
+
+
+def picture_bytes(inp: ScoreInput, scored: Scored, picks: list[int]) -> dict[int, bytes]:
+    """The image bytes of the picked rows (a row that cannot be read now is left out): a folder's files; for tar
+    input each shard holding a pick is streamed once (sources.tars.read_samples, as extract reads it) and only the
+    picked samples' images are kept."""
+    out: dict[int, bytes] = {}
+    if not inp.tars:
+        root = inp.discovery().root
+        for i in picks:
+            try:
+                out[i] = read_regular(root / scored.keys[i], MAX_FILE_BYTES)
+            except (OSError, ValueError):
+                continue
+        return out
+    wanted: dict[str, dict[str, int]] = {}
+    for i in picks:
+        wanted.setdefault(scored.sources[i], {})[scored.keys[i]] = i
+    for source, keys in wanted.items():
+        try:
+            with open_shard(source) as fh:
+                for sample in read_samples(fh):
+                    i = keys.pop(sample.key, None)
+                    if i is not None and sample.data is not None and not sample.reason:
+                        out[i] = sample.data
+                    if not keys:
+                        break
+        except OSError:  # gone or unreadable since it was extracted: its tiles are left out
+            continue
+    return out
 
 
 def grid_title(loaded, head_path: Path, which: str, worst: int) -> str:
@@ -73,15 +107,19 @@ def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
         raise InputError(f"--n must be at least 1 and --worst at least 0, got {n} and {worst}")
     if which not in SPLITS:
         raise InputError(f"--split: expected {', '.join(SPLITS)}, got {which!r}")
-    data_dir, head_path, out, caches = Path(data_dir), Path(head_path), Path(out), as_paths(cache)
+    head_path, out, caches = Path(head_path), Path(out), as_paths(cache)
     check_outputs({"--out": out}, {"--head": head_path, **{f"--cache {c}": c for c in caches}})
-    disc = discover(data_dir)
-    if not disc.samples:
-        raise InputError(f"no images found in {data_dir}")
+    inp = score_input(data_dir)
+    data_dir = printable(inp.spec)
+    disc = None if inp.tars else folder_samples(inp)
     loaded = load_scorer(head_path, weights_file, backbone=False)
-    onto_head_classes(disc, loaded.classes, head_path)
-    used, _ = cached_features(loaded, head_path, data_dir, caches or None, device, 0, -1, progress, "preview")
-    scored = score_cached(loaded, used, disc, tta=False)
+    if disc:
+        onto_head_classes(disc, loaded.classes, head_path)
+    used, _ = cached_features(loaded, head_path, inp, caches or None, device, 0, -1, progress, "preview")
+    scored = score_cached(loaded, used, inp, tta=False)
+    if not scored.rels:
+        first = f"; first failure: {scored.failed[0][0]!r}: {scored.failed[0][1]}" if scored.failed else ""
+        raise InputError(f"no image of {data_dir} could be scored{first}")
     roles = splits_of(loaded.meta, used[0], scored)
     note = ""
     pool = [i for i, r in enumerate(roles) if which == "all" or r == which]
@@ -101,17 +139,18 @@ def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
         scope = f"{which} " if which != "all" and all(roles[i] == which for i in pool) else ""
         if not picks:  # good news, not an error
             return PreviewReport(None, 0, 0, used, f"no mistakes among {len(pool):,} {scope}images of "
-                                 f"{printable(str(data_dir))}: nothing to show")
+                                 f"{data_dir}: nothing to show")
         if len(picks) < worst:
             note = note or f"only {len(picks)} mistakes among {len(pool)} {scope}images"
     else:
         picks = [pool[int(k)] for k in sorted({int(k) for k in np.linspace(0, len(pool) - 1, min(n, len(pool)))})]
     preset = Preset.from_spec(loaded.provenance.transform)
     images, captions, marks = [], [], []
+    data = picture_bytes(inp, scored, picks)
     for i in picks:
         try:
-            img = decode_rgb(read_regular(disc.root / scored.rels[i], MAX_FILE_BYTES))
-        except (OSError, ValueError, DecodeError):
+            img = decode_rgb(data[i])
+        except (KeyError, ValueError, DecodeError):
             continue
         images.append(TF.pil_to_tensor(TF.center_crop(TF.resize(img, preset.resize), preset.crop)))  # [3, S, S]
         names = loaded.classes  # a folder name: printable, and cut to keep the tile's caption on its tile
