@@ -170,6 +170,14 @@ def test_bench_pipeline_rows(tmp_path, kaggle_dir, monkeypatch):
     assert rows[1][1].startswith("800 vs 1000 us") and rows[1][2].startswith("0.80x")
 
 
+def test_bench_measures_in_a_fresh_process(kaggle_dir):
+    """The child process the pipeline rows time (the rows above stub it): it imports the bench by its module path,
+    which a layout change broke once without any stubbed test noticing."""
+    r = benchpipe.measure_run({"mode": "extract", "data_dir": str(kaggle_dir), "backbone": "tiny", "workers": 0,
+                               "batch": 4, "device": "cpu"})
+    assert r["n"] == 12 and r["wall"] > 0
+
+
 def test_bench_only_pipeline_cli(cli, monkeypatch):
     monkeypatch.setattr(benchpipe, "measure", lambda mode, *a, **k: (50.0, 700.0))
     r = cli("bench", "--only", "pipeline", "--pipeline-images", "4", "--workers", "0", "--markdown")

@@ -174,7 +174,7 @@ def measure_run(spec: dict[str, Any], fresh: bool = True, env: dict[str, str] | 
     """run_mode in a fresh process (fresh=False: in this one, for tests)."""
     if not fresh:
         return run_mode(spec)
-    code = "import sys; from catdog_cache.benchpipe import child; child(sys.argv[1:])"
+    code = "import sys; from catdog_cache.bench.pipeline import child; child(sys.argv[1:])"
     out = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
                          env={**os.environ, **(env or {})})
     if out.returncode:

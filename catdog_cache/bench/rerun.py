@@ -128,7 +128,7 @@ def run(n: int, log: Callable[[Row], None], repeats: int = 3, where: Path | None
     return table
 
 
-def main() -> None:  # python -m catdog_cache.benchrerun [N]
+def main() -> None:  # python -m catdog_cache.bench.rerun [N]
     import sys
 
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000

@@ -162,7 +162,7 @@ def run(sizes: list[int], log: Callable[[Row], None], budget: str = "256M", shar
 
 
 def main(argv: list[str] | None = None) -> None:
-    """python -m catdog_cache.benchscale 100000,1000000 [budget] [shard_rows] [folder] [keep]"""
+    """python -m catdog_cache.bench.scale 100000,1000000 [budget] [shard_rows] [folder] [keep]"""
     argv = sys.argv[1:] if argv is None else argv
     sizes = [int(x) for x in argv[0].split(",")]
     run(sizes, lambda r: print(f"  {r[0]:<56} {r[1]:>12}  {r[2]}", flush=True), *(argv[1:2] or ["256M"]),

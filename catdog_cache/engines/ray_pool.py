@@ -1,4 +1,6 @@
-"""TODO"""
+"""What both Ray drivers share: RayOptions and the report, joining or starting Ray, sizing the actor pool to the
+cluster (GPU shares or CPUs per actor), and schedule(): every unit to the next free actor, failures turned into one
+line, a Ctrl-C passed on to the driver so it finishes as every engine does."""
 
 from __future__ import annotations
 

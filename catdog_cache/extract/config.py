@@ -1,4 +1,5 @@
-"""TODO"""
+"""What an extract is asked and what it reports: ExtractConfig (every option, checked before any work; the
+provenance it records), the versions written into every shard, and ExtractReport (counts, failures, skips)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO"""
+"""The frozen backbone over the loader's batches: features [B, V, D] per batch with their indices, sha256s and
+failure records. Stages overlap: decoding in loader workers, on a GPU pinned copies and a batch yielded one step
+late, so the writer's work on one batch runs while the next is computed."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO"""
+"""A whole tar input in this process (or this torchrun rank's share of its tars): plan by done markers, extract
+the unfinished tars (tar_units), count every tar's outcome, finish the index; refusals for inputs that gave no row
+or tars that could not be read."""
 
 from __future__ import annotations
 
