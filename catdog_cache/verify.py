@@ -32,7 +32,7 @@ from .files import printable
 from .fit import Features, FitConfig, evaluate, fit, labeled_rows, split, train, training_device
 from .fit.head import load_head
 from .sources.folder import discover
-from .sources.spec import is_shard_input, open_shard, refuse_missing, resolve_inputs
+from .sources.spec import is_tar_input, open_tar, refuse_missing, resolve_inputs
 from .sources.tars import key_label, read_samples
 
 
@@ -93,7 +93,7 @@ def tar_subset(shards: list[str], limit: int | None, spec: str) -> list[tuple[in
         if all(w is not None and len(p) >= w for p, w in zip(picked, want, strict=True)):
             break
         try:
-            with open_shard(source) as fh:
+            with open_tar(source) as fh:
                 for sample in read_samples(fh):
                     seen += 1
                     label = sample.label if sample.label is not None else key_label(sample.key)
@@ -158,7 +158,7 @@ def verify(data_dir: str | os.PathLike[str], ecfg: ExtractConfig, fcfg: FitConfi
     if not (math.isfinite(tolerance) and tolerance >= 0):  # nan would make every comparison "disagree: 0 > nan"
         raise InputError(f"--tolerance must be a finite number >= 0, got {tolerance}")
     spec = os.fspath(data_dir)
-    shards = resolve_inputs(spec) if is_shard_input(spec) else None
+    shards = resolve_inputs(spec) if is_tar_input(spec) else None
     if shards is not None:
         refuse_missing(shards)
         samples, rels, root = tar_subset(shards, limit, spec), None, None

@@ -89,11 +89,11 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     from catdog_cache.sources import tars
 
     seen: list[str] = []
-    real = tars.open_shard
+    real = tars.open_tar
 
     def spy(source: str):
         seen.append(source)
         return real(source)
 
-    monkeypatch.setattr(tars, "open_shard", spy)
+    monkeypatch.setattr(tars, "open_tar", spy)
     return seen

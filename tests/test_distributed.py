@@ -49,7 +49,7 @@ def assert_same(a: Path, b: Path):
 
 def test_shards_are_balanced_and_cover_everything():
     items = list(range(11))
-    shards = [Dist(r, 3, r).shard(items) for r in range(3)]
+    shards = [Dist(r, 3, r).share(items) for r in range(3)]
     assert sum(shards, []) == items and sorted(map(len, shards)) == [3, 4, 4]
 
 

@@ -16,7 +16,7 @@ from catdog_cache.cache import list_parts, listed, parts_dir, read_features, rea
 from catdog_cache.engines.dispatch import extract
 from catdog_cache.errors import CacheError, InputError
 from catdog_cache.extract.config import ExtractConfig
-from catdog_cache.extract.folder_units import folder_shards, shard_done
+from catdog_cache.extract.folder_units import cut_folder, unit_done
 from catdog_cache.extract.markers import markers_dir, read_marker
 from catdog_cache.extract.plan import Known
 from tests.conftest import TINY, draw
@@ -131,7 +131,7 @@ def test_markers_are_checked_like_hostile_files(data, tmp_path):
 
     disc = discover(data)
     prov = CFG.provenance()
-    shards = folder_shards(disc.root, disc.samples, str(disc.root), prov, 4)
+    shards = cut_folder(disc.root, disc.samples, str(disc.root), prov, 4)
     cache = tmp_path / "c.h5"
     everything = Known(recorded_lists=[[os.fsencode(s.rel) for s in disc.samples]])
     folder = markers_dir(cache)
@@ -139,19 +139,19 @@ def test_markers_are_checked_like_hostile_files(data, tmp_path):
     marker = folder / f"{shards[0].name}.json"
     good = f'{{"version": 1, "identity": "{shards[0].identity}", "part": "", "rows": 3, "failures": 1}}'
     marker.write_text(good)
-    assert shard_done(cache, shards[0], everything) and not shard_done(cache, shards[0], Known())
+    assert unit_done(cache, shards[0], everything) and not unit_done(cache, shards[0], Known())
     for bad in ["{", "[]", good.replace('"rows": 3', '"rows": "3"'), good.replace('"part": ""', '"part": "../x"'),
                 good.replace(shards[0].identity, shards[1].identity), good + " " * 70000]:
         marker.write_text(bad)
-        assert read_marker(cache, shards[0].name) is None or not shard_done(cache, shards[0], everything)
+        assert read_marker(cache, shards[0].name) is None or not unit_done(cache, shards[0], everything)
     # a changed mtime is a new identity; the slices cover the folder once, in order
-    again = folder_shards(disc.root, disc.samples, str(disc.root), prov, 4)
+    again = cut_folder(disc.root, disc.samples, str(disc.root), prov, 4)
     assert [s.identity for s in again] == [s.identity for s in shards]
     assert [x for s in shards for x in s.samples] == disc.samples
     st = (data / "cat" / "0.jpg").stat()
     os.utime(data / "cat" / "0.jpg", ns=(st.st_atime_ns, st.st_mtime_ns + 1))
     try:
-        assert folder_shards(disc.root, disc.samples, str(disc.root), prov, 4)[0].identity != shards[0].identity
+        assert cut_folder(disc.root, disc.samples, str(disc.root), prov, 4)[0].identity != shards[0].identity
     finally:
         os.utime(data / "cat" / "0.jpg", ns=(st.st_atime_ns, st.st_mtime_ns))
     folder.rename(tmp_path / "elsewhere")

@@ -233,7 +233,7 @@ def test_workers_split_shards_and_samples_exactly_once(tmp_path, images):
     three = [make_tar(tmp_path / f"t{k}.tar", [(n, images[n]) for n in names[k::3]]) for k in range(3)]
     preset = CFG.resolve().preset
     for shards in (one, three):  # 1 shard: every worker reads it, decodes its share; 3: whole shards per worker
-        ds = tars.TarShards([str(s) for s in shards], ("center",), preset)
+        ds = tars.TarSamples([str(s) for s in shards], ("center",), preset)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
         items = list(loader)
         keys = sorted(ref.key for ref, x, _, _ in items if isinstance(ref, tars.Ref))
@@ -264,12 +264,12 @@ def test_resume_after_kill_skips_finished_shards(tmp_path, images):
     done = len(list(markers_dir(cache).glob("*.json")))
     assert 1 <= done < 4 and not cache.exists()
     seen: list[str] = []
-    real = tars.open_shard
+    real = tars.open_tar
     try:
-        tars.open_shard = lambda s: (seen.append(s), real(s))[1]
+        tars.open_tar = lambda s: (seen.append(s), real(s))[1]
         r = extract(pattern, cache, CFG)
     finally:
-        tars.open_shard = real
+        tars.open_tar = real
     assert len(seen) == 4 - done and str(tmp_path / "s-0.tar") not in seen  # finished shards are not re-read
     assert r.reused == 2 * done
     ref, got = read_index(tmp_path / "ref.h5"), read_index(cache)

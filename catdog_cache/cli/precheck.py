@@ -11,7 +11,7 @@ from ..backbone import check_device, get_backbone
 from ..errors import RAY_MISSING, CacheError, InputError
 from ..files import check_outputs
 from ..sources.folder import folder
-from ..sources.spec import is_shard_input, is_url, refuse_missing, remote_fs, resolve_inputs
+from ..sources.spec import is_tar_input, is_url, refuse_missing, remote_fs, resolve_inputs
 
 
 def extract_inputs(data_dir: str | Path, backbone: str | None, layer: str | None, device: str) -> None:
@@ -20,7 +20,7 @@ def extract_inputs(data_dir: str | Path, backbone: str | None, layer: str | None
     check_device(device)
     if backbone:  # None: appending takes the cache's own (settings.resolve_settings), checked there
         get_backbone(backbone, layer or None)  # a description: imports no model library (timm:NAME aside)
-    if is_shard_input(data_dir):
+    if is_tar_input(data_dir):
         urls = [s for s in resolve_inputs(data_dir) if is_url(s)]
         if urls:
             remote_fs(urls[0])
@@ -65,7 +65,7 @@ def head_file(path: Path) -> None:
 
 def score_input(data_dir: str | Path) -> None:
     """A folder, or tar shards that exist (local ones) with a backend for their URLs: the core's own checks."""
-    if is_shard_input(data_dir):
+    if is_tar_input(data_dir):
         shards = resolve_inputs(data_dir)
         refuse_missing(shards)
         urls = [s for s in shards if is_url(s)]

@@ -13,7 +13,7 @@ from ..errors import RAY_MISSING, InputError
 from ..extract.config import ExtractConfig, ExtractReport, Progress
 from ..extract.folder import extract_folder
 from ..extract.tars import extract_tars
-from ..sources.spec import is_shard_input
+from ..sources.spec import is_tar_input
 from .ray_folder import extract_ray_folder
 from .ray_pool import RayOptions
 from .ray_tars import extract_ray_tars
@@ -31,7 +31,7 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
     `classes` names what tar shards' `.cls` indexes mean (a folder's classes are its sub-folders); `only` and `model`
     are the local engine's (a subset of a folder's files; an already built backbone)."""
     cfg.check()
-    tars = is_shard_input(data_dir)
+    tars = is_tar_input(data_dir)
     if tars and (prune or only is not None):
         raise InputError(f"--prune works on folders; {data_dir} names tar shards")
     if not tars and classes is not None:

@@ -1,13 +1,12 @@
-"""extract --engine ray: one Ray task per input shard, run by a pool of actors that each hold the backbone.
+"""extract --engine ray over a folder: one Ray task per unit (a slice of the sorted file list), on an actor pool.
 
-The driver plans as a one-process extract does (same provenance checks against the cache and its parts), cuts the
-folder's sorted file list into input shards (shardwork), skips the shards whose done marker holds, and hands the
-rest to actors: one actor per GPU share (`num_gpus`, fractional allowed) or per `cpus_per_actor` CPUs. An actor
+The driver plans as a one-process extract does (extract/plan.py: provenance checks against the cache, the cache's
+classes), cuts the folder into units (folder_units.cut_folder), skips the units whose done marker holds, and hands the
+rest to actors (ray_pool.py): one per GPU share (`num_gpus`, fractional allowed) or per `cpus_per_actor` CPUs. An actor
 whose process dies is restarted by Ray (its backbone rebuilt) and its call retried, up to `max_retries` times; a
-retried shard writes a part of its own (shardwork.run_shard). When every shard is done the driver finishes the
-cache with extract's own `finish_run`: the parts, shards in the cache's shards folder, are listed in its index.
-Tar shards (WebDataset input) are units of work as they are: one task per tar shard (raytars.py).
-Nothing here imports Ray until a run asks for it; the Ray-free protocol is in shardwork."""
+retried unit writes a cache shard of its own (folder_units.run_unit). When every unit is done the driver finishes the
+cache with extract/finish.py: the units' shards are listed in the index. Nothing here imports Ray until a run asks
+for it."""
 
 from __future__ import annotations
 
@@ -25,11 +24,11 @@ from ..extract.config import ExtractConfig, Progress
 from ..extract.finish import finish_interrupted, finish_run
 from ..extract.folder import inputs
 from ..extract.folder_units import (
-    InputShard,
-    ShardResult,
-    folder_shards,
-    run_shard,
-    shard_done,
+    FolderUnit,
+    UnitResult,
+    cut_folder,
+    run_unit,
+    unit_done,
 )
 from ..extract.markers import marked, markers_dir, stale_markers
 from ..extract.plan import known_files, onto_cache_classes, removals
@@ -55,12 +54,12 @@ def extract_ray_folder(data_dir: str | os.PathLike[str], cache: str | os.PathLik
         had_cache = cache.exists()
         known = known_files(cache, prov, source)
         onto_cache_classes(disc, merge_classes(known.class_lists, str(cache)), cache)  # as the local engine
-        shards = folder_shards(disc.root, disc.samples, source, prov, opts.shard_size, disc.classes, disc.stat)
-        # --checksum: every shard runs, and its task hashes every known file
-        todo = [s for s in shards if checksum or not shard_done(cache, s, known)]
-        report.shards, report.shards_run = len(shards), len(todo)
-        skip = {s.index for s in shards} - {s.index for s in todo}
-        for s in (s for s in shards if s.index in skip):  # done: counted from the indexes, nothing read
+        units = cut_folder(disc.root, disc.samples, source, prov, opts.shard_size, disc.classes, disc.stat)
+        # --checksum: every unit runs, and its task hashes every known file
+        todo = [s for s in units if checksum or not unit_done(cache, s, known)]
+        report.shards, report.shards_run = len(units), len(todo)
+        skip = {s.index for s in units} - {s.index for s in todo}
+        for s in (s for s in units if s.index in skip):  # done: counted from the indexes, nothing read
             report.reused += len(s.samples)
             report.failed_before += [(x.rel, known.reasons[encode_path(x.rel)]) for x in s.samples
                                      if encode_path(x.rel) in known.reasons]
@@ -70,8 +69,8 @@ def extract_ray_folder(data_dir: str | os.PathLike[str], cache: str | os.PathLik
                 results = _run(require_ray(), todo, Path(source), cache, cfg, prov, source, known, opts, report,
                                progress, scan_ns, checksum)
             except KeyboardInterrupt:  # as the local engine: the done shards' parts listed, the folder marked partial
-                done = len(shards) - sum(not marked(cache, s.name, s.identity) for s in todo)
-                raise finish_interrupted(cache, prov, {source: True}, f"{done} of {len(shards)} input shards"
+                done = len(units) - sum(not marked(cache, s.name, s.identity) for s in todo)
+                raise finish_interrupted(cache, prov, {source: True}, f"{done} of {len(units)} units of the folder"
                                          ) from None
             for r in sorted(results, key=lambda r: r.index):
                 report.extracted += r.extracted
@@ -80,23 +79,23 @@ def extract_ray_folder(data_dir: str | os.PathLike[str], cache: str | os.PathLik
                 report.failed += r.failed
                 report.failed_before += r.failed_before
         # the markers, not the tasks' return values, say what is finished (with the sharded cache: the index is
-        # written from them); a shard without its marker is never finished over
+        # written from them); a unit without its marker is never finished over
         missing = [s for s in todo if not marked(cache, s.name, s.identity)]
         if missing:
-            raise CatdogError(f"input shard {missing[0].index} reported done but has no marker in "
+            raise CatdogError(f"unit {missing[0].index} of the folder reported done but has no marker in "
                               f"{markers_dir(cache)}; nothing was finished: run extract again")
         order = {x.rel: i for i, x in enumerate(disc.samples)}
         report.failed_before.sort(key=lambda f: order[f[0]])  # in the folder's order, as one process lists them
         report.rows = finish_run(cache, prov, report, [x for s in todo for x in s.samples], drop, strict, had_cache,
                               data_dir, {source: False})
-        prefix = shards[0].name.rsplit("-", 1)[0]
-        for stale in stale_markers(cache, prefix, {s.name for s in shards}):
+        prefix = units[0].name.rsplit("-", 1)[0]
+        for stale in stale_markers(cache, prefix, {s.name for s in units}):
             stale.unlink(missing_ok=True)
     report.seconds = time.perf_counter() - t0
     return report
 
 
-class ShardExtractor:
+class FolderActor:
     """A Ray actor's state: the backbone, built once per actor process (again after a restart)."""
 
     def __init__(self, cfg: ExtractConfig, prov: Provenance, root: str, cache: str, source: str, run_id: str,
@@ -107,37 +106,37 @@ class ShardExtractor:
         self.kill_hook, self.scan_ns, self.checksum = kill_hook, scan_ns, checksum
         self.model: torch.nn.Module | None = None
 
-    def run(self, shard: InputShard, known: Recorded, reasons: dict[bytes, str]) -> ShardResult:
+    def run(self, unit: FolderUnit, known: Recorded, reasons: dict[bytes, str]) -> UnitResult:
         if self.model is None:
             # this node's backbone must be the driver's (same weights file content, same plugin version)
             require_same(self.cfg.provenance(), self.prov, "this Ray worker's backbone", "the driver's")
             self.model = self.cfg.resolve().build(self.cfg.weights)
         delay = float(os.environ.get("CATDOG_BATCH_DELAY", "0"))  # test hook, as the tar runner's: a slower shard
-        time.sleep(delay * -(-len(shard.samples) // self.cfg.batch_size))  # one delay per batch, as one process
-        return run_shard(shard, self.root, self.cache, self.cfg, self.prov, self.source, self.run_id, known,
+        time.sleep(delay * -(-len(unit.samples) // self.cfg.batch_size))  # one delay per batch, as one process
+        return run_unit(unit, self.root, self.cache, self.cfg, self.prov, self.source, self.run_id, known,
                          reasons, self.model, self.kill_hook, self.scan_ns, self.checksum)
 
 
-def _run(ray: Any, shards: list[InputShard], root: Path, cache: Path, cfg: ExtractConfig, prov: Provenance,
+def _run(ray: Any, units: list[FolderUnit], root: Path, cache: Path, cfg: ExtractConfig, prov: Provenance,
          source: str, known: Any, opts: RayOptions, report: RayReport, progress: Progress | None,
-         scan_ns: int = 0, checksum: bool = False) -> list[ShardResult]:
+         scan_ns: int = 0, checksum: bool = False) -> list[UnitResult]:
     started = connect(ray, opts.address)
     try:
-        per_gpu, n, workers, threads = resources_for(ray, cfg, opts, len(shards))
+        per_gpu, n, workers, threads = resources_for(ray, cfg, opts, len(units))
         actor = ray.remote(num_cpus=opts.cpus_per_actor, num_gpus=per_gpu, max_restarts=opts.max_retries,
-                           max_task_retries=opts.max_retries)(ShardExtractor)
+                           max_task_retries=opts.max_retries)(FolderActor)
         run_id = f"{time.time_ns():020d}-ray"
         pool = [actor.remote(cfg, prov, str(root), str(cache), source, run_id, workers, threads,
                              os.environ.get(KILL_HOOK, ""), scan_ns, checksum) for _ in range(n)]
         report.actors = n
 
-        def call(a: Any, s: InputShard) -> Any:
+        def call(a: Any, s: FolderUnit) -> Any:
             keys = [encode_path(x.rel) for x in s.samples]
-            mine = known.files.subset(keys)  # this shard's files only: what goes over the wire
+            mine = known.files.subset(keys)  # this unit's files only: what goes over the wire
             why = {k: known.reasons[k] for k in keys if k in known.reasons}
             return a.run.remote(s, mine, why)
 
-        return schedule(ray, pool, shards, call, lambda s: f"input shard {s.index} (from {s.samples[0].rel!r})",
+        return schedule(ray, pool, units, call, lambda s: f"unit {s.index} of the folder (from {s.samples[0].rel!r})",
                          lambda s: len(s.samples), progress)
     finally:
         if started:

@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import RAY_MISSING, CatdogError, InputError
 from ..extract.config import ExtractConfig, ExtractReport, Progress
 
-KILL_HOOK = "CATDOG_RAY_KILL"  # test hook: "<shard index>:<stage>:<flag file>[,...]" (shardwork.maybe_die)
+KILL_HOOK = "CATDOG_RAY_KILL"  # test hook: "<shard index>:<stage>:<flag file>[,...]" (folder_units.maybe_die)
 
 
 @dataclass(frozen=True)

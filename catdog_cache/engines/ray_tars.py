@@ -1,11 +1,11 @@
-"""extract --engine ray over WebDataset tar shards: one Ray task per tar shard, on engine_ray's actor pool.
+"""extract --engine ray over WebDataset tars: one Ray task per tar, on ray_pool's actor pool.
 
-A tar shard is already the unit of work, retry and resume (tarextract: its parts, then its done marker in
-`<cache>.inputs/`), so the driver plans exactly as the local engine does (tarextract.plan_tars: provenance, markers, the
-cache's classes), hands each unfinished shard to an actor holding the backbone, and finishes the index from the
-markers with extract's own `finish_run`. A retried shard writes parts of its own (a fresh run id per attempt); rows a
-killed attempt saved are superseded by the retry's (later parts win), never read twice. The shards are read where
-they are (local paths the workers share, or fsspec URLs); the cache must be on a file system every node shares."""
+A tar is already the unit of work, retry and resume (tar_units.py: its cache shards, then its done marker), so the
+driver plans exactly as the local engine does (plan.plan_tars: provenance, markers, the cache's classes), hands each
+unfinished tar to an actor holding the backbone, and finishes the index from the markers with extract/finish.py. A
+retried tar writes shards of its own (a fresh run id per attempt); rows a killed attempt saved are superseded by the
+retry's (later shards win), never read twice. The tars are read where they are (local paths the workers share, or
+fsspec URLs); the cache must be on a file system every node shares."""
 
 from __future__ import annotations
 
@@ -25,13 +25,13 @@ from ..extract.finish import finish_interrupted, finish_run, lock_once
 from ..extract.folder_units import maybe_die
 from ..extract.markers import markers_dir, matching_tar_marker
 from ..extract.plan import plan_tars, tar_classes
-from ..extract.tar_units import ShardResult, extract_tar_list
+from ..extract.tar_units import TarResult, extract_tar_list
 from ..extract.tars import failure_name, outcome, refuse_nothing_read, tally, unfinished
 from ..sources.spec import Identity, resolve_inputs
 from .ray_pool import KILL_HOOK, RayReport, connect, require_ray, resources_for, schedule
 
 
-class TarExtractor:
+class TarActor:
     """A Ray actor's state: the backbone, built once per actor process (again after a restart)."""
 
     def __init__(self, cfg: ExtractConfig, prov: Provenance, cache: str, workers: int, threads: int,
@@ -41,7 +41,7 @@ class TarExtractor:
         self.prov, self.cache, self.classes, self.kill_hook = prov, Path(cache), classes, kill_hook
         self.model: torch.nn.Module | None = None
 
-    def run(self, index: int, source: str, ident: Identity, track: bool) -> ShardResult:
+    def run(self, index: int, source: str, ident: Identity, track: bool) -> TarResult:
         if self.model is None:
             # this node's backbone must be the driver's (same weights file content, same plugin version)
             require_same(self.cfg.provenance(), self.prov, "this Ray worker's backbone", "the driver's")
@@ -71,7 +71,7 @@ def extract_ray_tars(spec: str | os.PathLike[str], cache: str | os.PathLike[str]
         todo, idents, held, have = plan_tars(shards, cache, prov, report)
         names = tar_classes(classes, have, cache)
         report.shards, report.shards_run = len(shards), len(todo)
-        results: list[ShardResult] = []
+        results: list[TarResult] = []
         if todo:
             try:
                 results = _run(require_ray(), shards, todo, idents, held, cache, cfg, prov, names, opts, report,
@@ -96,13 +96,13 @@ def extract_ray_tars(spec: str | os.PathLike[str], cache: str | os.PathLike[str]
 
 def _run(ray: Any, shards: list[str], todo: list[int], idents: list[Identity], held: dict[str, set[bytes]],
          cache: Path, cfg: ExtractConfig, prov: Provenance, names: tuple[str, ...], opts: Any, report: RayReport,
-         progress: Progress | None) -> list[ShardResult]:
+         progress: Progress | None) -> list[TarResult]:
     """The shards `todo` (indexes into `shards`) on a pool of actors, one task each."""
     started = connect(ray, opts.address)
     try:
         per_gpu, n, workers, threads = resources_for(ray, cfg, opts, len(todo))
         actor = ray.remote(num_cpus=opts.cpus_per_actor, num_gpus=per_gpu, max_restarts=opts.max_retries,
-                           max_task_retries=opts.max_retries)(TarExtractor)
+                           max_task_retries=opts.max_retries)(TarActor)
         pool = [actor.remote(cfg, prov, str(cache), workers, threads, names,
                              os.environ.get(KILL_HOOK, "")) for _ in range(n)]
         report.actors = n

@@ -25,8 +25,8 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    def shard(self, items: list[T]) -> list[T]:
-        """A contiguous, balanced slice of the sorted list: sizes differ by at most one."""
+    def share(self, items: list[T]) -> list[T]:
+        """This rank's share: a contiguous, balanced slice of the sorted list (sizes differ by at most one)."""
         base, extra = divmod(len(items), self.world)
         start = self.rank * base + min(self.rank, extra)
         return items[start : start + base + (self.rank < extra)]

@@ -67,7 +67,7 @@ def extract_folder(data_dir: str | os.PathLike[str], cache: str | os.PathLike[st
         if plan.refresh is not None and (dist is None or dist.main):  # a shard older than this run's rows
             write_part(cache, f"part-{scan_ns:020d}-{os.getpid()}-refresh", prov, source, Rows(refresh=plan.refresh),
                        versions(), plan.shape, cfg.weights.path, disc.classes, scan_ns)
-        mine = dist.shard(plan.todo) if dist else plan.todo  # each rank a contiguous slice; parts are its resume units
+        mine = dist.share(plan.todo) if dist else plan.todo  # each rank a contiguous slice; parts are its resume units
         try:
             if mine:
                 assert disc.stat is not None

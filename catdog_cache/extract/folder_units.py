@@ -1,17 +1,13 @@
-"""The per-shard protocol of a distributed extract (engine_ray; any engine that retries tasks can use it).
+"""A folder's units for a distributed extract (engines/ray_folder.py; any engine that retries tasks can use them).
 
-An input shard is a slice of a folder's sorted file list (a tar shard is meant to be another kind of unit): its
-identity is a digest of what it holds (each file's path, label, size and mtime, the source and the provenance), so
-an added, removed or changed file gives its shard a new identity. A task extracts its shard's new or changed files
-with extract's own pipeline (run_features, rows_of, save_part), writes them as ONE crash-safe part (a shard of the
-cache, in its shards folder) named for the run, the shard and the attempt, and writes the shard's done marker last.
-A shard is done when its marker carries its identity, its part (if still there) holds the rows the marker counts,
-and every one of its files is a row or a failure record of the cache or its parts: a rerun skips it without reading
-a byte of its images. The cache keeps one row per (source, path), the later shard's, so even a task run twice
-cannot duplicate a row.
-
-Markers live in `<cache>.done/<shard name>.json`; they are small and read as hostile input (bounded, checked,
-anything odd means "not done", so the shard is simply redone)."""
+A unit is a slice of a folder's sorted file list: its identity is a digest of what it holds (each file's path, label,
+size and mtime, the source and the provenance), so an added, removed or changed file gives its unit a new identity.
+A task extracts its unit's new or changed files with extract's own pipeline (run_features, rows_of, save_part),
+writes them as ONE cache shard named for the run, the unit and the attempt, and writes the unit's done marker last
+(extract/markers.py). A unit is done when its marker carries its identity, its cache shard (if still there) holds the
+rows the marker counts, and every one of its files is a row or a failure record of the cache: a rerun skips it
+without reading a byte of its images. The cache keeps one row per (source, path), the later shard's, so even a task
+run twice cannot duplicate a row."""
 
 from __future__ import annotations
 
@@ -41,12 +37,12 @@ from .rerun import verdicts
 
 
 @dataclass(frozen=True)
-class InputShard:
+class FolderUnit:
     """One unit of input and of resume: today a slice of a folder's sorted file list."""
 
     index: int
     name: str  # the marker's (and the part's) name: kind, source digest, index
-    identity: str  # sha256 of what the shard holds (see folder_shards)
+    identity: str  # sha256 of what the shard holds (see cut_folder)
     samples: tuple[Sample, ...]
     classes: tuple[str, ...] = ()  # what the labels index (the cache's classes; empty when unlabeled)
     # [len(samples), 4] int64: the driver's walk's stats of the samples (rerun.py decides known files by them);
@@ -55,7 +51,7 @@ class InputShard:
 
 
 @dataclass
-class ShardResult:
+class UnitResult:
     """What one task did, for the driver's report."""
 
     index: int
@@ -67,11 +63,11 @@ class ShardResult:
     part: str = ""
 
 
-def folder_shards(root: Path, samples: list[Sample], source: str, prov: Provenance, size: int,
-                  classes: tuple[str, ...] = (), stat: Any = None) -> list[InputShard]:
+def cut_folder(root: Path, samples: list[Sample], source: str, prov: Provenance, size: int,
+                  classes: tuple[str, ...] = (), stat: Any = None) -> list[FolderUnit]:
     """The sorted samples in slices of `size` files. Costs one stat per file, never a read."""
     prefix = "files-" + hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    shards = []
+    units = []
     for i, start in enumerate(range(0, len(samples), size)):
         chunk = tuple(samples[start : start + size])
         listing = []
@@ -83,17 +79,17 @@ def folder_shards(root: Path, samples: list[Sample], source: str, prov: Provenan
                 listing.append([s.rel, s.label, -1, -1])
         text = json.dumps([MARKER_VERSION, source, prov.to_json(), listing]  # ensure_ascii: any path encodes
                           + ([list(classes)] if classes else []))  # cat/dog-era markers keep their identity
-        shards.append(InputShard(i, f"{prefix}-{i:06d}", hashlib.sha256(text.encode()).hexdigest(), chunk, classes,
+        units.append(FolderUnit(i, f"{prefix}-{i:06d}", hashlib.sha256(text.encode()).hexdigest(), chunk, classes,
                                  stat[start : start + size] if stat is not None else None))
-    return shards
+    return units
 
 
-def shard_done(cache: Path, shard: InputShard, known: Known) -> bool:
+def unit_done(cache: Path, unit: FolderUnit, known: Known) -> bool:
     """Marker with this identity, its part (while not yet assembled) intact, every file recorded somewhere."""
-    marker = read_marker(cache, shard.name)
-    if marker is None or marker.identity != shard.identity:
+    marker = read_marker(cache, unit.name)
+    if marker is None or marker.identity != unit.identity:
         return False
-    if not all(encode_path(s.rel) in known.recorded for s in shard.samples):
+    if not all(encode_path(s.rel) in known.recorded for s in unit.samples):
         return False
     if not marker.part:
         return True
@@ -112,28 +108,28 @@ def shard_done(cache: Path, shard: InputShard, known: Known) -> bool:
     return True
 
 
-def run_shard(shard: InputShard, root: Path, cache: Path, cfg: ExtractConfig, prov: Provenance, source: str,
+def run_unit(unit: FolderUnit, root: Path, cache: Path, cfg: ExtractConfig, prov: Provenance, source: str,
               run_id: str, known: Recorded, reasons: dict[bytes, str], model: torch.nn.Module | None = None,
-              kill_hook: str = "", scan_ns: int = 0, checksum: bool = False) -> ShardResult:
+              kill_hook: str = "", scan_ns: int = 0, checksum: bool = False) -> UnitResult:
     """Extract one input shard: decide the files the cache already knows by extract's rule (rerun.py: by stat, else
     by hash; unchanged ones are reused), extract the rest, write them (and the refresh records of files found
     unchanged by hashing) as one part, then the marker. `known`/`reasons` need only hold this shard's files;
     `scan_ns`: when the driver's walk started."""
-    result = ShardResult(shard.index)
-    disc = Discovery.of(root, "", list(shard.samples), stat=shard.stat)
-    keys = [encode_path(s.rel) for s in shard.samples]
+    result = UnitResult(unit.index)
+    disc = Discovery.of(root, "", list(unit.samples), stat=unit.stat)
+    keys = [encode_path(s.rel) for s in unit.samples]
     found = verdicts(disc, known, [i for i, k in enumerate(keys) if k in known], scan_ns, checksum, keys=keys)
     result.reused, result.hashed = len(found.unchanged), found.hashed
     result.failed_before = [(disc.samples[i].rel, reasons[keys[i]]) for i in sorted(found.unchanged)
                             if keys[i] in reasons]
     mine = [i for i in range(len(keys)) if i not in found.unchanged]
-    todo: list[Sample] = [shard.samples[i] for i in mine]
+    todo: list[Sample] = [unit.samples[i] for i in mine]
     batches = []
     for n, batch in enumerate(run_features(root, [s.rel for s in todo], cfg, model)):
         batches.append(batch)
         if n == 0:
-            maybe_die(kill_hook, shard.index, "batch")
-    rows = rows_of(batches, todo, shard.stat[mine] if shard.stat is not None else None)
+            maybe_die(kill_hook, unit.index, "batch")
+    rows = rows_of(batches, todo, unit.stat[mine] if unit.stat is not None else None)
     rows.refresh = refresh_records(found, keys, known) if found.refresh else None
     result.extracted = len(rows.paths)
     result.failed = [(os.fsdecode(p), why) for p, why in zip(rows.failed_paths, rows.failed_reasons, strict=True)]
@@ -143,11 +139,11 @@ def run_shard(shard: InputShard, root: Path, cache: Path, cfg: ExtractConfig, pr
         # one name per shard that would change a listed shard under the index (every reader then refuses the
         # cache). Two attempts' parts hold the same files: the later name sorts later and its rows win, the other's
         # are superseded rows (no duplicate in any read; `compact` reclaims them). The marker names this attempt's.
-        result.part = f"part-{run_id}-{shard.name}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
-        save_part(cache, result.part, cfg, prov, source, rows, versions(), shard.classes, scan_ns)
-    marker = Marker(shard.name, shard.identity, len(rows.paths), len(rows.failed_paths), "files", source,
+        result.part = f"part-{run_id}-{unit.name}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        save_part(cache, result.part, cfg, prov, source, rows, versions(), unit.classes, scan_ns)
+    marker = Marker(unit.name, unit.identity, len(rows.paths), len(rows.failed_paths), "files", source,
                     result.part, run_id)
-    maybe_die(kill_hook, shard.index, "marker")
+    maybe_die(kill_hook, unit.index, "marker")
     write_marker(cache, marker)  # last: the unit is done
     return result
 

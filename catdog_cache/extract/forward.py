@@ -44,7 +44,7 @@ def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.n
 
 def run_dataset(dataset: torch.utils.data.Dataset, total: int, workers: int, cfg: ExtractConfig,
                 model: torch.nn.Module, preset: Preset, progress: Progress | None = None) -> Iterator[Batch]:
-    """run_features on any dataset of ImageFiles' items (a map-style one, or tars.TarShards); `total` for progress."""
+    """run_features on any dataset of ImageFiles' items (a map-style one, or tars.TarSamples); `total` for progress."""
     device = resolve_device(cfg.device)  # under torchrun, "cuda" is this rank's GPU (distributed.from_env)
     cuda = device.type == "cuda"
     if cuda:

@@ -32,7 +32,7 @@ from ..errors import InputError, ProvenanceMismatch
 from ..files import plural, printable
 from ..sources.decode import decoder_of
 from ..sources.folder import UNLABELED, Discovery, discover
-from ..sources.spec import Identity, identity, is_shard_input, refuse_missing, resolve_inputs
+from ..sources.spec import Identity, identity, is_tar_input, refuse_missing, resolve_inputs
 from ..sources.tars import UNREADABLE
 from .config import ExtractReport, Progress
 from .markers import Marker, clear_temps, matching_tar_marker
@@ -149,7 +149,7 @@ def folder_verdicts(disc: Discovery, k: Known, keys: list[bytes], scan_ns: int =
     # differ for surrogate-escaped names, and a cache grown over several runs lists its parts' rows in turn.
     aligned = keys == k.files.paths
     candidates = range(len(keys)) if aligned else [i for i, key in enumerate(keys) if key in k.files]
-    found = verdicts(disc, k.files, dist.shard(candidates) if dist else candidates, scan_ns, checksum, progress, keys,
+    found = verdicts(disc, k.files, dist.share(candidates) if dist else candidates, scan_ns, checksum, progress, keys,
                      aligned)
     if dist:
         shared = dist.gather((found.unchanged, found.refresh, found.hashed))
@@ -306,7 +306,7 @@ def pending(data: str | os.PathLike[str], cache: Path, prov: Provenance, progres
         return Pending(other="no cache yet")
     if parts and list_parts(cache, clean=False):  # shards not yet in the index: extract lists them
         return Pending(other="saved parts wait for assembly")
-    if disc is None and shards is None and is_shard_input(data):
+    if disc is None and shards is None and is_tar_input(data):
         shards = resolve_inputs(data)
     try:
         if shards is not None:

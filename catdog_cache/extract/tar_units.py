@@ -1,10 +1,11 @@
-"""Runner for tar-shard input: which shards are done -> extract the others into parts -> done markers -> the index.
+"""A tar's work: its samples streamed (sources/tars.py), decoded and run through the backbone, its rows written as
+cache shards (one source per shard, every `part_rows` rows), then its done marker (extract/markers.py).
 
-A row's source is its shard (absolute local path or URL) and its path the sample's key. A shard is the resume unit:
-when its last part is on disk, a done marker `<cache>.inputs/<hash>.json` records its identity (size + mtime_ns, or
-size + ETag/mtime for a URL; see shards.Identity); a rerun skips a shard whose marker matches without opening it.
-A shard cut short by a kill has no marker and is read again; its new rows supersede those saved before (later
-parts win), and when a changed shard is redone, keys it no longer holds are dropped."""
+A row's source is its tar (absolute local path or URL) and its path the sample's key. A tar is the resume unit: when
+its last shard is on disk, the marker records its identity (size + mtime_ns, or size + ETag/mtime for a URL, digested
+with the provenance); a rerun skips a tar whose marker matches without opening it. A tar cut short by a kill has no
+marker and is read again; its new rows supersede those saved before (later shards win), and when a changed tar is
+redone, keys it no longer holds are dropped."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from ..cache import (
 )
 from ..cache.format import CAT_DOG
 from ..sources.spec import Identity
-from ..sources.tars import End, TarShards
+from ..sources.tars import End, TarSamples
 from .config import PART_SECONDS, ExtractConfig, Progress, versions
 from .forward import run_dataset
 from .loader import Batch, PartWriter, default_workers
@@ -33,7 +34,7 @@ from .markers import Marker, tar_identity, tar_unit, write_marker
 
 
 @dataclass
-class ShardResult:
+class TarResult:
     """One shard's outcome in this run: rows and failure records written, and whether it is done (marked)."""
 
     source: str
@@ -44,7 +45,7 @@ class ShardResult:
     keys: set[bytes] = field(default_factory=set)  # every key seen (kept only when asked: stale-key dropping)
 
 
-class _Shards:
+class _TarRows:
     """Writer-thread state: batches routed into per-shard rows, a part written per shard every `part_rows` rows
     (a part holds one source), and a shard's marker written once its last part is on disk."""
 
@@ -55,7 +56,7 @@ class _Shards:
             track
         self.classes = classes
         self.after_part = after_part  # a Ray actor's test hook: dies between a part and the shard's marker
-        self.results = [ShardResult(s) for s in sources]
+        self.results = [TarResult(s) for s in sources]
         self.rows: dict[int, Rows] = {}
         self.ends: dict[int, int] = {}
         self.run_id = f"{time.time_ns():020d}-{os.getpid()}{tag}"
@@ -134,7 +135,7 @@ def extract_tar_list(sources: list[str], idents: list[Identity], cache: Path, cf
                        progress: Progress | None = None, model: torch.nn.Module | None = None,
                        preset: Preset | None = None, track: set[int] = frozenset(), tag: str = "",
                        classes: Sequence[str] = CAT_DOG, after_part: Callable[[], None] | None = None
-                       ) -> list[ShardResult]:
+                       ) -> list[TarResult]:
     """Read these shards (streamed, decoded in loader workers) into parts next to `cache`, and write the done
     marker of each shard read to its end. No lock, no index: the caller holds the cache's lock and lists the parts
     (extract_tars), or runs this as one task per shard and merges afterwards (e.g. a Ray engine). Rerunning a
@@ -146,13 +147,13 @@ def extract_tar_list(sources: list[str], idents: list[Identity], cache: Path, cf
         backbone = cfg.resolve()
         model = model if model is not None else backbone.build(cfg.weights)
         preset = backbone.preset
-    state = _Shards(sources, idents, cache, cfg, prov, set(track), tag, tuple(classes), after_part)
+    state = _TarRows(sources, idents, cache, cfg, prov, set(track), tag, tuple(classes), after_part)
     workers = cfg.workers if cfg.workers >= 0 else default_tar_workers(idents)
     delay = float(os.environ.get("CATDOG_BATCH_DELAY", "0"))  # test hook: slow a run down to kill it midway
     writer = PartWriter(state.write, cfg.part_rows, PART_SECONDS)
     ended: dict[int, int] = {}
     try:
-        dataset = TarShards(sources, cfg.views, preset, cfg.decoder, classes)
+        dataset = TarSamples(sources, cfg.views, preset, cfg.decoder, classes)
         for batch in run_dataset(dataset, 0, workers, cfg, model, preset):
             writer.put(batch)
             for ref, _, _ in batch[3]:

@@ -25,7 +25,7 @@ from .config import ExtractConfig, ExtractReport, Progress
 from .finish import finish_interrupted, finish_run, lock_once, no_rows, raise_shared
 from .markers import matching_tar_marker
 from .plan import plan_tars, tar_classes
-from .tar_units import ShardResult, extract_tar_list
+from .tar_units import TarResult, extract_tar_list
 
 
 def extract_tars(spec: str | os.PathLike[str] | list[str], cache: str | os.PathLike[str], cfg: ExtractConfig,
@@ -48,9 +48,9 @@ def extract_tars(spec: str | os.PathLike[str] | list[str], cache: str | os.PathL
         names = tar_classes(classes, have, cache)
         if dist:
             dist.barrier()
-        mine = dist.shard(todo) if dist else todo  # whole shards per rank
+        mine = dist.share(todo) if dist else todo  # whole shards per rank
         tag = f"-r{dist.rank:04d}" if dist else ""
-        results: list[ShardResult] = []
+        results: list[TarResult] = []
         track = {k for k, i in enumerate(mine) if shards[i] in held}
         try:
             if mine:
@@ -90,7 +90,7 @@ def unfinished(cache: Path, prov: Provenance, sources: list[str], idents: list[I
 Outcome = tuple[str, int, list[tuple[str, str]], str, list[bytes]]  # source, rows, failures, error, stale keys
 
 
-def outcome(r: ShardResult, held: dict[str, set[bytes]]) -> Outcome:
+def outcome(r: TarResult, held: dict[str, set[bytes]]) -> Outcome:
     """A shard's result as the driver (or rank 0) needs it; stale: keys the cache held that a redone shard lacks."""
     return r.source, r.rows, r.failed, r.error, sorted(held[r.source] - r.keys) if r.done and r.source in held else []
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..files import plural
 from ..sources.folder import Discovery, discover
-from ..sources.spec import TAR_SUFFIXES, is_shard_input, is_url, refuse_missing, resolve_inputs
+from ..sources.spec import TAR_SUFFIXES, is_tar_input, is_url, refuse_missing, resolve_inputs
 
 
 @dataclass
@@ -76,7 +76,7 @@ def score_input(data: str | os.PathLike[str] | ScoreInput | Discovery) -> ScoreI
     if isinstance(data, Discovery):
         return ScoreInput(str(data.root), None, data)
     spec = os.fspath(data)
-    if is_shard_input(spec):
+    if is_tar_input(spec):
         shards = resolve_inputs(spec)
         refuse_missing(shards)
         return ScoreInput(spec, shards)

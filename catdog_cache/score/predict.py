@@ -167,17 +167,17 @@ def _score_images(loaded: Loaded, disc: Discovery, views: tuple[str, ...], devic
 def _score_tar_images(loaded: Loaded, inp: ScoreInput, views: tuple[str, ...], device: str, batch_size: int,
                       workers: int, progress: Progress | None) -> Scored:
     """--model on tar shards: the exported scorer on each sample, streamed from the shards as extract reads them
-    (tars.TarShards); `.cls` indexes the model's classes. Rows in the order the cache route gives: shards as
+    (tars.TarSamples); `.cls` indexes the model's classes. Rows in the order the cache route gives: shards as
     listed, samples by key."""
     from ..extract.tar_units import default_tar_workers
     from ..sources.spec import Identity, identity
-    from ..sources.tars import End, TarShards
+    from ..sources.tars import End, TarSamples
 
     assert inp.shards is not None
     cfg = loaded.config(device, batch_size, workers, views=views)
     cfg.check()
     preset = Preset.from_spec(loaded.provenance.transform)  # the export's own record, not today's plugin
-    dataset = TarShards(inp.shards, cfg.views, preset, cfg.decoder, tuple(loaded.classes))
+    dataset = TarSamples(inp.shards, cfg.views, preset, cfg.decoder, tuple(loaded.classes))
 
     def size(source: str) -> Identity:
         try:

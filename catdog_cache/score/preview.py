@@ -15,7 +15,7 @@ from ..extract.config import Progress
 from ..files import as_paths, check_outputs, printable, read_regular, same_file
 from ..fit import split
 from ..sources.decode import MAX_FILE_BYTES, DecodeError, decode_rgb
-from ..sources.spec import open_shard
+from ..sources.spec import open_tar
 from ..sources.tars import read_samples
 from .features import cached_features
 from .inputs import ScoreInput, folder_samples, score_input
@@ -71,7 +71,7 @@ def picture_bytes(inp: ScoreInput, scored: Scored, picks: list[int]) -> dict[int
         wanted.setdefault(scored.sources[i], {})[scored.keys[i]] = i
     for source, keys in wanted.items():
         try:
-            with open_shard(source) as fh:
+            with open_tar(source) as fh:
                 for sample in read_samples(fh):
                     i = keys.pop(sample.key, None)
                     if i is not None and sample.data is not None and not sample.reason:

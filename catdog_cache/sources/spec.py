@@ -33,7 +33,7 @@ def is_url(text: str) -> bool:
     return bool(_URL.match(text))
 
 
-def is_shard_input(spec: str | os.PathLike[str]) -> bool:
+def is_tar_input(spec: str | os.PathLike[str]) -> bool:
     """Whether `extract` should read `spec` as tar shards (a URL, a pattern, a tar, a listing) rather than a folder."""
     text = os.fspath(spec)
     if is_url(text):
@@ -208,7 +208,7 @@ def identity(source: str) -> Identity:
 
 
 @contextlib.contextmanager
-def open_shard(source: str) -> Iterator[IO[bytes]]:
+def open_tar(source: str) -> Iterator[IO[bytes]]:
     """A shard as a binary stream, read front to back. A local one is opened non-blocking and checked to be a
     regular file on the open descriptor (a FIFO named x.tar cannot hang the run)."""
     if is_url(source):

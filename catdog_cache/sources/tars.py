@@ -25,7 +25,7 @@ from ..errors import InputError
 from ..extract.loader import ImageFiles
 from .decode import MAX_FILE_BYTES
 from .folder import UNLABELED
-from .spec import open_shard
+from .spec import open_tar
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_HEADER_BYTES = 64 * 2**10  # a GNU long name or pax header larger than this is refused, never allocated
@@ -180,7 +180,7 @@ class End(NamedTuple):
     error: str = ""
 
 
-class TarShards(torch.utils.data.IterableDataset):
+class TarSamples(torch.utils.data.IterableDataset):
     """Shards -> (Ref, views or None, sha256, reason) items as ImageFiles gives them, then one End per shard and
     reader. With at least as many shards as workers each worker reads whole shards (worker w: shards w, w+W, ...);
     with fewer, every worker streams every shard and decodes every W-th sample, so decoding stays parallel."""
@@ -207,7 +207,7 @@ class TarShards(torch.utils.data.IterableDataset):
 
     def _shard(self, i: int, owns: Callable[[int], bool], readers: int) -> Iterator[tuple[Any, Any, str, str]]:
         try:
-            with open_shard(self.shards[i]) as fh:
+            with open_tar(self.shards[i]) as fh:
                 for s in read_samples(fh, owns, self.classes):
                     label = s.label if s.label is not None else key_label(s.key, self.classes)
                     ref = Ref(i, s.key, label)
