@@ -39,7 +39,8 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
                          "sub-folders: leave --classes out")
     if engine == "local":
         if tars:
-            return extract_tars(data_dir, cache, cfg, progress=progress, strict=strict, model=model, classes=classes)
+            return extract_tars(data_dir, cache, cfg, progress=progress, strict=strict, model=model, classes=classes,
+                                checksum=checksum)
         return extract_folder(data_dir, cache, cfg, progress, prune, strict, only, model, checksum)
     if engine != "ray":
         raise InputError(f"--engine: expected {' or '.join(ENGINES)}, got {engine!r}")
@@ -48,5 +49,5 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
     if importlib.util.find_spec("ray") is None:  # imported only when a unit needs running (about a second)
         raise InputError(RAY_MISSING)
     if tars:
-        return extract_ray_tars(data_dir, cache, cfg, opts, progress, strict, classes)
+        return extract_ray_tars(data_dir, cache, cfg, opts, progress, strict, classes, checksum)
     return extract_ray_folder(data_dir, cache, cfg, opts, progress, prune, strict, checksum)

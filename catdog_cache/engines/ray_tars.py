@@ -56,7 +56,7 @@ class TarActor:
 
 def extract_ray_tars(spec: str | os.PathLike[str], cache: str | os.PathLike[str], cfg: ExtractConfig, opts: Any,
                      progress: Progress | None = None, strict: bool = False,
-                     classes: Sequence[str] | None = None) -> Any:
+                     classes: Sequence[str] | None = None, checksum: bool = False) -> Any:
     """`extract --engine ray` for tar shards: every shard the input names that the cache has not read as it is now,
     one task each; a rerun whose shards are all done starts no Ray."""
 
@@ -68,7 +68,7 @@ def extract_ray_tars(spec: str | os.PathLike[str], cache: str | os.PathLike[str]
     report = RayReport(cache=spelled, found=0, layout="webdataset")
     with lock_once(cache, None):  # the driver holds the lock for the run; its tasks write parts and markers only
         had_cache = cache.exists()
-        todo, idents, held, have = plan_tars(shards, cache, prov, report)
+        todo, idents, held, have = plan_tars(shards, cache, prov, report, checksum)
         names = tar_classes(classes, have, cache)
         report.shards, report.shards_run = len(shards), len(todo)
         results: list[TarResult] = []

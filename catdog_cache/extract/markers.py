@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..cache import Provenance
+from ..cache.format import RACY_NS
 from ..errors import CacheError
 from ..files import read_regular, write_atomic
 from ..sources.spec import Identity
@@ -116,6 +118,18 @@ def marked(cache: Path, unit: str, identity: str) -> bool:
     """Whether the unit's marker is there and carries this identity (the unit is done as it is now)."""
     marker = read_marker(cache, unit)
     return marker is not None and marker.identity == identity
+
+
+def racy(cache: Path, unit: str, changed_ns: int) -> bool:
+    """Whether the unit's marker was written within RACY_NS of `changed_ns` (its input's mtime), or cannot be dated:
+    then it cannot prove the input unchanged (a rewrite in the same timestamp tick keeps size and mtime)."""
+    for folder in (markers_dir(cache), legacy_tar_dir(cache)):
+        name = f"{unit}.json" if folder == markers_dir(cache) else f"{unit.removeprefix('tar-')}.json"
+        try:
+            return os.lstat(folder / name).st_mtime_ns - changed_ns < RACY_NS
+        except OSError:
+            continue
+    return True
 
 
 def legacy_tar_marker(cache: Path, unit: str) -> Marker | None:

@@ -32,10 +32,10 @@ from ..errors import InputError, ProvenanceMismatch
 from ..files import plural, printable
 from ..sources.decode import decoder_of
 from ..sources.folder import UNLABELED, Discovery, discover
-from ..sources.spec import Identity, identity, is_tar_input, refuse_missing, resolve_inputs
+from ..sources.spec import Identity, identity, is_tar_input, is_url, refuse_missing, resolve_inputs
 from ..sources.tars import UNREADABLE
 from .config import ExtractReport, Progress
-from .markers import Marker, clear_temps, matching_tar_marker
+from .markers import Marker, clear_temps, matching_tar_marker, racy
 from .rerun import Verdicts, verdicts
 
 
@@ -217,12 +217,12 @@ def _check_provenance(path: Path, have: Provenance, prov: Provenance, cache: Pat
                                  f"differ: adding to a cache uses its own settings ({matching_flags(have)})")
 
 
-def plan_tars(shards: list[str], cache: Path, prov: Provenance, report: ExtractReport
-          ) -> tuple[list[int], list[Identity], dict[str, set[bytes]], list[str]]:
+def plan_tars(shards: list[str], cache: Path, prov: Provenance, report: ExtractReport, checksum: bool = False
+              ) -> tuple[list[int], list[Identity], dict[str, set[bytes]], list[str]]:
     """Shards to read (indices), every shard's identity, the keys the cache already holds for each shard to read
     (to drop the ones a changed shard no longer has), and the cache's classes ([] when it holds no labels). Shards
-    whose done marker matches are skipped unread. Refused before any is read: more sources than a cache holds,
-    local shards that do not exist."""
+    whose done marker matches are skipped unread (none with `checksum`). Refused before any is read: more sources
+    than a cache holds, local shards that do not exist."""
     held, class_lists, known = tar_known(cache, prov)
     new = len(set(shards) - known)  # each shard becomes a source, a failure record's too
     if len(known) + new > MAX_SOURCES:  # else found only when the index is written, after all the work
@@ -241,7 +241,7 @@ def plan_tars(shards: list[str], cache: Path, prov: Provenance, report: ExtractR
             report.failed.append((source, f"{UNREADABLE}: {e.strerror or e}"))
             continue
         idents.append(ident)
-        done = tar_done(cache, source, ident, prov, held)
+        done = None if checksum else tar_done(cache, source, ident, prov, held)
         if done:
             report.reused += done.rows
             report.reused_failed += done.failures
@@ -275,9 +275,16 @@ def tar_known(cache: Path, prov: Provenance, parts: bool = True
 def tar_done(cache: Path, source: str, ident: Identity, prov: Provenance, held: dict[str, set[bytes]]
              ) -> Marker | None:
     """The shard's done marker when a run need not read the shard: the marker matches the shard as it is now and
-    these features, and the cache holds its rows (or the shard had none)."""
+    these features, the cache holds its rows (or the shard had none), and the marker was written well after the
+    shard's last change. That last one is the racy rule of rerun.py, for a shard whose mtime is a whole second (a
+    file system or an archiver that keeps whole seconds): there a rewrite within RACY_NS of the marker can keep
+    the same size and mtime, so such a marker proves nothing and the shard is read again. A nanosecond mtime changes
+    with any rewrite; re-reading every fresh shard for it would cost a whole tar per shard."""
     done = matching_tar_marker(cache, source, ident, prov)
-    return done if done and (source in held or done.rows + done.failures == 0) else None
+    if done is None or not (source in held or done.rows + done.failures == 0):
+        return None
+    whole_second = not is_url(source) and int(ident.version) % 10**9 == 0
+    return None if whole_second and racy(cache, done.unit, int(ident.version)) else done
 
 
 @dataclass

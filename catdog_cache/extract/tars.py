@@ -29,10 +29,11 @@ from .tar_units import TarResult, extract_tar_list
 
 
 def extract_tars(spec: str | os.PathLike[str] | list[str], cache: str | os.PathLike[str], cfg: ExtractConfig,
-                   progress: Progress | None = None, strict: bool = False, model: torch.nn.Module | None = None,
-                   classes: Sequence[str] | None = None) -> ExtractReport:
-    """`extract` for tar shards: every shard the input names that the cache has not read as it is now. `classes`:
-    what a `.cls` index or a key's class folder names (tar_classes)."""
+                 progress: Progress | None = None, strict: bool = False, model: torch.nn.Module | None = None,
+                 classes: Sequence[str] | None = None, checksum: bool = False) -> ExtractReport:
+    """`extract` for tar shards: every shard the input names that the cache has not read as it is now (every shard
+    with `checksum`: a tar's content is only known by reading it). `classes`: what a `.cls` index or a key's class
+    folder names (tar_classes)."""
     t0 = time.perf_counter()
     cfg.check()
     shards = [s if is_url(s) else os.path.abspath(s) for s in spec] if isinstance(spec, list) else \
@@ -44,7 +45,7 @@ def extract_tars(spec: str | os.PathLike[str] | list[str], cache: str | os.PathL
     dist = from_env(cfg.device)
     with lock_once(cache, dist):
         had_cache = cache.exists()
-        todo, idents, held, have = plan_tars(shards, cache, prov, report)
+        todo, idents, held, have = plan_tars(shards, cache, prov, report, checksum)
         names = tar_classes(classes, have, cache)
         if dist:
             dist.barrier()
