@@ -33,7 +33,7 @@ from .folder import rows_of, save_part
 from .forward import run_features
 from .markers import MARKER_VERSION, Marker, read_marker, write_marker
 from .plan import Known, refresh_records
-from .rerun import verdicts
+from .rerun import by_stat, verdicts
 
 
 @dataclass(frozen=True)
@@ -85,12 +85,21 @@ def cut_folder(root: Path, samples: list[Sample], source: str, prov: Provenance,
 
 
 def unit_done(cache: Path, unit: FolderUnit, known: Known) -> bool:
-    """Marker with this identity, its part (while not yet assembled) intact, every file recorded somewhere."""
+    """Marker with this identity, its part (while not yet assembled) intact, every file recorded somewhere, and every
+    recorded file unchanged by the rule the local engine applies (rerun.by_stat: size, mtime, inode and device as the
+    cache recorded them, racy stats never trusted): the identity alone digests size and mtime, so a file replaced by
+    a rename with both put back kept its stale row under Ray while one process saw it."""
     marker = read_marker(cache, unit.name)
     if marker is None or marker.identity != unit.identity:
         return False
-    if not all(encode_path(s.rel) in known.recorded for s in unit.samples):
+    keys = [encode_path(s.rel) for s in unit.samples]
+    if not all(k in known.recorded for k in keys):
         return False
+    if unit.stat is not None:
+        disc = Discovery.of(Path(), "", list(unit.samples), stat=unit.stat)
+        _, changed = by_stat(disc, known.files, [i for i, k in enumerate(keys) if k in known.files], keys=keys)
+        if changed:
+            return False
     if not marker.part:
         return True
     if not SHARD_NAME.fullmatch(f"{marker.part}.h5"):
