@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from ..cache import Provenance, Recorded, encode_path, locked, merge_classes, require_same
+from ..cache import Provenance, Recorded, encode_path, merge_classes, require_same
 from ..errors import CatdogError
 from ..extract.config import ExtractConfig, Progress
-from ..extract.finish import finish_interrupted, finish_run
+from ..extract.finish import finish_interrupted, finish_run, lock_once, unlisted_warning
 from ..extract.folder import inputs
 from ..extract.folder_units import (
     FolderUnit,
@@ -50,7 +50,8 @@ def extract_ray_folder(data_dir: str | os.PathLike[str], cache: str | os.PathLik
     source = str(disc.root.resolve())
     report = RayReport(cache=spelled, found=len(disc.samples), skipped=disc.skipped, warnings=disc.warnings,
                        layout=disc.layout)
-    with locked(cache):  # the driver holds the lock for the run; its tasks write parts and markers only
+    with lock_once(cache, None):  # the driver holds the lock for the run; its tasks write parts and markers only
+        report.warnings += unlisted_warning(cache)
         had_cache = cache.exists()
         known = known_files(cache, prov, source)
         onto_cache_classes(disc, merge_classes(known.class_lists, str(cache)), cache)  # as the local engine

@@ -21,7 +21,7 @@ import torch
 from ..cache import Provenance, list_parts, require_same
 from ..errors import CatdogError
 from ..extract.config import ExtractConfig, Progress
-from ..extract.finish import finish_interrupted, finish_run, lock_once
+from ..extract.finish import finish_interrupted, finish_run, lock_once, unlisted_warning
 from ..extract.folder_units import maybe_die
 from ..extract.markers import markers_dir, matching_tar_marker
 from ..extract.plan import plan_tars, tar_classes
@@ -67,6 +67,7 @@ def extract_ray_tars(spec: str | os.PathLike[str], cache: str | os.PathLike[str]
     prov = cfg.provenance()
     report = RayReport(cache=spelled, found=0, layout="webdataset")
     with lock_once(cache, None):  # the driver holds the lock for the run; its tasks write parts and markers only
+        report.warnings += unlisted_warning(cache)
         had_cache = cache.exists()
         todo, idents, held, have = plan_tars(shards, cache, prov, report, checksum)
         names = tar_classes(classes, have, cache)

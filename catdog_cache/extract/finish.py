@@ -76,6 +76,19 @@ def finish_interrupted(cache: Path, prov: Provenance, partial: dict[str, bool], 
     return Interrupted(f"interrupted: {saved} saved to {cache}; run extract again to resume")
 
 
+def unlisted_warning(cache: Path) -> list[str]:
+    """Shards in the cache's shards folder that its index does not list are adopted by this run's finish: the saved
+    work of a killed run, usually, but any same-provenance HDF5 file put there is adopted too, its rows and labels
+    with it. Said, with their names, rather than adopted silently."""
+    found = list_parts(cache, clean=False)
+    if not found:
+        return []
+    more = f" and {len(found) - 3:,} more" if len(found) > 3 else ""
+    names = ", ".join(printable(p.name) for p in found[:3]) + more
+    return [f"{plural(len(found), 'shard')} in {printable(str(found[0].parent))} not listed in the index will be "
+            f"adopted (a killed run's saved work, or files put there): {names}"]
+
+
 def no_rows(data_dir: str | os.PathLike[str], failed: list[tuple[str, str]]) -> str:
     """Why an input gave no row: none of its images decoded, or (tar shards, empty or of other files) it has none."""
     if not failed or all(reason == NO_IMAGE for _, reason in failed):

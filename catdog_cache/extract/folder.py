@@ -26,7 +26,7 @@ from ..errors import CatdogError, InputError
 from ..files import plural
 from ..sources.folder import Discovery, Sample, discover
 from .config import PART_SECONDS, ExtractConfig, ExtractReport, Progress, versions
-from .finish import finish_interrupted, finish_run, lock_once, raise_shared
+from .finish import finish_interrupted, finish_run, lock_once, raise_shared, unlisted_warning
 from .forward import run_features
 from .loader import (
     Batch,
@@ -57,6 +57,7 @@ def extract_folder(data_dir: str | os.PathLike[str], cache: str | os.PathLike[st
                            layout=disc.layout)
     dist = from_env(cfg.device)
     with lock_once(cache, dist):
+        report.warnings += unlisted_warning(cache)
         had_cache = cache.exists()
         if dist:  # the earliest rank's scan start: older than every rank's walk
             scan_ns = min(dist.gather(scan_ns))

@@ -22,7 +22,7 @@ from ..files import plural, printable
 from ..sources.spec import Identity, is_url, resolve_inputs
 from ..sources.tars import NO_IMAGE, UNREADABLE
 from .config import ExtractConfig, ExtractReport, Progress
-from .finish import finish_interrupted, finish_run, lock_once, no_rows, raise_shared
+from .finish import finish_interrupted, finish_run, lock_once, no_rows, raise_shared, unlisted_warning
 from .markers import matching_tar_marker
 from .plan import plan_tars, tar_classes
 from .tar_units import TarResult, extract_tar_list
@@ -44,6 +44,7 @@ def extract_tars(spec: str | os.PathLike[str] | list[str], cache: str | os.PathL
     report = ExtractReport(cache=spelled, found=0, layout="webdataset")
     dist = from_env(cfg.device)
     with lock_once(cache, dist):
+        report.warnings += unlisted_warning(cache)
         had_cache = cache.exists()
         todo, idents, held, have = plan_tars(shards, cache, prov, report, checksum)
         names = tar_classes(classes, have, cache)
