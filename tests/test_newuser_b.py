@@ -18,7 +18,7 @@ from catdog_cache.fit import FitConfig, fit
 from catdog_cache.fit.loop import overfit
 from catdog_cache.plots import covers_curve, fold_curves_figure, reliability_figure, training_curve_figure
 from tests.conftest import TINY
-from tests.test_fit import synthetic_cache
+from tests.fit.test_fit import synthetic_cache
 from tests.test_plots import Epoch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def noisy_cache(path: Path, n: int = 300, dim: int = 512) -> None:
     """A clear signal and 10% flipped labels: an MLP without dropout learns the signal in a few epochs, then grows
     ever more confident on the flipped validation images, and its validation loss climbs."""
     from catdog_cache.cache import Rows, assemble, write_part
-    from tests.test_fit import PROV
+    from tests.fit.test_fit import PROV
 
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, n)

@@ -131,7 +131,7 @@ def test_many_sources_are_summarised_not_listed(cli, tmp_path):
     import numpy as np
 
     from catdog_cache.cache import Rows, finish, write_part
-    from tests.test_fit import PROV
+    from tests.fit.test_fit import PROV
 
     rng = np.random.default_rng(0)
     for j in range(12):

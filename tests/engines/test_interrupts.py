@@ -28,7 +28,7 @@ from catdog_cache.engines.dispatch import extract
 from catdog_cache.extract.config import ExtractConfig
 from catdog_cache.extract.markers import markers_dir
 from tests.conftest import TINY, draw, jpeg
-from tests.test_tars import make_tar
+from tests.extract.test_tars import make_tar
 
 ARGS = [*TINY, "--workers", "0", "--batch-size", "2", "--part-rows", "2", "--device", "cpu", "--quiet"]
 CFG = ExtractConfig(weights=parse_weights("random", 0), backbone="tiny", batch_size=2, workers=0, device="cpu",
@@ -99,7 +99,7 @@ def saved_units(engine: str, source: str, cache: Path) -> list[Path]:
 
 def env() -> dict[str, str]:
     """This checkout first on the subprocesses' path (the package may be installed from another one)."""
-    here = str(Path(__file__).resolve().parents[1])
+    here = str(Path(__file__).resolve().parents[2])
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
 
 

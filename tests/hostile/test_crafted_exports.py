@@ -1,6 +1,6 @@
 """Hardening, round 3: exports whose zip readers disagree, heads that lie about their tensors, shapes, transforms
 and config, and image files that cost far more memory than their pixels. Every hostile file is built here (exports and
-heads from the real ones of test_untrusted)."""
+heads from the real ones of test_crafted_files)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests import test_untrusted as tu
+from tests.hostile import test_crafted_files as tu
 
 base = tu.base  # the real cache, head and export (module-scoped), shared as this module's fixture too
 

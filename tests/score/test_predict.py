@@ -1,3 +1,5 @@
+"""predict: the CLI round trip, probabilities equal to the head on cached rows, errors, odd names."""
+
 import csv
 
 import numpy as np

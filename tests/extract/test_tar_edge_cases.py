@@ -20,7 +20,7 @@ from catdog_cache.extract.markers import markers_dir
 from catdog_cache.extract.tars import extract_tars
 from catdog_cache.sources.spec import resolve_inputs
 from tests.conftest import TINY, jpeg
-from tests.test_tars import CFG, make_tar
+from tests.extract.test_tars import CFG, make_tar
 
 
 def test_empty_tar_and_tar_without_images_are_one_line(cli, tmp_path):

@@ -1,3 +1,5 @@
+"""sources/folder.py: a folder's samples and labels (Kaggle names, class folders), links, FIFOs, junk."""
+
 import os
 
 import pytest

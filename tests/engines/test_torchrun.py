@@ -118,7 +118,7 @@ def test_killed_rank_leaves_parts_and_rerun_completes(data, tmp_path):
 def test_two_ranks_on_tar_shards_with_classes_equal_one_process(tmp_path):
     """Tar input under torchrun: whole shards per rank, --classes on every rank, rank 0 writes the index."""
     from tests.conftest import jpeg
-    from tests.test_tars import make_tar
+    from tests.extract.test_tars import make_tar
 
     for s in range(3):
         members = []

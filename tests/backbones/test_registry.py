@@ -1,3 +1,5 @@
+"""Backbones by name: weights files and their identity, torchvision and timm models, plugins, typos."""
+
 import json
 
 import pytest

@@ -17,9 +17,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests import test_untrusted
 from tests.conftest import TINY, draw
-from tests.test_untrusted import (
+from tests.hostile import test_crafted_files
+from tests.hostile.test_crafted_files import (
     FIT,
     SECRET,
     crafted_head,
@@ -30,7 +30,7 @@ from tests.test_untrusted import (
     small_folder,
 )
 
-base = test_untrusted.base  # the same real cache, head and export (a module-scoped fixture)
+base = test_crafted_files.base  # the same real cache, head and export (a module-scoped fixture)
 FILE_WEIGHTS = "file:sha256=" + "ab" * 32  # a head trained on features from a weights file
 
 
@@ -299,7 +299,7 @@ def test_closed_pipe_is_quiet(base, args):
     os.close(read)  # the reader (`| head`) is already gone
     try:
         p = subprocess.run([sys.executable, "-m", "catdog_cache", "info", "--cache", str(base.cache), *args],
-                           stdout=write, stderr=subprocess.PIPE, timeout=120, cwd=Path(__file__).parents[1])
+                           stdout=write, stderr=subprocess.PIPE, timeout=120, cwd=Path(__file__).parents[2])
     finally:
         os.close(write)
     assert p.stderr == b"" and p.returncode == 141, (p.returncode, p.stderr.decode())

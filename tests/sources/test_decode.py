@@ -1,3 +1,5 @@
+"""sources/decode.py: the VGG16 preset, conversion to RGB, EXIF, sniffing, images refused unread."""
+
 import io
 import json
 

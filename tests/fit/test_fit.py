@@ -1,3 +1,5 @@
+"""fit: splits, the head learned and saved, memory budgets, threads and devices, weight decay."""
+
 import os
 
 import numpy as np

@@ -15,7 +15,7 @@ from catdog_cache.extract.config import ExtractConfig
 from catdog_cache.extract.plan import pending
 from catdog_cache.files import same_file
 from tests.conftest import TINY, jpeg
-from tests.test_tars import make_tar
+from tests.extract.test_tars import make_tar
 
 CFG = ExtractConfig(WeightsSpec("random"), backbone="tiny", workers=0, batch_size=4, device="cpu")
 PATTERN = "shards/x-{000000..000001}.tar"

@@ -1,3 +1,5 @@
+"""Cache parts assembled: exact names, later rows win, provenance, float16, damage, temp parts, one writer."""
+
 import json
 import os
 

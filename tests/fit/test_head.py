@@ -1,3 +1,5 @@
+"""fit/head.py's dropout: its rate and scale, only in training, the same masks on every device."""
+
 import pytest
 import torch
 

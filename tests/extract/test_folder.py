@@ -1,3 +1,5 @@
+"""Extracting a folder: rows, reruns, failure records, appends, options, dtypes, precisions, decoders."""
+
 import importlib
 import json
 

@@ -192,7 +192,7 @@ def test_tar_shards_one_task_each_killed_attempt_retried(ray, tmp_path, monkeypa
     task. --classes reaches the actors."""
     from catdog_cache.engines.ray_pool import RayOptions
     from tests.conftest import jpeg
-    from tests.test_tars import make_tar
+    from tests.extract.test_tars import make_tar
 
     drawn = tmp_path / "drawn"
     shards = []

@@ -1,6 +1,6 @@
 """Hardening round 3 (issue 20): crafted cache columns and chunking, non-finite test features, ensembles with
 --tta, fit's empty splits, predict without the extract lock, and file modes kept across a replace. Every crafted file
-is built here from the real cache and head of tests/test_untrusted.py's `base`."""
+is built here from the real cache and head of tests/hostile/test_crafted_files.py's `base`."""
 
 from __future__ import annotations
 
@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 
 from tests.conftest import TINY, draw
-from tests.test_untrusted import FIT, build_base, craft_cache, refused
+from tests.hostile.test_crafted_files import FIT, build_base, craft_cache, refused
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path("cache/features.h5")
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """test_untrusted's material without the export (not needed here). Read-only for tests."""
+    """test_crafted_files' material without the export (not needed here). Read-only for tests."""
     return build_base(tmp_path_factory.mktemp("base"), export=False)
 
 
