@@ -1,5 +1,5 @@
 """Decoders (issue 17 items 2, 3, 7): the batched device decode (run here on the CPU through the same code), the
-same verdicts on every decoder, Pillow's draft mode for big photos, and the bench's extract table."""
+same verdicts on every decoder, Pillow's draft mode for big photos, and the JPEG end-of-image walk."""
 
 import io
 import time
@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from catdog_cache.backbone import IMAGENET, Preset, WeightsSpec
-from catdog_cache.bench import pipeline as benchpipe
 from catdog_cache.cache import read_features, read_index
 from catdog_cache.engines.dispatch import extract
 from catdog_cache.errors import ProvenanceMismatch
@@ -180,37 +179,6 @@ def test_pil_draft_is_recorded_and_never_mixed(tmp_path, kaggle_dir, cli):
     with pytest.raises(ProvenanceMismatch, match="decoder"):
         extract(kaggle_dir, tmp_path / "pil.h5", cfg("pil-draft", "cpu"))
 
-
-# ---------------------------------------------------------------- bench: the extract table
-
-def test_device_table_runs_its_code_on_the_cpu(tmp_path):
-    """The table `bench --device cuda` prints, on the CPU with the tiny backbone and a few drawn photos, in
-    process: every row measured, ratios against the plain loop and the ceilings."""
-    photos = benchpipe.photo_like(tmp_path / "p", 8)
-    rows = benchpipe.device_table(photos, lambda r: None, device="cpu", backbones=["tiny"], workers=0, batch=4,
-                                  fresh=False)
-    assert len(rows) == 10 and all(value.endswith("img/s") for _, value, _ in rows)
-    what = [w for w, _, _ in rows]
-    assert what[:3] == ["decode ceiling: Pillow + preset, 0 workers", "decode ceiling: torchvision on cpu",
-                        "model ceiling: tiny fp32"]
-    assert "extract: tiny bf16 --decoder torchvision" in what
-    notes = {w: n for w, _, n in rows}
-    assert "x the plain loop" in notes["extract: tiny fp32 --decoder pil"] and "of min(decode" in notes[
-        "extract: tiny fp32 --decoder pil"]
-
-
-def test_bench_table_cli(cli, monkeypatch):
-    """--table (implied by --device cuda): the rows come from device_table; a failed run is a row, not a crash."""
-    def fake(spec, fresh=True):
-        if spec["mode"] == "model" and spec["backbone"] == "efficientnet_lite0":
-            raise RuntimeError("InputError: --backbone efficientnet_lite0 needs the lite extra")
-        return {"wall": 1.0, "cpu": 0.1, "n": 10, "steady": {"extract": 90.0, "loop": 50.0}.get(spec["mode"], 100.0)}
-
-    monkeypatch.setattr(benchpipe, "measure_run", fake)
-    r = cli("bench", "--only", "pipeline", "--table", "--pipeline-images", "4", "--workers", "0", "--markdown")
-    assert "| extract: vgg16 bf16 --decoder torchvision | 90 img/s | 1.80x the plain loop; 0.90 of min(decode " \
-           "100, model 100) |" in r.output
-    assert "model ceiling: efficientnet_lite0 fp32 | failed | RuntimeError: InputError" in r.output
 
 
 def test_jpeg_end_walks_scans_restarts_and_fill_bytes():

@@ -1,5 +1,5 @@
-"""The overlapped extract pipeline: rows bit-identical to the serial path, the writer thread, thread and worker
-counts, and the bench's pipeline rows."""
+"""The overlapped extract pipeline: rows bit-identical to the serial path, the writer thread, and thread and worker
+counts."""
 
 import importlib
 import threading
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from catdog_cache.backbone import WeightsSpec, build
-from catdog_cache.bench import pipeline as benchpipe
 from catdog_cache.cache import list_parts, read_features, read_index
 from catdog_cache.engines.dispatch import extract
 from catdog_cache.errors import CatdogError
@@ -155,33 +154,3 @@ def test_forward_runs_on_the_chosen_threads_and_they_are_restored(tmp_path, kagg
     extract(kaggle_dir, tmp_path / "c.h5", ExtractConfig(weights=WeightsSpec("random"), backbone="tiny", workers=0,
                                                           batch_size=4), model=Recording())
     assert seen == [1, 1, 1] and torch.get_num_threads() == before
-
-
-def test_bench_pipeline_rows(tmp_path, kaggle_dir, monkeypatch):
-    """The two measured modes run on the same files; the rows report ratios (the timing itself is stubbed)."""
-    assert benchpipe.extract_run(kaggle_dir, "tiny", 0, 4, "cpu") == 12
-    assert benchpipe.plain_loop(kaggle_dir, "tiny", 0, 4, "cpu") == 12
-    photos = benchpipe.photo_like(tmp_path / "p", 3)
-    assert sorted(p.name for p in photos.iterdir()) == ["cat.0.jpg", "cat.1.jpg", "dog.0.jpg"]
-    monkeypatch.setattr(benchpipe, "measure", lambda mode, *a, **k: (90.0, 800.0) if mode == "extract"
-                        else (100.0, 1000.0))
-    rows = benchpipe.extract_vs_loop(kaggle_dir, 2, 16, lambda r: None, repeats=1)
-    assert rows[0][1:] == ("90 vs 100 img/s", "0.90x; median of 1, interleaved, fresh processes")
-    assert rows[1][1].startswith("800 vs 1000 us") and rows[1][2].startswith("0.80x")
-
-
-def test_bench_measures_in_a_fresh_process(kaggle_dir):
-    """The child process the pipeline rows time (the rows above stub it): it imports the bench by its module path,
-    which a layout change broke once without any stubbed test noticing."""
-    r = benchpipe.measure_run({"mode": "extract", "data_dir": str(kaggle_dir), "backbone": "tiny", "workers": 0,
-                               "batch": 4, "device": "cpu"})
-    assert r["n"] == 12 and r["wall"] > 0
-
-
-def test_bench_only_pipeline_cli(cli, monkeypatch):
-    monkeypatch.setattr(benchpipe, "measure", lambda mode, *a, **k: (50.0, 700.0))
-    r = cli("bench", "--only", "pipeline", "--pipeline-images", "4", "--workers", "0", "--markdown")
-    assert "extract vs plain DataLoader loop (tiny, cpu, 0 workers, batch 16, 4 files)" in r.output
-    assert "| 50 vs 50 img/s | 1.00x" in r.output and "GEMM" not in r.output
-    r = cli("bench", "--only", "fit", ok=False)
-    assert r.exit_code == 1 and "--only: expected pipeline" in r.output

@@ -193,3 +193,14 @@ def test_symlink_and_real_name_of_one_file_keep_the_real_one_in_any_walk_order(t
     os.symlink(root / "z.jpg", root / "a.jpg")  # sorts first, but a link: the real name is kept
     d = discover(root)
     assert [s.rel for s in d.samples] == ["z.jpg"] and ("a.jpg", "same file as z.jpg") in d.skipped
+
+
+def test_kaggle_prefix_any_case(cli, tmp_path):
+    root = tmp_path / "k"
+    draw(root / "Cat.1.jpg", "cat", 1)
+    draw(root / "DOG.2.jpg", "dog", 2)
+    draw(root / "hotdog.3.jpg", "dog", 3)
+    from catdog_cache.sources.folder import discover
+
+    d = discover(root)
+    assert {s.rel: s.label for s in d.samples} == {"Cat.1.jpg": 0, "DOG.2.jpg": 1}
