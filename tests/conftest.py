@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import random
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from catdog_cache.cli import app
@@ -97,3 +99,26 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(tars, "open_tar", spy)
     return seen
+
+
+def lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def png_ok(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        return im.size
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))[1:]
+
+
+@pytest.fixture
+def trained(cli, kaggle_dir):
+    cli("extract", kaggle_dir, *TINY)
+    cli("fit", "--epochs", "3", "--calibrate")
+    return kaggle_dir

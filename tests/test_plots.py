@@ -1,4 +1,5 @@
-"""plots.py: the matplotlib training curve and prediction grid, and the exclusive-temp-file PNG writer."""
+"""plots.py: the matplotlib training curve (its kept-epoch labels over no curve), fold curves, the reliability
+diagram, the prediction grid, and the exclusive-temp-file PNG writer."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ import torch
 from PIL import Image
 
 from catdog_cache.errors import InputError
-from catdog_cache.plots import _save_atomic, prediction_grid, training_curve
+from catdog_cache.plots import (
+    _save_atomic,
+    covers_curve,
+    fold_curves_figure,
+    prediction_grid,
+    reliability_figure,
+    training_curve,
+    training_curve_figure,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -136,3 +145,52 @@ def test_saved_png_gets_umask_mode_not_mkstemp_0600(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def overfitting_history(n: int = 20) -> list[Epoch]:
+    """The issue's shape: validation loss bottoms early and climbs, accuracies end at the top right corner."""
+    return [Epoch(i, 0.3 / i, min(1.0, 0.9 + 0.01 * i), 0.017 + 0.0008 * (i - 3) ** 2 / 4 + 0.3 / i ** 3,
+                  min(1.0, 0.95 + 0.004 * i)) for i in range(1, n + 1)]
+
+
+def kept_labels(fig) -> list:
+    return [t for ax in fig.axes for t in ax.texts if t.get_text().startswith(("kept:", "final head:"))]
+
+
+@pytest.mark.parametrize("kept", [20, 3, 11])
+def test_kept_label_covers_no_curve(kept: int) -> None:
+    fig = training_curve_figure(overfitting_history(), kept_epoch=kept)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    labels = kept_labels(fig)
+    assert len(labels) == 2 and all(t.get_text() == f"kept: epoch {kept}" for t in labels)
+    for ax, label in zip(fig.axes[:2], labels, strict=True):
+        curves = [np.asarray(ax.transData.transform(line.get_xydata())) for line in ax.get_lines()
+                  if line.get_gid() != "marker-line"]
+        box = label.get_bbox_patch().get_window_extent(renderer)
+        assert len(curves) == 2 and not covers_curve(box, curves), (kept, ax.get_title())
+        assert ax.get_window_extent(renderer).contains(box.x0, box.y0)
+
+
+def test_fold_curves_figure_has_one_curve_per_fold_and_their_mean() -> None:
+    histories = [overfitting_history(8), overfitting_history(8), overfitting_history(8)]
+    fig = fold_curves_figure(histories, final_epochs=3)
+    loss = fig.axes[0]
+    labels = [line.get_label() for line in loss.get_lines()]
+    assert [x for x in labels if x.startswith("fold")] == ["fold 1", "fold 2", "fold 3"]
+    assert "mean of folds" in labels and "final head: 3 epochs" in labels
+    assert loss.get_title() == "held-out log loss" and "3-fold" in fig.get_suptitle()
+    assert len(kept_labels(fig)) == 2
+
+
+def test_reliability_figure_bins_predictions_with_counts() -> None:
+    rng = np.random.default_rng(0)
+    p = rng.random(300)
+    y = (rng.random(300) < p).astype(int)  # calibrated by construction
+    fig = reliability_figure({"as trained": p, "calibrated": np.clip(p, 0.05, 0.95)}, y)
+    top, bottom = fig.axes
+    assert [line.get_label().split(" (")[0] for line in top.get_lines()] == ["perfectly calibrated", "as trained",
+                                                                              "calibrated"]
+    counts = [int(t.get_text()) for t in bottom.texts if t.get_text()]
+    assert sum(counts) == 600  # both curves' images, each once
+    assert bottom.get_xlabel() == "predicted P(dog)" and "observed" in top.get_ylabel()
