@@ -1,7 +1,7 @@
 """The cheap checks the CLI runs before it imports torch (3+ seconds on a laptop, more on a busy machine): an unknown
 backbone, a missing folder, cache or head is reported at once. Each is the core function's own check (or, for the
-head file, the same words: test_newuser_b compares them); the core functions still check everything, for API users.
-Imports here: the standard library, backbone descriptions and (for caches) h5py, never torch."""
+head file, the same words: tests/cli/test_precheck.py compares them); the core functions still check everything,
+for API users. Imports here: the standard library, backbone descriptions and (for caches) h5py, never torch."""
 
 from __future__ import annotations
 

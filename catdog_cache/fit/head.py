@@ -97,7 +97,7 @@ class DeviceMaskStream(MaskStream):
     """MaskStream's numbers, made on `device`: the same PCG64 words are drawn on the host in large blocks (the stream
     is sequential, so one large draw is many small ones), uploaded once per block (8x less than the unpacked masks),
     and unpacked there in numpy's order: unpackbits' most significant bit first, uint16 views little-endian. So a
-    GPU fit drops exactly the features a CPU fit drops (tests/test_head.py compares the two on the CPU)."""
+    GPU fit drops exactly the features a CPU fit drops (tests/fit/test_head.py compares the two on the CPU)."""
 
     BLOCK_WORDS = 1 << 21  # 16 MiB per upload: about 1.6 epochs of a 20,000-row, 4096-d linear head
 

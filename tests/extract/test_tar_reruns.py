@@ -10,7 +10,7 @@ import numpy as np
 from catdog_cache.cache import open_cache
 from catdog_cache.engines.dispatch import extract
 from catdog_cache.extract.markers import markers_dir
-from tests.test_tars import CFG, make_tar
+from tests.extract.test_tars import CFG, make_tar
 
 
 def swap_in_place(path, members):

@@ -11,7 +11,7 @@ from catdog_cache.extract.folder_units import cut_folder, run_unit, unit_done
 from catdog_cache.extract.plan import known_files
 from catdog_cache.sources.folder import discover
 from tests.conftest import draw
-from tests.test_engine_ray import CFG
+from tests.engines.test_ray import CFG
 
 
 def test_a_file_replaced_by_rename_makes_its_unit_undone(tmp_path):
