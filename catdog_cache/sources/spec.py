@@ -21,11 +21,12 @@ from ..files import plural, printable, read_regular, short
 
 MAX_SHARDS = 100_000  # per input: a pattern or listing naming more is refused before anything is expanded or read
 MAX_LISTING_BYTES = 16 * 2**20  # a listing file of 100,000 URLs is ~10 MB
+MAX_RANGE_DIGITS = 18  # a {lo..hi} bound longer than this is refused (int() raises past 4,300 digits)
 TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz")
 REMOTE_EXTRA = "pip install 'catdog-cache[remote]'"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _BRACE = re.compile(r"\{([^{}]*)\}")
-_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+_RANGE = re.compile(r"^(-?[0-9]+)\.\.(-?[0-9]+)$")  # ASCII digits only, as the shell's ranges
 _COMMENT = re.compile(r"\s#.*")  # a listing line's trailing comment
 
 
@@ -36,21 +37,37 @@ def is_url(text: str) -> bool:
 def is_tar_input(spec: str | os.PathLike[str]) -> bool:
     """Whether `extract` should read `spec` as tar shards (a URL, a pattern, a tar, a listing) rather than a folder."""
     text = os.fspath(spec)
+    if is_url(text) and not text.startswith("file://"):
+        return True
+    st = _stat(_local(text))
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        return False
     if is_url(text):
-        return not text.startswith("file://") or not Path(_local(text)).is_dir()
-    path = Path(text)
-    return not path.is_dir() and (path.is_file() or "{" in text or text.lower().endswith(TAR_SUFFIXES))
+        return True
+    return bool(st and stat.S_ISREG(st.st_mode)) or "{" in text or text.lower().endswith(TAR_SUFFIXES)
+
+
+def _stat(path: str) -> os.stat_result | None:
+    """os.stat, or None where there is nothing to stat (missing, a name too long: a brace pattern's, say)."""
+    try:
+        return os.stat(path)
+    except (OSError, ValueError):  # ValueError: a NUL in the name
+        return None
 
 
 def _group_values(body: str, where: str) -> list[str] | tuple[int, int, int]:
     """One brace group: a `{a,b}` list, or a `{lo..hi}` range as (lo, hi, width); zero-padded when a bound is."""
     m = _RANGE.match(body)
     if m:
+        digits = max(len(m[1].lstrip("-")), len(m[2].lstrip("-")))
+        if digits > MAX_RANGE_DIGITS:
+            raise InputError(f"{where}: a brace range bound of {digits:,} digits; at most {MAX_RANGE_DIGITS}")
         lo, hi = int(m[1]), int(m[2])
         padded = any(len(b.lstrip("-")) > 1 and b.lstrip("-").startswith("0") for b in (m[1], m[2]))
         return lo, hi, max(len(m[1]), len(m[2])) if padded else 0
     if "," not in body:
-        raise InputError(f"{where}: brace group {{{body}}} is neither a list {{a,b}} nor a range {{000..099}}")
+        raise InputError(f"{where}: brace group {{{short(printable(body), 40)}}} is neither a list {{a,b}} nor a range "
+                         "{000..099}")
     return body.split(",")
 
 
@@ -128,7 +145,8 @@ def resolve_inputs(spec: str | os.PathLike[str]) -> list[str]:
         raise InputError("no input given: name a folder, a .tar shard, a brace pattern or a listing file")
     local = Path(_local(text))
     if not is_url(text) or text.startswith("file://"):
-        if local.is_file():
+        st = _stat(str(local))
+        if st is not None and stat.S_ISREG(st.st_mode):
             kind = "tar" if text.lower().endswith(TAR_SUFFIXES) else _kind(local)
             if kind == "other":
                 raise InputError(f"not a folder: {short(printable(text))} (nor a tar shard or a text file listing "

@@ -1,0 +1,101 @@
+"""Hostile tar input, each crafted here: member sizes declared past the end of the shard (GNU base-256, pax), sparse
+maps, decompression bombs (gzip, bzip2, xz), hard-linked and non-regular shards, brace bounds of thousands of
+digits, and the words said about them. A hang is the failure: readers run under a join timeout."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from catdog_cache.errors import InputError
+from catdog_cache.sources import tars
+from catdog_cache.sources.spec import expand_braces, resolve_inputs
+from tests.conftest import TINY
+
+BLOCK = 512
+END = b"\0" * 1024  # the end-of-archive marker
+
+
+def header(name: str, size: int = 0, kind: bytes = tarfile.REGTYPE, fmt: int = tarfile.GNU_FORMAT,
+           pax: dict[str, str] | None = None) -> bytes:
+    """A member's header block(s) as tarfile writes them: GNU writes a size of 8 GiB or more in base-256, pax as a
+    `size=` record."""
+    info = tarfile.TarInfo(name)
+    info.size, info.type = size, kind
+    if pax:
+        info.pax_headers = pax
+    return info.tobuf(fmt)
+
+
+def member(name: str, data: bytes, fmt: int = tarfile.GNU_FORMAT) -> bytes:
+    return header(name, len(data), fmt=fmt) + data + b"\0" * (-len(data) % BLOCK)
+
+
+def with_checksum(block: bytes | bytearray) -> bytes:
+    block = bytearray(block)
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def within(seconds: float, fn: Callable[[], Any]) -> Any:
+    """fn() in a thread; a failure if it is still running after `seconds` (it is left to spin: a daemon)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still running after {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def samples(data: bytes | io.RawIOBase) -> list[tars.TarSample]:
+    fh = io.BytesIO(data) if isinstance(data, bytes) else data
+    return within(20, lambda: list(tars.read_samples(fh)))
+
+
+class Unsized(io.RawIOBase):
+    """A stream whose size is not known (an HTTP body without a length): not seekable, no `size`."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = len(self.data[self.pos:self.pos + len(b)])
+        b[:n] = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+
+# 15: brace bounds of thousands of digits
+
+
+def test_brace_bound_of_5000_digits_is_one_line(tmp_path, cli):
+    """int() refuses strings of more than 4,300 digits with a ValueError: that was a traceback."""
+    bound = "1" * 5000
+    for pattern in (f"s-{{{bound}..2}}.tar", f"memory://b/s-{{0..{bound}}}.tar"):
+        with pytest.raises(InputError, match="a brace range bound of 5,000 digits; at most 18"):
+            expand_braces(pattern)
+        with pytest.raises(InputError, match="5,000 digits"):  # a local one, too long a name to stat, the same
+            resolve_inputs(pattern)
+    result = cli("extract", f"s-{{{bound}..2}}.tar", "--cache", tmp_path / "c.h5", *TINY, ok=False)
+    assert result.exit_code == 1 and "Traceback" not in result.output and "5,000 digits" in result.output
+    assert len(expand_braces("s-{000000000000000000..000000000000000001}.tar")) == 2  # 18 digits: fine
+    with pytest.raises(InputError, match="neither a list"):  # not ASCII digits: not a range, as in the shell
+        expand_braces("s-{\u0661..\u0663}.tar")
