@@ -5,8 +5,10 @@ digits, and the words said about them. A hang is the failure: readers run under 
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +18,7 @@ from catdog_cache.errors import InputError
 from catdog_cache.sources import tars
 from catdog_cache.sources.spec import expand_braces, resolve_inputs
 from tests.conftest import TINY
+from tests.test_tars import make_tar
 
 BLOCK = 512
 END = b"\0" * 1024  # the end-of-archive marker
@@ -81,6 +84,34 @@ class Unsized(io.RawIOBase):
         b[:n] = self.data[self.pos:self.pos + n]
         self.pos += n
         return n
+
+
+# 13: two listed names of one file
+
+
+def test_hard_and_symbolic_links_to_one_shard_refused(tmp_path, images, cli):
+    """A listing naming one shard under 2,000 hard links read it 2,000 times (20,000: 46 s a command, rows
+    duplicated): two local names with one (device, inode) are refused in one line naming both."""
+    shard = make_tar(tmp_path / "s" / "a.tar", [("cat.0.jpg", images["cat.0.jpg"])])
+    other = make_tar(tmp_path / "s" / "b.tar", [("dog.1.jpg", images["dog.1.jpg"])])
+    (tmp_path / "links").mkdir()
+    for i in range(2000):
+        os.link(shard, tmp_path / "links" / f"{i}.tar")
+    listing = tmp_path / "list.txt"
+    listing.write_text("s/b.tar\n" + "".join(f"links/{i}.tar\n" for i in range(2000)))
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match=r"links/0\.tar and .*links/1\.tar are the same file"):
+        resolve_inputs(listing)
+    assert time.perf_counter() - t0 < 2
+    (tmp_path / "sym.tar").symlink_to(shard)
+    listing.write_text("s/a.tar\ns/b.tar\nsym.tar\n")
+    with pytest.raises(InputError, match=r"s/a\.tar and .*sym\.tar are the same file \(a hard or symbolic link\)"):
+        resolve_inputs(listing)
+    result = cli("extract", listing, "--cache", tmp_path / "c.h5", *TINY, "--workers", "0", ok=False)
+    assert result.exit_code == 1 and "Traceback" not in result.output and "are the same file" in result.output
+    assert not (tmp_path / "c.h5").exists()
+    listing.write_text("s/a.tar\ns/b.tar\n")  # distinct files: fine
+    assert resolve_inputs(listing) == [str(shard), str(other)]
 
 
 # 15: brace bounds of thousands of digits

@@ -161,7 +161,26 @@ def resolve_inputs(spec: str | os.PathLike[str]) -> list[str]:
         names = expand_braces(text) if "{" in text else [text]
     if not names:
         raise InputError(f"{short(printable(text))} names no shards")
-    return list(dict.fromkeys(names))
+    names = list(dict.fromkeys(names))
+    _refuse_aliases(names)
+    return names
+
+
+def _refuse_aliases(names: list[str]) -> None:
+    """Two local names of one file (a hard link, a symbolic link: the same device and inode) are one shard read
+    twice, its rows twice in the cache: refused, naming both (a listing of 2,000 hard links to one shard read it
+    2,000 times). Names that cannot be stat'ed are refuse_missing's or the reader's."""
+    seen: dict[tuple[int, int], str] = {}
+    for name in names:
+        if is_url(name):
+            continue
+        st = _stat(name)
+        if st is None:
+            continue
+        first = seen.setdefault((st.st_dev, st.st_ino), name)
+        if first != name:
+            raise InputError(f"{short(printable(first))} and {short(printable(name))} are the same file (a hard or "
+                             "symbolic link): name each shard once")
 
 
 def refuse_missing(shards: list[str]) -> None:
