@@ -9,6 +9,7 @@ import os
 import tarfile
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -84,6 +85,56 @@ class Unsized(io.RawIOBase):
         b[:n] = self.data[self.pos:self.pos + n]
         self.pos += n
         return n
+
+
+# 9: sparse maps (old GNU `S` extension chains, GNU.sparse pax keys) are never built
+
+
+def old_gnu_sparse(name: str, blocks: int) -> bytes:
+    """An old GNU sparse member (`S`) whose header is followed by `blocks` extension blocks of 21 map entries each:
+    tarfile collects every entry into a list before anything can refuse the member."""
+    head = bytearray(header(name, 0, tarfile.GNUTYPE_SPARSE))
+    head[482] = 1  # isextended
+    out = [with_checksum(head)]
+    entries = b"".join(b"%011o\0%011o\0" % (4096 * (i + 1), 4096) for i in range(21))
+    for i in range(blocks):
+        ext = bytearray(entries + b"\0" * (BLOCK - len(entries)))
+        ext[504] = i < blocks - 1
+        out.append(bytes(ext))
+    return b"".join(out)
+
+
+def pax_sparse_10(name: str, numbers: int) -> bytes:
+    """A GNU 1.0 pax sparse member: its data opens with a map of as many numbers as its first line says."""
+    body = b"%d\n" % (numbers // 2) + b"".join(b"%d\n" % (100_000 + i) for i in range(numbers))
+    body += b"\0" * (-len(body) % BLOCK)
+    pax = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": name, "GNU.sparse.realsize": "4096"}
+    return header(f"GNUSparseFile.0/{name}", len(body), fmt=tarfile.PAX_FORMAT, pax=pax) + body
+
+
+def test_sparse_members_refused_before_any_map_is_built(images):
+    """A 10 MB chain of `S` extension blocks, a 1.0 pax map of a million numbers: tarfile built their maps (a
+    214 KiB .tar.gz took 3.1 GiB) before the sample could say "sparse: not supported". The member is refused from
+    its header and passed over; the members after it are read."""
+    dog = images["dog.1.jpg"]
+    shards = {
+        "S": old_gnu_sparse("s.jpg", 20_000) + member("dog.1.jpg", dog) + END,
+        "1.0": pax_sparse_10("s.jpg", 1_000_000) + member("dog.1.jpg", dog) + END,
+        "0.1": header("s.jpg", 0, fmt=tarfile.PAX_FORMAT, pax={"GNU.sparse.map": ",".join(["4096"] * 2000),
+                                                                 "GNU.sparse.size": "8192"})
+        + member("dog.1.jpg", dog) + END,
+        # a GNU.sparse key alone: tarfile takes realsize for the size and would read 3,000 bytes of a 100-byte member
+        "realsize": header("s.jpg", 100, fmt=tarfile.PAX_FORMAT, pax={"GNU.sparse.realsize": "3000"})
+        + b"\xff" * 100 + b"\0" * 412 + member("dog.1.jpg", dog) + END,
+    }
+    for kind, data in shards.items():
+        tracemalloc.start()
+        sparse, after = samples(data)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert (sparse.key, sparse.data, sparse.reason) == ("s", None, "sparse tar member: not supported"), kind
+        assert after.key == "dog.1" and after.data == dog and not after.reason, kind
+        assert peak < 4 * 2**20, (kind, peak)  # the data themselves: 10 MB and 7 MB
 
 
 # 13: two listed names of one file

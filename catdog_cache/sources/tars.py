@@ -40,9 +40,12 @@ class BadTar(Exception):
 
 
 class _Member(tarfile.TarInfo):
-    """tarfile's header parsing with two bounds: no header block shorter than 512 bytes (the stream ended without
-    its end-of-archive marker: truncated, which tarfile would take for a clean end) and no long-name or pax header
-    larger than MAX_HEADER_BYTES (tarfile reads those whole into memory, at whatever size the header declares)."""
+    """tarfile's header parsing with bounds on what it would allocate: no header block shorter than 512 bytes (the
+    stream ended without its end-of-archive marker: truncated, which tarfile would take for a clean end), no
+    long-name or pax header larger than MAX_HEADER_BYTES (tarfile reads those whole into memory, at whatever size the
+    header declares), and no sparse map (old GNU `S` extension chains, GNU.sparse pax keys): a sparse member is marked
+    (`sparse == []`), its map neither read into memory nor parsed, and refused as a sample; its stored bytes are
+    skipped like any member's."""
 
     @classmethod
     def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
@@ -55,6 +58,37 @@ class _Member(tarfile.TarInfo):
                          tarfile.SOLARIS_XHDTYPE) and self.size > MAX_HEADER_BYTES:
             raise BadTar(f"a {self.size:,}-byte extended header (at most {MAX_HEADER_BYTES:,})")
         return super()._proc_member(tf)  # type: ignore[misc]
+
+    def _proc_sparse(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        """Old GNU sparse (`S`): the header's extension blocks are passed over one at a time, never kept."""
+        _, extended, realsize = self._sparse_structs  # type: ignore[attr-defined]
+        del self._sparse_structs  # type: ignore[attr-defined]
+        while extended:
+            block = tf.fileobj.read(tarfile.BLOCKSIZE)  # type: ignore[union-attr]
+            if len(block) != tarfile.BLOCKSIZE:
+                raise BadTar("truncated inside a sparse header")
+            extended = bool(block[504])
+        self.sparse = []
+        self.offset_data = tf.fileobj.tell()  # type: ignore[union-attr]
+        tf.offset = self.offset_data + self._block(self.size)  # type: ignore[attr-defined]
+        self.size = realsize
+        return self
+
+    # GNU pax sparse formats 0.0, 0.1, 1.0: tarfile would parse the map (1.0: read from the member's data, as many
+    # numbers as its first line declares); the member is only marked
+    def _proc_gnusparse_00(self, next: tarfile.TarInfo, pax_headers: dict[str, str], buf: bytes) -> None:
+        next.sparse = []
+
+    def _proc_gnusparse_01(self, next: tarfile.TarInfo, pax_headers: dict[str, str]) -> None:
+        next.sparse = []
+
+    def _proc_gnusparse_10(self, next: tarfile.TarInfo, pax_headers: dict[str, str], tf: tarfile.TarFile) -> None:
+        next.sparse = []
+
+    def _apply_pax_info(self, pax_headers: dict[str, str], encoding: str, errors: str) -> None:
+        super()._apply_pax_info(pax_headers, encoding, errors)  # type: ignore[misc]
+        if self.sparse is None and any(k.startswith("GNU.sparse.") for k in pax_headers):
+            self.sparse = []  # a GNU.sparse key alone (realsize, name) changes what the member's size means
 
 
 def split_key(name: str) -> tuple[str, str] | None:
@@ -104,10 +138,10 @@ def _cls_label(text: bytes, classes: Sequence[str]) -> int:
 
 def _add(tf: tarfile.TarFile, m: tarfile.TarInfo, ext: str, s: TarSample, classes: Sequence[str]) -> None:
     """One member into its sample; sizes checked from the header, before any byte is read."""
-    if ext in IMAGE_EXTS and s.data is None and not s.reason:
-        if m.sparse is not None:
-            s.reason = "sparse tar member: not supported"
-        elif m.size > MAX_FILE_BYTES:
+    if (ext in IMAGE_EXTS and s.data is None or ext == "cls") and not s.reason and m.sparse is not None:
+        s.reason = "sparse tar member: not supported"
+    elif ext in IMAGE_EXTS and s.data is None and not s.reason:
+        if m.size > MAX_FILE_BYTES:
             s.reason = f"member of {m.size:,} bytes: larger than the {MAX_FILE_BYTES // 2**20} MiB file limit"
         else:
             s.data = tf.extractfile(m).read()  # type: ignore[union-attr]
