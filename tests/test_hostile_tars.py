@@ -4,8 +4,12 @@ digits, and the words said about them. A hang is the failure: readers run under 
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
 import os
+import re
 import tarfile
 import threading
 import time
@@ -15,11 +19,12 @@ from typing import Any
 
 import pytest
 
+from catdog_cache.engines.dispatch import extract
 from catdog_cache.errors import InputError
 from catdog_cache.sources import tars
 from catdog_cache.sources.spec import expand_braces, resolve_inputs
 from tests.conftest import TINY
-from tests.test_tars import make_tar
+from tests.test_tars import CFG, make_tar
 
 BLOCK = 512
 END = b"\0" * 1024  # the end-of-archive marker
@@ -87,6 +92,46 @@ class Unsized(io.RawIOBase):
         return n
 
 
+# 8: a member declaring 2**80 bytes (GNU base-256) or 10**24 (pax) in a file of a few KB
+
+
+def test_declared_sizes_past_the_end_end_the_shard_at_once(tmp_path, images):
+    """tarfile's stream mode skips a member by reading its declared size, block after block, past the end of the
+    data: a 2.5 KB tar declaring 2**80 bytes ran forever. Every member's declared size (here members that are no
+    image: nothing reads them, the reader only skips them) is checked against what the shard holds first."""
+    cat = images["cat.0.jpg"]
+    gnu = member("cat.0.jpg", cat) + header("x.bin", 2**80) + b"\0" * 1024
+    assert gnu[len(gnu) - 1536 + 124] == 0x80  # the size field is base-256
+    pax = member("cat.0.jpg", cat) + header("x.bin", 10**24, fmt=tarfile.PAX_FORMAT) + b"\0" * 1024
+    assert b"size=1000000000000000000000000\n" in pax
+    negative = bytearray(header("x.bin", 0))
+    negative[124:136] = b"\xff" * 12  # base-256 -1
+    negative_tar = member("cat.0.jpg", cat) + with_checksum(negative) + END
+    for data, declared in ((gnu, "1,208,925,819,614,629,174,706,176 bytes"),
+                           (pax, "1,000,000,000,000,000,000,000,000 bytes"), (negative_tar, "a negative size")):
+        first, refused = samples(data)
+        assert first.key == "cat.0" and first.data == cat and not first.reason  # the sample before is whole
+        assert refused.key == "x" and refused.data is None
+        assert f"member 'x.bin' declares {declared}" in refused.reason
+        if declared[0].isdigit():
+            assert f"past the end of the shard ({len(data):,} bytes)" in refused.reason
+    # compressed, the bound is what the shard may decompress to
+    (refused,) = samples(gzip.compress(header("x.bin", 10**24, fmt=tarfile.PAX_FORMAT) + END))
+    assert "declares 1,000,000,000,000,000,000,000,000 bytes, more than the shard may decompress to" in refused.reason
+    # a stream of unknown size: the reader skips what is there, then finds it short
+    (cut,) = samples(Unsized(header("x.bin", 2**80) + b"\0" * 1024))
+    assert cut.key == "x" and "unexpected end of data" in cut.reason
+    # end to end: one failure record naming the shard; the other shard's rows are extracted
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "a.tar").write_bytes(gnu)
+    good = make_tar(tmp_path / "s" / "b.tar", [("dog.1.jpg", images["dog.1.jpg"])])
+    r = within(120, lambda: extract(str(tmp_path / "s" / "{a,b}.tar"), tmp_path / "c.h5", CFG))
+    assert r.rows == 2 and r.extracted == 2  # cat.0 from a.tar, dog.1 from b.tar
+    (failed,) = r.failed
+    assert failed[0].startswith(str(tmp_path / "s" / "a.tar")) and f"shard ({len(gnu):,} bytes)" in failed[1]
+    assert good.exists()
+
+
 # 9: sparse maps (old GNU `S` extension chains, GNU.sparse pax keys) are never built
 
 
@@ -135,6 +180,57 @@ def test_sparse_members_refused_before_any_map_is_built(images):
         assert (sparse.key, sparse.data, sparse.reason) == ("s", None, "sparse tar member: not supported"), kind
         assert after.key == "dog.1" and after.data == dog and not after.reason, kind
         assert peak < 4 * 2**20, (kind, peak)  # the data themselves: 10 MB and 7 MB
+
+
+# 10: decompression is bounded per read and per shard
+
+
+def zeros_tar(n: int, members: int = 1) -> bytes:
+    return b"".join(header(f"z{i}.bin", n) + bytes(n) for i in range(members)) + END
+
+
+def test_decompression_bombs_capped(tmp_path, images, monkeypatch):
+    """A 2 MiB .tar.gz of 2 GiB of zeros ran past a minute: tarfile's stream mode decompressed it all to skip it
+    (and handed bzip2's output over in one piece: 10 KB of input, gigabytes). Decompression stops at
+    MAX_INFLATE_RATIO times the compressed size (at least MIN_INFLATE_BYTES; 1 MiB here, to keep the bombs small),
+    a bounded amount at a time, with one failure record; ordinary compressed shards read as before."""
+    monkeypatch.setattr(tars, "MIN_INFLATE_BYTES", 2**20, raising=False)  # raising: the old reader had none
+    payload = zeros_tar(2**24)  # one 16 MiB member of zeros
+    bombs = {"gz": gzip.compress(payload, 1), "bz2": bz2.compress(payload, 1), "xz": lzma.compress(payload, preset=0)}
+    for kind, bomb in bombs.items():
+        assert len(bomb) * 100 < 2**24, kind
+        # the size known (a file): the member declares more than the shard may decompress to
+        (refused,) = samples(bomb)
+        limit = max(2**20, 100 * len(bomb))
+        assert f"declares 16,777,216 bytes, more than the shard may decompress to ({limit:,} bytes" in refused.reason
+        # the size not known (a stream): decompression itself stops, a bounded amount held at a time
+        tracemalloc.start()
+        (refused,) = samples(Unsized(bomb))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert re.match(r"refused tar: decompresses to more than [0-9,]+ bytes \(100 times the [0-9,]+ bytes read so "
+                        r"far, at least 1 MiB\): a decompression bomb", refused.reason), (kind, refused.reason)
+        assert peak < 2 * 2**20, (kind, peak)
+    # many members, each small: the shard's total is what is capped
+    (*_, refused) = samples(Unsized(gzip.compress(zeros_tar(2**16, 64), 1)))
+    assert refused.key == "z31" and "refused tar: decompresses to more than" in refused.reason
+    # ordinary shards, compressed each way, and concatenated streams (pigz, pbzip2): the same samples
+    names = sorted(images)
+    plain = make_tar(tmp_path / "p.tar", [(n, images[n]) for n in names]).read_bytes()
+    want = [(s.key, s.data) for s in samples(plain)]
+    assert len(want) == 8
+    half = len(plain) // 2
+    for compress in (gzip.compress, bz2.compress, lzma.compress):
+        for data in (compress(plain), compress(plain[:half]) + compress(plain[half:])):
+            assert [(s.key, s.data, s.reason) for s in samples(data)] == [(k, d, "") for k, d in want]
+    # end to end: a bomb beside a good shard is one failure record naming it, the good shard's rows are kept
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "bomb.tar.gz").write_bytes(bombs["gz"])
+    (tmp_path / "s" / "good.tar.gz").write_bytes(gzip.compress(plain))
+    r = within(120, lambda: extract(str(tmp_path / "s" / "{bomb,good}.tar.gz"), tmp_path / "c.h5", CFG))
+    assert r.extracted == 8
+    (failed,) = r.failed
+    assert failed[0].startswith(str(tmp_path / "s" / "bomb.tar.gz")) and "refused tar" in failed[1]
 
 
 # 13: two listed names of one file
