@@ -15,14 +15,16 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from catdog_cache.cache import read_index
 from catdog_cache.engines.dispatch import extract
 from catdog_cache.errors import InputError
 from catdog_cache.sources import tars
-from catdog_cache.sources.spec import expand_braces, resolve_inputs
+from catdog_cache.sources.spec import expand_braces, open_tar, resolve_inputs
 from tests.conftest import TINY
 from tests.test_tars import CFG, make_tar
 
@@ -277,3 +279,40 @@ def test_brace_bound_of_5000_digits_is_one_line(tmp_path, cli):
     assert len(expand_braces("s-{000000000000000000..000000000000000001}.tar")) == 2  # 18 digits: fine
     with pytest.raises(InputError, match="neither a list"):  # not ASCII digits: not a range, as in the shell
         expand_braces("s-{\u0661..\u0663}.tar")
+
+
+# 12 and 17: local shards are regular files, read no further than their size; messages say what they found
+
+
+def test_fifos_devices_and_pseudo_files_as_shards(tmp_path, images, cli):
+    """A FIFO named f.tar given as the input was "not found"; a /proc file (0 bytes by its size: /proc/kmsg blocks,
+    and reading it consumes the kernel's log) was read as a tar. Now the FIFO is named for what it is, and a
+    listed FIFO, device or /proc file is one failure line; nothing is read past a file's size."""
+    fifo = tmp_path / "f.tar"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match=r"f\.tar: a FIFO, not a regular file"):
+        resolve_inputs(fifo)
+    result = cli("extract", fifo, "--cache", tmp_path / "x.h5", *TINY, ok=False)
+    assert result.exit_code == 1 and "a FIFO, not a regular file" in result.output and "not found" not in result.output
+    # /proc/self/status: a regular file of 0 bytes by fstat that yields text when read
+    proc = Path("/proc/self/status")
+    if proc.exists():
+        assert os.stat(proc).st_size == 0
+
+        def read_proc() -> list[tars.TarSample]:
+            with open_tar(str(proc)) as fh:
+                return list(tars.read_samples(fh))
+
+        (empty,) = within(10, read_proc)
+        assert empty.reason == "corrupt or truncated tar: empty (0 bytes)"  # nothing read (else: "invalid header")
+    good = make_tar(tmp_path / "good.tar", [("cat.0.jpg", images["cat.0.jpg"])])
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{fifo}\n/dev/null\n{good}\n")
+    with pytest.raises(InputError, match=r"2 of 3 shards could not be read, first .*f\.tar: a FIFO, not a regular "
+                       r"file; the other shards' rows are saved \(1 row"):
+        within(120, lambda: extract(listing, tmp_path / "c.h5", CFG))
+    assert [p.decode() for p in read_index(tmp_path / "c.h5").paths] == ["cat.0"]
+    listing.write_text(f"/dev/null\n{good}\n")
+    with pytest.raises(InputError, match="1 of 2 shards could not be read, first /dev/null: a character device, not a "
+                       "regular file"):
+        within(120, lambda: extract(listing, tmp_path / "c.h5", CFG))

@@ -6,6 +6,7 @@ naming the shards, their identity (size + version: what a done marker records), 
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import math
 import os
@@ -108,11 +109,31 @@ def normalise(name: str, base: Path | None = None) -> str:
     return str(Path(os.path.abspath(path)))
 
 
+def _what_file(mode: int) -> str:
+    """What a file that is not a regular one is, for messages: `a FIFO`, `a character device`, ..."""
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "a regular file" if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _not_regular(mode: int) -> OSError:
+    return OSError(errno.EINVAL, f"{_what_file(mode)}, not a regular file")
+
+
 def _kind(path: Path) -> str:
-    """"tar" (ustar magic at 257, or a gzip stream), "listing" (text), or "other" (binary: an image, say)."""
+    """"tar" (ustar magic at 257, or a gzip stream), "listing" (text), or "other" (binary: an image, say). Its head
+    read as a regular file, opened non-blocking (a FIFO swapped in cannot hang this)."""
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(4096)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return "listing"  # read_listing reports what it is
+            os.set_blocking(fd, True)
+            head = os.read(fd, 4096)
+        finally:
+            os.close(fd)
     except OSError:
         return "listing"  # read_listing reports why
     if head[257:262] == b"ustar" or head[:2] == b"\x1f\x8b":
@@ -155,7 +176,8 @@ def resolve_inputs(spec: str | os.PathLike[str]) -> list[str]:
         elif "{" in text:
             names = [normalise(n) for n in expand_braces(text)]
         else:
-            raise InputError(f"not found: {short(printable(text))} (give a folder, a .tar shard, a brace pattern "
+            there = f"{_what_file(st.st_mode)}, not a regular file" if st is not None else "not found"
+            raise InputError(f"{short(printable(text))}: {there} (give a folder, a .tar shard, a brace pattern "
                              "like shards/train-{000000..000099}.tar, or a text file listing shards)")
     else:
         names = expand_braces(text) if "{" in text else [text]
@@ -192,7 +214,7 @@ def refuse_missing(shards: list[str]) -> None:
             continue
         try:
             os.stat(source)
-        except (FileNotFoundError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in a listed name
             missing.append(source)
         except OSError:
             pass  # there but unreadable (permissions): recorded when read, as a remote failure is
@@ -235,7 +257,7 @@ def identity(source: str) -> Identity:
     if not is_url(source):
         st = os.stat(source)
         if not stat.S_ISREG(st.st_mode):
-            raise OSError(f"{source} is not a regular file")
+            raise _not_regular(st.st_mode)
         return Identity(st.st_size, str(st.st_mtime_ns))
     fs, path = remote_fs(source)
     info = fs.info(path)
@@ -244,10 +266,24 @@ def identity(source: str) -> Identity:
     return Identity(int(info.get("size") or 0), version)
 
 
+class _Sized:
+    """A local shard read no further than the size fstat gave when it was opened: a pseudo file that says 0 bytes
+    (/proc/kmsg blocks and is consumed by reading) is not read at all."""
+
+    def __init__(self, fh: IO[bytes], size: int) -> None:
+        self.fh, self.size, self.left = fh, size, size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        data = self.fh.read(n) if n else b""
+        self.left -= len(data)
+        return data
+
+
 @contextlib.contextmanager
 def open_tar(source: str) -> Iterator[IO[bytes]]:
-    """A shard as a binary stream, read front to back. A local one is opened non-blocking and checked to be a
-    regular file on the open descriptor (a FIFO named x.tar cannot hang the run)."""
+    """A shard as a binary stream, read front to back. A local one is opened non-blocking, checked to be a regular
+    file on the open descriptor (a FIFO named x.tar cannot hang the run) and read no further than its size."""
     if is_url(source):
         fs, path = remote_fs(source)
         with fs.open(path, "rb") as fh:
@@ -255,12 +291,14 @@ def open_tar(source: str) -> Iterator[IO[bytes]]:
         return
     fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{source} is not a regular file")
-        os.set_blocking(fd, True)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(st.st_mode)
+        if st.st_size:
+            os.set_blocking(fd, True)
         fh = os.fdopen(fd, "rb", buffering=1 << 20)
     except BaseException:
         os.close(fd)
         raise
     with fh:
-        yield fh
+        yield _Sized(fh, st.st_size)  # type: ignore[misc]
