@@ -316,3 +316,15 @@ def test_fifos_devices_and_pseudo_files_as_shards(tmp_path, images, cli):
     with pytest.raises(InputError, match="1 of 2 shards could not be read, first /dev/null: a character device, not a "
                        "regular file"):
         within(120, lambda: extract(listing, tmp_path / "c.h5", CFG))
+
+
+def test_ray_rerun_message_counts(tmp_path, images, cli):
+    """`all 1 input shard were done already`: the counts read right for one (no Ray starts: every shard is done)."""
+    one = make_tar(tmp_path / "s" / "a-0.tar", [("cat.0.jpg", images["cat.0.jpg"])])
+    make_tar(tmp_path / "s" / "a-1.tar", [("dog.1.jpg", images["dog.1.jpg"])])
+    cache = tmp_path / "c.h5"
+    cli("extract", tmp_path / "s" / "a-{0..1}.tar", "--cache", cache, *TINY, "--workers", "0", "--quiet")
+    result = cli("extract", one, "--cache", cache, "--engine", "ray")
+    assert "ray: the input shard was done already; no task ran" in result.output
+    result = cli("extract", tmp_path / "s" / "a-{0..1}.tar", "--cache", cache, "--engine", "ray")
+    assert "ray: all 2 input shards were done already; no task ran" in result.output
