@@ -137,10 +137,14 @@ def extract_cmd(
     out.print(f"[green]extracted[/] {r.extracted:,} new, reused {r.reused:,}{hashed}, failed {len(r.failed):,} -> "
               f"{plural(r.rows, 'row')} in {escape(printable(str(cache)))} in {r.seconds:.1f}s{rate}", highlight=False)
     if ray and ray["shards_run"]:
+        others = ray["shards"] - ray["shards_run"]
+        done = "" if not others else "; the other was done already" if others == 1 else \
+            "; the others were done already"
         out.print(f"ray: {ray['shards_run']:,} of {plural(ray['shards'], 'input shard')} run on "
-                  f"{plural(ray['actors'], 'actor')} (the others were done already)", highlight=False)
+                  f"{plural(ray['actors'], 'actor')}{done}", highlight=False)
     elif ray:
-        out.print(f"ray: all {plural(ray['shards'], 'input shard')} were done already; no task ran", highlight=False)
+        done = "the input shard was" if ray["shards"] == 1 else f"all {ray['shards']:,} input shards were"
+        out.print(f"ray: {done} done already; no task ran", highlight=False)
 
 
 def one_input(inputs: list[str]) -> str:

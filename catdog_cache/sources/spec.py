@@ -6,6 +6,7 @@ naming the shards, their identity (size + version: what a done marker records), 
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import math
 import os
@@ -21,11 +22,12 @@ from ..files import plural, printable, read_regular, short
 
 MAX_SHARDS = 100_000  # per input: a pattern or listing naming more is refused before anything is expanded or read
 MAX_LISTING_BYTES = 16 * 2**20  # a listing file of 100,000 URLs is ~10 MB
+MAX_RANGE_DIGITS = 18  # a {lo..hi} bound longer than this is refused (int() raises past 4,300 digits)
 TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz")
 REMOTE_EXTRA = "pip install 'catdog-cache[remote]'"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _BRACE = re.compile(r"\{([^{}]*)\}")
-_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+_RANGE = re.compile(r"^(-?[0-9]+)\.\.(-?[0-9]+)$")  # ASCII digits only, as the shell's ranges
 _COMMENT = re.compile(r"\s#.*")  # a listing line's trailing comment
 
 
@@ -36,21 +38,37 @@ def is_url(text: str) -> bool:
 def is_tar_input(spec: str | os.PathLike[str]) -> bool:
     """Whether `extract` should read `spec` as tar shards (a URL, a pattern, a tar, a listing) rather than a folder."""
     text = os.fspath(spec)
+    if is_url(text) and not text.startswith("file://"):
+        return True
+    st = _stat(_local(text))
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        return False
     if is_url(text):
-        return not text.startswith("file://") or not Path(_local(text)).is_dir()
-    path = Path(text)
-    return not path.is_dir() and (path.is_file() or "{" in text or text.lower().endswith(TAR_SUFFIXES))
+        return True
+    return bool(st and stat.S_ISREG(st.st_mode)) or "{" in text or text.lower().endswith(TAR_SUFFIXES)
+
+
+def _stat(path: str) -> os.stat_result | None:
+    """os.stat, or None where there is nothing to stat (missing, a name too long: a brace pattern's, say)."""
+    try:
+        return os.stat(path)
+    except (OSError, ValueError):  # ValueError: a NUL in the name
+        return None
 
 
 def _group_values(body: str, where: str) -> list[str] | tuple[int, int, int]:
     """One brace group: a `{a,b}` list, or a `{lo..hi}` range as (lo, hi, width); zero-padded when a bound is."""
     m = _RANGE.match(body)
     if m:
+        digits = max(len(m[1].lstrip("-")), len(m[2].lstrip("-")))
+        if digits > MAX_RANGE_DIGITS:
+            raise InputError(f"{where}: a brace range bound of {digits:,} digits; at most {MAX_RANGE_DIGITS}")
         lo, hi = int(m[1]), int(m[2])
         padded = any(len(b.lstrip("-")) > 1 and b.lstrip("-").startswith("0") for b in (m[1], m[2]))
         return lo, hi, max(len(m[1]), len(m[2])) if padded else 0
     if "," not in body:
-        raise InputError(f"{where}: brace group {{{body}}} is neither a list {{a,b}} nor a range {{000..099}}")
+        raise InputError(f"{where}: brace group {{{short(printable(body), 40)}}} is neither a list {{a,b}} nor a range "
+                         "{000..099}")
     return body.split(",")
 
 
@@ -91,11 +109,31 @@ def normalise(name: str, base: Path | None = None) -> str:
     return str(Path(os.path.abspath(path)))
 
 
+def _what_file(mode: int) -> str:
+    """What a file that is not a regular one is, for messages: `a FIFO`, `a character device`, ..."""
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "a regular file" if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _not_regular(mode: int) -> OSError:
+    return OSError(errno.EINVAL, f"{_what_file(mode)}, not a regular file")
+
+
 def _kind(path: Path) -> str:
-    """"tar" (ustar magic at 257, or a gzip stream), "listing" (text), or "other" (binary: an image, say)."""
+    """"tar" (ustar magic at 257, or a gzip stream), "listing" (text), or "other" (binary: an image, say). Its head
+    read as a regular file, opened non-blocking (a FIFO swapped in cannot hang this)."""
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(4096)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return "listing"  # read_listing reports what it is
+            os.set_blocking(fd, True)
+            head = os.read(fd, 4096)
+        finally:
+            os.close(fd)
     except OSError:
         return "listing"  # read_listing reports why
     if head[257:262] == b"ustar" or head[:2] == b"\x1f\x8b":
@@ -128,7 +166,8 @@ def resolve_inputs(spec: str | os.PathLike[str]) -> list[str]:
         raise InputError("no input given: name a folder, a .tar shard, a brace pattern or a listing file")
     local = Path(_local(text))
     if not is_url(text) or text.startswith("file://"):
-        if local.is_file():
+        st = _stat(str(local))
+        if st is not None and stat.S_ISREG(st.st_mode):
             kind = "tar" if text.lower().endswith(TAR_SUFFIXES) else _kind(local)
             if kind == "other":
                 raise InputError(f"not a folder: {short(printable(text))} (nor a tar shard or a text file listing "
@@ -137,13 +176,33 @@ def resolve_inputs(spec: str | os.PathLike[str]) -> list[str]:
         elif "{" in text:
             names = [normalise(n) for n in expand_braces(text)]
         else:
-            raise InputError(f"not found: {short(printable(text))} (give a folder, a .tar shard, a brace pattern "
+            there = f"{_what_file(st.st_mode)}, not a regular file" if st is not None else "not found"
+            raise InputError(f"{short(printable(text))}: {there} (give a folder, a .tar shard, a brace pattern "
                              "like shards/train-{000000..000099}.tar, or a text file listing shards)")
     else:
         names = expand_braces(text) if "{" in text else [text]
     if not names:
         raise InputError(f"{short(printable(text))} names no shards")
-    return list(dict.fromkeys(names))
+    names = list(dict.fromkeys(names))
+    _refuse_aliases(names)
+    return names
+
+
+def _refuse_aliases(names: list[str]) -> None:
+    """Two local names of one file (a hard link, a symbolic link: the same device and inode) are one shard read
+    twice, its rows twice in the cache: refused, naming both (a listing of 2,000 hard links to one shard read it
+    2,000 times). Names that cannot be stat'ed are refuse_missing's or the reader's."""
+    seen: dict[tuple[int, int], str] = {}
+    for name in names:
+        if is_url(name):
+            continue
+        st = _stat(name)
+        if st is None:
+            continue
+        first = seen.setdefault((st.st_dev, st.st_ino), name)
+        if first != name:
+            raise InputError(f"{short(printable(first))} and {short(printable(name))} are the same file (a hard or "
+                             "symbolic link): name each shard once")
 
 
 def refuse_missing(shards: list[str]) -> None:
@@ -155,7 +214,7 @@ def refuse_missing(shards: list[str]) -> None:
             continue
         try:
             os.stat(source)
-        except (FileNotFoundError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in a listed name
             missing.append(source)
         except OSError:
             pass  # there but unreadable (permissions): recorded when read, as a remote failure is
@@ -198,7 +257,7 @@ def identity(source: str) -> Identity:
     if not is_url(source):
         st = os.stat(source)
         if not stat.S_ISREG(st.st_mode):
-            raise OSError(f"{source} is not a regular file")
+            raise _not_regular(st.st_mode)
         return Identity(st.st_size, str(st.st_mtime_ns))
     fs, path = remote_fs(source)
     info = fs.info(path)
@@ -207,10 +266,24 @@ def identity(source: str) -> Identity:
     return Identity(int(info.get("size") or 0), version)
 
 
+class _Sized:
+    """A local shard read no further than the size fstat gave when it was opened: a pseudo file that says 0 bytes
+    (/proc/kmsg blocks and is consumed by reading) is not read at all."""
+
+    def __init__(self, fh: IO[bytes], size: int) -> None:
+        self.fh, self.size, self.left = fh, size, size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        data = self.fh.read(n) if n else b""
+        self.left -= len(data)
+        return data
+
+
 @contextlib.contextmanager
 def open_tar(source: str) -> Iterator[IO[bytes]]:
-    """A shard as a binary stream, read front to back. A local one is opened non-blocking and checked to be a
-    regular file on the open descriptor (a FIFO named x.tar cannot hang the run)."""
+    """A shard as a binary stream, read front to back. A local one is opened non-blocking, checked to be a regular
+    file on the open descriptor (a FIFO named x.tar cannot hang the run) and read no further than its size."""
     if is_url(source):
         fs, path = remote_fs(source)
         with fs.open(path, "rb") as fh:
@@ -218,12 +291,14 @@ def open_tar(source: str) -> Iterator[IO[bytes]]:
         return
     fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{source} is not a regular file")
-        os.set_blocking(fd, True)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(st.st_mode)
+        if st.st_size:
+            os.set_blocking(fd, True)
         fh = os.fdopen(fd, "rb", buffering=1 << 20)
     except BaseException:
         os.close(fd)
         raise
     with fh:
-        yield fh
+        yield _Sized(fh, st.st_size)  # type: ignore[misc]
