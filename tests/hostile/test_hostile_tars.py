@@ -23,10 +23,10 @@ import pytest
 from catdog_cache.cache import read_index
 from catdog_cache.engines.dispatch import extract
 from catdog_cache.errors import InputError
-from catdog_cache.sources import tars
+from catdog_cache.sources import tar_stream, tars
 from catdog_cache.sources.spec import expand_braces, open_tar, resolve_inputs
 from tests.conftest import TINY
-from tests.test_tars import CFG, make_tar
+from tests.extract.test_tars import CFG, make_tar
 
 BLOCK = 512
 END = b"\0" * 1024  # the end-of-archive marker
@@ -196,7 +196,7 @@ def test_decompression_bombs_capped(tmp_path, images, monkeypatch):
     (and handed bzip2's output over in one piece: 10 KB of input, gigabytes). Decompression stops at
     MAX_INFLATE_RATIO times the compressed size (at least MIN_INFLATE_BYTES; 1 MiB here, to keep the bombs small),
     a bounded amount at a time, with one failure record; ordinary compressed shards read as before."""
-    monkeypatch.setattr(tars, "MIN_INFLATE_BYTES", 2**20, raising=False)  # raising: the old reader had none
+    monkeypatch.setattr(tar_stream, "MIN_INFLATE_BYTES", 2**20, raising=False)  # raising: the old reader had none
     payload = zeros_tar(2**24)  # one 16 MiB member of zeros
     bombs = {"gz": gzip.compress(payload, 1), "bz2": bz2.compress(payload, 1), "xz": lzma.compress(payload, preset=0)}
     for kind, bomb in bombs.items():
