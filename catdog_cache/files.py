@@ -54,6 +54,20 @@ def _regular_chunks(path: str | os.PathLike[str], limit: int) -> Iterator[bytes]
         os.close(fd)
 
 
+def regular_prefix(path: str | os.PathLike[str], n: int) -> bytes:
+    """The first n bytes of a regular file (fewer if it is smaller), opened non-blocking and checked on the
+    descriptor, read no further than its size: a FIFO, a device or a /proc pseudo file is never waited on. Raises
+    OSError (EINVAL: not a regular file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        return os.pread(fd, min(n, st.st_size), 0) if st.st_size else b""
+    finally:
+        os.close(fd)
+
+
 def read_regular(path: str | os.PathLike[str], limit: int) -> bytes:
     """At most `limit` bytes of a regular file (see _regular_chunks); ValueError if larger."""
     try:
