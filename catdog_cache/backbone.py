@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import InputError, WeightsUnavailable
-from .files import plausible_file, sha256_regular
+from .files import plausible_file, read_regular, sha256_regular
 
 DECODERS = ("pil", "pil-draft", "torchvision")  # how a preset's images are decoded (recorded in its spec)
 
@@ -111,6 +112,22 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         return sha256_regular(path, MAX_WEIGHTS_BYTES)
     except OSError as e:
         raise InputError(f"--weights {path}: cannot read it ({e.strerror})") from None
+
+
+def read_weights(spec: WeightsSpec) -> bytes:
+    """The bytes of a weights file, read once: what is hashed is what is loaded (a file replaced after it was hashed
+    by path and before it was loaded by path again would be loaded under the old file's identity). A spec that
+    records a sha256 must match it; the new hash itself is never shown (see locate)."""
+    try:
+        data = read_regular(spec.path, MAX_WEIGHTS_BYTES)
+    except ValueError as e:
+        raise InputError(f"--weights {spec.path}: {e}") from None
+    except OSError as e:
+        raise InputError(f"--weights {spec.path}: cannot read it ({e.strerror})") from None
+    if spec.sha256 and hashlib.sha256(data).hexdigest() != spec.sha256:
+        raise InputError(f"--weights {spec.path}: the file changed since it was checked (it is no longer the file "
+                         f"with sha256 {spec.sha256[:12]}…); run again")
+    return data
 
 
 MAX_SIDE = 2048  # resize and crop; the largest torchvision preset is 600, timm's about 1024
@@ -288,12 +305,16 @@ def freeze(model: nn.Module) -> nn.Module:
 def load_state_file(model: nn.Module, spec: WeightsSpec, what: str, ignore: tuple[str, ...] = ()) -> nn.Module:
     """A weights file from anywhere: tensors only (weights_only=True, never a pickle fallback), keys and shapes
     must match `model` except the `ignore` prefixes (e.g. the classifier that features stop before)."""
+    import io
+
     import torch
 
+    data = read_weights(spec)
     try:
-        state = torch.load(spec.path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         raise InputError(f"--weights {spec.path}: not a loadable PyTorch state dict ({type(e).__name__})") from None
+    del data  # the tensors are copies: the file's bytes are not held while the model takes them
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)

@@ -1,5 +1,6 @@
 """Hostile files, round 4: a cache file that is a FIFO, a device or a /proc pseudo file, or becomes one between a
-check and the open (items 11, 12). Every hostile input is built here; the helpers are this file's own."""
+check and the open (items 11, 12); a weights file hashed and loaded as one read (item 1). Every hostile input is
+built here; the helpers are this file's own."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from catdog_cache.cli import app
@@ -230,3 +232,46 @@ def test_socket_or_device_as_a_cache_is_named(tmp_path, what):
     else:
         path = Path("/dev/zero")
     assert f"is a {what}" in refused(invoke("info", path), what)
+
+
+# ---------------------------------------------------------------- 1. weights read once
+
+@pytest.fixture(scope="module")
+def weights_base(base, tmp_path_factory):
+    """A cache and head of a real --weights FILE backbone (a seeded mobilenet_v3_small state dict). Tests that swap
+    the weights file put it back."""
+    from torchvision.models import get_model
+
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    torch.save(get_model(NET, weights=None).state_dict(), root / "w.pth")
+    cache, head = root / "cache" / "features.h5", root / "cache" / "features.head.pt"
+    build(root, "extract", base.train, "--cache", cache, "--backbone", NET, "--weights", root / "w.pth", "--quiet")
+    build(root, "fit", "--cache", cache, *FIT)
+    return SimpleNamespace(root=root, weights=root / "w.pth", cache=cache, head=head)
+
+
+def other_weights(path: Path, seed: int = 1) -> Path:
+    from torchvision.models import get_model
+
+    torch.manual_seed(seed)
+    torch.save(get_model(NET, weights=None).state_dict(), path)
+    return path
+
+
+def test_weights_are_hashed_and_loaded_from_one_read(weights_base, tmp_path):
+    """Before: hashed by path, then loaded by path again, so a file replaced in between was loaded while the cache
+    recorded the first one's hash (Ray actors build through the same code)."""
+    from catdog_cache.backbone import build, parse_weights
+    from catdog_cache.errors import InputError
+
+    path = Path(shutil.copy(weights_base.weights, tmp_path / "w.pth"))
+    spec = parse_weights(str(path))
+    want = torch.load(path, weights_only=True)
+    model = build(spec, NET)
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in want.items() if k in got)
+    other_weights(tmp_path / "b.pth")
+    os.replace(tmp_path / "b.pth", path)  # a valid state dict of the same network, after the hash
+    with pytest.raises(InputError, match="changed since it was checked"):
+        build(spec, NET)
