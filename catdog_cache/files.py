@@ -25,7 +25,7 @@ class DiskFull(CatdogError):
     """No space (or quota) left where an output goes; nothing half-written was kept."""
 
 
-def _regular_chunks(path: str | os.PathLike[str], limit: int) -> Iterator[bytes]:
+def regular_chunks(path: str | os.PathLike[str], limit: int) -> Iterator[bytes]:
     """The bytes of a regular file, as its size says, in chunks. Opened non-blocking (a FIFO swapped in after
     discovery cannot hang the run) and checked on the open descriptor (a link to /dev/zero cannot exhaust memory).
     Never more than the size fstat reports: a pseudo file that says 0 bytes (/proc/kmsg blocks, /proc/self/pagemap
@@ -69,9 +69,9 @@ def regular_prefix(path: str | os.PathLike[str], n: int) -> bytes:
 
 
 def read_regular(path: str | os.PathLike[str], limit: int) -> bytes:
-    """At most `limit` bytes of a regular file (see _regular_chunks); ValueError if larger."""
+    """At most `limit` bytes of a regular file (see regular_chunks); ValueError if larger."""
     try:
-        return b"".join(_regular_chunks(path, limit))
+        return b"".join(regular_chunks(path, limit))
     except OSError as e:
         if e.errno == errno.EFBIG:
             raise ValueError(f"larger than the {limit // 2**20} MiB file limit") from None
@@ -81,7 +81,7 @@ def read_regular(path: str | os.PathLike[str], limit: int) -> bytes:
 def sha256_regular(path: str | os.PathLike[str], limit: int) -> str:
     """Content hash with the same guarantees as read_regular; OSError (EFBIG) if larger than `limit`."""
     h = hashlib.sha256()
-    for chunk in _regular_chunks(path, limit):
+    for chunk in regular_chunks(path, limit):
         h.update(chunk)
     return h.hexdigest()
 

@@ -1,11 +1,12 @@
 """Hostile files, round 4: a cache file that is a FIFO, a device or a /proc pseudo file, or becomes one between a
-check and the open (items 11, 12); a weights file hashed and loaded as one read (item 1). Every hostile input is
-built here; the helpers are this file's own."""
+check and the open (items 11, 12); a weights file hashed and loaded as one read (item 1), refused by its recorded
+size before it is hashed (item 14). Every hostile input is built here; the helpers are this file's own."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import h5py
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -275,3 +277,88 @@ def test_weights_are_hashed_and_loaded_from_one_read(weights_base, tmp_path):
     os.replace(tmp_path / "b.pth", path)  # a valid state dict of the same network, after the hash
     with pytest.raises(InputError, match="changed since it was checked"):
         build(spec, NET)
+
+
+# ---------------------------------------------------------------- 14. weights refused by size
+
+def test_weights_identity_records_the_size(weights_base):
+    from catdog_cache.cache import read_index
+
+    size = weights_base.weights.stat().st_size
+    sha = hashlib.sha256(weights_base.weights.read_bytes()).hexdigest()
+    assert read_index(weights_base.cache).provenance.weights == f"file:sha256={sha},size={size}"
+
+
+class Swapped:
+    """The weights file at its recorded path replaced by a 16 GiB sparse file (a path to a big file); put back."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.kept = path, path.with_name(path.name + ".kept")
+
+    def __enter__(self) -> Path:
+        os.rename(self.path, self.kept)
+        with open(self.path, "wb") as fh:
+            fh.truncate(16 << 30)
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        os.replace(self.kept, self.path)
+
+
+def _no_reads_of(mp: pytest.MonkeyPatch, path: Path) -> None:
+    """Any read of `path` fails the test at once (before: the 16 GiB were hashed, 50-90 s)."""
+    real = os.read
+
+    def read(fd, n):
+        if os.path.realpath(f"/proc/self/fd/{fd}") == str(path):
+            raise AssertionError(f"{path} was read")
+        return real(fd, n)
+
+    mp.setattr(os, "read", read)
+
+
+@pytest.mark.parametrize("command", ["predict", "extract"])
+def test_recorded_weights_path_of_another_size_is_refused_before_hashing(base, weights_base, tmp_path, command):
+    """predict: the head's recorded path (backbone.locate); extract: the cache's (appending without --weights)."""
+    head = Path(shutil.copy(weights_base.head, tmp_path / "h.pt"))  # its test-feature cache goes here, not there
+    cache = copy_cache(weights_base.cache, tmp_path / "c" / "features.h5")
+    more = tmp_path / "more"
+    draw(more / "cat.9.jpg", "cat", 9)
+    with Swapped(weights_base.weights) as big, pytest.MonkeyPatch.context() as mp:
+        _no_reads_of(mp, big)
+        t0 = time.perf_counter()
+        if command == "predict":
+            out = refused(invoke("predict", base.test, "--head", head, "--out", "p.csv", "--quiet"),
+                          "not the file the head was trained with")
+        else:
+            out = refused(invoke("extract", more, "--cache", cache, "--quiet"), "is not that file now")
+        assert time.perf_counter() - t0 < 30
+    assert str(weights_base.weights) in out and "Traceback" not in out
+
+
+def _without_size(text: str) -> str:
+    prov = json.loads(text)
+    prov["weights"] = prov["weights"].partition(",size=")[0]
+    return json.dumps(prov, sort_keys=True)
+
+
+def test_caches_and_heads_recorded_without_a_size_still_work(base, weights_base, tmp_path):
+    """Caches and heads written before sizes were recorded: their weights file is found by hashing, as before, and
+    their provenance equals a sized one (an append to such a cache adds sized shards to it)."""
+    from catdog_cache.cache import read_index
+
+    cache = copy_cache(weights_base.cache, tmp_path / "c" / "features.h5")
+    for p in [cache, *cache.with_name("features.h5.shards").glob("*.h5")]:
+        with h5py.File(p, "r+") as f:
+            f.attrs["provenance"] = _without_size(f.attrs["provenance"])
+    blob = torch.load(weights_base.head, map_location="cpu", weights_only=True)
+    blob["provenance"] = _without_size(blob["provenance"])
+    torch.save(blob, tmp_path / "old.pt")
+    assert ",size=" not in read_index(cache).provenance.weights
+    more = tmp_path / "more"
+    draw(more / "dog.9.jpg", "dog", 9)
+    assert invoke("extract", more, "--cache", cache, "--quiet").exit_code == 0
+    assert read_index(cache).shape[0] == 9
+    r = invoke("predict", base.test, "--head", tmp_path / "old.pt", "--out", "p.csv", "--quiet")
+    assert r.exit_code == 0, r.output  # its backbone rebuilt from the file found by its sha256 alone
+    assert len(Path("p.csv").read_text().splitlines()) == 4
