@@ -266,8 +266,19 @@ def json_text(text: str) -> str:
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
+def _csv_char(c: str) -> str:
+    """One character of a CSV cell: as printable() shows it, except a newline (the csv module quotes it, and a name
+    holding one round-trips) and a non-UTF-8 byte (a surrogate escape: written back as the byte it was)."""
+    return c if c.isprintable() or c == "\n" or "\udc80" <= c <= "\udcff" else repr(c)[1:-1]
+
+
 def csv_cell(text: str) -> str:
-    """Spreadsheet-safe cell (OWASP CSV injection): a leading quote stops =, +, -, @ from being run as a formula."""
+    """One rule for every text cell of every CSV written (predictions, submissions, their headers): control
+    characters escaped as printable() escapes them for the terminal (a class or file name holding ESC ... BEL, an
+    OSC 52 clipboard write, reaches the terminal of whoever runs `cat predictions.csv`), then a leading quote stops
+    =, +, -, @ from being run as a formula by a spreadsheet (OWASP CSV injection)."""
+    if not text.isprintable():
+        text = "".join(map(_csv_char, text))
     return "'" + text if text.startswith(FORMULA_START) else text
 
 

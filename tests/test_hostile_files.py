@@ -1,6 +1,7 @@
 """Hostile files, round 4: a cache file that is a FIFO, a device or a /proc pseudo file, or becomes one between a
 check and the open (items 11, 12); a weights file hashed and loaded as one read (item 1), refused by its recorded
-size before it is hashed (item 14). Every hostile input is built here; the helpers are this file's own."""
+size before it is hashed (item 14); control characters in every CSV cell (item 16). Every hostile input is built
+here; the helpers are this file's own."""
 
 from __future__ import annotations
 
@@ -362,3 +363,38 @@ def test_caches_and_heads_recorded_without_a_size_still_work(base, weights_base,
     r = invoke("predict", base.test, "--head", tmp_path / "old.pt", "--out", "p.csv", "--quiet")
     assert r.exit_code == 0, r.output  # its backbone rebuilt from the file found by its sha256 alone
     assert len(Path("p.csv").read_text().splitlines()) == 4
+
+
+# ---------------------------------------------------------------- 16. control characters in CSV cells
+
+def test_csv_cell_escapes_control_characters_and_keeps_round_trips():
+    from catdog_cache.files import csv_cell
+
+    assert csv_cell(f"cat{OSC52}") == "cat\\x1b]52;c;bw==\\x07"
+    assert csv_cell("a\rb\tc\x9b2J\u202e") == "a\\rb\\tc\\x9b2J\\u202e"
+    assert csv_cell("new\nline.jpg") == "new\nline.jpg"  # quoted by the csv module: round-trips
+    raw = os.fsdecode(b"raw\xff.jpg")
+    assert csv_cell(raw) == raw  # written back as the byte it was
+    assert csv_cell("=1+2") == "'=1+2" and csv_cell("plain") == "plain"
+
+
+def test_control_characters_from_a_head_or_folder_never_reach_the_csv(base, tmp_path):
+    """Class names from a head (and the labeled folder named after them) and file names with ESC/BEL: escaped in
+    the header (p_<class>), the label and true_label columns and the path column. Before: written raw, and
+    `cat predictions.csv` set the terminal's clipboard."""
+    hostile = f"cat{OSC52}"
+    blob = torch.load(base.head, map_location="cpu", weights_only=True)
+    blob["classes"] = [hostile, "dog"]
+    torch.save(blob, tmp_path / "head.pt")
+    data = tmp_path / "labeled"
+    for folder, name, image in ((hostile, "x\x1b[2J.jpg", "1.jpg"), ("dog", "y.jpg", "2.jpg")):
+        (data / folder).mkdir(parents=True)
+        shutil.copy(base.test / image, data / folder / name)
+    r = invoke("predict", data, "--head", tmp_path / "head.pt", "--out", tmp_path / "p.csv", "--quiet")
+    assert r.exit_code == 0, r.output
+    raw = (tmp_path / "p.csv").read_bytes()
+    assert not any(c in raw for c in (b"\x1b", b"\x07", b"\r")), raw
+    text = raw.decode()
+    header = text.splitlines()[0]
+    assert header.startswith("path,p_cat\\x1b]52;c;bw==\\x07,p_dog,label") and "true_label" in header
+    assert "\\x1b[2J.jpg" in text and text.count("cat\\x1b]52;c;bw==\\x07") >= 2  # header + true_label
