@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import InputError, WeightsUnavailable
-from .files import plausible_file, sha256_regular
+from .files import plausible_file, read_regular, regular_chunks
 
 DECODERS = ("pil", "pil-draft", "torchvision")  # how a preset's images are decoded (recorded in its spec)
 
@@ -44,6 +45,7 @@ class WeightsSpec:
     path: str = ""  # "file": empty until located (a recorded head needs the file only to extract new images)
     sha256: str = ""
     candidates: tuple[str, ...] = ()  # where to look for a file of that sha256: --weights, then the recorded path
+    size: int = 0  # "file": its size in bytes; 0 when unknown (a cache or head recorded before sizes were)
 
 
 def parse_weights(value: str, seed: int = 0) -> WeightsSpec:
@@ -60,7 +62,8 @@ def parse_weights(value: str, seed: int = 0) -> WeightsSpec:
     if not plausible_file(path, MAX_WEIGHTS_BYTES):
         raise InputError(f"--weights {value}: not a weights file (a regular, non-empty file of at most "
                          f"{MAX_WEIGHTS_BYTES >> 30} GiB)")
-    return WeightsSpec("file", path=str(path.resolve()), sha256=file_sha256(path))
+    sha, size = file_digest(path)
+    return WeightsSpec("file", path=str(path.resolve()), sha256=sha, size=size)
 
 
 def spec_from_identity(identity: str, weights_file: str | None = None, recorded_path: str | None = None
@@ -74,9 +77,12 @@ def spec_from_identity(identity: str, weights_file: str | None = None, recorded_
         return WeightsSpec("imagenet")
     if kind == "random" and key == "seed" and value.isdigit() and int(value) < 2**63:
         return WeightsSpec("random", seed=int(value))
-    if kind != "file" or key != "sha256" or len(value) != 64:
+    value, sized, size = value.partition(",size=")  # the size, recorded since (none: an older cache or head)
+    if kind != "file" or key != "sha256" or len(value) != 64 or not all(c in "0123456789abcdef" for c in value) \
+            or sized and not (size.isascii() and size.isdigit() and 0 < int(size) <= MAX_WEIGHTS_BYTES):
         raise InputError(f"unknown weights identity {identity!r} in the provenance: damaged or from a newer version")
-    return WeightsSpec("file", sha256=value, candidates=tuple(c for c in (weights_file, recorded_path) if c))
+    return WeightsSpec("file", sha256=value, candidates=tuple(c for c in (weights_file, recorded_path) if c),
+                       size=int(size) if sized else 0)
 
 
 def locate(spec: WeightsSpec) -> WeightsSpec:
@@ -88,12 +94,14 @@ def locate(spec: WeightsSpec) -> WeightsSpec:
         return spec
     existing = [c for c in spec.candidates if plausible_file(c, MAX_WEIGHTS_BYTES)]
     for candidate in existing:
+        if spec.size and not plausible_file(candidate, spec.size, min_size=spec.size):
+            continue  # another size: another file, refused before a byte of it is hashed
         try:
-            sha = file_sha256(candidate)
+            sha, size = file_digest(candidate)
         except InputError:
             continue
         if sha == spec.sha256:
-            return WeightsSpec("file", path=str(Path(candidate).resolve()), sha256=sha)
+            return WeightsSpec("file", path=str(Path(candidate).resolve()), sha256=sha, size=size)
     if existing:
         raise InputError(f"{existing[0]} is not the file the head was trained with (sha256 {spec.sha256[:12]}…): "
                          "pass that file with --weights FILE")
@@ -105,12 +113,32 @@ def locate(spec: WeightsSpec) -> WeightsSpec:
 MAX_WEIGHTS_BYTES = 16 << 30  # the largest published ImageNet checkpoints are a few GiB
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a weights file, read as an input (regular, bounded, non-blocking)."""
+def file_digest(path: str | os.PathLike[str]) -> tuple[str, int]:
+    """(sha256, size in bytes) of a weights file, from one read of it as an input (regular, bounded, non-blocking)."""
+    h, size = hashlib.sha256(), 0
     try:
-        return sha256_regular(path, MAX_WEIGHTS_BYTES)
+        for chunk in regular_chunks(path, MAX_WEIGHTS_BYTES):
+            h.update(chunk)
+            size += len(chunk)
     except OSError as e:
         raise InputError(f"--weights {path}: cannot read it ({e.strerror})") from None
+    return h.hexdigest(), size
+
+
+def read_weights(spec: WeightsSpec) -> bytes:
+    """The bytes of a weights file, read once: what is hashed is what is loaded (a file replaced after it was hashed
+    by path and before it was loaded by path again would be loaded under the old file's identity). A spec that
+    records a sha256 (and size) must match it; the new hash itself is never shown (see locate)."""
+    try:
+        data = read_regular(spec.path, MAX_WEIGHTS_BYTES)
+    except ValueError as e:
+        raise InputError(f"--weights {spec.path}: {e}") from None
+    except OSError as e:
+        raise InputError(f"--weights {spec.path}: cannot read it ({e.strerror})") from None
+    if (spec.size and len(data) != spec.size) or (spec.sha256 and hashlib.sha256(data).hexdigest() != spec.sha256):
+        raise InputError(f"--weights {spec.path}: the file changed since it was checked (it is no longer the file "
+                         f"with sha256 {spec.sha256[:12]}…); run again")
+    return data
 
 
 MAX_SIDE = 2048  # resize and crop; the largest torchvision preset is 600, timm's about 1024
@@ -197,12 +225,19 @@ class Backbone:
         return freeze(self._make(locate(spec)))
 
     def identity(self, spec: WeightsSpec) -> str:
-        """What provenance records and compares: same identity, same features."""
+        """What provenance compares: same identity, same features."""
         if spec.kind == "imagenet":
             return f"imagenet:{self.imagenet_id}"
         if spec.kind == "random":
             return f"random:seed={spec.seed}"
         return f"file:sha256={spec.sha256}"
+
+    def recorded_identity(self, spec: WeightsSpec) -> str:
+        """What provenance records: the identity, and a weights file's size after it (`file:sha256=HEX,size=N`), so
+        that a file at a recorded path is refused by its size before it is hashed (a path to a 16 GiB file took 50 s
+        to be refused). The size decides nothing (format.weights_key): a record without it names the same file."""
+        ident = self.identity(spec)
+        return f"{ident},size={spec.size}" if spec.kind == "file" and spec.size else ident
 
     def _meta_pass(self, count: bool) -> tuple[int, float]:
         """(feature size, GFLOP per image) from one pass on the meta device: no weights, no compute."""
@@ -288,12 +323,16 @@ def freeze(model: nn.Module) -> nn.Module:
 def load_state_file(model: nn.Module, spec: WeightsSpec, what: str, ignore: tuple[str, ...] = ()) -> nn.Module:
     """A weights file from anywhere: tensors only (weights_only=True, never a pickle fallback), keys and shapes
     must match `model` except the `ignore` prefixes (e.g. the classifier that features stop before)."""
+    import io
+
     import torch
 
+    data = read_weights(spec)
     try:
-        state = torch.load(spec.path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         raise InputError(f"--weights {spec.path}: not a loadable PyTorch state dict ({type(e).__name__})") from None
+    del data  # the tensors are copies: the file's bytes are not held while the model takes them
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)

@@ -25,7 +25,7 @@ class DiskFull(CatdogError):
     """No space (or quota) left where an output goes; nothing half-written was kept."""
 
 
-def _regular_chunks(path: str | os.PathLike[str], limit: int) -> Iterator[bytes]:
+def regular_chunks(path: str | os.PathLike[str], limit: int) -> Iterator[bytes]:
     """The bytes of a regular file, as its size says, in chunks. Opened non-blocking (a FIFO swapped in after
     discovery cannot hang the run) and checked on the open descriptor (a link to /dev/zero cannot exhaust memory).
     Never more than the size fstat reports: a pseudo file that says 0 bytes (/proc/kmsg blocks, /proc/self/pagemap
@@ -54,10 +54,24 @@ def _regular_chunks(path: str | os.PathLike[str], limit: int) -> Iterator[bytes]
         os.close(fd)
 
 
-def read_regular(path: str | os.PathLike[str], limit: int) -> bytes:
-    """At most `limit` bytes of a regular file (see _regular_chunks); ValueError if larger."""
+def regular_prefix(path: str | os.PathLike[str], n: int) -> bytes:
+    """The first n bytes of a regular file (fewer if it is smaller), opened non-blocking and checked on the
+    descriptor, read no further than its size: a FIFO, a device or a /proc pseudo file is never waited on. Raises
+    OSError (EINVAL: not a regular file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        return b"".join(_regular_chunks(path, limit))
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        return os.pread(fd, min(n, st.st_size), 0) if st.st_size else b""
+    finally:
+        os.close(fd)
+
+
+def read_regular(path: str | os.PathLike[str], limit: int) -> bytes:
+    """At most `limit` bytes of a regular file (see regular_chunks); ValueError if larger."""
+    try:
+        return b"".join(regular_chunks(path, limit))
     except OSError as e:
         if e.errno == errno.EFBIG:
             raise ValueError(f"larger than the {limit // 2**20} MiB file limit") from None
@@ -67,7 +81,7 @@ def read_regular(path: str | os.PathLike[str], limit: int) -> bytes:
 def sha256_regular(path: str | os.PathLike[str], limit: int) -> str:
     """Content hash with the same guarantees as read_regular; OSError (EFBIG) if larger than `limit`."""
     h = hashlib.sha256()
-    for chunk in _regular_chunks(path, limit):
+    for chunk in regular_chunks(path, limit):
         h.update(chunk)
     return h.hexdigest()
 
@@ -252,8 +266,19 @@ def json_text(text: str) -> str:
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
+def _csv_char(c: str) -> str:
+    """One character of a CSV cell: as printable() shows it, except a newline (the csv module quotes it, and a name
+    holding one round-trips) and a non-UTF-8 byte (a surrogate escape: written back as the byte it was)."""
+    return c if c.isprintable() or c == "\n" or "\udc80" <= c <= "\udcff" else repr(c)[1:-1]
+
+
 def csv_cell(text: str) -> str:
-    """Spreadsheet-safe cell (OWASP CSV injection): a leading quote stops =, +, -, @ from being run as a formula."""
+    """One rule for every text cell of every CSV written (predictions, submissions, their headers): control
+    characters escaped as printable() escapes them for the terminal (a class or file name holding ESC ... BEL, an
+    OSC 52 clipboard write, reaches the terminal of whoever runs `cat predictions.csv`), then a leading quote stops
+    =, +, -, @ from being run as a formula by a spreadsheet (OWASP CSV injection)."""
+    if not text.isprintable():
+        text = "".join(map(_csv_char, text))
     return "'" + text if text.startswith(FORMULA_START) else text
 
 

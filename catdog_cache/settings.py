@@ -23,11 +23,12 @@ class Settings:
     decoder: str = "pil"
 
 
-def recorded_settings(cache: Path) -> Settings | None:
+def recorded_settings(cache: Path, weights_given: bool = False) -> Settings | None:
     """The settings an existing cache was made with (or its first part, after a first run that was killed); None
-    when there is no cache yet."""
+    when there is no cache yet. weights_given: --weights was given, so the recorded weights file is not used."""
     from .backbone import spec_from_identity
     from .cache import list_parts, read_index
+    from .files import plausible_file
     from .sources.decode import decoder_of
 
     found = [cache] if cache.exists() else list_parts(cache, clean=False)[:1]
@@ -41,6 +42,10 @@ def recorded_settings(cache: Path) -> Settings | None:
         if not (index.weights_path and os.path.isfile(index.weights_path)):
             raise InputError(f"{found[0]} was extracted with a weights file (sha256 {spec.sha256[:12]}…) that is no "
                              f"longer at {index.weights_path or 'its recorded path'}: give --weights FILE")
+        if spec.size and not weights_given and not plausible_file(index.weights_path, spec.size, spec.size):
+            # another size: not the file (its hash would be read in full first: 50 s for a path to 16 GiB)
+            raise InputError(f"{found[0]} was extracted with a weights file of {spec.size:,} bytes (sha256 "
+                             f"{spec.sha256[:12]}…); {index.weights_path} is not that file now: give --weights FILE")
         weights = index.weights_path
     return Settings(prov.arch, prov.layer, weights, spec.seed, prov.views, prov.dtype, prov.precision,
                     decoder_of(prov.transform))
@@ -52,7 +57,7 @@ def resolve_settings(cache: Path, **given: object) -> Settings:
     chosen = {k: v for k, v in given.items() if v is not None}
     if len(chosen) == len(given):
         return Settings(**chosen)  # type: ignore[arg-type]
-    base = recorded_settings(cache) or Settings()
+    base = recorded_settings(cache, weights_given="weights" in chosen) or Settings()
     if "backbone" in chosen and chosen["backbone"] != base.backbone and "layer" not in chosen:
         chosen["layer"] = ""
     if "weights" in chosen and chosen["weights"] != base.weights and "seed" not in chosen:

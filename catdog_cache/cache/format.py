@@ -62,9 +62,17 @@ def unknown_stats(n: int) -> np.ndarray:
     return np.full((n, 4), -1, dtype=np.int64)
 
 
+def weights_key(identity: str) -> str:
+    """What a weights identity says about the features: a weights file is its sha256. The size recorded after it
+    (`file:sha256=HEX,size=N`, backbone.Backbone.recorded_identity) only lets a wrong file be refused before it is
+    hashed; a cache or head recorded without it names the same file."""
+    return identity.partition(",size=")[0] if identity.startswith("file:") else identity
+
+
 @dataclass(frozen=True)
 class Provenance:
-    """Everything that decides what a feature row means. Equal provenance = interchangeable rows."""
+    """Everything that decides what a feature row means. Equal provenance = interchangeable rows (compared with the
+    weights as weights_key reads them)."""
 
     arch: str
     layer: str
@@ -97,9 +105,20 @@ class Provenance:
             raise CacheError(f"{where or 'file'} has no valid provenance ({e}): it was not written by catdog-cache "
                              "or is damaged") from None
 
+    def _key(self) -> tuple[str, ...]:
+        return (self.arch, self.layer, weights_key(self.weights), self.transform, self.views, self.dtype,
+                self.precision)
+
+    def __eq__(self, other: object) -> bool:
+        return self._key() == other._key() if isinstance(other, Provenance) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
     def differences(self, other: Provenance, mine: str, theirs: str) -> list[str]:
         a, b = asdict(self), asdict(other)
-        return [f"{k}: {mine} has {a[k]}, {theirs} has {b[k]}" for k in a if a[k] != b[k]]
+        return [f"{k}: {mine} has {a[k]}, {theirs} has {b[k]}" for k in a
+                if (weights_key(a[k]) != weights_key(b[k]) if k == "weights" else a[k] != b[k])]
 
 
 def require_same(have: Provenance, want: Provenance, have_name: str, want_name: str) -> None:

@@ -29,7 +29,7 @@ from ..errors import CacheError
 from ..files import printable
 from .chunk_reads import identity
 from .format import MAX_SOURCES, SCHEMA_VERSION, Provenance
-from .validate import attr, index_column, open_h5, parse_classes, schema_of, vlen_bytes
+from .validate import attr, file_size, index_column, open_h5, parse_classes, schema_of, vlen_bytes
 from .view import Tombstone, View, merge, shard_index
 
 SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.h5")  # a plain file name: no '/', no leading '.'
@@ -91,7 +91,7 @@ def _names(ds: h5py.Dataset, path: Path, size: int) -> list[str]:
 
 def read_state(f: h5py.File, path: Path) -> State:
     """Validate an index file (every field comes from a file that may be crafted) without opening any shard."""
-    size = path.stat().st_size
+    size = file_size(f)  # of the file open, not of whatever the name leads to now
     try:
         prov = Provenance.from_json(attr(f, "provenance"), str(path))
         sources = json.loads(attr(f, "sources"))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 import h5py
 import numpy as np
@@ -33,25 +35,80 @@ def parse_classes(text: object) -> list[str]:
     return sorted(data, key=data.__getitem__)
 
 
-@contextlib.contextmanager
-def open_h5(path: Path, mode: str = "r") -> Iterator[h5py.File]:
-    """Open a cache, turning each way it can fail into one line that says what to do."""
-    if path.is_dir():
-        raise CacheError(f"{path} is a folder, not a cache file: give --cache a file name like {path}/features.h5")
+# One open per cache file: the name is looked up once, never followed at its last step, and never waits (a FIFO
+# opens at once and is refused on the descriptor); h5py then reads that very descriptor's file (see _h5_on_fd).
+OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+PROC_FD = Path("/proc/self/fd")
+HAS_PROC_FD = PROC_FD.is_dir()  # Linux with /proc mounted
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular one is, for a message."""
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"),
+                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path: Path, follow: bool = True) -> tuple[int, os.stat_result]:
+    """A cache file opened once for reading: (descriptor, its fstat); the caller closes the descriptor.
+    follow: the name is the user's own (--cache, a recorded cache), and links on the way are resolved first, once, as
+    extract resolves them; False: a shard, whose name must be the file itself. Either way the final open does not
+    follow a link (O_NOFOLLOW) and does not wait (O_NONBLOCK: a FIFO or a device put there in between opens at once),
+    and the descriptor must be a regular file, the one lstat saw: nothing but a regular file is ever opened in the
+    common case, and a swap between the two is an error, never a hang or another file read."""
+    target = path
+    if follow:
+        try:
+            target = path.resolve()
+        except (OSError, RuntimeError):  # a link loop (RuntimeError before Python 3.13): lstat says what it is
+            target = path
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
+        st = os.lstat(target)
     except FileNotFoundError:
         raise CacheError(f"no cache at {path}: run `catdog-cache extract DATA_DIR` first") from None
     except OSError as e:
         raise CacheError(f"cannot read {path}: {e.strerror}") from None
-    if head[:4] == b"PK\x03\x04":  # a head or an export is a zip archive: good files, never "delete it"
-        raise CacheError(f"{path} is a zip archive (a head written by fit, or an export), not a feature cache: "
-                         "give a head as --head, and --cache the .h5 file it was trained on")
-    if head != HDF5_SIGNATURE:
-        raise CacheError(f"{path} is not a readable HDF5 cache (not HDF5, or truncated): delete it and extract again")
+    if stat.S_ISDIR(st.st_mode):
+        raise CacheError(f"{path} is a folder, not a cache file: give --cache a file name like {path}/features.h5")
+    if not stat.S_ISREG(st.st_mode):
+        raise CacheError(f"{path} is {_kind(st.st_mode)}, not a cache file: refusing to open it")
     try:
-        f = h5py.File(path, mode)
+        fd = os.open(target, OPEN_FLAGS)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CacheError(f"{path} became a symbolic link while it was opened; refusing it") from None
+        if e.errno == errno.ENOENT:
+            raise CacheError(f"{path} vanished while it was opened: run again") from None
+        raise CacheError(f"cannot read {path}: {e.strerror}") from None
+    fst = os.fstat(fd)
+    if not stat.S_ISREG(fst.st_mode) or (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise CacheError(f"{path} was replaced while it was opened (now {_kind(fst.st_mode)}); refusing it")
+    return fd, fst
+
+
+def _h5_on_fd(fd: int, path: Path, **kwargs: object) -> h5py.File:
+    """h5py on the file `fd` holds. Linux: through /proc/self/fd/N, which opens that very file again (not a name
+    looked up anew), with HDF5's own plain POSIX driver: its reads, locks and get_vfd_handle() are exactly those of an
+    open by name (h5py's file-object driver would call Python for every read and take no lock). Elsewhere: by name,
+    then checked to be the same file."""
+    if HAS_PROC_FD:
+        return h5py.File(PROC_FD / str(fd), "r", **kwargs)
+    f = h5py.File(path, "r", **kwargs)
+    a, b = os.fstat(f.id.get_vfd_handle()), os.fstat(fd)
+    if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+        f.close()
+        raise CacheError(f"{path} was replaced while it was opened; refusing it")
+    return f
+
+
+def open_h5_fd(fd: int, path: Path, **kwargs: object) -> h5py.File:
+    """A cache file already opened (open_regular) as h5py reads it, each way HDF5 can fail turned into one line."""
+    try:
+        return _h5_on_fd(fd, path, **kwargs)
     except OSError as e:
         text = str(e).lower()
         if "errno = 11" in text or "resource temporarily unavailable" in text:
@@ -61,6 +118,35 @@ def open_h5(path: Path, mode: str = "r") -> Iterator[h5py.File]:
                              "HDF5_USE_FILE_LOCKING=FALSE and run one catdog-cache at a time on it") from None
         raise CacheError(f"{path} is not a readable HDF5 cache (truncated or damaged): delete it and extract again") \
             from None
+
+
+def file_size(f: h5py.File) -> int:
+    """The size of the file h5py has open (its descriptor's, never a second lookup of the name)."""
+    return os.fstat(f.id.get_vfd_handle()).st_size
+
+
+@contextlib.contextmanager
+def open_h5(path: Path, follow: bool = True) -> Iterator[h5py.File]:
+    """Open a cache for reading, turning each way it can fail into one line that says what to do. The file is opened
+    once (open_regular: a regular file, never a FIFO, device or swapped-in link) and read no further than its size:
+    a pseudo file whose size says 0 (/proc/kmsg blocks) is not read at all. follow: see open_regular."""
+    fd, st = open_regular(path, follow)
+    try:
+        if st.st_size < len(HDF5_SIGNATURE):  # an empty file, or a /proc pseudo file: nothing to read
+            raise CacheError(f"{path} is not a readable HDF5 cache: it has {st.st_size} bytes (empty, or a pseudo "
+                             "file, which is never read)")
+        head = os.pread(fd, len(HDF5_SIGNATURE), 0)
+        if head[:4] == b"PK\x03\x04":  # a head or an export is a zip archive: good files, never "delete it"
+            raise CacheError(f"{path} is a zip archive (a head written by fit, or an export), not a feature cache: "
+                             "give a head as --head, and --cache the .h5 file it was trained on")
+        if head != HDF5_SIGNATURE:
+            raise CacheError(f"{path} is not a readable HDF5 cache (not HDF5, or truncated): delete it and extract "
+                             "again")
+        f = open_h5_fd(fd, path)
+    except OSError as e:  # pread of a file that says it has bytes and has none to give
+        raise CacheError(f"cannot read {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
     try:
         yield f
     finally:
@@ -180,7 +266,7 @@ def _stats(g: h5py.h5g.GroupID, path: Path, n: int, size: int, where: str, read:
     return _read(oid) if read else unknown_stat_view(n)
 
 
-def _refresh(f: h5py.File, path: Path, size: int, fh: BinaryIO) -> Refresh:
+def _refresh(f: h5py.File, path: Path, size: int) -> Refresh:
     """The optional refresh group of a part (see format.Refresh), checked like the failures."""
     try:
         g = _group(f.id, "refresh")
@@ -192,7 +278,7 @@ def _refresh(f: h5py.File, path: Path, size: int, fh: BinaryIO) -> Refresh:
     if k * 40 > size:  # each record stores at least its stat and heap id
         raise CacheError(f"{path} declares {k} refresh records that a {size}-byte file cannot hold: refusing it")
     cols = {name: _column(g, name, path, k) for name in ("source", "paths", "sha256")}
-    _vlen_total(cols["paths"], "/refresh/paths", path, size, fh)
+    _vlen_total(cols["paths"], "/refresh/paths", path, size)
     stat = _stats(g, path, k, size, "/refresh")
     if stat is None:
         raise CacheError(f"{path} is damaged (refresh records without their stat): extract again")
@@ -200,10 +286,11 @@ def _refresh(f: h5py.File, path: Path, size: int, fh: BinaryIO) -> Refresh:
                    [s.decode() for s in _read(cols["sha256"])], stat)
 
 
-def _vlen_total(oid: h5py.h5d.DatasetID, name: str, path: Path, size: int, fh: BinaryIO) -> int:
+def _vlen_total(oid: h5py.h5d.DatasetID, name: str, path: Path, size: int) -> int:
     """What a variable-length column expands to, read from the lengths stored in its elements before reading them:
     every row of a crafted file could point at the same large heap object (a 1 MB file, a terabyte read). On disk
-    each element is a 4-byte length and a global heap id (an address and a 4-byte index). `fh`: the file, open."""
+    each element is a 4-byte length and a global heap id (an address and a 4-byte index). Read with pread from the
+    descriptor HDF5 itself reads (never the name opened again: it could be another file by now)."""
     n = oid.shape[0]
     if n == 0:
         return 0
@@ -213,8 +300,7 @@ def _vlen_total(oid: h5py.h5d.DatasetID, name: str, path: Path, size: int, fh: B
     if oid.get_create_plist().get_layout() != h5py.h5d.CONTIGUOUS or offset is None or fcpl.get_userblock() or \
             offset + n * item > size:
         raise CacheError(f"{path}: {name!r} is not stored as catdog-cache stores it; refusing a crafted cache")
-    fh.seek(offset)
-    raw = fh.read(n * item)
+    raw = _pread(h5py.h5i.get_file_id(oid).get_vfd_handle(), n * item, offset)
     if len(raw) != n * item:
         raise CacheError(f"{path} is truncated ({name!r}): delete it and extract again")
     total = int(np.frombuffer(raw, np.dtype([("len", "<u4"), ("heap", f"V{item - 4}")]))["len"].sum(dtype=np.int64))
@@ -223,11 +309,22 @@ def _vlen_total(oid: h5py.h5d.DatasetID, name: str, path: Path, size: int, fh: B
     return total
 
 
+def _pread(fd: int, n: int, offset: int) -> bytes:
+    """n bytes at offset (fewer only at the end of the file)."""
+    parts, got = [], 0
+    while got < n:
+        chunk = os.pread(fd, n - got, offset + got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
 def vlen_bytes(ds: h5py.Dataset, path: Path, size: int) -> int:
     """The bytes a variable-length column of the index file expands to, bounded by the file's `size` before any
     element is read (see _vlen_total)."""
-    with open(path, "rb") as fh:
-        return _vlen_total(ds.id, ds.name, path, size, fh)
+    return _vlen_total(ds.id, ds.name, path, size)
 
 
 def attr(f: h5py.File | h5py.AttributeManager, name: str) -> object:
@@ -271,12 +368,13 @@ def _provenance(text: object, path: Path) -> Provenance:
 def file_index(f: h5py.File, path: Path, size: int | None = None, lean: bool = False) -> Index:
     """The Index of one file of rows (a single-file cache or one shard): everything but the features, read and
     validated. Every length, dtype, range and attribute comes from a file that may be crafted: check it before
-    allocating or indexing anything with it. `size`: the file's size when the caller has just stat'ed it.
+    allocating or indexing anything with it. `size`: the open file's size (its descriptor's), when the
+    caller has it.
     Low-level h5py throughout: a 10M-row cache has ~10,000 shards to open.
     lean: what fit needs (packed_index.py): the paths packed, the sha256 and stat columns checked but not read."""
     _check_schema(f, path)
     feats, dcpl = _open_ds(f.id, "features", path)
-    size = path.stat().st_size if size is None else size
+    size = file_size(f) if size is None else size
     shape, dtype = feats.shape, feats.dtype
     if len(shape) != 3 or dtype not in (np.float32, np.float16) or not 1 <= shape[1] <= MAX_VIEWS \
             or not 1 <= shape[2] <= MAX_DIM:
@@ -304,11 +402,10 @@ def file_index(f: h5py.File, path: Path, size: int | None = None, lean: bool = F
             raise ValueError(f"{fn} failures declared")
         columns = {name: _column(f.id, name, path, n) for name in ("source", "labels", "paths", "sha256")}
         failures = {name: _column(fail, name, path, fn) for name in ("source", "paths", "sha256", "reasons")}
-        with open(path, "rb") as fh:  # before reading them: their totals are bounded by the file
-            for name, oid in (("/paths", columns["paths"]), ("/failures/paths", failures["paths"]),
-                              ("/failures/reasons", failures["reasons"])):
-                _vlen_total(oid, name, path, size, fh)
-            refresh = _refresh(f, path, size, fh)
+        for name, oid in (("/paths", columns["paths"]), ("/failures/paths", failures["paths"]),
+                          ("/failures/reasons", failures["reasons"])):  # before reading them: bounded by the file
+            _vlen_total(oid, name, path, size)
+        refresh = _refresh(f, path, size)
         stat, failed_stat = _stats(f.id, path, n, size, "", not lean), _stats(fail, path, fn, size, "/failures")
         if lean and stat is None:
             stat = unknown_stat_view(n)

@@ -29,7 +29,7 @@ from ..files import printable
 from .chunk_reads import Direct, identity
 from .format import CHUNK_ROWS, MAX_SOURCES, Index, Provenance, merge_classes, require_same
 from .packed_index import PackedPaths, Unread, scan_view, unknown_stat_view
-from .validate import file_index, open_h5
+from .validate import file_index, open_h5, open_h5_fd, open_regular
 
 MAX_OPEN = 64  # shard files held open at once by one reader
 
@@ -91,17 +91,21 @@ class View:
                 old.close()
             ident = self.shard_ids[i] if i < len(self.shard_ids) else None
             try:
-                # validated when the view was built; shards are immutable. No chunk cache: each chunk is read once
-                # per epoch, whole, into its slot (64 open shards x 1 MiB of cache would be budget spent on nothing)
-                if ident is not None and identity(os.lstat(self.shards[i])) != ident:  # a FIFO would hang the open
-                    raise CacheError(f"{self.shards[i]} changed while reading: run again")
-                f = h5py.File(self.shards[i], "r", rdcc_nbytes=0)
-            except OSError:
+                # opened once, not following a link, never waiting (a FIFO swapped in is refused, not a hang)
+                fd, st = open_regular(self.shards[i], follow=False)
+            except CacheError:
                 raise CacheError(f"{self.shards[i]} vanished or changed while reading (a compact or a new extract?):"
                                  " run again") from None
-            # the file opened must be the one validated (a swap is never followed into its links or storage)
-            if (ident is not None and identity(os.fstat(f.id.get_vfd_handle())) != ident) \
-                    or f["features"].shape[0] != self.shard_rows[i]:
+            try:
+                # the file opened must be the one validated (a swap is never followed into its links or storage);
+                # shards are immutable. No chunk cache: each chunk is read once per epoch, whole, into its slot
+                # (64 open shards x 1 MiB of cache would be budget spent on nothing)
+                if ident is not None and identity(st) != ident:
+                    raise CacheError(f"{self.shards[i]} changed while reading: run again")
+                f = open_h5_fd(fd, self.shards[i], rdcc_nbytes=0)
+            finally:
+                os.close(fd)
+            if f["features"].shape[0] != self.shard_rows[i]:
                 f.close()
                 raise CacheError(f"{self.shards[i]} changed while reading: run again")
             self._open[i] = f
@@ -378,23 +382,19 @@ def single_file(f: h5py.File, path: Path, lean: bool = False) -> View:
     view = View(idx, [path], [n], np.array([0, n] if n else [0], np.int64), np.zeros(1 if n else 0, np.int64),
                 np.zeros(1 if n else 0, np.int64))
     view._owned[0] = f
-    st = path.stat()
+    st = os.fstat(f.id.get_vfd_handle())  # the file read, never the name looked up again
     view.shard_bytes, view.shard_ids = [st.st_size], [identity(st)]
     return view
 
 
 def shard_index(path: Path, st: os.stat_result | None = None, lean: bool = False) -> Index:
-    """One shard file's own index, validated as any cache file (not a link, not a FIFO: lstat before opening).
-    `st`: the caller's lstat of it, just taken. lean: see validate.file_index."""
-    import stat
-
-    if st is None:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            raise CacheError(f"{path} is missing: the cache lists it; restore it or extract again into a new cache") \
-                from None
-    if not stat.S_ISREG(st.st_mode):
-        raise CacheError(f"{path} is not a regular file (a link or something else); refusing it")
-    with open_h5(path) as f:
-        return file_index(f, path, st.st_size, lean)
+    """One shard file's own index, validated as any cache file: opened once, never through a link, never a FIFO
+    (validate.open_regular). `st`: the caller's lstat of it, just taken (its sizes were checked against the index):
+    the file opened must be that one. lean: see validate.file_index."""
+    if st is None and not os.path.lexists(path):
+        raise CacheError(f"{path} is missing: the cache lists it; restore it or extract again into a new cache")
+    with open_h5(path, follow=False) as f:
+        fst = os.fstat(f.id.get_vfd_handle())
+        if st is not None and identity(fst) != identity(st):
+            raise CacheError(f"{path} was replaced while it was read: run again")
+        return file_index(f, path, fst.st_size, lean)

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import CatdogError
-from ..files import printable
+from ..files import printable, regular_prefix
 from .common import (
     JSON,
     app,
@@ -109,11 +109,10 @@ def _incomplete(folders: list[str], parts: int) -> str:
 
 def _not_a_head(path: Path) -> None:
     """`info --cache x.head.pt`: say it is a head (and where its features are), never "delete it"."""
-    try:
-        with open(path, "rb") as fh:
-            if fh.read(4) != b"PK\x03\x04" or not path.is_file():  # torch.save files are zip archives
-                return
-    except OSError:
+    try:  # never waits: a FIFO or /proc/kmsg given as the cache is refused by open_cache, in one line
+        if regular_prefix(path, 4) != b"PK\x03\x04":  # torch.save files are zip archives
+            return
+    except (OSError, ValueError):  # ValueError: a NUL in the name
         return  # read_index says what is wrong
     from ..fit.head import load_head
 

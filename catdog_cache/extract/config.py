@@ -41,7 +41,7 @@ class ExtractConfig:
 
     def provenance(self) -> Provenance:
         bb = self.resolve()
-        return Provenance(arch=bb.name, layer=bb.layer, weights=bb.identity(self.weights),
+        return Provenance(arch=bb.name, layer=bb.layer, weights=bb.recorded_identity(self.weights),
                           transform=bb.preset.spec(self.decoder),
                           views=",".join(self.views), dtype=self.dtype, precision=self.precision)
 

@@ -23,14 +23,15 @@ def check_submission(classes: list[str], head_path: Path | str) -> None:
 
 def write_csv_atomic(path: Path, header: list[str], rows: list[tuple]) -> None:
     """Exclusive temp file + fsync + rename. surrogateescape: a non-UTF-8 file name is written back as its original
-    bytes; text cells that a spreadsheet would run as a formula get a leading quote."""
+    bytes; every text cell, the header's too, goes through files.csv_cell (control characters escaped, a leading
+    quote before what a spreadsheet would run as a formula)."""
     import csv
 
     from ..files import csv_cell
 
     buf = io.StringIO(newline="")
     w = csv.writer(buf, lineterminator="\n")  # the csv module's default is \r\n
-    w.writerow(header)
+    w.writerow([csv_cell(c) for c in header])
     w.writerows([tuple(csv_cell(c) if isinstance(c, str) else c for c in row) for row in rows])
     write_atomic(path, buf.getvalue().encode("utf-8", errors="surrogateescape"))
 
