@@ -29,11 +29,11 @@ from .format import (
 )
 from .layouts import rewrite_features, time_full_read
 from .lock import locked
+from .opening import open_h5
 from .parts import assemble, parts_dir, write_part
 from .read import BlockReader, open_cache, read_features, read_index
 from .shard_state import listed, shards_dir
 from .shards import compact, finish, list_parts, remove_cache
-from .validate import open_h5
 from .view import View
 
 __all__ = [

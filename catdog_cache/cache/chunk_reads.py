@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from ..errors import CacheError
-from .validate import open_h5_fd
+from .opening import open_h5_fd
 
 MAX_FDS = 1024  # descriptors held open by one reader (each is a kernel file handle, no HDF5 state)
 
@@ -50,7 +50,7 @@ def chunk_map(path: Path, n: int, size: int, fd: int | None = None) -> ChunkMap 
     must come from that same file (a swap between the two opens would apply one file's offsets to another)."""
     if sys.byteorder != "little" or not hasattr(os, "preadv") or n == 0:
         return None
-    # through the descriptor the rows are read from (validate.open_h5_fd: that very file, no second lookup by name)
+    # through the descriptor the rows are read from (opening.open_h5_fd: that very file, no second lookup by name)
     with open_h5_fd(fd, path, rdcc_nbytes=0) if fd is not None else h5py.File(path, "r", rdcc_nbytes=0) as f:
         ds = f["features"].id  # validated when the view was built (validate.file_index)
         dtype = ds.dtype

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from .format import CHUNK_ROWS, SCHEMA_VERSION, Index
+from .opening import open_h5
 from .packed_index import release_freed
 from .shard_state import read_state, state_view
-from .validate import open_h5, schema_of
+from .validate import schema_of
 from .view import View, single_file
 
 

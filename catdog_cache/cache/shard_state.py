@@ -29,7 +29,8 @@ from ..errors import CacheError
 from ..files import printable
 from .chunk_reads import identity
 from .format import MAX_SOURCES, SCHEMA_VERSION, Provenance
-from .validate import attr, file_size, index_column, open_h5, parse_classes, schema_of, vlen_bytes
+from .opening import file_size, open_h5
+from .validate import attr, index_column, parse_classes, schema_of, vlen_bytes
 from .view import Tombstone, View, merge, shard_index
 
 SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.h5")  # a plain file name: no '/', no leading '.'

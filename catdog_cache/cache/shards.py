@@ -20,9 +20,10 @@ import numpy as np
 from ..errors import CacheError
 from ..files import fsync_dir, require_space, temp_beside
 from .format import INDEX_SCHEMA, Index, Provenance
+from .opening import open_h5
 from .rowfile import write_rows
 from .shard_state import SHARD_NAME, State, legacy_parts_dir, listed, shards_dir, shards_folder, state_view
-from .validate import attr, file_index, open_h5
+from .validate import attr, file_index
 from .view import Tombstone, View, shard_index
 
 _BYTES = h5py.vlen_dtype(bytes)

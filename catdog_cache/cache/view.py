@@ -28,8 +28,9 @@ from ..errors import CacheError
 from ..files import printable
 from .chunk_reads import Direct, identity
 from .format import CHUNK_ROWS, MAX_SOURCES, Index, Provenance, merge_classes, require_same
+from .opening import open_h5, open_h5_fd, open_regular
 from .packed_index import PackedPaths, Unread, scan_view, unknown_stat_view
-from .validate import file_index, open_h5, open_h5_fd, open_regular
+from .validate import file_index
 
 MAX_OPEN = 64  # shard files held open at once by one reader
 
@@ -388,9 +389,8 @@ def single_file(f: h5py.File, path: Path, lean: bool = False) -> View:
 
 
 def shard_index(path: Path, st: os.stat_result | None = None, lean: bool = False) -> Index:
-    """One shard file's own index, validated as any cache file: opened once, never through a link, never a FIFO
-    (validate.open_regular). `st`: the caller's lstat of it, just taken (its sizes were checked against the index):
-    the file opened must be that one. lean: see validate.file_index."""
+    """One shard file's own index, validated as any cache file (opened once, never through a link, never a FIFO).
+    `st`: the caller's lstat of it, just taken and checked: the file opened must be that one. lean: see file_index."""
     if st is None and not os.path.lexists(path):
         raise CacheError(f"{path} is missing: the cache lists it; restore it or extract again into a new cache")
     with open_h5(path, follow=False) as f:

@@ -48,7 +48,7 @@ def engine(name: str, ray_only: dict[str, object]) -> None:
 
 def caches_readable(caches: list[Path]) -> None:
     """Each cache exists and opens as HDF5 (the core's open_h5, so the same messages)."""
-    from ..cache.validate import open_h5
+    from ..cache.opening import open_h5
 
     for cache in caches:
         with open_h5(cache):
