@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..cache.format import CAT_DOG, MAX_CLASSES
 from ..errors import InputError
+from ..files import printable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -254,13 +255,36 @@ def class_names(folders: set[str]) -> tuple[str, ...]:
     return names
 
 
+SPLITS = ("train", "training", "val", "valid", "validation", "test", "testing")  # the folders of a split data set
+
+
 def _nested_dataset(top: str, paths: list[str]) -> bool:
     """Whether class folder `top` is itself a labeled image folder (cat/ + dog/ inside it, or Kaggle cat.N / dog.N
     files), given the paths in it, each "top/...": then the folder given is its parent, and its sub-folders would
-    be taken for classes. The paths are joined and lowercased once and searched in C, not looked at one by one."""
+    be taken for classes. A folder named cat or dog is a class whatever its files are called: a photo moved into its
+    right class folder keeps its Kaggle name (ImageFolder's rule; prefixes label flat folders only). The paths are
+    joined and lowercased once and searched in C, not looked at one by one."""
     blob = "\0" + "\0".join(paths).lower() + "\0"  # NUL: in no file name
     head = "\0" + top.lower() + "/"
-    return all(head + c + "/" in blob for c in CAT_DOG) or all(_has_file(blob, head + c + ".") for c in CAT_DOG)
+    if all(head + c + "/" in blob for c in CAT_DOG):
+        return True
+    return top.lower() not in CAT_DOG and all(_has_file(blob, head + c + ".") for c in CAT_DOG)
+
+
+def _split_folders(runs: dict[str, tuple[int, int]], paths: list[str]) -> dict[str, set[str]]:
+    """The sub-folders that are the splits of a data set rather than classes (the PyTorch tutorial's train/ + val/,
+    each holding the same class folders), with the folders inside each; {} when the sub-folders are classes. Only a
+    layout with no image directly inside any sub-folder is looked at further (the common one is decided in C)."""
+    if all(top.lower() in CAT_DOG for top in runs):
+        return {}  # cat/ and dog/ are classes, whatever is inside them
+    blob = "\0" + "\0".join(paths).lower() + "\0"
+    if any(_has_file(blob, "\0" + top.lower() + "/") for top in runs):
+        return {}
+    inside = {top: {p.split("/")[1] for p in paths[a:b]} for top, (a, b) in runs.items()}
+    shared = set.intersection(*(set(map(str.lower, d)) for d in inside.values())) if len(inside) > 1 else set()
+    if len(shared) > 1 or any(top.lower() in SPLITS for top in runs):  # one shared name may be a year, a camera
+        return inside
+    return {}
 
 
 def _has_file(blob: str, start: str) -> bool:
@@ -298,6 +322,13 @@ def discover(root: str | os.PathLike[str]) -> Discovery:
         if nested:
             raise InputError(f"{root} has sub-folders that are image folders themselves ({', '.join(nested[:5])}), "
                              "not classes: give one of them")
+        splits = _split_folders(runs, inner)
+        if splits:
+            shown = "; ".join(f"{printable(d)}/ holds {', '.join(printable(c) for c in sorted(splits[d])[:4])}"
+                              for d in sorted(splits)[:3])
+            train = next((d for d in sorted(splits) if d.lower() in ("train", "training")), sorted(splits)[0])
+            raise InputError(f"{root} is a split data set, not class folders ({shown}): extract the training "
+                             f"folder ({printable(str(root / train))}) and score the others with predict")
         layout = "imagefolder"
         classes = class_names(set(runs))
         skipped += [(f, "file beside the class folders: no class") for f in flat]
