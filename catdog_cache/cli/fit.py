@@ -97,6 +97,8 @@ def fit_cmd(
     with bar:
         r = fit(cache if len(cache) > 1 else cache[0], head, cfg, on_epoch, max_memory, calibrate, folds=folds,
                 on_fold=on_fold, device=device, overwrite=overwrite)
+    if r.weights_note and not (as_json or quiet):  # --json says it as "random_weights"; -q: the summary alone
+        err.print(f"[yellow]note:[/] {escape(r.weights_note)}", highlight=False)
     if r.unlabeled and not as_json:
         err.print(f"note: {plural(r.unlabeled, 'unlabeled row')} in the cache, not used for training", highlight=False)
     if r.missing and not as_json:
@@ -112,7 +114,7 @@ def fit_cmd(
                      "overfit": r.overfit or None, "fold_curve": str(r.fold_curve) if r.fold_curve else None,
                      "reliability": str(r.reliability) if r.reliability else None,
                      "confusion_plot": str(r.confusion_plot) if r.confusion_plot else None,
-                     "missing": r.missing, "sources": r.sources,
+                     "missing": r.missing, "sources": r.sources, "random_weights": bool(r.weights_note),
                      "history": [h.row() for h in r.history]}))
         return
     if not quiet:

@@ -35,6 +35,7 @@ def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_defa
              failures: bool = typer.Option(False, "--failures", help="List every file that could not be decoded, "
                                            "with the reason.")) -> None:
     """Rows, classes and counts, provenance, failures and size on disk of a cache."""
+    from ..backbone import random_weights_note
     from ..cache import list_parts, listed, open_cache
 
     if path is not None and cache is not None and path != cache:
@@ -55,7 +56,8 @@ def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_defa
                                else {}), "unlabeled": labels.count(-1),
         "classes": {c: labels.count(i) for i, c in enumerate(classes)},
         "failed": len(idx.failed), "size_bytes": cache.stat().st_size + sum(shard_bytes), "sources": idx.sources,
-        "provenance": prov, "incomplete": idx.incomplete, "unassembled_parts": parts,
+        "provenance": prov, "random_weights": bool(random_weights_note([idx.provenance.weights])),
+        "incomplete": idx.incomplete, "unassembled_parts": parts,
         "layout": "sharded" if sharded else "single file", "shards": len(shard_bytes), "index_bytes":
             cache.stat().st_size if sharded else 0, "shard_bytes": shard_bytes,
     }
@@ -88,6 +90,9 @@ def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_defa
     if idx.incomplete or parts:
         t.add_row("[yellow]incomplete[/]", escape(_incomplete(idx.incomplete, parts)))
     out.print(t)
+    note = random_weights_note([idx.provenance.weights])
+    if note:
+        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     if idx.incomplete or parts:
         err.print(f"[yellow]warning:[/] {escape(_incomplete(idx.incomplete, parts))}", highlight=False)
     if not failures:

@@ -66,12 +66,15 @@ def predict_cmd(
     with Bar(quiet or as_json) as bar:
         r = predict(data_dir, head or DEFAULT_HEAD, out_csv, submission, weights, device, batch_size,
                     workers, progress=bar, tta=tta, model_path=model, cache=cache)
+    if r.weights_note and not (as_json or quiet):  # --json says it as "random_weights"; -q: the summary alone
+        err.print(f"[yellow]note:[/] {escape(r.weights_note)}", highlight=False)
     if as_json:
         print(to_json({"out": str(r.out), "rows": len(r.rows), "accuracy": r.accuracy, "log_loss": r.log_loss,
                      "views": r.views, "cache": [str(c) for c in r.cache] if r.cache else None,
                      "extracted": r.extracted,
                      "submission": str(r.submission) if r.submission else None, "seconds": r.seconds,
-                     "failed": r.failed, "skipped": r.skipped, "neutral": r.neutral}))
+                     "failed": r.failed, "skipped": r.skipped, "neutral": r.neutral,
+                       "random_weights": bool(r.weights_note)}))
         return
     print_skips("skipped while scanning", r.skipped)
     print_skips("could not be decoded", r.failed, more=failures_hint(r.cache))

@@ -47,6 +47,8 @@ def preview_cmd(
     with Bar(quiet) as bar:
         r = preview(data_dir, head or DEFAULT_HEAD, out_png, n, weights, device, worst, split, cache,
                     progress=bar)
+    if r.weights_note and not quiet:
+        err.print(f"[yellow]note:[/] {escape(r.weights_note)}", highlight=False)
     if r.out is None:
         out.print(f"[green]preview[/] {escape(printable(r.note))}", highlight=False)
         return

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..backbone import random_weights_note
+from ..cache.format import Provenance
 from ..errors import InputError
 from ..files import as_paths, check_outputs, file_key
 from .batches import feature_rows
@@ -50,6 +52,7 @@ class FitReport:
     reliability: Path | None = None  # --calibrate: the reliability diagram
     confusion_plot: Path | None = None  # K classes (not cat/dog) with a validation split: the confusion matrix
     classes: list[str] = field(default_factory=lambda: ["cat", "dog"])  # the head's outputs, in order
+    weights_note: str = ""  # backbone.random_weights_note of the features trained on
 
     @property
     def per_class_acc(self) -> list[float]:
@@ -191,7 +194,8 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
                        streamed=data.streamed is not None, calibration=calibration if calibrate_head else {},
                        kept_epoch=kept, head_shape=head.describe(), folds=oof_note, missing=data.missing,
                        unlabeled=int((data.raw_labels < 0).sum()), sources=data.sources, overfit=too_far or {},
-                       classes=list(data.classes))
+                       classes=list(data.classes),
+                       weights_note=random_weights_note([Provenance.from_json(p).weights for p in data.provenances]))
     if not all(torch.isfinite(p).all() for p in head.parameters()):
         raise Diverged("training produced NaN or infinite weights: lower --lr; no head saved")
     save_head(head_path, head, {

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backbone import Preset
+from ..backbone import Preset, random_weights_note
 from ..cache import encode_path
 from ..cache.format import CAT_DOG
 from ..errors import CacheError, InputError
@@ -52,6 +52,7 @@ class PredictReport:
     extracted: int = 0  # images that went through the backbone in this run
     neutral: list[str] = field(default_factory=list)  # files given 0.5 in the submission (could not be predicted)
     classes: list[str] = field(default_factory=lambda: list(CAT_DOG))  # the head's classes
+    weights_note: str = ""  # backbone.random_weights_note of the head's features
 
     @property
     def accuracy(self) -> float | None:
@@ -127,7 +128,8 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
     if main:
         write_predictions(out, rows, scored.labels, loaded.classes)
     return PredictReport(out, rows, scored.labels, scored.failed, disc.skipped if disc else [], submission,
-                         time.perf_counter() - t0, views, used, extracted, neutral, loaded.classes)
+                         time.perf_counter() - t0, views, used, extracted, neutral, loaded.classes,
+                         random_weights_note([p.weights for p, _ in loaded.members] or [loaded.provenance.weights]))
 
 
 def _check_tta(loaded: Loaded, tta: bool) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backbone import random_weights_note
 from ..errors import InputError
 from ..extract.config import Progress
 from ..files import as_paths, check_outputs, printable, read_regular, same_file
@@ -32,6 +33,7 @@ class PreviewReport:
     wrong: int | None  # None when the folder has no labels
     cache: list[Path] | None = None
     note: str = ""
+    weights_note: str = ""  # backbone.random_weights_note of the head's features
 
 
 def splits_of(meta: dict, cache: Path, scored) -> list[str]:
@@ -113,6 +115,7 @@ def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
     data_dir = printable(inp.spec)
     disc = None if inp.tars else folder_samples(inp)
     loaded = load_scorer(head_path, weights_file, backbone=False)
+    weights_note = random_weights_note([p.weights for p, _ in loaded.members] or [loaded.provenance.weights])
     if disc:
         onto_head_classes(disc, loaded.classes, head_path)
     used, _ = cached_features(loaded, head_path, inp, caches or None, device, 0, -1, progress, "preview")
@@ -139,7 +142,7 @@ def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
         scope = f"{which} " if which != "all" and all(roles[i] == which for i in pool) else ""
         if not picks:  # good news, not an error
             return PreviewReport(None, 0, 0, used, f"no mistakes among {len(pool):,} {scope}images of "
-                                 f"{data_dir}: nothing to show")
+                                 f"{data_dir}: nothing to show", weights_note)
         if len(picks) < worst:
             note = note or f"only {len(picks)} mistakes among {len(pool)} {scope}images"
     else:
@@ -163,4 +166,4 @@ def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
         raise InputError(f"none of the images picked from {data_dir} could be decoded")
     path = prediction_grid(images, captions, marks, out, title=grid_title(loaded, head_path, which, worst))
     known = [w for w in marks if w is not None]
-    return PreviewReport(path, len(images), sum(known) if known else None, used, note)
+    return PreviewReport(path, len(images), sum(known) if known else None, used, note, weights_note)
