@@ -83,27 +83,21 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
                    **{f"--cache {c}": c for c in caches}})
     inp = score_input(data_dir)
     disc = None if inp.tars else folder_samples(inp)  # a folder's one walk, passed along from here
+    if model_path and caches:
+        raise InputError("--cache and --model: an exported model reads images, not caches; drop --cache")
+    loaded = load_exported(model_path) if model_path else load_scorer(head_path, weights_file, backbone=False)
+    named = model_path or head_path  # the file the classes came from, for the refusals
+    if submission:
+        check_submission(loaded.classes, named)
+    ids = submission_ids(disc) if submission and disc else None  # before any forward pass
+    if disc:
+        onto_head_classes(disc, loaded.classes, named)
+    views = _check_tta(loaded, tta)
     if model_path:
-        if caches:
-            raise InputError("--cache and --model: an exported model reads images, not caches; drop --cache")
-        loaded = load_exported(model_path)
-        if submission:
-            check_submission(loaded.classes, model_path)
-        ids = submission_ids(disc) if submission and disc else None  # before any forward pass
-        if disc:
-            onto_head_classes(disc, loaded.classes, model_path)
-        views = _check_tta(loaded, tta)
         scored = _score_tar_images(loaded, inp, views, device, batch_size, workers, progress) if inp.tars else \
             _score_images(loaded, disc, views, device, batch_size, workers, progress)
         used, extracted = None, 0
     else:
-        loaded = load_scorer(head_path, weights_file, backbone=False)
-        if submission:
-            check_submission(loaded.classes, head_path)
-        ids = submission_ids(disc) if submission and disc else None  # before any forward pass
-        if disc:
-            onto_head_classes(disc, loaded.classes, head_path)
-        views = _check_tta(loaded, tta)
         planned = caches or [default_cache(loaded, head_path, inp, i) for i in range(len(loaded.members))]
         check_outputs({"--out": out, "--submission": submission}, {f"the feature cache {c}": c for c in planned})
         used, extracted = cached_features(loaded, head_path, inp, planned, device, batch_size, workers,
