@@ -32,6 +32,16 @@ def draw(path: Path, kind: str, seed: int) -> Path:
     return path
 
 
+def class_folder(root: Path, per_class: int, broken: bool = True) -> Path:
+    """cat/ and dog/ with `per_class` drawn photos each, and one undecodable dog/broken.jpg when `broken`."""
+    for i in range(per_class):
+        draw(root / "cat" / f"{i}.jpg", "cat", i)
+        draw(root / "dog" / f"{i}.jpg", "dog", 500 + i)
+    if broken:
+        (root / "dog" / "broken.jpg").write_bytes(b"no")
+    return root
+
+
 @pytest.fixture
 def kaggle_dir(tmp_path: Path) -> Path:
     """Kaggle-flat: cat.N.jpg / dog.N.jpg, 6 of each."""

@@ -20,7 +20,7 @@ from catdog_cache.extract.config import ExtractConfig
 from catdog_cache.extract.folder_units import cut_folder, unit_done
 from catdog_cache.extract.markers import markers_dir, read_marker
 from catdog_cache.extract.plan import Known
-from tests.conftest import TINY, draw
+from tests.conftest import TINY, class_folder, jpeg
 
 CFG = ExtractConfig(weights=parse_weights("random", 0), backbone="tiny", batch_size=2, workers=0, device="cpu")
 
@@ -35,11 +35,7 @@ def ray():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ray") / "data"
-    for i in range(9):
-        draw(root / "cat" / f"{i}.jpg", "cat", i)
-        draw(root / "dog" / f"{i}.jpg", "dog", 500 + i)
-    (root / "dog" / "broken.jpg").write_bytes(b"no")
+    root = class_folder(tmp_path_factory.mktemp("ray") / "data", 9)
     old = time.time_ns() - 60 * 10**9  # settled files: their stats are trusted, not racy (rerun.py; a Ray unit is
     for path in root.rglob("*.jpg"):  # done only when every file passes the local engine's stat rule)
         os.utime(path, ns=(old, old))
@@ -195,7 +191,6 @@ def test_tar_shards_one_task_each_killed_attempt_retried(ray, tmp_path, monkeypa
     marker), the retry supersedes those rows; the cache equals the local engine's row for row, and a rerun runs no
     task. --classes reaches the actors."""
     from catdog_cache.engines.ray_pool import RayOptions
-    from tests.conftest import jpeg
     from tests.extract.test_tars import make_tar
 
     drawn = tmp_path / "drawn"

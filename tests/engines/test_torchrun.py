@@ -14,7 +14,7 @@ import torch
 
 from catdog_cache.cache import list_parts, parts_dir, read_features, read_index
 from catdog_cache.engines.torchrun import Dist, placement
-from tests.conftest import TINY, draw
+from tests.conftest import TINY, class_folder, jpeg
 
 ARGS = [*TINY, "--quiet", "--part-rows", "4", "--batch-size", "2", "--workers", "0"]
 
@@ -32,12 +32,7 @@ def single(data, cache, device="auto"):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist") / "data"
-    for i in range(13):
-        draw(root / "cat" / f"{i}.jpg", "cat", i)
-        draw(root / "dog" / f"{i}.jpg", "dog", 500 + i)
-    (root / "dog" / "broken.jpg").write_bytes(b"no")
-    return root
+    return class_folder(tmp_path_factory.mktemp("dist") / "data", 13)
 
 
 def assert_same(a: Path, b: Path):
@@ -117,7 +112,6 @@ def test_killed_rank_leaves_parts_and_rerun_completes(data, tmp_path):
 
 def test_two_ranks_on_tar_shards_with_classes_equal_one_process(tmp_path):
     """Tar input under torchrun: whole shards per rank, --classes on every rank, rank 0 writes the index."""
-    from tests.conftest import jpeg
     from tests.extract.test_tars import make_tar
 
     for s in range(3):

@@ -4,12 +4,9 @@ incomplete marks and the messages' counts."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import tarfile
-import time
 
 import pytest
 
@@ -20,7 +17,7 @@ from catdog_cache.extract.markers import markers_dir
 from catdog_cache.extract.tars import extract_tars
 from catdog_cache.sources.spec import resolve_inputs
 from tests.conftest import TINY, jpeg
-from tests.extract.test_tars import CFG, make_tar
+from tests.extract.test_tars import CFG, make_tar, slow_extract
 
 
 def test_empty_tar_and_tar_without_images_are_one_line(cli, tmp_path):
@@ -112,17 +109,8 @@ def test_ctrl_c_marks_only_unfinished_shards_incomplete(tmp_path, images):
     names = sorted(images)
     shards = [str(make_tar(tmp_path / f"s-{k}.tar", [(n, images[n]) for n in names[2 * k:2 * k + 2]]))
               for k in range(4)]
-    script = ("import sys; from catdog_cache.extract.config import ExtractConfig; "
-              "from catdog_cache.engines.dispatch import extract; "
-              "from catdog_cache.backbone import WeightsSpec; "
-              "extract(sys.argv[1], sys.argv[2], ExtractConfig(WeightsSpec('random'), backbone='tiny', workers=0, "
-              "batch_size=1, device='cpu', part_rows=1))")
     cache = tmp_path / "c.h5"
-    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "s-{0..3}.tar"), str(cache)],
-                            env={**os.environ, "CATDOG_BATCH_DELAY": "0.3"}, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list(markers_dir(cache).glob("*.json")):
-        time.sleep(0.02)
+    proc = slow_extract(str(tmp_path / "s-{0..3}.tar"), cache, stderr=subprocess.PIPE, text=True)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "interrupted: finished shards saved" in err

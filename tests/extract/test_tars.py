@@ -242,23 +242,30 @@ def test_workers_split_shards_and_samples_exactly_once(tmp_path, images):
         assert len(ends) == (2 if shards is one else 3) and all(e.readers == (2 if shards is one else 1) for e in ends)
 
 
+def slow_extract(spec: str, cache: Path, **popen) -> subprocess.Popen:
+    """Extract `spec` in a child process, one row a part and 0.3 s a batch, and return once its first shard's done
+    marker exists: a run to interrupt with some shards finished and some not."""
+    script = ("import sys; from catdog_cache.extract.config import ExtractConfig; "
+              "from catdog_cache.engines.dispatch import extract; "
+              "from catdog_cache.backbone import WeightsSpec; "
+              "extract(sys.argv[1], sys.argv[2], ExtractConfig(WeightsSpec('random'), backbone='tiny', workers=0, "
+              "batch_size=1, device='cpu', part_rows=1))")
+    proc = subprocess.Popen([sys.executable, "-c", script, spec, str(cache)],
+                            env={**os.environ, "CATDOG_BATCH_DELAY": "0.3"}, **popen)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(markers_dir(cache).glob("*.json")):
+        time.sleep(0.02)
+    return proc
+
+
 def test_resume_after_kill_skips_finished_shards(tmp_path, images):
     names = sorted(images)
     for k in range(4):
         make_tar(tmp_path / f"s-{k}.tar", [(n, images[n]) for n in names[2 * k:2 * k + 2]])
     pattern = str(tmp_path / "s-{0..3}.tar")
     extract(pattern, tmp_path / "ref.h5", CFG)
-    script = ("import sys; from catdog_cache.extract.config import ExtractConfig; "
-              "from catdog_cache.engines.dispatch import extract; "
-              "from catdog_cache.backbone import WeightsSpec; "
-              "extract(sys.argv[1], sys.argv[2], ExtractConfig(WeightsSpec('random'), backbone='tiny', workers=0, "
-              "batch_size=1, device='cpu', part_rows=1))")
     cache = tmp_path / "c.h5"
-    proc = subprocess.Popen([sys.executable, "-c", script, pattern, str(cache)], start_new_session=True,
-                            env={**os.environ, "CATDOG_BATCH_DELAY": "0.3"})
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list(markers_dir(cache).glob("*.json")):
-        time.sleep(0.02)
+    proc = slow_extract(pattern, cache, start_new_session=True)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done = len(list(markers_dir(cache).glob("*.json")))

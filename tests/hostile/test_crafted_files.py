@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -30,6 +29,7 @@ from typer.testing import CliRunner
 from catdog_cache.cache import compact
 from catdog_cache.cli import app
 from tests.conftest import TINY, draw
+from tests.hostile.blocking import returns_within
 
 FIT = ["--epochs", "1", "--quiet"]
 SECRET = b"TOPSECRET-CONTENT-0123456789ABCD"  # 32 bytes: must never be copied into anything under cache/
@@ -452,28 +452,6 @@ def test_full_disk_is_one_line_and_leaves_no_temp_files(cli, base, small_fs):
 
 # ---------------------------------------------------------------- 9. FIFOs and devices
 
-def returns_within(fn, seconds: float = 2.0, unblock: Path | None = None):
-    """Run fn in a thread; fail (and unblock a FIFO reader) if it has not returned in time."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # handed to the test thread
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(seconds)
-    if t.is_alive():
-        if unblock is not None:  # a writer lets a blocked open() of the FIFO return
-            fd = os.open(unblock, os.O_WRONLY | os.O_NONBLOCK)
-            os.close(fd)
-        t.join(5)
-        raise AssertionError(f"blocked for more than {seconds} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def test_bounded_reads_of_regular_files_only(tmp_path):

@@ -5,14 +5,12 @@ here; the helpers are this file's own."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +22,7 @@ from typer.testing import CliRunner
 
 from catdog_cache.cli import app
 from tests.conftest import TINY, draw
+from tests.hostile.blocking import proc_file, returns_within
 
 FIT = ["--epochs", "1", "--quiet"]
 OSC52 = "\x1b]52;c;bw==\x07"  # would write "o" to the terminal's clipboard; lower case: folder names are lowered
@@ -45,33 +44,6 @@ def refused(r, *any_of: str) -> str:
     return r.output
 
 
-def returns_within(fn, seconds: float, unblock: Path | None = None):
-    """fn() in a thread; fail if it has not returned in time (first letting a reader blocked on the FIFO `unblock`
-    go: a writer opens it and closes it)."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # handed to the test thread
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(seconds)
-    if t.is_alive():
-        # let every open of the FIFO go, as often as it is opened again: a blocked h5py open holds h5py's lock, and
-        # every later test would wait on it
-        end = time.monotonic() + 20
-        while unblock is not None and t.is_alive() and time.monotonic() < end:
-            with contextlib.suppress(OSError):  # no reader waiting now
-                os.close(os.open(unblock, os.O_WRONLY | os.O_NONBLOCK))
-            t.join(0.05)
-        t.join(10)
-        raise AssertionError(f"blocked for more than {seconds} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def build(root: Path, *args: object) -> None:
@@ -203,14 +175,6 @@ def test_shard_swapped_for_a_fifo_after_its_check_is_refused(base, tmp_path, whe
 
 # ---------------------------------------------------------------- 12. pseudo files are never read
 
-def proc_file(name: str) -> str:
-    """A /proc pseudo file that stat calls regular and empty (kmsg blocks once read dry); skip if absent."""
-    path = f"/proc/{name}"
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
-    except OSError:
-        pytest.skip(f"{path} cannot be opened here")
-    return path
 
 
 @pytest.mark.parametrize("name", ["self/status", "kmsg"])

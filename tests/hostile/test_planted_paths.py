@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import TINY, draw
 from tests.hostile import test_crafted_files
+from tests.hostile.blocking import proc_file, returns_within
 from tests.hostile.test_crafted_files import (
     FIT,
     SECRET,
@@ -26,7 +27,6 @@ from tests.hostile.test_crafted_files import (
     install,
     read_csv,
     refused,
-    returns_within,
     small_folder,
 )
 
@@ -57,14 +57,6 @@ def file_weights_head(base, dst: Path, recorded: str, cache: str | None = None) 
     return crafted_head(base, dst, change)
 
 
-def proc_file(name: str) -> str:
-    """A /proc pseudo file that stat calls regular and empty (pagemap never ends, kmsg blocks); skip if absent."""
-    path = f"/proc/{name}"
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
-    except OSError:
-        pytest.skip(f"{path} cannot be opened here")
-    return path
 
 
 # ---------------------------------------------------------------- 2. predict's default cache through a planted link
