@@ -7,8 +7,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from ..backbone import Backbone, Preset, WeightsSpec, load_state_file, seeded
+from ..backbone import Backbone, Preset, WeightsSpec
 from ..errors import InputError, WeightsUnavailable
+from .loading import load_state_file, seeded
 
 if TYPE_CHECKING:
     from torch import nn
