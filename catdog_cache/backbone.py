@@ -24,7 +24,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import InputError, WeightsUnavailable
+from .errors import InputError
 from .files import plausible_file, read_regular, regular_chunks
 
 DECODERS = ("pil", "pil-draft", "torchvision")  # how a preset's images are decoded (recorded in its spec)
@@ -331,48 +331,6 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_state_file(model: nn.Module, spec: WeightsSpec, what: str, ignore: tuple[str, ...] = ()) -> nn.Module:
-    """A weights file from anywhere: tensors only (weights_only=True, never a pickle fallback), keys and shapes
-    must match `model` except the `ignore` prefixes (e.g. the classifier that features stop before)."""
-    import io
-
-    import torch
-
-    data = read_weights(spec)
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputError(f"--weights {spec.path}: not a loadable PyTorch state dict ({type(e).__name__})") from None
-    del data  # the tensors are copies: the file's bytes are not held while the model takes them
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise InputError(f"--weights {spec.path}: not a state dict of tensors")
-    state = {k: v for k, v in state.items() if not k.startswith(ignore)}
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    except (RuntimeError, TypeError, AttributeError) as e:  # wrong shapes
-        raise InputError(f"--weights {spec.path}: not a {what} state dict ({str(e).splitlines()[-1].strip()})") \
-            from None
-    missing = [k for k in missing if not k.startswith(ignore)]
-    if missing or unexpected:
-        raise InputError(f"--weights {spec.path}: not a {what} state dict (missing {missing[:3]}, unexpected "
-                         f"{list(unexpected)[:3]})")
-    if any(t.is_meta for k, t in model.state_dict().items() if not k.startswith(ignore)):
-        raise InputError(f"--weights {spec.path}: not a complete {what} state dict")
-    return model
-
-
-def seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
-    """Build with a private, seeded RNG stream: "random" weights are identical for a given seed and torch."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return make()
-
-
 def resolve_device(device: str) -> torch.device:
     import torch
 
@@ -393,8 +351,3 @@ def check_device(device: str) -> None:
 
 def build(spec: WeightsSpec, backbone: str = DEFAULT_BACKBONE, layer: str | None = None) -> nn.Module:
     return get_backbone(backbone, layer).build(spec)
-
-
-def missing_weights(name: str, what: str, where: Path) -> WeightsUnavailable:
-    return WeightsUnavailable(f"{name} ImageNet weights are not cached and could not be downloaded: put {what} in "
-                              f"{where}/ or pass --weights FILE (or --weights random for an offline try-out)")

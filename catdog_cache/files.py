@@ -345,3 +345,23 @@ def stale_temps(path: Path) -> Iterable[Path]:
     for p in path.parent.glob(f".{path.name}.*.tmp"):
         if p.is_file() and not p.is_symlink():
             yield p
+
+
+@contextlib.contextmanager
+def folders_kept_only_if_used(path: Path) -> Iterator[None]:
+    """Around a run that creates the folders above `path` (a cache's): when it fails, the folders it created itself
+    are removed again if they hold nothing (a failed first extract left an empty cache/ behind). Only empty folders
+    go (rmdir), bottom-up, links never followed: anything written there (a saved part) keeps its folder."""
+    created = None
+    for folder in [path.parent, *path.parent.parents]:
+        if os.path.lexists(folder):
+            break
+        created = folder  # the topmost missing one
+    try:
+        yield
+    except BaseException:
+        if created is not None and created.is_dir() and not created.is_symlink():
+            for root, _, _ in os.walk(created, topdown=False):  # followlinks=False: a link is an entry, not a walk
+                with contextlib.suppress(OSError):  # not empty (or gone): kept
+                    os.rmdir(root)
+        raise

@@ -11,9 +11,10 @@ import importlib.util
 import torch
 from torch import nn
 
-from ..backbone import WeightsSpec, load_state_file, seeded
+from ..backbone import WeightsSpec
 from ..errors import InputError, WeightsUnavailable
 from .lite_weights import CHECKPOINT, package
+from .loading import load_state_file, seeded
 
 
 class Pooled(nn.Module):

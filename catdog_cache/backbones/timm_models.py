@@ -1,14 +1,25 @@
 """timm:NAME when timm is installed: pooled features (num_classes=0) with timm's own data config. Pretrained
-weights come from timm's hub (online); --weights FILE works offline. timm (and torch) are imported only for a
-timm:NAME backbone, when it is resolved."""
+weights come from timm's hub (the Hugging Face Hub) and its cache; --weights FILE works offline. timm (and torch)
+are imported only for a timm:NAME backbone, when it is resolved.
+
+Offline, huggingface_hub retries each download five times with back-off (about a minute, some twenty log lines)
+before it fails: a short probe of the hub first, and when it does not answer, the download runs in the hub
+library's offline mode, which reads its cache (weights downloaded before still load) and fails at once otherwise."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import socket
+import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+from urllib.request import getproxies, proxy_bypass
 
-from ..backbone import Backbone, Preset, WeightsSpec, load_state_file, seeded
+from ..backbone import Backbone, Preset, WeightsSpec
 from ..errors import InputError, WeightsUnavailable
+from .loading import load_state_file, offline_alternative, seeded
 
 if TYPE_CHECKING:
     from torch import nn
@@ -22,14 +33,69 @@ def _timm():
     return timm
 
 
+PROBE_SECONDS = 3.0  # a TCP connection to the hub; an answering hub takes well under a second
+
+
+def hub_reachable(endpoint: str, timeout: float = PROBE_SECONDS) -> bool:
+    """Whether the hub's host accepts a TCP connection within `timeout` seconds, name lookup included (run in a
+    thread: a lookup with no DNS server can hang far longer than any socket timeout). Behind a proxy the host is
+    not dialled directly, so the probe says yes and the hub library, which uses the proxy, decides."""
+    url = urlsplit(endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxies = getproxies()
+    if (proxies.get(url.scheme) or proxies.get("all")) and not proxy_bypass(host):
+        return True
+    answered: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            answered.append(True)
+        except (OSError, ValueError):  # no route, no name, refused, timed out; ValueError: a malformed endpoint
+            pass
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(answered)
+
+
+@contextlib.contextmanager
+def hub_offline(offline: bool) -> Iterator[None]:
+    """huggingface_hub's offline mode (HF_HUB_OFFLINE, read once at its import) for the calls inside: cached files
+    only, no request and no retry."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def pretrained(timm, name: str) -> nn.Module:
+    """timm's pretrained model, from the hub's cache when the hub is out of reach (one line, at once, if not there)."""
+    from huggingface_hub import constants
+
+    host = urlsplit(constants.ENDPOINT).hostname or constants.ENDPOINT
+    offline = constants.HF_HUB_OFFLINE or not hub_reachable(constants.ENDPOINT)
+    try:
+        with hub_offline(offline):
+            return timm.create_model(name, pretrained=True, num_classes=0)
+    except Exception as e:
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{host} cannot be reached") if offline \
+            else f"the download from {host} failed ({type(e).__name__})"
+        raise WeightsUnavailable(
+            f"timm:{name} pretrained weights are not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}: "
+            f"{offline_alternative(f'timm:{name}')}; or run this once where {host} is reachable (the weights are then "
+            f"cached); or pass --weights FILE (a state dict of timm's {name})") from None
+
+
 def make(name: str, spec: WeightsSpec) -> nn.Module:
     timm = _timm()
     if spec.kind == "imagenet":
-        try:
-            return timm.create_model(name, pretrained=True, num_classes=0)
-        except Exception as e:
-            raise WeightsUnavailable(f"timm:{name} pretrained weights need timm's hub ({type(e).__name__}): pass "
-                                     "--weights FILE (a state dict) or --weights random offline") from None
+        return pretrained(timm, name)
     model = seeded(spec.seed, lambda: timm.create_model(name, pretrained=False, num_classes=0))
     if spec.kind == "file":
         head = model.pretrained_cfg.get("classifier") or "head"  # one name, or several (distilled models)

@@ -3,8 +3,9 @@ description only: the model (torch) is in tiny_net."""
 
 from __future__ import annotations
 
-from ..backbone import IMAGENET, Backbone, WeightsSpec, seeded
+from ..backbone import IMAGENET, Backbone, WeightsSpec
 from ..errors import InputError
+from .loading import seeded
 
 
 def make(spec: WeightsSpec):

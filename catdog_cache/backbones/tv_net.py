@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..backbone import WeightsSpec, load_state_file, missing_weights, seeded
+from ..backbone import WeightsSpec
 from ..errors import InputError
+from .loading import load_state_file, missing_weights, seeded
 from .tv_layers import FINAL
 
 
@@ -62,7 +63,7 @@ def make(name: str, layer: str, spec: WeightsSpec) -> nn.Module:
         try:
             state = weights.get_state_dict(progress=True, check_hash=True)
         except Exception:
-            raise missing_weights(name, os.path.basename(weights.url), weights_file(weights).parent) from None
+            raise missing_weights(name, weights.url, weights_file(weights).parent, name) from None
         model.load_state_dict(state, assign=True)
     else:
         load_state_file(model, spec, f"torchvision {name}", ignore=(final_linear(model) + ".",) if layer == FINAL

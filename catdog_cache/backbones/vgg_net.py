@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..backbone import WeightsSpec, load_state_file, missing_weights, seeded
+from ..backbone import WeightsSpec
+from .loading import load_state_file, missing_weights, seeded
 from .tv_net import weights_file
 
 
@@ -42,7 +43,7 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
     try:
         return weights.get_state_dict(progress=True, check_hash=True)
     except Exception:  # offline: URLError, socket errors, a partial download...
-        raise missing_weights("VGG16", weights.url.rsplit("/", 1)[1], imagenet_weights_path().parent) from None
+        raise missing_weights("VGG16", weights.url, imagenet_weights_path().parent, "vgg16") from None
 
 
 def make(spec: WeightsSpec, keep: int) -> nn.Module:

@@ -117,8 +117,32 @@ class Provenance:
 
     def differences(self, other: Provenance, mine: str, theirs: str) -> list[str]:
         a, b = asdict(self), asdict(other)
-        return [f"{k}: {mine} has {a[k]}, {theirs} has {b[k]}" for k in a
-                if (weights_key(a[k]) != weights_key(b[k]) if k == "weights" else a[k] != b[k])]
+        diffs = []
+        for k in a:
+            if k == "transform" and a[k] != b[k]:
+                diffs += transform_differences(a[k], b[k], mine, theirs)
+            elif weights_key(a[k]) != weights_key(b[k]) if k == "weights" else a[k] != b[k]:
+                diffs.append(f"{k}: {mine} has {a[k]}, {theirs} has {b[k]}")
+        return diffs
+
+
+def transform_differences(a: str, b: str, mine: str, theirs: str) -> list[str]:
+    """The fields in which two recorded transforms differ (`transform decoder: the cache has pil, ...`), not the
+    two whole JSON objects, in which the one differing field is hard to find. A missing decoder is pil."""
+    try:
+        x, y = json.loads(a), json.loads(b)
+    except ValueError:
+        x = y = None
+    if not (isinstance(x, dict) and isinstance(y, dict)):
+        return [f"transform: {mine} has {a}, {theirs} has {b}"]
+    x, y = {"decoder": "pil", **x}, {"decoder": "pil", **y}
+
+    def shown(v: object) -> str:
+        return v if isinstance(v, str) else json.dumps(v)
+
+    diffs = [f"transform {k}: {mine} has {shown(x.get(k))}, {theirs} has {shown(y.get(k))}"
+             for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
+    return diffs or [f"transform: {mine} has {a}, {theirs} has {b}"]  # equal fields, other spelling
 
 
 def require_same(have: Provenance, want: Provenance, have_name: str, want_name: str) -> None:

@@ -125,15 +125,23 @@ OS_HINTS = {errno.EACCES: _WRITE, errno.EPERM: _WRITE, errno.EROFS: " (a read-on
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """User mistakes become one clear line and a non-zero exit, never a traceback."""
+    """User mistakes become one clear line and a non-zero exit, never a traceback; with --json, that line is a JSON
+    object on stdout, {"error": "..."}, so that a script reading the output always reads JSON."""
+
+    def fail(message: str, code: int, as_json: bool) -> typer.Exit:
+        if as_json:
+            print(to_json({"error": message}))
+        else:
+            err.print(f"[bold red]error:[/] {escape(printable(message))}", highlight=False, soft_wrap=True)
+        return typer.Exit(code)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = kwargs.get("as_json") is True
         try:
             return fn(*args, **kwargs)
         except CatdogError as e:
-            err.print(f"[bold red]error:[/] {escape(printable(str(e)))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(e.exit_code) from None
+            raise fail(str(e), e.exit_code, as_json) from None
         except KeyboardInterrupt:
             err.print("[bold red]interrupted[/]")
             raise typer.Exit(130) from None
@@ -141,9 +149,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(pipe_closed()) from None
         except OSError as e:  # disk full, read-only or missing location: the OS's words, the file, what to do
             where = f": {e.filename}{OS_HINTS.get(e.errno, '')}" if e.filename else ""
-            err.print(f"[bold red]error:[/] {escape(printable(e.strerror or str(e)))}{escape(printable(where))}",
-                      highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise fail(f"{e.strerror or e}{where}", 1, as_json) from None
 
     return wrapper
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from ..files import printable
+from ..files import folders_kept_only_if_used, printable
 from .common import (
     APPEND,
     BACKBONE,
@@ -115,7 +115,7 @@ def extract_cmd(
                                    "gpus_per_actor": gpus_per_actor, "cpus_per_actor": cpus_per_actor}.items()
                  if v is not None}
         opts = RayOptions(**given)  # type: ignore[arg-type]
-    with Bar(quiet or as_json) as bar:
+    with folders_kept_only_if_used(cache), Bar(quiet or as_json) as bar:
         r = extract(data_dir, cache, cfg, progress=bar, prune=prune, strict=strict, checksum=checksum, classes=names,
                     engine=engine, ray=opts)
     ray = {"shards": r.shards, "shards_run": r.shards_run, "actors": r.actors} if engine == "ray" else {}

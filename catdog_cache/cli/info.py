@@ -1,10 +1,11 @@
-"""`catdog-cache info`: what a cache holds, its provenance and failures."""
+"""`catdog-cache info`: what a cache holds, its provenance and failures; given a head (fit's .head.pt), what it is,
+what it was trained on and how it scored."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import shlex
 from pathlib import Path
 
 import typer
@@ -18,6 +19,7 @@ from .common import (
     app,
     err,
     first_few,
+    fmt_number,
     guarded,
     out,
     plural,
@@ -29,19 +31,29 @@ from .common import (
 @app.command("info")
 @guarded
 def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_default=False,
-                                               help="The cache (the same as --cache)."),
+                                               help="The cache (the same as --cache), or a head file."),
              cache: Path | None = typer.Option(None, "--cache", show_default="cache/features.h5",
-                                               help="HDF5 feature cache."), as_json: bool = JSON,
+                                               help="HDF5 feature cache."),
+             head: Path | None = typer.Option(None, "--head", show_default=False,
+                                              help="A head file (fit's .head.pt): its classes, backbone, training "
+                                              "and validation scores."), as_json: bool = JSON,
              failures: bool = typer.Option(False, "--failures", help="List every file that could not be decoded, "
                                            "with the reason.")) -> None:
-    """Rows, classes and counts, provenance, failures and size on disk of a cache."""
+    """Rows, classes and counts, provenance, failures and size on disk of a cache; or what a head is."""
     from ..backbone import random_weights_note
     from ..cache import list_parts, listed, open_cache
 
-    if path is not None and cache is not None and path != cache:
-        raise CatdogError(f"info: the cache {path} and --cache {cache} differ; give one")
-    cache = path or cache or Path("cache/features.h5")
-    _not_a_head(cache)
+    given = [p for p in (path, cache, head) if p is not None]
+    if len(set(given)) > 1:
+        raise CatdogError(f"info: give one file, got {', '.join(map(str, dict.fromkeys(given)))}")
+    cache = path or cache or head or Path("cache/features.h5")
+    if head is not None or is_head_file(cache):
+        summary = head_summary(cache)
+        if as_json:
+            print(to_json(summary))
+        else:
+            print_head(summary)
+        return
     with open_cache(cache) as (view, idx):
         sharded = listed(cache)[0] == 2
         shard_bytes = view.shard_bytes if sharded else []
@@ -112,22 +124,79 @@ def _incomplete(folders: list[str], parts: int) -> str:
     return f"{' and '.join(what)}: the counts above are partial; run extract again to finish"
 
 
-def _not_a_head(path: Path) -> None:
-    """`info --cache x.head.pt`: say it is a head (and where its features are), never "delete it"."""
-    try:  # never waits: a FIFO or /proc/kmsg given as the cache is refused by open_cache, in one line
-        if regular_prefix(path, 4) != b"PK\x03\x04":  # torch.save files are zip archives
-            return
+def is_head_file(path: Path) -> bool:
+    """Whether a path given to info is a torch.save zip (a head) rather than an HDF5 cache; never waits: a FIFO or
+    /proc/kmsg is refused later, in one line, by whichever reads it."""
+    try:
+        return regular_prefix(path, 4) == b"PK\x03\x04"
     except (OSError, ValueError):  # ValueError: a NUL in the name
-        return  # read_index says what is wrong
+        return False
+
+
+def _number(value: object) -> int | float | None:
+    """A recorded number (from a file: any type), as it was; None unless a finite number (NaN: no validation rows)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return value if ok else None  # type: ignore[return-value]
+
+
+def _texts(value: object) -> list[str]:
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def head_summary(path: Path) -> dict:
+    """What a head is (classes, shape, the backbone of each feature set), what it was trained on (caches, source
+    folders, epochs) and how it scored on its validation rows, from the head file alone (checked as predict checks
+    it). Recorded fields are read as untrusted: a field of the wrong type is left out."""
+    from ..backbone import random_weights_note
+    from ..cache import Provenance
     from ..fit.head import load_head
 
-    try:
-        _, meta = load_head(path)
-    except CatdogError:
-        return
-    trained = [c for c in (meta.get("caches") or [meta.get("cache")]) if isinstance(c, str)]
-    where = (f"; it was trained on {', '.join(printable(c) for c in trained)}: catdog-cache info "
-             f"{shlex.quote(printable(trained[0]))}") if trained else ""
-    raise CatdogError(f"{path} is a head (written by fit), not a feature cache: give it to predict, preview or "
-                      f"export as --head{where}")
+    model, meta = load_head(path)
+    provs = [Provenance.from_json(p, f"head {path}") for p in (meta.get("ensemble") or [meta["provenance"]])]
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
+    history = meta.get("history") if isinstance(meta.get("history"), list) else []
+    validation = {"accuracy": _number(metrics.get("val_acc")), "log_loss": _number(metrics.get("val_log_loss")),
+                  "train_rows": _number(metrics.get("n_train")), "val_rows": _number(metrics.get("n_val"))}
+    if _number(metrics.get("folds")):
+        validation["folds"] = _number(metrics.get("folds"))  # cross-fitting: the scores are out-of-fold
+    transforms = [json.loads(p.transform) for p in provs]
+    return {
+        "head": str(path), "kind": "head", "shape": model.describe(), "classes": list(meta["classes"]),
+        "backbones": [{"arch": p.arch, "layer": p.layer, "weights": p.weights, "views": p.views, "dtype": p.dtype,
+                       "precision": p.precision, "transform": t} for p, t in zip(provs, transforms, strict=True)],
+        "epochs": _number(config.get("epochs")), "epochs_run": len(history),
+        "kept_epoch": _number(meta.get("kept_epoch")), "validation": validation,
+        "temperature": _number(meta.get("temperature")), "clip": _number(meta.get("clip")),
+        "caches": _texts(meta.get("caches")) or _texts([meta.get("cache")]), "sources": _texts(meta.get("sources")),
+        "config": config, "random_weights": bool(random_weights_note([p.weights for p in provs])),
+    }
 
+
+def print_head(s: dict) -> None:
+    """info's table for a head: what predict, preview and export will use, and what fit measured."""
+    from ..backbone import random_weights_note
+
+    t = Table(show_header=False, title=escape(printable(f"{s['head']} (a head, written by fit)")))
+    t.add_row("head", escape(s["shape"]))
+    shown = ", ".join(printable(c) for c in s["classes"][:20]) + (", …" if len(s["classes"]) > 20 else "")
+    t.add_row("classes", escape(f"{len(s['classes'])}: {shown}"))
+    for b in s["backbones"]:
+        t.add_row("backbone", escape(printable(f"{b['arch']} {b['layer']}, weights {b['weights']}, views "
+                                                f"{b['views']}, {b['dtype']}")))
+    run = f"{s['epochs_run']:,}" if s["epochs_run"] else "-"
+    kept = f", kept epoch {s['kept_epoch']:.0f}" if s["kept_epoch"] and s["kept_epoch"] != s["epochs_run"] else ""
+    t.add_row("epochs", f"{run}{kept}")
+    v = s["validation"]
+    where = f"out-of-fold ({v['folds']:.0f} folds)" if v.get("folds") else "validation"
+    rows = f" on {v['val_rows']:,.0f} rows (trained on {v['train_rows']:,.0f})" if v["val_rows"] is not None else ""
+    t.add_row(where, f"accuracy {fmt_number(v['accuracy'] if v['accuracy'] is not None else float('nan'))}, log loss "
+              f"{fmt_number(v['log_loss'] if v['log_loss'] is not None else float('nan'))}{rows}")
+    if s["temperature"] not in (None, 1.0) or s["clip"]:
+        t.add_row("calibration", f"temperature {s['temperature']:.3g}, clip {s['clip'] or 0:g}")
+    t.add_row("trained on", escape(first_few(s["caches"], 5, sep="\n") or "-"))
+    t.add_row("sources", escape(first_few(s["sources"], 10, sep="\n") or "-"))
+    out.print(t)
+    note = random_weights_note([b["weights"] for b in s["backbones"]])
+    if note:
+        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False)

@@ -87,7 +87,17 @@ def predict_cmd(
     sub = f" and {escape(printable(str(r.submission)))}" if r.submission else ""
     neutral = f" ({len(r.neutral)} neutral)" if r.neutral else ""
     where = (f"; features {'cached in' if r.extracted else 'read from'} "
-             f"{escape(printable(', '.join(map(str, r.cache))))} ({r.extracted:,} extracted now)") if r.cache else ""
+             f"{escape(printable(', '.join(map(str, r.cache))))} "
+             f"({extracted_now(r.extracted, len(r.cache), len(r.rows))})") if r.cache else ""
     out.print(f"[green]predicted[/] {plural(len(r.rows), 'image')} in {r.seconds:.1f}s{acc} -> "
               f"{escape(printable(str(r.out)))}{sub}{neutral}{where}", highlight=False)
 
+
+def extracted_now(extracted: int, backbones: int, images: int) -> str:
+    """How many backbone passes this run made, said per image for an ensemble: `200 images × 2 backbones`, not
+    `400 extracted now` for 200 photos (extract's count is per cache, one cache per backbone)."""
+    if backbones > 1 and extracted and extracted == images * backbones:
+        return f"{plural(images, 'image')} × {backbones} backbones extracted now"
+    if backbones > 1 and extracted:
+        return f"{extracted:,} image × backbone passes now, over {backbones} backbones"
+    return f"{extracted:,} extracted now"

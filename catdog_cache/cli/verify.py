@@ -42,7 +42,8 @@ def verify_cmd(
     val_fraction: float = VAL_FRACTION,
     seed: int = SEED,
     hidden: str = HIDDEN,
-    limit: int | None = typer.Option(None, "--limit", help="Use this many images (half cats, half dogs)."),
+    limit: int | None = typer.Option(None, "--limit", help="Use this many images, balanced over "
+                                       "the classes (half cats, half dogs for two)."),
     dtype: str = typer.Option("float32", "--dtype", help="Cache dtype: float16 reports the deviation."),
     precision: str = typer.Option("fp32", "--precision", help="Extraction precision: fp32 | bf16 | fp16."),
     device: str = DEVICE,

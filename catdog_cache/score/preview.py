@@ -13,7 +13,7 @@ import numpy as np
 from ..backbone import random_weights_note
 from ..errors import InputError
 from ..extract.config import Progress
-from ..files import as_paths, check_outputs, printable, read_regular, same_file
+from ..files import as_paths, check_outputs, plural, printable, read_regular, same_file
 from ..fit import split
 from ..sources.decode import MAX_FILE_BYTES, DecodeError, decode_rgb
 from ..sources.spec import open_tar
@@ -85,13 +85,27 @@ def picture_bytes(inp: ScoreInput, scored: Scored, picks: list[int]) -> dict[int
     return out
 
 
-def grid_title(loaded, head_path: Path, which: str, worst: int) -> str:
-    """Which head and which backbone made these predictions, and which images these are."""
-    backbones = " + ".join(f"{p.arch} {p.layer}" for p, _ in loaded.members or [(loaded.provenance, None)])
+def grid_title(loaded, head_path: Path, what: str) -> str:
+    """Which head and which backbones made these predictions (each backbone with its own weights: an ensemble's
+    are not all the first one's), and which images these are (`what`, counted as shown)."""
+    members = [p for p, _ in loaded.members] or [loaded.provenance]
+    if len({p.weights for p in members}) == 1:
+        on = f"{' + '.join(f'{p.arch} {p.layer}' for p in members)} features, weights {members[0].weights}"
+    else:
+        on = " + ".join(f"{p.arch} {p.layer} (weights {p.weights})" for p in members) + " features"
     head = loaded.head.describe() if loaded.head is not None else "head"
-    what = f"the {worst} most confident mistakes" if worst else f"{which} images"
-    return (f"head {printable(head_path.name)}: {head}\n"
-            f"on {printable(backbones)} features, weights {printable(loaded.provenance.weights)}; {what}")
+    return f"head {printable(head_path.name)}: {head}\non {printable(on)}; {what}"
+
+
+def shown_what(shown: int, pool: int, scope: str, mistakes: int | None) -> str:
+    """The grid's subject, counted from what it shows: `2 mistakes among 10 val images` when there were only two
+    (never `the 4 most confident mistakes` over two tiles), `the 4 most confident of 7 mistakes ...` otherwise."""
+    among = f"among {pool:,} {scope}images"
+    if mistakes is None:
+        return f"{shown:,} of {pool:,} {scope}images"
+    if mistakes > shown:
+        return f"the {shown:,} most confident of {mistakes:,} mistakes {among}"
+    return f"{plural(shown, 'mistake')} {among}"
 
 
 def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str], out: str | os.PathLike[str],
@@ -144,8 +158,10 @@ def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
             return PreviewReport(None, 0, 0, used, f"no mistakes among {len(pool):,} {scope}images of "
                                  f"{data_dir}: nothing to show", weights_note)
         if len(picks) < worst:
-            note = note or f"only {len(picks)} mistakes among {len(pool)} {scope}images"
+            note = note or f"only {plural(len(picks), 'mistake')} among {len(pool):,} {scope}images"
     else:
+        wrong = None
+        scope = f"{which} " if which != "all" and all(roles[i] == which for i in pool) else ""
         picks = [pool[int(k)] for k in sorted({int(k) for k in np.linspace(0, len(pool) - 1, min(n, len(pool)))})]
     preset = Preset.from_spec(loaded.provenance.transform)
     images, captions, marks = [], [], []
@@ -164,6 +180,8 @@ def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
         marks.append(None if labels[i] < 0 else bool(pred[i] != labels[i]))
     if not images:
         raise InputError(f"none of the images picked from {data_dir} could be decoded")
-    path = prediction_grid(images, captions, marks, out, title=grid_title(loaded, head_path, which, worst))
+    # decode failures shrink the grid: the title counts the tiles drawn (and, for --worst, every mistake there was)
+    what = shown_what(len(images), len(pool), scope, None if wrong is None else len(wrong))
+    path = prediction_grid(images, captions, marks, out, title=grid_title(loaded, head_path, what))
     known = [w for w in marks if w is not None]
     return PreviewReport(path, len(images), sum(known) if known else None, used, note, weights_note)

@@ -87,11 +87,12 @@ def test_info_on_a_head_says_it_is_a_head(cli, kaggle_dir):
     """Item 4: `info --cache x.head.pt` advised deleting a good head."""
     cli("extract", kaggle_dir, *TINY)
     cli("fit", "--epochs", "1")
-    for args in (("info", "--cache", "cache/features.head.pt"), ("fit", "--cache", "cache/features.head.pt")):
-        r = cli(*args, ok=False)
-        assert r.exit_code == 1 and "--head" in r.output and "delete" not in r.output, r.output
-    r = cli("info", "cache/features.head.pt", ok=False)
-    assert "is a head" in r.output and str(Path("cache/features.h5").resolve()) in r.output.replace("\n", "")
+    r = cli("fit", "--cache", "cache/features.head.pt", ok=False)
+    assert r.exit_code == 1 and "--head" in r.output and "delete" not in r.output, r.output
+    for args in (("info", "--cache", "cache/features.head.pt"), ("info", "cache/features.head.pt")):
+        r = cli(*args)  # issue 31, item 11: info describes a head (tests/cli/test_new_user_round3.py)
+        assert "a head, written by fit" in r.output and "delete" not in r.output, r.output
+        assert str(Path("cache/features.h5").resolve()) in r.output.replace("\n", "")
 
 
 def test_info_json_transform_is_an_object(cli, kaggle_dir):
