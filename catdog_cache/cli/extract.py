@@ -86,7 +86,10 @@ def extract_cmd(
     """Run the frozen backbone over every image once and store its features. Adding to an existing cache needs no
     repeated flags: options left out take the cache's recorded settings; only contradicting ones are refused."""
     from ..backbone import parse_weights
+    from ..store.url import local_cache
     from .precheck import engine as check_engine
+
+    cache = local_cache(cache, "extract")  # first: a URL is never written as a local folder named "s3:"
     from .precheck import extract_inputs
 
     data_dir = one_input([data_dir, *ctx.args])

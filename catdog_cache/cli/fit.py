@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..files import printable
+from ..store.url import cache_arg
 from .common import (
     BATCH,
     DROPOUT,
@@ -38,7 +39,7 @@ from .common import (
 @app.command("fit")
 @guarded
 def fit_cmd(
-    cache: list[Path] = typer.Option([Path("cache/features.h5")], "--cache", metavar="PATH",
+    cache: list[Path] = typer.Option([Path("cache/features.h5")], "--cache", metavar="PATH", parser=cache_arg,
                                      help="HDF5 feature cache; give it "
                                      "again for an ensemble (one head on the features of several caches, joined "
                                      "by file)."),
@@ -69,7 +70,10 @@ def fit_cmd(
 ) -> None:
     """Train the head (Dropout -> Linear(D, 2), or an MLP with --hidden) on the cached features."""
     from ..fit import FitConfig, default_head_path
+    from ..store.url import local_cache
     from .precheck import caches_readable
+
+    cache = [local_cache(c, "fit") for c in cache]
 
     cfg = FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed, augment, hidden_sizes(hidden), keep,
                     weight_decay)

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ..errors import CatdogError
 from ..files import printable, regular_prefix
+from ..store.url import cache_arg
 from .common import (
     JSON,
     app,
@@ -28,19 +29,20 @@ from .common import (
 
 @app.command("info")
 @guarded
-def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_default=False,
+def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_default=False, parser=cache_arg,
                                                help="The cache (the same as --cache)."),
-             cache: Path | None = typer.Option(None, "--cache", show_default="cache/features.h5",
+             cache: Path | None = typer.Option(None, "--cache", show_default="cache/features.h5", parser=cache_arg,
                                                help="HDF5 feature cache."), as_json: bool = JSON,
              failures: bool = typer.Option(False, "--failures", help="List every file that could not be decoded, "
                                            "with the reason.")) -> None:
     """Rows, classes and counts, provenance, failures and size on disk of a cache."""
     from ..backbone import random_weights_note
     from ..cache import list_parts, listed, open_cache
+    from ..store.url import local_cache
 
     if path is not None and cache is not None and path != cache:
         raise CatdogError(f"info: the cache {path} and --cache {cache} differ; give one")
-    cache = path or cache or Path("cache/features.h5")
+    cache = local_cache(path or cache or Path("cache/features.h5"), "info")
     _not_a_head(cache)
     with open_cache(cache) as (view, idx):
         sharded = listed(cache)[0] == 2
