@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..errors import InputError
 from ..files import printable
 from ..store.url import cache_arg
 from .common import (
@@ -70,14 +71,20 @@ def fit_cmd(
 ) -> None:
     """Train the head (Dropout -> Linear(D, 2), or an MLP with --hidden) on the cached features."""
     from ..fit import FitConfig, default_head_path
-    from ..store.url import local_cache
+    from ..store.staging import readable_cache
+    from ..store.url import StoreURL, check_location
     from .precheck import caches_readable
 
-    cache = [local_cache(c, "fit") for c in cache]
+    given = [check_location(c) for c in cache]
+    urls = [c for c in given if isinstance(c, StoreURL)]
+    if head is None and urls:
+        raise InputError(f"fit --cache {urls[0]}: give --head PATH (a local file): the head is not written to the "
+                         "store")
 
     cfg = FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed, augment, hidden_sizes(hidden), keep,
                     weight_decay)
     cfg.check()  # options and files before torch's import: mistakes answered at once
+    cache = [readable_cache(c) for c in given]  # a store URL: its local copy, read as a local cache
     caches_readable(cache)
     from ..fit import fit
 

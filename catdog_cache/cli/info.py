@@ -38,11 +38,13 @@ def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_defa
     """Rows, classes and counts, provenance, failures and size on disk of a cache."""
     from ..backbone import random_weights_note
     from ..cache import list_parts, listed, open_cache
-    from ..store.url import local_cache
+    from ..store.staging import readable_cache
+    from ..store.url import check_location
 
     if path is not None and cache is not None and path != cache:
         raise CatdogError(f"info: the cache {path} and --cache {cache} differ; give one")
-    cache = local_cache(path or cache or Path("cache/features.h5"), "info")
+    shown = check_location(path or cache or Path("cache/features.h5"))  # a store URL: read from a local copy
+    cache = readable_cache(shown)
     _not_a_head(cache)
     with open_cache(cache) as (view, idx):
         sharded = listed(cache)[0] == 2
@@ -53,7 +55,7 @@ def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_defa
     prov = json.loads(idx.provenance.to_json())
     prov["transform"] = json.loads(prov["transform"])  # an object in JSON, not a string inside it
     summary = {
-        "cache": str(cache), "rows": idx.shape[0], "views": idx.shape[1], "dim": idx.shape[2],
+        "cache": str(shown), "rows": idx.shape[0], "views": idx.shape[1], "dim": idx.shape[2],
         "dtype": idx.dtype, **({"cat": labels.count(0), "dog": labels.count(1)} if classes == ["cat", "dog"]
                                else {}), "unlabeled": labels.count(-1),
         "classes": {c: labels.count(i) for i, c in enumerate(classes)},
@@ -70,7 +72,7 @@ def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_defa
     if as_json:
         print(to_json(summary))
         return
-    t = Table(show_header=False, title=escape(printable(str(cache))))
+    t = Table(show_header=False, title=escape(printable(str(shown))))
     t.add_row("rows", f"{summary['rows']:,} x {summary['views']} view(s) x {summary['dim']:,}")
     counts = {**summary["classes"], "unlabeled": summary["unlabeled"]}
     if len(counts) > 21:  # a long list of classes in one row: the table stays readable, --json has the counts

@@ -23,7 +23,7 @@ _LOST_SLASH = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")
 _KNOWN = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "http", "https", "memory", "hf", "oci", "oss",
           "r2", "webdav", "sftp", "ftp", "hdfs", "file", "local"}
 # Who reads and writes a cache on object storage (the refusal of the others names them); "" while none does.
-STORE_COMMANDS = ""
+STORE_COMMANDS = "extract (local engine), info and fit"
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def local_cache(value: CacheLocation | BadCache | str | os.PathLike[str], comman
     """For a command (or an engine) that needs --cache on a local disk: the path, or one line saying what works."""
     loc = check_location(value)
     if isinstance(loc, StoreURL):
-        works = f"works with {STORE_COMMANDS}" if STORE_COMMANDS else "is not supported yet"
+        works = f"works with {STORE_COMMANDS} (a local copy is read)" if STORE_COMMANDS else "is not supported yet"
         raise InputError(f"{command} --cache {short(printable(loc.url))}: {command} needs a cache on a local disk; "
                          f"a cache on object storage ({loc.protocol}://) {works}: give a local path")
     return loc
