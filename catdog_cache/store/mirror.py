@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,9 @@ def version_of(info: dict[str, Any]) -> str:
 class Mirror:
     """The local copy `local` (the index's path; shards and markers beside it) of the store's `base` on `fs`."""
 
-    def __init__(self, fs: Any, base: str, local: Path, url: str) -> None:
+    def __init__(self, fs: Any, base: str, local: Path, url: str, check: Callable[[], None] | None = None) -> None:
         self.fs, self.base, self.local, self.url = fs, base.rstrip("/"), local, url
+        self.check = check  # raises when this writer may no longer write (its lease is lost)
         self.manifest_path = local.parent / MANIFEST
         self.manifest: dict[str, dict[str, Any]] = self._load_manifest()
 
@@ -168,6 +170,8 @@ class Mirror:
             return False
         if self.in_step(rel, st):
             return True
+        if self.check:
+            self.check()
         try:
             upload_file(self.fs, str(self.local_path(rel)), self.remote_path(rel))
         except Exception as e:  # the backend's own errors too (botocore, aiohttp): one line

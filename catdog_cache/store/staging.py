@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..errors import CacheBusy, CacheError, InputError
 from ..files import printable, short
+from .lease import take_lease
 from .mirror import Mirror, StoreError
 from .url import BadCache, CacheLocation, StoreURL, check_location, local_copy_path, store_fs
 
@@ -97,20 +98,27 @@ def staged(loc: StoreURL) -> Iterator[Path]:
     fs, base = store_fs(loc)
     local = local_copy_path(loc, "stage")
     with _folder_lock(local.parent, loc.url, wait=False):
-        mirror = Mirror(fs, base, local, loc.url)
-        mirror.pull()
-        uploader = Uploader(mirror).start()
+        lease = take_lease(fs, base + ".lease", loc.url, loc.protocol)  # one writer per store cache
         try:
-            yield local
-        finally:
+            mirror = Mirror(fs, base, local, loc.url, lease.check if lease else None)
+            mirror.pull()
+            uploader = Uploader(mirror).start()
             try:
-                uploader.finish()
-                if mirror.push(""):  # the index: one object, after every shard it lists
-                    mirror.remove_extras()
-                mirror.save_manifest()
-            except StoreError as e:
-                raise StoreError(f"{e}; the store keeps its earlier index: run extract again (it extracts what the "
-                                 "store lacks)") from None
+                yield local
+            finally:
+                try:
+                    uploader.finish()
+                    if lease:
+                        lease.renew()  # still ours, for another lease period: the index is written under it
+                    if mirror.push(""):  # the index: one object, after every shard it lists
+                        mirror.remove_extras()
+                    mirror.save_manifest()
+                except StoreError as e:
+                    raise StoreError(f"{e}; the store keeps its earlier index: run extract again (it extracts what "
+                                     "the store lacks)") from None
+        finally:
+            if lease:
+                lease.give_back()
 
 
 def read_copy(loc: StoreURL) -> Path:
