@@ -80,6 +80,7 @@ class Mirror:
         the listing of the shards that follows), then shards and markers."""
         found: dict[str, Remote] = {}
         try:
+            self.fs.invalidate_cache()  # s3fs keeps listings per process: another writer's objects must be seen
             try:
                 info = self.fs.info(self.base)
                 if info.get("type", "file") == "file":
