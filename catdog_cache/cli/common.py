@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressC
 from .. import __version__
 from ..errors import CatdogError
 from ..files import json_text, plural, printable, short
+from ..store.url import cache_arg
 
 # Plain click help: flags shown as flags (typer's rich help prints <bool> for them with click 8.5), short usage
 # errors, no box drawing in logs.
@@ -41,7 +42,10 @@ class _Console(Console):
 out = _Console(soft_wrap=not sys.stdout.isatty(), width=None if sys.stdout.isatty() else 160)  # tables unsqueezed
 err = _Console(stderr=True, soft_wrap=not sys.stderr.isatty(), width=None if sys.stderr.isatty() else 160)
 
-CACHE = typer.Option(Path("cache/features.h5"), "--cache", help="HDF5 feature cache.")
+# --cache is parsed once (store/url.py): a local path, or an object-store URL (s3://..., memory://...)
+CACHE = typer.Option(Path("cache/features.h5"), "--cache", parser=cache_arg,
+                     help="HDF5 feature cache: a path, or a URL (s3://bucket/run/features.h5; pip install "
+                     "'catdog-cache[remote]').")
 HEAD = typer.Option(None, "--head", show_default="beside the cache: cache/features.head.pt",
                     help="Trained head file.")
 DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda")

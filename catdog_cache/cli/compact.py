@@ -9,14 +9,15 @@ from rich.markup import escape
 
 from ..errors import CatdogError
 from ..files import printable
+from ..store.url import cache_arg
 from .common import app, guarded, out, plural
 
 
 @app.command("compact")
 @guarded
-def compact_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_default=False,
+def compact_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_default=False, parser=cache_arg,
                                                   help="The cache (the same as --cache)."),
-                cache: Path | None = typer.Option(None, "--cache", show_default="cache/features.h5",
+                cache: Path | None = typer.Option(None, "--cache", show_default="cache/features.h5", parser=cache_arg,
                                                   help="HDF5 feature cache."),
                 single: bool = typer.Option(False, "--single", help="Leave one self-contained HDF5 file (schema 1) "
                                             "instead of an index and one shard: a file to move or copy alone.")
@@ -25,10 +26,12 @@ def compact_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_d
     merged one). Readers see the same rows, in the same order, before and after."""
     from ..cache import compact, locked
     from ..extract.config import versions
+    from ..store.url import local_cache
 
     if path is not None and cache is not None and path != cache:
         raise CatdogError(f"compact: the cache {path} and --cache {cache} differ; give one")
-    cache = (path or cache or Path("cache/features.h5")).resolve()  # a symlinked cache is compacted where it points
+    # a symlinked cache is compacted where it points
+    cache = local_cache(path or cache or Path("cache/features.h5"), "compact").resolve()
     with locked(cache):
         before, after = compact(cache, versions(), single=single)
     what = "one file" if single else plural(after, "shard")

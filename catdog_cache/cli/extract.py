@@ -86,9 +86,11 @@ def extract_cmd(
     """Run the frozen backbone over every image once and store its features. Adding to an existing cache needs no
     repeated flags: options left out take the cache's recorded settings; only contradicting ones are refused."""
     from ..backbone import parse_weights
+    from ..store.url import check_location
     from .precheck import engine as check_engine
     from .precheck import extract_inputs
 
+    cache = check_location(cache)  # first: a URL is never written as a local folder named "s3:"
     data_dir = one_input([data_dir, *ctx.args])
     extract_inputs(data_dir, backbone, layer, device)  # before torch's import: mistakes answered at once
     check_engine(engine, {"--ray-address": ray_address, "--shard-size": shard_size, "--actors": actors,
@@ -96,28 +98,30 @@ def extract_cmd(
     from ..engines.dispatch import extract
     from ..extract.config import ExtractConfig
     from ..settings import resolve_settings
+    from ..store.staging import writable_cache
 
-    o = resolve_settings(cache, backbone=backbone, layer=layer, weights=weights, seed=seed, views=views, dtype=dtype,
-                         precision=precision, decoder=decoder)
-    cfg = ExtractConfig(weights=parse_weights(o.weights, o.seed), backbone=o.backbone, layer=o.layer, device=device,
-                        batch_size=batch_size, workers=workers, dtype=o.dtype, precision=o.precision,
-                        views=tuple(v.strip() for v in o.views.split(",") if v.strip()), decoder=o.decoder,
-                        part_rows=part_rows)
-    names = classes.split(",") if classes is not None else None
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
-        extract(data_dir, cache, cfg, prune=prune, strict=strict, checksum=checksum, classes=names)
-        return
-    opts = None
-    if engine == "ray":
-        from ..engines.ray_pool import RayOptions
+    with writable_cache(cache, "extract", engine) as local:  # a store URL: a staging copy, uploaded as it is written
+        o = resolve_settings(local, backbone=backbone, layer=layer, weights=weights, seed=seed, views=views,
+                             dtype=dtype, precision=precision, decoder=decoder)
+        cfg = ExtractConfig(weights=parse_weights(o.weights, o.seed), backbone=o.backbone, layer=o.layer,
+                            device=device, batch_size=batch_size, workers=workers, dtype=o.dtype,
+                            precision=o.precision, views=tuple(v.strip() for v in o.views.split(",") if v.strip()),
+                            decoder=o.decoder, part_rows=part_rows)
+        names = classes.split(",") if classes is not None else None
+        if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
+            extract(data_dir, local, cfg, prune=prune, strict=strict, checksum=checksum, classes=names)
+            return
+        opts = None
+        if engine == "ray":
+            from ..engines.ray_pool import RayOptions
 
-        given = {k: v for k, v in {"address": ray_address, "shard_size": shard_size, "actors": actors,
-                                   "gpus_per_actor": gpus_per_actor, "cpus_per_actor": cpus_per_actor}.items()
-                 if v is not None}
-        opts = RayOptions(**given)  # type: ignore[arg-type]
-    with folders_kept_only_if_used(cache), Bar(quiet or as_json) as bar:
-        r = extract(data_dir, cache, cfg, progress=bar, prune=prune, strict=strict, checksum=checksum, classes=names,
-                    engine=engine, ray=opts)
+            given = {k: v for k, v in {"address": ray_address, "shard_size": shard_size, "actors": actors,
+                                       "gpus_per_actor": gpus_per_actor, "cpus_per_actor": cpus_per_actor}.items()
+                     if v is not None}
+            opts = RayOptions(**given)  # type: ignore[arg-type]
+        with folders_kept_only_if_used(local), Bar(quiet or as_json) as bar:
+            r = extract(data_dir, local, cfg, progress=bar, prune=prune, strict=strict, checksum=checksum,
+                        classes=names, engine=engine, ray=opts)
     ray = {"shards": r.shards, "shards_run": r.shards_run, "actors": r.actors} if engine == "ray" else {}
     if as_json:
         print(to_json({"cache": str(cache), "rows": r.rows, "found": r.found, "extracted": r.extracted,

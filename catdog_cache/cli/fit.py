@@ -9,7 +9,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..errors import InputError
 from ..files import printable
+from ..store.url import cache_arg
 from .common import (
     BATCH,
     DROPOUT,
@@ -38,7 +40,7 @@ from .common import (
 @app.command("fit")
 @guarded
 def fit_cmd(
-    cache: list[Path] = typer.Option([Path("cache/features.h5")], "--cache", metavar="PATH",
+    cache: list[Path] = typer.Option([Path("cache/features.h5")], "--cache", metavar="PATH", parser=cache_arg,
                                      help="HDF5 feature cache; give it "
                                      "again for an ensemble (one head on the features of several caches, joined "
                                      "by file)."),
@@ -69,11 +71,20 @@ def fit_cmd(
 ) -> None:
     """Train the head (Dropout -> Linear(D, 2), or an MLP with --hidden) on the cached features."""
     from ..fit import FitConfig, default_head_path
+    from ..store.staging import readable_cache
+    from ..store.url import StoreURL, check_location
     from .precheck import caches_readable
+
+    given = [check_location(c) for c in cache]
+    urls = [c for c in given if isinstance(c, StoreURL)]
+    if head is None and urls:
+        raise InputError(f"fit --cache {urls[0]}: give --head PATH (a local file): the head is not written to the "
+                         "store")
 
     cfg = FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed, augment, hidden_sizes(hidden), keep,
                     weight_decay)
     cfg.check()  # options and files before torch's import: mistakes answered at once
+    cache = [readable_cache(c) for c in given]  # a store URL: its local copy, read as a local cache
     caches_readable(cache)
     from ..fit import fit
 

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from ..errors import CatdogError
 from ..files import printable, regular_prefix
+from ..store.url import cache_arg
 from .common import (
     JSON,
     app,
@@ -30,9 +31,9 @@ from .common import (
 
 @app.command("info")
 @guarded
-def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_default=False,
+def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_default=False, parser=cache_arg,
                                                help="The cache (the same as --cache), or a head file."),
-             cache: Path | None = typer.Option(None, "--cache", show_default="cache/features.h5",
+             cache: Path | None = typer.Option(None, "--cache", show_default="cache/features.h5", parser=cache_arg,
                                                help="HDF5 feature cache."),
              head: Path | None = typer.Option(None, "--head", show_default=False,
                                               help="A head file (fit's .head.pt): its classes, backbone, training "
@@ -42,18 +43,21 @@ def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_defa
     """Rows, classes and counts, provenance, failures and size on disk of a cache; or what a head is."""
     from ..backbone import random_weights_note
     from ..cache import list_parts, listed, open_cache
+    from ..store.staging import readable_cache
+    from ..store.url import check_location
 
     given = [p for p in (path, cache, head) if p is not None]
     if len(set(given)) > 1:
         raise CatdogError(f"info: give one file, got {', '.join(map(str, dict.fromkeys(given)))}")
-    cache = path or cache or head or Path("cache/features.h5")
-    if head is not None or is_head_file(cache):
-        summary = head_summary(cache)
+    shown = check_location(path or cache or head or Path("cache/features.h5"))  # a store URL: read from a local copy
+    if head is not None or (isinstance(shown, Path) and is_head_file(shown)):
+        summary = head_summary(Path(str(shown)))
         if as_json:
             print(to_json(summary))
         else:
             print_head(summary)
         return
+    cache = readable_cache(shown)
     with open_cache(cache) as (view, idx):
         sharded = listed(cache)[0] == 2
         shard_bytes = view.shard_bytes if sharded else []
@@ -63,7 +67,7 @@ def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_defa
     prov = json.loads(idx.provenance.to_json())
     prov["transform"] = json.loads(prov["transform"])  # an object in JSON, not a string inside it
     summary = {
-        "cache": str(cache), "rows": idx.shape[0], "views": idx.shape[1], "dim": idx.shape[2],
+        "cache": str(shown), "rows": idx.shape[0], "views": idx.shape[1], "dim": idx.shape[2],
         "dtype": idx.dtype, **({"cat": labels.count(0), "dog": labels.count(1)} if classes == ["cat", "dog"]
                                else {}), "unlabeled": labels.count(-1),
         "classes": {c: labels.count(i) for i, c in enumerate(classes)},
@@ -80,7 +84,7 @@ def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_defa
     if as_json:
         print(to_json(summary))
         return
-    t = Table(show_header=False, title=escape(printable(str(cache))))
+    t = Table(show_header=False, title=escape(printable(str(shown))))
     t.add_row("rows", f"{summary['rows']:,} x {summary['views']} view(s) x {summary['dim']:,}")
     counts = {**summary["classes"], "unlabeled": summary["unlabeled"]}
     if len(counts) > 21:  # a long list of classes in one row: the table stays readable, --json has the counts

@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from ..files import printable
+from ..store.url import cache_arg
 from .common import (
     DEVICE,
     HEAD,
@@ -34,7 +35,7 @@ def predict_cmd(
                                    help="Folder of images to label, or tar shards as extract takes them: a .tar, a "
                                    "quoted brace pattern ('shards/test-{000000..000009}.tar'), a listing, a URL."),
     head: Path | None = HEAD,
-    cache: list[Path] | None = typer.Option(None, "--cache", metavar="PATH",
+    cache: list[Path] | None = typer.Option(None, "--cache", metavar="PATH", parser=cache_arg,
                                             show_default="beside the head, named after the input",
                                             help="Where the input's features are cached (reused by later "
                                             "predicts); once per backbone for an ensemble head."),
@@ -54,7 +55,10 @@ def predict_cmd(
     """Label a folder or tar shards with the head; their features are cached, so the next head costs no backbone
     pass."""
     from ..fit import DEFAULT_HEAD
+    from ..store.url import local_cache
     from .precheck import predict_inputs
+
+    cache = [local_cache(c, "predict") for c in cache] if cache else None  # predict also writes its cache
 
     predict_inputs(data_dir, head or DEFAULT_HEAD, out_csv, submission, model, cache or [])  # before torch's import
     from ..score.predict import predict

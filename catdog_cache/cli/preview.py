@@ -8,6 +8,7 @@ import typer
 from rich.markup import escape
 
 from ..files import printable
+from ..store.url import cache_arg
 from .common import (
     DEVICE,
     HEAD,
@@ -27,7 +28,7 @@ def preview_cmd(
     data_dir: str = typer.Argument(..., metavar="DATA_DIR", help="Image folder to look at, or tar shards as extract "
                                    "takes them (a .tar, a quoted brace pattern, a listing, a URL)."),
     head: Path | None = HEAD,
-    cache: list[Path] | None = typer.Option(None, "--cache", metavar="PATH",
+    cache: list[Path] | None = typer.Option(None, "--cache", metavar="PATH", parser=cache_arg,
                                             show_default="the head's training cache if it holds "
                                             "the folder, else as predict",
                                             help="Where this folder's features are cached."),
@@ -43,6 +44,9 @@ def preview_cmd(
     """A picture grid of images with their predicted label and probability; wrong ones framed red."""
     from ..fit import DEFAULT_HEAD
     from ..score.preview import preview
+    from ..store.url import local_cache
+
+    cache = [local_cache(c, "preview") for c in cache] if cache else None
 
     with Bar(quiet) as bar:
         r = preview(data_dir, head or DEFAULT_HEAD, out_png, n, weights, device, worst, split, cache,

@@ -14,6 +14,8 @@ from ..extract.config import ExtractConfig, ExtractReport, Progress
 from ..extract.folder import extract_folder
 from ..extract.tars import extract_tars
 from ..sources.spec import is_tar_input
+from ..store.staging import writable_cache
+from ..store.url import StoreURL, check_location
 from .ray_folder import extract_ray_folder
 from .ray_pool import RayOptions
 from .ray_tars import extract_ray_tars
@@ -31,6 +33,11 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
     `classes` names what tar shards' `.cls` indexes mean (a folder's classes are its sub-folders); `only` and `model`
     are the local engine's (a subset of a folder's files; an already built backbone)."""
     cfg.check()
+    loc = check_location(cache)  # one parse of a path or URL: a URL never becomes a folder named "s3:"
+    if isinstance(loc, StoreURL):  # staged locally, uploaded shard by shard, the index last
+        with writable_cache(loc, "extract", engine) as local:
+            return extract(data_dir, local, cfg, progress, prune, strict, only, model, checksum, classes, engine, ray)
+    cache = loc
     tars = is_tar_input(data_dir)
     if tars and (prune or only is not None):
         raise InputError(f"--prune works on folders; {data_dir} names tar shards")

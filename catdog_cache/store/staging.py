@@ -1,0 +1,157 @@
+"""A cache on object storage, as the commands use it: `staged` (a writer: the store pulled into a local staging copy,
+the run writes there, each finished shard and marker uploaded while the run goes on, the index uploaded last) and
+`read_copy` (a reader: a local copy validated against the store). Both live in the user cache folder, never in the
+working directory.
+
+The order of a writer's uploads keeps the store a state a local run could have left: a marker only after its
+unit's shards (markers are listed before shards, so a marker seen was written after the shards it names), the index
+after every shard it lists, and objects it stops listing removed only after it. An upload cut short leaves the old
+index; the next run pulls the store as it is (files never stored are dropped) and redoes what is missing, so every
+row is there exactly once."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import CacheBusy, CacheError, InputError
+from ..files import printable, short
+from .lease import take_lease
+from .mirror import Mirror, StoreError
+from .url import BadCache, CacheLocation, StoreURL, check_location, local_copy_path, store_fs
+
+POLL_SECONDS = 0.2  # between the uploader's looks at the staging folder
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path, url: str, wait: bool) -> Iterator[None]:
+    """One process at a time in a local copy's folder (a POSIX lock: it dies with its process). Writers are refused
+    at once; readers wait for one another (each only pulls)."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".session.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise CacheBusy(f"{short(printable(url))} is being written by another extract on this machine "
+                                f"(staged in {folder}); wait for it to finish") from None
+            raise
+        yield
+    finally:
+        os.close(fd)
+
+
+class Uploader:
+    """A thread that uploads each finished shard, then each marker, of the staging copy while the run writes it."""
+
+    def __init__(self, mirror: Mirror) -> None:
+        self.mirror = mirror
+        self.error: BaseException | None = None
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="catdog-store-upload", daemon=True)
+
+    def start(self) -> Uploader:
+        self.thread.start()
+        return self
+
+    def sweep(self) -> None:
+        """Everything finished now, markers listed first: the shards their units wrote are all in the later list."""
+        done = [rel for rel in self.mirror.local_files() if rel.startswith(".done/")]
+        shards = [rel for rel in self.mirror.local_files() if rel.startswith(".shards/")]
+        for rel in shards + done:
+            self.mirror.push(rel)
+
+    def _run(self) -> None:
+        while not self.stopping.wait(POLL_SECONDS):
+            try:
+                self.sweep()
+            except BaseException as e:  # kept for the run's end: nothing more is uploaded, the index never
+                self.error = e
+                return
+
+    def finish(self) -> None:
+        """Stop the thread; the last sweep. Raises the first upload failure."""
+        self.stopping.set()
+        self.thread.join()
+        if self.error is None:
+            try:
+                self.sweep()
+            except BaseException as e:
+                self.error = e
+        self.mirror.save_manifest()
+        if self.error is not None:
+            raise self.error
+
+
+@contextlib.contextmanager
+def staged(loc: StoreURL) -> Iterator[Path]:
+    """The local staging copy of a store cache for one writer: pulled on entry, pushed shard by shard while the
+    caller writes it, the index last on exit (also when the run stops early: what it saved is a consistent cache).
+    An upload that fails stops the uploads (the store keeps its old index) and is raised as one line."""
+    fs, base = store_fs(loc)
+    local = local_copy_path(loc, "stage")
+    with _folder_lock(local.parent, loc.url, wait=False):
+        lease = take_lease(fs, base + ".lease", loc.url, loc.protocol)  # one writer per store cache
+        try:
+            mirror = Mirror(fs, base, local, loc.url, lease.check if lease else None)
+            mirror.pull()
+            uploader = Uploader(mirror).start()
+            try:
+                yield local
+            finally:
+                try:
+                    uploader.finish()
+                    if lease:
+                        lease.renew()  # still ours, for another lease period: the index is written under it
+                    if mirror.push(""):  # the index: one object, after every shard it lists
+                        mirror.remove_extras()
+                    mirror.save_manifest()
+                except StoreError as e:
+                    raise StoreError(f"{e}; the store keeps its earlier index: run extract again (it extracts what "
+                                     "the store lacks)") from None
+        finally:
+            if lease:
+                lease.give_back()
+
+
+def read_copy(loc: StoreURL) -> Path:
+    """A local copy of a store cache for readers (info, fit): the index and shards downloaded once, validated by
+    size and ETag/modification time on every call and downloaded again only where the store's object changed."""
+    fs, base = store_fs(loc)
+    local = local_copy_path(loc, "read")
+    with _folder_lock(local.parent, loc.url, wait=True):
+        Mirror(fs, base, local, loc.url).pull()
+    if not local.is_file():
+        raise CacheError(f"no cache at {short(printable(loc.url))}: run `catdog-cache extract INPUT --cache "
+                         f"{short(printable(loc.url))}` first")
+    return local
+
+
+def readable_cache(value: CacheLocation | BadCache | str | os.PathLike[str]) -> Path:
+    """--cache for a command that reads a cache: a local path as it is, a store URL as its read-through copy."""
+    loc = check_location(value)
+    return read_copy(loc) if isinstance(loc, StoreURL) else loc
+
+
+@contextlib.contextmanager
+def writable_cache(value: CacheLocation | BadCache | str | os.PathLike[str], command: str = "extract",
+                   engine: str = "local") -> Iterator[Path]:
+    """--cache for a writer: a local path as it is; a store URL staged (`staged`). The engines that cannot write
+    into a store yet are refused in one line."""
+    loc = check_location(value)
+    if not isinstance(loc, StoreURL):
+        yield loc
+        return
+    if engine != "local" or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        what = f"--engine {engine}" if engine != "local" else "torchrun"
+        raise InputError(f"{command} --cache {short(printable(loc.url))}: {what} cannot write into object storage "
+                         "yet; the local engine (one process) does")
+    with staged(loc) as local:
+        yield local
