@@ -82,7 +82,7 @@ def fit_cmd(
     cfg.check()  # options and files before torch's import: mistakes answered at once
     caches_readable(cache)
     if val is not None and not val.is_dir():
-        raise InputError(f"--val {printable(str(val))}: no such folder")
+        raise InputError(f"--val {printable(str(val))}: folder not found")
     from ..fit import fit
 
     table = Table("epoch", "train loss", "train acc", "val loss", "val acc", "s", title="fit")

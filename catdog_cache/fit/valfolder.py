@@ -57,6 +57,11 @@ def val_features(folder: str | os.PathLike[str], caches: list[Path], provenances
                          "not taken as a validation set)")
     disc = folder_samples(inp)  # no images: one line
     root = Path(inp.sources[0])
+    for s in sources:  # the folders training reads: validating on them would score images it trained on
+        if _overlap(root, Path(s)):
+            raise InputError(f"--val {printable(str(folder))} overlaps the training folder {printable(s)} (in "
+                             f"{printable(str(caches[0]))}): validation images must not be trained on; give a folder "
+                             "that was not extracted into the training cache")
     seen = sorted({disc.classes[y] for y in disc.labels.tolist() if y >= 0}) if disc.classes else []
     if not seen:
         raise InputError(f"--val {printable(str(folder))} has no labeled images: give a folder with one sub-folder per "
@@ -68,11 +73,6 @@ def val_features(folder: str | os.PathLike[str], caches: list[Path], provenances
             f"no images of {', '.join(printable(c) for c in missing[:5])}" if missing else "") if w)
         raise InputError(f"--val {printable(str(folder))} must hold the training classes "
                          f"({', '.join(printable(c) for c in classes)[:200]}) and has {what}")
-    for s in sources:  # the folders training reads: validating on them would score images it trained on
-        if _overlap(root, Path(s)):
-            raise InputError(f"--val {printable(str(folder))} overlaps the training folder {printable(s)} (in "
-                             f"{printable(str(caches[0]))}): validation images must not be trained on; give a folder "
-                             "that was not extracted into the training cache")
     members = []
     for text, path, c in zip(provenances, weights_paths, caches, strict=True):
         prov = Provenance.from_json(text, f"--cache {c}")
