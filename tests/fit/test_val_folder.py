@@ -92,6 +92,7 @@ def test_refusals_are_one_line(cli, tmp_path):
         (("--val", root / "train"), "overlaps the training folder"),  # its images would be trained on
         (("--val", root / "train" / "ants"), "overlaps the training folder"),
         (("--val", tmp_path / "nowhere"), "folder not found"),
+        (("--val", root), "validate on the others with fit --val"),  # the split data set itself
         (("--val", tmp_path / "flat"), "has no labeled images"),
         (("--val", root / "val", "--folds", "3"), "--val and --folds"),
         (("--val", root / "val", "--val-cache", "cache/features.h5"), "is a training cache"),
