@@ -128,6 +128,9 @@ def _not_a_head(path: Path) -> None:
     trained = [c for c in (meta.get("caches") or [meta.get("cache")]) if isinstance(c, str)]
     where = (f"; it was trained on {', '.join(printable(c) for c in trained)}: catdog-cache info "
              f"{shlex.quote(printable(trained[0]))}") if trained else ""
+    val = meta.get("val") if isinstance(meta.get("val"), dict) else {}  # fit --val DIR: the folder it validated on
+    if isinstance(val.get("folder"), str) and isinstance(val.get("rows"), int):
+        where += f"; it was validated on {printable(val['folder'])} ({plural(val['rows'], 'image')}, fit --val)"
     raise CatdogError(f"{path} is a head (written by fit), not a feature cache: give it to predict, preview or "
                       f"export as --head{where}")
 

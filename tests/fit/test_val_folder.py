@@ -48,6 +48,8 @@ def test_val_folder_replaces_the_split_and_predict_reuses_its_features(cli, tmp_
     _, meta = load_head("cache/features.head.pt")
     assert meta["val"] == {"folder": str((root / "val").resolve()), "rows": 6, "caches": [str(val_cache)]}
     assert meta["metrics"]["n_val"] == 6 and meta["config"]["val_fraction"] == 0.0
+    shown = cli("info", "cache/features.head.pt", ok=False).output  # info on a head says what it validated on
+    assert f"validated on {(root / 'val').resolve()} (6 images, fit --val)" in " ".join(shown.split())
     # predict on the same folder reads the features fit cached (no backbone pass) and scores what fit reported
     p = json.loads(cli("predict", root / "val", "--json").stdout)
     assert p["extracted"] == 0 and p["cache"] == [str(Path("cache") / val_cache.name)]
