@@ -165,7 +165,7 @@ class Bar:
 
     log_seconds = 30.0  # between progress lines in logs; tests patch it
     units = {"extract": "img/s", "predict": "img/s", "preview": "img/s", "hash": "files/s", "fit": "epochs/s",
-             "end-to-end epochs": "epochs/s", "shards": "shards/s"}
+             "end-to-end epochs": "epochs/s", "shards": "shards/s", "val": "img/s"}
 
     def __init__(self, quiet: bool = False) -> None:
         self.progress = Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(),

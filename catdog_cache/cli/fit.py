@@ -66,6 +66,11 @@ def fit_cmd(
                                "available). The head is the CPU's up to float rounding."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --head trained on other features "
                                    "(refitting on the same caches replaces it anyway)."),
+    val: Path | None = typer.Option(None, "--val", metavar="DIR", help="A labeled folder (one sub-folder per "
+                                    "class) scored as the validation set instead of the --val-fraction split; its "
+                                    "features are cached beside the head, as predict caches a folder's."),
+    val_cache: list[Path] | None = typer.Option(None, "--val-cache", metavar="PATH", show_default="beside the head",
+                                                help="Where --val's features are cached; once per --cache."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -86,6 +91,8 @@ def fit_cmd(
     cfg.check()  # options and files before torch's import: mistakes answered at once
     cache = [readable_cache(c) for c in given]  # a store URL: its local copy, read as a local cache
     caches_readable(cache)
+    if val is not None and not val.is_dir():
+        raise InputError(f"--val {printable(str(val))}: folder not found")
     from ..fit import fit
 
     table = Table("epoch", "train loss", "train acc", "val loss", "val acc", "s", title="fit")
@@ -107,7 +114,7 @@ def fit_cmd(
 
     with bar:
         r = fit(cache if len(cache) > 1 else cache[0], head, cfg, on_epoch, max_memory, calibrate, folds=folds,
-                on_fold=on_fold, device=device, overwrite=overwrite)
+                on_fold=on_fold, device=device, overwrite=overwrite, val=val, val_cache=val_cache, progress=bar)
     if r.weights_note and not (as_json or quiet):  # --json says it as "random_weights"; -q: the summary alone
         err.print(f"[yellow]note:[/] {escape(r.weights_note)}", highlight=False)
     if r.unlabeled and not as_json:
@@ -115,6 +122,12 @@ def fit_cmd(
     if r.missing and not as_json:
         err.print(f"[yellow]warning:[/] {plural(len(r.missing), 'image')} in only some of the caches, left out: "
                   f"{escape(printable(', '.join(r.missing[:5])))}" + (" …" if len(r.missing) > 5 else ""),
+                  highlight=False)
+    if r.val.get("failed") and not as_json:
+        err.print(f"[yellow]warning:[/] --val: {plural(r.val['failed'], 'image')} could not be decoded, not scored "
+                  f"(catdog-cache info {escape(printable(r.val['caches'][0]))} --failures lists them)", highlight=False)
+    if r.val.get("unlabeled") and not as_json:
+        err.print(f"note: --val: {plural(r.val['unlabeled'], 'image')} outside the class folders, not scored",
                   highlight=False)
     if as_json:
         print(to_json({"head": str(head), "seconds": r.seconds, "n_train": r.n_train, "n_val": r.n_val,
@@ -126,6 +139,7 @@ def fit_cmd(
                      "reliability": str(r.reliability) if r.reliability else None,
                      "confusion_plot": str(r.confusion_plot) if r.confusion_plot else None,
                      "missing": r.missing, "sources": r.sources, "random_weights": bool(r.weights_note),
+                     "report": r.report.to_json() if r.report else None, "val": r.val or None,
                      "history": [h.row() for h in r.history]}))
         return
     if not quiet:
@@ -155,6 +169,10 @@ def fit_cmd(
     kept = f", kept epoch {r.kept_epoch} (lowest validation log loss)" if keep == "best" and not folds else ""
     val = (f"validation accuracy {r.val_acc:.4f}, log loss {r.val_log_loss:.4f}" if r.n_val
            else "no validation split")
+    if r.val:  # --val DIR: say which folder the numbers are on, and where its features are
+        val += (f" on {plural(r.n_val, 'image')} of {escape(printable(r.val['folder']))} (features "
+                f"{'cached in' if r.val['extracted'] else 'read from'} "
+                f"{escape(printable(', '.join(r.val['caches'])))}, {r.val['extracted']:,} extracted now)")
     if folds:
         val = (f"{folds}-fold out-of-fold accuracy {r.val_acc:.4f}, log loss {r.val_log_loss:.4f}; final head on all "
                f"{r.n_train:,} labeled images for {r.folds['final_epochs']} epochs")
@@ -170,20 +188,9 @@ def fit_cmd(
 
 
 
-MAX_TABLE_CLASSES = 20  # a wider confusion matrix does not fit a terminal: --json has it whole
-
-
 def confusion_table(r, folds: int) -> Table:
-    """K x K: rows the true class, columns the predicted one, and each class's accuracy (the diagonal share)."""
-    names = [escape(printable(c))[:12] for c in r.classes]
-    acc = [f"{a:.3f}" if a == a else "no images" for a in r.per_class_acc]  # nan: class absent
-    title = f"{'out-of-fold' if folds else 'validation'}: {plural(r.n_val, 'image')}"
-    if len(names) > MAX_TABLE_CLASSES:
-        t = Table("class", "images", "class accuracy", title=f"{title} (the confusion matrix is in --json)")
-        for name, row, a in zip(names, r.confusion, acc, strict=True):
-            t.add_row(name, str(sum(row)), a)
-        return t
-    t = Table("true \\ predicted", *names, "class accuracy", title=title)
-    for name, row, a in zip(names, r.confusion, acc, strict=True):
-        t.add_row(name, *map(str, row), a)
-    return t
+    """K x K: rows the true class, columns the predicted one, and each class's precision, recall (its accuracy), F1
+    and support (cli.report)."""
+    from .report import report_table
+
+    return report_table(r.report, f"{'out-of-fold' if folds else 'validation'}: {plural(r.n_val, 'image')}")

@@ -164,6 +164,9 @@ def head_summary(path: Path) -> dict:
                   "train_rows": _number(metrics.get("n_train")), "val_rows": _number(metrics.get("n_val"))}
     if _number(metrics.get("folds")):
         validation["folds"] = _number(metrics.get("folds"))  # cross-fitting: the scores are out-of-fold
+    val = meta.get("val") if isinstance(meta.get("val"), dict) else {}  # fit --val DIR: the folder it validated on
+    if isinstance(val.get("folder"), str) and _number(val.get("rows")) is not None:
+        validation["folder"] = val["folder"]
     transforms = [json.loads(p.transform) for p in provs]
     return {
         "head": str(path), "kind": "head", "shape": model.describe(), "classes": list(meta["classes"]),
@@ -194,6 +197,8 @@ def print_head(s: dict) -> None:
     v = s["validation"]
     where = f"out-of-fold ({v['folds']:.0f} folds)" if v.get("folds") else "validation"
     rows = f" on {v['val_rows']:,.0f} rows (trained on {v['train_rows']:,.0f})" if v["val_rows"] is not None else ""
+    if v.get("folder"):
+        rows += f", the folder {printable(v['folder'])} (fit --val)"
     t.add_row(where, f"accuracy {fmt_number(v['accuracy'] if v['accuracy'] is not None else float('nan'))}, log loss "
               f"{fmt_number(v['log_loss'] if v['log_loss'] is not None else float('nan'))}{rows}")
     if s["temperature"] not in (None, 1.0) or s["clip"]:

@@ -78,7 +78,9 @@ def predict_cmd(
                      "extracted": r.extracted,
                      "submission": str(r.submission) if r.submission else None, "seconds": r.seconds,
                      "failed": r.failed, "skipped": r.skipped, "neutral": r.neutral,
-                       "random_weights": bool(r.weights_note)}))
+                       "random_weights": bool(r.weights_note),
+                     "report": r.report.to_json() if r.report else None,
+                     "confusion_plot": str(r.confusion_plot) if r.confusion_plot else None}))
         return
     print_skips("skipped while scanning", r.skipped)
     print_skips("could not be decoded", r.failed, more=failures_hint(r.cache))
@@ -86,6 +88,13 @@ def predict_cmd(
         err.print(f"[yellow]warning:[/] {plural(len(r.neutral), 'image')} could not be predicted and got the neutral "
                   f"0.5 in the submission: {escape(printable(', '.join(r.neutral[:5])))}"
                   + (" …" if len(r.neutral) > 5 else ""), highlight=False)
+    report = r.report
+    if report is not None and not quiet:  # a labeled input: how each class fared
+        from .report import report_table
+
+        out.print(report_table(report, f"{plural(report.n, 'labeled image')} of {escape(printable(data_dir))}"))
+        if r.confusion_plot:
+            out.print(f"confusion matrix: {escape(printable(str(r.confusion_plot)))}", highlight=False)
     acc = (f", accuracy {r.accuracy:.4f} and log loss {r.log_loss:.4f} on the input's labels"
            if r.accuracy is not None else "")
     sub = f" and {escape(printable(str(r.submission)))}" if r.submission else ""

@@ -3,7 +3,7 @@ on features computed end-to-end, and the two agree because everything random com
 
 Stages, one module each: config (FitConfig, EpochStats), splits (seeds, validation split, folds), batches (the batch
 order), optim (Adam), loop (train, evaluate), calibration (log loss, temperature), data (in memory, streamed,
-ensembles), crossfit (--folds), run (fit itself, the head's default path).
+ensembles), crossfit (--folds), valfolder (--val DIR), run (fit itself, the head's default path).
 
 The names below are imported on first use (PEP 562): `from catdog_cache.fit import FitConfig` imports neither torch
 nor h5py, so the CLI checks fit's options and files before paying for them."""

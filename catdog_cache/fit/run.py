@@ -15,8 +15,10 @@ import torch
 
 from ..backbone import random_weights_note
 from ..cache.format import Provenance
-from ..errors import InputError
+from ..errors import CacheError, InputError
+from ..extract.config import Progress
 from ..files import as_paths, check_outputs, file_key
+from ..score.report import ClassReport, from_confusion
 from .batches import feature_rows
 from .calibration import calibrate, log_loss
 from .config import Diverged, EpochStats, FitConfig, default_head_path
@@ -25,6 +27,7 @@ from .data import available_memory, load, parse_size
 from .head import is_cat_dog, save_head
 from .loop import evaluate, overfit, train, training_device
 from .splits import split
+from .valfolder import ValFolder, WithValidation, val_features
 
 
 @dataclass
@@ -53,6 +56,12 @@ class FitReport:
     confusion_plot: Path | None = None  # K classes (not cat/dog) with a validation split: the confusion matrix
     classes: list[str] = field(default_factory=lambda: ["cat", "dog"])  # the head's outputs, in order
     weights_note: str = ""  # backbone.random_weights_note of the features trained on
+    val: dict[str, Any] = field(default_factory=dict)  # --val DIR: the folder, its rows, caches, extracted, failed
+
+    @property
+    def report(self) -> ClassReport | None:
+        """Per-class precision, recall, F1 and support of the validation (or out-of-fold) predictions."""
+        return from_confusion(self.confusion, self.classes) if self.n_val else None
 
     @property
     def per_class_acc(self) -> list[float]:
@@ -117,14 +126,18 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
         on_epoch: Callable[[EpochStats], None] | None = None, max_memory: str | None = None,
         calibrate_head: bool = False, curve: bool = True, folds: int = 0,
         on_fold: Callable[[int, float, float], None] | None = None, budget_bytes: int | None = None,
-        device: str | torch.device = "auto", overwrite: bool = False) -> FitReport:
+        device: str | torch.device = "auto", overwrite: bool = False,
+        val: str | os.PathLike[str] | None = None, val_cache: str | os.PathLike[str] | list | None = None,
+        progress: Progress | None = None) -> FitReport:
     """Train on the cache: in memory when the feature matrix fits the budget (default: half the available memory),
     streamed from HDF5 otherwise; the same batches, hence the same head, either way. Several caches: one head on
     their features side by side (an ensemble of backbones or layers). folds=K: out-of-fold metrics and calibration,
     then the head is trained on every labeled row. An existing head trained on other features (other provenance or
     other caches) is only replaced with overwrite=True.
     device: auto (CUDA when available) | cpu | cuda[:N]; see training_device. An argument, not a FitConfig field:
-    like the memory budget it decides how fast, not which head (up to float rounding), so heads do not record it."""
+    like the memory budget it decides how fast, not which head (up to float rounding), so heads do not record it.
+    val: a labeled folder scored as the validation set instead of the hash split (valfolder.val_features: its
+    features cached beside the head, or at val_cache, extracted with progress when missing)."""
     cfg.check()
     on = training_device(device)  # before any work: --device cuda without CUDA is one line
     caches = as_paths(cache)
@@ -132,6 +145,11 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
         raise InputError("--cache: the same cache given twice")
     if folds and not 2 <= folds <= 50:
         raise InputError(f"--folds must be between 2 and 50, got {folds}")
+    if val is not None and folds:
+        raise InputError("--val and --folds: each is a validation scheme; give one")
+    val_caches = as_paths(val_cache)
+    if val is not None:
+        cfg = replace(cfg, val_fraction=0.0)  # the folder replaces the hash split (the head records no split)
     head_path = Path(head_path) if head_path else default_head_path(caches[0])
     curve_path = head_path.with_suffix(".png") if curve else None
     fold_path = head_path.with_name(head_path.stem + ".folds.png") if curve and folds else None
@@ -139,7 +157,7 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
     confusion_path = head_path.with_name(head_path.stem + ".confusion.png") if curve else None  # if K classes
     check_outputs({"--head": head_path, "the training curve": curve_path, "the fold curves": fold_path,
                    "the reliability diagram": reliability_path, "the confusion matrix": confusion_path},
-                  {f"--cache {c}": c for c in caches})
+                  {**{f"--cache {c}": c for c in caches}, **{f"--val-cache {c}": c for c in val_caches}})
     # budget_bytes: an exact budget for verify and tests (below --max-memory's 1M floor: always streamed)
     budget = budget_bytes or (parse_size(max_memory) if max_memory else available_memory() // 2)
     t0 = time.perf_counter()
@@ -147,6 +165,9 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
         data = load(caches, cfg, budget, stack, on, strict_budget=bool(max_memory) and not budget_bytes)
         if not overwrite:
             check_replace(head_path, data.provenances, caches)
+        vf = None if val is None else val_features(
+            val, caches, data.provenances, data.weights_paths, list(data.classes), data.sources, head_path,
+            val_caches or None, device if isinstance(device, str) else "auto", progress)
         load_seconds = time.perf_counter() - t0
         oof_note: dict[str, Any] = {}
         if folds:
@@ -165,16 +186,20 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
             too_far = overfit(mean_curve, final_cfg.epochs)
         else:
             train_np, val_np = split(data.paths, data.raw_labels, cfg.val_fraction, cfg.seed)
-            if cfg.keep == "best" and len(val_np) == 0:  # "lowest validation log loss" would name no validation
+            # "lowest validation log loss" would name no validation (--val: val_fraction 0, every labeled row trains)
+            if cfg.keep == "best" and len(val_np) == 0 and vf is None:
                 raise InputError(f"--keep best picks the epoch with the lowest validation log loss, and --val-fraction "
                                  f"{cfg.val_fraction} leaves no validation image: raise --val-fraction, use --folds, "
                                  "or keep the last epoch")
             train_rows = feature_rows(train_np, data.views)
             val_rows = feature_rows(val_np, data.views, every_view=False)  # [n_val]
-            head, history, kept = train(data.features_of, data.labels, train_rows, val_rows, cfg, on_epoch, data.dim,
+            features_of, labels = data.features_of, data.labels
+            if vf is not None:
+                features_of, labels, val_rows = with_val_folder(features_of, labels, vf, data.dim)
+            head, history, kept = train(features_of, labels, train_rows, val_rows, cfg, on_epoch, data.dim,
                                         on, len(data.classes))
-            _, _, logits = evaluate(head, data.features_of, data.labels, val_rows)
-            y = data.labels[val_rows]
+            _, _, logits = evaluate(head, features_of, labels, val_rows)
+            y = labels[val_rows]
             n_train, n_val = len(train_np), len(val_rows)
             too_far = overfit([h.val_loss for h in history], kept)
     probs = logits.softmax(1)
@@ -195,7 +220,9 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
                        kept_epoch=kept, head_shape=head.describe(), folds=oof_note, missing=data.missing,
                        unlabeled=int((data.raw_labels < 0).sum()), sources=data.sources, overfit=too_far or {},
                        classes=list(data.classes),
-                       weights_note=random_weights_note([Provenance.from_json(p).weights for p in data.provenances]))
+                       weights_note=random_weights_note([Provenance.from_json(p).weights for p in data.provenances]),
+                       val={**vf.meta(), "extracted": vf.extracted, "failed": vf.failed, "unlabeled": vf.unlabeled}
+                       if vf else {})
     if not all(torch.isfinite(p).all() for p in head.parameters()):
         raise Diverged("training produced NaN or infinite weights: lower --lr; no head saved")
     save_head(head_path, head, {
@@ -212,6 +239,7 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
         "kept_epoch": kept,
         "metrics": {"val_log_loss": report.val_log_loss, "val_acc": report.val_acc, "confusion": confusion,
                     "n_train": report.n_train, "n_val": report.n_val, **oof_note},
+        "val": vf.meta() if vf else None,
         "temperature": calibration["temperature"],
         "clip": calibration["clip"],
     })
@@ -243,6 +271,17 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
                                                      title=f"{len(y_val):,} {where} predictions of {head.describe()}")
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def with_val_folder(features_of: Any, labels: torch.Tensor, vf: ValFolder, dim: int
+                    ) -> tuple[WithValidation, torch.Tensor, torch.Tensor]:
+    """The validation folder's rows after the training rows: (features, labels [N + n_val], validation rows)."""
+    if vf.x.shape[1] != dim:  # the same provenance makes the same width: only a damaged cache differs
+        raise CacheError(f"--val: the features of {vf.folder} in {', '.join(map(str, vf.caches))} are "
+                         f"{vf.x.shape[1]}-d, the training cache's {dim}-d; delete them and run again")
+    offset = len(labels)
+    return (WithValidation(features_of, vf.x, offset), torch.cat([labels, vf.labels]),
+            torch.arange(offset, offset + len(vf.labels)))
 
 
 def _reliability_curves(logits: torch.Tensor, calibration: dict[str, float], cat_dog: bool = True

@@ -7,6 +7,7 @@ extract's plan, decided read-only (extract.plan.pending), says there is nothing 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from ..extract.config import Progress
 from ..extract.forward import run_dataset, run_features
 from ..files import as_paths, check_outputs, printable
 from ..fit import DEFAULT_HEAD, log_loss
+from ..fit.head import is_cat_dog
 from ..sources.folder import Discovery
 from .features import cached_features, default_cache
 from .inputs import ScoreInput, folder_samples, score_input
@@ -33,6 +35,7 @@ from .outputs import (
     write_predictions,
     write_submission,
 )
+from .report import ClassReport, class_report
 from .rows import Scored, onto_head_classes, score_cached, tta_views
 from .scorer import Loaded, load_exported, load_scorer
 
@@ -53,6 +56,15 @@ class PredictReport:
     neutral: list[str] = field(default_factory=list)  # files given 0.5 in the submission (could not be predicted)
     classes: list[str] = field(default_factory=lambda: list(CAT_DOG))  # the head's classes
     weights_note: str = ""  # backbone.random_weights_note of the head's features
+    confusion_plot: Path | None = None  # a labeled input scored by a K-class head (not cat/dog): its confusion matrix
+
+    @property
+    def report(self) -> ClassReport | None:
+        """Per-class precision, recall, F1 and support on the input's labels; None for an unlabeled input."""
+        if not any(y >= 0 for y in self.labels):
+            return None
+        at = {c: i for i, c in enumerate(self.classes)}
+        return class_report(self.labels, [at[r[-1]] for r in self.rows], self.classes)
 
     @property
     def accuracy(self) -> float | None:
@@ -78,7 +90,8 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
     head_path = Path(head_path or DEFAULT_HEAD)
     submission = Path(submission) if submission else None
     caches = as_paths(cache)
-    check_outputs({"--out": out, "--submission": submission},
+    confusion_path = confusion_plot_path(out)
+    check_outputs({"--out": out, "--submission": submission, "the confusion matrix": confusion_path},
                   {"--head": head_path, "--model": Path(model_path) if model_path else None,
                    **{f"--cache {c}": c for c in caches}})
     inp = score_input(data_dir)
@@ -99,7 +112,8 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
         used, extracted = None, 0
     else:
         planned = caches or [default_cache(loaded, head_path, inp, i) for i in range(len(loaded.members))]
-        check_outputs({"--out": out, "--submission": submission}, {f"the feature cache {c}": c for c in planned})
+        check_outputs({"--out": out, "--submission": submission, "the confusion matrix": confusion_path},
+                      {f"the feature cache {c}": c for c in planned})
         used, extracted = cached_features(loaded, head_path, inp, planned, device, batch_size, workers,
                                           progress, "predict", explicit=bool(caches))
         scored = score_cached(loaded, used, inp, tta)
@@ -121,9 +135,35 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
             write_submission(submission, {i: predicted.get(i, 0.5) for i in ids}, loaded.clip)
     if main:
         write_predictions(out, rows, scored.labels, loaded.classes)
-    return PredictReport(out, rows, scored.labels, scored.failed, disc.skipped if disc else [], submission,
-                         time.perf_counter() - t0, views, used, extracted, neutral, loaded.classes,
-                         random_weights_note([p.weights for p, _ in loaded.members] or [loaded.provenance.weights]))
+    report = PredictReport(out, rows, scored.labels, scored.failed, disc.skipped if disc else [], submission,
+                           time.perf_counter() - t0, views, used, extracted, neutral, loaded.classes,
+                           random_weights_note([p.weights for p, _ in loaded.members] or [loaded.provenance.weights]))
+    if main:
+        report.confusion_plot = draw_confusion(report, confusion_path, f"{Path(inp.spec.rstrip('/')).name} scored "
+                                               f"by {Path(named).name}")
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def confusion_plot_path(out: Path) -> Path:
+    """predictions.csv -> predictions.confusion.png, beside it (as fit's beside the head)."""
+    return out.with_name(out.stem + ".confusion.png")
+
+
+def draw_confusion(r: PredictReport, path: Path, what: str) -> Path | None:
+    """The confusion matrix of a labeled input, drawn as fit draws its validation's: for K-class heads (a cat/dog
+    head's 2 x 2 table says it all). A picture of an earlier predict to the same --out that this one does not redraw
+    is removed: it would read as this run's."""
+    report = r.report
+    if report is None or is_cat_dog(r.classes):
+        if path.is_file() or path.is_symlink():
+            with contextlib.suppress(OSError):  # a picture left behind is no reason to fail the predict
+                path.unlink()
+        return None
+    from ..plots import confusion_matrix
+
+    return confusion_matrix(report.confusion, report.classes, path,
+                            title=f"{report.n:,} labeled images of {what}")
 
 
 def _check_tta(loaded: Loaded, tta: bool) -> tuple[str, ...]:

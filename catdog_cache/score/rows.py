@@ -81,7 +81,7 @@ def read_rows(f: View, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def _input_rows(cache: Path, inp: ScoreInput, views: tuple[str, ...] | None) -> CachedRows:
+def input_rows(cache: Path, inp: ScoreInput, views: tuple[str, ...] | None) -> CachedRows:
     """The input's rows of one cache with the named views (None: the first, the one heads are trained on): a
     folder's discovered files, or every row of each tar shard."""
     present = None if inp.tars else set(encode_paths(inp.discovery().rels))
@@ -125,7 +125,7 @@ def score_cached(loaded: Loaded, caches: list[Path], data: ScoreInput | Discover
     folder's labels are its Discovery's (already matched to the head's classes); tar rows' are the cache's, matched
     to the head's classes by name."""
     inp = score_input(data)
-    parts = [_input_rows(c, inp, tta_views(loaded) if tta else None) for c in caches]
+    parts = [input_rows(c, inp, tta_views(loaded) if tta else None) for c in caches]
     keys = [k for k in parts[0].x if all(k in p.x for p in parts[1:])]  # in the input's order, as the first cache
     if inp.tars:
         label = _onto_head(parts[0], loaded.classes, inp.spec)

@@ -328,7 +328,8 @@ def discover(root: str | os.PathLike[str]) -> Discovery:
                               for d in sorted(splits)[:3])
             train = next((d for d in sorted(splits) if d.lower() in ("train", "training")), sorted(splits)[0])
             raise InputError(f"{root} is a split data set, not class folders ({shown}): extract the training "
-                             f"folder ({printable(str(root / train))}) and score the others with predict")
+                             f"folder ({printable(str(root / train))}), then validate on the others with fit --val "
+                             "(or score them with predict)")
         layout = "imagefolder"
         classes = class_names(set(runs))
         skipped += [(f, "file beside the class folders: no class") for f in flat]

@@ -43,7 +43,7 @@ def test_fit_refuses_to_replace_a_head_of_other_features(cli, kaggle_dir, folder
 def test_fit_reports_confusion_curve_and_calibration(cli, kaggle_dir, tmp_path):
     cli("extract", kaggle_dir, *TINY)
     r = cli("fit", "--epochs", "4", "--calibrate", "--val-fraction", "0.5")
-    assert "class accuracy" in r.output and "temperature" in r.output and "log loss" in r.output
+    assert "recall" in r.output and "precision" in r.output and "temperature" in r.output and "log loss" in r.output
     png = Image.open(tmp_path / "cache" / "features.head.png")
     assert png.format == "PNG" and png.size[0] > 600 and png.size[1] > 300
     _, meta = load_head(tmp_path / "cache" / "features.head.pt")
