@@ -41,6 +41,7 @@ class LabelIssue:
     suggested: int
     p_given: float
     p_suggested: float
+    confident: bool  # in the confident joint's off-diagonal (cleanlab's filter_by="confident_learning")
 
 
 def out_of_fold(cache: Path, cfg: FitConfig, folds: int, budget: int, device: torch.device | None
@@ -69,11 +70,32 @@ def out_of_fold(cache: Path, cfg: FitConfig, folds: int, budget: int, device: to
         return OutOfFold(order[back], probs, given[back], list(data.classes), folds)
 
 
+def confident_guess(oof: OutOfFold) -> tuple[np.ndarray, np.ndarray]:
+    """Confident learning's count (Northcutt et al. 2021, cleanlab's compute_confident_joint): class j's threshold
+    is the mean probability of j over the rows labeled j; a row's guessed true class is the one class at or above its
+    threshold, or the most probable where several are. Returns [M] whether a row is counted (some class is at or
+    above its threshold) and [M] its guessed class."""
+    k = oof.probs.shape[1]
+    counts = np.bincount(oof.given, minlength=k)
+    sums = np.zeros(k)
+    np.add.at(sums, oof.given, oof.p_given)
+    thresholds = np.where(counts > 0, sums / np.maximum(counts, 1), np.inf)  # [K]
+    above = oof.probs >= thresholds - 1e-6  # [M, K]; cleanlab's tolerance
+    many = above.sum(1) > 1
+    guess = np.where(many, oof.probs.argmax(1), above.argmax(1))
+    return above.any(1), guess
+
+
 def label_issues(oof: OutOfFold) -> list[LabelIssue]:
-    """The rows whose held-out heads prefer another class, the least likely given label first: with K classes a
-    label is doubted when some other class is more probable, whatever K is (no per-class threshold to tune)."""
+    """The rows whose given label the held-out heads doubt, the least likely given label first (the
+    self-confidence ranking): every row whose most probable class is another one, whatever K is, and every row that
+    confident learning counts off the diagonal (marked `confident`, with its guessed class as the suggestion).
+    Rows flagged by argmax alone are often ambiguous photos rather than wrong labels: confident ones rarely are."""
     p_given, suggested = oof.p_given, oof.suggested
-    doubted = np.flatnonzero(suggested != oof.given)
+    counted, guess = confident_guess(oof)
+    confident = counted & (guess != oof.given)
+    suggested = np.where(confident, guess, suggested)
+    doubted = np.flatnonzero((suggested != oof.given) | confident)
     doubted = doubted[np.argsort(p_given[doubted], kind="stable")]
     return [LabelIssue(int(oof.rows[i]), int(oof.given[i]), int(suggested[i]), float(p_given[i]),
-                       float(oof.probs[i, suggested[i]])) for i in doubted]
+                       float(oof.probs[i, suggested[i]]), bool(confident[i])) for i in doubted]

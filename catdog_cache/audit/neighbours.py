@@ -38,22 +38,27 @@ def state_bytes(n: int, k: int) -> int:
     return n * k * 12 * 2
 
 
+def pair_bytes(b: int, dim: int) -> int:
+    """A block pair's peak: two [b, D] feature blocks and the [b, b] similarity block, twice (its transposed top-k)."""
+    return 2 * b * dim * 4 + 2 * b * b * 4
+
+
 def plan(n_query: int, n_ref: int, dim: int, k: int, budget: int, what: str) -> Plan:
     """Block size and whether the features are held whole, for a search of n_query rows against n_ref rows under
-    `budget` bytes: the state and the indexes first, then the features whole if they fit half of what is left (each
-    block pair is then a slice, not a read), then the largest block of whole 64-row chunks whose pair of feature
-    blocks and similarity block (twice: the block and its transposed top-k) fit."""
+    `budget` bytes: the state and the indexes first; then the features whole if they take at most half of what is
+    left and a pair of 64-row blocks still fits beside them (each block pair is then a slice, not a read); then the
+    largest block of whole 64-row chunks whose pair fits."""
     fixed = state_bytes(n_query + n_ref, k) + INDEX_ROW_BYTES * (n_query + n_ref)
     rest = budget - fixed
     feats = (n_query + n_ref) * dim * 4
-    in_memory = feats <= rest // 2
+    in_memory = feats <= rest // 2 and rest - feats >= pair_bytes(CHUNK_ROWS, dim)
     if in_memory:
         rest -= feats
     # 2 b D 4 + 2 b^2 4 <= rest  ->  b^2 + b D - rest / 8 <= 0
     b = int((-dim + math.sqrt(dim * dim + rest / 2)) / 2) if rest > 0 else 0
-    b = min(b // CHUNK_ROWS * CHUNK_ROWS, max(n_query, n_ref, 1) + CHUNK_ROWS - 1)
+    b = min(b // CHUNK_ROWS * CHUNK_ROWS, -(-max(n_query, n_ref, 1) // CHUNK_ROWS) * CHUNK_ROWS)
     if b < CHUNK_ROWS:
-        need = fixed + 2 * CHUNK_ROWS * dim * 4 + 2 * CHUNK_ROWS**2 * 4
+        need = fixed + pair_bytes(CHUNK_ROWS, dim)
         raise InputError(f"--max-memory: the {what} search over {n_query + n_ref:,} rows needs at least "
                          f"{-(-need // 2**20)}M (each row's best {k} and the index, and one pair of 64-row blocks)")
     return Plan(b, in_memory)
@@ -115,7 +120,8 @@ class TopK:
         i = torch.cat([self.idx[lo:hi], idx], 1)
         top, pos = s.topk(self.k, dim=1)
         self.sims[lo:hi] = top
-        self.idx[lo:hi] = i.gather(1, pos)
+        # a -inf is no neighbour (a row's own diagonal, in a block of fewer than k columns): no id either
+        self.idx[lo:hi] = torch.where(torch.isneginf(top), -1, i.gather(1, pos))
 
     def result(self) -> Neighbours:
         return Neighbours(self.sims.cpu().numpy(), self.idx.cpu().numpy())

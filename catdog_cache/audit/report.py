@@ -58,7 +58,8 @@ def as_json(f: Findings) -> dict[str, Any]:
     return {
         "label_issues": [{"path": json_text(r.names[li.row]), "given": r.classes[li.given],
                           "suggested": r.classes[li.suggested], "p_given": round(li.p_given, 6),
-                          "p_suggested": round(li.p_suggested, 6)} for li in f.label_issues],
+                          "p_suggested": round(li.p_suggested, 6),
+                          "confident": li.confident} for li in f.label_issues],
         "near_duplicates": [pair_json(p, r, "cosine") for p in f.near],
         "exact_duplicates": [pair_json(p, r, "score") | {"sha256": r.sha256[p.a]} for p in f.exact],
         "outliers": [{"path": json_text(r.names[o.row]), "score": round(o.score, 6), "z": round(o.z, 3),
