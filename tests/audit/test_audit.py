@@ -25,7 +25,9 @@ from tests.conftest import png_ok
 
 TINY = ExtractConfig(weights=WeightsSpec("random", seed=0), backbone="tiny", workers=0, batch_size=32, device="cpu")
 PLANTED = [("cat", 1000), ("dog", 1001)]  # test images copied, re-encoded, into train/
-NEAR = "0.999"  # tiny's random features put every drawn face close: re-encodes sit above 0.9999, others below
+NEAR = "0.999"
+PER_CLASS = 34  # 68 + 3 rows: more than one 64-row block
+ROWS = 2 * PER_CLASS + 3  # tiny's random features put every drawn face close: re-encodes sit above 0.9999, others below
 
 
 def paint(path: Path, kind: str, seed: int, size: int = 128) -> None:
@@ -47,11 +49,11 @@ def snapshot(root: Path) -> dict[str, tuple[str, int]]:
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory) -> Path:
-    """train/ (40 cats, 40 dogs, 2 near-copies of test images, 1 exact copy of a training image), test/ (3 + 3),
+    """train/ (34 cats, 34 dogs, 2 near-copies of test images, 1 exact copy of a training image), test/ (3 + 3),
     their tiny caches."""
     root = tmp_path_factory.mktemp("planted")
     for kind in ("cat", "dog"):
-        for i in range(40):
+        for i in range(PER_CLASS):
             paint(root / "train" / kind / f"{kind}.{i}.jpg", kind, 2 * i + (kind == "dog"))
         for i in range(1000, 1003):
             paint(root / "test" / kind / f"{kind}.{i}.jpg", kind, 2 * i + (kind == "dog"))
@@ -105,12 +107,12 @@ def test_the_summary_table_names_each_kind(cli, planted):
     for kind in ("label issues", "near duplicates", "exact duplicates", "outliers"):
         assert kind in r.output
     assert "planted.cat.1000.jpg" in r.output or "planted.dog.1001.jpg" in r.output
-    assert "audited 83 rows" in r.output
+    assert f"audited {ROWS} rows" in r.output
     assert not list(planted.glob("table.*.png"))  # --no-sheets
 
 
 def test_a_small_memory_budget_reads_blocks_and_finds_the_same(cli, planted):
-    """3M holds neither the 83 x 4096-d features nor more than one 64-row block pair: the search reads blocks from
+    """3M holds neither the 71 x 4096-d features nor more than one 64-row block pair: the search reads blocks from
     the cache and the heads stream it; the findings are the same."""
     args = ["--cache", planted / "train.h5", "--against", planted / "test.h5", "--near", NEAR, "--no-sheets"]
     big = audit_json(cli, *args, "--out", planted / "big.csv")
@@ -121,7 +123,7 @@ def test_a_small_memory_budget_reads_blocks_and_finds_the_same(cli, planted):
         assert [x[score] for x in small[kind]] == pytest.approx([x[score] for x in big[kind]], abs=1e-5)
     from catdog_cache.audit.neighbours import plan
 
-    assert not plan(83, 0, 4096, 10, 3 * 2**20, "near-duplicate").in_memory
+    assert not plan(ROWS, 0, 4096, 10, 3 * 2**20, "near-duplicate").in_memory
 
 
 def test_tar_shards_and_a_cache_of_two_inputs(cli, tmp_path, images):
