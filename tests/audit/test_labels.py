@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from catdog_cache.audit.labels import OutOfFold, label_issues, out_of_fold
 from catdog_cache.backbone import WeightsSpec
@@ -23,13 +24,16 @@ FLIPPED = ["dog/cat.0.jpg", "cat/dog.1.jpg"]
 
 @pytest.fixture(scope="module")
 def flipped(tmp_path_factory) -> Path:
-    """10 cats and 10 dogs in class folders, cat.0 filed under dog/ and dog.1 under cat/; their Lite0 cache."""
+    """10 cats and 10 dogs in class folders, cat.0 filed under dog/ and dog.1 under cat/, a picture of noise under
+    cat/; their Lite0 cache."""
     root = tmp_path_factory.mktemp("flipped")
     for kind in ("cat", "dog"):
         for i in range(10):
             path = root / "train" / kind / f"{kind}.{i}.jpg"
             path.parent.mkdir(parents=True, exist_ok=True)
             draw_animal(kind, random.Random(2 * i + (kind == "dog")), size=96).save(path, quality=90)
+    noise = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)  # neither a cat nor a dog
+    Image.fromarray(noise).save(root / "train" / "cat" / "noise.jpg", quality=90)
     for wrong in FLIPPED:
         right = ("cat" if wrong.startswith("dog/") else "dog") + "/" + wrong.split("/")[1]
         shutil.move(root / "train" / right, root / "train" / wrong)
@@ -37,7 +41,7 @@ def flipped(tmp_path_factory) -> Path:
     return root
 
 
-def test_flipped_labels_rank_first(cli, flipped):
+def test_flipped_labels_rank_first_and_noise_is_the_outlier(cli, flipped):
     import json
 
     d = json.loads(cli("audit", "--cache", flipped / "lite.h5", "--json", "--no-sheets", "--out",
@@ -48,6 +52,7 @@ def test_flipped_labels_rank_first(cli, flipped):
         assert li["suggested"] != li["given"] and li["p_given"] < 0.5 and li["suggested"] == Path(li["path"]).name[:3]
     p = [li["p_given"] for li in d["label_issues"]]
     assert p == sorted(p)
+    assert Path(d["outliers"][0]["path"]).name == "noise.jpg"  # the farthest from every other row
 
 
 def test_same_issues_as_cleanlab_on_the_same_out_of_fold_probabilities(flipped):
