@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..cache import open_cache, require_same
@@ -18,9 +17,9 @@ from ..extract.config import Progress
 from ..files import check_outputs, file_key
 from ..fit import FitConfig, available_memory, parse_size, training_device
 from ..score.outputs import write_csv_atomic
-from .duplicates import NEAR, Pair, exact_across, exact_within, near_across, near_within
+from .duplicates import NEAR, exact_across, exact_within, near_across, near_within
 from .labels import label_issues, out_of_fold
-from .neighbours import Blocks, Neighbours, across, plan, within
+from .neighbours import Blocks, across, plan, within
 from .outliers import K, Z, knn_scores, outliers
 from .report import CSV_HEADER, Findings, csv_rows, draw_sheets, sheet_paths
 from .rows import CacheRows, cache_rows
@@ -131,16 +130,3 @@ def audit(cache: str | os.PathLike[str], against: list | tuple = (), out: str | 
     drawn = draw_sheets(findings, sheets) if sheets else {}
     seconds["total"] = time.perf_counter() - t0
     return AuditReport(findings, other_rows, out, drawn, o, block_rows, in_memory, seconds, notes)
-
-
-def pairs_between(pairs: list[Pair], rows: CacheRows) -> list[Pair]:
-    """The pairs whose second row is in another cache (train/test leakage)."""
-    return [p for p in pairs if p.other is not rows]
-
-
-def neighbours_of(x: np.ndarray, k: int = TOP_K, block_rows: int = 4096, device: str = "cpu") -> Neighbours:
-    """Top-k cosine neighbours of in-memory rows [N, D] (the same search audit runs on a cache): for benchmarks and
-    tests."""
-    import torch
-
-    return within(Blocks(x, block_rows, True, torch.device(device)), k)

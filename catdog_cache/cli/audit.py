@@ -71,7 +71,8 @@ def audit_cmd(
         print(to_json({**findings_json(f), "cache": str(cache), "against": [str(a) for a in against],
                        "csv": str(r.csv), "sheets": {k: str(p) for k, p in r.sheets.items()},
                        "near_threshold": opts.near, "folds": opts.folds if f.oof is not None else 0,
-                       "rows": len(f.rows.names), "seconds": r.seconds, "notes": r.notes}))
+                       "rows": len(f.rows.names), "block_rows": r.block_rows, "in_memory": r.in_memory,
+                       "seconds": r.seconds, "notes": r.notes}))
         return
     for note in r.notes:
         err.print(f"[yellow]note:[/] {escape(printable(note))}")
