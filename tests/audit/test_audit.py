@@ -184,3 +184,12 @@ def test_mistakes_are_one_line(cli, planted, tmp_path):
         assert words in r.output, (args, r.output)
         assert "Traceback" not in r.output
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_an_unlabeled_cache_gets_duplicates_and_a_note(cli, tmp_path, test_dir):
+    (test_dir / "again.jpg").write_bytes((test_dir / "1.jpg").read_bytes())
+    extract(test_dir, tmp_path / "u.h5", TINY)
+    d = audit_json(cli, "--cache", tmp_path / "u.h5", "--no-sheets", "--out", tmp_path / "u.csv")
+    assert d["label_issues"] == [] and d["folds"] == 0 and "no labels" in d["notes"][0]
+    assert [(Path(p["a"]).name, Path(p["b"]).name) for p in d["exact_duplicates"]] == [("1.jpg", "again.jpg")]
+    assert d["exact_duplicates"][0]["a_label"] == ""
