@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
@@ -24,6 +25,9 @@ from .common import (
     plural,
     to_json,
 )
+
+if TYPE_CHECKING:
+    from ..audit.run import AuditReport
 
 
 @app.command("audit")
@@ -86,7 +90,7 @@ def audit_cmd(
               f"{plural(c['outliers'], 'outlier')} -> {escape(printable(str(r.csv)))}", highlight=False)
 
 
-def summary_table(r) -> Table:
+def summary_table(r: AuditReport) -> Table:
     """One line per kind: how many, the first one, and its contact sheet."""
     f, rows = r.findings, r.findings.rows
     t = Table("kind", "found", "first", "score", "sheet", title=f"audit of {printable(str(rows.cache))}")
