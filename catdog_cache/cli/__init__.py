@@ -13,7 +13,8 @@ from importlib import import_module
 from .common import Bar, app, pipe_closed
 
 # Importing a command's module registers it on `app`; `--help` lists the commands in this order.
-COMMANDS = ("extract", "fit", "predict", "info", "compact", "backbones", "demo", "verify", "preview", "export", "bench")
+COMMANDS = ("extract", "fit", "predict", "info", "compact", "backbones", "demo", "verify", "preview", "export",
+            "export_features", "bench")
 for _name in COMMANDS:
     import_module(f".{_name}", __name__)
 
