@@ -25,8 +25,8 @@ def default_cache(loaded: Loaded, head_path: Path, data_dir: str | os.PathLike[s
     """Where an input's features go unless --cache says otherwise: the head's training cache when it already holds
     this input (the folder, or every shard) with the same provenance (preview on training images), else beside the
     head, named after the input and the feature provenance (heads of another backbone get their own file). A head
-    moved away from its training cache, with no such file beside it yet, reads the one of that name beside the
-    training cache (its default place) when it holds the input unchanged (holds)."""
+    moved elsewhere, with no such file beside it yet, reads the one of that name in its old place (the folder fit
+    saved it in, or that of its training cache) when it holds the input unchanged (holds)."""
     inp = score_input(data_dir)
     prov = loaded.members[member][0] if loaded.members else loaded.provenance
     trained = loaded.meta.get("caches") or [loaded.meta.get("cache")]
@@ -43,12 +43,13 @@ def default_cache(loaded: Loaded, head_path: Path, data_dir: str | os.PathLike[s
             pass
     digest = hashlib.sha256(prov.to_json().encode()).hexdigest()[:8]
     beside = unlinked(head_path.parent / f"{inp.cache_name()}.{digest}.h5")
-    if not beside.exists() and isinstance(trained_on, str):
-        # A head moved away from its training cache: the default cache of its old place (beside the training cache,
-        # where fit puts the head) is read when it holds the input unchanged, instead of extracting it all again.
-        earlier = Path(trained_on).parent / beside.name
-        if holds(earlier, inp, prov):
-            return earlier
+    if not beside.exists():
+        # A moved head: the default cache of its old place (where fit saved it, else beside its training cache, where
+        # fit puts a head by default) is read when it holds the input unchanged, instead of extracting it all again.
+        for old in (loaded.meta.get("head"), trained_on):
+            earlier = Path(old).parent / beside.name if isinstance(old, str) and old else None
+            if earlier is not None and earlier != beside and holds(earlier, inp, prov):
+                return earlier
     return beside
 
 

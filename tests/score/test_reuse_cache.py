@@ -70,3 +70,18 @@ def test_a_stale_cache_of_the_old_place_is_never_added_to(cli, kaggle_dir, test_
     out = predicted(cli, test_dir, "--head", head)
     assert out["extracted"] == 4 and Path(out["cache"][0]).parent == tmp_path / "models", out
     assert snapshot(Path("cache")) == before
+
+
+def test_moved_head_reads_the_default_cache_beside_where_fit_saved_it(cli, kaggle_dir, test_dir, tmp_path):
+    """A head saved apart from its training cache (fit --head): its old folder is recorded, so a move still finds the
+    test features predict cached beside it there."""
+    cli("extract", kaggle_dir, *TINY, "--cache", tmp_path / "c" / "train.h5")
+    cli("fit", "--cache", tmp_path / "c" / "train.h5", "--head", tmp_path / "h" / "head.pt", "--epochs", "1")
+    assert predicted(cli, test_dir, "--head", tmp_path / "h" / "head.pt")["extracted"] == 4
+    (tmp_path / "m").mkdir()
+    head = (tmp_path / "h" / "head.pt").rename(tmp_path / "m" / "head.pt")
+    before = snapshot(tmp_path / "h")
+    out = predicted(cli, test_dir, "--head", head)
+    assert out["extracted"] == 0 and Path(out["cache"][0]).parent == tmp_path / "h", out
+    assert snapshot(tmp_path / "h") == before
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["head.pt"]
