@@ -3,8 +3,9 @@ named before it): format (schema, provenance, rows, index, classes), packed_inde
 open), chunk_reads (streamed feature reads by pread), validate (opening and checking hostile files), view (shards
 merged into the logical rows; the one reader), shard_state (a sharded cache's index read and checked, its shards
 opened), read (index, features, blocks), rowfile (the schema-1 writer), shards (the sharded layout's writers:
-append, adopt, convert, compact), parts (crash-safe parts, assembly into one file), lock (one writer per cache),
-layouts (the benchmark's alternative layouts). See format.py and shard_state.py for the layout."""
+append, adopt, convert, compact; virtual: the index's datasets for plain h5py), parts (crash-safe parts, assembly
+into one file), lock (one writer per cache), layouts (the benchmark's alternative layouts), export (rows to .npz or
+Parquet). See format.py and shard_state.py for the layout."""
 
 from .format import (
     CAT_DOG,

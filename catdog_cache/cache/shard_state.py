@@ -9,8 +9,9 @@ View. The writers (shards.py: append, adopt, convert, compact; parts.py) build o
                               checked on open, so a replaced or truncated shard is an error naming it
       deleted/{source,paths,before}   deletion records (--prune): that file's rows in shards [0, before) are gone
       retired/names           shards a compact replaced: deleted by the next writer, never adopted
-      features, labels        virtual datasets over the live rows in logical order, source files named relative to
-                              the index (a moved folder still works): for plain h5py. catdog-cache never reads them.
+      features, labels, paths, sha256   virtual datasets over the live rows in logical order, source files named
+                              relative to the index (a moved folder still works), and source_rows (each source's row
+                              count): for plain h5py (virtual.py). catdog-cache never reads them.
   features.h5.shards/NAME.h5  one shard: exactly the schema-1 layout (a schema-1 cache is a valid shard)"""
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from .rowfile import write_rows
 from .shard_state import SHARD_NAME, State, legacy_parts_dir, listed, shards_dir, shards_folder, state_view
 from .validate import attr, file_index
 from .view import Tombstone, View, shard_index
+from .virtual import write_virtual
 
 _BYTES = h5py.vlen_dtype(bytes)
 
@@ -89,7 +90,7 @@ def writer_state(cache: Path, prov: Provenance, dim: int = 4096) -> State:
 def write_index(cache: Path, state: State, view: View, versions: dict[str, str]) -> None:
     """The index, written to a temp file and renamed over `cache`: O(shards + deletion records + runs)."""
     idx = view.index
-    n, v, d = idx.shape
+    _, v, d = idx.shape
     with temp_beside(cache) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["schema_version"] = INDEX_SCHEMA
         if idx.incomplete:
@@ -112,16 +113,7 @@ def write_index(cache: Path, state: State, view: View, versions: dict[str, str])
         g.create_dataset("before", data=np.array([x.before for x in t], np.uint32))
         f.create_group("retired").create_dataset(
             "names", data=np.array([s.encode() for s in state.retired], dtype=object), dtype=_BYTES)
-        # for plain h5py: the live rows in logical order, one mapping per run (one per shard when sorted)
-        feats = h5py.VirtualLayout(shape=(n, v, d), dtype=state.prov.dtype)
-        labels = h5py.VirtualLayout(shape=(n,), dtype=np.int8)
-        rel = shards_dir(cache).name
-        for i, r0, start, length in view.runs():
-            name, rows = f"{rel}/{state.names[i]}", view.shard_rows[i]
-            feats[start : start + length] = h5py.VirtualSource(name, "features", (rows, v, d))[r0 : r0 + length]
-            labels[start : start + length] = h5py.VirtualSource(name, "labels", (rows,))[r0 : r0 + length]
-        f.create_virtual_dataset("features", feats, fillvalue=0)
-        f.create_virtual_dataset("labels", labels, fillvalue=-1)
+        write_virtual(f, shards_dir(cache).name, state.names, view, state.prov.dtype)  # for plain h5py
 
 
 def _delete_retired(cache: Path, state: State) -> None:

@@ -13,8 +13,8 @@ from importlib import import_module
 from .common import Bar, app, pipe_closed
 
 # Importing a command's module registers it on `app`; `--help` lists the commands in this order.
-COMMANDS = ("extract", "fit", "predict", "info", "compact", "backbones", "demo", "verify", "preview", "export", "audit",
-            "bench")
+COMMANDS = ("extract", "fit", "predict", "info", "compact", "backbones", "demo", "verify", "preview", "export",
+            "export_features", "audit", "bench")
 for _name in COMMANDS:
     import_module(f".{_name}", __name__)
 

@@ -231,6 +231,7 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
         "config": {**asdict(cfg), "hidden": list(cfg.hidden)},
         "cache": str(caches[0].resolve()),
         "caches": [str(c.resolve()) for c in caches],
+        "head": str(head_path.resolve()),  # where it was saved: predict finds that place's test features again
         "sources": data.sources,
         "classes": list(data.classes),
         "weights_path": data.weights_paths[0],

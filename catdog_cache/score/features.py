@@ -24,7 +24,9 @@ def default_cache(loaded: Loaded, head_path: Path, data_dir: str | os.PathLike[s
                   ) -> Path:
     """Where an input's features go unless --cache says otherwise: the head's training cache when it already holds
     this input (the folder, or every shard) with the same provenance (preview on training images), else beside the
-    head, named after the input and the feature provenance (heads of another backbone get their own file)."""
+    head, named after the input and the feature provenance (heads of another backbone get their own file). A head
+    moved elsewhere, with no such file beside it yet, reads the one of that name in its old place (the folder fit
+    saved it in, or that of its training cache) when it holds the input unchanged (holds)."""
     inp = score_input(data_dir)
     prov = loaded.members[member][0] if loaded.members else loaded.provenance
     trained = loaded.meta.get("caches") or [loaded.meta.get("cache")]
@@ -40,10 +42,31 @@ def default_cache(loaded: Loaded, head_path: Path, data_dir: str | os.PathLike[s
         except CatdogError:  # a damaged or busy training cache is not this command's business: use the default
             pass
     digest = hashlib.sha256(prov.to_json().encode()).hexdigest()[:8]
-    return unlinked(head_path.parent / f"{inp.cache_name()}.{digest}.h5")
+    beside = unlinked(head_path.parent / f"{inp.cache_name()}.{digest}.h5")
+    if not beside.exists():
+        # A moved head: the default cache of its old place (where fit saved it, else beside its training cache, where
+        # fit puts a head by default) is read when it holds the input unchanged, instead of extracting it all again.
+        for old in (loaded.meta.get("head"), trained_on):
+            earlier = Path(old).parent / beside.name if isinstance(old, str) and old else None
+            if earlier is not None and earlier != beside and holds(earlier, inp, prov):
+                return earlier
+    return beside
 
 
 MAX_CACHE_BYTES = 1 << 50  # only to refuse nonsense: real caches stay far below
+
+
+def holds(cache: Path, inp: ScoreInput, prov: Provenance) -> bool:
+    """Whether a cache predict did not create here holds the whole input unchanged with these features
+    (extract.plan.pending, read-only): a plain file reached through no link (its path came from the head, a file
+    from outside), with no parts waiting. Anything else (missing, damaged, busy, stale) is simply not used."""
+    if any(p.is_symlink() for p in (cache, cache.with_name(cache.name + ".lock"), parts_dir(cache))) or \
+            not plausible_file(str(cache), MAX_CACHE_BYTES, min_size=8):
+        return False
+    try:
+        return not pending(inp.spec, cache, prov, None, None if inp.tars else inp.discovery(), inp.shards)
+    except (CatdogError, OSError):
+        return False
 
 
 def unlinked(cache: Path) -> Path:
