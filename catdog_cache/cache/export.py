@@ -68,8 +68,8 @@ def _pyarrow(out: Path) -> Any:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise InputError(f"--out {out}: writing Parquet needs pyarrow: pip install pyarrow (or give --out FILE.npz)"
-                         ) from None
+        raise InputError(f"--out {out}: writing Parquet needs pyarrow: pip install 'catdog-cache[parquet]' "
+                         "(or give --out FILE.npz)") from None
     return pq
 
 

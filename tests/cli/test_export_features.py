@@ -92,7 +92,8 @@ def test_parquet_without_pyarrow_is_one_line(cli, two_folder_cache, tmp_path, mo
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow now raises ImportError
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     r = cli("export-features", "--cache", two_folder_cache, "--out", tmp_path / "x.parquet", ok=False)
-    assert r.exit_code == 1 and len(lines(r.output)) == 1 and "pip install pyarrow" in r.output, r.output
+    assert r.exit_code == 1 and len(lines(r.output)) == 1, r.output
+    assert "pip install 'catdog-cache[parquet]'" in r.output, r.output
     assert not list(tmp_path.glob("*x.parquet*"))
 
 
