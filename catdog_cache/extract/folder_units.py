@@ -86,9 +86,9 @@ def cut_folder(root: Path, samples: list[Sample], source: str, prov: Provenance,
 
 def unit_done(cache: Path, unit: FolderUnit, known: Known) -> bool:
     """Marker with this identity, its part (while not yet assembled) intact, every file recorded somewhere, and every
-    recorded file unchanged by the rule the local engine applies (rerun.by_stat: size, mtime, inode and device as the
-    cache recorded them, racy stats never trusted): the identity alone digests size and mtime, so a file replaced by
-    a rename with both put back kept its stale row under Ray while one process saw it."""
+    recorded file unchanged by the rule the local engine applies (rerun.by_stat: size, mtime, inode, device and ctime
+    as the cache recorded them, racy stats never trusted): the identity alone digests size and mtime, so a file
+    replaced by a rename with both put back kept its stale row under Ray while one process saw it."""
     marker = read_marker(cache, unit.name)
     if marker is None or marker.identity != unit.identity:
         return False

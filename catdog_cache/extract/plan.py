@@ -26,7 +26,7 @@ from ..cache import (
     read_index,
     recorded,
 )
-from ..cache.format import CAT_DOG, MAX_CLASS_NAME, MAX_CLASSES
+from ..cache.format import CAT_DOG, MAX_CLASS_NAME, MAX_CLASSES, STAT_WIDTH
 from ..engines.torchrun import Dist
 from ..errors import InputError, ProvenanceMismatch
 from ..files import plural, printable
@@ -172,7 +172,7 @@ def refresh_records(found: Verdicts, keys: list[bytes], files: Recorded) -> Refr
     done = sorted(found.refresh)
     paths = [keys[i] for i in done]
     return Refresh(np.zeros(len(paths), np.int64), paths, [files.sha256(p) for p in paths],
-                   np.array([found.refresh[i] for i in done], np.int64).reshape(-1, 4))
+                   np.array([found.refresh[i] for i in done], np.int64).reshape(-1, STAT_WIDTH))
 
 
 def onto_cache_classes(disc: Discovery, have: list[str], cache: Path) -> None:
