@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from catdog_cache.backbone import parse_weights
-from catdog_cache.cache import list_parts, listed, parts_dir, read_features, read_index
+from catdog_cache.cache import Recorded, list_parts, listed, parts_dir, read_features, read_index
 from catdog_cache.engines.dispatch import extract
 from catdog_cache.errors import CacheError, InputError
 from catdog_cache.extract.config import ExtractConfig
@@ -135,15 +135,18 @@ def test_markers_are_checked_like_hostile_files(data, tmp_path):
 
     disc = discover(data)
     prov = CFG.provenance()
-    shards = cut_folder(disc.root, disc.samples, str(disc.root), prov, 4)
+    shards = cut_folder(disc.root, disc.samples, str(disc.root), prov, 4, stat=disc.stat)
     cache = tmp_path / "c.h5"
-    everything = Known(recorded_lists=[[os.fsencode(s.rel) for s in disc.samples]])
+    paths = [os.fsencode(s.rel) for s in disc.samples]  # every file recorded with its content, as the walk saw it
+    everything = Known(files=Recorded(paths, ["0" * 64] * len(paths), disc.stat), recorded_lists=[paths])
     folder = markers_dir(cache)
     folder.mkdir()
     marker = folder / f"{shards[0].name}.json"
     good = f'{{"version": 1, "identity": "{shards[0].identity}", "part": "", "rows": 3, "failures": 1}}'
     marker.write_text(good)
     assert unit_done(cache, shards[0], everything) and not unit_done(cache, shards[0], Known())
+    unstated = cut_folder(disc.root, disc.samples, str(disc.root), prov, 4)[0]  # no walk's stats: proves nothing
+    assert unstated.identity == shards[0].identity and not unit_done(cache, unstated, everything)
     for bad in ["{", "[]", good.replace('"rows": 3', '"rows": "3"'), good.replace('"part": ""', '"part": "../x"'),
                 good.replace(shards[0].identity, shards[1].identity), good + " " * 70000]:
         marker.write_text(bad)
