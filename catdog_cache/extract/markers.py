@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cache import Index, Provenance, encode_path
-from ..cache.format import RACY_NS
+from ..cache.format import RACY_NS, weights_key
 from ..errors import CacheError
 from ..files import read_regular, write_atomic
 from ..sources import tars
@@ -162,9 +162,14 @@ def legacy_tar_marker(cache: Path, unit: str) -> Marker | None:
 
 
 def matching_tar_marker(cache: Path, source: str, ident: Identity, prov: Provenance) -> Marker | None:
-    """The tar's marker if it is for the tar as it is now and for these features, else None."""
+    """The tar's marker if it is for the tar as it is now and for these features, else None. A weights file's size
+    decides nothing about the features (format.weights_key) and markers written before it was recorded digest the
+    provenance without it: either text names these features (else appending to such a cache redid every tar)."""
     done = read_marker(cache, tar_unit(source))
-    return done if done is not None and done.identity == tar_identity(source, ident, prov.to_json()) else None
+    if done is None:
+        return None
+    texts = {prov.to_json(), replace(prov, weights=weights_key(prov.weights)).to_json()}
+    return done if done.identity in {tar_identity(source, ident, text) for text in texts} else None
 
 
 def clear_temps(cache: Path) -> None:
