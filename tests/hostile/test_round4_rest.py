@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
+import h5py
 import pytest
+import torch
 
 from catdog_cache.cache.format import weights_key
 from catdog_cache.engines.dispatch import extract
@@ -18,7 +21,12 @@ from catdog_cache.extract.config import ExtractConfig
 from catdog_cache.extract.markers import markers_dir, tar_identity, tar_unit
 from catdog_cache.fit.head import load_head
 from catdog_cache.sources.spec import identity
+from tests.conftest import draw
 from tests.extract.test_tars import make_tar
+from tests.hostile import test_hostile_files as shared
+from tests.hostile.test_hostile_files import Swapped, copy_cache, invoke, refused
+
+base, weights_base = shared.base, shared.weights_base  # their module-scoped fixtures: a cache, a --weights FILE head
 
 
 def test_a_fifo_as_head_is_named_in_one_line(cli, tmp_path):
@@ -58,7 +66,6 @@ def test_a_fifo_swapped_in_after_the_check_never_hangs(tmp_path, monkeypatch):
 def test_markers_of_a_cache_from_before_weights_sizes_still_match(tmp_path, images, opened):
     """A cache made with --weights FILE before the file's size was recorded: its markers digest the provenance
     without `,size=N`, a run now has it. The old code redid every tar once (and every tar of every append)."""
-    torch = pytest.importorskip("torch")
     torchvision = pytest.importorskip("torchvision")
     from catdog_cache.backbone import parse_weights
 
@@ -80,3 +87,39 @@ def test_markers_of_a_cache_from_before_weights_sizes_still_match(tmp_path, imag
     opened.clear()
     r = extract(shard, cache, cfg)
     assert (r.reused, r.extracted, opened) == (4, 0, [])
+
+
+def _sized(text: str, size: int) -> str:
+    prov = json.loads(text)
+    prov["weights"] = f"{prov['weights'].partition(',size=')[0]},size={size}"
+    return json.dumps(prov, sort_keys=True)
+
+
+@pytest.mark.parametrize("command", ["predict", "extract"])
+def test_a_recorded_weights_path_to_a_huge_file_of_its_true_size_is_not_hashed(base, weights_base, tmp_path,
+                                                                               command):
+    """A crafted head (or cache) that records the weights path with that file's true size (16 GiB, sparse): the
+    size check passes, and the old code hashed all 16 GiB (50-90 s) before saying it was not the file. A path
+    that a file from outside names is read only up to MAX_RECORDED_WEIGHTS_BYTES: refused unread."""
+    from catdog_cache.backbone import MAX_RECORDED_WEIGHTS_BYTES
+
+    assert MAX_RECORDED_WEIGHTS_BYTES < 16 << 30
+    blob = torch.load(weights_base.head, map_location="cpu", weights_only=True)
+    blob["provenance"] = _sized(blob["provenance"], 16 << 30)
+    torch.save(blob, tmp_path / "h.pt")
+    cache = copy_cache(weights_base.cache, tmp_path / "c" / "features.h5")
+    for p in [cache, *cache.with_name("features.h5.shards").glob("*.h5")]:
+        with h5py.File(p, "r+") as f:
+            f.attrs["provenance"] = _sized(f.attrs["provenance"], 16 << 30)
+    more = tmp_path / "more"
+    draw(more / "cat.9.jpg", "cat", 9)
+    with Swapped(weights_base.weights) as big, pytest.MonkeyPatch.context() as mp:
+        shared._no_reads_of(mp, big)
+        t0 = time.perf_counter()
+        if command == "predict":
+            out = refused(invoke("predict", base.test, "--head", tmp_path / "h.pt", "--out", "p.csv", "--quiet"),
+                          "over 4 GiB")
+        else:
+            out = refused(invoke("extract", more, "--cache", cache, "--quiet"), "at most 4 GiB")
+        assert time.perf_counter() - t0 < 30
+    assert str(weights_base.weights) in out and "--weights FILE" in out
