@@ -27,16 +27,7 @@ import numpy as np
 from ..errors import CacheError
 from ..files import printable
 from .chunk_reads import Direct, identity
-from .format import (
-    CHUNK_ROWS,
-    MAX_SOURCES,
-    STAT_WIDTH,
-    Index,
-    Provenance,
-    merge_classes,
-    require_same,
-    unknown_stats,
-)
+from .format import CHUNK_ROWS, MAX_SOURCES, STAT_WIDTH, Index, Provenance, merge_classes, require_same, unknown_stats
 from .opening import open_h5, open_h5_fd, open_regular
 from .packed_index import PackedPaths, Unread, scan_view, unknown_stat_view
 from .validate import file_index
