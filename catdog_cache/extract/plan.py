@@ -48,20 +48,13 @@ class Known:
     class_lists: list[tuple[list[str], bool]] = field(default_factory=list)  # per index: (classes, has labels)
     cache: Index | None = None  # the cache's own index as read (a run with nothing to do reads it once)
     shape: tuple[int, ...] = ()  # the cache's [V, D] (a refresh shard's empty features match it)
-    # Path lists, made sets on first use (a rerun of an unchanged folder needs neither): the cache's own rows, and
-    # each index's rows and failure records.
+    # the cache's own rows, made a set on first use (a rerun of an unchanged folder needs none)
     cached_rows: list[bytes] = field(default_factory=list)
-    recorded_lists: list[list[bytes]] = field(default_factory=list)
 
     @functools.cached_property
     def cached(self) -> set[bytes]:
         """Rows of the cache itself (not its parts): what --prune drops."""
         return set(self.cached_rows)
-
-    @functools.cached_property
-    def recorded(self) -> set[bytes]:
-        """Rows and failure records anywhere, read or not."""
-        return set().union(*self.recorded_lists)
 
 
 def known_files(cache: Path, prov: Provenance, source: str, parts: bool = True) -> Known:
@@ -92,7 +85,6 @@ def known_files(cache: Path, prov: Provenance, source: str, parts: bool = True) 
             held = set(rows)
             k.reasons = {p: why for p, why in k.reasons.items() if p not in held}  # a later part holds it: fixed
             k.reasons |= {p: why for s, p, sha, why in idx.failed if idx.sources[s] == source and sha and p not in held}
-        k.recorded_lists += [rows, [p for s, p, _, _ in idx.failed if idx.sources[s] == source]]
     k.files = recorded(indexes, source)
     return k
 

@@ -138,7 +138,7 @@ def test_markers_are_checked_like_hostile_files(data, tmp_path):
     shards = cut_folder(disc.root, disc.samples, str(disc.root), prov, 4, stat=disc.stat)
     cache = tmp_path / "c.h5"
     paths = [os.fsencode(s.rel) for s in disc.samples]  # every file recorded with its content, as the walk saw it
-    everything = Known(files=Recorded(paths, ["0" * 64] * len(paths), disc.stat), recorded_lists=[paths])
+    everything = Known(files=Recorded(paths, ["0" * 64] * len(paths), disc.stat))
     folder = markers_dir(cache)
     folder.mkdir()
     marker = folder / f"{shards[0].name}.json"
