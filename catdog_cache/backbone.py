@@ -121,7 +121,7 @@ def locate(spec: WeightsSpec) -> WeightsSpec:
     if existing:
         raise InputError(f"{existing[0]} is not the file the head was trained with (sha256 {spec.sha256[:12]}…): "
                          "pass that file with --weights FILE")
-    where = f" (it was at {spec.recorded}, which is gone, not a weights file or over 4 GiB)" if spec.recorded else ""
+    where = f" (it was at {spec.recorded}, which is gone or not a weights file up to 4 GiB)" if spec.recorded else ""
     raise InputError(f"the head was trained on features from a weights file (sha256 {spec.sha256[:12]}…){where}: "
                      "pass the same file with --weights FILE")
 
