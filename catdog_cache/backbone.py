@@ -13,11 +13,13 @@ meta device."""
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
@@ -44,7 +46,8 @@ class WeightsSpec:
     seed: int = 0
     path: str = ""  # "file": empty until located (a recorded head needs the file only to extract new images)
     sha256: str = ""
-    candidates: tuple[str, ...] = ()  # where to look for a file of that sha256: --weights, then the recorded path
+    candidates: tuple[str, ...] = ()  # where to look for a file of that sha256: --weights (the user's own names)
+    recorded: str = ""  # then where a head recorded it: a file from outside names it (MAX_RECORDED_WEIGHTS_BYTES)
     size: int = 0  # "file": its size in bytes; 0 when unknown (a cache or head recorded before sizes were)
 
 
@@ -92,8 +95,8 @@ def spec_from_identity(identity: str, weights_file: str | None = None, recorded_
     if kind != "file" or key != "sha256" or len(value) != 64 or not all(c in "0123456789abcdef" for c in value) \
             or sized and not (size.isascii() and size.isdigit() and 0 < int(size) <= MAX_WEIGHTS_BYTES):
         raise InputError(f"unknown weights identity {identity!r} in the provenance: damaged or from a newer version")
-    return WeightsSpec("file", sha256=value, candidates=tuple(c for c in (weights_file, recorded_path) if c),
-                       size=int(size) if sized else 0)
+    return WeightsSpec("file", sha256=value, candidates=(weights_file,) if weights_file else (),
+                       recorded=recorded_path or "", size=int(size) if sized else 0)
 
 
 def locate(spec: WeightsSpec) -> WeightsSpec:
@@ -104,6 +107,7 @@ def locate(spec: WeightsSpec) -> WeightsSpec:
     if spec.kind != "file" or spec.path:
         return spec
     existing = [c for c in spec.candidates if plausible_file(c, MAX_WEIGHTS_BYTES)]
+    existing += [spec.recorded] if spec.recorded and plausible_file(spec.recorded, MAX_RECORDED_WEIGHTS_BYTES) else []
     for candidate in existing:
         if spec.size and not plausible_file(candidate, spec.size, min_size=spec.size):
             continue  # another size: another file, refused before a byte of it is hashed
@@ -116,12 +120,13 @@ def locate(spec: WeightsSpec) -> WeightsSpec:
     if existing:
         raise InputError(f"{existing[0]} is not the file the head was trained with (sha256 {spec.sha256[:12]}…): "
                          "pass that file with --weights FILE")
-    where = f" (it was at {spec.candidates[-1]}, which is gone or not a weights file)" if spec.candidates else ""
+    where = f" (it was at {spec.recorded}, which is gone or not a weights file up to 4 GiB)" if spec.recorded else ""
     raise InputError(f"the head was trained on features from a weights file (sha256 {spec.sha256[:12]}…){where}: "
                      "pass the same file with --weights FILE")
 
 
 MAX_WEIGHTS_BYTES = 16 << 30  # the largest published ImageNet checkpoints are a few GiB
+MAX_RECORDED_WEIGHTS_BYTES = 4 << 30  # a path from a head or cache is read up to this (1B parameters: 3.7 GiB)
 
 
 def file_digest(path: str | os.PathLike[str]) -> tuple[str, int]:
@@ -300,8 +305,6 @@ def plugins() -> list[tuple[str, Plugin]]:
         try:
             out.append((ep.name, ep.load()))
         except Exception as e:  # a broken third-party plugin must not break the tool
-            import warnings
-
             warnings.warn(f"backbone plugin {ep.name} ({ep.value}) failed to load: {e}", stacklevel=2)
     return out
 
@@ -314,8 +317,6 @@ def get_backbone(name: str = DEFAULT_BACKBONE, layer: str | None = None) -> Back
         backbone = plugin.find(name, layer or None)
         if backbone is not None:
             return backbone
-    import difflib
-
     # every name a plugin resolves, where it can say (the torchvision plugin reads its model names without torch)
     known = [n for _, p in plugins() for n in getattr(p, "all_names", p.names)()]
     close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.7)

@@ -26,7 +26,7 @@ class Settings:
 def recorded_settings(cache: Path, weights_given: bool = False) -> Settings | None:
     """The settings an existing cache was made with (or its first part, after a first run that was killed); None
     when there is no cache yet. weights_given: --weights was given, so the recorded weights file is not used."""
-    from .backbone import spec_from_identity
+    from .backbone import MAX_RECORDED_WEIGHTS_BYTES, spec_from_identity
     from .cache import list_parts, read_index
     from .files import plausible_file
     from .sources.decode import decoder_of
@@ -46,6 +46,10 @@ def recorded_settings(cache: Path, weights_given: bool = False) -> Settings | No
             # another size: not the file (its hash would be read in full first: 50 s for a path to 16 GiB)
             raise InputError(f"{found[0]} was extracted with a weights file of {spec.size:,} bytes (sha256 "
                              f"{spec.sha256[:12]}…); {index.weights_path} is not that file now: give --weights FILE")
+        if not weights_given and not plausible_file(index.weights_path, MAX_RECORDED_WEIGHTS_BYTES):
+            # a path from a file from outside, true size recorded or none: a big file is the user's to name
+            raise InputError(f"{found[0]} records its weights file at {index.weights_path}, which is not a weights "
+                             f"file of at most {MAX_RECORDED_WEIGHTS_BYTES >> 30} GiB: give --weights FILE")
         weights = index.weights_path
     return Settings(prov.arch, prov.layer, weights, spec.seed, prov.views, prov.dtype, prov.precision,
                     decoder_of(prov.transform))

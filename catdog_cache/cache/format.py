@@ -10,12 +10,15 @@ Layout (schema 1), one file, rows sorted by (source, relative path):
             -1 unlabeled
   sha256    [N] 64-char hex of the file's bytes
   stat      [N, 4] int64 (optional): the file's (size, mtime_ns, inode, device) when the run saw it; -1 = unknown
+  ctime     [N] int64 (optional): the file's st_ctime_ns when the run saw it (a column of its own, so a catdog-cache
+            that predates it still reads the file); absent: unknown. In memory a stat row holds all five (STAT_FIELDS)
   failures/{paths, source, sha256, reasons}: files that could not be decoded, with the reason
-  failures/stat [M, 4] int64 (optional): as `stat`
-  refresh/{source, paths, sha256, stat} (optional, parts only): known files a later run found unchanged by hashing,
-            with their newer stat (assembly folds them into `stat`; see Refresh)
+  failures/stat [M, 4], failures/ctime [M] int64 (optional): as `stat`, `ctime`
+  refresh/{source, paths, sha256, stat, ctime} (optional, parts only): known files a later run found unchanged by
+            hashing, with their newer stat (assembly folds them into `stat`; see Refresh)
   attrs     scan_ns (optional int): time.time_ns() when the run that wrote the file started scanning its folder
-Caches written before stats have no `stat` columns and no scan_ns: their files are hashed once (see rerun.py).
+Caches written before stats have no `stat` columns and no scan_ns, those before ctime no `ctime`: their files are
+hashed once (see rerun.py).
 
 Sharded (schema 2, see shard_state.py): `features.h5` is a small index and the rows live in immutable schema-1 files
 `features.h5.shards/NAME.h5`; readers merge them (view.py) into exactly the rows the single file would hold.
@@ -40,9 +43,11 @@ CAT_DOG: tuple[str, ...] = ("cat", "dog")
 CLASS_MAP = {c: i for i, c in enumerate(CAT_DOG)}  # CAT_DOG as a recorded class_map: {"cat": 0, "dog": 1}
 MAX_CLASSES = 127  # labels are stored as int8 (-1 unlabeled): 127 classes fit
 MAX_CLASS_NAME = 255  # a class name is a folder name: the common file systems allow 255; a longer one is crafted
-STAT_FIELDS = ("size", "mtime_ns", "inode", "device")  # the columns of a `stat` row
+# the columns of a stat row in memory; on disk the first four are `stat`, the last is `ctime` (see above)
+STAT_FIELDS = ("size", "mtime_ns", "inode", "device", "ctime_ns")
+STAT_WIDTH = len(STAT_FIELDS)
 MAX_SOURCES = 65_535  # folders or tar shards per cache: `source` is uint16
-UNKNOWN_STAT = (-1, -1, -1, -1)  # no stat recorded (older cache, racy file): never equals a real file's
+UNKNOWN_STAT = (-1,) * STAT_WIDTH  # no stat recorded (older cache, racy file): never equals a real file's
 # git's racy rule: a file whose mtime is not older than the scan that recorded it may have changed again within the
 # same timestamp tick, so its stat proves nothing. The margin covers coarse timestamps: the kernel's clock for mtimes
 # lags time.time_ns() by up to a tick, some file systems keep whole seconds (ext3, HFS+, many NFS setups) or two
@@ -51,15 +56,17 @@ RACY_NS = 2_000_000_000
 
 
 def trusted(stat: np.ndarray, scan_ns: int | np.ndarray) -> np.ndarray:
-    """[K, 4] recorded stats -> the same with every racy or unknown row set to UNKNOWN_STAT: a stat is evidence only
-    for a file last modified well before the scan that recorded it. `scan_ns`: one time, or [K] (a row's own)."""
-    out = np.array(stat, dtype=np.int64, copy=True).reshape(-1, 4)
+    """[K, STAT_WIDTH] recorded stats -> the same with every racy or unknown row set to UNKNOWN_STAT: a stat is
+    evidence only for a file last modified well before the scan that recorded it. `scan_ns`: one time, or [K] (a
+    row's own). The rule reads mtime, as git's does: ctime is compared for equality only (rerun.py says what that
+    leaves)."""
+    out = np.array(stat, dtype=np.int64, copy=True).reshape(-1, STAT_WIDTH)
     out[(out[:, 0] < 0) | (out[:, 1] >= np.asarray(scan_ns, np.int64) - RACY_NS)] = UNKNOWN_STAT
     return out
 
 
 def unknown_stats(n: int) -> np.ndarray:
-    return np.full((n, 4), -1, dtype=np.int64)
+    return np.full((n, STAT_WIDTH), -1, dtype=np.int64)
 
 
 def weights_key(identity: str) -> str:
@@ -181,7 +188,7 @@ class Refresh:
     source: np.ndarray  # [K] int, index into the file's sources
     paths: list[bytes]
     sha256: list[str]
-    stat: np.ndarray  # [K, 4] int64
+    stat: np.ndarray  # [K, STAT_WIDTH] int64
 
     @classmethod
     def empty(cls) -> Refresh:
@@ -207,8 +214,9 @@ class Index:
     weights_path: str = ""  # where the --weights FILE was when extracted (its sha256 is in the provenance)
     incomplete: list[str] = field(default_factory=list)  # sources whose last extract was interrupted (Ctrl-C)
     classes: list[str] = field(default_factory=lambda: list(CAT_DOG))  # label i means classes[i]
-    stat: np.ndarray | None = None  # [N, 4] int64 as recorded (UNKNOWN_STAT rows where none was); None: all unknown
-    failed_stat: np.ndarray | None = None  # [M, 4] int64, as `stat`
+    # [N, STAT_WIDTH] int64 as recorded (UNKNOWN_STAT rows where none was); None: all unknown
+    stat: np.ndarray | None = None
+    failed_stat: np.ndarray | None = None  # [M, STAT_WIDTH] int64, as `stat`
     scan_ns: int = 0  # when the run that wrote this file started its scan; 0: unknown (every stat is then racy)
     refresh: Refresh = field(default_factory=Refresh.empty)  # a shard's own records; a merged view has folded them
     # [N] / [M] int64: the scan time each row's stat was taken under. One file has one (scan_ns); a view merged from
@@ -257,7 +265,7 @@ class Index:
 @dataclass
 class Recorded:
     """What a cache and its parts record of one folder's files, one entry per row of `stat`: `paths` (relative,
-    encoded), their `shas` (sha256) and `stat` [K, 4] int64 the trusted stats (UNKNOWN_STAT where racy or not
+    encoded), their `shas` (sha256) and `stat` [K, STAT_WIDTH] int64 the trusted stats (UNKNOWN_STAT where racy or not
     recorded). A path recorded twice (a later part's row) is the later entry. Columns, not a tuple per file: a rerun
     of a large folder whose paths are exactly `paths` compares them as lists and never builds `entries`."""
 
@@ -279,10 +287,10 @@ class Recorded:
     def subset(self, paths: list[bytes]) -> Recorded:
         """The entries of these paths (those recorded) alone, e.g. one input shard's for a Ray task."""
         mine = [p for p in paths if p in self.entries]
-        return Recorded(mine, [self.entries[p][0] for p in mine], self.stats(mine).reshape(-1, 4))
+        return Recorded(mine, [self.entries[p][0] for p in mine], self.stats(mine).reshape(-1, STAT_WIDTH))
 
     def stats(self, paths: list[bytes]) -> np.ndarray:
-        """[len(paths), 4] the trusted stats of these recorded paths."""
+        """[len(paths), STAT_WIDTH] the trusted stats of these recorded paths."""
         return self.stat[[self.entries[p][1] for p in paths]]
 
 

@@ -25,7 +25,7 @@ PROC_FD = Path("/proc/self/fd")
 HAS_PROC_FD = PROC_FD.is_dir()  # Linux with /proc mounted
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
     """What a file that is not a regular one is, for a message."""
     for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"),
                        (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
@@ -57,7 +57,7 @@ def open_regular(path: Path, follow: bool = True) -> tuple[int, os.stat_result]:
     if stat.S_ISDIR(st.st_mode):
         raise CacheError(f"{path} is a folder, not a cache file: give --cache a file name like {path}/features.h5")
     if not stat.S_ISREG(st.st_mode):
-        raise CacheError(f"{path} is {_kind(st.st_mode)}, not a cache file: refusing to open it")
+        raise CacheError(f"{path} is {file_kind(st.st_mode)}, not a cache file: refusing to open it")
     try:
         fd = os.open(target, OPEN_FLAGS)
     except OSError as e:
@@ -69,7 +69,7 @@ def open_regular(path: Path, follow: bool = True) -> tuple[int, os.stat_result]:
     fst = os.fstat(fd)
     if not stat.S_ISREG(fst.st_mode) or (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
         os.close(fd)
-        raise CacheError(f"{path} was replaced while it was opened (now {_kind(fst.st_mode)}); refusing it")
+        raise CacheError(f"{path} was replaced while it was opened (now {file_kind(fst.st_mode)}); refusing it")
     return fd, fst
 
 

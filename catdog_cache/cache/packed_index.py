@@ -11,6 +11,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from .format import STAT_WIDTH
+
 BLOCK = 1 << 16  # offsets turned into Python ints this many at a time while iterating
 
 
@@ -86,8 +88,8 @@ class Unread(Sequence):
 
 
 def unknown_stat_view(n: int) -> np.ndarray:
-    """[n, 4] of -1 (UNKNOWN_STAT) without memory: a read-only broadcast (a lean open reads no stat column)."""
-    return np.broadcast_to(np.int64(-1), (n, 4))
+    """[n, STAT_WIDTH] of -1 (UNKNOWN_STAT) without memory: a read-only broadcast (a lean open reads no stat)."""
+    return np.broadcast_to(np.int64(-1), (n, STAT_WIDTH))
 
 
 def scan_view(n: int, scan_ns: int = 0) -> np.ndarray:

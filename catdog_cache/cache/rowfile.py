@@ -8,7 +8,7 @@ import json
 import h5py
 import numpy as np
 
-from .format import CAT_DOG, CHUNK_ROWS, SCHEMA_VERSION, Provenance, Refresh, unknown_stats
+from .format import CAT_DOG, CHUNK_ROWS, SCHEMA_VERSION, STAT_WIDTH, Provenance, Refresh, unknown_stats
 
 _BYTES = h5py.vlen_dtype(bytes)
 _STR = h5py.string_dtype("utf-8")
@@ -42,9 +42,9 @@ def write_rows(f: h5py.File, prov: Provenance, sources: list[str], features: np.
     f.create_dataset("source", data=np.asarray(source, dtype=np.uint16))
     f.create_dataset("labels", data=np.asarray(labels, dtype=np.int8))
     f.create_dataset("sha256", data=np.array(sha256, dtype="S64"))
-    f.create_dataset("stat", data=_stat_column(stat, len(paths)))
+    _write_stats(f, _stat_column(stat, len(paths)))
     g = f.create_group("failures")
-    g.create_dataset("stat", data=_stat_column(failed_stat, len(failed)))
+    _write_stats(g, _stat_column(failed_stat, len(failed)))
     g.create_dataset("source", data=np.array([x[0] for x in failed], dtype=np.uint16))
     g.create_dataset("paths", data=np.array([x[1] for x in failed], dtype=object), dtype=_BYTES)
     g.create_dataset("sha256", data=np.array([x[2] for x in failed], dtype="S64"))
@@ -54,14 +54,21 @@ def write_rows(f: h5py.File, prov: Provenance, sources: list[str], features: np.
         r.create_dataset("source", data=np.asarray(refresh.source, dtype=np.uint16))
         r.create_dataset("paths", data=np.array(refresh.paths, dtype=object), dtype=_BYTES)
         r.create_dataset("sha256", data=np.array(refresh.sha256, dtype="S64"))
-        r.create_dataset("stat", data=_stat_column(refresh.stat, len(refresh)))
+        _write_stats(r, _stat_column(refresh.stat, len(refresh)))
     return ds
 
 
+def _write_stats(g: h5py.Group, stat: np.ndarray) -> None:
+    """[n, STAT_WIDTH] stats as `stat` [n, 4] and `ctime` [n]: ctime joined later, and a catdog-cache that predates it
+    reads `stat` as it always did (it opens no column it does not know)."""
+    g.create_dataset("stat", data=np.ascontiguousarray(stat[:, :4]))
+    g.create_dataset("ctime", data=np.ascontiguousarray(stat[:, 4]))
+
+
 def _stat_column(stat: np.ndarray | list | None, n: int) -> np.ndarray:
-    """[n, 4] int64, unknown (-1) where the writer was given no stats (rows of a cache older than stats)."""
+    """[n, STAT_WIDTH] int64, unknown (-1) where the writer was given no stats (rows of a cache older than stats)."""
     if stat is None or len(stat) == 0:
         return unknown_stats(n)
-    out = np.asarray(stat, dtype=np.int64).reshape(-1, 4)
+    out = np.asarray(stat, dtype=np.int64).reshape(-1, STAT_WIDTH)
     assert out.shape[0] == n, (out.shape, n)
     return out

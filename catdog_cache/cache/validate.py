@@ -11,7 +11,17 @@ import numpy as np
 
 from ..errors import CacheError
 from ..files import printable
-from .format import CHUNK_ROWS, INDEX_SCHEMA, MAX_CLASS_NAME, MAX_CLASSES, SCHEMA_VERSION, Index, Provenance, Refresh
+from .format import (
+    CHUNK_ROWS,
+    INDEX_SCHEMA,
+    MAX_CLASS_NAME,
+    MAX_CLASSES,
+    SCHEMA_VERSION,
+    STAT_WIDTH,
+    Index,
+    Provenance,
+    Refresh,
+)
 from .opening import file_size
 from .packed_index import PackedPaths, Unread, scan_view, unknown_stat_view
 
@@ -129,19 +139,34 @@ def _group(g: h5py.h5g.GroupID, name: str) -> h5py.h5g.GroupID | None:
 
 
 def _stats(g: h5py.h5g.GroupID, path: Path, n: int, size: int, where: str, read: bool = True) -> np.ndarray | None:
-    """A group's optional `stat` column: [n, 4] int64, contiguous, as rowfile.write_rows stores it; None when absent (a
-    cache written before stats: its files are hashed). `where`: the group's name for messages ('' for the root).
-    read False: checked, not read (a lean open): all unknown, without memory."""
+    """A group's optional `stat` [n, 4] and `ctime` [n] int64 columns, contiguous, as rowfile.write_rows stores them,
+    as [n, STAT_WIDTH] (ctime -1 where a file predates the column: its files are hashed once); None when `stat` is
+    absent (a cache written before stats: its files are hashed). `where`: the group's name for messages ('' for the
+    root). read False: checked, not read (a lean open): all unknown, without memory."""
     if not g.links.exists(b"stat"):
         return None
-    oid, dcpl = _open_ds(g, "stat", path)
     if n * 32 > size:  # stored contiguous and unfiltered: it must be in the file
         raise CacheError(f"{path} declares {n} stat rows that its {size}-byte file cannot hold: refusing it")
+    oid = _stat_column(g, "stat", (n, 4), path, where)
+    ctime = _stat_column(g, "ctime", (n,), path, where) if g.links.exists(b"ctime") else None
+    if not read:
+        return unknown_stat_view(n)
+    out = np.full((n, STAT_WIDTH), -1, np.int64)
+    if n:
+        out[:, :4] = _read(oid)
+        if ctime is not None:
+            out[:, 4] = _read(ctime)
+    return out
+
+
+def _stat_column(g: h5py.h5g.GroupID, name: str, shape: tuple[int, ...], path: Path, where: str
+                 ) -> h5py.h5d.DatasetID:
+    oid, dcpl = _open_ds(g, name, path)
     chunked = dcpl.get_layout() == h5py.h5d.CHUNKED
-    if oid.shape != (n, 4) or oid.dtype != np.dtype(np.int64) or chunked:
-        raise CacheError(f"{path} is damaged ({where}/stat has shape {oid.shape}, dtype {oid.dtype}"
-                         f"{', chunked' if chunked else ''}; expected [{n}, 4] int64, contiguous): extract again")
-    return _read(oid) if read else unknown_stat_view(n)
+    if oid.shape != shape or oid.dtype != np.dtype(np.int64) or chunked:
+        raise CacheError(f"{path} is damaged ({where}/{name} has shape {oid.shape}, dtype {oid.dtype}"
+                         f"{', chunked' if chunked else ''}; expected {list(shape)} int64, contiguous): extract again")
+    return oid
 
 
 def _refresh(f: h5py.File, path: Path, size: int) -> Refresh:

@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import CacheError
 from ..files import printable
 from .chunk_reads import Direct, identity
-from .format import CHUNK_ROWS, MAX_SOURCES, Index, Provenance, merge_classes, require_same
+from .format import CHUNK_ROWS, MAX_SOURCES, STAT_WIDTH, Index, Provenance, merge_classes, require_same, unknown_stats
 from .opening import open_h5, open_h5_fd, open_regular
 from .packed_index import PackedPaths, Unread, scan_view, unknown_stat_view
 from .validate import file_index
@@ -316,7 +316,7 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
         sha = [h for part in sha_parts for h in part]  # [n_all]
         paths_final = key if final is None else [key[i] for i in final.tolist()]  # [N]
         sha_final = sha if final is None else [sha[i] for i in final.tolist()]  # [N]
-        stat = pick(np.concatenate(stat_parts)) if stat_parts else np.zeros((0, 4), np.int64)  # [N, 4]
+        stat = pick(np.concatenate(stat_parts)) if stat_parts else unknown_stats(0)  # [N, STAT_WIDTH]
         scan = pick(np.concatenate(scan_parts)) if scan_parts else np.zeros(0, np.int64)  # [N]
         if any(len(idx.refresh) for _, idx in shards):  # fixed-width keys only for a rerun's refresh records
             origin = shard_at(np.arange(n_all) if final is None else final)  # [N] each row's shard
@@ -338,7 +338,7 @@ def merge(shards: list[tuple[Path, Index]], sources: list[str], tombstones: list
         classes=merged_classes,
         stat=stat,
         stat_scan=scan,
-        failed_stat=np.array([failed_stat[k][0] for k in sorted(failed)], np.int64).reshape(-1, 4),
+        failed_stat=np.array([failed_stat[k][0] for k in sorted(failed)], np.int64).reshape(-1, STAT_WIDTH),
         failed_scan=np.array([failed_stat[k][1] for k in sorted(failed)], np.int64),
         scan_ns=int(max((idx.scan_ns for _, idx in shards), default=0)),
     )

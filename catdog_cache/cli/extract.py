@@ -62,8 +62,8 @@ def extract_cmd(
     prune: bool = typer.Option(False, "--prune", help="Remove rows of files no longer in the folder."),
     strict: bool = typer.Option(False, "--strict", help="Fail on any file that cannot be used."),
     checksum: bool = typer.Option(False, "--checksum", help="Hash every already-cached file to find changes (as "
-                                  "rsync -c), instead of trusting an unchanged size, mtime, inode and device; tar "
-                                  "shards are all read again."),
+                                  "rsync -c), instead of trusting an unchanged size, mtime, inode, device and ctime; "
+                                  "tar shards are all read again."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
     part_rows: int = typer.Option(1024, "--part-rows", hidden=True, help="Rows per crash-safe part."),

@@ -59,6 +59,10 @@ def head_file(path: Path) -> None:
     """load_head's first checks (head.py imports torch)."""
     if path.is_dir():
         raise CacheError(f"--head {path} is a folder, not a head file")
+    if path.exists() and not path.is_file():  # a stat, never an open: a FIFO is named, not waited on
+        from ..cache.opening import file_kind
+
+        raise CacheError(f"--head {path} is {file_kind(path.stat().st_mode)}, not a head file: refusing to read it")
     if not path.is_file():
         raise CacheError(f"no head at {path}: run `catdog-cache fit` first (or pass --head PATH)")
 

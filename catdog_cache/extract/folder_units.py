@@ -85,21 +85,25 @@ def cut_folder(root: Path, samples: list[Sample], source: str, prov: Provenance,
 
 
 def unit_done(cache: Path, unit: FolderUnit, known: Known) -> bool:
-    """Marker with this identity, its part (while not yet assembled) intact, every file recorded somewhere, and every
-    recorded file unchanged by the rule the local engine applies (rerun.by_stat: size, mtime, inode and device as the
-    cache recorded them, racy stats never trusted): the identity alone digests size and mtime, so a file replaced by
-    a rename with both put back kept its stale row under Ray while one process saw it."""
+    """Marker with this identity, its part (while not yet assembled) intact, every file recorded with its content,
+    and every recorded file unchanged by the rule the local engine applies (rerun.by_stat: size, mtime, inode,
+    device and ctime as the cache recorded them, racy stats never trusted): the identity alone digests size and
+    mtime, so a file replaced by a rename with both put back kept its stale row under Ray while one process saw it.
+    No walk's stats (unit.stat None): not done."""
     marker = read_marker(cache, unit.name)
-    if marker is None or marker.identity != unit.identity:
+    if marker is None or marker.identity != unit.identity or unit.stat is None:
         return False
+    # Every file's row (or failure record of read content) is the file as it is now, by its recorded stat: that,
+    # not a digest in the marker, proves the cache holds the unit's current rows, so a cache restored from a backup
+    # beside newer markers has other stats and the unit runs. A failure without content (unreadable then) proves
+    # nothing: the local engine reads such a file again, and so does the unit.
     keys = [encode_path(s.rel) for s in unit.samples]
-    if not all(k in known.recorded for k in keys):
+    if not all(k in known.files for k in keys):
         return False
-    if unit.stat is not None:
-        disc = Discovery.of(Path(), "", list(unit.samples), stat=unit.stat)
-        _, changed = by_stat(disc, known.files, [i for i, k in enumerate(keys) if k in known.files], keys=keys)
-        if changed:
-            return False
+    disc = Discovery.of(Path(), "", list(unit.samples), stat=unit.stat)
+    _, changed = by_stat(disc, known.files, range(len(keys)), keys=keys)
+    if changed:
+        return False
     if not marker.part:
         return True
     if not SHARD_NAME.fullmatch(f"{marker.part}.h5"):

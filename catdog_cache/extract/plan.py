@@ -26,7 +26,7 @@ from ..cache import (
     read_index,
     recorded,
 )
-from ..cache.format import CAT_DOG, MAX_CLASS_NAME, MAX_CLASSES
+from ..cache.format import CAT_DOG, MAX_CLASS_NAME, MAX_CLASSES, STAT_WIDTH
 from ..engines.torchrun import Dist
 from ..errors import InputError, ProvenanceMismatch
 from ..files import plural, printable
@@ -35,7 +35,7 @@ from ..sources.folder import UNLABELED, Discovery, discover
 from ..sources.spec import Identity, identity, is_tar_input, is_url, refuse_missing, resolve_inputs
 from ..sources.tars import UNREADABLE
 from .config import ExtractReport, Progress
-from .markers import Marker, clear_temps, matching_tar_marker, racy
+from .markers import EMPTY, Digests, Marker, clear_temps, held_digests, matching_tar_marker, racy, verify_tar_marker
 from .rerun import Verdicts, verdicts
 
 
@@ -48,20 +48,13 @@ class Known:
     class_lists: list[tuple[list[str], bool]] = field(default_factory=list)  # per index: (classes, has labels)
     cache: Index | None = None  # the cache's own index as read (a run with nothing to do reads it once)
     shape: tuple[int, ...] = ()  # the cache's [V, D] (a refresh shard's empty features match it)
-    # Path lists, made sets on first use (a rerun of an unchanged folder needs neither): the cache's own rows, and
-    # each index's rows and failure records.
+    # the cache's own rows, made a set on first use (a rerun of an unchanged folder needs none)
     cached_rows: list[bytes] = field(default_factory=list)
-    recorded_lists: list[list[bytes]] = field(default_factory=list)
 
     @functools.cached_property
     def cached(self) -> set[bytes]:
         """Rows of the cache itself (not its parts): what --prune drops."""
         return set(self.cached_rows)
-
-    @functools.cached_property
-    def recorded(self) -> set[bytes]:
-        """Rows and failure records anywhere, read or not."""
-        return set().union(*self.recorded_lists)
 
 
 def known_files(cache: Path, prov: Provenance, source: str, parts: bool = True) -> Known:
@@ -92,7 +85,6 @@ def known_files(cache: Path, prov: Provenance, source: str, parts: bool = True) 
             held = set(rows)
             k.reasons = {p: why for p, why in k.reasons.items() if p not in held}  # a later part holds it: fixed
             k.reasons |= {p: why for s, p, sha, why in idx.failed if idx.sources[s] == source and sha and p not in held}
-        k.recorded_lists += [rows, [p for s, p, _, _ in idx.failed if idx.sources[s] == source]]
     k.files = recorded(indexes, source)
     return k
 
@@ -172,7 +164,7 @@ def refresh_records(found: Verdicts, keys: list[bytes], files: Recorded) -> Refr
     done = sorted(found.refresh)
     paths = [keys[i] for i in done]
     return Refresh(np.zeros(len(paths), np.int64), paths, [files.sha256(p) for p in paths],
-                   np.array([found.refresh[i] for i in done], np.int64).reshape(-1, 4))
+                   np.array([found.refresh[i] for i in done], np.int64).reshape(-1, STAT_WIDTH))
 
 
 def onto_cache_classes(disc: Discovery, have: list[str], cache: Path) -> None:
@@ -223,7 +215,7 @@ def plan_tars(shards: list[str], cache: Path, prov: Provenance, report: ExtractR
     (to drop the ones a changed shard no longer has), and the cache's classes ([] when it holds no labels). Shards
     whose done marker matches are skipped unread (none with `checksum`). Refused before any is read: more sources
     than a cache holds, local shards that do not exist."""
-    held, class_lists, known = tar_known(cache, prov)
+    held, class_lists, known, digests = tar_known(cache, prov, want=set(shards))
     new = len(set(shards) - known)  # each shard becomes a source, a failure record's too
     if len(known) + new > MAX_SOURCES:  # else found only when the index is written, after all the work
         raise InputError(f"{printable(str(cache))} would hold {len(known) + new:,} sources ({len(known):,} already, "
@@ -241,7 +233,7 @@ def plan_tars(shards: list[str], cache: Path, prov: Provenance, report: ExtractR
             report.failed.append((source, f"{UNREADABLE}: {e.strerror or e}"))
             continue
         idents.append(ident)
-        done = None if checksum else tar_done(cache, source, ident, prov, held)
+        done = None if checksum else tar_done(cache, source, ident, prov, digests, verify=True)
         if done:
             report.reused += done.rows
             report.reused_failed += done.failures
@@ -251,16 +243,19 @@ def plan_tars(shards: list[str], cache: Path, prov: Provenance, report: ExtractR
     return todo, idents, {shards[i]: held[shards[i]] for i in todo if shards[i] in held}, have
 
 
-def tar_known(cache: Path, prov: Provenance, parts: bool = True
-              ) -> tuple[dict[str, set[bytes]], list[tuple[list[str], bool]], set[str]]:
+def tar_known(cache: Path, prov: Provenance, parts: bool = True, want: set[str] = frozenset()
+              ) -> tuple[dict[str, set[bytes]], list[tuple[list[str], bool]], set[str], dict[str, Digests]]:
     """What the cache and its parts hold of tar shards, from their indexes alone: each source's keys (as rows or
-    failure records), each index's (classes, has labels), and every source listed. Refuses indexes made with
-    another provenance. `parts`: as known_files'."""
+    failure records), each index's (classes, has labels), every source listed, and the digests of what it holds of
+    each source in `want` (markers.held_digests: what a marker must match). Refuses indexes made with another
+    provenance. `parts`: as known_files'."""
     held: dict[str, set[bytes]] = {}
     class_lists: list[tuple[list[str], bool]] = []
     known: set[str] = set()
+    indexes = []
     for path in ([cache] if cache.exists() else []) + (list_parts(cache) if parts else []):
         idx = read_index(path)
+        indexes.append(idx)
         _check_provenance(path, idx.provenance, prov, cache)
         class_lists.append((idx.classes, idx.labeled))
         known.update(idx.sources)
@@ -269,22 +264,30 @@ def tar_known(cache: Path, prov: Provenance, parts: bool = True
             held.setdefault(s, set()).add(p)
         for s, p, _, _ in idx.failed:
             held.setdefault(idx.sources[s], set()).add(p)
-    return held, class_lists, known
+    return held, class_lists, known, held_digests(indexes, want) if want else {}
 
 
-def tar_done(cache: Path, source: str, ident: Identity, prov: Provenance, held: dict[str, set[bytes]]
-             ) -> Marker | None:
+def tar_done(cache: Path, source: str, ident: Identity, prov: Provenance, digests: dict[str, Digests],
+             verify: bool = False) -> Marker | None:
     """The shard's done marker when a run need not read the shard: the marker matches the shard as it is now and
-    these features, the cache holds its rows (or the shard had none), and the marker was written well after the
-    shard's last change. That last one is the racy rule of rerun.py, for a shard whose mtime is a whole second (a
+    these features, the cache holds exactly the rows it vouches for (its digest; `digests`: tar_known's), and the
+    marker was written well after the shard's last change. A marker without a digest (written before markers had
+    one) proves nothing about the rows: with `verify` (a writer, holding the lock) the tar is hashed and compared
+    with the cache's rows, and a match upgrades the marker (markers.verify_tar_marker); read-only, it is not done.
+    The last rule is the racy rule of rerun.py, for a shard whose mtime is a whole second (a
     file system or an archiver that keeps whole seconds): there a rewrite within RACY_NS of the marker can keep
     the same size and mtime, so such a marker proves nothing and the shard is read again. A nanosecond mtime changes
     with any rewrite; re-reading every fresh shard for it would cost a whole tar per shard."""
     done = matching_tar_marker(cache, source, ident, prov)
-    if done is None or not (source in held or done.rows + done.failures == 0):
+    if done is None:
         return None
     whole_second = not is_url(source) and int(ident.version) % 10**9 == 0
-    return None if whole_second and racy(cache, done.unit, int(ident.version)) else done
+    if whole_second and racy(cache, done.unit, int(ident.version)):
+        return None
+    have = digests.get(source, EMPTY)
+    if done.digest:
+        return done if done.digest == have[0] else None
+    return verify_tar_marker(cache, done, have) if verify else None
 
 
 @dataclass
@@ -340,7 +343,7 @@ def up_to_date(data: str | os.PathLike[str], cache: Path, prov: Provenance, prog
 
 
 def _shards_pending(shards: list[str], cache: Path, prov: Provenance) -> Pending:
-    held, _, _ = tar_known(cache, prov, parts=False)
+    _, _, _, digests = tar_known(cache, prov, parts=False, want=set(shards))
     new = 0
     for source in shards:
         try:
@@ -348,7 +351,7 @@ def _shards_pending(shards: list[str], cache: Path, prov: Provenance) -> Pending
         except OSError:  # missing or unreadable: extract refuses or records it
             new += 1
             continue
-        new += tar_done(cache, source, ident, prov, held) is None
+        new += tar_done(cache, source, ident, prov, digests) is None
     return Pending(new=new, total=len(shards))
 
 

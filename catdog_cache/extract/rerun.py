@@ -1,12 +1,16 @@
 """Which known files are unchanged: by their stat where it proves it, else by their content hash.
 
-The rule, as git and rsync apply it: a file whose (size, mtime_ns, inode, device) equal what the cache recorded is
-reused without being read, unless its mtime is not older than the scan that recorded it (git's "racy" rule,
-cache.format.RACY_NS); every other known file is hashed. `checksum` (extract --checksum, as rsync -c) hashes them
-all. One rule for extract's plan, predict's "anything to do?" check and scoring from a training cache.
+The rule, as git applies it by default: a file whose (size, mtime_ns, inode, device, ctime_ns) equal what the cache
+recorded is reused without being read, unless its mtime is not older than the scan that recorded it (git's "racy"
+rule, cache.format.RACY_NS); every other known file is hashed. `checksum` (extract --checksum, as rsync -c) hashes
+them all. One rule for extract's plan, predict's "anything to do?" check and scoring from a training cache.
 
-Limit (git's and rsync's too): content rewritten in place with the same size and the mtime put back (os.utime,
-`touch -r`, some copy tools) on the same inode is not seen without --checksum.
+ctime is why content rewritten in place with the same size and the mtime put back (os.utime, `touch -r`, a
+reproducible archive's `tar xf` whose unlink and create get the same inode back) is seen: no user call sets ctime,
+and every write, utime, rename or chmod moves it to now. What is left (git's limit too): such a rewrite done twice
+within one tick of the kernel's ctime clock, the scan between the two; --checksum closes it. ctime is compared, not
+dated: the racy rule reads mtime alone, as git's. Rows recorded before ctime was (their ctime is unknown) are
+hashed once, then refreshed, as rows older than stats are: any other rule would keep exactly the rewrite above.
 
 A file found unchanged by hashing gets a refresh record (cache.format.Refresh): its new stat, tied to the sha256 it
 was verified against, so the next run reuses it by stat. The alternative, writing it again as a row, would cost its

@@ -30,7 +30,7 @@ from ..sources.tars import End, TarSamples
 from .config import PART_SECONDS, ExtractConfig, Progress, versions
 from .forward import run_dataset
 from .loader import Batch, PartWriter, default_workers
-from .markers import Marker, tar_identity, tar_unit, write_marker
+from .markers import FAILED, Marker, entries_digests, tar_identity, tar_unit, write_marker
 
 
 @dataclass
@@ -58,6 +58,9 @@ class _TarRows:
         self.after_part = after_part  # a Ray actor's test hook: dies between a part and the shard's marker
         self.results = [TarResult(s) for s in sources]
         self.rows: dict[int, Rows] = {}
+        # per shard, what its parts written so far hold (key -> (sha256, label)), as the cache will merge them: the
+        # digest its marker records. A shard's rows only, while it is read: ~200 bytes a row
+        self.held: dict[int, dict[bytes, tuple[str, int]]] = {}
         self.ends: dict[int, int] = {}
         self.run_id = f"{time.time_ns():020d}-{os.getpid()}{tag}"
         self.n_parts = 0
@@ -101,11 +104,13 @@ class _TarRows:
         if self.ends[end.shard] < end.readers:
             return
         self._part(end.shard)
+        held = self.held.pop(end.shard, {})
         if not result.error:
             source = result.source
             write_marker(self.cache, Marker(tar_unit(source), tar_identity(source, self.idents[end.shard],
                                                                            self.prov.to_json()),
-                                            result.rows, len(result.failed), "tar", source))
+                                            result.rows, len(result.failed), "tar", source,
+                                            digest=entries_digests(held)[0]))
             result.done = True
 
     def _part(self, i: int) -> None:
@@ -116,6 +121,9 @@ class _TarRows:
         write_part(self.cache, f"part-{self.run_id}-{self.n_parts:06d}", self.prov, self.sources[i], rows, self.info,
                    (len(self.cfg.views), dim), self.cfg.weights.path, self.classes)
         self.n_parts += 1
+        held = self.held.setdefault(i, {})  # as view.merge: a later part's entry wins, in one part a failure
+        held.update(zip(rows.paths, zip(rows.sha256, rows.labels, strict=True), strict=True))
+        held.update((p, (sha, FAILED)) for p, sha in zip(rows.failed_paths, rows.failed_sha256, strict=True))
         if self.after_part:
             self.after_part()
 

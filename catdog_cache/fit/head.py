@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from ..cache.format import CAT_DOG, MAX_CLASS_NAME, MAX_CLASSES
+from ..cache.opening import HAS_PROC_FD, HDF5_SIGNATURE, OPEN_FLAGS, PROC_FD, file_kind
 from ..errors import CacheError
 from ..files import stored_zip, write_atomic
 from .config import MAX_DROPOUT  # defined torch-free: fit's options are checked before torch loads
@@ -163,12 +165,36 @@ def save_head(path: str | os.PathLike[str], head: Head, meta: dict[str, Any]) ->
     return write_atomic(path, buf.getvalue())
 
 
-def _check_archive(path: Path) -> None:
-    """Before torch.load: a plain, uncompressed torch.save zip no larger than its file (no decompression bomb)."""
+def _check_archive(opened: Path, path: Path) -> None:
+    """Before torch.load: a plain, uncompressed torch.save zip no larger than its file (no decompression bomb).
+    `opened`: where to read it; `path`: its name in messages."""
     try:
-        stored_zip(path, MAX_HEAD_BYTES)
-    except ValueError as e:
+        stored_zip(opened, MAX_HEAD_BYTES)
+    except (ValueError, OSError) as e:
         raise CacheError(f"{path} is not a catdog-cache head ({e}): refusing it") from None
+
+
+def open_head(path: Path) -> int:
+    """The head file opened once, as cache files are (cache/opening.py): links on the way resolved first (the name is
+    the user's own), the last step never followed, never waiting (a FIFO opens at once), and refused on the
+    descriptor unless a regular file. Returns the descriptor; the caller closes it."""
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError):  # a link loop (RuntimeError before Python 3.13): the open says so
+        target = path
+    try:
+        fd = os.open(target, OPEN_FLAGS)
+    except FileNotFoundError:
+        raise CacheError(f"no head at {path}: run `catdog-cache fit` first (or pass --head PATH)") from None
+    except OSError as e:
+        raise CacheError(f"cannot read --head {path}: {e.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise CacheError(f"--head {path} is a folder, not a head file")
+        raise CacheError(f"--head {path} is {file_kind(mode)}, not a head file: refusing to read it")
+    return fd
 
 
 def _number(blob: dict[str, Any], key: str, default: float, ok, what: str, path: Path) -> float:
@@ -198,18 +224,19 @@ def load_head(path: str | os.PathLike[str]) -> tuple[Head, dict[str, Any]]:
     from ..cache import Provenance
 
     path = Path(path)
-    if path.is_dir():
-        raise CacheError(f"--head {path} is a folder, not a head file")
-    if not path.is_file():
-        raise CacheError(f"no head at {path}: run `catdog-cache fit` first (or pass --head PATH)")
-    with open(path, "rb") as fh:
-        if fh.read(8) == b"\x89HDF\r\n\x1a\n":
-            raise CacheError(f"--head {path} is a feature cache, not a head: pass the .head.pt file that fit wrote")
-    _check_archive(path)
+    fd = open_head(path)
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CacheError(f"{path} is not a catdog-cache head ({type(e).__name__}): fit again") from None
+        if os.pread(fd, 8, 0) == HDF5_SIGNATURE:
+            raise CacheError(f"--head {path} is a feature cache, not a head: pass the .head.pt file that fit wrote")
+        # every later read opens that very file again (/proc/self/fd), never the name: a swap cannot slip in
+        opened = PROC_FD / str(fd) if HAS_PROC_FD else path
+        _check_archive(opened, path)
+        try:
+            blob = torch.load(opened, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CacheError(f"{path} is not a catdog-cache head ({type(e).__name__}): fit again") from None
+    finally:
+        os.close(fd)
     if not isinstance(blob, dict):
         raise CacheError(f"{path} is not a catdog-cache head: fit again")
     if blob.get("format") != HEAD_FORMAT:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..cache.format import CAT_DOG, MAX_CLASSES
+from ..cache.format import CAT_DOG, MAX_CLASSES, STAT_WIDTH
 from ..errors import InputError
 from ..files import printable
 
@@ -46,7 +46,8 @@ class Discovery:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (rel, reason)
     warnings: list[str] = field(default_factory=list)
     classes: tuple[str, ...] = ()  # label i means classes[i]; () for an unlabeled folder
-    # [len(rels), 4] int64: each sample's (size, mtime_ns, inode, device) as the walk saw it, links followed. A
+    # [len(rels), 5] int64: each sample's (size, mtime_ns, inode, device, ctime_ns) as the walk saw it, links
+    # followed (cache.format.STAT_FIELDS). A
     # rerun compares it with what the cache recorded (rerun.py): the walk's stat is the only one taken per file.
     stat: np.ndarray | None = None
     _samples: list[Sample] | None = field(default=None, init=False, repr=False, compare=False)
@@ -106,11 +107,11 @@ def _is_junk(name: str) -> bool:
     return name.startswith(".") or name.lower() in JUNK_NAMES
 
 
-Stat = tuple[int, int, int, int]  # (size, mtime_ns, inode, device)
+Stat = tuple[int, int, int, int, int]  # (size, mtime_ns, inode, device, ctime_ns): cache.format.STAT_FIELDS
 
 
 def _walk(root: Path, skipped: list[tuple[str, str]]) -> tuple[list[str], np.ndarray, int]:
-    """All regular files under root (relative POSIX paths, in walk order, and their stats [N, 4]), skipping junk,
+    """All regular files under root (relative POSIX paths, in walk order, and their stats [N, 5]), skipping junk,
     and how many of them lie at root's top level (the first ones: root is visited first); symlinks to files are
     followed once, symlinked folders are not entered (no loops, no double counting). The hot loop of every rerun:
     each folder is opened once and its files are stat'ed by name relative to it (a folder renamed mid-walk cannot
@@ -119,12 +120,12 @@ def _walk(root: Path, skipped: list[tuple[str, str]]) -> tuple[list[str], np.nda
     import numpy as np  # here, not at import: the CLI checks folders before loading anything heavy
 
     rels: list[str] = []
-    stats: list[int] = []  # (size, mtime_ns, inode, device) of each file in turn, flat: [4 N]
+    stats: list[int] = []  # (size, mtime_ns, inode, device, ctime_ns) of each file in turn, flat: [5 N]
     skips: list[tuple[int, str, str]] = []  # (files found before it, rel, reason): its place in walk order
     seen_dirs: set[tuple[int, int]] = set()
     junk, not_image, isreg, isdir, stat_of = JUNK_NAMES, NOT_IMAGE_SUFFIXES, stat.S_ISREG, stat.S_ISDIR, os.stat
     usual = (".jpg", ".jpeg", ".png")  # in IMAGE_SUFFIXES, so never in not_image
-    fields = operator.attrgetter("st_size", "st_mtime_ns", "st_ino", "st_dev")  # one C call per file
+    fields = operator.attrgetter("st_size", "st_mtime_ns", "st_ino", "st_dev", "st_ctime_ns")  # one C call per file
     add_stat = stats.extend
 
     def visit(folder: str, rel: str) -> None:
@@ -186,7 +187,7 @@ def _walk(root: Path, skipped: list[tuple[str, str]]) -> tuple[list[str], np.nda
     top = len(rels)
     while pending:
         visit(*pending.pop())
-    arr = np.array(stats, dtype=np.int64).reshape(-1, 4)  # [N, 4]
+    arr = np.array(stats, dtype=np.int64).reshape(-1, STAT_WIDTH)  # [N, 5]
     keep = _dedup(root, rels, arr, skips)
     skipped += [(rel, why) for _, rel, why in skips]
     if keep is None:
@@ -338,13 +339,13 @@ def discover(root: str | os.PathLike[str]) -> Discovery:
             labels[a:b] = classes.index(d.lower())
         have = {classes.index(d.lower()) for d in runs}
         warnings += [f"class '{cls}' has no images" for i, cls in enumerate(classes) if i not in have]
-        stat = walked[np.array(inner_at, np.int64)].reshape(-1, 4)  # [N, 4]
+        stat = walked[np.array(inner_at, np.int64)].reshape(-1, STAT_WIDTH)  # [N, 5]
         return Discovery(root, layout, inner, labels, skipped, warnings, classes, stat)
     if runs:
         warnings.append(f"sub-folders ignored ({', '.join(sorted(runs)[:5])}): {root} has images at its top "
                         "level; put every image in a class folder to use the folders as classes")
     labels = _kaggle_labels(flat)  # [N]
-    stat = walked[np.array(flat_at, np.int64)].reshape(-1, 4)  # [N, 4]
+    stat = walked[np.array(flat_at, np.int64)].reshape(-1, STAT_WIDTH)  # [N, 5]
     if not (labels != UNLABELED).any():
         return Discovery(root, "unlabeled", flat, labels, skipped, warnings, classes, stat)
     keep = labels != UNLABELED  # [N]

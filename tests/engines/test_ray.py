@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from catdog_cache.backbone import parse_weights
-from catdog_cache.cache import list_parts, listed, parts_dir, read_features, read_index
+from catdog_cache.cache import Recorded, list_parts, listed, parts_dir, read_features, read_index
 from catdog_cache.engines.dispatch import extract
 from catdog_cache.errors import CacheError, InputError
 from catdog_cache.extract.config import ExtractConfig
@@ -71,22 +71,22 @@ def test_same_cache_as_one_process_and_a_rerun_reads_nothing(ray, data, referenc
     assert not list_parts(cache, clean=False) and len(list(markers_dir(cache).glob("*.json"))) == 5
     assert (read_index(cache).stat[:, 2] > 0).all()  # the tasks record the driver's walk's stats, as one process
 
-    # same size and mtime, other bytes: a rerun that read this file would see it changed; the markers say "done"
+    # same size and mtime, other bytes, the same inode: ctime moved (no user call sets it back), so that file's
+    # unit runs (it was "done" by size and mtime before); its task decides by extract's rule, the others are done
     victim = data / "cat" / "5.jpg"
     st, original = victim.stat(), victim.read_bytes()
     try:
         victim.write_bytes(b"\0" * st.st_size)
         os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
         again = run(data, cache)
-        assert (again.shards_run, again.extracted, again.reused, again.failed) == (0, 0, 19, [])
+        assert (again.shards_run, again.extracted, again.reused) == (1, 0, 18)
+        assert 1 <= again.hashed <= 4  # at most its own unit's files read
+        assert [f[0] for f in again.failed] == ["cat/5.jpg"]  # now a failure record, as one process would say
         assert again.failed_before == r.failed  # the broken file is still reported, from the index
+        victim.write_bytes(original)  # back: its unit runs again and the row is the reference's
+        back = run(data, cache)
+        assert (back.shards_run, back.extracted) == (1, 1)
         assert_same(reference, cache)
-        # a new mtime: only that file's shard runs; its other files are hashed and reused, the changed one redone
-        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-        changed = run(data, cache)
-        assert (changed.shards_run, changed.extracted, changed.reused) == (1, 0, 18)
-        assert 1 <= changed.hashed <= 4  # the task decides by extract's rule: at most its own shard's files read
-        assert [f[0] for f in changed.failed] == ["cat/5.jpg"]  # now a failure record, as one process would say
     finally:
         victim.write_bytes(original)
 
@@ -131,15 +131,18 @@ def test_markers_are_checked_like_hostile_files(data, tmp_path):
 
     disc = discover(data)
     prov = CFG.provenance()
-    shards = cut_folder(disc.root, disc.samples, str(disc.root), prov, 4)
+    shards = cut_folder(disc.root, disc.samples, str(disc.root), prov, 4, stat=disc.stat)
     cache = tmp_path / "c.h5"
-    everything = Known(recorded_lists=[[os.fsencode(s.rel) for s in disc.samples]])
+    paths = [os.fsencode(s.rel) for s in disc.samples]  # every file recorded with its content, as the walk saw it
+    everything = Known(files=Recorded(paths, ["0" * 64] * len(paths), disc.stat))
     folder = markers_dir(cache)
     folder.mkdir()
     marker = folder / f"{shards[0].name}.json"
     good = f'{{"version": 1, "identity": "{shards[0].identity}", "part": "", "rows": 3, "failures": 1}}'
     marker.write_text(good)
     assert unit_done(cache, shards[0], everything) and not unit_done(cache, shards[0], Known())
+    unstated = cut_folder(disc.root, disc.samples, str(disc.root), prov, 4)[0]  # no walk's stats: proves nothing
+    assert unstated.identity == shards[0].identity and not unit_done(cache, unstated, everything)
     for bad in ["{", "[]", good.replace('"rows": 3', '"rows": "3"'), good.replace('"part": ""', '"part": "../x"'),
                 good.replace(shards[0].identity, shards[1].identity), good + " " * 70000]:
         marker.write_text(bad)

@@ -294,7 +294,7 @@ def test_recorded_weights_path_of_another_size_is_refused_before_hashing(base, w
         t0 = time.perf_counter()
         if command == "predict":
             out = refused(invoke("predict", base.test, "--head", head, "--out", "p.csv", "--quiet"),
-                          "not the file the head was trained with")
+                          "not the file the head was trained with", "not a weights file up to 4 GiB")
         else:
             out = refused(invoke("extract", more, "--cache", cache, "--quiet"), "is not that file now")
         assert time.perf_counter() - t0 < 30

@@ -161,7 +161,7 @@ def test_kaggle_folder_labels_any_case_and_skips_the_rest(tmp_path):
     d = discover(root)
     assert d.layout == "kaggle" and [(s.rel, s.label) for s in d.samples] == [
         ("CAT.2.jpg", 0), ("Dog.3.jpg", 1), ("cat.1.jpg", 0), ("dog.4.jpg", 1)]
-    assert d.rels == [s.rel for s in d.samples] and d.labels.tolist() == [0, 1, 0, 1] and d.stat.shape == (4, 4)
+    assert d.rels == [s.rel for s in d.samples] and d.labels.tolist() == [0, 1, 0, 1] and d.stat.shape == (4, 5)
     assert sorted(r for r, _ in d.skipped) == ["cat_5.jpg", "hotdog.6.jpg"]
     assert [(s.rel, s.label) for s in d.pick([3, 0])] == [("dog.4.jpg", 1), ("CAT.2.jpg", 0)]
 
