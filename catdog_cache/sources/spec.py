@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import InputError
+from ..errors import CatdogError, InputError
 from ..files import plural, printable, read_regular, short
 
 MAX_SHARDS = 100_000  # per input: a pattern or listing naming more is refused before anything is expanded or read
@@ -252,6 +252,21 @@ class Identity:
     version: str
 
 
+@contextlib.contextmanager
+def remote_errors(url: str) -> Iterator[None]:
+    """A backend's own exceptions (botocore's NoCredentialsError, aiohttp's connection errors, ...) as one line naming
+    the URL; OSError (FileNotFoundError, PermissionError: s3fs maps those) passes on to the caller's handling."""
+    try:
+        yield
+    except (OSError, CatdogError):
+        raise
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise InputError(f"{short(printable(url))}: {printable(reason) or type(e).__name__} ({type(e).__name__}): "
+                         "check the store's credentials and endpoint (for s3://: AWS_PROFILE or AWS_ACCESS_KEY_ID, "
+                         "AWS_ENDPOINT_URL)") from None
+
+
 def identity(source: str) -> Identity:
     """Raises OSError (missing, unreadable, not a regular file) or InputError (no backend for a URL)."""
     if not is_url(source):
@@ -260,7 +275,8 @@ def identity(source: str) -> Identity:
             raise _not_regular(st.st_mode)
         return Identity(st.st_size, str(st.st_mtime_ns))
     fs, path = remote_fs(source)
-    info = fs.info(path)
+    with remote_errors(source):
+        info = fs.info(path)
     version = next((str(info[k]) for k in ("ETag", "etag", "generation", "md5Hash", "LastModified", "last_modified",
                                            "mtime", "updated", "created") if info.get(k) is not None), "")
     return Identity(int(info.get("size") or 0), version)
@@ -286,7 +302,9 @@ def open_tar(source: str) -> Iterator[IO[bytes]]:
     file on the open descriptor (a FIFO named x.tar cannot hang the run) and read no further than its size."""
     if is_url(source):
         fs, path = remote_fs(source)
-        with fs.open(path, "rb") as fh:
+        with remote_errors(source):
+            fh = fs.open(path, "rb")
+        with fh:
             yield fh
         return
     fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)

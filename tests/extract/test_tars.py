@@ -296,7 +296,23 @@ def test_cli_takes_shards_and_urls(cli, tmp_path, images):
     result = cli("info", tmp_path / "c.h5", "--json")
     assert str(shard) in result.output
     result = cli("extract", "s3://bucket/x-{0..1}.tar", "--cache", tmp_path / "c.h5", ok=False)
-    assert result.exit_code == 1 and "catdog-cache[remote]" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 1 and "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert "catdog-cache[remote]" in result.output or "s3://bucket/x-0.tar" in result.output, result.output
+
+
+def test_a_store_that_refuses_is_one_line_naming_the_url(cli, tmp_path, monkeypatch):
+    """The backend's own exceptions (botocore: no credentials, no endpoint) are one line naming the shard's URL, not
+    a traceback (they are not OSErrors)."""
+    pytest.importorskip("s3fs", reason="the [remote] extra is not installed")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no 1-s probes of an instance's metadata service
+    result = cli("extract", "s3://bucket/x-{0..1}.tar", "--cache", tmp_path / "c.h5", ok=False)
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "s3://bucket/x-0.tar" in result.output and "credentials" in result.output, result.output
+    assert not (tmp_path / "c.h5").exists()
 
 
 def test_classes_name_cls_indexes_and_class_folders(cli, tmp_path):
