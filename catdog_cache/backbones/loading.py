@@ -4,9 +4,13 @@ what already works here. Imported when a model is built, never to describe one."
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+from urllib.request import getproxies, proxy_bypass
 
 from ..backbone import WeightsSpec, read_weights
 from ..errors import InputError, WeightsUnavailable
@@ -96,3 +100,51 @@ def missing_weights(name: str, url: str, where: Path, backbone: str) -> WeightsU
     return WeightsUnavailable(f"{name} ImageNet weights are not cached and could not be downloaded (no network?): "
                               f"{offline_alternative(backbone)}; or put {file} (from {url}) in {where}/ once; or pass "
                               "--weights FILE (--weights random only tries the pipeline out: no ImageNet knowledge)")
+
+
+PROBE_SECONDS = 3.0  # a TCP connection to the hub; an answering hub takes well under a second
+
+
+def hub_reachable(endpoint: str, timeout: float = PROBE_SECONDS) -> bool:
+    """Whether the hub's host accepts a TCP connection within `timeout` seconds, name lookup included (run in a
+    thread: a lookup with no DNS server can hang far longer than any socket timeout). Behind a proxy the host is
+    not dialled directly, so the probe says yes and the hub library, which uses the proxy, decides."""
+    url = urlsplit(endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxies = getproxies()
+    if (proxies.get(url.scheme) or proxies.get("all")) and not proxy_bypass(host):
+        return True
+    answered: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            answered.append(True)
+        except (OSError, ValueError):  # no route, no name, refused, timed out; ValueError: a malformed endpoint
+            pass
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(answered)
+
+
+def torchvision_state_dict(weights: Any, name: str, backbone: str) -> dict:
+    """A torchvision weights enum's state dict: from torchvision's cache, else downloaded once (torch's progress
+    line), unless the download host does not answer a short probe: then the one-line missing-weights error at once,
+    not torch's "Downloading ..." line before it."""
+    if not weights_file(weights).is_file() and not hub_reachable(weights.url):
+        raise missing_weights(name, weights.url, weights_file(weights).parent, backbone)
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except Exception:  # offline after all: URLError, socket errors, a partial download...
+        raise missing_weights(name, weights.url, weights_file(weights).parent, backbone) from None
+
+
+def weights_file(weights: Any) -> Path:
+    """Where torchvision's weights cache keeps a weights enum's file."""
+    import os
+
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)

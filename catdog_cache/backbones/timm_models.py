@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import socket
-import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
-from urllib.request import getproxies, proxy_bypass
 
 from ..backbone import Backbone, Preset, WeightsSpec
 from ..errors import InputError, WeightsUnavailable
-from .loading import load_state_file, offline_alternative, seeded
+from .loading import hub_reachable, load_state_file, offline_alternative, seeded
 
 if TYPE_CHECKING:
     from torch import nn
@@ -31,33 +28,6 @@ def _timm():
     except ImportError:
         raise InputError("--backbone timm:NAME needs timm: pip install timm") from None
     return timm
-
-
-PROBE_SECONDS = 3.0  # a TCP connection to the hub; an answering hub takes well under a second
-
-
-def hub_reachable(endpoint: str, timeout: float = PROBE_SECONDS) -> bool:
-    """Whether the hub's host accepts a TCP connection within `timeout` seconds, name lookup included (run in a
-    thread: a lookup with no DNS server can hang far longer than any socket timeout). Behind a proxy the host is
-    not dialled directly, so the probe says yes and the hub library, which uses the proxy, decides."""
-    url = urlsplit(endpoint)
-    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
-    proxies = getproxies()
-    if (proxies.get(url.scheme) or proxies.get("all")) and not proxy_bypass(host):
-        return True
-    answered: list[bool] = []
-
-    def connect() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            answered.append(True)
-        except (OSError, ValueError):  # no route, no name, refused, timed out; ValueError: a malformed endpoint
-            pass
-
-    probe = threading.Thread(target=connect, daemon=True)
-    probe.start()
-    probe.join(timeout)
-    return bool(answered)
 
 
 @contextlib.contextmanager

@@ -4,15 +4,12 @@ node, with torchvision's DEFAULT weights or a state-dict file."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from ..backbone import WeightsSpec
 from ..errors import InputError
-from .loading import load_state_file, missing_weights, seeded
+from .loading import load_state_file, seeded, torchvision_state_dict
 from .tv_layers import FINAL
 
 
@@ -47,10 +44,6 @@ class Flatten(nn.Module):
         return torch.flatten(self.inner(x)["out"], 1)  # [B, C*H*W]
 
 
-def weights_file(weights) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-
-
 def make(name: str, layer: str, spec: WeightsSpec) -> nn.Module:
     from torchvision.models import get_model, get_model_weights
 
@@ -60,11 +53,7 @@ def make(name: str, layer: str, spec: WeightsSpec) -> nn.Module:
     with torch.device("meta"):
         model = get_model(name, weights=None)
     if spec.kind == "imagenet":
-        try:
-            state = weights.get_state_dict(progress=True, check_hash=True)
-        except Exception:
-            raise missing_weights(name, weights.url, weights_file(weights).parent, name) from None
-        model.load_state_dict(state, assign=True)
+        model.load_state_dict(torchvision_state_dict(weights, name, name), assign=True)
     else:
         load_state_file(model, spec, f"torchvision {name}", ignore=(final_linear(model) + ".",) if layer == FINAL
                         else ())

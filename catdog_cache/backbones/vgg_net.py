@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from ..backbone import WeightsSpec
-from .loading import load_state_file, missing_weights, seeded
-from .tv_net import weights_file
+from .loading import load_state_file, seeded, torchvision_state_dict, weights_file
 
 
 class VGGFeatures(nn.Module):
@@ -36,25 +35,15 @@ def imagenet_weights_path() -> Path:
     return weights_file(VGG16_Weights.IMAGENET1K_V1)
 
 
-def _imagenet_state_dict() -> dict[str, torch.Tensor]:
-    from torchvision.models import VGG16_Weights
-
-    weights = VGG16_Weights.IMAGENET1K_V1
-    try:
-        return weights.get_state_dict(progress=True, check_hash=True)
-    except Exception:  # offline: URLError, socket errors, a partial download...
-        raise missing_weights("VGG16", weights.url, imagenet_weights_path().parent, "vgg16") from None
-
-
 def make(spec: WeightsSpec, keep: int) -> nn.Module:
-    from torchvision.models import vgg16
+    from torchvision.models import VGG16_Weights, vgg16
 
     if spec.kind == "random":
         return VGGFeatures(seeded(spec.seed, lambda: vgg16(weights=None)), keep)
     with torch.device("meta"):
         vgg = vgg16(weights=None)  # no 2-second random init of weights about to be replaced
     if spec.kind == "imagenet":
-        vgg.load_state_dict(_imagenet_state_dict(), assign=True)
+        vgg.load_state_dict(torchvision_state_dict(VGG16_Weights.IMAGENET1K_V1, "VGG16", "vgg16"), assign=True)
     else:
         load_state_file(vgg, spec, "torchvision VGG16", ignore=("classifier.6.",))  # fc8 is not used
     model = VGGFeatures(vgg, keep)
