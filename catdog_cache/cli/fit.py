@@ -43,7 +43,7 @@ def fit_cmd(
                                      "again for an ensemble (one head on the features of several caches, joined "
                                      "by file)."),
     head: Path | None = HEAD,
-    epochs: int = EPOCHS,
+    epochs: int | None = EPOCHS,
     batch_size: int = BATCH,
     lr: float = LR,
     dropout: float = DROPOUT,
@@ -82,7 +82,7 @@ def fit_cmd(
     bar = Bar(quiet or as_json)  # in logs: a line with the rate and ETA every Bar.log_seconds
 
     def on_epoch(s: Any) -> None:
-        bar("fit", s.epoch, epochs)
+        bar("fit", s.epoch, epochs or s.planned)
         table.add_row(str(s.epoch), f"{s.train_loss:.4f}", f"{s.train_acc:.3f}", fmt_number(s.val_loss),
                       fmt_number(s.val_acc, 3), f"{s.seconds:.2f}")
 
@@ -115,6 +115,7 @@ def fit_cmd(
                      "reliability": str(r.reliability) if r.reliability else None,
                      "confusion_plot": str(r.confusion_plot) if r.confusion_plot else None,
                      "missing": r.missing, "sources": r.sources, "random_weights": bool(r.weights_note),
+                     "still_falling": r.falling or None,
                      "history": [h.row() for h in r.history]}))
         return
     if not quiet:
@@ -154,6 +155,8 @@ def fit_cmd(
               f"{escape(printable(folders))}{mode}, "
               f"{plural(len(r.history), 'epoch')} in {r.seconds:.2f}s (load {r.load_seconds:.2f}s){kept}: {val} -> "
               f"{escape(printable(str(head)))}", highlight=False)
+    if r.falling_note:
+        err.print(f"[yellow]note:[/] {escape(r.falling_note)}", highlight=False)
     if r.overfit_note:  # after the summary line, so it is the last thing read
         err.print(f"[yellow]warning:[/] {escape(r.overfit_note)}", highlight=False)
 

@@ -19,7 +19,7 @@ from ..errors import InputError
 from ..files import as_paths, check_outputs, file_key
 from .batches import feature_rows
 from .calibration import calibrate, log_loss
-from .config import Diverged, EpochStats, FitConfig, default_head_path
+from .config import NOTE_WINDOW, Diverged, EpochStats, FitConfig, default_head_path, still_falling
 from .crossfit import cross_fit
 from .data import available_memory, load, parse_size
 from .head import is_cat_dog, save_head
@@ -53,10 +53,25 @@ class FitReport:
     confusion_plot: Path | None = None  # K classes (not cat/dog) with a validation split: the confusion matrix
     classes: list[str] = field(default_factory=lambda: ["cat", "dog"])  # the head's outputs, in order
     weights_note: str = ""  # backbone.random_weights_note of the features trained on
+    falling: dict[str, Any] = field(default_factory=dict)  # the curve still going down at the end (still_falling)
 
     @property
     def per_class_acc(self) -> list[float]:
         return [row[i] / sum(row) if sum(row) else float("nan") for i, row in enumerate(self.confusion)]
+
+    @property
+    def falling_note(self) -> str:
+        """One sentence when the loss was still falling over the last epochs (the head may be underfit), else ""."""
+        f = self.falling
+        if not f:
+            return ""
+        what, drop, w, n = f["what"], f["drop"], f["window"], f["epochs"]
+        said = (f"the {what} log loss was still falling at the end: {drop:.1%} lower in the last {w} of {n} epochs "
+                f"than before them")
+        if what == "training":  # no validation rows: more epochs may fit noise as well as signal
+            return said + (f"; without a validation split that need not mean underfit: --val-fraction or --folds "
+                           f"would stop it when it stops helping, or try --epochs {2 * n}")
+        return said + f"; the head may be underfit: try --epochs {2 * n}"
 
     @property
     def overfit_note(self) -> str:
@@ -151,8 +166,10 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
         oof_note: dict[str, Any] = {}
         if folds:
             logits, y, best_epochs, fold_histories = cross_fit(data, cfg, folds, on_fold, on)
-            final_cfg = replace(cfg, val_fraction=0.0, keep="last",
-                                epochs=int(np.median(best_epochs)) if cfg.keep == "best" else cfg.epochs)
+            # the default epochs: as many as the folds trained before their out-of-fold loss stopped falling
+            final_epochs = (int(np.median(best_epochs)) if cfg.keep == "best" else cfg.epochs
+                            or len(fold_histories[0]))
+            final_cfg = replace(cfg, val_fraction=0.0, keep="last", epochs=final_epochs)
             train_np = np.flatnonzero(data.raw_labels >= 0)
             train_rows = feature_rows(train_np, data.views)
             head, history, kept = train(data.features_of, data.labels, train_rows, torch.zeros(0, dtype=torch.long),
@@ -163,6 +180,7 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
             with np.errstate(all="ignore"):
                 mean_curve = np.nanmean([[h.val_loss for h in f] for f in fold_histories], axis=0).tolist()
             too_far = overfit(mean_curve, final_cfg.epochs)
+            falling = still_falling(mean_curve[:final_cfg.epochs], NOTE_WINDOW), "out-of-fold"
         else:
             train_np, val_np = split(data.paths, data.raw_labels, cfg.val_fraction, cfg.seed)
             if cfg.keep == "best" and len(val_np) == 0:  # "lowest validation log loss" would name no validation
@@ -177,6 +195,8 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
             y = data.labels[val_rows]
             n_train, n_val = len(train_np), len(val_rows)
             too_far = overfit([h.val_loss for h in history], kept)
+            watched = [h.val_loss for h in history] if len(val_rows) else [h.train_loss for h in history]
+            falling = still_falling(watched, NOTE_WINDOW), "validation" if len(val_rows) else "training"
     probs = logits.softmax(1)
     y_val, pred = y.numpy(), probs.argmax(1).numpy()
     calibration = {"temperature": 1.0, "clip": 0.0}
@@ -195,7 +215,9 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
                        kept_epoch=kept, head_shape=head.describe(), folds=oof_note, missing=data.missing,
                        unlabeled=int((data.raw_labels < 0).sum()), sources=data.sources, overfit=too_far or {},
                        classes=list(data.classes),
-                       weights_note=random_weights_note([Provenance.from_json(p).weights for p in data.provenances]))
+                       weights_note=random_weights_note([Provenance.from_json(p).weights for p in data.provenances]),
+                       falling={"what": falling[1], "drop": falling[0][0], "window": falling[0][1],
+                                "epochs": len(history)} if falling[0] else {})
     if not all(torch.isfinite(p).all() for p in head.parameters()):
         raise Diverged("training produced NaN or infinite weights: lower --lr; no head saved")
     save_head(head_path, head, {
