@@ -203,6 +203,14 @@ class Bar:
         self.clock[stage] = (t0, done0, now, True)
 
 
+def worst_line(w: dict[str, Any]) -> str:
+    """One of calibration.worst_rows: path, label, the probability given to it, what was predicted, the loss."""
+    label, pred = escape(printable(w["label"])), escape(printable(w["predicted"]))
+    said = f", predicted {pred} ({w['p_predicted']:.4f})" if w["predicted"] != w["label"] else ""
+    return (f"  {escape(printable(w['path']))}: labeled {label}, P({label}) {w['p_label']:.4f}{said}, "
+            f"log loss {w['log_loss']:.2f}")
+
+
 def _duration(seconds: float) -> str:
     s = int(seconds + 0.5)
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

@@ -32,6 +32,7 @@ from .common import (
     plural,
     source_noun,
     to_json,
+    worst_line,
 )
 
 
@@ -115,20 +116,24 @@ def fit_cmd(
                      "reliability": str(r.reliability) if r.reliability else None,
                      "confusion_plot": str(r.confusion_plot) if r.confusion_plot else None,
                      "missing": r.missing, "sources": r.sources, "random_weights": bool(r.weights_note),
-                     "still_falling": r.falling or None,
+                     "still_falling": r.falling or None, "worst": r.worst,
                      "history": [h.row() for h in r.history]}))
         return
     if not quiet:
         out.print(table)
         if r.n_val:
             out.print(confusion_table(r, folds))
+        if r.worst:
+            print_worst(r.worst, "out-of-fold" if folds else "validation", bool(r.calibration))
         if r.calibration:
             c = r.calibration
             bound = (" (at the edge of its range 0.05-20: the validation set is too easy or too small to calibrate)"
                      if c.get("clamped") else "")
             where = (f"out-of-fold predictions of {plural(r.n_val, 'image')} (two numbers fitted on them: nearly "
                      "unbiased)" if folds else "the validation split they are scored on, so optimistic")
-            clip = (f", clip {c['clip']:g}", f" -> {c['log_loss_after']:.4f} (clip)") if r.classes == ["cat", "dog"] \
+            floor = f" (the floor 1/(n+2) of {r.n_val:,} predictions)" if c.get("floor") == c["clip"] else ""
+            clip = (f", clip {c['clip']:.3g}{floor}", f" -> {c['log_loss_after']:.4f} (clip)") \
+                if r.classes == ["cat", "dog"] \
                 else ("", "")  # the P(dog) clip is the Kaggle Redux trick: cat/dog heads only
             out.print(f"calibrated: temperature {c['temperature']:.3f}{bound}{clip[0]}; "
                       f"log loss {c['log_loss_before']:.4f} -> {c['log_loss_temperature']:.4f} (temperature)"
@@ -160,6 +165,13 @@ def fit_cmd(
     if r.overfit_note:  # after the summary line, so it is the last thing read
         err.print(f"[yellow]warning:[/] {escape(r.overfit_note)}", highlight=False)
 
+
+
+def print_worst(worst: list[dict[str, Any]], where: str, calibrated: bool) -> None:
+    """The images that cost the most log loss, worst first: a mislabeled file is usually the first."""
+    out.print(f"worst-scored {where} images ({'calibrated ' if calibrated else ''}probabilities):", highlight=False)
+    for w in worst:
+        out.print(worst_line(w), highlight=False)
 
 
 MAX_TABLE_CLASSES = 20  # a wider confusion matrix does not fit a terminal: --json has it whole

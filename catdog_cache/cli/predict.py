@@ -24,6 +24,7 @@ from .common import (
     plural,
     print_skips,
     to_json,
+    worst_line,
 )
 
 
@@ -73,7 +74,7 @@ def predict_cmd(
                      "views": r.views, "cache": [str(c) for c in r.cache] if r.cache else None,
                      "extracted": r.extracted,
                      "submission": str(r.submission) if r.submission else None, "seconds": r.seconds,
-                     "failed": r.failed, "skipped": r.skipped, "neutral": r.neutral,
+                     "failed": r.failed, "skipped": r.skipped, "neutral": r.neutral, "worst": r.worst,
                        "random_weights": bool(r.weights_note)}))
         return
     print_skips("skipped while scanning", r.skipped)
@@ -88,6 +89,10 @@ def predict_cmd(
     neutral = f" ({len(r.neutral)} neutral)" if r.neutral else ""
     where = (f"; features {'cached in' if r.extracted else 'read from'} "
              f"{escape(printable(', '.join(map(str, r.cache))))} ({r.extracted:,} extracted now)") if r.cache else ""
+    if r.accuracy is not None and not quiet:
+        out.print("worst-scored images (the highest log loss):", highlight=False)
+        for w in r.worst:
+            out.print(worst_line(w), highlight=False)
     out.print(f"[green]predicted[/] {plural(len(r.rows), 'image')} in {r.seconds:.1f}s{acc} -> "
               f"{escape(printable(str(r.out)))}{sub}{neutral}{where}", highlight=False)
 

@@ -18,7 +18,7 @@ from ..cache.format import Provenance
 from ..errors import InputError
 from ..files import as_paths, check_outputs, file_key
 from .batches import feature_rows
-from .calibration import calibrate, log_loss
+from .calibration import calibrate, clip_probs, log_loss, worst_rows
 from .config import NOTE_WINDOW, Diverged, EpochStats, FitConfig, default_head_path, still_falling
 from .crossfit import cross_fit
 from .data import available_memory, load, parse_size
@@ -54,6 +54,7 @@ class FitReport:
     classes: list[str] = field(default_factory=lambda: ["cat", "dog"])  # the head's outputs, in order
     weights_note: str = ""  # backbone.random_weights_note of the features trained on
     falling: dict[str, Any] = field(default_factory=dict)  # the curve still going down at the end (still_falling)
+    worst: list[dict[str, Any]] = field(default_factory=list)  # calibration.worst_rows of the validation predictions
 
     @property
     def per_class_acc(self) -> list[float]:
@@ -165,7 +166,7 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
         load_seconds = time.perf_counter() - t0
         oof_note: dict[str, Any] = {}
         if folds:
-            logits, y, best_epochs, fold_histories = cross_fit(data, cfg, folds, on_fold, on)
+            logits, y, best_epochs, fold_histories, scored_images = cross_fit(data, cfg, folds, on_fold, on)
             # the default epochs: as many as the folds trained before their out-of-fold loss stopped falling
             final_epochs = (int(np.median(best_epochs)) if cfg.keep == "best" else cfg.epochs
                             or len(fold_histories[0]))
@@ -193,6 +194,7 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
                                         on, len(data.classes))
             _, _, logits = evaluate(head, data.features_of, data.labels, val_rows)
             y = data.labels[val_rows]
+            scored_images = val_np
             n_train, n_val = len(train_np), len(val_rows)
             too_far = overfit([h.val_loss for h in history], kept)
             watched = [h.val_loss for h in history] if len(val_rows) else [h.train_loss for h in history]
@@ -217,7 +219,10 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
                        classes=list(data.classes),
                        weights_note=random_weights_note([Provenance.from_json(p).weights for p in data.provenances]),
                        falling={"what": falling[1], "drop": falling[0][0], "window": falling[0][1],
-                                "epochs": len(history)} if falling[0] else {})
+                                "epochs": len(history)} if falling[0] else {},
+                       worst=worst_rows([os.fsdecode(data.paths[i]) for i in scored_images],
+                                        clip_probs((logits / calibration["temperature"]).softmax(1).numpy(),
+                                                   calibration["clip"]), y_val, list(data.classes)))
     if not all(torch.isfinite(p).all() for p in head.parameters()):
         raise Diverged("training produced NaN or infinite weights: lower --lr; no head saved")
     save_head(head_path, head, {
