@@ -14,12 +14,13 @@ MAX_DROPOUT = 0.99  # inverted dropout scales kept features by 1 / (1 - p): at m
 
 # The default epochs (FitConfig.epochs None): a fixed 20 epochs are 40 Adam steps on 160 images and leave a head far
 # from converged, while a Kaggle-size set gets thousands. So the default trains at least AUTO_MIN_EPOCHS and then
-# while the validation (or out-of-fold) log loss still falls (`still_falling` over the last FALLING_WINDOW of the
-# epochs, by more than FALLING_REL), up to AUTO_MAX_STEPS Adam steps; with no validation rows to watch, for
+# while the validation (or out-of-fold) log loss still falls (`converged`: over the last FALLING_WINDOW of the
+# epochs, and at least FALLING_MIN_STEPS steps, by more than FALLING_REL), up to AUTO_MAX_STEPS Adam steps: a window
+# of a few steps would stop the slow start of a head on a small set; with no validation rows to watch, for
 # AUTO_NO_VAL_STEPS steps. Below AUTO_MIN_EPOCHS nothing changes: large sets train the 20 epochs they always did.
 # The figures that chose them: docs/results.md, "Default epochs".
 AUTO_MIN_EPOCHS, AUTO_MAX_STEPS, AUTO_NO_VAL_STEPS = 20, 3000, 1000
-FALLING_WINDOW, FALLING_REL, FALLING_MIN_EPOCHS = 0.2, 0.01, 5
+FALLING_WINDOW, FALLING_REL, FALLING_MIN_EPOCHS, FALLING_MIN_STEPS = 0.2, 0.01, 5, 100
 NOTE_WINDOW = 0.1  # fit's "still falling" note looks at the last 10% of the epochs
 
 if TYPE_CHECKING:  # no torch, no h5py here: the CLI checks the options with FitConfig before importing them
@@ -89,13 +90,20 @@ def max_epochs(cfg: FitConfig, n_rows: int, has_val: bool) -> int:
     return max(AUTO_MIN_EPOCHS, -(-steps // steps_per_epoch(n_rows, cfg.batch_size)))
 
 
-def still_falling(losses: list[float], window: float = FALLING_WINDOW, rel: float = FALLING_REL
-                  ) -> tuple[float, int] | None:
+def converged(losses: list[float], steps_per_epoch: int) -> bool:
+    """The default's stop: at least AUTO_MIN_EPOCHS run, and the last FALLING_WINDOW of them (at least
+    FALLING_MIN_STEPS steps' worth, and fewer than all) did not lower the loss by more than FALLING_REL."""
+    w = max(round(FALLING_WINDOW * len(losses)), -(-FALLING_MIN_STEPS // steps_per_epoch))
+    return len(losses) >= AUTO_MIN_EPOCHS and len(losses) > w and still_falling(losses, at_least=w) is None
+
+
+def still_falling(losses: list[float], window: float = FALLING_WINDOW, rel: float = FALLING_REL,
+                  at_least: int = FALLING_MIN_EPOCHS) -> tuple[float, int] | None:
     """(relative drop, epochs looked at) when the lowest loss of the last `window` share of the epochs (at least
-    FALLING_MIN_EPOCHS of them) is more than `rel` below the lowest before them: the curve was still going down;
-    else None. NaNs (no validation) count as no loss."""
+    `at_least` of them) is more than `rel` below the lowest before them: the curve was still going down; else None
+    (also when there is nothing before them). NaNs (no validation) count as no loss."""
     n = len(losses)
-    w = max(FALLING_MIN_EPOCHS, round(window * n))
+    w = max(at_least, round(window * n))
     if n <= w:
         return None
     finite = [v for v in losses[:-w] if math.isfinite(v)]

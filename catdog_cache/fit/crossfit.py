@@ -9,7 +9,7 @@ import torch
 
 from ..errors import InputError
 from .batches import feature_rows
-from .config import AUTO_MIN_EPOCHS, EpochStats, FitConfig, max_epochs, still_falling
+from .config import EpochStats, FitConfig, converged, max_epochs, steps_per_epoch
 from .data import Data
 from .loop import Trainer, evaluate, fit_threads
 from .splits import fold_of
@@ -36,13 +36,15 @@ def cross_fit(data: Data, cfg: FitConfig, k: int, on_fold: Callable[[int, float,
         helds.append(held)
         trainers.append(Trainer(data.features_of, data.labels, feature_rows(rest, v), vals[-1], cfg, data.dim,
                                 device, len(data.classes)))
-    epochs = max_epochs(cfg, max(len(t.train_rows) for t in trainers), True)
+    most = max(len(t.train_rows) for t in trainers)
+    epochs = max_epochs(cfg, most, True)
+    steps = steps_per_epoch(most, cfg.batch_size)
     weights = np.array([len(va) for va in vals], np.float64) / sum(len(va) for va in vals)
     pooled: list[float] = []  # the out-of-fold log loss after each epoch
     with fit_threads(cfg.hidden):
-        for epoch in range(1, epochs + 1):
+        for _ in range(epochs):
             pooled.append(float(np.dot(weights, [t.epoch(epochs).val_loss for t in trainers])))
-            if cfg.epochs is None and epoch >= AUTO_MIN_EPOCHS and not still_falling(pooled):
+            if cfg.epochs is None and converged(pooled, steps):
                 break
     oof, ys, best, histories = [], [], [], []
     for j, (t, va) in enumerate(zip(trainers, vals, strict=True)):

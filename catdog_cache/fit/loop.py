@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..backbone import resolve_device
 from ..errors import InputError
 from .batches import windowed_batches
-from .config import AUTO_MIN_EPOCHS, Diverged, EpochStats, Features, FitConfig, max_epochs, still_falling
+from .config import Diverged, EpochStats, Features, FitConfig, converged, max_epochs, steps_per_epoch
 from .head import DeviceMaskStream, Head, MaskStream, new_head
 from .optim import Adam
 from .splits import streams
@@ -184,12 +184,13 @@ def train(features_of: Features, labels: torch.Tensor, train_rows: torch.Tensor,
     t = Trainer(features_of, labels, train_rows, val_rows, cfg, in_dim, device, classes)
     epochs = max_epochs(cfg, len(train_rows), len(val_rows) > 0)
     watch = cfg.epochs is None and len(val_rows) > 0  # the default: stop once the validation loss stops falling
+    steps = steps_per_epoch(len(train_rows), cfg.batch_size)
     with fit_threads(cfg.hidden):
-        for epoch in range(1, epochs + 1):
+        for _ in range(epochs):
             stats = t.epoch(epochs)
             if on_epoch:
                 on_epoch(stats)
-            if watch and epoch >= AUTO_MIN_EPOCHS and not still_falling([h.val_loss for h in t.history]):
+            if watch and converged([h.val_loss for h in t.history], steps):
                 break
     return t.finish()
 
