@@ -14,13 +14,14 @@ MAX_DROPOUT = 0.99  # inverted dropout scales kept features by 1 / (1 - p): at m
 
 # The default epochs (FitConfig.epochs None): a fixed 20 epochs are 40 Adam steps on 160 images and leave a head far
 # from converged, while a Kaggle-size set gets thousands. So the default trains at least AUTO_MIN_EPOCHS and then
-# while the validation (or out-of-fold) log loss still falls (`converged`: over the last FALLING_WINDOW of the
-# epochs, and at least FALLING_MIN_STEPS steps, by more than FALLING_REL), up to AUTO_MAX_STEPS Adam steps: a window
-# of a few steps would stop the slow start of a head on a small set; with no validation rows to watch, for
-# AUTO_NO_VAL_STEPS steps. Below AUTO_MIN_EPOCHS nothing changes: large sets train the 20 epochs they always did.
-# The figures that chose them: docs/results.md, "Default epochs".
+# while the validation (or out-of-fold) log loss still falls (`converged`: the last FALLING_WINDOW of the epochs, and
+# at least FALLING_MIN_STEPS steps' worth, lowered it by more than FALLING_REL and FALLING_ABS; a window of a few
+# steps would stop a small set's slow start), up to AUTO_MAX_STEPS Adam steps; with no validation rows to watch, for
+# AUTO_NO_VAL_STEPS steps. Large sets train the 20 epochs they always did (20 epochs are more steps than the cap).
+# The figures that chose them: docs/results.md, "Default epochs and the probability floor".
 AUTO_MIN_EPOCHS, AUTO_MAX_STEPS, AUTO_NO_VAL_STEPS = 20, 3000, 1000
 FALLING_WINDOW, FALLING_REL, FALLING_MIN_EPOCHS, FALLING_MIN_STEPS = 0.2, 0.01, 5, 100
+FALLING_ABS = 0.001  # nats: a 1% fall of a 0.005 loss is no reason to train on, nor to say so
 NOTE_WINDOW = 0.1  # fit's "still falling" note looks at the last 10% of the epochs
 
 if TYPE_CHECKING:  # no torch, no h5py here: the CLI checks the options with FitConfig before importing them
@@ -100,8 +101,8 @@ def converged(losses: list[float], steps_per_epoch: int) -> bool:
 def still_falling(losses: list[float], window: float = FALLING_WINDOW, rel: float = FALLING_REL,
                   at_least: int = FALLING_MIN_EPOCHS) -> tuple[float, int] | None:
     """(relative drop, epochs looked at) when the lowest loss of the last `window` share of the epochs (at least
-    `at_least` of them) is more than `rel` below the lowest before them: the curve was still going down; else None
-    (also when there is nothing before them). NaNs (no validation) count as no loss."""
+    `at_least` of them) is more than `rel` (and FALLING_ABS) below the lowest before them: the curve was still going
+    down; else None (also when there is nothing before them). NaNs (no validation) count as no loss."""
     n = len(losses)
     w = max(at_least, round(window * n))
     if n <= w:
@@ -112,7 +113,7 @@ def still_falling(losses: list[float], window: float = FALLING_WINDOW, rel: floa
         return None
     before, now = min(finite), min(last)
     drop = (before - now) / before if before > 0 else 0.0
-    return (drop, w) if drop > rel else None
+    return (drop, w) if drop > rel and before - now > FALLING_ABS else None
 
 
 def default_head_path(cache: Path) -> Path:
