@@ -55,8 +55,9 @@ LAYER = typer.Option("", "--layer", show_default="the backbone's default (vgg16:
 WEIGHTS = typer.Option("imagenet", "--weights", help="imagenet (the backbone's pretrained weights) | random | a "
                        "state-dict file.")
 # Training options shared by fit and verify (verify must be able to train exactly as fit does).
-EPOCHS = typer.Option(None, "--epochs", show_default="until the validation loss stops falling: at least 20, at most "
-                      "3,000 Adam steps; 1,000 steps without validation", help="Passes over the training rows.")
+EPOCHS = typer.Option(None, "--epochs", show_default="until the validation loss stops falling: 20 epochs or more, "
+                      "more only up to 3,000 Adam steps; without validation, 1,000 steps",
+                      help="Passes over the training rows.")
 BATCH = typer.Option(128, "--batch-size", help="Rows per Adam step.")
 LR = typer.Option(1e-3, "--lr", help="Adam learning rate.")
 DROPOUT = typer.Option(0.5, "--dropout", help="Dropout probability (before the final Linear, or after each hidden).")
