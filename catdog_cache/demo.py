@@ -179,7 +179,7 @@ def run_demo(
     folder: Path,
     weights: str | None = None,
     backbone: str | None = None,
-    epochs: int = 20,
+    epochs: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> DemoReport:
     from .backbone import parse_weights

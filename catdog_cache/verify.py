@@ -153,6 +153,8 @@ def verify(data_dir: str | os.PathLike[str], ecfg: ExtractConfig, fcfg: FitConfi
            progress: Callable[[str, int, int], None] | None = None) -> VerifyReport:
     """Train the head on the cache and end-to-end through the frozen network, on the same rows, and compare. The
     input: a labeled folder, or labeled tar shards (the module's docstring says how)."""
+    if fcfg.epochs is None:  # both paths train a set number of epochs: a stop on the validation loss could differ
+        fcfg = replace(fcfg, epochs=3)  # by float rounding (the CLI's default)
     if limit is not None and limit < 4:
         raise InputError(f"--limit must be at least 4, got {limit}")
     if not (math.isfinite(tolerance) and tolerance >= 0):  # nan would make every comparison "disagree: 0 > nan"

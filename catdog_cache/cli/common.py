@@ -59,7 +59,9 @@ LAYER = typer.Option("", "--layer", show_default="the backbone's default (vgg16:
 WEIGHTS = typer.Option("imagenet", "--weights", help="imagenet (the backbone's pretrained weights) | random | a "
                        "state-dict file.")
 # Training options shared by fit and verify (verify must be able to train exactly as fit does).
-EPOCHS = typer.Option(20, "--epochs", help="Passes over the training rows.")
+EPOCHS = typer.Option(None, "--epochs", show_default="until the validation loss stops falling: 20 epochs or more, "
+                      "more only up to 3,000 Adam steps; without validation, 1,000 steps",
+                      help="Passes over the training rows.")
 BATCH = typer.Option(128, "--batch-size", help="Rows per Adam step.")
 LR = typer.Option(1e-3, "--lr", help="Adam learning rate.")
 DROPOUT = typer.Option(0.5, "--dropout", help="Dropout probability (before the final Linear, or after each hidden).")
@@ -210,6 +212,14 @@ class Bar:
         share = f" ({done / total:.0%})" if total else ""
         err.print(f"{stage} {done:,}/{total:,}{share}{speed}{eta}", highlight=False, soft_wrap=True)
         self.clock[stage] = (t0, done0, now, True)
+
+
+def worst_line(w: dict[str, Any]) -> str:
+    """One of calibration.worst_rows: path, label, the probability given to it, what was predicted, the loss."""
+    label, pred = escape(printable(w["label"])), escape(printable(w["predicted"]))
+    said = f", predicted {pred} ({w['p_predicted']:.4f})" if w["predicted"] != w["label"] else ""
+    return (f"  {escape(printable(w['path']))}: labeled {label}, P({label}) {w['p_label']:.4f}{said}, "
+            f"log loss {w['log_loss']:.2f}")
 
 
 def _duration(seconds: float) -> str:

@@ -30,7 +30,7 @@ def demo_cmd(
                                         "installed, else vgg16", help="Frozen network."),
     weights: str | None = typer.Option(None, "--weights", show_default="imagenet when available offline, else random",
                                        help="imagenet | random | a file."),
-    epochs: int = EPOCHS,
+    epochs: int | None = EPOCHS,
     quiet: bool = QUIET,
 ) -> None:
     """Draw a small cat/dog sample set and run extract -> fit -> predict -> preview on it, offline."""

@@ -34,6 +34,7 @@ from .common import (
     plural,
     source_noun,
     to_json,
+    worst_line,
 )
 
 
@@ -45,7 +46,7 @@ def fit_cmd(
                                      "again for an ensemble (one head on the features of several caches, joined "
                                      "by file)."),
     head: Path | None = HEAD,
-    epochs: int = EPOCHS,
+    epochs: int | None = EPOCHS,
     batch_size: int = BATCH,
     lr: float = LR,
     dropout: float = DROPOUT,
@@ -100,7 +101,7 @@ def fit_cmd(
     bar = Bar(quiet or as_json)  # in logs: a line with the rate and ETA every Bar.log_seconds
 
     def on_epoch(s: Any) -> None:
-        bar("fit", s.epoch, epochs)
+        bar("fit", s.epoch, epochs or s.planned)
         table.add_row(str(s.epoch), f"{s.train_loss:.4f}", f"{s.train_acc:.3f}", fmt_number(s.val_loss),
                       fmt_number(s.val_acc, 3), f"{s.seconds:.2f}")
 
@@ -140,19 +141,24 @@ def fit_cmd(
                      "confusion_plot": str(r.confusion_plot) if r.confusion_plot else None,
                      "missing": r.missing, "sources": r.sources, "random_weights": bool(r.weights_note),
                      "report": r.report.to_json() if r.report else None, "val": r.val or None,
+                     "still_falling": r.falling or None, "worst": r.worst,
                      "history": [h.row() for h in r.history]}))
         return
     if not quiet:
         out.print(table)
         if r.n_val:
             out.print(confusion_table(r, folds))
+        if r.worst:
+            print_worst(r.worst, "out-of-fold" if folds else "validation", bool(r.calibration))
         if r.calibration:
             c = r.calibration
             bound = (" (at the edge of its range 0.05-20: the validation set is too easy or too small to calibrate)"
                      if c.get("clamped") else "")
             where = (f"out-of-fold predictions of {plural(r.n_val, 'image')} (two numbers fitted on them: nearly "
                      "unbiased)" if folds else "the validation split they are scored on, so optimistic")
-            clip = (f", clip {c['clip']:g}", f" -> {c['log_loss_after']:.4f} (clip)") if r.classes == ["cat", "dog"] \
+            floor = f" (the floor 1/(n+2) of {r.n_val:,} predictions)" if c.get("floor") == c["clip"] else ""
+            clip = (f", clip {c['clip']:.3g}{floor}", f" -> {c['log_loss_after']:.4f} (clip)") \
+                if r.classes == ["cat", "dog"] \
                 else ("", "")  # the P(dog) clip is the Kaggle Redux trick: cat/dog heads only
             out.print(f"calibrated: temperature {c['temperature']:.3f}{bound}{clip[0]}; "
                       f"log loss {c['log_loss_before']:.4f} -> {c['log_loss_temperature']:.4f} (temperature)"
@@ -183,9 +189,18 @@ def fit_cmd(
               f"{escape(printable(folders))}{mode}, "
               f"{plural(len(r.history), 'epoch')} in {r.seconds:.2f}s (load {r.load_seconds:.2f}s){kept}: {val} -> "
               f"{escape(printable(str(head)))}", highlight=False)
+    if r.falling_note:
+        err.print(f"[yellow]note:[/] {escape(r.falling_note)}", highlight=False)
     if r.overfit_note:  # after the summary line, so it is the last thing read
         err.print(f"[yellow]warning:[/] {escape(r.overfit_note)}", highlight=False)
 
+
+
+def print_worst(worst: list[dict[str, Any]], where: str, calibrated: bool) -> None:
+    """The images that cost the most log loss, worst first: a mislabeled file is usually the first."""
+    out.print(f"worst-scored {where} images ({'calibrated ' if calibrated else ''}probabilities):", highlight=False)
+    for w in worst:
+        out.print(worst_line(w), highlight=False)
 
 
 def confusion_table(r, folds: int) -> Table:

@@ -25,6 +25,7 @@ from .common import (
     plural,
     print_skips,
     to_json,
+    worst_line,
 )
 
 
@@ -77,7 +78,7 @@ def predict_cmd(
                      "views": r.views, "cache": [str(c) for c in r.cache] if r.cache else None,
                      "extracted": r.extracted,
                      "submission": str(r.submission) if r.submission else None, "seconds": r.seconds,
-                     "failed": r.failed, "skipped": r.skipped, "neutral": r.neutral,
+                     "failed": r.failed, "skipped": r.skipped, "neutral": r.neutral, "worst": r.worst,
                        "random_weights": bool(r.weights_note),
                      "report": r.report.to_json() if r.report else None,
                      "confusion_plot": str(r.confusion_plot) if r.confusion_plot else None}))
@@ -102,6 +103,10 @@ def predict_cmd(
     where = (f"; features {'cached in' if r.extracted else 'read from'} "
              f"{escape(printable(', '.join(map(str, r.cache))))} "
              f"({extracted_now(r.extracted, len(r.cache), len(r.rows))})") if r.cache else ""
+    if r.accuracy is not None and not quiet:
+        out.print("worst-scored images (the highest log loss):", highlight=False)
+        for w in r.worst:
+            out.print(worst_line(w), highlight=False)
     out.print(f"[green]predicted[/] {plural(len(r.rows), 'image')} in {r.seconds:.1f}s{acc} -> "
               f"{escape(printable(str(r.out)))}{sub}{neutral}{where}", highlight=False)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from ..backbone import resolve_device
 from ..errors import InputError
 from .batches import windowed_batches
-from .config import Diverged, EpochStats, Features, FitConfig
+from .config import Diverged, EpochStats, Features, FitConfig, converged, max_epochs, steps_per_epoch
 from .head import DeviceMaskStream, Head, MaskStream, new_head
 from .optim import Adam
 from .splits import streams
@@ -88,75 +89,110 @@ def epoch_batches(train_rows: torch.Tensor, batch_size: int, g: torch.Generator,
         start += len(rows)
 
 
-def train(features_of: Features, labels: torch.Tensor, train_rows: torch.Tensor, val_rows: torch.Tensor,
-          cfg: FitConfig, on_epoch: Callable[[EpochStats], None] | None = None, in_dim: int = 4096,
-          device: torch.device | None = None, classes: int = 2) -> tuple[Head, list[EpochStats], int]:
-    """Adam on CrossEntropy over the head. Only the head has parameters; features are constants.
-    Returns the head (on the CPU), the history and the epoch whose weights the head holds (the last, or with
-    keep="best" the one with the lowest validation loss; without validation rows, the last).
+class Trainer:
+    """One head's training, an epoch at a time: train() runs one head; cross_fit runs its folds' heads side by side
+    so that the default stops them all on their pooled held-out loss. Adam on CrossEntropy over the head; only the
+    head has parameters, features are constants.
     device None: the host path. A device (training_device): the head, its Adam state, the labels, each epoch's
     batch order and the dropout masks live there; the masks are the host's numbers (DeviceMaskStream) and the
     batches the same rows, so the head differs from the host's by float rounding only."""
-    cfg.check()
-    if len(train_rows) == 0:  # otherwise every epoch's loss is NaN, reported as a divergence
-        raise InputError(f"no training rows: every labeled image is in the validation split (--val-fraction "
-                         f"{cfg.val_fraction}); lower --val-fraction")
-    seeds = streams(cfg.seed)
-    # initialised on the host, then moved: the same init on any device
-    head = new_head(cfg.dropout, seeds["init"], in_dim, cfg.hidden, classes)
-    g_order = torch.Generator().manual_seed(seeds["order"])
-    masks = MaskStream(seeds["dropout"])
-    labels_on = labels
-    if device is not None:
-        head = head.to(device)
-        masks = DeviceMaskStream(seeds["dropout"], device)
-        labels_on = labels.to(device)  # [N]
-    feed = batch_source(features_of, device)
-    opt = Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history: list[EpochStats] = []
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
-    head.train()
+
+    def __init__(self, features_of: Features, labels: torch.Tensor, train_rows: torch.Tensor, val_rows: torch.Tensor,
+                 cfg: FitConfig, in_dim: int = 4096, device: torch.device | None = None, classes: int = 2) -> None:
+        cfg.check()
+        if len(train_rows) == 0:  # otherwise every epoch's loss is NaN, reported as a divergence
+            raise InputError(f"no training rows: every labeled image is in the validation split (--val-fraction "
+                             f"{cfg.val_fraction}); lower --val-fraction")
+        seeds = streams(cfg.seed)
+        # initialised on the host, then moved: the same init on any device
+        self.head = new_head(cfg.dropout, seeds["init"], in_dim, cfg.hidden, classes)
+        self.g_order = torch.Generator().manual_seed(seeds["order"])
+        self.masks: MaskStream | DeviceMaskStream = MaskStream(seeds["dropout"])
+        self.labels, self.labels_on = labels, labels
+        if device is not None:
+            self.head = self.head.to(device)
+            self.masks = DeviceMaskStream(seeds["dropout"], device)
+            self.labels_on = labels.to(device)  # [N]
+        self.features_of, self.device, self.cfg = features_of, device, cfg
+        self.train_rows, self.val_rows = train_rows, val_rows
+        self.feed = batch_source(features_of, device)
+        self.opt = Adam(self.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.history: list[EpochStats] = []
+        self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+        self.head.train()
+
+    def epoch(self, planned: int = 0) -> EpochStats:
+        """One pass over the training rows, then the validation loss (with dropout off)."""
+        head, labels_on = self.head, self.labels_on
+        epoch = len(self.history) + 1
+        t0 = time.perf_counter()
+        # per-step sums kept on the training device, read once per epoch (an int() per step would wait for a
+        # device); accumulated in place: a list of small per-step tensors fragmented the heap between the
+        # step's large temporaries, and RSS grew with the rows of the epoch (a streamed 1M-row fit: GBs)
+        loss_sum = torch.zeros((), device=labels_on.device)
+        correct_t = torch.zeros((), dtype=torch.long, device=labels_on.device)
+        n = 0
+        for rows, rows_on in epoch_batches(self.train_rows, self.cfg.batch_size, self.g_order, self.device):
+            x, y = self.feed(rows, rows_on), labels_on[rows_on]  # [B, D], [B]
+            logits = head(x, self.masks)  # [B, K]
+            loss = F.cross_entropy(logits, y)
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+            loss_sum.add_(loss.detach(), alpha=len(rows))  # the batch mean, weighted by its size
+            correct_t.add_((logits.detach().argmax(1) == y).sum())
+            n += len(rows)
+        train_loss = loss_sum.item() / n if n else float("nan")
+        correct = int(correct_t)
+        if not math.isfinite(train_loss):  # checked once per epoch: NaN propagates, it cannot hide
+            raise Diverged(f"training diverged at epoch {epoch} (loss {train_loss}): lower --lr; no head saved")
+        val_loss, val_acc, _ = evaluate(head, self.features_of, self.labels, self.val_rows)
+        stats = EpochStats(epoch, train_loss, correct / max(n, 1), val_loss, val_acc, time.perf_counter() - t0,
+                           planned)
+        if self.cfg.keep == "best" and math.isfinite(val_loss) and (self.best is None or val_loss < self.best[0]):
+            self.best = (val_loss, epoch, {k: t.clone() for k, t in head.state_dict().items()})
+        self.history.append(stats)
+        return stats
+
+    def finish(self) -> tuple[Head, list[EpochStats], int]:
+        """The head (on the CPU), the history and the epoch whose weights the head holds (the last, or with
+        keep="best" the one with the lowest validation loss; without validation rows, the last)."""
+        kept = len(self.history)
+        if self.best is not None:
+            kept = self.best[1]
+            self.head.load_state_dict(self.best[2])
+        self.head.eval()
+        return self.head.cpu(), self.history, kept
+
+
+@contextlib.contextmanager
+def fit_threads(hidden: tuple[int, ...]) -> Iterator[None]:
     threads = torch.get_num_threads()
-    torch.set_num_threads(train_threads(cfg.hidden))
+    torch.set_num_threads(train_threads(hidden))
     try:
-        for epoch in range(1, cfg.epochs + 1):
-            t0 = time.perf_counter()
-            # per-step sums kept on the training device, read once per epoch (an int() per step would wait for a
-            # device); accumulated in place: a list of small per-step tensors fragmented the heap between the
-            # step's large temporaries, and RSS grew with the rows of the epoch (a streamed 1M-row fit: GBs)
-            loss_sum = torch.zeros((), device=labels_on.device)
-            correct_t = torch.zeros((), dtype=torch.long, device=labels_on.device)
-            n = 0
-            for rows, rows_on in epoch_batches(train_rows, cfg.batch_size, g_order, device):
-                x, y = feed(rows, rows_on), labels_on[rows_on]  # [B, D], [B]
-                logits = head(x, masks)  # [B, K]
-                loss = F.cross_entropy(logits, y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                loss_sum.add_(loss.detach(), alpha=len(rows))  # the batch mean, weighted by its size
-                correct_t.add_((logits.detach().argmax(1) == y).sum())
-                n += len(rows)
-            train_loss = loss_sum.item() / n if n else float("nan")
-            correct = int(correct_t)
-            if not math.isfinite(train_loss):  # checked once per epoch: NaN propagates, it cannot hide
-                raise Diverged(f"training diverged at epoch {epoch} (loss {train_loss}): lower --lr; no head saved")
-            val_loss, val_acc, _ = evaluate(head, features_of, labels, val_rows)
-            stats = EpochStats(epoch, train_loss, correct / max(n, 1), val_loss, val_acc,
-                               time.perf_counter() - t0)
-            if cfg.keep == "best" and math.isfinite(val_loss) and (best is None or val_loss < best[0]):
-                best = (val_loss, epoch, {k: t.clone() for k, t in head.state_dict().items()})
-            history.append(stats)
-            if on_epoch:
-                on_epoch(stats)
+        yield
     finally:
         torch.set_num_threads(threads)
-    kept = cfg.epochs
-    if best is not None:
-        kept = best[1]
-        head.load_state_dict(best[2])
-    head.eval()
-    return head.cpu(), history, kept
+
+
+def train(features_of: Features, labels: torch.Tensor, train_rows: torch.Tensor, val_rows: torch.Tensor,
+          cfg: FitConfig, on_epoch: Callable[[EpochStats], None] | None = None, in_dim: int = 4096,
+          device: torch.device | None = None, classes: int = 2) -> tuple[Head, list[EpochStats], int]:
+    """Train one head (Trainer): cfg.epochs epochs; or, by default (cfg.epochs None), at least AUTO_MIN_EPOCHS and
+    then on while the validation loss still falls, up to the step cap (config.max_epochs); without validation rows,
+    the no-validation steps. Returns Trainer.finish()'s head, history and kept epoch."""
+    t = Trainer(features_of, labels, train_rows, val_rows, cfg, in_dim, device, classes)
+    epochs = max_epochs(cfg, len(train_rows), len(val_rows) > 0)
+    watch = cfg.epochs is None and len(val_rows) > 0  # the default: stop once the validation loss stops falling
+    steps = steps_per_epoch(len(train_rows), cfg.batch_size)
+    with fit_threads(cfg.hidden):
+        for _ in range(epochs):
+            stats = t.epoch(epochs)
+            if on_epoch:
+                on_epoch(stats)
+            if watch and converged([h.val_loss for h in t.history], steps):
+                break
+    return t.finish()
 
 
 # A kept epoch is flagged as overfit when its validation log loss is both 20% above the lowest and 0.005 above it

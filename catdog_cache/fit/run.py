@@ -20,8 +20,8 @@ from ..extract.config import Progress
 from ..files import as_paths, check_outputs, file_key
 from ..score.report import ClassReport, from_confusion
 from .batches import feature_rows
-from .calibration import calibrate, log_loss
-from .config import Diverged, EpochStats, FitConfig, default_head_path
+from .calibration import calibrate, clip_probs, log_loss, worst_rows
+from .config import NOTE_WINDOW, Diverged, EpochStats, FitConfig, default_head_path, still_falling
 from .crossfit import cross_fit
 from .data import available_memory, load, parse_size
 from .head import is_cat_dog, save_head
@@ -62,10 +62,26 @@ class FitReport:
     def report(self) -> ClassReport | None:
         """Per-class precision, recall, F1 and support of the validation (or out-of-fold) predictions."""
         return from_confusion(self.confusion, self.classes) if self.n_val else None
+    falling: dict[str, Any] = field(default_factory=dict)  # the curve still going down at the end (still_falling)
+    worst: list[dict[str, Any]] = field(default_factory=list)  # calibration.worst_rows of the validation predictions
 
     @property
     def per_class_acc(self) -> list[float]:
         return [row[i] / sum(row) if sum(row) else float("nan") for i, row in enumerate(self.confusion)]
+
+    @property
+    def falling_note(self) -> str:
+        """One sentence when the loss was still falling over the last epochs (the head may be underfit), else ""."""
+        f = self.falling
+        if not f:
+            return ""
+        what, drop, w, n = f["what"], f["drop"], f["window"], f["epochs"]
+        said = (f"the {what} log loss was still falling at the end: {drop:.1%} lower in the last {w} of {n} epochs "
+                f"than before them")
+        if what == "training":  # no validation rows: more epochs may fit noise as well as signal
+            return said + (f"; without a validation split that need not mean underfit: --val-fraction or --folds "
+                           f"would stop it when it stops helping, or try --epochs {2 * n}")
+        return said + f"; the head may be underfit: try --epochs {2 * n}"
 
     @property
     def overfit_note(self) -> str:
@@ -171,9 +187,12 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
         load_seconds = time.perf_counter() - t0
         oof_note: dict[str, Any] = {}
         if folds:
-            logits, y, best_epochs, fold_histories = cross_fit(data, cfg, folds, on_fold, on)
-            final_cfg = replace(cfg, val_fraction=0.0, keep="last",
-                                epochs=int(np.median(best_epochs)) if cfg.keep == "best" else cfg.epochs)
+            logits, y, best_epochs, fold_histories, scored_images = cross_fit(data, cfg, folds, on_fold, on)
+            scored = [os.fsdecode(data.paths[i]) for i in scored_images]
+            # the default epochs: as many as the folds trained before their out-of-fold loss stopped falling
+            final_epochs = (int(np.median(best_epochs)) if cfg.keep == "best" else cfg.epochs
+                            or len(fold_histories[0]))
+            final_cfg = replace(cfg, val_fraction=0.0, keep="last", epochs=final_epochs)
             train_np = np.flatnonzero(data.raw_labels >= 0)
             train_rows = feature_rows(train_np, data.views)
             head, history, kept = train(data.features_of, data.labels, train_rows, torch.zeros(0, dtype=torch.long),
@@ -184,6 +203,7 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
             with np.errstate(all="ignore"):
                 mean_curve = np.nanmean([[h.val_loss for h in f] for f in fold_histories], axis=0).tolist()
             too_far = overfit(mean_curve, final_cfg.epochs)
+            falling = still_falling(mean_curve[:final_cfg.epochs], NOTE_WINDOW), "out-of-fold"
         else:
             train_np, val_np = split(data.paths, data.raw_labels, cfg.val_fraction, cfg.seed)
             # "lowest validation log loss" would name no validation (--val: val_fraction 0, every labeled row trains)
@@ -200,8 +220,11 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
                                         on, len(data.classes))
             _, _, logits = evaluate(head, features_of, labels, val_rows)
             y = labels[val_rows]
+            scored = vf.paths if vf is not None else [os.fsdecode(data.paths[i]) for i in val_np]
             n_train, n_val = len(train_np), len(val_rows)
             too_far = overfit([h.val_loss for h in history], kept)
+            watched = [h.val_loss for h in history] if len(val_rows) else [h.train_loss for h in history]
+            falling = still_falling(watched, NOTE_WINDOW), "validation" if len(val_rows) else "training"
     probs = logits.softmax(1)
     y_val, pred = y.numpy(), probs.argmax(1).numpy()
     calibration = {"temperature": 1.0, "clip": 0.0}
@@ -222,7 +245,12 @@ def fit(cache: str | os.PathLike[str] | list, head_path: str | os.PathLike[str] 
                        classes=list(data.classes),
                        weights_note=random_weights_note([Provenance.from_json(p).weights for p in data.provenances]),
                        val={**vf.meta(), "extracted": vf.extracted, "failed": vf.failed, "unlabeled": vf.unlabeled}
-                       if vf else {})
+                       if vf else {},
+                       falling={"what": falling[1], "drop": falling[0][0], "window": falling[0][1],
+                                "epochs": len(history)} if falling[0] else {},
+                       worst=worst_rows(scored,
+                                        clip_probs((logits / calibration["temperature"]).softmax(1).numpy(),
+                                                   calibration["clip"]), y_val, list(data.classes)))
     if not all(torch.isfinite(p).all() for p in head.parameters()):
         raise Diverged("training produced NaN or infinite weights: lower --lr; no head saved")
     save_head(head_path, head, {

@@ -7,7 +7,7 @@ them back without a backbone pass."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ class ValFolder:
     extracted: int  # images that went through a backbone in this run
     failed: int  # images that could not be decoded (not in x)
     unlabeled: int  # images outside the class folders (not in x)
+    paths: list[str] = field(default_factory=list)  # [n] each row's file, for the worst-scored list
 
     def meta(self) -> dict:
         """What the head records (info, a later reader): the folder, its rows and where its features are."""
@@ -106,7 +107,8 @@ def val_features(folder: str | os.PathLike[str], caches: list[Path], provenances
         raise InputError(f"--val {printable(str(folder))}: none of its images could be decoded")
     x = np.stack([np.concatenate([p.x[k][0] for p in parts]) for k in labeled])  # [n, sum of D]
     return ValFolder(root, used, torch.from_numpy(x), torch.tensor([label[k[1]] for k in labeled], dtype=torch.long),
-                     extracted, failed, sum(1 for k in keys if label.get(k[1], -1) < 0))
+                     extracted, failed, sum(1 for k in keys if label.get(k[1], -1) < 0),
+                     [os.path.join(root, os.fsdecode(k[1])) for k in labeled])
 
 
 class WithValidation:

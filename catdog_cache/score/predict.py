@@ -23,6 +23,7 @@ from ..extract.config import Progress
 from ..extract.forward import run_dataset, run_features
 from ..files import as_paths, check_outputs, printable
 from ..fit import DEFAULT_HEAD, log_loss
+from ..fit.calibration import clip_probs, worst_rows
 from ..fit.head import is_cat_dog
 from ..sources.folder import Discovery
 from .features import cached_features, default_cache
@@ -76,6 +77,13 @@ class PredictReport:
         known = [(r[1:-1], y) for r, y in zip(self.rows, self.labels, strict=True) if y >= 0]
         return log_loss(np.array([p for p, _ in known]), np.array([y for _, y in known])) if known else None
 
+    @property
+    def worst(self) -> list[dict[str, object]]:
+        """The labeled images with the highest log loss (calibration.worst_rows), worst first."""
+        known = [(r, y) for r, y in zip(self.rows, self.labels, strict=True) if y >= 0]
+        return worst_rows([r[0] for r, _ in known], np.array([r[1:-1] for r, _ in known], np.float64).reshape(
+            len(known), len(self.classes)), np.array([y for _, y in known], np.int64), self.classes)
+
 
 def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] | None, out: str | os.PathLike[str],
             submission: str | os.PathLike[str] | None = None, weights_file: str | None = None,
@@ -124,8 +132,9 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
         first = f"; first failure: {scored.failed[0][0]!r}: {scored.failed[0][1]}" if scored.failed else ""
         raise InputError(f"no image in {printable(inp.spec)} could be predicted{first}")
     # the first of equal probabilities wins (argmax): cat on a 0.5 tie, as before K classes
-    rows = [(rel, *map(float, p), loaded.classes[int(np.argmax(p))]) for rel, p in zip(scored.rels, scored.probs,
-                                                                                      strict=True)]
+    # the head's P(dog) clip (fit --calibrate) applies to the CSV as to the submission: the log loss said is theirs
+    rows = [(rel, *map(float, p), loaded.classes[int(np.argmax(p))])
+            for rel, p in zip(scored.rels, clip_probs(scored.probs, loaded.clip), strict=True)]
     neutral: list[str] = []
     main = os.environ.get("RANK", "0") == "0"  # under torchrun every rank extracts a share; rank 0 alone writes
     if submission and ids is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from tests.conftest import TINY
@@ -16,7 +17,9 @@ def test_calibration_lowers_log_loss_of_overconfident_logits():
     logits = torch.stack([-signal, signal], 1) * 8  # far too confident
     c = calibrate(logits, y)
     assert c["temperature"] > 2 and c["log_loss_temperature"] < 0.7 * c["log_loss_before"]
-    assert c["log_loss_after"] <= c["log_loss_temperature"] + 1e-12
+    # the clip is never below its floor 1/(n+2); it costs each row at most -log(1 - floor) over the temperature's
+    assert c["clip"] >= c["floor"] == 1 / 402
+    assert c["log_loss_after"] <= c["log_loss_temperature"] - np.log1p(-c["floor"]) + 1e-12
 
 
 def test_clamped_temperature_is_said(cli, kaggle_dir):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from catdog_cache.fit.calibration import CLIP_CANDIDATES
 from catdog_cache.fit.head import load_head
 from tests.conftest import TINY, png_ok
 
@@ -47,7 +48,8 @@ def test_fit_reports_confusion_curve_and_calibration(cli, kaggle_dir, tmp_path):
     png = Image.open(tmp_path / "cache" / "features.head.png")
     assert png.format == "PNG" and png.size[0] > 600 and png.size[1] > 300
     _, meta = load_head(tmp_path / "cache" / "features.head.pt")
-    assert 0.05 <= meta["temperature"] <= 20 and meta["clip"] in (0.0, 1e-4, 1e-3, 0.005, 0.01, 0.02, 0.03, 0.05)
+    floor = 1 / (meta["metrics"]["n_val"] + 2)  # the clip is never below 1/(n+2) of the n validation predictions
+    assert 0.05 <= meta["temperature"] <= 20 and (meta["clip"] == floor or floor < meta["clip"] in CLIP_CANDIDATES)
     data = json.loads(cli("fit", "--epochs", "2", "--json").output)
     assert data["n_train"] + data["n_val"] == 12 and len(data["history"]) == 2
     assert set(data["per_class_acc"]) == {"cat", "dog"} and sum(map(sum, data["confusion"])) == data["n_val"]
