@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..fit import FitConfig, cross_fit, fold_of, load
+from ..fit import FitConfig, cross_fit, load
 
 
 @dataclass
@@ -57,13 +57,8 @@ def out_of_fold(cache: Path, cfg: FitConfig, folds: int, budget: int, device: to
         if len(labeled) < 2 * folds:
             raise InputError(f"{cache}: {len(labeled):,} labeled rows are too few for --folds {folds}; use fewer "
                              "folds")
-        logits, y, _, _ = cross_fit(data, cfg, folds, None, device)  # [M, K], [M] in fold order
-        # cross_fit's order: fold 0's held-out rows, then fold 1's... each in row order (its folds are fold_of's)
-        fold = fold_of([data.paths[i] for i in labeled], folds, cfg.seed)
-        order = np.concatenate([labeled[fold == j] for j in range(folds)])
+        logits, y, _, _, order = cross_fit(data, cfg, folds, None, device)  # [M, K], [M], [M] cache rows
         given = data.raw_labels[order].astype(np.int64)
-        if len(order) != len(y) or not np.array_equal(given, y.numpy()):
-            raise RuntimeError("cross_fit's out-of-fold rows are not in fold_of's order: audit must follow fit")
         probs = np.empty((len(order), logits.shape[1]), np.float64)
         back = np.argsort(order, kind="stable")  # fold order -> row order
         probs[:] = logits.double().softmax(1).numpy()[back]
