@@ -10,6 +10,7 @@ for it."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -32,13 +33,24 @@ from ..extract.folder_units import (
 )
 from ..extract.markers import marked, markers_dir, stale_markers
 from ..extract.plan import known_files, onto_cache_classes, removals
-from .ray_pool import KILL_HOOK, RayOptions, RayReport, connect, require_ray, resources_for, schedule
+from .ray_pool import (
+    KILL_HOOK,
+    RayOptions,
+    RayReport,
+    auto_shard_size,
+    connect,
+    expected_actors,
+    require_ray,
+    resources_for,
+    schedule,
+)
 
 
 def extract_ray_folder(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg: ExtractConfig,
                        opts: RayOptions, progress: Progress | None = None, prune: bool = False,
                        strict: bool = False, checksum: bool = False) -> RayReport:
-    """A folder's sorted file list in units of `opts.shard_size` files, one Ray task each (folder_units.py)."""
+    """A folder's sorted file list in units of `opts.shard_size` files (0: auto_shard_size for the folder and the
+    actors), one Ray task each (folder_units.py)."""
     t0 = time.perf_counter()
     cfg.check()
     opts.check()
@@ -50,12 +62,20 @@ def extract_ray_folder(data_dir: str | os.PathLike[str], cache: str | os.PathLik
     source = str(disc.root.resolve())
     report = RayReport(cache=spelled, found=len(disc.samples), skipped=disc.skipped, warnings=disc.warnings,
                        layout=disc.layout)
-    with lock_once(cache, None):  # the driver holds the lock for the run; its tasks write parts and markers only
+    # the driver holds the lock for the run; its tasks write parts and markers only
+    with lock_once(cache, None), contextlib.ExitStack() as stack:
         report.warnings += unlisted_warning(cache)
         had_cache = cache.exists()
         known = known_files(cache, prov, source)
         onto_cache_classes(disc, merge_classes(known.class_lists, str(cache)), cache)  # as the local engine
-        units = cut_folder(disc.root, disc.samples, source, prov, opts.shard_size, disc.classes, disc.stat)
+        size = opts.shard_size
+        if not size:  # every actor gets work: a few units each
+            actors, joined = expected_actors(cfg, opts)
+            if joined:  # a cluster joined to count its actors: left when the run ends
+                stack.callback(require_ray().shutdown)
+            size = auto_shard_size(len(disc.samples), actors)
+        report.shard_size = size
+        units = cut_folder(disc.root, disc.samples, source, prov, size, disc.classes, disc.stat)
         # --checksum: every unit runs, and its task hashes every known file
         todo = [s for s in units if checksum or not unit_done(cache, s, known)]
         report.shards, report.shards_run = len(units), len(todo)
@@ -113,7 +133,8 @@ class FolderActor:
             require_same(self.cfg.provenance(), self.prov, "this Ray worker's backbone", "the driver's")
             self.model = self.cfg.resolve().build(self.cfg.weights)
         delay = float(os.environ.get("CATDOG_BATCH_DELAY", "0"))  # test hook, as the tar runner's: a slower shard
-        time.sleep(delay * -(-len(unit.samples) // self.cfg.batch_size))  # one delay per batch, as one process
+        if delay:  # one delay per batch, as one process (batch size 0: auto, 16 on a CPU)
+            time.sleep(delay * -(-len(unit.samples) // (self.cfg.batch_size or 16)))
         return run_unit(unit, self.root, self.cache, self.cfg, self.prov, self.source, self.run_id, known,
                          reasons, self.model, self.kill_hook, self.scan_ns, self.checksum)
 
