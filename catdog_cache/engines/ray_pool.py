@@ -32,16 +32,16 @@ ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colour codes Ray puts in its erro
 @dataclass(frozen=True)
 class RayOptions:
     address: str = ""  # "": $RAY_ADDRESS if set, else a local Ray started for this run
-    shard_size: int = 0  # files per input shard: the unit of work, retry and resume; 0: auto_shard_size
+    shard_size: int | None = None  # files per input shard: the unit of work, retry and resume; None: auto
     actors: int = 0  # 0: as many as the cluster's GPUs (or CPUs) hold
     gpus_per_actor: float = 0.0  # 0: 1 when the cluster has GPUs (and --device is not cpu); may be fractional
     cpus_per_actor: float = 1.0
     max_retries: int = 3  # actor restarts, and retries of the call it was running
 
     def check(self) -> None:
-        if self.shard_size < 0:
-            raise InputError(f"--shard-size must be at least 1 file (or 0: chosen from the files and actors), got "
-                             f"{self.shard_size}")
+        if self.shard_size is not None and self.shard_size < 1:
+            raise InputError(f"--shard-size must be at least 1 file (left out: chosen from the files and actors), "
+                             f"got {self.shard_size}")
         if self.actors < 0:
             raise InputError(f"--actors must be 0 (as many as the cluster holds) or more, got {self.actors}")
         if self.gpus_per_actor < 0 or self.gpus_per_actor > 1 and self.gpus_per_actor != int(self.gpus_per_actor):
