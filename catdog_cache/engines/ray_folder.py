@@ -33,6 +33,9 @@ from ..extract.folder_units import (
 )
 from ..extract.markers import marked, markers_dir, stale_markers
 from ..extract.plan import known_files, onto_cache_classes, removals
+from ..store.staging import stage_of
+from ..store.url import StoreURL
+from ..store.worker import WorkerStore
 from .ray_pool import (
     KILL_HOOK,
     RayOptions,
@@ -49,7 +52,7 @@ from .ray_pool import (
 def extract_ray_folder(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg: ExtractConfig,
                        opts: RayOptions, progress: Progress | None = None, prune: bool = False,
                        strict: bool = False, checksum: bool = False) -> RayReport:
-    """A folder's sorted file list in units of `opts.shard_size` files (0: auto_shard_size for the folder and the
+    """A folder's sorted file list in units of `opts.shard_size` files (None: auto_shard_size for the folder and the
     actors), one Ray task each (folder_units.py)."""
     t0 = time.perf_counter()
     cfg.check()
@@ -120,10 +123,14 @@ class FolderActor:
     """A Ray actor's state: the backbone, built once per actor process (again after a restart)."""
 
     def __init__(self, cfg: ExtractConfig, prov: Provenance, root: str, cache: str, source: str, run_id: str,
-                 workers: int, threads: int, kill_hook: str, scan_ns: int = 0, checksum: bool = False) -> None:
+                 workers: int, threads: int, kill_hook: str, scan_ns: int = 0, checksum: bool = False,
+                 store: StoreURL | None = None) -> None:
         os.environ.setdefault("CATDOG_EXTRACT_THREADS", str(threads))  # this actor's CPUs, not the whole node's
         self.cfg = dataclasses.replace(cfg, workers=workers)
-        self.prov, self.root, self.cache, self.source, self.run_id = prov, Path(root), Path(cache), source, run_id
+        # a cache on object storage: units write into this worker's own folder and are uploaded from here
+        self.store = WorkerStore(store) if store is not None else None
+        self.prov, self.root, self.source, self.run_id = prov, Path(root), source, run_id
+        self.cache = self.store.cache if self.store else Path(cache)
         self.kill_hook, self.scan_ns, self.checksum = kill_hook, scan_ns, checksum
         self.model: torch.nn.Module | None = None
 
@@ -135,21 +142,26 @@ class FolderActor:
         delay = float(os.environ.get("CATDOG_BATCH_DELAY", "0"))  # test hook, as the tar runner's: a slower shard
         if delay:  # one delay per batch, as one process (batch size 0: auto, 16 on a CPU)
             time.sleep(delay * -(-len(unit.samples) // (self.cfg.batch_size or 16)))
-        return run_unit(unit, self.root, self.cache, self.cfg, self.prov, self.source, self.run_id, known,
-                         reasons, self.model, self.kill_hook, self.scan_ns, self.checksum)
+        result = run_unit(unit, self.root, self.cache, self.cfg, self.prov, self.source, self.run_id, known,
+                          reasons, self.model, self.kill_hook, self.scan_ns, self.checksum)
+        if self.store:
+            self.store.upload()  # its shard, then its marker: the unit is done in the store
+        return result
 
 
 def _run(ray: Any, units: list[FolderUnit], root: Path, cache: Path, cfg: ExtractConfig, prov: Provenance,
          source: str, known: Any, opts: RayOptions, report: RayReport, progress: Progress | None,
          scan_ns: int = 0, checksum: bool = False) -> list[UnitResult]:
     started = connect(ray, opts.address)
+    stage = stage_of(cache)  # a cache on object storage: the workers upload their own shards
     try:
         per_gpu, n, workers, threads = resources_for(ray, cfg, opts, len(units))
         actor = ray.remote(num_cpus=opts.cpus_per_actor, num_gpus=per_gpu, max_restarts=opts.max_retries,
                            max_task_retries=opts.max_retries)(FolderActor)
         run_id = f"{time.time_ns():020d}-ray"
         pool = [actor.remote(cfg, prov, str(root), str(cache), source, run_id, workers, threads,
-                             os.environ.get(KILL_HOOK, ""), scan_ns, checksum) for _ in range(n)]
+                             os.environ.get(KILL_HOOK, ""), scan_ns, checksum, stage.share() if stage else None)
+                for _ in range(n)]
         report.actors = n
 
         def call(a: Any, s: FolderUnit) -> Any:
@@ -161,6 +173,8 @@ def _run(ray: Any, units: list[FolderUnit], root: Path, cache: Path, cfg: Extrac
         return schedule(ray, pool, units, call, lambda s: f"unit {s.index} of the folder (from {s.samples[0].rel!r})",
                          lambda s: len(s.samples), progress)
     finally:
+        if stage:  # what the workers uploaded, into the driver's copy: its markers say what is done
+            stage.collect()
         if started:
             ray.shutdown()
 

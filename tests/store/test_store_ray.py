@@ -1,0 +1,115 @@
+"""`extract --engine ray` into an S3 bucket (moto's server on localhost): each Ray worker uploads the shards and
+markers it made itself (the driver uploads only the index, last), the rows equal a one-process local extract, a
+rerun runs no task and uploads nothing, and tar shards read from the same bucket give the rows the local engine
+reads from them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import TINY, jpeg
+from tests.extract.test_tars import make_tar
+
+pytest.importorskip("s3fs", reason="the [remote] extra (s3fs) is not installed")
+pytest.importorskip("moto.server", reason="moto[server] (the dev extra) is not installed")
+NO_RAY = "Ray is not installed (pip install 'catdog-cache[ray]')"
+pytestmark = pytest.mark.skipif(find_spec("ray") is None, reason=NO_RAY)
+RAY = ("--engine", "ray", "--actors", "2", "--workers", "0", "--batch-size", "2")
+
+
+@pytest.fixture(scope="module")
+def ray(endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A local Ray whose workers reach the S3 API as a cluster's nodes would: from their own environment; their
+    user cache folder (where each stages the shards it uploads) is not the driver's."""
+    import ray
+
+    workers = tmp_path_factory.mktemp("workers-cache")
+    env = {"AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "XDG_CACHE_HOME": str(workers)}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    yield workers
+    ray.shutdown()
+
+
+def rows(cache: str | Path) -> dict[tuple[str, bytes], tuple[int, np.ndarray]]:
+    """(source, path) -> (label, features), read through the project's reader (a store cache: its local copy)."""
+    from catdog_cache.cache import open_cache
+    from catdog_cache.cache.read import read_features
+    from catdog_cache.store.staging import readable_cache
+
+    with open_cache(readable_cache(cache)) as (view, idx):
+        feats = read_features(view)
+        keys = [(idx.sources[s], p) for s, p in zip(idx.source.tolist(), idx.paths, strict=True)]
+        assert len(set(keys)) == len(keys), "a row listed twice"
+        return {k: (int(label), np.array(f)) for k, label, f in zip(keys, idx.labels.tolist(), feats, strict=True)}
+
+
+def assert_same_rows(a: str | Path, b: str | Path) -> None:
+    got, want = rows(a), rows(b)
+    assert sorted(got) == sorted(want) and want
+    for k, (label, f) in want.items():
+        assert got[k][0] == label
+        np.testing.assert_allclose(got[k][1], f, atol=1e-5)  # other batches than one process's
+
+
+def objects(bucket: str, prefix: str) -> dict[str, str]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    found = fs.find(f"{bucket}/{prefix}", detail=True)
+    return {p[len(bucket) + 1:]: str(info.get("ETag")) for p, info in found.items()}
+
+
+def test_ray_workers_write_into_the_bucket(cli, ray, tmp_path: Path, photos: Path, bucket: str,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from catdog_cache.store import mirror
+
+    uploaded: list[str] = []  # by the driver (this process); the workers' uploads are their own processes'
+    real = mirror.upload_file
+    monkeypatch.setattr(mirror, "upload_file", lambda fs, local, remote: (uploaded.append(remote),
+                                                                          real(fs, local, remote)))
+    url = f"s3://{bucket}/run/features.h5"
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    r = cli("extract", photos, "--cache", url, *TINY, *RAY, "--shard-size", "2")
+    assert "extracted 6 new" in r.output and "ray: 3 of 3 input shards of 2 files run on 2 actors" in r.output, \
+        r.output
+    stored = objects(bucket, "run/")
+    assert sum(".shards/" in o for o in stored) == 3 and sum(".done/" in o for o in stored) == 3, stored
+    assert "run/features.h5" in stored and not any(o.endswith(".lease") for o in stored)
+    assert uploaded == [f"{bucket}/run/features.h5"]  # the driver: the index alone; no shard went through it
+    assert os.listdir(work) == []  # nothing in the working folder
+    folders = list((ray / "catdog-cache" / "store" / "work").glob("*/*"))  # the workers' own staging folders:
+    assert len(folders) >= 1 and not [p for p in ray.rglob("*") if p.is_file()]  # emptied as they uploaded
+    cli("extract", photos, "--cache", tmp_path / "one.h5", *TINY, "--workers", "0")
+    assert_same_rows(url, tmp_path / "one.h5")
+
+    again = cli("extract", photos, "--cache", url, *RAY, "--shard-size", "2")
+    assert "extracted 0 new, reused 6" in again.output and "no task ran" in again.output, again.output
+    assert objects(bucket, "run/") == stored  # nothing uploaded again, nothing removed
+
+
+def test_tar_shards_from_the_bucket_into_the_bucket(cli, ray, tmp_path: Path, bucket: str) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    for s in range(3):
+        members = [(f"{kind}.{s}{i}.jpg", jpeg(kind, 10 * s + i + 500 * (kind == "dog"), tmp_path / "drawn"))
+                   for i in range(2) for kind in ("cat", "dog")]
+        fs.put_file(str(make_tar(tmp_path / f"train-{s}.tar", members)), f"{bucket}/shards/train-{s}.tar")
+    spec, url = f"s3://{bucket}/shards/train-{{0..2}}.tar", f"s3://{bucket}/tars/features.h5"
+    r = cli("extract", spec, "--cache", url, *TINY, *RAY)
+    assert "extracted 12 new" in r.output and "ray: 3 of 3 input shards run on 2 actors" in r.output, r.output
+    assert sum(".done/" in o for o in objects(bucket, "tars/")) == 3
+    cli("extract", spec, "--cache", tmp_path / "one.h5", *TINY, "--workers", "0")
+    assert_same_rows(url, tmp_path / "one.h5")
+    assert "no task ran" in cli("extract", spec, "--cache", url, *RAY).output
