@@ -5,8 +5,10 @@ classes), cuts the folder into units (folder_units.cut_folder), skips the units 
 rest to actors (ray_pool.py): one per GPU share (`num_gpus`, fractional allowed) or per `cpus_per_actor` CPUs. An actor
 whose process dies is restarted by Ray (its backbone rebuilt) and its call retried, up to `max_retries` times; a
 retried unit writes a cache shard of its own (folder_units.run_unit). When every unit is done the driver finishes the
-cache with extract/finish.py: the units' shards are listed in the index. Nothing here imports Ray until a run asks
-for it."""
+cache with extract/finish.py: the units' shards are listed in the index. A cache in a store (`--cache s3://...`):
+the driver works on its staging copy (store/staging.py), each worker writes its units into a folder of its own and
+uploads them (store/worker.py), and the driver takes them in from the store before it writes the index. Nothing here
+imports Ray until a run asks for it."""
 
 from __future__ import annotations
 

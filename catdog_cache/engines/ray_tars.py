@@ -5,7 +5,8 @@ driver plans exactly as the local engine does (plan.plan_tars: provenance, marke
 unfinished tar to an actor holding the backbone, and finishes the index from the markers with extract/finish.py. A
 retried tar writes shards of its own (a fresh run id per attempt); rows a killed attempt saved are superseded by the
 retry's (later shards win), never read twice. The tars are read where they are (local paths the workers share, or
-fsspec URLs); the cache must be on a file system every node shares."""
+fsspec URLs); the cache on a file system every node shares, or in a store (each worker uploads its own shards and
+markers, store/worker.py; the driver takes them in before it writes the index)."""
 
 from __future__ import annotations
 
