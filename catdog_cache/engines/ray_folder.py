@@ -44,6 +44,7 @@ from .ray_pool import (
     RayReport,
     auto_shard_size,
     connect,
+    disconnect,
     expected_actors,
     require_ray,
     resources_for,
@@ -77,7 +78,7 @@ def extract_ray_folder(data_dir: str | os.PathLike[str], cache: str | os.PathLik
         if not size:  # every actor gets work: a few units each
             actors, joined = expected_actors(cfg, opts)
             if joined:  # a cluster joined to count its actors: left when the run ends
-                stack.callback(require_ray().shutdown)
+                stack.callback(disconnect, require_ray())
             size = auto_shard_size(len(disc.samples), actors)
         report.shard_size = size
         units = cut_folder(disc.root, disc.samples, source, prov, size, disc.classes, disc.stat)
@@ -175,8 +176,8 @@ def _run(ray: Any, units: list[FolderUnit], root: Path, cache: Path, cfg: Extrac
         return schedule(ray, pool, units, call, lambda s: f"unit {s.index} of the folder (from {s.samples[0].rel!r})",
                          lambda s: len(s.samples), progress)
     finally:
+        if started:  # first: Ray's own messages about the killed actors' tasks end with it (a Ctrl-C)
+            disconnect(ray)
         if stage:  # what the workers uploaded, into the driver's copy: its markers say what is done
             stage.collect()
-        if started:
-            ray.shutdown()
 

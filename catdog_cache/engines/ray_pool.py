@@ -74,14 +74,40 @@ def connect(ray: Any, address: str) -> bool:
         return False
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    _quiet_errors(ray, True)
     try:
         ray.init(address=address or None, include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
+        _quiet_errors(ray, False)
         where = address or os.environ.get("RAY_ADDRESS", "")
         raise InputError(f"--ray-address {where or '(local)'}: cannot start or reach Ray "
                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return True
+
+
+def disconnect(ray: Any) -> None:
+    """Leave the cluster `connect` joined (a local Ray stops); Ray's error printing as it was."""
+    ray.shutdown()
+    _quiet_errors(ray, False)
+
+
+_PRINT: dict[str, Any] = {}  # Ray's own error printer while `connect`'s session lasts
+
+
+def _quiet_errors(ray: Any, quiet: bool) -> None:
+    """Ray's driver prints its cluster's error messages to stdout from a thread, coloured, even without
+    log_to_driver (at a Ctrl-C, one "(raylet) Task FolderActor.run failed... will be retried" line per killed
+    actor's task); this run reports each failure in its own line, so they are dropped while it lasts. Ray keeps them
+    in its session's log files."""
+    module = getattr(getattr(ray, "_private", None), "worker", None)
+    if module is None or not hasattr(module, "print_to_stdstream"):
+        return  # another Ray version: its printing as it is
+    if quiet:
+        _PRINT.setdefault("print", module.print_to_stdstream)
+        module.print_to_stdstream = lambda data, ignore_prefix=False: None
+    elif "print" in _PRINT:
+        module.print_to_stdstream = _PRINT.pop("print")
 
 
 def _fits(gpus: float, cpus: float, cfg: ExtractConfig, opts: RayOptions) -> tuple[float, int]:

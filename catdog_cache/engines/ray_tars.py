@@ -32,7 +32,7 @@ from ..sources.spec import Identity, resolve_inputs
 from ..store.staging import stage_of
 from ..store.url import StoreURL
 from ..store.worker import WorkerStore
-from .ray_pool import KILL_HOOK, RayReport, connect, require_ray, resources_for, schedule
+from .ray_pool import KILL_HOOK, RayReport, connect, disconnect, require_ray, resources_for, schedule
 
 
 class TarActor:
@@ -124,7 +124,7 @@ def _run(ray: Any, shards: list[str], todo: list[int], idents: list[Identity], h
 
         return schedule(ray, pool, todo, call, lambda i: f"tar shard {shards[i]}", lambda i: 1, progress, "shards")
     finally:
+        if started:  # first: Ray's own messages about the killed actors' tasks end with it (a Ctrl-C)
+            disconnect(ray)
         if stage:  # what the workers uploaded, into the driver's copy: its markers say what is done
             stage.collect()
-        if started:
-            ray.shutdown()

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CacheBusy, CacheError, InputError
+from ..errors import CacheBusy, CacheError, CatdogError, InputError
 from ..files import printable, short
 from .lease import take_lease
 from .mirror import Mirror, StoreError
@@ -142,6 +142,10 @@ def staged(loc: StoreURL) -> Iterator[Path]:
             stage = _ACTIVE[Path(os.path.abspath(local))] = Stage(loc, local, mirror, uploader)
             try:
                 yield local
+            except CatdogError as e:  # a message naming the staging copy names the cache as the user gave it
+                if str(local) not in str(e):
+                    raise
+                raise type(e)(str(e).replace(str(local), short(printable(loc.url)))) from None
             finally:
                 _ACTIVE.pop(Path(os.path.abspath(local)), None)
                 try:
