@@ -5,7 +5,12 @@ reads from them."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from importlib.util import find_spec
 from pathlib import Path
@@ -14,6 +19,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import TINY, jpeg
+from tests.engines.test_interrupts import env, kill_all
 from tests.extract.test_tars import make_tar
 
 pytest.importorskip("s3fs", reason="the [remote] extra (s3fs) is not installed")
@@ -113,3 +119,32 @@ def test_tar_shards_from_the_bucket_into_the_bucket(cli, ray, tmp_path: Path, bu
     cli("extract", spec, "--cache", tmp_path / "one.h5", *TINY, "--workers", "0")
     assert_same_rows(url, tmp_path / "one.h5")
     assert "no task ran" in cli("extract", spec, "--cache", url, *RAY).output
+
+
+def test_ctrl_c_leaves_an_index_in_the_bucket_and_the_rerun_finishes(cli, ray, tmp_path: Path, photos: Path,
+                                                                     bucket: str) -> None:
+    """A real `extract --engine ray` process into the bucket, Ctrl-C once two units are in the store: the driver
+    takes them in and uploads an index listing them, the folder marked incomplete; the rerun (this process's Ray)
+    gives a one-process extract's rows."""
+    url = f"s3://{bucket}/run/features.h5"
+    args = [sys.executable, "-m", "catdog_cache", "extract", str(photos), "--cache", url, *TINY, *RAY,
+            "--shard-size", "1", "--batch-size", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**env(), "CATDOG_BATCH_DELAY": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while sum(".done/" in o for o in objects(bucket, "run/")) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the driver and its Ray
+        out, err = proc.communicate(timeout=120)
+    finally:
+        kill_all(proc)
+    assert proc.returncode == 130 and f"saved to {url}; run extract again to resume" in err, err[-2000:]
+    assert "\x1b" not in out + err, (out + err)[-2000:]
+    info = json.loads(cli("info", url, "--json").output)
+    assert info["rows"] >= 2 and info["incomplete"] == [str(photos.resolve())], info
+    cli("extract", photos, "--cache", url, *RAY, "--shard-size", "1")
+    cli("extract", photos, "--cache", tmp_path / "one.h5", *TINY, "--workers", "0")
+    assert_same_rows(url, tmp_path / "one.h5")
+    assert json.loads(cli("info", url, "--json").output)["incomplete"] == []
