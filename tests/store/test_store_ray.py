@@ -121,30 +121,55 @@ def test_tar_shards_from_the_bucket_into_the_bucket(cli, ray, tmp_path: Path, bu
     assert "no task ran" in cli("extract", spec, "--cache", url, *RAY).output
 
 
-def test_ctrl_c_leaves_an_index_in_the_bucket_and_the_rerun_finishes(cli, ray, tmp_path: Path, photos: Path,
-                                                                     bucket: str) -> None:
-    """A real `extract --engine ray` process into the bucket, Ctrl-C once two units are in the store: the driver
-    takes them in and uploads an index listing them, the folder marked incomplete; the rerun (this process's Ray)
-    gives a one-process extract's rows."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_driver_stopped_midway_then_the_rerun_finishes(cli, ray, tmp_path: Path, photos: Path, bucket: str,
+                                                       sig: int) -> None:
+    """A real `extract --engine ray` process into the bucket, stopped once two units are in the store. Ctrl-C: the
+    driver takes them in and uploads an index listing them, the folder marked incomplete. kill -9 of the driver and
+    its Ray: no index (a new cache's is uploaded last), the units' shards and markers wait in the store. Either way
+    the rerun (this process's Ray) runs no task for the units done and gives a one-process extract's rows."""
     url = f"s3://{bucket}/run/features.h5"
     args = [sys.executable, "-m", "catdog_cache", "extract", str(photos), "--cache", url, *TINY, *RAY,
             "--shard-size", "1", "--batch-size", "1"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**env(), "CATDOG_BATCH_DELAY": "1"})
+                            env={**env(), "CATDOG_BATCH_DELAY": "1", "CATDOG_STORE_LEASE_SECONDS": "1"})
     try:
         deadline = time.monotonic() + 120
         while sum(".done/" in o for o in objects(bucket, "run/")) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
             time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the driver and its Ray
-        out, err = proc.communicate(timeout=120)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the driver and its Ray
+            out, err = proc.communicate(timeout=120)
     finally:
-        kill_all(proc)
-    assert proc.returncode == 130 and f"saved to {url}; run extract again to resume" in err, err[-2000:]
-    assert "\x1b" not in out + err, (out + err)[-2000:]
-    info = json.loads(cli("info", url, "--json").output)
-    assert info["rows"] >= 2 and info["incomplete"] == [str(photos.resolve())], info
-    cli("extract", photos, "--cache", url, *RAY, "--shard-size", "1")
+        kill_all(proc)  # kill -9: the driver, then its Ray; else leftovers only
+    done = sum(".done/" in o for o in objects(bucket, "run/"))
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and f"saved to {url}; run extract again to resume" in err, err[-2000:]
+        assert "\x1b" not in out + err, (out + err)[-2000:]
+        info = json.loads(cli("info", url, "--json").output)
+        assert info["rows"] == done and info["incomplete"] == [str(photos.resolve())], info
+    else:
+        assert "run/features.h5" not in objects(bucket, "run/")
+        time.sleep(1.5)  # the dead driver's lease expires (1 s here): the rerun takes it over
+    again = cli("extract", photos, "--cache", url, *RAY, "--shard-size", "1").output
+    assert f"ray: {6 - done} of 6 input shards of 1 file run on 2 actors" in again, again
     cli("extract", photos, "--cache", tmp_path / "one.h5", *TINY, "--workers", "0")
     assert_same_rows(url, tmp_path / "one.h5")
     assert json.loads(cli("info", url, "--json").output)["incomplete"] == []
+
+
+def test_a_worker_killed_midway_is_retried_into_the_bucket(cli, ray, tmp_path: Path, photos: Path, bucket: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit 1's first attempt is SIGKILLed after a batch, unit 2's between its shard (still in the worker's folder)
+    and its marker: Ray restarts the actor (which clears the dead one's folder) and runs the unit again; the store
+    gets every row once, a one-process extract's rows."""
+    flags = [tmp_path / "killed-1", tmp_path / "killed-2"]
+    monkeypatch.setenv("CATDOG_RAY_KILL", f"1:batch:{flags[0]},2:marker:{flags[1]}")
+    url = f"s3://{bucket}/run/features.h5"
+    r = cli("extract", photos, "--cache", url, *TINY, *RAY, "--shard-size", "2")
+    assert all(f.exists() for f in flags) and "ray: 3 of 3 input shards" in r.output, r.output
+    assert sum(".shards/" in o for o in objects(bucket, "run/")) == 3  # the killed attempts uploaded nothing
+    assert not [p for p in ray.rglob("*") if p.is_file()]  # no worker folder keeps a shard
+    cli("extract", photos, "--cache", tmp_path / "one.h5", *TINY, "--workers", "0")
+    assert_same_rows(url, tmp_path / "one.h5")
