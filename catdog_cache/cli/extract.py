@@ -71,7 +71,7 @@ def extract_cmd(
                                "node) | ray (a Ray cluster: one retried task per input shard, resumable)."),
     ray_address: str | None = typer.Option(None, "--ray-address", show_default="$RAY_ADDRESS, else a local Ray",
                                            help="Ray cluster to run on (--engine ray)."),
-    shard_size: int | None = typer.Option(None, "--shard-size", show_default="1000",
+    shard_size: int | None = typer.Option(None, "--shard-size", show_default="a few per actor, 32 to 1000",
                                           help="Files per input shard: Ray's unit of work, retry and resume."),
     actors: int | None = typer.Option(None, "--actors", show_default="as many as the GPUs (or CPUs) hold",
                                       help="Backbone actors (--engine ray)."),
@@ -122,7 +122,8 @@ def extract_cmd(
         with folders_kept_only_if_used(local), Bar(quiet or as_json) as bar:
             r = extract(data_dir, local, cfg, progress=bar, prune=prune, strict=strict, checksum=checksum,
                         classes=names, engine=engine, ray=opts)
-    ray = {"shards": r.shards, "shards_run": r.shards_run, "actors": r.actors} if engine == "ray" else {}
+    ray = {"shards": r.shards, "shards_run": r.shards_run, "actors": r.actors, "shard_size": r.shard_size} \
+        if engine == "ray" else {}
     if as_json:
         print(to_json({"cache": str(cache), "rows": r.rows, "found": r.found, "extracted": r.extracted,
                        "reused": r.reused, "hashed": r.hashed, "failed": r.failed, "skipped": r.skipped,
@@ -144,7 +145,8 @@ def extract_cmd(
         others = ray["shards"] - ray["shards_run"]
         done = "" if not others else "; the other was done already" if others == 1 else \
             "; the others were done already"
-        out.print(f"ray: {ray['shards_run']:,} of {plural(ray['shards'], 'input shard')} run on "
+        size = f" of {plural(ray['shard_size'], 'file')}" if ray["shard_size"] else ""  # tar shards: as they are
+        out.print(f"ray: {ray['shards_run']:,} of {plural(ray['shards'], 'input shard')}{size} run on "
                   f"{plural(ray['actors'], 'actor')}{done}", highlight=False)
     elif ray:
         done = "the input shard was" if ray["shards"] == 1 else f"all {ray['shards']:,} input shards were"

@@ -5,11 +5,14 @@ classes), cuts the folder into units (folder_units.cut_folder), skips the units 
 rest to actors (ray_pool.py): one per GPU share (`num_gpus`, fractional allowed) or per `cpus_per_actor` CPUs. An actor
 whose process dies is restarted by Ray (its backbone rebuilt) and its call retried, up to `max_retries` times; a
 retried unit writes a cache shard of its own (folder_units.run_unit). When every unit is done the driver finishes the
-cache with extract/finish.py: the units' shards are listed in the index. Nothing here imports Ray until a run asks
-for it."""
+cache with extract/finish.py: the units' shards are listed in the index. A cache in a store (`--cache s3://...`):
+the driver works on its staging copy (store/staging.py), each worker writes its units into a folder of its own and
+uploads them (store/worker.py), and the driver takes them in from the store before it writes the index. Nothing here
+imports Ray until a run asks for it."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -32,13 +35,28 @@ from ..extract.folder_units import (
 )
 from ..extract.markers import marked, markers_dir, stale_markers
 from ..extract.plan import known_files, onto_cache_classes, removals
-from .ray_pool import KILL_HOOK, RayOptions, RayReport, connect, require_ray, resources_for, schedule
+from ..store.staging import stage_of
+from ..store.url import StoreURL
+from ..store.worker import WorkerStore
+from .ray_pool import (
+    KILL_HOOK,
+    RayOptions,
+    RayReport,
+    auto_shard_size,
+    connect,
+    disconnect,
+    expected_actors,
+    require_ray,
+    resources_for,
+    schedule,
+)
 
 
 def extract_ray_folder(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg: ExtractConfig,
                        opts: RayOptions, progress: Progress | None = None, prune: bool = False,
                        strict: bool = False, checksum: bool = False) -> RayReport:
-    """A folder's sorted file list in units of `opts.shard_size` files, one Ray task each (folder_units.py)."""
+    """A folder's sorted file list in units of `opts.shard_size` files (None: auto_shard_size for the folder and the
+    actors), one Ray task each (folder_units.py)."""
     t0 = time.perf_counter()
     cfg.check()
     opts.check()
@@ -50,12 +68,20 @@ def extract_ray_folder(data_dir: str | os.PathLike[str], cache: str | os.PathLik
     source = str(disc.root.resolve())
     report = RayReport(cache=spelled, found=len(disc.samples), skipped=disc.skipped, warnings=disc.warnings,
                        layout=disc.layout)
-    with lock_once(cache, None):  # the driver holds the lock for the run; its tasks write parts and markers only
+    # the driver holds the lock for the run; its tasks write parts and markers only
+    with lock_once(cache, None), contextlib.ExitStack() as stack:
         report.warnings += unlisted_warning(cache)
         had_cache = cache.exists()
         known = known_files(cache, prov, source)
         onto_cache_classes(disc, merge_classes(known.class_lists, str(cache)), cache)  # as the local engine
-        units = cut_folder(disc.root, disc.samples, source, prov, opts.shard_size, disc.classes, disc.stat)
+        size = opts.shard_size
+        if not size:  # every actor gets work: a few units each
+            actors, joined = expected_actors(cfg, opts)
+            if joined:  # a cluster joined to count its actors: left when the run ends
+                stack.callback(disconnect, require_ray())
+            size = auto_shard_size(len(disc.samples), actors)
+        report.shard_size = size
+        units = cut_folder(disc.root, disc.samples, source, prov, size, disc.classes, disc.stat)
         # --checksum: every unit runs, and its task hashes every known file
         todo = [s for s in units if checksum or not unit_done(cache, s, known)]
         report.shards, report.shards_run = len(units), len(todo)
@@ -100,10 +126,14 @@ class FolderActor:
     """A Ray actor's state: the backbone, built once per actor process (again after a restart)."""
 
     def __init__(self, cfg: ExtractConfig, prov: Provenance, root: str, cache: str, source: str, run_id: str,
-                 workers: int, threads: int, kill_hook: str, scan_ns: int = 0, checksum: bool = False) -> None:
+                 workers: int, threads: int, kill_hook: str, scan_ns: int = 0, checksum: bool = False,
+                 store: StoreURL | None = None) -> None:
         os.environ.setdefault("CATDOG_EXTRACT_THREADS", str(threads))  # this actor's CPUs, not the whole node's
         self.cfg = dataclasses.replace(cfg, workers=workers)
-        self.prov, self.root, self.cache, self.source, self.run_id = prov, Path(root), Path(cache), source, run_id
+        # a cache on object storage: units write into this worker's own folder and are uploaded from here
+        self.store = WorkerStore(store) if store is not None else None
+        self.prov, self.root, self.source, self.run_id = prov, Path(root), source, run_id
+        self.cache = self.store.cache if self.store else Path(cache)
         self.kill_hook, self.scan_ns, self.checksum = kill_hook, scan_ns, checksum
         self.model: torch.nn.Module | None = None
 
@@ -113,22 +143,28 @@ class FolderActor:
             require_same(self.cfg.provenance(), self.prov, "this Ray worker's backbone", "the driver's")
             self.model = self.cfg.resolve().build(self.cfg.weights)
         delay = float(os.environ.get("CATDOG_BATCH_DELAY", "0"))  # test hook, as the tar runner's: a slower shard
-        time.sleep(delay * -(-len(unit.samples) // self.cfg.batch_size))  # one delay per batch, as one process
-        return run_unit(unit, self.root, self.cache, self.cfg, self.prov, self.source, self.run_id, known,
-                         reasons, self.model, self.kill_hook, self.scan_ns, self.checksum)
+        if delay:  # one delay per batch, as one process (batch size 0: auto, 16 on a CPU)
+            time.sleep(delay * -(-len(unit.samples) // (self.cfg.batch_size or 16)))
+        result = run_unit(unit, self.root, self.cache, self.cfg, self.prov, self.source, self.run_id, known,
+                          reasons, self.model, self.kill_hook, self.scan_ns, self.checksum)
+        if self.store:
+            self.store.upload()  # its shard, then its marker: the unit is done in the store
+        return result
 
 
 def _run(ray: Any, units: list[FolderUnit], root: Path, cache: Path, cfg: ExtractConfig, prov: Provenance,
          source: str, known: Any, opts: RayOptions, report: RayReport, progress: Progress | None,
          scan_ns: int = 0, checksum: bool = False) -> list[UnitResult]:
     started = connect(ray, opts.address)
+    stage = stage_of(cache)  # a cache on object storage: the workers upload their own shards
     try:
         per_gpu, n, workers, threads = resources_for(ray, cfg, opts, len(units))
         actor = ray.remote(num_cpus=opts.cpus_per_actor, num_gpus=per_gpu, max_restarts=opts.max_retries,
                            max_task_retries=opts.max_retries)(FolderActor)
         run_id = f"{time.time_ns():020d}-ray"
         pool = [actor.remote(cfg, prov, str(root), str(cache), source, run_id, workers, threads,
-                             os.environ.get(KILL_HOOK, ""), scan_ns, checksum) for _ in range(n)]
+                             os.environ.get(KILL_HOOK, ""), scan_ns, checksum, stage.share() if stage else None)
+                for _ in range(n)]
         report.actors = n
 
         def call(a: Any, s: FolderUnit) -> Any:
@@ -140,6 +176,8 @@ def _run(ray: Any, units: list[FolderUnit], root: Path, cache: Path, cfg: Extrac
         return schedule(ray, pool, units, call, lambda s: f"unit {s.index} of the folder (from {s.samples[0].rel!r})",
                          lambda s: len(s.samples), progress)
     finally:
-        if started:
-            ray.shutdown()
+        if started:  # first: Ray's own messages about the killed actors' tasks end with it (a Ctrl-C)
+            disconnect(ray)
+        if stage:  # what the workers uploaded, into the driver's copy: its markers say what is done
+            stage.collect()
 

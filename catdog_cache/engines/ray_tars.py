@@ -5,7 +5,8 @@ driver plans exactly as the local engine does (plan.plan_tars: provenance, marke
 unfinished tar to an actor holding the backbone, and finishes the index from the markers with extract/finish.py. A
 retried tar writes shards of its own (a fresh run id per attempt); rows a killed attempt saved are superseded by the
 retry's (later shards win), never read twice. The tars are read where they are (local paths the workers share, or
-fsspec URLs); the cache must be on a file system every node shares."""
+fsspec URLs); the cache on a file system every node shares, or in a store (each worker uploads its own shards and
+markers, store/worker.py; the driver takes them in before it writes the index)."""
 
 from __future__ import annotations
 
@@ -28,17 +29,23 @@ from ..extract.plan import plan_tars, tar_classes
 from ..extract.tar_units import TarResult, extract_tar_list
 from ..extract.tars import failure_name, outcome, refuse_nothing_read, tally, unfinished
 from ..sources.spec import Identity, resolve_inputs
-from .ray_pool import KILL_HOOK, RayReport, connect, require_ray, resources_for, schedule
+from ..store.staging import stage_of
+from ..store.url import StoreURL
+from ..store.worker import WorkerStore
+from .ray_pool import KILL_HOOK, RayReport, connect, disconnect, require_ray, resources_for, schedule
 
 
 class TarActor:
     """A Ray actor's state: the backbone, built once per actor process (again after a restart)."""
 
     def __init__(self, cfg: ExtractConfig, prov: Provenance, cache: str, workers: int, threads: int,
-                 classes: tuple[str, ...], kill_hook: str) -> None:
+                 classes: tuple[str, ...], kill_hook: str, store: StoreURL | None = None) -> None:
         os.environ.setdefault("CATDOG_EXTRACT_THREADS", str(threads))  # this actor's CPUs, not the whole node's
         self.cfg = dataclasses.replace(cfg, workers=workers)
-        self.prov, self.cache, self.classes, self.kill_hook = prov, Path(cache), classes, kill_hook
+        # a cache on object storage: tars write into this worker's own folder and are uploaded from here
+        self.store = WorkerStore(store) if store is not None else None
+        self.prov, self.classes, self.kill_hook = prov, classes, kill_hook
+        self.cache = self.store.cache if self.store else Path(cache)
         self.model: torch.nn.Module | None = None
 
     def run(self, index: int, source: str, ident: Identity, track: bool) -> TarResult:
@@ -50,8 +57,11 @@ class TarActor:
         def after_part() -> None:  # test hook: the first attempt dies between a part and the shard's marker
             maybe_die(self.kill_hook, index, "part")
 
-        return extract_tar_list([source], [ident], self.cache, self.cfg, model=self.model, track={0} if track else
-                                  set(), tag=f"-ray{index}", classes=self.classes, after_part=after_part)[0]
+        result = extract_tar_list([source], [ident], self.cache, self.cfg, model=self.model, track={0} if track
+                                  else set(), tag=f"-ray{index}", classes=self.classes, after_part=after_part)[0]
+        if self.store:
+            self.store.upload()  # its shards, then its marker: the tar is done in the store
+        return result
 
 
 def extract_ray_tars(spec: str | os.PathLike[str], cache: str | os.PathLike[str], cfg: ExtractConfig, opts: Any,
@@ -100,12 +110,13 @@ def _run(ray: Any, shards: list[str], todo: list[int], idents: list[Identity], h
          progress: Progress | None) -> list[TarResult]:
     """The shards `todo` (indexes into `shards`) on a pool of actors, one task each."""
     started = connect(ray, opts.address)
+    stage = stage_of(cache)  # a cache on object storage: the workers upload their own shards
     try:
         per_gpu, n, workers, threads = resources_for(ray, cfg, opts, len(todo))
         actor = ray.remote(num_cpus=opts.cpus_per_actor, num_gpus=per_gpu, max_restarts=opts.max_retries,
                            max_task_retries=opts.max_retries)(TarActor)
-        pool = [actor.remote(cfg, prov, str(cache), workers, threads, names,
-                             os.environ.get(KILL_HOOK, "")) for _ in range(n)]
+        pool = [actor.remote(cfg, prov, str(cache), workers, threads, names, os.environ.get(KILL_HOOK, ""),
+                             stage.share() if stage else None) for _ in range(n)]
         report.actors = n
 
         def call(a: Any, i: int) -> Any:
@@ -113,5 +124,7 @@ def _run(ray: Any, shards: list[str], todo: list[int], idents: list[Identity], h
 
         return schedule(ray, pool, todo, call, lambda i: f"tar shard {shards[i]}", lambda i: 1, progress, "shards")
     finally:
-        if started:
-            ray.shutdown()
+        if started:  # first: Ray's own messages about the killed actors' tasks end with it (a Ctrl-C)
+            disconnect(ray)
+        if stage:  # what the workers uploaded, into the driver's copy: its markers say what is done
+            stage.collect()

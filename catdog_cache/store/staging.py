@@ -7,7 +7,11 @@ The order of a writer's uploads keeps the store a state a local run could have l
 unit's shards (markers are listed before shards, so a marker seen was written after the shards it names), the index
 after every shard it lists, and objects it stops listing removed only after it. An upload cut short leaves the old
 index; the next run pulls the store as it is (files never stored are dropped) and redoes what is missing, so every
-row is there exactly once."""
+row is there exactly once.
+
+With `--engine ray` the workers write the shards: each uploads its own, then its markers, straight to the store
+(store/worker.py); the driver's staging copy takes them in from the store (`Stage.collect`) before it writes the index
+from them, and uploads that last, as above."""
 
 from __future__ import annotations
 
@@ -16,9 +20,10 @@ import errno
 import os
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CacheBusy, CacheError, InputError
+from ..errors import CacheBusy, CacheError, CatdogError, InputError
 from ..files import printable, short
 from .lease import take_lease
 from .mirror import Mirror, StoreError
@@ -77,7 +82,7 @@ class Uploader:
                 return
 
     def finish(self) -> None:
-        """Stop the thread; the last sweep. Raises the first upload failure."""
+        """Stop the thread; the last sweep. Raises the first upload failure. Called again: one more sweep."""
         self.stopping.set()
         self.thread.join()
         if self.error is None:
@@ -88,6 +93,37 @@ class Uploader:
         self.mirror.save_manifest()
         if self.error is not None:
             raise self.error
+
+
+@dataclass
+class Stage:
+    """A writer's staging copy in use: the store, the local copy, what uploads the copy's new files."""
+
+    loc: StoreURL
+    local: Path
+    mirror: Mirror
+    uploader: Uploader
+    foreign: bool = False  # workers elsewhere may have uploaded objects this copy lacks (taken in by collect)
+
+    def share(self) -> StoreURL:
+        """The store for workers that upload their own shards and markers (store/worker.py)."""
+        self.foreign = True
+        return self.loc
+
+    def collect(self) -> None:
+        """After the workers: their shards and markers, from the store into the local copy (the index is written
+        from them), once this copy's own uploads are done. Raises StoreError as one line."""
+        self.uploader.finish()
+        self.mirror.pull()
+        self.foreign = False
+
+
+_ACTIVE: dict[Path, Stage] = {}  # the staging copies this process writes now, by their index's path
+
+
+def stage_of(cache: Path) -> Stage | None:
+    """The staging copy whose index is `cache`, while `staged` holds it; None for any other path (a local cache)."""
+    return _ACTIVE.get(Path(os.path.abspath(cache)))
 
 
 @contextlib.contextmanager
@@ -103,14 +139,22 @@ def staged(loc: StoreURL) -> Iterator[Path]:
             mirror = Mirror(fs, base, local, loc.url, lease.check if lease else None)
             mirror.pull()
             uploader = Uploader(mirror).start()
+            stage = _ACTIVE[Path(os.path.abspath(local))] = Stage(loc, local, mirror, uploader)
             try:
                 yield local
+            except CatdogError as e:  # a message naming the staging copy names the cache as the user gave it
+                if str(local) not in str(e):
+                    raise
+                raise type(e)(str(e).replace(str(local), short(printable(loc.url)))) from None
             finally:
+                _ACTIVE.pop(Path(os.path.abspath(local)), None)
                 try:
                     uploader.finish()
                     if lease:
                         lease.renew()  # still ours, for another lease period: the index is written under it
-                    if mirror.push(""):  # the index: one object, after every shard it lists
+                    # the index: one object, after every shard it lists; then the objects it no longer lists, unless
+                    # workers uploaded objects this copy has not taken in (they are not extras: the next run adopts)
+                    if mirror.push("") and not stage.foreign:
                         mirror.remove_extras()
                     mirror.save_manifest()
                 except StoreError as e:
@@ -143,15 +187,15 @@ def readable_cache(value: CacheLocation | BadCache | str | os.PathLike[str]) -> 
 @contextlib.contextmanager
 def writable_cache(value: CacheLocation | BadCache | str | os.PathLike[str], command: str = "extract",
                    engine: str = "local") -> Iterator[Path]:
-    """--cache for a writer: a local path as it is; a store URL staged (`staged`). The engines that cannot write
-    into a store yet are refused in one line."""
+    """--cache for a writer: a local path as it is; a store URL staged (`staged`; under --engine ray the workers
+    upload their shards themselves). torchrun cannot write into a store yet: refused in one line."""
     loc = check_location(value)
     if not isinstance(loc, StoreURL):
         yield loc
         return
-    if engine != "local" or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        what = f"--engine {engine}" if engine != "local" else "torchrun"
+    if engine not in ("local", "ray") or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        what = f"--engine {engine}" if engine not in ("local", "ray") else "torchrun"
         raise InputError(f"{command} --cache {short(printable(loc.url))}: {what} cannot write into object storage "
-                         "yet; the local engine (one process) does")
+                         "yet; the local engine (one process) and --engine ray do")
     with staged(loc) as local:
         yield local

@@ -217,9 +217,11 @@ def test_ctrl_c_leaves_a_described_cache_and_the_rerun_finishes(engine, source, 
     try:
         wait_for_a_unit(proc, engine, source, cache)
         os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground group (Ray's processes too)
-        _, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=120)
     finally:
         kill_all(proc)  # leftovers only (Ray's agents may outlive a driver)
+    # Ray's own lines ("(raylet) Task FolderActor.run failed...", coloured) stay out of a piped output
+    assert "\x1b" not in out + err and "(raylet)" not in out + err, (out + err)[-2000:]
     # torchrun's launcher exits 1 with its own traceback; its ranks, as every other extract, say what was saved
     assert proc.returncode == (1 if engine == "torchrun" else 130), err[-2000:]
     assert "interrupted: " in err and "saved to" in err and "run extract again to resume" in err, err[-2000:]
