@@ -31,7 +31,10 @@ def compact_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_d
     if path is not None and cache is not None and path != cache:
         raise CatdogError(f"compact: the cache {path} and --cache {cache} differ; give one")
     # a symlinked cache is compacted where it points
-    cache = local_cache(path or cache or Path("cache/features.h5"), "compact").resolve()
+    # a store cache's compaction would upload a merged shard, then an index, then remove the old objects: a
+    # writer's staging and lease, not built for compact yet
+    cache = local_cache(path or cache or Path("cache/features.h5"), "compact",
+                        "compacting a cache on object storage rewrites its objects: not supported yet").resolve()
     with locked(cache):
         before, after = compact(cache, versions(), single=single)
     what = "one file" if single else plural(after, "shard")

@@ -56,12 +56,13 @@ def predict_cmd(
     """Label a folder or tar shards with the head; their features are cached, so the next head costs no backbone
     pass."""
     from ..fit import DEFAULT_HEAD
-    from ..store.url import local_cache
+    from ..store.url import check_location
     from .precheck import predict_inputs
 
-    cache = [local_cache(c, "predict") for c in cache] if cache else None  # predict also writes its cache
+    cache = [check_location(c) for c in cache] if cache else None  # a store URL: only read (scoring_caches)
 
-    predict_inputs(data_dir, head or DEFAULT_HEAD, out_csv, submission, model, cache or [])  # before torch's import
+    predict_inputs(data_dir, head or DEFAULT_HEAD, out_csv, submission, model,
+                   [c for c in cache or [] if isinstance(c, Path)])  # before torch's import
     from ..score.predict import predict
 
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks (and writes) for all

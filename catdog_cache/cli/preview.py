@@ -44,9 +44,9 @@ def preview_cmd(
     """A picture grid of images with their predicted label and probability; wrong ones framed red."""
     from ..fit import DEFAULT_HEAD
     from ..score.preview import preview
-    from ..store.url import local_cache
+    from ..store.url import check_location
 
-    cache = [local_cache(c, "preview") for c in cache] if cache else None
+    cache = [check_location(c) for c in cache] if cache else None  # a store URL: only read (scoring_caches)
 
     with Bar(quiet) as bar:
         r = preview(data_dir, head or DEFAULT_HEAD, out_png, n, weights, device, worst, split, cache,

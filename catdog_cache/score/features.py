@@ -1,6 +1,8 @@
 """An input's features in the head's caches: which cache (the head's training cache when it already holds the
 input, else one beside the head named for the input and the features), extracted through extract when the read-only
-plan says something is missing, never added to a training cache."""
+plan says something is missing, never added to a training cache. A cache on object storage (`--cache s3://...`) is
+read through its local copy and never added to either: scoring writes nothing to a store (its rows come from
+`extract --cache URL`, whose staging, lease and upload order keep the store consistent)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from ..extract.config import ExtractConfig, Progress
 from ..extract.plan import pending
 from ..extract.plan import up_to_date as nothing_to_read
 from ..files import plausible_file, printable, same_file
+from ..store.staging import read_copy
+from ..store.url import BadCache, StoreURL, check_location
 from .inputs import ScoreInput, score_input
 from .scorer import Loaded
 
@@ -80,12 +84,37 @@ def unlinked(cache: Path) -> Path:
     return cache
 
 
+CacheValue = str | os.PathLike[str] | StoreURL | BadCache
+
+
+def scoring_caches(value: CacheValue | list[CacheValue] | None, data: str) -> tuple[list[Path], dict[Path, str]]:
+    """predict's and preview's --cache values: local paths as given; a cache on object storage as its read-through
+    local copy (store/staging.read_copy: downloaded or checked against the store now), with {local copy: URL} for
+    cached_features (it only reads those) and for what the command says. `data`: the input, named in the refusal
+    of a URL with no cache behind it."""
+    values = [] if value is None or value == "" else \
+        [value] if isinstance(value, str | os.PathLike | StoreURL | BadCache) else list(value)
+    paths: list[Path] = []
+    stores: dict[Path, str] = {}
+    for v in values:
+        loc = check_location(v)
+        if isinstance(loc, StoreURL):
+            local = read_copy(loc, _shell_arg(printable(data)))
+            stores[local] = loc.url
+            loc = local
+        paths.append(loc)
+    return paths, stores
+
+
 def cached_features(loaded: Loaded, head_path: Path, data_dir: str | os.PathLike[str] | ScoreInput,
                     caches: list[Path] | None, device: str, batch_size: int, workers: int, progress: Progress | None,
-                    stage: str, explicit: bool | None = None) -> tuple[list[Path], int]:
+                    stage: str, explicit: bool | None = None, stores: dict[Path, str] | None = None
+                    ) -> tuple[list[Path], int]:
     """Make sure the input's features are cached for each backbone of the head (extracting only what is new or
     changed, through extract itself); returns the caches and how many images went through a backbone. A cache that
-    already holds the whole input is only read: no lock, so heads on read-only media and concurrent predicts work."""
+    already holds the whole input is only read: no lock, so heads on read-only media and concurrent predicts work.
+    `stores`: caches that are local copies of a store's ({copy: URL}, scoring_caches): read when they hold the whole
+    input unchanged, else refused (extract adds to a store cache)."""
     inp = score_input(data_dir)
     n = max(len(loaded.members), 1)
     if caches and len(caches) != n:
@@ -98,7 +127,10 @@ def cached_features(loaded: Loaded, head_path: Path, data_dir: str | os.PathLike
     for i, cache in enumerate(caches):
         cfg = loaded.config(device, batch_size, workers, member=i)
         if explicit:
-            _check_provenance(cache, cfg.provenance(), head_path, stage)
+            _check_provenance(cache, cfg.provenance(), head_path, stage, (stores or {}).get(cache, ""))
+        if stores and cache in stores:
+            _check_in_store(cache, inp, stores[cache], stage, relabel, cfg.provenance())
+            continue
         if any(same_file(cache, t) for t in trained):  # scoring reads a training cache, never adds to it
             _check_covered(cache, inp, head_path, explicit, relabel, cfg.provenance())
             continue
@@ -161,15 +193,49 @@ def training_caches(meta: dict) -> list[Path]:
     return [Path(c) for c in recorded if isinstance(c, str) and c]
 
 
-def _check_provenance(cache: Path, want: Provenance, head_path: Path, stage: str) -> None:
-    """A --cache of other features, worded for predict/preview (extract's own refusal speaks of extract flags)."""
+def _check_provenance(cache: Path, want: Provenance, head_path: Path, stage: str, url: str = "") -> None:
+    """A --cache of other features, worded for predict/preview (extract's own refusal speaks of extract flags);
+    `url`: the store URL whose local copy `cache` is."""
     if not cache.exists() or cache.is_dir():
         return
     diffs = read_index(cache).provenance.differences(want, "the cache", "the head")
     if diffs:
-        raise ProvenanceMismatch(f"--cache {cache} holds features made differently from the ones head {head_path} was "
-                                 f"trained on ({'; '.join(diffs)}): give {stage} a cache of this head's features, or "
-                                 "drop --cache (the features then go beside the head)")
+        raise ProvenanceMismatch(f"--cache {printable(url) or cache} holds features made differently from the ones "
+                                 f"head {head_path} was trained on ({'; '.join(diffs)}): give {stage} a cache of this "
+                                 "head's features, or drop --cache (the features then go beside the head)")
+
+
+def _missing(cache: Path, inp: ScoreInput, prov: Provenance, progress: Progress | None) -> str:
+    """What a cache lacks of the input with these features (extract.plan.pending, read-only, on the cache's own
+    index), said as a clause about "it"; "" when it holds the whole input unchanged."""
+    left = pending(inp.spec, cache, prov, progress, None if inp.tars else inp.discovery(), inp.shards, parts=False)
+    if not left:
+        return ""
+    data = printable(inp.spec)
+    if left.other:
+        return f"it cannot vouch for {data} ({left.other})"
+    if inp.tars:
+        return f"{left.new:,} of the {left.total:,} shards of {data} are not in it as they are now"
+    if left.new:
+        return f"{left.new:,} of the {left.total:,} images of {data} are not in it"
+    return f"{left.changed:,} images of {data} changed since it was extracted"
+
+
+def _shell_arg(data: str) -> str:
+    return f"'{data}'" if any(c in data for c in "{ ") else data  # a brace pattern quoted for the shell
+
+
+def _check_in_store(cache: Path, data_dir: str | os.PathLike[str] | ScoreInput, url: str, stage: str,
+                    progress: Progress | None, prov: Provenance) -> None:
+    """A store cache (read through its local copy `cache`) that holds the whole input unchanged with the head's
+    features is scored from; anything else is refused: adding rows to a store takes a writer (extract's staging copy,
+    its lease, its upload order), and scoring only reads."""
+    inp = score_input(data_dir)
+    what = _missing(cache, inp, prov, progress)
+    if what:
+        url = printable(url)
+        raise InputError(f"--cache {url}: {what}; {stage} reads a cache on object storage but never adds to it: run "
+                         f"`catdog-cache extract {_shell_arg(printable(inp.spec))} --cache {url}` first")
 
 
 def _check_covered(cache: Path, data_dir: str | os.PathLike[str] | ScoreInput, head_path: Path, explicit: bool,
@@ -179,24 +245,16 @@ def _check_covered(cache: Path, data_dir: str | os.PathLike[str] | ScoreInput, h
     leaking into training)."""
     inp = score_input(data_dir)
     prov = prov if prov is not None else read_index(cache).provenance
-    left = pending(inp.spec, cache, prov, progress, None if inp.tars else inp.discovery(), inp.shards, parts=False)
-    if not left:
+    what = _missing(cache, inp, prov, progress)
+    if not what:
         return
     data = printable(inp.spec)
-    if left.other:
-        what = f"it cannot vouch for {data} ({left.other})"
-    elif inp.tars:
-        what = f"{left.new:,} of the {left.total:,} shards of {data} are not in it as they are now"
-    elif left.new:
-        what = f"{left.new:,} of the {left.total:,} images of {data} are not in it"
-    else:
-        what = f"{left.changed:,} images of {data} changed since it was extracted"
     if explicit:
         raise InputError(f"--cache {cache} is the cache head {head_path} was trained on and {what}; scoring never "
                          "adds images to a training cache (the next fit would train on them): drop --cache (the "
                          "features then go beside the head); adding labeled inputs to a training cache is "
                          "`catdog-cache extract`'s job")
-    arg = f"'{data}'" if any(c in data for c in "{ ") else data  # a brace pattern quoted for the shell
+    arg = _shell_arg(data)
     raise InputError(f"{data} is in the training cache {cache} of head {head_path}, but {what}; scoring never adds "
                      f"to a training cache: run `catdog-cache extract {arg} --cache {cache}` first (the next fit "
                      "trains on them), or give --cache NEW.h5 to score the input apart")

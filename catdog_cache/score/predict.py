@@ -21,12 +21,12 @@ from ..cache.format import CAT_DOG
 from ..errors import CacheError, InputError
 from ..extract.config import Progress
 from ..extract.forward import run_dataset, run_features
-from ..files import as_paths, check_outputs, printable
+from ..files import check_outputs, printable
 from ..fit import DEFAULT_HEAD, log_loss
 from ..fit.calibration import clip_probs, worst_rows
 from ..fit.head import is_cat_dog
 from ..sources.folder import Discovery
-from .features import cached_features, default_cache
+from .features import cached_features, default_cache, scoring_caches
 from .inputs import ScoreInput, folder_samples, score_input
 from .outputs import (
     check_submission,
@@ -52,7 +52,8 @@ class PredictReport:
     submission: Path | None = None
     seconds: float = 0.0
     views: tuple[str, ...] = ("center",)
-    cache: list[Path] | None = None  # where the input's features are cached (None with --model)
+    cache: list[Path | str] | None = None  # where the input's features are cached (a store's: its URL; None
+    # with --model)
     extracted: int = 0  # images that went through the backbone in this run
     neutral: list[str] = field(default_factory=list)  # files given 0.5 in the submission (could not be predicted)
     classes: list[str] = field(default_factory=lambda: list(CAT_DOG))  # the head's classes
@@ -97,15 +98,15 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
     out = Path(out)
     head_path = Path(head_path or DEFAULT_HEAD)
     submission = Path(submission) if submission else None
-    caches = as_paths(cache)
+    if model_path and cache:  # before a store cache's download
+        raise InputError("--cache and --model: an exported model reads images, not caches; drop --cache")
+    caches, stores = scoring_caches(cache, os.fspath(data_dir))  # a store URL: its local copy, only read
     confusion_path = confusion_plot_path(out)
     check_outputs({"--out": out, "--submission": submission, "the confusion matrix": confusion_path},
                   {"--head": head_path, "--model": Path(model_path) if model_path else None,
                    **{f"--cache {c}": c for c in caches}})
     inp = score_input(data_dir)
     disc = None if inp.tars else folder_samples(inp)  # a folder's one walk, passed along from here
-    if model_path and caches:
-        raise InputError("--cache and --model: an exported model reads images, not caches; drop --cache")
     loaded = load_exported(model_path) if model_path else load_scorer(head_path, weights_file, backbone=False)
     named = model_path or head_path  # the file the classes came from, for the refusals
     if submission:
@@ -123,7 +124,7 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
         check_outputs({"--out": out, "--submission": submission, "the confusion matrix": confusion_path},
                       {f"the feature cache {c}": c for c in planned})
         used, extracted = cached_features(loaded, head_path, inp, planned, device, batch_size, workers,
-                                          progress, "predict", explicit=bool(caches))
+                                          progress, "predict", explicit=bool(caches), stores=stores)
         scored = score_cached(loaded, used, inp, tta)
     if submission and inp.tars:  # a shard's keys are known once it is read: checked after extraction (cached)
         ids = key_ids(list(zip(scored.keys + scored.failed_keys, scored.rels + [f for f, _ in scored.failed],
@@ -145,7 +146,8 @@ def predict(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str] 
     if main:
         write_predictions(out, rows, scored.labels, loaded.classes)
     report = PredictReport(out, rows, scored.labels, scored.failed, disc.skipped if disc else [], submission,
-                           time.perf_counter() - t0, views, used, extracted, neutral, loaded.classes,
+                           time.perf_counter() - t0, views, [stores.get(c, c) for c in used] if used else None,
+                           extracted, neutral, loaded.classes,
                            random_weights_note([p.weights for p, _ in loaded.members] or [loaded.provenance.weights]))
     if main:
         report.confusion_plot = draw_confusion(report, confusion_path, f"{Path(inp.spec.rstrip('/')).name} scored "

@@ -13,12 +13,12 @@ import numpy as np
 from ..backbone import random_weights_note
 from ..errors import InputError
 from ..extract.config import Progress
-from ..files import as_paths, check_outputs, plural, printable, read_regular, same_file
+from ..files import check_outputs, plural, printable, read_regular, same_file
 from ..fit import split
 from ..sources.decode import MAX_FILE_BYTES, DecodeError, decode_rgb
 from ..sources.spec import open_tar
 from ..sources.tars import read_samples
-from .features import cached_features
+from .features import cached_features, scoring_caches
 from .inputs import ScoreInput, folder_samples, score_input
 from .rows import Scored, onto_head_classes, score_cached
 from .scorer import load_scorer
@@ -123,7 +123,8 @@ def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
         raise InputError(f"--n must be at least 1 and --worst at least 0, got {n} and {worst}")
     if which not in SPLITS:
         raise InputError(f"--split: expected {', '.join(SPLITS)}, got {which!r}")
-    head_path, out, caches = Path(head_path), Path(out), as_paths(cache)
+    head_path, out = Path(head_path), Path(out)
+    caches, stores = scoring_caches(cache, os.fspath(data_dir))  # a store URL: its local copy, only read
     check_outputs({"--out": out}, {"--head": head_path, **{f"--cache {c}": c for c in caches}})
     inp = score_input(data_dir)
     data_dir = printable(inp.spec)
@@ -132,7 +133,8 @@ def preview(data_dir: str | os.PathLike[str], head_path: str | os.PathLike[str],
     weights_note = random_weights_note([p.weights for p, _ in loaded.members] or [loaded.provenance.weights])
     if disc:
         onto_head_classes(disc, loaded.classes, head_path)
-    used, _ = cached_features(loaded, head_path, inp, caches or None, device, 0, -1, progress, "preview")
+    used, _ = cached_features(loaded, head_path, inp, caches or None, device, 0, -1, progress, "preview",
+                              stores=stores)
     scored = score_cached(loaded, used, inp, tta=False)
     if not scored.rels:
         first = f"; first failure: {scored.failed[0][0]!r}: {scored.failed[0][1]}" if scored.failed else ""

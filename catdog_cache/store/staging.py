@@ -165,15 +165,16 @@ def staged(loc: StoreURL) -> Iterator[Path]:
                 lease.give_back()
 
 
-def read_copy(loc: StoreURL) -> Path:
-    """A local copy of a store cache for readers (info, fit): the index and shards downloaded once, validated by
-    size and ETag/modification time on every call and downloaded again only where the store's object changed."""
+def read_copy(loc: StoreURL, source: str = "INPUT") -> Path:
+    """A local copy of a store cache for readers (info, fit, predict, preview): the index and shards downloaded
+    once, validated by size and ETag/modification time on every call and downloaded again only where the store's
+    object changed. `source`: the input the refusal of a missing cache tells the user to extract."""
     fs, base = store_fs(loc)
     local = local_copy_path(loc, "read")
     with _folder_lock(local.parent, loc.url, wait=True):
         Mirror(fs, base, local, loc.url).pull()
     if not local.is_file():
-        raise CacheError(f"no cache at {short(printable(loc.url))}: run `catdog-cache extract INPUT --cache "
+        raise CacheError(f"no cache at {short(printable(loc.url))}: run `catdog-cache extract {source} --cache "
                          f"{short(printable(loc.url))}` first")
     return local
 

@@ -23,7 +23,7 @@ _LOST_SLASH = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")
 _KNOWN = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "http", "https", "memory", "hf", "oci", "oss",
           "r2", "webdav", "sftp", "ftp", "hdfs", "file", "local"}
 # Who reads and writes a cache on object storage (the refusal of the others names them); "" while none does.
-STORE_COMMANDS = "extract (local engine or --engine ray), info and fit"
+STORE_COMMANDS = "extract (local engine or --engine ray), info, fit, predict and preview"
 
 
 @dataclass(frozen=True)
@@ -103,12 +103,15 @@ def check_location(value: CacheLocation | BadCache | str | os.PathLike[str]) -> 
     return cache_location(value.text if isinstance(value, BadCache) else value)
 
 
-def local_cache(value: CacheLocation | BadCache | str | os.PathLike[str], command: str) -> Path:
-    """For a command (or an engine) that needs --cache on a local disk: the path, or one line saying what works."""
+def local_cache(value: CacheLocation | BadCache | str | os.PathLike[str], command: str, why: str = "") -> Path:
+    """For a command (or an engine) that needs --cache on a local disk: the path, or one line saying why (`why`)
+    and what works."""
     loc = check_location(value)
     if isinstance(loc, StoreURL):
         works = f"works with {STORE_COMMANDS} (a local copy is read)" if STORE_COMMANDS else "is not supported yet"
-        raise InputError(f"{command} --cache {short(printable(loc.url))}: {command} needs a cache on a local disk; "
+        why = f" ({why})" if why else ""
+        raise InputError(f"{command} --cache {short(printable(loc.url))}: {command} needs a cache on a local disk"
+                         f"{why}; "
                          f"a cache on object storage ({loc.protocol}://) {works}: give a local path")
     return loc
 
