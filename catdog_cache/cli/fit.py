@@ -71,6 +71,7 @@ def fit_cmd(
                                     "class) scored as the validation set instead of the --val-fraction split; its "
                                     "features are cached beside the head, as predict caches a folder's."),
     val_cache: list[Path] | None = typer.Option(None, "--val-cache", metavar="PATH", show_default="beside the head",
+                                                parser=cache_arg,
                                                 help="Where --val's features are cached; once per --cache."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
@@ -87,6 +88,10 @@ def fit_cmd(
         raise InputError(f"fit --cache {urls[0]}: give --head PATH (a local file): the head is not written to the "
                          "store")
 
+    for v in val_cache or []:
+        if isinstance(check_location(v), StoreURL):  # the folder's features are written there: a local file
+            raise InputError(f"fit --val-cache {printable(str(v))}: give a local path (or leave --val-cache out: "
+                             "the validation features go beside the head)")
     cfg = FitConfig(epochs, batch_size, lr, dropout, val_fraction, seed, augment, hidden_sizes(hidden), keep,
                     weight_decay)
     cfg.check()  # options and files before torch's import: mistakes answered at once

@@ -124,3 +124,11 @@ def test_without_fsspec_the_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setitem(sys.modules, "fsspec.registry", None)
     with pytest.raises(InputError, match=r"needs fsspec: pip install 'catdog-cache\[remote\]'"):
         store_fs(StoreURL("s3://b/f.h5", "s3"))
+
+
+def test_a_val_cache_url_is_refused_in_one_line(cli, tmp_path: Path, photos: Path) -> None:
+    """fit --val-cache is written to: a URL there is refused, never made a local `s3:` folder."""
+    r = cli("fit", "--val", photos, "--val-cache", "s3://b/run/val.h5", "--head", tmp_path / "h.pt", ok=False)
+    assert r.exit_code == 1 and len(lines(r.output)) == 1, r.output
+    assert "--val-cache s3://b/run/val.h5: give a local path" in r.output, r.output
+    _no_scheme_folder(tmp_path)
