@@ -30,6 +30,7 @@ from .mirror import Mirror, StoreError
 from .url import BadCache, CacheLocation, StoreURL, check_location, local_copy_path, store_fs
 
 POLL_SECONDS = 0.2  # between the uploader's looks at the staging folder
+AGAIN = {"extract": " (it extracts what the store lacks)", "compact": " (the store's cache reads as before it)"}
 
 
 @contextlib.contextmanager
@@ -127,7 +128,7 @@ def stage_of(cache: Path) -> Stage | None:
 
 
 @contextlib.contextmanager
-def staged(loc: StoreURL) -> Iterator[Path]:
+def staged(loc: StoreURL, command: str = "extract") -> Iterator[Path]:
     """The local staging copy of a store cache for one writer: pulled on entry, pushed shard by shard while the
     caller writes it, the index last on exit (also when the run stops early: what it saved is a consistent cache).
     An upload that fails stops the uploads (the store keeps its old index) and is raised as one line."""
@@ -158,8 +159,8 @@ def staged(loc: StoreURL) -> Iterator[Path]:
                         mirror.remove_extras()
                     mirror.save_manifest()
                 except StoreError as e:
-                    raise StoreError(f"{e}; the store keeps its earlier index: run extract again (it extracts what "
-                                     "the store lacks)") from None
+                    again = AGAIN.get(command, "")
+                    raise StoreError(f"{e}; the store keeps its earlier index: run {command} again{again}") from None
         finally:
             if lease:
                 lease.give_back()
@@ -198,5 +199,5 @@ def writable_cache(value: CacheLocation | BadCache | str | os.PathLike[str], com
         what = f"--engine {engine}" if engine not in ("local", "ray") else "torchrun"
         raise InputError(f"{command} --cache {short(printable(loc.url))}: {what} cannot write into object storage "
                          "yet; the local engine (one process) and --engine ray do")
-    with staged(loc) as local:
+    with staged(loc, command) as local:
         yield local
