@@ -60,3 +60,37 @@ def test_two_ranks_write_into_the_bucket(cli, tmp_path: Path, bucket: str, _user
     assert again.returncode == 0, again.stderr[-3000:]
     assert "extracted 0 new, reused 11" in again.stdout.replace("\n", " "), again.stdout
     assert objects(bucket) == stored  # nothing uploaded again, nothing removed
+
+
+class FakeDist:
+    """A rank whose collectives answer what the other ranks would have sent (no process group)."""
+
+    def __init__(self, rank: int, answers: list[list[object]]) -> None:
+        self.rank, self.main, self.answers = rank, rank == 0, answers
+
+    def gather(self, obj: object) -> list[object]:
+        return self.answers.pop(0)
+
+
+def test_ranks_on_several_nodes_or_a_refusal_of_rank_0_stop_every_rank(monkeypatch: pytest.MonkeyPatch,
+                                                                       _user_cache: Path) -> None:
+    """Ranks on two nodes would stage in two copies, so the second node's shards would never be uploaded: refused
+    in one line before anything is staged; rank 0's refusal (a busy lease) reaches a rank that waits for it."""
+    from catdog_cache.engines import torchrun as tr
+    from catdog_cache.errors import CacheBusy, InputError
+    from catdog_cache.store.staging import writable_cache
+    from catdog_cache.store.url import StoreURL, local_copy_path
+
+    url = "memory://bucket/tr/features.h5"
+    here = str(local_copy_path(StoreURL(url, "memory"), "stage"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(tr, "from_env", lambda device: FakeDist(0, [[("node-a", here), ("node-b", here)]]))
+    with pytest.raises(InputError, match=r"its ranks run on 2 nodes: run on one node, or use --engine ray"), \
+            writable_cache(url):
+        pass
+    assert not (_user_cache / "catdog-cache" / "store" / "stage").exists()  # nothing staged, no lease taken
+
+    busy = "memory://bucket/tr/features.h5 is being written by another extract on this machine"
+    monkeypatch.setattr(tr, "from_env", lambda device: FakeDist(1, [[("node-a", here)] * 2, [busy, ""]]))
+    with pytest.raises(CacheBusy, match="being written by another extract"), writable_cache(url):
+        pass
