@@ -26,16 +26,17 @@ def compact_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_d
     merged one). Readers see the same rows, in the same order, before and after."""
     from ..cache import compact, locked
     from ..extract.config import versions
-    from ..store.url import local_cache
+    from ..store.staging import writable_cache
+    from ..store.url import check_location
 
     if path is not None and cache is not None and path != cache:
         raise CatdogError(f"compact: the cache {path} and --cache {cache} differ; give one")
-    # a symlinked cache is compacted where it points
-    # a store cache's compaction would upload a merged shard, then an index, then remove the old objects: a
-    # writer's staging and lease, not built for compact yet
-    cache = local_cache(path or cache or Path("cache/features.h5"), "compact",
-                        "compacting a cache on object storage rewrites its objects: not supported yet").resolve()
-    with locked(cache):
-        before, after = compact(cache, versions(), single=single)
+    given = check_location(path or cache or Path("cache/features.h5"))
+    # a store URL: compacted in its staging copy under the writer's lease; the merged shard is uploaded, then the
+    # index, then the superseded shards are removed (readers see the old index, whose shards exist, or the new one)
+    with writable_cache(given, "compact") as local:
+        local = local.resolve()  # a symlinked cache is compacted where it points
+        with locked(local):
+            before, after = compact(local, versions(), single=single)
     what = "one file" if single else plural(after, "shard")
-    out.print(f"compacted {escape(printable(str(cache)))}: {plural(before, 'shard')} -> {what}", highlight=False)
+    out.print(f"compacted {escape(printable(str(given)))}: {plural(before, 'shard')} -> {what}", highlight=False)

@@ -100,7 +100,8 @@ def extract_cmd(
     from ..settings import resolve_settings
     from ..store.staging import writable_cache
 
-    with writable_cache(cache, "extract", engine) as local:  # a store URL: a staging copy, uploaded as it is written
+    # a store URL: a staging copy, uploaded as it is written (under torchrun: one copy for the node's ranks)
+    with writable_cache(cache, "extract", engine, device) as local:
         o = resolve_settings(local, backbone=backbone, layer=layer, weights=weights, seed=seed, views=views,
                              dtype=dtype, precision=precision, decoder=decoder)
         cfg = ExtractConfig(weights=parse_weights(o.weights, o.seed), backbone=o.backbone, layer=o.layer,

@@ -35,7 +35,7 @@ def extract(data_dir: str | os.PathLike[str], cache: str | os.PathLike[str], cfg
     cfg.check()
     loc = check_location(cache)  # one parse of a path or URL: a URL never becomes a folder named "s3:"
     if isinstance(loc, StoreURL):  # staged locally, uploaded shard by shard, the index last
-        with writable_cache(loc, "extract", engine) as local:
+        with writable_cache(loc, "extract", engine, cfg.device) as local:
             return extract(data_dir, local, cfg, progress, prune, strict, only, model, checksum, classes, engine, ray)
     cache = loc
     tars = is_tar_input(data_dir)

@@ -11,7 +11,9 @@ row is there exactly once.
 
 With `--engine ray` the workers write the shards: each uploads its own, then its markers, straight to the store
 (store/worker.py); the driver's staging copy takes them in from the store (`Stage.collect`) before it writes the index
-from them, and uploads that last, as above."""
+from them, and uploads that last, as above. Under torchrun (one node) every rank writes into the one staging copy
+and rank 0 stages and uploads it (`staged_ranks`). `compact` compacts the staging copy: the merged shard is uploaded,
+then the index, then the superseded shards are removed."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from .mirror import Mirror, StoreError
 from .url import BadCache, CacheLocation, StoreURL, check_location, local_copy_path, store_fs
 
 POLL_SECONDS = 0.2  # between the uploader's looks at the staging folder
+AGAIN = {"extract": " (it extracts what the store lacks)", "compact": " (the store's cache reads as before it)"}
 
 
 @contextlib.contextmanager
@@ -127,7 +130,7 @@ def stage_of(cache: Path) -> Stage | None:
 
 
 @contextlib.contextmanager
-def staged(loc: StoreURL) -> Iterator[Path]:
+def staged(loc: StoreURL, command: str = "extract") -> Iterator[Path]:
     """The local staging copy of a store cache for one writer: pulled on entry, pushed shard by shard while the
     caller writes it, the index last on exit (also when the run stops early: what it saved is a consistent cache).
     An upload that fails stops the uploads (the store keeps its old index) and is raised as one line."""
@@ -158,8 +161,8 @@ def staged(loc: StoreURL) -> Iterator[Path]:
                         mirror.remove_extras()
                     mirror.save_manifest()
                 except StoreError as e:
-                    raise StoreError(f"{e}; the store keeps its earlier index: run extract again (it extracts what "
-                                     "the store lacks)") from None
+                    again = AGAIN.get(command, "")
+                    raise StoreError(f"{e}; the store keeps its earlier index: run {command} again{again}") from None
         finally:
             if lease:
                 lease.give_back()
@@ -186,17 +189,54 @@ def readable_cache(value: CacheLocation | BadCache | str | os.PathLike[str]) -> 
 
 
 @contextlib.contextmanager
+def staged_ranks(loc: StoreURL, command: str, device: str) -> Iterator[Path]:
+    """`staged` for torchrun's ranks on one node: they all write their shards into the one staging copy (its folder
+    is a digest of the URL, so every rank names the same one). Rank 0 takes the lease and pulls the store before
+    any rank plans from the copy; its uploader sends every rank's finished shards; after extraction, where rank 0
+    has listed every rank's shards in the index (the ranks meet before it), rank 0 uploads the index last. Ranks on
+    other nodes, or that disagree on the folder ($XDG_CACHE_HOME), are refused in one line on every rank."""
+    import socket
+
+    from ..engines.torchrun import from_env
+
+    dist = from_env(device)
+    assert dist is not None  # WORLD_SIZE > 1: the caller checked
+    local = local_copy_path(loc, "stage")
+    seen = dist.gather((socket.gethostname(), str(local)))
+    if len(set(seen)) > 1:
+        hosts = len({h for h, _ in seen})
+        why = f"its ranks run on {hosts} nodes" if hosts > 1 else "its ranks stage in different folders " \
+            "($XDG_CACHE_HOME differs)"
+        raise InputError(f"{command} --cache {short(printable(loc.url))}: torchrun writes into object storage from "
+                         f"one node, its ranks sharing one staging copy; {why}: run on one node, or use --engine ray")
+    error: CatdogError | None = None
+    with contextlib.ExitStack() as stack:
+        if dist.main:
+            try:
+                stack.enter_context(staged(loc, command))
+            except CatdogError as e:
+                error = e
+        message = dist.gather(str(error) if error else "")[0]  # the store is pulled before any rank goes on
+        if message:
+            raise error if error else CacheBusy(message)
+        yield local
+
+
+@contextlib.contextmanager
 def writable_cache(value: CacheLocation | BadCache | str | os.PathLike[str], command: str = "extract",
-                   engine: str = "local") -> Iterator[Path]:
+                   engine: str = "local", device: str = "auto") -> Iterator[Path]:
     """--cache for a writer: a local path as it is; a store URL staged (`staged`; under --engine ray the workers
-    upload their shards themselves). torchrun cannot write into a store yet: refused in one line."""
+    upload their shards themselves; under torchrun `staged_ranks`, whose process group joins on `device`)."""
     loc = check_location(value)
     if not isinstance(loc, StoreURL):
         yield loc
         return
-    if engine not in ("local", "ray") or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        what = f"--engine {engine}" if engine not in ("local", "ray") else "torchrun"
-        raise InputError(f"{command} --cache {short(printable(loc.url))}: {what} cannot write into object storage "
-                         "yet; the local engine (one process) and --engine ray do")
-    with staged(loc) as local:
+    if engine not in ("local", "ray"):
+        raise InputError(f"{command} --cache {short(printable(loc.url))}: --engine {engine} cannot write into "
+                         "object storage; the local engine (one process or torchrun on one node) and --engine ray do")
+    if engine == "local" and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        with staged_ranks(loc, command, device) as local:
+            yield local
+        return
+    with staged(loc, command) as local:
         yield local

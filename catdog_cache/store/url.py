@@ -23,7 +23,7 @@ _LOST_SLASH = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")
 _KNOWN = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "http", "https", "memory", "hf", "oci", "oss",
           "r2", "webdav", "sftp", "ftp", "hdfs", "file", "local"}
 # Who reads and writes a cache on object storage (the refusal of the others names them); "" while none does.
-STORE_COMMANDS = "extract (local engine or --engine ray), info, fit, predict and preview"
+STORE_COMMANDS = "extract (local engine or --engine ray), compact, info, fit, predict and preview"
 
 
 @dataclass(frozen=True)

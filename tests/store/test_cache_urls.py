@@ -78,17 +78,23 @@ def test_extract_into_a_url_writes_the_store_never_a_local_scheme_folder(cli, tm
         store.rm("/bucket", recursive=True)
 
 
-@pytest.mark.parametrize("argv", [
-    ["compact", "--cache", "s3://b/run/features.h5"],
-    ["compact", "s3://b/run/features.h5"],
-])
-def test_commands_that_need_a_local_cache_refuse_a_url_in_one_line(cli, tmp_path: Path, photos: Path,
-                                                                   argv: list[str]) -> None:
-    r = cli(*[a.format(photos=photos) for a in argv], ok=False)
-    assert r.exit_code == 1, r.output
-    assert lines(r.output) == [lines(r.output)[0]] and "needs a cache on a local disk" in r.output, r.output
-    assert "s3://b/run/features.h5" in r.output and "give a local path" in r.output
-    assert "rewrites its objects: not supported yet" in r.output and "predict and preview" in r.output, r.output
+def test_local_cache_refuses_a_url_in_one_line_naming_what_works() -> None:
+    """For a command or engine that needs a cache on a local disk (no CLI command since compact takes URLs)."""
+    with pytest.raises(InputError) as e:
+        local_cache("s3://b/run/features.h5", "export", "it writes next to the cache")
+    text = str(e.value)
+    assert "\n" not in text and "export needs a cache on a local disk (it writes next to the cache)" in text, text
+    assert "s3://b/run/features.h5" in text and "give a local path" in text and "compact, info" in text, text
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_compact_of_a_missing_store_cache_says_so_in_one_line(cli, tmp_path: Path, flag: bool) -> None:
+    """compact takes a URL (tests/store/test_store_compact.py); one that names no cache is one line naming it."""
+    pytest.importorskip("fsspec")
+    url = "memory://nothing-here/run/features.h5"
+    r = cli("compact", *(["--cache", url] if flag else [url]), ok=False)
+    assert r.exit_code == 1 and len(lines(r.output)) == 1, r.output
+    assert f"no cache at {url}" in r.output and "extract" in r.output, r.output
     _no_scheme_folder(tmp_path)
 
 
