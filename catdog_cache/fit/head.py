@@ -41,12 +41,8 @@ class Head(nn.Module):
         if drop:
             masks = masks if masks is not None else MaskStream(int(torch.randint(2**62, ())))
         if not self.hidden:
-            w = self.linear.weight  # [K, D]
-            if drop and self.dropout == 0.5:  # the default: one random bit per feature, x is the step's own buffer
-                x = x.mul_(masks.keep_bits(x.shape))  # [B, D], half the features zeroed in place
-                w = w * 2.0  # inverted dropout's 1 / (1 - p) on the K x D weight instead of the B x D batch: exact
-            elif drop:
-                x = masks.scale(x.shape, self.dropout).mul_(x)  # [B, D] in the mask's buffer, inverted dropout
+            x, double = self.drop_linear(x, masks) if drop else (x, False)
+            w = self.linear.weight * 2.0 if double else self.linear.weight  # [K, D]
             # W @ x^T: BLAS is about 3x faster in this orientation than x @ W^T for a 2-row weight
             return torch.mm(w, x.t()).t() + self.linear.bias  # [B, K] logits
         for layer in self.hidden:
@@ -54,6 +50,15 @@ class Head(nn.Module):
             if drop:  # autograd keeps the mask for backward: a private copy, not the reused buffer
                 x = x * masks.scale(x.shape, self.dropout).clone()
         return self.linear(x)  # [B, K] logits
+
+    def drop_linear(self, x: torch.Tensor, masks: MaskStream) -> tuple[torch.Tensor, bool]:
+        """A linear head's dropout in training: (the batch the classifier sees [B, D], whether its weight is to be
+        doubled). The one place the masks are applied, so fit's autograd-free step (step.py) drops what forward
+        drops."""
+        if self.dropout == 0.5:  # the default: one random bit per feature, x is the step's own buffer
+            # inverted dropout's 1 / (1 - p) goes on the K x D weight (doubled) instead of the B x D batch: exact
+            return x.mul_(masks.keep_bits(x.shape)), True  # [B, D], half the features zeroed in place
+        return masks.scale(x.shape, self.dropout).mul_(x), False  # [B, D] in the mask's buffer, inverted dropout
 
     def describe(self) -> str:
         layers = [f"Linear({a}, {b}), ReLU, Dropout({self.dropout:g})"
