@@ -196,7 +196,7 @@ def step_floor(rows: int, batch: int = 128) -> tuple[float, dict[str, float]]:
             t0 = time.perf_counter()
             xb = gather(idx)
             t1 = time.perf_counter()
-            bits = masks.keep_bits(xb.shape)
+            bits = masks.keep(xb.shape)  # float 0/1, as fit multiplies
             t2 = time.perf_counter()
             xb.mul_(bits)
             t3 = time.perf_counter()
