@@ -13,6 +13,13 @@ WINDOW_CHUNKS = 8  # batch order: 8 random 64-row chunks (512 rows) are shuffled
 
 
 def windowed_batches(train_rows: torch.Tensor, batch_size: int, g: torch.Generator) -> Iterator[torch.Tensor]:
+    """The epoch's batches: consecutive batch_size slices of epoch_order (the last may be short)."""
+    order = epoch_order(train_rows, g)  # [n_train]
+    for s in range(0, len(order), batch_size):
+        yield order[s : s + batch_size]  # [B]
+
+
+def epoch_order(train_rows: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """The one batch order, defined by the seed and the cache alone (never by the memory budget): each epoch the
     64-row chunks that hold training rows are put in random order, taken WINDOW_CHUNKS at a time, and the rows of
     each window are shuffled together. In memory or streamed from disk, fit sees the same batches, and a streamed
@@ -30,10 +37,7 @@ def windowed_batches(train_rows: torch.Tensor, batch_size: int, g: torch.Generat
     key //= WINDOW_CHUNKS  # the window of each row
     key *= len(train_rows)
     key += torch.randperm(len(train_rows), generator=g)  # [n_train] uniform order within a window: keys unique
-    order = train_rows[torch.argsort(key)]  # [n_train]
-    del key
-    for s in range(0, len(order), batch_size):
-        yield order[s : s + batch_size]  # [B]
+    return train_rows[torch.argsort(key)]  # [n_train]
 
 
 def feature_rows(rows: np.ndarray, views: int, every_view: bool = True) -> torch.Tensor:

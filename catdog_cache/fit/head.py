@@ -41,12 +41,8 @@ class Head(nn.Module):
         if drop:
             masks = masks if masks is not None else MaskStream(int(torch.randint(2**62, ())))
         if not self.hidden:
-            w = self.linear.weight  # [K, D]
-            if drop and self.dropout == 0.5:  # the default: one random bit per feature, x is the step's own buffer
-                x = x.mul_(masks.keep_bits(x.shape))  # [B, D], half the features zeroed in place
-                w = w * 2.0  # inverted dropout's 1 / (1 - p) on the K x D weight instead of the B x D batch: exact
-            elif drop:
-                x = masks.scale(x.shape, self.dropout).mul_(x)  # [B, D] in the mask's buffer, inverted dropout
+            x, double = self.drop_linear(x, masks) if drop else (x, False)
+            w = self.linear.weight * 2.0 if double else self.linear.weight  # [K, D]
             # W @ x^T: BLAS is about 3x faster in this orientation than x @ W^T for a 2-row weight
             return torch.mm(w, x.t()).t() + self.linear.bias  # [B, K] logits
         for layer in self.hidden:
@@ -54,6 +50,15 @@ class Head(nn.Module):
             if drop:  # autograd keeps the mask for backward: a private copy, not the reused buffer
                 x = x * masks.scale(x.shape, self.dropout).clone()
         return self.linear(x)  # [B, K] logits
+
+    def drop_linear(self, x: torch.Tensor, masks: MaskStream) -> tuple[torch.Tensor, bool]:
+        """A linear head's dropout in training: (the batch the classifier sees [B, D], whether its weight is to be
+        doubled). The one place the masks are applied, so fit's autograd-free step (step.py) drops what forward
+        drops."""
+        if self.dropout == 0.5:  # the default: one random bit per feature, x is the step's own buffer
+            # inverted dropout's 1 / (1 - p) goes on the K x D weight (doubled) instead of the B x D batch: exact
+            return x.mul_(masks.keep(x.shape)), True  # [B, D], half the features zeroed in place
+        return masks.scale(x.shape, self.dropout).mul_(x), False  # [B, D] in the mask's buffer, inverted dropout
 
     def describe(self) -> str:
         layers = [f"Linear({a}, {b}), ReLU, Dropout({self.dropout:g})"
@@ -80,6 +85,19 @@ class MaskStream:
         words = self.bits.random_raw(b * -(-d // 64))  # uint64, every bit uniform
         return torch.from_numpy(np.unpackbits(words.view(np.uint8)).reshape(b, -1)[:, :d])  # [B, D]
 
+    def keep(self, shape: torch.Size) -> torch.Tensor:
+        """keep_bits as float32 0/1 in a reused buffer (valid until the next call with the same shape): x * 1.0
+        and x * 0.0 are what x * the uint8 bit gives, but multiplying by a uint8 tensor casts it to a fresh
+        float32 temporary every step, and its page faults cost more than the multiply."""
+        return self._buffer(shape).copy_(self.keep_bits(shape))  # [B, D]
+
+    def _buffer(self, shape: torch.Size) -> torch.Tensor:
+        b, d = shape
+        mask = self._buf.get((b, d))
+        if mask is None:
+            mask = self._buf[(b, d)] = torch.empty(b, d)
+        return mask
+
     def scale(self, shape: torch.Size, p: float) -> torch.Tensor:
         """[B, D] float: 0 with probability p, else 1 / (1 - p). Valid until the next call with the same shape."""
         b, d = shape
@@ -88,9 +106,7 @@ class MaskStream:
         words = self.bits.random_raw(b * -(-d // per_word))  # uint64, every bit uniform
         u = torch.from_numpy(words.view(np.uint8 if levels == 256 else np.uint16).reshape(b, -1)[:, :d])  # [B, D]
         cut = round(p * levels)
-        mask = self._buf.get((b, d))
-        if mask is None:
-            mask = self._buf[(b, d)] = torch.empty(b, d)
+        mask = self._buffer(shape)
         mask.copy_(u).ge_(cut)  # [B, D] 1.0 = keep, probability 1 - cut / levels
         return mask.mul_(levels / (levels - cut))
 
@@ -116,6 +132,9 @@ class DeviceMaskStream(MaskStream):
             self._bytes = torch.cat([self._bytes, fresh.to(self.device)])
         out, self._bytes = self._bytes[: 8 * words], self._bytes[8 * words :]
         return out
+
+    def keep(self, shape: torch.Size) -> torch.Tensor:
+        return self.keep_bits(shape)  # unpacked on the device: no host-side cast
 
     def keep_bits(self, shape: torch.Size) -> torch.Tensor:
         b, d = shape

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 
 from ..backbone import resolve_device
 from ..errors import InputError
-from .batches import windowed_batches
+from .batches import epoch_order, windowed_batches
 from .config import Diverged, EpochStats, Features, FitConfig, converged, max_epochs, steps_per_epoch
 from .head import DeviceMaskStream, Head, MaskStream, new_head
 from .optim import Adam
 from .splits import streams
+from .step import LinearStep
 
 
 def evaluate(head: Head, features_of: Features, labels: torch.Tensor, rows: torch.Tensor,
@@ -117,15 +118,33 @@ class Trainer:
         self.train_rows, self.val_rows = train_rows, val_rows
         self.feed = batch_source(features_of, device)
         self.opt = Adam(self.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # the host's linear head skips autograd (step.py: the same kernels, the same head bit for bit)
+        self.step = LinearStep(self.head, self.opt) if device is None and not cfg.hidden else None
         self.history: list[EpochStats] = []
         self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
         self.head.train()
 
     def epoch(self, planned: int = 0) -> EpochStats:
         """One pass over the training rows, then the validation loss (with dropout off)."""
-        head, labels_on = self.head, self.labels_on
         epoch = len(self.history) + 1
         t0 = time.perf_counter()
+        n, loss_sum, correct_t = self.host_linear_pass() if self.step is not None else self.autograd_pass()
+        train_loss = loss_sum.item() / n if n else float("nan")
+        correct = int(correct_t)
+        if not math.isfinite(train_loss):  # checked once per epoch: NaN propagates, it cannot hide
+            raise Diverged(f"training diverged at epoch {epoch} (loss {train_loss}): lower --lr; no head saved")
+        val_loss, val_acc, _ = evaluate(self.head, self.features_of, self.labels, self.val_rows)
+        stats = EpochStats(epoch, train_loss, correct / max(n, 1), val_loss, val_acc, time.perf_counter() - t0,
+                           planned)
+        if self.cfg.keep == "best" and math.isfinite(val_loss) and (self.best is None or val_loss < self.best[0]):
+            self.best = (val_loss, epoch, {k: t.clone() for k, t in self.head.state_dict().items()})
+        self.history.append(stats)
+        return stats
+
+    def autograd_pass(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """The training pass through autograd: an MLP head, or any head on a device. (rows, loss sum, correct
+        count) on the training device."""
+        head, labels_on = self.head, self.labels_on
         # per-step sums kept on the training device, read once per epoch (an int() per step would wait for a
         # device); accumulated in place: a list of small per-step tensors fragmented the heap between the
         # step's large temporaries, and RSS grew with the rows of the epoch (a streamed 1M-row fit: GBs)
@@ -142,17 +161,22 @@ class Trainer:
             loss_sum.add_(loss.detach(), alpha=len(rows))  # the batch mean, weighted by its size
             correct_t.add_((logits.detach().argmax(1) == y).sum())
             n += len(rows)
-        train_loss = loss_sum.item() / n if n else float("nan")
-        correct = int(correct_t)
-        if not math.isfinite(train_loss):  # checked once per epoch: NaN propagates, it cannot hide
-            raise Diverged(f"training diverged at epoch {epoch} (loss {train_loss}): lower --lr; no head saved")
-        val_loss, val_acc, _ = evaluate(head, self.features_of, self.labels, self.val_rows)
-        stats = EpochStats(epoch, train_loss, correct / max(n, 1), val_loss, val_acc, time.perf_counter() - t0,
-                           planned)
-        if self.cfg.keep == "best" and math.isfinite(val_loss) and (self.best is None or val_loss < self.best[0]):
-            self.best = (val_loss, epoch, {k: t.clone() for k, t in head.state_dict().items()})
-        self.history.append(stats)
-        return stats
+        return n, loss_sum, correct_t
+
+    def host_linear_pass(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """The training pass of a linear head on the host: LinearStep, no autograd; the epoch's order drawn once
+        and the predictions compared with the labels once. (rows, loss sum, correct count), as epoch() sums them."""
+        assert self.step is not None
+        order = epoch_order(self.train_rows, self.g_order)  # [n_train], windowed_batches' order
+        pred = torch.empty(len(order), dtype=torch.long)  # [n_train] predicted classes, step by step
+        y_all = self.labels[order]  # [n_train]
+        loss_sum = torch.zeros(())
+        b = self.cfg.batch_size
+        for s in range(0, len(order), b):
+            rows = order[s : s + b]  # [B]
+            loss = self.step(self.features_of(rows), y_all[s : s + b], self.masks, pred[s : s + b])
+            loss_sum.add_(loss, alpha=len(rows))  # the batch mean, weighted by its size: epoch()'s sum exactly
+        return len(order), loss_sum, (pred == y_all).sum()
 
     def finish(self) -> tuple[Head, list[EpochStats], int]:
         """The head (on the CPU), the history and the epoch whose weights the head holds (the last, or with
