@@ -97,7 +97,10 @@ class Pacer:
         return [self.forced] if self.forced else thread_counts(self.cores)
 
     def next(self) -> Setting:
-        """The setting of the next batch."""
+        """The setting of the next batch. The first (kernel set-up, not measured) runs on the fewest threads: on a
+        busy machine a forward on several threads stalls at every op's barrier, which a short run never recovers."""
+        if self.done == 0:
+            return Setting(self._threads()[-1], self.batch)
         if self.phase == "run" and not self.queue and self.done % self.every == 0 and len(self._threads()) > 1:
             self.queue = [Setting(t, self.best.chunk) for t in self._threads() if t != self.best.threads]
         return self.queue[0] if self.queue else self.best

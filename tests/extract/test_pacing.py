@@ -53,7 +53,7 @@ def test_pacer_measures_then_keeps_the_best_and_follows_a_change_of_load():
     p.decode_ms = 5.0
     used = drive(p, lambda s, i: table[s.threads, s.chunk], 40)
     # set-up batch, thread counts twice interleaved, chunk 8 (set-up + measured), chunk 4 (set-up + measured)
-    assert used[:9] == [Setting(2, 16)] * 2 + [Setting(1, 16), Setting(2, 16), Setting(1, 16)] + \
+    assert used[:9] == [Setting(1, 16), Setting(2, 16), Setting(1, 16), Setting(2, 16), Setting(1, 16)] + \
         [Setting(2, 8)] * 2 + [Setting(2, 4)] * 2
     assert p.best == Setting(2, 8) and used[9:32] == [Setting(2, 8)] * 23
     assert used[32] == Setting(1, 8)  # every 32 batches, the other thread counts again
