@@ -204,11 +204,10 @@ class Preset:
         return cls(resize, crop, tuple(mean), tuple(std), interp)
 
     def transform(self) -> Callable[[Any], torch.Tensor]:
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms._presets import ImageClassification
+        """On RGB PIL images, as torchvision's ImageClassification computes it (without importing torchvision)."""
+        from .sources.eval_transform import EvalTransform
 
-        return ImageClassification(crop_size=self.crop, resize_size=self.resize, mean=self.mean, std=self.std,
-                                   interpolation=InterpolationMode(self.interpolation), antialias=True)
+        return EvalTransform(self.resize, self.crop, self.mean, self.std, self.interpolation)
 
 
 IMAGENET = Preset(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

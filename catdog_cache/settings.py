@@ -59,6 +59,8 @@ def resolve_settings(cache: Path, **given: object) -> Settings:
     """Options given (not None) win; the others come from the cache when it exists, else the defaults. A layer is
     only taken from the cache with its backbone (a layer name means nothing to another network)."""
     chosen = {k: v for k, v in given.items() if v is not None}
+    if chosen.get("precision") == "auto" and recorded_settings(cache, weights_given="weights" in chosen):
+        del chosen["precision"]  # auto adds to a cache at its recorded precision (ExtractConfig resolves it if new)
     if len(chosen) == len(given):
         return Settings(**chosen)  # type: ignore[arg-type]
     base = recorded_settings(cache, weights_given="weights" in chosen) or Settings()

@@ -46,4 +46,14 @@ def backbones_cmd(as_json: bool = JSON) -> None:
                   escape(printable(r["note"])))
     out.print(t)
     out.print("Any torchvision classification model name works too (torchvision.models.list_models()).")
+    out.print(bf16_line(), highlight=False)
+
+
+def bf16_line() -> str:
+    """Whether this CPU runs `--precision bf16` in hardware (backbones, info)."""
+    from ..extract.precision import cpu_bf16
+
+    kind = cpu_bf16()
+    return (f"bf16 on this CPU: native ({kind}); --precision auto extracts in bf16 here" if kind else
+            "bf16 on this CPU: emulated (no AVX512-BF16 or AMX): slower than fp32; --precision auto keeps fp32")
 

@@ -26,7 +26,10 @@ def bench_cmd(
     backbones: str = typer.Option("", "--backbones", show_default="vgg16; the table: vgg16,efficientnet_lite0",
                                   help="Backbones for the extract rows, comma-separated."),
     markdown: bool = typer.Option(False, "--markdown", help="Also print a README-ready table."),
-    only: str = typer.Option("", "--only", help="'pipeline': only the extract-pipeline rows; 'rerun': only the "
+    only: str = typer.Option("", "--only", help="'pipeline': only the extract-pipeline rows; 'bound': extract on "
+                             "the CPU against its work bound (cores / decode + forward core-ms, measured alone in "
+                             "the same run) per --backbones (default vgg16,resnet18,efficientnet_lite0), fp32 and "
+                             "bf16, on --data or --pipeline-images drawn photos; 'rerun': only the "
                              "rerun of an unchanged folder against a plain scandir + stat walk of it; 'scale': only "
                              "a head streamed from large synthetic sharded caches (--scale-rows); 'tars': tar "
                              "input against the same images as a folder (--pipeline-images or --data), and the bytes "
@@ -64,8 +67,8 @@ def bench_cmd(
     from ..bench.suite import run
 
     check_device(device)
-    if only not in ("", "pipeline", "rerun", "scale", "tars"):
-        raise CatdogError(f"--only: expected pipeline, rerun, scale or tars, got {only!r}")
+    if only not in ("", "pipeline", "bound", "rerun", "scale", "tars"):
+        raise CatdogError(f"--only: expected pipeline, bound, rerun, scale or tars, got {only!r}")
     if rerun_files < 1:
         raise CatdogError(f"--rerun-files must be at least 1, got {rerun_files}")
     out.print(f"bench on {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {date.today()}")
@@ -99,6 +102,10 @@ def bench_cmd(
         if scale_keep and scale_dir is None:
             raise CatdogError("--scale-keep keeps 25.6 GB per 10M rows: give the folder for them as --scale-dir")
         table += benchscale.run(scale, log, scale_budget, folder=scale_dir, keep=scale_keep)
+    elif only == "bound":
+        from ..bench import bound as benchbound
+
+        table += benchbound.run(data, pipeline or 400, log, names or None, repeats=repeats or 3)
     elif only == "tars":
         from ..bench import tars as benchtars
 

@@ -52,7 +52,8 @@ def extract_cmd(
     dtype: str | None = typer.Option(None, "--dtype", show_default="float32" + APPEND,
                                      help="Storage dtype: float32 | float16 (half the file)."),
     precision: str | None = typer.Option(None, "--precision", show_default="fp32" + APPEND,
-                                         help="Backbone compute: fp32 | bf16 | fp16."),
+                                         help="Backbone compute: fp32 | bf16 | fp16 | auto (bf16 on a CPU "
+                                         "with bf16 instructions, else fp32; the cache records the value used)."),
     views: str | None = typer.Option(None, "--views", show_default="center" + APPEND,
                                      help="Comma-separated views per image: center, flip."),
     decoder: str | None = typer.Option(None, "--decoder", show_default="pil" + APPEND,

@@ -43,6 +43,7 @@ def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_defa
     """Rows, classes and counts, provenance, failures and size on disk of a cache; or what a head is."""
     from ..backbone import random_weights_note
     from ..cache import list_parts, listed, open_cache
+    from ..extract.precision import cpu_bf16
     from ..store.staging import readable_cache
     from ..store.url import check_location
 
@@ -74,7 +75,8 @@ def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_defa
         "failed": len(idx.failed), "size_bytes": cache.stat().st_size + sum(shard_bytes), "sources": idx.sources,
         "provenance": prov, "random_weights": bool(random_weights_note([idx.provenance.weights])),
         "incomplete": idx.incomplete, "unassembled_parts": parts,
-        "layout": "sharded" if sharded else "single file", "shards": len(shard_bytes), "index_bytes":
+        "cpu_bf16": cpu_bf16(), "layout": "sharded" if sharded else "single file", "shards": len(shard_bytes),
+        "index_bytes":
             cache.stat().st_size if sharded else 0, "shard_bytes": shard_bytes,
     }
     if failures:
@@ -103,6 +105,7 @@ def info_cmd(path: Path | None = typer.Argument(None, metavar="CACHE", show_defa
         t.add_row(k, escape(printable(json.dumps(v) if isinstance(v, dict) else str(v))))
     more = "\n(--json lists every one)" if len(idx.sources) > 10 else ""
     t.add_row("sources", escape(first_few(idx.sources, 10, sep="\n") + more))
+    t.add_row("bf16 on this CPU", f"native ({summary['cpu_bf16']})" if summary["cpu_bf16"] else "emulated")
     if idx.incomplete or parts:
         t.add_row("[yellow]incomplete[/]", escape(_incomplete(idx.incomplete, parts)))
     out.print(t)

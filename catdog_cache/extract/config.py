@@ -31,10 +31,16 @@ class ExtractConfig:
     batch_size: int = 0  # 0: auto, 16 on CPU (docs/performance.md), 128 on a GPU
     workers: int = -1  # -1: sized to the cores
     dtype: str = "float32"
-    precision: str = "fp32"
+    precision: str = "fp32"  # "auto": resolved at construction (precision.resolve_precision)
     views: tuple[str, ...] = ("center",)
     decoder: str = "pil"
     part_rows: int = PART_ROWS  # rows per crash-safe part; not part of provenance
+
+    def __post_init__(self) -> None:
+        if self.precision == "auto":  # the cache records what ran, never "auto"
+            from .precision import resolve_precision
+
+            object.__setattr__(self, "precision", resolve_precision("auto", self.device))
 
     def resolve(self) -> Backbone:
         return get_backbone(self.backbone, self.layer or None)

@@ -4,6 +4,9 @@ late, so the writer's work on one batch runs while the next is computed."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,11 +20,17 @@ from .loader import (
     Encoded,
     ImageFiles,
     collate,
+    cores,
     default_workers,
     device_batch,
     extract_threads,
+    forced_threads,
     worker_init,
 )
+from .pacing import Gate, Pacer, Setting
+
+# The last CPU run's pacer in this process (what it measured and chose): the bench reports it.
+last_pacer: list[Pacer] = []
 
 
 def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.nn.Module | None = None,
@@ -37,7 +46,7 @@ def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.n
         backbone = cfg.resolve()
         model = model if model is not None else backbone.build(cfg.weights)
         preset = backbone.preset
-    workers = cfg.workers if cfg.workers >= 0 else default_workers(len(rels))
+    workers = cfg.workers if cfg.workers >= 0 else default_workers(len(rels), resolve_device(cfg.device).type == "cpu")
     dataset = ImageFiles(root, rels, cfg.views, preset, cfg.decoder)
     yield from run_dataset(dataset, len(rels), workers, cfg, model, preset, progress)
 
@@ -50,19 +59,31 @@ def run_dataset(dataset: torch.utils.data.Dataset, total: int, workers: int, cfg
     if cuda:
         torch.backends.cudnn.benchmark = True
     model = model.to(device, memory_format=torch.channels_last)
+    batch = cfg.batch_size or (128 if cuda else 16)
+    gate = Gate(workers, cores()) if device.type == "cpu" and workers else None  # workers off the forward's cores
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size or (128 if cuda else 16), shuffle=False, num_workers=workers,
-        collate_fn=collate, pin_memory=cuda, worker_init_fn=worker_init if workers else None,
+        dataset, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate, pin_memory=cuda,
+        worker_init_fn=functools.partial(worker_init, gate=gate) if workers else None,
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    pacer = Pacer(cores(), batch, workers, forced_threads()) if device.type == "cpu" else None
+    last_pacer[:] = [pacer] if pacer else []
     done, pending = 0, None
     threads = torch.get_num_threads()
     torch.set_num_threads(extract_threads(workers))  # set before the workers fork: they start from 1 thread anyway
     try:
         for x, idx, shas, failures in loader:
-            with torch.inference_mode():  # not held across the yield: the caller's code runs in its own mode
-                out, ready = _forward(x, idx, shas, failures, model, cfg, device, preset, autocast_dtype)
+            s = pacer.next() if pacer else Setting(torch.get_num_threads(), 0)
+            if s.threads != torch.get_num_threads():
+                torch.set_num_threads(s.threads)
+            t = time.perf_counter()
+            with torch.inference_mode(), gate.forward(s.threads) if gate else contextlib.nullcontext():
+                # not held across the yield: the caller's code runs in its own mode
+                out, ready = _forward(x, idx, shas, failures, model, cfg, device, preset, autocast_dtype, s.chunk)
+            if pacer:
+                pacer.decode_ms = gate.decode_ms() if gate else 0.0
+                pacer.record(s, len(idx), time.perf_counter() - t)
             if pending is not None:
                 done = yield from _emit(pending, done, total, progress)
             pending = (*out, ready)
@@ -73,9 +94,11 @@ def run_dataset(dataset: torch.utils.data.Dataset, total: int, workers: int, cfg
 
 
 def _forward(x: Any, idx: list[int], shas: list[str], failures: list[tuple[int, str, str]], model: torch.nn.Module,
-             cfg: ExtractConfig, device: torch.device, preset: Preset, autocast_dtype: torch.dtype | None) -> tuple[
+             cfg: ExtractConfig, device: torch.device, preset: Preset, autocast_dtype: torch.dtype | None,
+             chunk: int = 0) -> tuple[
                  tuple[list[int], torch.Tensor, list[str], list[tuple[int, str, str]]], Any]:
-    """One loader batch -> ((indices, features [B, V, D] on the host, sha256s, failures), a CUDA event or None)."""
+    """One loader batch -> ((indices, features [B, V, D] on the host, sha256s, failures), a CUDA event or None).
+    chunk: images per forward call (0: the whole batch)."""
     if isinstance(x, Encoded):
         x, idx, shas, late = device_batch(x, idx, shas, cfg.views, device, preset)
         failures = failures + late
@@ -85,7 +108,9 @@ def _forward(x: Any, idx: list[int], shas: list[str], failures: list[tuple[int, 
         # [B*V, 3, S, S]; already channels-last from the workers, so on a CPU this is no copy at all
         x = x.flatten(0, 1).to(device, non_blocking=True, memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            y = model(x)  # [B*V, D]
+            step = chunk * v or len(x)
+            y = torch.cat([model(x[i:i + step]) for i in range(0, len(x), step)]) if step < len(x) else model(x)
+            # [B*V, D]
         out = y.float().reshape(b, v, -1)  # [B, V, D]
         if out.is_cuda:  # back into pinned memory without waiting; `ready` says when it has landed
             out = torch.empty(out.shape, pin_memory=True).copy_(out, non_blocking=True)

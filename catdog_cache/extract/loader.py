@@ -20,6 +20,7 @@ import torch
 from ..backbone import Preset
 from ..files import read_regular
 from ..sources.decode import MAX_FILE_BYTES, DecodeError, decode_rgb, jpeg_payload, tensor_views, views_of
+from .pacing import Gate, attach, decoding
 
 Failure = tuple[int, str, str]  # (item index, sha256 or "", reason)
 Batch = tuple[list[int], np.ndarray, list[str], list[Failure]]  # (item indices, features [B, V, D], sha256s, failures)
@@ -51,7 +52,12 @@ class ImageFiles(torch.utils.data.Dataset):
         return self.decode(i, data)
 
     def decode(self, i: Any, data: bytes) -> tuple[Any, Any, str, str]:
-        """Bytes -> (i, views or a "jpeg"/"rgb" item, sha256, failure reason): shared with tar input (tars.py)."""
+        """Bytes -> (i, views or a "jpeg"/"rgb" item, sha256, failure reason): shared with tar input (tars.py).
+        In a loader worker on a CPU, it waits while the forward needs this worker's core (pacing.Gate)."""
+        with decoding():
+            return self._decode(i, data)
+
+    def _decode(self, i: Any, data: bytes) -> tuple[Any, Any, str, str]:
         sha = hashlib.sha256(data).hexdigest()  # in the worker, from the bytes it decodes: no second read
         try:
             if self.decoder == "torchvision":
@@ -191,25 +197,30 @@ def cores() -> int:
     return max(1, n // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
 
 
-def worker_init(_: int) -> None:
+def worker_init(worker: int, gate: Gate | None = None) -> None:
     torch.set_num_threads(1)  # one decode per worker: the workers are the parallelism
+    attach(gate, worker)
 
 
-def default_workers(n_items: int) -> int:
-    """Decode workers sized to the machine, one core left for the main process (it feeds the device, runs the
-    forward on a CPU, receives the batches). Small runs decode in process: starting workers costs more."""
-    return 0 if n_items < 64 else max(1, cores() - 1)
+def default_workers(n_items: int, cpu: bool = False) -> int:
+    """Decode workers sized to the machine. Small runs decode in process: starting workers costs more. Extracting
+    on a CPU, one per core: a Gate keeps them off the cores the forward runs on, and they all decode while it waits.
+    Feeding a GPU, one core is left for the main process (it feeds the device, receives the batches)."""
+    return 0 if n_items < 64 else max(1, cores() - (0 if cpu else 1))
+
+
+def forced_threads() -> int:
+    """CATDOG_EXTRACT_THREADS, the forward's intra-op threads when a user fixes them; 0 when unset."""
+    forced = os.environ.get("CATDOG_EXTRACT_THREADS")
+    return max(1, int(forced)) if forced else 0
 
 
 def extract_threads(workers: int) -> int:
-    """Intra-op threads of the main process, chosen as fit chooses its own (fit.train_threads): the cores the
-    decode workers leave, at least 1. More threads than free cores make every forward op wait on a descheduled
+    """Intra-op threads of the main process feeding a GPU, chosen as fit chooses its own (fit.train_threads): the
+    cores the decode workers leave, at least 1. More threads than free cores make every op wait on a descheduled
     thread (a new user's trial lost nearly half the rate that way beside other jobs). CATDOG_EXTRACT_THREADS
-    overrides (e.g. a CPU-only box extracting a heavy backbone from few files)."""
-    forced = os.environ.get("CATDOG_EXTRACT_THREADS")
-    if forced:
-        return max(1, int(forced))
-    return max(1, cores() - workers)
+    overrides. On a CPU the forward's threads are measured and chosen batch by batch instead (pacing.Pacer)."""
+    return forced_threads() or max(1, cores() - workers)
 
 
 class PartWriter:

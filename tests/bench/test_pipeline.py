@@ -63,3 +63,37 @@ def test_bench_table_cli(cli, monkeypatch):
     assert "| extract: vgg16 bf16 --decoder torchvision | 90 img/s | 1.80x the plain loop; 0.90 of min(decode " \
            "100, model 100) |" in r.output
     assert "model ceiling: efficientnet_lite0 fp32 | failed | RuntimeError: InputError" in r.output
+
+
+def test_bench_bound_rows(tmp_path, monkeypatch):
+    """bench --only bound (issue 33, item 1): per backbone and precision, extract's rate against cores / (decode +
+    forward core-ms) measured in the same run, what extract's pacer chose; bf16 capability; the load average."""
+    from catdog_cache.bench import bound
+    from catdog_cache.extract import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: "avx512_bf16")
+    photos = benchpipe.photo_like(tmp_path / "p", 8)
+    rows = bound.bound_rows(photos, lambda r: None, ["tiny"], ["fp32", "bf16"], repeats=1, fresh=False)
+    what = [w for w, _, _ in rows]
+    assert what == ["tiny fp32: extract vs the work bound", "tiny bf16: extract vs the work bound",
+                    "bf16 on this CPU", "load average during the run"]
+    value, note = rows[0][1], rows[0][2]
+    rate, limit = (float(v) for v in value.removesuffix(" img/s").split(" of "))
+    assert rate > 0 and limit > 0 and note.startswith(f"{rate / limit:.2f} of the bound; decode ")
+    assert "extract chose " in note and "threads x " in note
+    assert rows[2][1:] == ("native", "avx512_bf16 (from the CPU flags)")
+
+
+def test_bench_only_bound_cli(cli, monkeypatch):
+    from catdog_cache.bench import bound
+
+    seen = {}
+
+    def fake(data, n, log, backbones, repeats=3):
+        seen.update(n=n, backbones=backbones, repeats=repeats)
+        return [("tiny fp32: extract vs the work bound", "9.0 of 10.0 img/s", "0.90 of the bound")]
+
+    monkeypatch.setattr(bound, "run", fake)
+    r = cli("bench", "--only", "bound", "--backbones", "tiny", "--pipeline-images", "8", "--markdown")
+    assert "| tiny fp32: extract vs the work bound | 9.0 of 10.0 img/s | 0.90 of the bound |" in r.output
+    assert seen == {"n": 8, "backbones": ["tiny"], "repeats": 3}

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from catdog_cache.backbone import get_backbone
@@ -24,7 +25,10 @@ def test_transform_is_the_vgg16_eval_preset():
     t = preset.transform()
     ref = VGG16_Weights.IMAGENET1K_V1.transforms()
     spec = json.loads(preset.spec())
-    assert (t.resize_size, t.crop_size, t.mean, t.std) == (ref.resize_size, ref.crop_size, ref.mean, ref.std)
+    assert ([preset.resize], [preset.crop], list(preset.mean), list(preset.std)) == (
+        ref.resize_size, ref.crop_size, ref.mean, ref.std)
+    photo = Image.effect_noise((500, 300), 64).convert("RGB")
+    assert torch.equal(t(photo), ref(photo))  # torchvision's preset, computed without importing torchvision
     assert spec["resize"] == 256 and spec["crop"] == 224 and spec["mean"] == list(ref.mean)
     # the exact spec string schema-1 caches recorded: old VGG16 caches stay valid
     assert preset.spec() == ('{"antialias": true, "crop": 224, "interpolation": "bilinear", "mean": [0.485, 0.456, '
