@@ -148,7 +148,9 @@ def test_driver_stopped_midway_then_the_rerun_finishes(cli, ray, tmp_path: Path,
         assert proc.returncode == 130 and f"saved to {url}; run extract again to resume" in err, err[-2000:]
         assert "\x1b" not in out + err, (out + err)[-2000:]
         info = json.loads(cli("info", url, "--json").output)
-        assert info["rows"] == done and info["incomplete"] == [str(photos.resolve())], info
+        # the index lists every unit whose marker is in the store, and may list one more per actor: a unit whose
+        # shard was taken in while its marker was still on its way up (the rerun redoes it; its rows are superseded)
+        assert done <= info["rows"] <= done + 2 and info["incomplete"] == [str(photos.resolve())], info
     else:
         assert "run/features.h5" not in objects(bucket, "run/")
         time.sleep(1.5)  # the dead driver's lease expires (1 s here): the rerun takes it over
