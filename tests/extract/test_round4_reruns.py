@@ -12,29 +12,17 @@ from unittest import mock
 import h5py
 import pytest
 
-from catdog_cache.backbone import WeightsSpec
 from catdog_cache.cache import compact, finish, read_index, shards_dir
 from catdog_cache.engines.dispatch import extract
 from catdog_cache.extract import loader
-from catdog_cache.extract.config import ExtractConfig
 from catdog_cache.extract.folder_units import cut_folder, run_unit, unit_done
 from catdog_cache.extract.markers import markers_dir, tar_unit
 from catdog_cache.extract.plan import known_files
 from catdog_cache.extract.rerun import sha256_file
 from catdog_cache.sources.folder import discover
 from tests.conftest import draw
+from tests.extract.test_rerun import CFG, HOUR, backdate
 from tests.extract.test_tars import make_tar
-
-CFG = ExtractConfig(weights=WeightsSpec("random", seed=0), backbone="tiny", workers=0, batch_size=4)
-HOUR = 3600 * 10**9
-
-
-def backdate(folder, ago_ns: int = HOUR) -> None:
-    """Every file last written an hour ago: outside the racy window of the next scan."""
-    t = time.time_ns() - ago_ns
-    for p in folder.rglob("*"):
-        if p.is_file():
-            os.utime(p, ns=(t, t))
 
 
 def rewrite_in_place(victim) -> None:
