@@ -12,8 +12,7 @@ import numpy as np
 
 from ..files import printable, read_regular
 from ..sources.decode import MAX_FILE_BYTES, DecodeError, decode_rgb
-from ..sources.spec import open_tar
-from ..sources.tars import read_samples
+from ..sources.tars import picked_images
 from .rows import CacheRows
 
 TILE = 160  # pixels a side: a sheet of 16 pairs stays a few hundred KB
@@ -35,17 +34,7 @@ def pictures(refs: Sequence[Ref]) -> dict[tuple[int, int], bytes]:
             out[(id(rows), i)] = read_regular(path, MAX_FILE_BYTES)
         except (OSError, ValueError):
             continue
-    for source, keys in wanted.items():
-        try:
-            with open_tar(source) as fh:
-                for sample in read_samples(fh):
-                    at = keys.pop(sample.key, None)
-                    if at is not None and sample.data is not None and not sample.reason:
-                        out[at] = sample.data
-                    if not keys:
-                        break
-        except OSError:  # gone or unreadable since it was extracted: grey tiles
-            continue
+    out.update(picked_images(wanted))  # each tar shard holding a wanted sample streamed once
     return out
 
 

@@ -16,8 +16,7 @@ from ..extract.config import Progress
 from ..files import check_outputs, plural, printable, read_regular, same_file
 from ..fit import split
 from ..sources.decode import MAX_FILE_BYTES, DecodeError, decode_rgb
-from ..sources.spec import open_tar
-from ..sources.tars import read_samples
+from ..sources.tars import picked_images
 from .features import cached_features, scoring_caches
 from .inputs import ScoreInput, folder_samples, score_input
 from .rows import Scored, onto_head_classes, score_cached
@@ -71,18 +70,7 @@ def picture_bytes(inp: ScoreInput, scored: Scored, picks: list[int]) -> dict[int
     wanted: dict[str, dict[str, int]] = {}
     for i in picks:
         wanted.setdefault(scored.sources[i], {})[scored.keys[i]] = i
-    for source, keys in wanted.items():
-        try:
-            with open_tar(source) as fh:
-                for sample in read_samples(fh):
-                    i = keys.pop(sample.key, None)
-                    if i is not None and sample.data is not None and not sample.reason:
-                        out[i] = sample.data
-                    if not keys:
-                        break
-        except OSError:  # gone or unreadable since it was extracted: its tiles are left out
-            continue
-    return out
+    return picked_images(wanted)  # each shard holding a pick streamed once
 
 
 def grid_title(loaded, head_path: Path, what: str) -> str:

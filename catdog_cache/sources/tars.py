@@ -18,7 +18,7 @@ import hashlib
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO, Any, NamedTuple
+from typing import IO, Any, NamedTuple, TypeVar
 
 import torch
 
@@ -209,3 +209,25 @@ class TarSamples(torch.utils.data.IterableDataset):
             return
         yield End(i, readers), None, "", ""
 
+
+K = TypeVar("K")
+
+
+def picked_images(wanted: dict[str, dict[str, K]]) -> dict[K, bytes]:
+    """Image bytes of picked samples, {shard: {key: id}} -> {id: bytes}: each shard streamed once, read no further than
+    its last pick. A sample without a decodable image, or a shard gone or unreadable since it was extracted, is left
+    out (preview and audit draw what they can)."""
+    out: dict[K, bytes] = {}
+    for source, picks in wanted.items():
+        keys = dict(picks)
+        try:
+            with open_tar(source) as fh:
+                for sample in read_samples(fh):
+                    at = keys.pop(sample.key, None)
+                    if at is not None and sample.data is not None and not sample.reason:
+                        out[at] = sample.data
+                    if not keys:
+                        break
+        except OSError:
+            continue
+    return out
