@@ -141,8 +141,7 @@ def bound_rows(data_dir: Path, log: Callable[[Row], None], backbones: list[str],
             row = (f"{bb} {p}: extract vs the work bound", f"{steady:.1f} of {limit:.1f} img/s",
                    f"{steady / limit:.2f} of the bound; decode {d:.1f} + forward {f:.1f} core-ms/img (cheapest "
                    f"{fw[-1]['setting']} threads x images), {ncores} cores; whole run {whole:.1f} img/s; extract "
-                   f"chose {chose.get('threads')} threads x {chose.get('chunk')} images; {n} files, median of "
-                   f"{repeats}")
+                   f"chose {chose.get('setting')} (threads x images); {n} files, median of {repeats}")
             rows.append(row)
             log(row)
     kind = cpu_bf16()

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,7 @@ def run_dataset(dataset: torch.utils.data.Dataset, total: int, workers: int, cfg
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     pacer = Pacer(cores(), batch, workers, forced_threads()) if device.type == "cpu" else None
     last_pacer[:] = [pacer] if pacer else []
+    streams = ThreadPoolExecutor(cores() - 1, "forward") if pacer and cores() > 1 else None  # threads start on use
     done, pending = 0, None
     threads = torch.get_num_threads()
     torch.set_num_threads(extract_threads(workers))  # set before the workers fork: they start from 1 thread anyway
@@ -78,9 +80,10 @@ def run_dataset(dataset: torch.utils.data.Dataset, total: int, workers: int, cfg
             if s.threads != torch.get_num_threads():
                 torch.set_num_threads(s.threads)
             t = time.perf_counter()
-            with torch.inference_mode(), gate.forward(s.threads) if gate else contextlib.nullcontext():
+            with torch.inference_mode(), gate.forward(s.cores) if gate else contextlib.nullcontext():
                 # not held across the yield: the caller's code runs in its own mode
-                out, ready = _forward(x, idx, shas, failures, model, cfg, device, preset, autocast_dtype, s.chunk)
+                out, ready = _forward(x, idx, shas, failures, model, cfg, device, preset, autocast_dtype, s,
+                                      streams)
             if pacer:
                 pacer.decode_ms = gate.decode_ms() if gate else 0.0
                 pacer.record(s, len(idx), time.perf_counter() - t)
@@ -90,15 +93,17 @@ def run_dataset(dataset: torch.utils.data.Dataset, total: int, workers: int, cfg
         if pending is not None:
             yield from _emit(pending, done, total, progress)
     finally:
+        if streams:
+            streams.shutdown()
         torch.set_num_threads(threads)
 
 
 def _forward(x: Any, idx: list[int], shas: list[str], failures: list[tuple[int, str, str]], model: torch.nn.Module,
              cfg: ExtractConfig, device: torch.device, preset: Preset, autocast_dtype: torch.dtype | None,
-             chunk: int = 0) -> tuple[
+             s: Setting = Setting(0, 0), pool: ThreadPoolExecutor | None = None) -> tuple[
                  tuple[list[int], torch.Tensor, list[str], list[tuple[int, str, str]]], Any]:
     """One loader batch -> ((indices, features [B, V, D] on the host, sha256s, failures), a CUDA event or None).
-    chunk: images per forward call (0: the whole batch)."""
+    s: images per forward call (0: the whole batch), and how many calls run at once (streams, on `pool`)."""
     if isinstance(x, Encoded):
         x, idx, shas, late = device_batch(x, idx, shas, cfg.views, device, preset)
         failures = failures + late
@@ -107,16 +112,38 @@ def _forward(x: Any, idx: list[int], shas: list[str], failures: list[tuple[int, 
         b, v = x.shape[:2]
         # [B*V, 3, S, S]; already channels-last from the workers, so on a CPU this is no copy at all
         x = x.flatten(0, 1).to(device, non_blocking=True, memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            step = chunk * v or len(x)
-            y = torch.cat([model(x[i:i + step]) for i in range(0, len(x), step)]) if step < len(x) else model(x)
-            # [B*V, D]
+        if s.streams > 1 and pool is not None and b > 1:
+            # [B*V, ...] in `streams` runs of whole chunks, so every call sees the rows a single stream's would
+            chunk = s.chunk or b
+            share = -(-b // s.streams // chunk) * chunk * v
+            runs = [pool.submit(_stream, model, x[i:i + share], s, v, autocast_dtype)
+                    for i in range(share, len(x), share)]
+            first = _calls(model, x[:share], s.chunk * v, device, autocast_dtype)
+            y = torch.cat([first, *(r.result() for r in runs)])
+        else:
+            y = _calls(model, x, s.chunk * v, device, autocast_dtype)  # [B*V, D]
         out = y.float().reshape(b, v, -1)  # [B, V, D]
         if out.is_cuda:  # back into pinned memory without waiting; `ready` says when it has landed
             out = torch.empty(out.shape, pin_memory=True).copy_(out, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
     return (idx, out, shas, failures), ready
+
+
+def _calls(model: torch.nn.Module, x: torch.Tensor, step: int, device: torch.device,
+           autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """[N, 3, S, S] -> [N, D] in calls of `step` rows (0: one call)."""
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        step = step or len(x)
+        return torch.cat([model(x[i:i + step]) for i in range(0, len(x), step)]) if step < len(x) else model(x)
+
+
+def _stream(model: torch.nn.Module, x: torch.Tensor, s: Setting, v: int, autocast_dtype: torch.dtype | None
+            ) -> torch.Tensor:
+    """One stream's share on a pool thread: inference mode, autocast and the thread count are per thread."""
+    torch.set_num_threads(s.threads)
+    with torch.inference_mode():
+        return _calls(model, x, s.chunk * v, torch.device("cpu"), autocast_dtype)
 
 
 def _emit(pending: tuple[list[int], torch.Tensor, list[str], list[tuple[int, str, str]], Any], done: int,

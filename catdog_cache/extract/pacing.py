@@ -62,48 +62,91 @@ def chunk_sizes(batch: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Setting:
-    threads: int  # intra-op threads of the forward
+    threads: int  # intra-op threads of each forward stream
     chunk: int  # images per forward call
+    streams: int = 1  # forward calls at once, on a Python thread each, over equal shares of the batch
+
+    @property
+    def cores(self) -> int:
+        return self.threads * self.streams
+
+
+def shapes(cores: int, batch: int) -> list[tuple[int, int]]:
+    """(threads, streams) worth measuring: each thread count of thread_counts alone, and as many streams of it as
+    fill the cores while each stream still gets 4 images. One-thread streams share nothing: no barrier inside an op
+    to wait at, which is where two intra-op threads lose to one (measured on 2 cores: resnet18 fp32 21.2 wall-ms per
+    image as two streams, 23.3 on two threads, 41.2 on one; features bit for bit the one-thread forward's)."""
+    out = []
+    for t in thread_counts(cores):
+        out.append((t, 1))
+        if cores // t > 1 and batch // (cores // t) >= 4:
+            out.append((t, cores // t))
+    return out
 
 
 @dataclass
 class Pacer:
-    """Chooses the forward's Setting batch by batch. First every thread count at the loader's batch (two measured
-    batches each, interleaved), then halved chunks at the best thread count while they keep winning; every `every`
-    batches after that, the other thread counts are measured again at the chosen chunk, so that a change of load
-    is followed.
+    """Chooses the forward's Setting batch by batch. First every shape (threads x streams, `shapes`) once, all at
+    the same images per call (the smallest stream's share), and again those within `CLOSE` of the best (a drifting
+    load hits all of them); then halved chunks at the best shape while they keep winning, and those close shapes
+    once more at the chunk chosen (a small network may run best as two threads on 4 images but as two streams on
+    8). After that the chosen setting runs, and the other shapes are measured again at its chunk when its own cost
+    moves by more than `DRIFT` (a neighbour's job started or ended) or every `every` batches: each batch on a worse
+    shape is time lost, so the search stays short.
     A setting's cost is the median of its last three measurements. A chunk size seen for the first time pays
     one-off set-up (oneDNN builds its kernels per shape): that batch is not measured, nor is a short last batch."""
+
+    CLOSE = 0.8  # a second look for shapes predicted within this fraction of the best rate
+    DRIFT = 0.25
 
     cores: int
     batch: int
     workers: int
-    forced: int = 0  # CATDOG_EXTRACT_THREADS: no search over thread counts
-    every: int = 32
+    forced: int = 0  # CATDOG_EXTRACT_THREADS: no search over thread counts, one stream
+    every: int = 256
     decode_ms: float = 0.0  # core-ms per image, from the workers' meter (the caller keeps it current)
     costs: dict[Setting, deque[float]] = field(default_factory=dict)
     warm: set[int] = field(default_factory=set)
     queue: list[Setting] = field(default_factory=list)
     best: Setting = Setting(1, 1)
-    phase: str = "threads"  # then "chunks", then "run"
+    phase: str = "threads"  # then "again", "chunks", "cross", "run"
     done: int = 0
+    close: list[tuple[int, int]] = field(default_factory=list)  # shapes within CLOSE of the best at first
+    decided: tuple[int, float] = (0, 0.0)  # (batches done, the best's cost) when it was chosen
 
     def __post_init__(self) -> None:
-        threads = [Setting(t, self.batch) for t in self._threads()]
-        self.queue = threads * 2 if len(threads) > 1 else threads  # interleaved twice: a drifting load hits all
+        self.queue = self._first()
         self.best = self.queue[0]
 
-    def _threads(self) -> list[int]:
-        return [self.forced] if self.forced else thread_counts(self.cores)
+    def _shapes(self) -> list[tuple[int, int]]:
+        return [(self.forced, 1)] if self.forced else shapes(self.cores, self.batch)
+
+    def _first(self) -> list[Setting]:
+        chunk = min(self.batch // s for _, s in self._shapes())
+        return [Setting(t, chunk, s) for t, s in self._shapes()]
+
+    def _at(self, threads: int, streams: int, chunk: int) -> Setting:
+        """The setting of a shape at `chunk` images per call, at most its streams' share of the batch."""
+        return Setting(threads, min(chunk, self.batch // streams), streams)
 
     def next(self) -> Setting:
-        """The setting of the next batch. The first (kernel set-up, not measured) runs on the fewest threads: on a
-        busy machine a forward on several threads stalls at every op's barrier, which a short run never recovers."""
+        """The setting of the next batch. The first (kernel set-up, not measured) runs on one thread, one stream: on
+        a busy machine a forward on several threads stalls at every op's barrier, which a short run never
+        recovers."""
         if self.done == 0:
-            return Setting(self._threads()[-1], self.batch)
-        if self.phase == "run" and not self.queue and self.done % self.every == 0 and len(self._threads()) > 1:
-            self.queue = [Setting(t, self.best.chunk) for t in self._threads() if t != self.best.threads]
+            return Setting(self._shapes()[-1][0], self._first()[0].chunk)
+        if self.phase == "run" and not self.queue and len(self._shapes()) > 1 and self._moved():
+            self.queue = [self._at(t, s, self.best.chunk) for t, s in self._shapes()
+                          if (t, s) != (self.best.threads, self.best.streams)]
         return self.queue[0] if self.queue else self.best
+
+    def _moved(self) -> bool:
+        """Time to measure the other shapes again: the best's own cost moved, or `every` batches passed."""
+        at, cost = self.decided
+        if self.done - at >= self.every:
+            return True
+        recent = self.costs.get(self.best)
+        return bool(recent) and len(recent) == recent.maxlen and abs(self.cost(self.best) / cost - 1) > self.DRIFT
 
     def record(self, s: Setting, images: int, seconds: float) -> None:
         """The forward of one loader batch, `images` images at setting `s`, took `seconds` of wall time."""
@@ -123,22 +166,38 @@ class Pacer:
         return statistics.median(self.costs[s])
 
     def predicted(self, s: Setting) -> float:
-        return rate(self.cores, self.decode_ms, self.cost(s), s.threads, self.workers)
+        return rate(self.cores, self.decode_ms, self.cost(s), s.cores, self.workers)
 
     def _decide(self) -> None:
-        # threads: the loader's batch; chunks: every chunk measured at the best thread count; run: the chosen chunk
-        chunk = {"threads": self.batch, "chunks": 0}.get(self.phase, self.best.chunk)
-        pool = [s for s in self.costs if self.costs[s] and (not chunk or s.chunk == chunk)]
-        if self.phase == "chunks":
-            pool = [s for s in pool if s.threads == self.best.threads]
-        winner = max(pool, key=self.predicted)
-        smaller = [c for c in chunk_sizes(self.batch) if c < winner.chunk]
-        keep_halving = self.phase == "threads" or winner.chunk < self.best.chunk
-        self.best = winner
-        if self.phase in ("threads", "chunks") and keep_halving and smaller:
-            self.phase, self.queue = "chunks", [Setting(winner.threads, smaller[0])]
+        # threads, again: each shape at its whole share; chunks: every chunk of the best shape; run: each shape at
+        # the chosen chunk
+        if self.phase in ("threads", "again"):
+            pool = self._first()
+        elif self.phase == "chunks":
+            pool = [c for c in self.costs if (c.threads, c.streams) == (self.best.threads, self.best.streams)]
         else:
-            self.phase = "run"
+            pool = [self._at(t, s, self.best.chunk) for t, s in self._shapes()]
+        pool = [s for s in pool if self.costs.get(s)]
+        winner = max(pool, key=self.predicted)
+        if self.phase == "threads":
+            close = [s for s in pool if self.predicted(s) >= self.CLOSE * self.predicted(winner)]
+            self.close = [(s.threads, s.streams) for s in close]
+            if len(close) > 1:
+                self.phase, self.queue = "again", close
+                return
+        smaller = [c for c in chunk_sizes(self.batch // winner.streams) if c < winner.chunk]
+        keep_halving = self.phase in ("threads", "again") or winner.chunk < self.best.chunk
+        self.best = winner
+        if self.phase in ("threads", "again", "chunks") and keep_halving and smaller:
+            self.phase, self.queue = "chunks", [Setting(winner.threads, smaller[0], winner.streams)]
+            return
+        cross = [self._at(t, s, winner.chunk) for t, s in self.close if (t, s) != (winner.threads, winner.streams)]
+        cross = [s for s in cross if s.chunk != self._first()[0].chunk]  # not measured at this chunk yet
+        if self.phase in ("threads", "again", "chunks") and cross:
+            self.phase, self.queue = "cross", cross
+            return
+        self.phase = "run"
+        self.decided = (self.done, self.cost(winner))
 
 
 class Gate:
@@ -201,6 +260,11 @@ def split(cores: int, decode_ms: float, costs: dict[int, float], workers: int = 
 
 def describe(p: Pacer) -> dict[str, Any]:
     """What the pacer measured and chose, for logs and the bench."""
-    return {"threads": p.best.threads if p.best else 0, "chunk": p.best.chunk if p.best else 0,
-            "decode_ms": p.decode_ms, "forward_ms": {f"{s.threads}x{s.chunk}": round(statistics.median(c), 2)
-                                                     for s, c in p.costs.items() if c}}
+    return {"threads": p.best.threads, "chunk": p.best.chunk, "streams": p.best.streams, "setting": label(p.best),
+            "decode_ms": p.decode_ms,
+            "forward_ms": {label(s): round(statistics.median(c), 2) for s, c in p.costs.items() if c}}
+
+
+def label(s: Setting) -> str:
+    """'2x8' (threads x images per call), '2 streams of 1x4' (concurrent calls)."""
+    return f"{s.threads}x{s.chunk}" if s.streams == 1 else f"{s.streams} streams of {s.threads}x{s.chunk}"

@@ -48,22 +48,61 @@ def drive(p: Pacer, cost, n: int, batch: int = 16) -> list[Setting]:
 
 
 def test_pacer_measures_then_keeps_the_best_and_follows_a_change_of_load():
-    table = {(2, 16): 14.0, (1, 16): 26.0, (2, 8): 12.0, (1, 8): 25.0, (2, 4): 13.0, (1, 4): 24.0}
-    p = Pacer(cores=2, batch=16, workers=2, every=32)
-    p.decode_ms = 5.0
-    used = drive(p, lambda s, i: table[s.threads, s.chunk], 40)
-    # set-up batch, thread counts twice interleaved, chunk 8 (set-up + measured), chunk 4 (set-up + measured)
-    assert used[:9] == [Setting(1, 16), Setting(2, 16), Setting(1, 16), Setting(2, 16), Setting(1, 16)] + \
-        [Setting(2, 8)] * 2 + [Setting(2, 4)] * 2
-    assert p.best == Setting(2, 8) and used[9:32] == [Setting(2, 8)] * 23
-    assert used[32] == Setting(1, 8)  # every 32 batches, the other thread counts again
-    # a neighbour arrives: two threads now stall; the next re-measurement moves to one
-    p2 = Pacer(cores=2, batch=16, workers=2, every=8)
-    p2.decode_ms = 5.0
-    drive(p2, lambda s, i: table[s.threads, s.chunk] * (5 if i >= 12 and s.threads == 2 else 1), 40)
-    assert p2.best.threads == 1
+    # (threads, images per call, streams) -> wall-ms per image: Lite0-like, two threads win only at 4 images
+    table = {(2, 8, 1): 19.0, (1, 8, 1): 30.0, (1, 8, 2): 18.0, (1, 4, 2): 14.5, (2, 4, 1): 11.0, (1, 4, 1): 29.0}
+    p = Pacer(cores=2, batch=16, workers=2, every=64)
+    p.decode_ms = 3.5
+    used = drive(p, lambda s, i: table[s.threads, s.chunk, s.streams], 80)
+    # set-up batch; every shape once at the streams' share (8 images); the two close ones again (one thread alone
+    # is far behind: not measured twice); halved chunks at the best shape (set-up + measured); the close shape at
+    # the chunk chosen, which wins
+    assert used[:9] == [Setting(1, 8), Setting(2, 8), Setting(1, 8), Setting(1, 8, 2), Setting(2, 8),
+                        Setting(1, 8, 2), Setting(1, 4, 2), Setting(1, 4, 2), Setting(2, 4)]
+    assert p.best == Setting(2, 4) and used[9:73] == [Setting(2, 4)] * 64
+    assert used[73:76] == [Setting(1, 4), Setting(1, 4, 2), Setting(2, 4)]  # 64 batches on: the other shapes
+    # a neighbour arrives: two threads now stall; the chosen setting's own cost moves, which starts a new search at
+    # once rather than after `every` batches
+    p2 = Pacer(cores=2, batch=16, workers=2, every=1000)
+    p2.decode_ms = 3.5
+    used = drive(p2, lambda s, i: table[s.threads, s.chunk, s.streams] * (5 if i >= 20 and s.cores == 2 else 1), 40)
+    assert p2.best == Setting(1, 4) and used[-1] == Setting(1, 4)
     forced = Pacer(cores=2, batch=16, workers=2, forced=1)
-    assert {s.threads for s in drive(forced, lambda s, i: table[s.threads, s.chunk], 40)} == {1}
+    assert {(s.threads, s.streams) for s in drive(forced, lambda s, i: table.get((s.threads, s.chunk, 1), 30), 40)} \
+        == {(1, 1)}
+
+
+def test_shapes_worth_measuring():
+    assert pacing.shapes(2, 16) == [(2, 1), (1, 1), (1, 2)]
+    assert pacing.shapes(4, 16) == [(4, 1), (2, 1), (2, 2), (1, 1), (1, 4)]
+    assert pacing.shapes(16, 16) == [(16, 1), (8, 1), (8, 2), (4, 1), (4, 4), (2, 1), (1, 1)]  # 4+ images a stream
+    assert pacing.shapes(1, 16) == [(1, 1)] and Setting(2, 4, 3).cores == 6
+
+
+def test_streams_give_the_one_thread_forward_bit_for_bit():
+    """Two concurrent calls over halves of an odd batch of two views each: the rows in order, each computed as
+    one thread computes it alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from catdog_cache.backbone import IMAGENET, build
+
+    model = build(WeightsSpec("random"), "tiny")
+    x = torch.rand(5, 2, 3, 224, 224)
+    cfg = ExtractConfig(weights=WeightsSpec("random"), backbone="tiny", views=("center", "flip"))
+    cpu = torch.device("cpu")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            alone, _ = forward._forward(x, list(range(5)), ["a"] * 5, [], model, cfg, cpu, IMAGENET, None,
+                                        Setting(1, 2))
+            with ThreadPoolExecutor(1) as pool:
+                two, _ = forward._forward(x, list(range(5)), ["a"] * 5, [], model, cfg, cpu, IMAGENET, None,
+                                          Setting(1, 2, 2), pool)
+    finally:
+        torch.set_num_threads(threads)
+    assert two[1].shape == (5, 2, 4096) and two[0] == list(range(5))
+    assert torch.equal(two[1], alone[1])
+    assert not torch.equal(two[1][:3], alone[1][2:])  # the rows differ, so their order is what is compared
 
 
 def test_gate_closes_the_workers_beyond_the_free_cores():
@@ -102,7 +141,8 @@ def test_chunked_forward_gives_the_batch_forward(tmp_path, kaggle_dir):
     x = torch.rand(4, 1, 3, 224, 224)
     cfg = ExtractConfig(weights=WeightsSpec("random"), backbone="tiny")
     whole, _ = forward._forward(x, [0, 1, 2, 3], ["a"] * 4, [], model, cfg, torch.device("cpu"), IMAGENET, None)
-    parts, _ = forward._forward(x, [0, 1, 2, 3], ["a"] * 4, [], model, cfg, torch.device("cpu"), IMAGENET, None, 2)
+    parts, _ = forward._forward(x, [0, 1, 2, 3], ["a"] * 4, [], model, cfg, torch.device("cpu"), IMAGENET, None,
+                                Setting(1, 2))
     assert parts[1].shape == (4, 1, 4096)
     torch.testing.assert_close(parts[1], whole[1], rtol=1e-5, atol=1e-6)  # bitwise only for the same batches
 
