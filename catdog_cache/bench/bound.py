@@ -25,9 +25,11 @@ def decode_cost(data_dir: str, backbone: str, n: int = 64) -> dict[str, float]:
     import torch
 
     from ..backbone import get_backbone
+    from ..extract.heap import keep_freed_memory
     from ..extract.loader import ImageFiles
     from ..sources.folder import discover
 
+    keep_freed_memory()  # as extract's workers run
     torch.set_num_threads(1)
     disc = discover(data_dir)
     files = ImageFiles(disc.root, [s.rel for s in disc.samples[:n]], ("center",), get_backbone(backbone).preset)
@@ -44,9 +46,11 @@ def forward_cost(backbone: str, precision: str, batch: int = 16, steps: int = 2)
     import torch
 
     from ..backbone import WeightsSpec, get_backbone
+    from ..extract.heap import keep_freed_memory
     from ..extract.loader import cores
     from ..extract.pacing import chunk_sizes, thread_counts
 
+    keep_freed_memory()  # as extract runs it: the cheapest forward this process can do
     bb = get_backbone(backbone)
     model = bb.build(WeightsSpec("random")).to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, bb.preset.crop, bb.preset.crop).contiguous(memory_format=torch.channels_last)

@@ -16,6 +16,7 @@ import torch
 
 from ..backbone import Preset, resolve_device
 from .config import ExtractConfig, Progress
+from .heap import keep_freed_memory
 from .loader import (
     Batch,
     Encoded,
@@ -62,6 +63,8 @@ def run_dataset(dataset: torch.utils.data.Dataset, total: int, workers: int, cfg
     model = model.to(device, memory_format=torch.channels_last)
     batch = cfg.batch_size or (128 if cuda else 16)
     gate = Gate(workers, cores()) if device.type == "cpu" and workers else None  # workers off the forward's cores
+    if device.type == "cpu":
+        keep_freed_memory()  # before the workers fork: they inherit it
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate, pin_memory=cuda,
         worker_init_fn=functools.partial(worker_init, gate=gate) if workers else None,
