@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -139,6 +140,18 @@ def torchvision_state_dict(weights: Any, name: str, backbone: str) -> dict:
         return weights.get_state_dict(progress=True, check_hash=True)
     except Exception:  # offline after all: URLError, socket errors, a partial download...
         raise missing_weights(name, weights.url, weights_file(weights).parent, backbone) from None
+
+
+@dataclass(frozen=True)
+class RecordedWeights:
+    """A torchvision weights file known by its URL: what torchvision_state_dict needs of a weights enum."""
+
+    url: str
+
+    def get_state_dict(self, progress: bool = True, check_hash: bool = True) -> dict:
+        import torch
+
+        return torch.hub.load_state_dict_from_url(self.url, progress=progress, check_hash=check_hash)
 
 
 def weights_file(weights: Any) -> Path:

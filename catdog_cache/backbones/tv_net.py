@@ -9,8 +9,9 @@ from torch import nn
 
 from ..backbone import WeightsSpec
 from ..errors import InputError
-from .loading import load_state_file, seeded, torchvision_state_dict
-from .tv_layers import FINAL
+from .loading import RecordedWeights, load_state_file, seeded, torchvision_state_dict
+from .resnet_net import resnet
+from .tv_layers import FINAL, RESNETS
 
 
 def final_linear(model: nn.Module) -> str:
@@ -45,6 +46,8 @@ class Flatten(nn.Module):
 
 
 def make(name: str, layer: str, spec: WeightsSpec) -> nn.Module:
+    if name in RESNETS and layer == FINAL:
+        return make_resnet(name, spec)
     from torchvision.models import get_model, get_model_weights
 
     weights = get_model_weights(name).DEFAULT
@@ -58,6 +61,19 @@ def make(name: str, layer: str, spec: WeightsSpec) -> nn.Module:
         load_state_file(model, spec, f"torchvision {name}", ignore=(final_linear(model) + ".",) if layer == FINAL
                         else ())
     return cut(model, layer)
+
+
+def make_resnet(name: str, spec: WeightsSpec) -> nn.Module:
+    """A ResNet at its final Linear's input, built and loaded without torchvision (resnet_net)."""
+    if spec.kind == "random":
+        return cut(seeded(spec.seed, lambda: resnet(name)), FINAL)
+    with torch.device("meta"):
+        model = resnet(name)
+    if spec.kind == "imagenet":
+        model.load_state_dict(torchvision_state_dict(RecordedWeights(RESNETS[name].url), name, name), assign=True)
+    else:
+        load_state_file(model, spec, f"torchvision {name}", ignore=("fc.",))
+    return cut(model, FINAL)
 
 
 def make_meta(name: str, layer: str) -> nn.Module:

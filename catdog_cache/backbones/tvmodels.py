@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..backbone import Backbone, Preset, WeightsSpec
-from .tv_layers import FINAL
+from ..backbone import IMAGENET, Backbone, Preset, WeightsSpec
+from .tv_layers import FINAL, RESNETS
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,11 @@ def checkpoint_path(file: str) -> Path:
 
 @functools.cache
 def _default(name: str) -> tuple[Preset, str, str]:
-    """The DEFAULT weights' eval preset, name and file, from torchvision itself (imports torch)."""
+    """The DEFAULT weights' eval preset, name and file: recorded for the ResNets, else from torchvision itself
+    (imports torch and torch._dynamo)."""
+    if name in RESNETS:
+        r = RESNETS[name]
+        return Preset(r.resize, 224, IMAGENET.mean, IMAGENET.std, "bilinear"), r.weights, r.file
     from torchvision.models import get_model_weights
 
     weights = get_model_weights(name).DEFAULT

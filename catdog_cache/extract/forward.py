@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -44,23 +44,26 @@ def run_features(root: Path, rels: list[str], cfg: ExtractConfig, model: torch.n
     non-blocking copy, and its features come back into pinned memory while the next batch is fetched and run, so a
     batch is yielded one step late. The caller's work on a batch (the writer) overlaps the same way."""
     cfg.check()
+    build: torch.nn.Module | Callable[[], torch.nn.Module] | None = model
     if model is None or preset is None:
         backbone = cfg.resolve()
-        model = model if model is not None else backbone.build(cfg.weights)
+        build = model if model is not None else functools.partial(backbone.build, cfg.weights)
         preset = backbone.preset
     workers = cfg.workers if cfg.workers >= 0 else default_workers(len(rels), resolve_device(cfg.device).type == "cpu")
     dataset = ImageFiles(root, rels, cfg.views, preset, cfg.decoder)
-    yield from run_dataset(dataset, len(rels), workers, cfg, model, preset, progress)
+    yield from run_dataset(dataset, len(rels), workers, cfg, build, preset, progress)
 
 
 def run_dataset(dataset: torch.utils.data.Dataset, total: int, workers: int, cfg: ExtractConfig,
-                model: torch.nn.Module, preset: Preset, progress: Progress | None = None) -> Iterator[Batch]:
-    """run_features on any dataset of ImageFiles' items (a map-style one, or tars.TarSamples); `total` for progress."""
+                model: torch.nn.Module | Callable[[], torch.nn.Module], preset: Preset,
+                progress: Progress | None = None) -> Iterator[Batch]:
+    """run_features on any dataset of ImageFiles' items (a map-style one, or tars.TarSamples); `total` for progress.
+    `model` may be the function that builds it: called once the loader workers have started, so that they decode
+    the first batches while the backbone is built (torchvision's or timm's import, the weights read)."""
     device = resolve_device(cfg.device)  # under torchrun, "cuda" is this rank's GPU (distributed.from_env)
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
-    model = model.to(device, memory_format=torch.channels_last)
     batch = cfg.batch_size or (128 if cuda else 16)
     gate = Gate(workers, cores()) if device.type == "cpu" and workers else None  # workers off the forward's cores
     if device.type == "cpu":
@@ -76,9 +79,11 @@ def run_dataset(dataset: torch.utils.data.Dataset, total: int, workers: int, cfg
     streams = ThreadPoolExecutor(cores() - 1, "forward") if pacer and cores() > 1 else None  # threads start on use
     done, pending = 0, None
     threads = torch.get_num_threads()
-    torch.set_num_threads(extract_threads(workers))  # set before the workers fork: they start from 1 thread anyway
     try:
-        for x, idx, shas, failures in loader:
+        batches = iter(loader)  # the workers start, and decode while the model is built
+        model = (model if isinstance(model, torch.nn.Module) else model()).to(device, memory_format=torch.channels_last)
+        torch.set_num_threads(extract_threads(workers))  # after the build: a seeded random init as it always ran
+        for x, idx, shas, failures in batches:
             s = pacer.next() if pacer else Setting(torch.get_num_threads(), 0)
             if s.threads != torch.get_num_threads():
                 torch.set_num_threads(s.threads)

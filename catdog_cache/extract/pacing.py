@@ -130,11 +130,12 @@ class Pacer:
         return Setting(threads, min(chunk, self.batch // streams), streams)
 
     def next(self) -> Setting:
-        """The setting of the next batch. The first (kernel set-up, not measured) runs on one thread, one stream: on
-        a busy machine a forward on several threads stalls at every op's barrier, which a short run never
-        recovers."""
+        """The setting of the next batch. The first (kernel set-up, not measured) runs as the most streams of the
+        fewest threads: on a busy machine a forward on several threads stalls at every op's barrier, which a short
+        run never recovers, and streams keep every core busy meanwhile."""
         if self.done == 0:
-            return Setting(self._shapes()[-1][0], self._first()[0].chunk)
+            t, s = max(self._shapes(), key=lambda ts: (ts[1], -ts[0]))
+            return Setting(t, self._first()[0].chunk, s)
         if self.phase == "run" and not self.queue and len(self._shapes()) > 1 and self._moved():
             self.queue = [self._at(t, s, self.best.chunk) for t, s in self._shapes()
                           if (t, s) != (self.best.threads, self.best.streams)]

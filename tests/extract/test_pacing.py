@@ -53,10 +53,10 @@ def test_pacer_measures_then_keeps_the_best_and_follows_a_change_of_load():
     p = Pacer(cores=2, batch=16, workers=2, every=64)
     p.decode_ms = 3.5
     used = drive(p, lambda s, i: table[s.threads, s.chunk, s.streams], 80)
-    # set-up batch; every shape once at the streams' share (8 images); the two close ones again (one thread alone
-    # is far behind: not measured twice); halved chunks at the best shape (set-up + measured); the close shape at
-    # the chunk chosen, which wins
-    assert used[:9] == [Setting(1, 8), Setting(2, 8), Setting(1, 8), Setting(1, 8, 2), Setting(2, 8),
+    # set-up batch (two one-thread streams); every shape once at the streams' share (8 images); the two close ones
+    # again (one thread alone is far behind: not measured twice); halved chunks at the best shape (set-up +
+    # measured); the close shape at the chunk chosen, which wins
+    assert used[:9] == [Setting(1, 8, 2), Setting(2, 8), Setting(1, 8), Setting(1, 8, 2), Setting(2, 8),
                         Setting(1, 8, 2), Setting(1, 4, 2), Setting(1, 4, 2), Setting(2, 4)]
     assert p.best == Setting(2, 4) and used[9:73] == [Setting(2, 4)] * 64
     assert used[73:76] == [Setting(1, 4), Setting(1, 4, 2), Setting(2, 4)]  # 64 batches on: the other shapes
