@@ -9,6 +9,7 @@ redone, keys it no longer holds are dropped."""
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..backbone import Preset
+from ..backbone import Preset, resolve_device
 from ..cache import (
     Provenance,
     Rows,
@@ -133,10 +134,11 @@ class _TarRows:
             self._part(i)
 
 
-def default_tar_workers(idents: list[Identity]) -> int:
-    """As for folders (pipeline.default_workers), the image count estimated from the shards' bytes: at 16 KiB per
-    image (small for a photo: the estimate errs towards workers), under 1 MiB in all decodes in process."""
-    return default_workers(sum(max(x.size, 0) for x in idents) // (16 * 2**10))
+def default_tar_workers(idents: list[Identity], device: str = "cpu") -> int:
+    """As for folders (loader.default_workers: on a CPU one per core, behind the pacer's gate; feeding a GPU cores - 1),
+    the image count estimated from the shards' bytes: at 16 KiB per image (small for a photo: the estimate errs
+    towards workers), under 1 MiB in all decodes in process."""
+    return default_workers(sum(max(x.size, 0) for x in idents) // (16 * 2**10), resolve_device(device).type == "cpu")
 
 
 def extract_tar_list(sources: list[str], idents: list[Identity], cache: Path, cfg: ExtractConfig,
@@ -151,18 +153,19 @@ def extract_tar_list(sources: list[str], idents: list[Identity], cache: Path, cf
     `classes` (tar_classes: the cache's own when it has some)."""
     cfg.check()
     prov = cfg.provenance()
+    build: torch.nn.Module | Callable[[], torch.nn.Module] | None = model
     if model is None or preset is None:
         backbone = cfg.resolve()
-        model = model if model is not None else backbone.build(cfg.weights)
+        build = model if model is not None else functools.partial(backbone.build, cfg.weights)  # once workers run
         preset = backbone.preset
     state = _TarRows(sources, idents, cache, cfg, prov, set(track), tag, tuple(classes), after_part)
-    workers = cfg.workers if cfg.workers >= 0 else default_tar_workers(idents)
+    workers = cfg.workers if cfg.workers >= 0 else default_tar_workers(idents, cfg.device)
     delay = float(os.environ.get("CATDOG_BATCH_DELAY", "0"))  # test hook: slow a run down to kill it midway
     writer = PartWriter(state.write, cfg.part_rows, PART_SECONDS)
     ended: dict[int, int] = {}
     try:
         dataset = TarSamples(sources, cfg.views, preset, cfg.decoder, classes)
-        for batch in run_dataset(dataset, 0, workers, cfg, model, preset):
+        for batch in run_dataset(dataset, 0, workers, cfg, build, preset):
             writer.put(batch)
             for ref, _, _ in batch[3]:
                 if isinstance(ref, End):

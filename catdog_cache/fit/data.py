@@ -15,6 +15,7 @@ import torch
 from ..cache import CHUNK_ROWS, BlockReader, Index, open_cache, read_features
 from ..cache.packed_index import PackedPaths
 from ..errors import InputError
+from .ahead import take
 from .config import Features, FitConfig
 
 
@@ -46,18 +47,20 @@ def check_finite(x: np.ndarray, where: str) -> None:
 
 class Gather:
     """Row lookups into the in-memory feature matrix, written into reused buffers: a fresh 2 MB tensor per step
-    costs more in page faults than the copy itself. A result is valid until the next call with as many rows.
-    The matrix may live on a training device (fit --device cuda): rows from anywhere, results on `device`."""
+    costs more in page faults than the copy itself. A result is valid for `ring` calls with as many rows (1, or
+    ahead.RING while batches are prepared ahead). The matrix may live on a training device (fit --device cuda):
+    rows from anywhere, results on `device`."""
 
     def __init__(self, x: torch.Tensor) -> None:
         self.x = x  # [N, D]
         self.device = x.device
-        self._out: dict[int, torch.Tensor] = {}
+        self.ring = 1
+        self._out: dict[int, list[torch.Tensor]] = {}
+        self._turn: dict[int, int] = {}
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        out = self._out.get(len(rows))
-        if out is None:
-            out = self._out[len(rows)] = torch.empty(len(rows), self.x.shape[1], device=self.device)
+        out = take(self._out, self._turn, len(rows), self.ring,
+                   lambda: torch.empty(len(rows), self.x.shape[1], device=self.device))
         return torch.index_select(self.x, 0, rows.to(self.device), out=out)  # [B, D]; .to: no-op on the host
 
 

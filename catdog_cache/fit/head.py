@@ -19,6 +19,7 @@ from ..cache.format import CAT_DOG, MAX_CLASS_NAME, MAX_CLASSES
 from ..cache.opening import HAS_PROC_FD, HDF5_SIGNATURE, OPEN_FLAGS, PROC_FD, file_kind
 from ..errors import CacheError
 from ..files import stored_zip, write_atomic
+from .ahead import take
 from .config import MAX_DROPOUT  # defined torch-free: fit's options are checked before torch loads
 
 HEAD_FORMAT = 1
@@ -77,7 +78,9 @@ class MaskStream:
 
     def __init__(self, seed: int) -> None:
         self.bits = np.random.PCG64(seed)
-        self._buf: dict[tuple[int, int], torch.Tensor] = {}  # reused: fresh 2 MB buffers cost page faults per step
+        self._buf: dict[tuple[int, int], list[torch.Tensor]] = {}  # reused: fresh 2 MB buffers cost page faults
+        self._turn: dict[tuple[int, int], int] = {}
+        self.ring = 1  # buffers per shape, handed out in turn: a batch prepared ahead (fit.ahead) holds several
 
     def keep_bits(self, shape: torch.Size) -> torch.Tensor:
         """[B, D] uint8 0/1 for p = 0.5: one random bit per feature (8x fewer generator words than a byte each)."""
@@ -86,20 +89,16 @@ class MaskStream:
         return torch.from_numpy(np.unpackbits(words.view(np.uint8)).reshape(b, -1)[:, :d])  # [B, D]
 
     def keep(self, shape: torch.Size) -> torch.Tensor:
-        """keep_bits as float32 0/1 in a reused buffer (valid until the next call with the same shape): x * 1.0
+        """keep_bits as float32 0/1 in a reused buffer (valid for `ring` calls with the same shape): x * 1.0
         and x * 0.0 are what x * the uint8 bit gives, but multiplying by a uint8 tensor casts it to a fresh
         float32 temporary every step, and its page faults cost more than the multiply."""
         return self._buffer(shape).copy_(self.keep_bits(shape))  # [B, D]
 
     def _buffer(self, shape: torch.Size) -> torch.Tensor:
-        b, d = shape
-        mask = self._buf.get((b, d))
-        if mask is None:
-            mask = self._buf[(b, d)] = torch.empty(b, d)
-        return mask
+        return take(self._buf, self._turn, tuple(shape), self.ring, lambda: torch.empty(*shape))
 
     def scale(self, shape: torch.Size, p: float) -> torch.Tensor:
-        """[B, D] float: 0 with probability p, else 1 / (1 - p). Valid until the next call with the same shape."""
+        """[B, D] float: 0 with probability p, else 1 / (1 - p). Valid for `ring` calls with the same shape."""
         b, d = shape
         levels = 256 if (p * 256).is_integer() else 65536
         per_word = 8 if levels == 256 else 4
@@ -291,3 +290,4 @@ def load_head(path: str | os.PathLike[str]) -> tuple[Head, dict[str, Any]]:
         raise CacheError(f"{path} holds NaN or infinite weights: fit again (with a lower --lr)")
     head.eval()
     return head, blob
+

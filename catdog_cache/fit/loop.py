@@ -13,8 +13,10 @@ import torch.nn.functional as F
 
 from ..backbone import resolve_device
 from ..errors import InputError
+from .ahead import RING, ahead, spare_core
 from .batches import epoch_order, windowed_batches
 from .config import Diverged, EpochStats, Features, FitConfig, converged, max_epochs, steps_per_epoch
+from .data import Gather
 from .head import DeviceMaskStream, Head, MaskStream, new_head
 from .optim import Adam
 from .splits import streams
@@ -118,8 +120,13 @@ class Trainer:
         self.train_rows, self.val_rows = train_rows, val_rows
         self.feed = batch_source(features_of, device)
         self.opt = Adam(self.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        # the host's linear head skips autograd (step.py: the same kernels, the same head bit for bit)
+        # the host's linear head skips autograd (step.py: the same kernels, the same head bit for bit), and with a
+        # spare core its batches are gathered and masked a step ahead (ahead.py: the same masks, in the same order)
         self.step = LinearStep(self.head, self.opt) if device is None and not cfg.hidden else None
+        self.ahead = self.step is not None and isinstance(features_of, Gather) and spare_core() \
+            and os.environ.get("CATDOG_FIT_AHEAD", "1") != "0"
+        if self.ahead:
+            features_of.ring = self.masks.ring = RING  # type: ignore[union-attr]
         self.history: list[EpochStats] = []
         self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
         self.head.train()
@@ -171,11 +178,15 @@ class Trainer:
         pred = torch.empty(len(order), dtype=torch.long)  # [n_train] predicted classes, step by step
         y_all = self.labels[order]  # [n_train]
         loss_sum = torch.zeros(())
-        b = self.cfg.batch_size
-        for s in range(0, len(order), b):
-            rows = order[s : s + b]  # [B]
-            loss = self.step(self.features_of(rows), y_all[s : s + b], self.masks, pred[s : s + b])
-            loss_sum.add_(loss, alpha=len(rows))  # the batch mean, weighted by its size: epoch()'s sum exactly
+        b, step = self.cfg.batch_size, self.step
+
+        def prepared(s: int) -> tuple[int, torch.Tensor, bool]:  # the batch at `s`: gathered, dropout applied
+            return (s, *step.prepare(self.features_of(order[s : s + b]), self.masks))  # [B, D]
+
+        starts = range(0, len(order), b)
+        for s, x, double in ahead(starts, prepared) if self.ahead else map(prepared, starts):
+            loss = step.update(x, double, y_all[s : s + b], pred[s : s + b])
+            loss_sum.add_(loss, alpha=len(x))  # the batch mean, weighted by its size: epoch()'s sum exactly
         return len(order), loss_sum, (pred == y_all).sum()
 
     def finish(self) -> tuple[Head, list[EpochStats], int]:

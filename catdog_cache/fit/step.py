@@ -30,9 +30,18 @@ class LinearStep:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, y: torch.Tensor, masks: MaskStream, pred: torch.Tensor) -> torch.Tensor:
-        head = self.head
-        w, b = head.linear.weight, head.linear.bias  # [K, D], [K]
-        x, double = head.drop_linear(x, masks) if head.dropout > 0 else (x, False)  # [B, D]
+        return self.update(*self.prepare(x, masks), y, pred)
+
+    @torch.no_grad()
+    def prepare(self, x: torch.Tensor, masks: MaskStream) -> tuple[torch.Tensor, bool]:
+        """The batch [B, D] as the classifier sees it after dropout, and whether the weight is doubled: touches no
+        parameter, so it can run a step ahead (fit.ahead)."""
+        return self.head.drop_linear(x, masks) if self.head.dropout > 0 else (x, False)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, double: bool, y: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """The step on a prepared batch x [B, D] with labels y [B]."""
+        w, b = self.head.linear.weight, self.head.linear.bias  # [K, D], [K]
         # forward, as Head.forward: logits = (W or 2W) @ x^T, transposed, plus the bias (layouts matter to the
         # kernels below: the same expressions, not equivalent ones)
         logits = torch.mm(w * 2.0 if double else w, x.t()).t() + b  # [B, K]

@@ -232,7 +232,7 @@ def _score_tar_images(loaded: Loaded, inp: ScoreInput, views: tuple[str, ...], d
         except OSError:
             return Identity(-1, "")
 
-    n_workers = cfg.workers if cfg.workers >= 0 else default_tar_workers([size(s) for s in inp.shards])
+    n_workers = cfg.workers if cfg.workers >= 0 else default_tar_workers([size(s) for s in inp.shards], cfg.device)
     probs: dict[tuple[int, str], np.ndarray] = {}
     labels: dict[tuple[int, str], int] = {}
     failed: list[tuple[str, str, str]] = []  # (name, reason, key)

@@ -155,6 +155,17 @@ def test_default_workers_fill_the_cores_on_a_cpu(monkeypatch):
     assert loader.default_workers(10, cpu=True) == 0
 
 
+def test_tar_input_gets_the_same_workers_as_a_folder(monkeypatch):
+    """Tars on a CPU: one worker per core behind the gate too (they had cores - 1, a GPU's share)."""
+    from catdog_cache.extract import loader, tar_units
+    from catdog_cache.sources.spec import Identity
+
+    monkeypatch.setattr(loader, "cores", lambda: 4)
+    shards = [Identity(8 << 20, "a"), Identity(8 << 20, "b")]
+    assert tar_units.default_tar_workers(shards, "cpu") == 4
+    assert tar_units.default_tar_workers([Identity(100_000, "a")], "cpu") == 0  # ~6 images: in process
+
+
 @pytest.mark.parametrize(("flags", "kind"), [("fpu avx512f avx512_bf16 sse", "avx512_bf16"),
                                              ("fpu amx_bf16 amx_tile avx512_bf16", "amx_bf16"),
                                              ("fpu avx2 fma", "")])
