@@ -4,8 +4,6 @@ random init, state dict names, weights and preset, bit for bit; and an extract o
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ from catdog_cache.backbones import tv_net, tvmodels
 from catdog_cache.backbones.loading import seeded
 from catdog_cache.backbones.resnet_net import LAYERS, resnet
 from catdog_cache.backbones.tv_layers import FINAL, RESNETS
+from tests.sources.test_eval_transform import imported_by_extract
 
 torchvision = pytest.importorskip("torchvision", reason="the comparison is with torchvision's own ResNets")
 
@@ -61,10 +60,5 @@ def test_imagenet_and_file_weights_load_as_torchvision_loads_them(tmp_path, monk
 
 
 def test_a_resnet18_extract_never_imports_torchvision(kaggle_dir, tmp_path):
-    code = ("import runpy, sys\nsys.argv = ['catdog-cache', 'extract', sys.argv[1], '--cache', sys.argv[2], "
-            "'--backbone', 'resnet18', '--weights', 'random', '-q']\ntry:\n    runpy.run_module('catdog_cache', "
-            "run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code, str(kaggle_dir), str(tmp_path / "c.h5")], capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+    imported, output = imported_by_extract(kaggle_dir, tmp_path / "c.h5", "resnet18")
+    assert imported == "[]", output

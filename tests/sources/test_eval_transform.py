@@ -26,17 +26,24 @@ def test_same_tensor_as_torchvision(size, interpolation):
     assert ours.shape == ref.shape == (3, 224, 224) and ours.dtype == ref.dtype and torch.equal(ours, ref)
 
 
-def test_a_small_extract_imports_neither_torchvision_nor_ray(kaggle_dir, tmp_path):
-    """Start-up (issue 33, item 4): a tiny extract in a fresh process; torchvision (which pulls in torch._dynamo)
-    and Ray stay unimported."""
+def imported_by_extract(data, cache, backbone: str) -> tuple[str, str]:
+    """Which of torchvision, Ray and torch._dynamo a `--weights random` extract in a fresh process imported (a
+    printed list), with its output for the assertion message."""
     import os
     import subprocess
     import sys
 
     code = ("import runpy, sys\nsys.argv = ['catdog-cache', 'extract', sys.argv[1], '--cache', sys.argv[2], "
-            "'--backbone', 'tiny', '--weights', 'random', '-q']\ntry:\n    runpy.run_module('catdog_cache', "
+            "'--backbone', sys.argv[3], '--weights', 'random', '-q']\ntry:\n    runpy.run_module('catdog_cache', "
             "run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
             "print(sorted(m for m in ('torchvision', 'ray', 'torch._dynamo') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code, str(kaggle_dir), str(tmp_path / "c.h5")], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", code, str(data), str(cache), backbone], capture_output=True,
                          text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+    return out.stdout.strip().splitlines()[-1], out.stdout + out.stderr
+
+
+def test_a_small_extract_imports_neither_torchvision_nor_ray(kaggle_dir, tmp_path):
+    """Start-up (issue 33, item 4): a tiny extract in a fresh process; torchvision (which pulls in torch._dynamo)
+    and Ray stay unimported."""
+    imported, output = imported_by_extract(kaggle_dir, tmp_path / "c.h5", "tiny")
+    assert imported == "[]", output
