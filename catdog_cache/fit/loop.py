@@ -125,8 +125,11 @@ class Trainer:
         self.step = LinearStep(self.head, self.opt) if device is None and not cfg.hidden else None
         self.ahead = self.step is not None and isinstance(features_of, Gather) and spare_core() \
             and os.environ.get("CATDOG_FIT_AHEAD", "1") != "0"
+        self.batch_of: Features = features_of  # the training batches' rows
         if self.ahead:
-            features_of.ring = self.masks.ring = RING  # type: ignore[union-attr]
+            # buffers in turn for the training batches only: evaluate's 4096-row ones stay one each (64 MB at 4096-d)
+            self.batch_of = Gather(features_of.x)  # type: ignore[union-attr]
+            self.batch_of.ring = self.masks.ring = RING
         self.history: list[EpochStats] = []
         self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
         self.head.train()
@@ -181,7 +184,7 @@ class Trainer:
         b, step = self.cfg.batch_size, self.step
 
         def prepared(s: int) -> tuple[int, torch.Tensor, bool]:  # the batch at `s`: gathered, dropout applied
-            return (s, *step.prepare(self.features_of(order[s : s + b]), self.masks))  # [B, D]
+            return (s, *step.prepare(self.batch_of(order[s : s + b]), self.masks))  # [B, D]
 
         starts = range(0, len(order), b)
         for s, x, double in ahead(starts, prepared) if self.ahead else map(prepared, starts):
