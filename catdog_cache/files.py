@@ -13,7 +13,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from .errors import CatdogError, InputError
 
@@ -365,3 +365,23 @@ def folders_kept_only_if_used(path: Path) -> Iterator[None]:
                 with contextlib.suppress(OSError):  # not empty (or gone): kept
                     os.rmdir(root)
         raise
+
+
+REMOTE_EXTRA = "pip install 'catdog-cache[remote]'"
+
+
+def url_fs(url: str, where: str, needs: str) -> tuple[Any, str]:
+    """(fsspec file system, path in it) for a URL: tar shards to read, or a cache on object storage. A missing
+    fsspec or backend is one line: `where` names the URL as the user gave it, `needs` says what fsspec is for."""
+    try:
+        import fsspec
+        from fsspec.registry import known_implementations
+    except ImportError:
+        raise InputError(f"{where}: {needs} needs fsspec: {REMOTE_EXTRA}") from None
+    protocol = url.split("://", 1)[0].lower()
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        hint = known_implementations.get(protocol, {}).get("err") or str(e)
+        raise InputError(f"{where}: no fsspec backend for {protocol}:// ({printable(hint)}; "
+                         f"{REMOTE_EXTRA} installs those for s3, gs and https)") from None

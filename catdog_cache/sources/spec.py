@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import CatdogError, InputError
-from ..files import plural, printable, read_regular, short
+from ..files import plural, printable, read_regular, short, url_fs
 
 MAX_SHARDS = 100_000  # per input: a pattern or listing naming more is refused before anything is expanded or read
 MAX_LISTING_BYTES = 16 * 2**20  # a listing file of 100,000 URLs is ~10 MB
 MAX_RANGE_DIGITS = 18  # a {lo..hi} bound longer than this is refused (int() raises past 4,300 digits)
 TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz")
-REMOTE_EXTRA = "pip install 'catdog-cache[remote]'"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?[0-9]+)\.\.(-?[0-9]+)$")  # ASCII digits only, as the shell's ranges
@@ -228,19 +227,7 @@ def refuse_missing(shards: list[str]) -> None:
 
 def remote_fs(url: str) -> tuple[Any, str]:
     """(fsspec file system, path) for a URL; a missing fsspec or backend is one line naming what to install."""
-    try:
-        import fsspec
-    except ImportError:
-        raise InputError(f"{short(printable(url))}: reading URLs needs fsspec: {REMOTE_EXTRA}") from None
-    protocol = url.split("://", 1)[0].lower()
-    try:
-        return fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as e:
-        from fsspec.registry import known_implementations
-
-        hint = known_implementations.get(protocol, {}).get("err") or str(e)
-        raise InputError(f"{short(printable(url))}: no fsspec backend for {protocol}:// ({printable(hint)}; "
-                         f"{REMOTE_EXTRA} installs those for s3, gs and https)") from None
+    return url_fs(url, short(printable(url)), "reading URLs")
 
 
 @dataclass(frozen=True)

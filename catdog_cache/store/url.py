@@ -14,9 +14,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import InputError
-from ..files import printable, short
+from ..files import printable, short, url_fs
 
-REMOTE_EXTRA = "pip install 'catdog-cache[remote]'"
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://(.*)$", re.S)  # two letters at least: C:// is a drive
 _LOST_SLASH = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")
 # Schemes refused in the one-slash spelling even without fsspec installed to list its own.
@@ -118,18 +117,7 @@ def local_cache(value: CacheLocation | BadCache | str | os.PathLike[str], comman
 
 def store_fs(loc: StoreURL) -> tuple[Any, str]:
     """(fsspec file system, path in it) for a store URL; a missing fsspec or backend is one line naming the extra."""
-    where = short(printable(loc.url))
-    try:
-        import fsspec
-        from fsspec.registry import known_implementations
-    except ImportError:
-        raise InputError(f"--cache {where}: a cache on object storage needs fsspec: {REMOTE_EXTRA}") from None
-    try:
-        return fsspec.core.url_to_fs(loc.url)
-    except (ImportError, ValueError) as e:
-        hint = known_implementations.get(loc.protocol, {}).get("err") or str(e)
-        raise InputError(f"--cache {where}: no fsspec backend for {loc.protocol}:// ({printable(hint)}; "
-                         f"{REMOTE_EXTRA} installs those for s3, gs and https)") from None
+    return url_fs(loc.url, f"--cache {short(printable(loc.url))}", "a cache on object storage")
 
 
 def user_cache_dir() -> Path:
