@@ -1,16 +1,17 @@
 """How extract shares a CPU's cores between decoding (loader workers) and the forward (the main process's
-intra-op threads), decided from what each costs in this run rather than by a fixed rule.
+intra-op threads, or several one-thread streams side by side), decided from what each costs in this run rather than
+by a fixed rule.
 
-The work model: an image costs `d` core-ms to decode and, with `t` forward threads, `w_t` wall-ms of the forward
-(t * w_t core-ms). Loader workers decode on the cores the forward leaves while it runs, and on every core while it
-waits: a Gate closes the workers beyond `cores - t` for the length of each forward call, so the two stages never
+The work model: an image costs `d` core-ms to decode and, on `c` cores (t threads x s streams), `w` wall-ms of the
+forward (c * w core-ms). Loader workers decode on the cores the forward leaves while it runs, and on every core while
+it waits: a Gate closes the workers beyond `cores - c` for the length of each forward call, so the two stages never
 fight over a core (a descheduled forward thread stalls every op at its barrier). Over a run the forward's share
-of the time is phi = rate * w_t, and the cores decode rate * d = (cores - t) * phi + cores * (1 - phi), so
+of the time is phi = rate * w, and the cores decode rate * d = (cores - c) * phi + cores * (1 - phi), so
 
-    rate(t) = min(1 / w_t, cores / (d + t * w_t))
+    rate = min(1 / w, cores / (d + c * w))
 
-and the Pacer picks the thread count (and the images per forward call) with the highest predicted rate, from
-`w_t` measured on this run's batches and `d` measured in the workers. Measured in the run, the choice follows
+and the Pacer picks the shape (threads x streams) and the images per forward call with the highest predicted rate,
+from `w` measured on this run's batches and `d` measured in the workers. Measured in the run, the choice follows
 the machine as it is: beside other jobs, two forward threads can be slower than one."""
 
 from __future__ import annotations
