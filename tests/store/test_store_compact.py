@@ -9,28 +9,14 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tests.conftest import TINY, draw, lines
+from tests.store.test_store_s3 import rows_of
 
 SMALL = ("--workers", "0", "--part-rows", "2", "--batch-size", "2")  # 6 photos -> 3 shards
 pytest.importorskip("s3fs", reason="the [remote] extra (s3fs) is not installed")
 pytest.importorskip("moto.server", reason="moto[server] (the dev extra) is not installed")
-
-
-def rows_of(url: str) -> dict[bytes, tuple[int, bytes]]:
-    """path -> (label, the features' bytes), read through the store's read copy by the project's one reader."""
-    from catdog_cache.cache import open_cache
-    from catdog_cache.cache.read import read_features
-    from catdog_cache.store.staging import readable_cache
-
-    with open_cache(readable_cache(url)) as (view, idx):
-        feats = read_features(view)
-        out = {p: (int(label), np.ascontiguousarray(f).tobytes()) for p, label, f in zip(idx.paths, idx.labels, feats,
-                                                                                          strict=True)}
-        assert len(out) == len(idx.paths), "a path listed twice"
-        return out
 
 
 def objects(bucket: str) -> dict[str, str]:
