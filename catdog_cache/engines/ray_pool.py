@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import RAY_MISSING, CatdogError, InputError
 from ..extract.config import ExtractConfig, ExtractReport, Progress
+from ..machine import affinity_cores
 
 KILL_HOOK = "CATDOG_RAY_KILL"  # test hook: "<shard index>:<stage>:<flag file>[,...]" (folder_units.maybe_die)
 # --shard-size left out: about UNITS_PER_ACTOR units per actor (the last ones then finish close together), within
@@ -151,8 +152,7 @@ def expected_actors(cfg: ExtractConfig, opts: RayOptions) -> tuple[int, bool]:
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return _fits(float(gpus), float(cpus), cfg, opts)[1], False
+    return _fits(float(gpus), float(affinity_cores()), cfg, opts)[1], False
 
 
 def schedule(ray: Any, pool: list[Any], items: list[Any], call: Callable[[Any, Any], Any],

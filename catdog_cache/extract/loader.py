@@ -19,6 +19,7 @@ import torch
 
 from ..backbone import Preset
 from ..files import read_regular
+from ..machine import affinity_cores
 from ..sources.decode import MAX_FILE_BYTES, DecodeError, decode_rgb, jpeg_payload, tensor_views, views_of
 from .pacing import Gate, attach, decoding
 
@@ -193,8 +194,7 @@ def _pillow_verdict(data: torch.Tensor) -> Any:
 def cores() -> int:
     """The cores this process may use: its CPU affinity (a container's or taskset's share), divided among the
     ranks that torchrun started on this machine."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, n // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+    return max(1, affinity_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
 
 
 def worker_init(worker: int, gate: Gate | None = None) -> None:

@@ -4,11 +4,12 @@ about as much again, all of it memory work on one core while the other one idles
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
+
+from ..machine import affinity_cores
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -18,8 +19,7 @@ RING = 3  # buffers a prepared batch may use at once: the one stepped on, one qu
 
 def spare_core() -> bool:
     """Whether this process may run on more than one core (its CPU affinity, a container's or taskset's share)."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return n > 1
+    return affinity_cores() > 1
 
 
 def ahead(items: Iterable[T], work: Callable[[T], R], depth: int = 1) -> Iterator[R]:

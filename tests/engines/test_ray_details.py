@@ -14,10 +14,11 @@ import pytest
 
 from catdog_cache.cache import read_index
 from catdog_cache.engines.ray_pool import MAX_AUTO_SHARD, MIN_AUTO_SHARD, auto_shard_size
+from catdog_cache.machine import affinity_cores
 from tests.conftest import TINY, class_folder
 
 NO_RAY = "Ray is not installed (pip install 'catdog-cache[ray]')"
-CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+CPUS = affinity_cores()
 
 
 @pytest.fixture(scope="module")
