@@ -64,8 +64,8 @@ def run_dataset(dataset: torch.utils.data.Dataset, total: int, workers: int, cfg
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
-    batch = cfg.batch_size or (128 if cuda else 16)
-    gate = Gate(workers, cores()) if device.type == "cpu" and workers else None  # workers off the forward's cores
+    batch, ncores = cfg.batch_size or (128 if cuda else 16), cores()
+    gate = Gate(workers, ncores) if device.type == "cpu" and workers else None  # workers off the forward's cores
     if device.type == "cpu":
         keep_freed_memory()  # before the workers fork: they inherit it
     loader = torch.utils.data.DataLoader(
@@ -74,9 +74,9 @@ def run_dataset(dataset: torch.utils.data.Dataset, total: int, workers: int, cfg
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    pacer = Pacer(cores(), batch, workers, forced_threads()) if device.type == "cpu" else None
+    pacer = Pacer(ncores, batch, workers, forced_threads()) if device.type == "cpu" else None
     last_pacer[:] = [pacer] if pacer else []
-    streams = ThreadPoolExecutor(cores() - 1, "forward") if pacer and cores() > 1 else None  # threads start on use
+    streams = ThreadPoolExecutor(ncores - 1, "forward") if pacer and ncores > 1 else None  # threads start on use
     done, pending = 0, None
     threads = torch.get_num_threads()
     try:

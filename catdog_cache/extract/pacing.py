@@ -215,9 +215,9 @@ class Gate:
         self.meter = ctx.RawArray("d", 2 * max(workers, 1))  # per worker: decode CPU seconds, images
 
     @contextmanager
-    def forward(self, threads: int) -> Iterator[None]:
-        """Close the gates of the workers beyond the cores that `threads` forward threads leave, for the forward."""
-        closed = self.open[max(0, self.cores - threads):]
+    def forward(self, cores: int) -> Iterator[None]:
+        """Close the gates of the workers beyond the cores that a forward on `cores` cores leaves, for its length."""
+        closed = self.open[max(0, self.cores - cores):]
         for e in closed:
             e.clear()
         try:
@@ -252,12 +252,6 @@ def decoding() -> Iterator[None]:
     finally:
         gate.meter[2 * i] += time.thread_time() - t
         gate.meter[2 * i + 1] += 1
-
-
-def split(cores: int, decode_ms: float, costs: dict[int, float], workers: int = 1) -> int:
-    """The forward thread count with the highest predicted rate, given its measured wall-ms per image at each
-    thread count (the Pacer's decision, for one chunk size)."""
-    return max(costs, key=lambda t: rate(cores, decode_ms, costs[t], t, workers))
 
 
 def describe(p: Pacer) -> dict[str, Any]:

@@ -13,7 +13,13 @@ from catdog_cache.cache import read_features, read_index
 from catdog_cache.engines.dispatch import extract
 from catdog_cache.extract import forward, pacing, precision
 from catdog_cache.extract.config import ExtractConfig
-from catdog_cache.extract.pacing import Gate, Pacer, Setting, rate, split
+from catdog_cache.extract.pacing import Gate, Pacer, Setting, rate
+
+
+def split(cores: int, decode_ms: float, costs: dict[int, float], workers: int = 1) -> int:
+    """The thread count the rate model prefers, given measured wall-ms per image at each (the Pacer's choice among
+    one-stream shapes at one chunk size)."""
+    return max(costs, key=lambda t: rate(cores, decode_ms, costs[t], t, workers))
 
 
 def test_rate_model_and_the_split_it_chooses():
