@@ -290,4 +290,3 @@ def load_head(path: str | os.PathLike[str]) -> tuple[Head, dict[str, Any]]:
         raise CacheError(f"{path} holds NaN or infinite weights: fit again (with a lower --lr)")
     head.eval()
     return head, blob
-

@@ -21,16 +21,13 @@ log_softmax_backward = torch.ops.aten._log_softmax_backward_data.default
 
 
 class LinearStep:
-    """One Adam step of a linear head (no hidden layers) on a batch; returns the batch's mean cross-entropy (a 0-d
-    tensor) and writes the predicted classes into `pred`."""
+    """One Adam step of a linear head (no hidden layers) on a batch, in two halves: prepare (dropout, no parameter
+    touched) and update, which returns the batch's mean cross-entropy (a 0-d tensor) and writes the predicted
+    classes into `pred`."""
 
     def __init__(self, head: Head, opt: Adam) -> None:
         self.head, self.opt = head, opt
         self.one = torch.ones(())  # d loss / d loss, as backward() seeds it
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, masks: MaskStream, pred: torch.Tensor) -> torch.Tensor:
-        return self.update(*self.prepare(x, masks), y, pred)
 
     @torch.no_grad()
     def prepare(self, x: torch.Tensor, masks: MaskStream) -> tuple[torch.Tensor, bool]:
