@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -65,8 +63,8 @@ def forward_cost(backbone: str, precision: str, batch: int = 16, steps: int = 2)
                     if i >= steps and time.perf_counter() - spent > 3.0:  # more steps while they are quick
                         break
                     s = time.perf_counter()
-                    for i in range(0, batch, chunk):
-                        model(x[i:i + chunk])
+                    for j in range(0, batch, chunk):
+                        model(x[j:j + chunk])
                     best = min(best, (time.perf_counter() - s) / batch * 1e3)
                 walls[f"{t}x{chunk}"] = best
     core = {k: int(k.split("x")[0]) * v for k, v in walls.items()}
@@ -101,12 +99,9 @@ def measure(spec: dict[str, Any], fresh: bool = True) -> dict[str, Any]:
     if not fresh:
         args = dict(spec)
         return MEASURES[args.pop("what")](**args)
-    code = "import sys; from catdog_cache.bench.bound import child; child(sys.argv[1])"
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
-    if out.returncode:
-        lines = (out.stderr or out.stdout).strip().splitlines()
-        raise RuntimeError(lines[-1] if lines else f"exit status {out.returncode}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from .pipeline import in_fresh_process
+
+    return in_fresh_process("import sys; from catdog_cache.bench.bound import child; child(sys.argv[1])", spec)
 
 
 def bound_rows(data_dir: Path, log: Callable[[Row], None], backbones: list[str], precisions: list[str],

@@ -174,7 +174,13 @@ def measure_run(spec: dict[str, Any], fresh: bool = True, env: dict[str, str] | 
     """run_mode in a fresh process (fresh=False: in this one, for tests)."""
     if not fresh:
         return run_mode(spec)
-    code = "import sys; from catdog_cache.bench.pipeline import child; child(sys.argv[1:])"
+    return in_fresh_process("import sys; from catdog_cache.bench.pipeline import child; child(sys.argv[1:])", spec,
+                            env)
+
+
+def in_fresh_process(code: str, spec: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `code` in a fresh Python with the JSON spec as its argument; its last stdout line, parsed as JSON. A
+    failure is its last line of output, raised."""
     out = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
                          env={**os.environ, **(env or {})})
     if out.returncode:
