@@ -31,7 +31,7 @@ class Listed:
 
 
 LISTED = {
-    "resnet50": Listed(2048, 8.174, "IMAGENET1K_V2", "resnet50-11ad3fa6.pth"),
+    "resnet50": Listed(2048, 8.174, RESNETS["resnet50"].weights, RESNETS["resnet50"].file),
     "convnext_tiny": Listed(768, 8.910, "IMAGENET1K_V1", "convnext_tiny-983f1562.pth"),
     "efficientnet_v2_s": Listed(1280, 16.73, "IMAGENET1K_V1", "efficientnet_v2_s-dd5fe13b.pth"),
     "vit_b_16": Listed(768, 35.13, "IMAGENET1K_V1", "vit_b_16-c867db91.pth"),
